@@ -1,0 +1,76 @@
+"""The cloud side's schema and the whole run configuration (what ``configs/*.yaml`` hold)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edge_sdk.config import (ConfigError, DataConfig, EdgeConfig, apply_overrides, build_dataclass,
+                             read_yaml)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ServerConfig:
+    """How the cloud trains the large model on uploaded features (FedGKT's server side)."""
+
+    model: str = "resnet55_server"
+    model_kwargs: dict = field(default_factory=dict)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 1
+    batch_size: int = 64
+    kd_beta: float = 0.0          # weight of KD to the client logits; 0 reproduces FedML's default
+    temperature: float = 3.0
+    plateau_factor: float = 0.5   # ReduceLROnPlateau on the round's training loss
+    plateau_patience: int = 2
+    # last_epoch: soft labels are the outputs of the last training epoch (no extra pass);
+    # eval_pass: one more inference pass in eval mode after training.
+    soft_labels: Literal["last_epoch", "eval_pass"] = "last_epoch"
+    feature_storage: Literal["float32", "float16"] = "float16"  # halves server RAM
+
+    def check(self) -> None:
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.kd_beta >= 0, "kd_beta", "must be >= 0")
+        _require(self.temperature > 0, "temperature", "must be > 0")
+        _require(0 < self.plateau_factor < 1, "plateau_factor", "must be in (0, 1)")
+        from model_zoo import is_model, list_models
+        _require(is_model(self.model), "model", f"unknown model {self.model!r}; known: {', '.join(list_models())}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    rounds: int = 5
+    devices: int = 4
+    eval_every: int = 1           # evaluate every N rounds (the last round always)
+    threads: int | None = None    # torch intra-op threads (None: torch's default)
+
+    def check(self) -> None:
+        _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        _require(self.devices >= 1, "devices", f"must be >= 1, got {self.devices}")
+        _require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+
+
+@dataclass
+class ExperimentConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """YAML file (or defaults) + ``--set`` overrides -> validated :class:`ExperimentConfig`."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides)
+    return build_dataclass(ExperimentConfig, data)

@@ -1,0 +1,172 @@
+"""FedGKT's server side: train the large model on uploaded features, answer with per-sample soft labels.
+
+Transport-free. Uploads are validated and stored per device, keyed by sample id; one round of
+server training mixes every device's samples (``epochs`` passes, CE + beta * KD to the client
+logits), then returns a :class:`SoftLabels` message per device with the server's logits for exactly
+the ids that device uploaded.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cloud_runtime.config import ServerConfig
+from edge_sdk.losses import gkt_loss
+from edge_sdk.messages import FeatureUpload, SoftLabels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceFeatures:
+    """One device's latest accepted upload for a split."""
+
+    round: int
+    sample_ids: np.ndarray
+    features: torch.Tensor   # stored dtype (float16 or float32)
+    client_logits: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class ServerRoundStats:
+    loss: float
+    ce: float
+    kd: float
+    train_accuracy: float
+    samples: int
+    seconds: float
+    samples_per_s: float
+    lr: float
+
+
+@dataclass
+class EvalResult:
+    accuracy: float                      # pooled over every evaluated test sample
+    loss: float
+    samples: int
+    per_device: dict[str, dict]          # device -> {accuracy, samples, edge_model_accuracy}
+
+    @property
+    def mean_device_accuracy(self) -> float:
+        accs = [d["accuracy"] for d in self.per_device.values()]
+        return float(np.mean(accs)) if accs else float("nan")
+
+
+class GKTServer:
+    def __init__(self, model: nn.Module, cfg: ServerConfig, num_classes: int, seed: int = 0):
+        self.model = model.to(memory_format=torch.channels_last)
+        self.cfg = cfg
+        self.num_classes = num_classes
+        params = self.model.parameters()
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+        self._storage_dtype = torch.float16 if cfg.feature_storage == "float16" else torch.float32
+        self._rng = np.random.default_rng(seed)
+        self.train_store: dict[str, DeviceFeatures] = {}
+        self.feature_shape: tuple | None = None
+
+    # -- ingest ----------------------------------------------------------------------------------
+
+    def ingest(self, upload: FeatureUpload) -> None:
+        """Validate and store a device's training upload (the newest round replaces older ones)."""
+        upload.validate(self.num_classes, self.feature_shape)
+        if upload.split != "train":
+            raise ValueError(f"ingest takes training uploads; use evaluate() for {upload.split!r}")
+        previous = self.train_store.get(upload.device_id)
+        if previous is not None and upload.round < previous.round:
+            raise ValueError(f"stale upload from {upload.device_id!r}: round {upload.round} < {previous.round}")
+        if self.feature_shape is None:
+            self.feature_shape = tuple(upload.features.shape[1:])
+        self.train_store[upload.device_id] = DeviceFeatures(
+            upload.round, upload.sample_ids, upload.features.to(self._storage_dtype),
+            upload.logits.float(), upload.labels)
+
+    # -- train -----------------------------------------------------------------------------------
+
+    def _gather(self, features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return features[index].float().contiguous(memory_format=torch.channels_last)
+
+    def train_round(self, round_: int, progress=None) -> tuple[dict[str, SoftLabels], ServerRoundStats]:
+        """Train on every stored device's features; return soft labels per device and stats."""
+        if not self.train_store:
+            raise RuntimeError("no training uploads to train on")
+        devices = list(self.train_store)
+        parts = [self.train_store[d] for d in devices]
+        features = torch.cat([p.features for p in parts])          # N x C x H x W
+        teacher = torch.cat([p.client_logits for p in parts])       # N x K
+        labels = torch.cat([p.labels for p in parts])               # N
+        sizes = [len(p.sample_ids) for p in parts]
+        n = len(labels)
+        server_logits = torch.zeros(n, self.num_classes)
+        use_kd = self.cfg.kd_beta > 0
+        totals, seen, start = np.zeros(4), 0, time.perf_counter()
+        self.model.train()
+        for epoch in range(self.cfg.epochs):
+            last = epoch == self.cfg.epochs - 1
+            totals[:] = 0
+            seen = 0
+            order = torch.from_numpy(self._rng.permutation(n))
+            for begin in range(0, n, self.cfg.batch_size):
+                index = order[begin:begin + self.cfg.batch_size]
+                out = self.model(self._gather(features, index))
+                loss, ce, kd = gkt_loss(out, labels[index], teacher[index] if use_kd else None, None,
+                                        self.cfg.kd_beta, self.cfg.temperature)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                if last and self.cfg.soft_labels == "last_epoch":
+                    server_logits[index] = out.detach()
+                b = len(index)
+                totals += (float(loss.detach()) * b, float(ce) * b, float(kd) * b, int((out.argmax(1) == labels[index]).sum()))
+                seen += b
+                if progress is not None:
+                    progress(b)
+        if self.cfg.soft_labels == "eval_pass":
+            server_logits = self._infer(features)
+        seconds = time.perf_counter() - start
+        loss, ce, kd, correct = totals / max(seen, 1)
+        self.scheduler.step(loss)
+        stats = ServerRoundStats(loss, ce, kd, correct, n * self.cfg.epochs, seconds,
+                                 n * self.cfg.epochs / max(seconds, 1e-9), self.optimizer.param_groups[0]["lr"])
+        replies, offset = {}, 0
+        for device, part, size in zip(devices, parts, sizes):
+            replies[device] = SoftLabels(device, round_, part.sample_ids, server_logits[offset:offset + size].clone())
+            offset += size
+        return replies, stats
+
+    @torch.inference_mode()
+    def _infer(self, features: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        self.model.eval()
+        out = [self.model(self._gather(features, torch.arange(i, min(i + batch_size, len(features)))))
+               for i in range(0, len(features), batch_size)]
+        self.model.train()
+        return torch.cat(out) if out else torch.zeros(0, self.num_classes)
+
+    # -- evaluate --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def evaluate(self, uploads: list[FeatureUpload]) -> EvalResult:
+        """Accuracy of (device extractor -> server model) on each device's test features."""
+        per_device, correct_total, loss_total, n_total = {}, 0, 0.0, 0
+        for upload in uploads:
+            upload.validate(self.num_classes, self.feature_shape)
+            logits = self._infer(upload.features)
+            correct = int((logits.argmax(1) == upload.labels).sum())
+            loss_total += float(nn.functional.cross_entropy(logits, upload.labels, reduction="sum"))
+            n = len(upload.labels)
+            edge_correct = int((upload.logits.argmax(1) == upload.labels).sum())
+            per_device[upload.device_id] = {"accuracy": correct / max(n, 1), "samples": n,
+                                            "edge_model_accuracy": edge_correct / max(n, 1)}
+            correct_total += correct
+            n_total += n
+        return EvalResult(correct_total / max(n_total, 1), loss_total / max(n_total, 1), n_total, per_device)

@@ -1,0 +1,65 @@
+"""Fast batching from in-memory uint8 arrays, carrying each sample's stable id with it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from edge_sdk.data.datasets import ImageDataset
+from edge_sdk.data.transforms import DATASET_STATS, Augment, to_float
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor       # B x C x H x W float32, normalized (and augmented when training)
+    labels: torch.Tensor       # B int64
+    sample_ids: np.ndarray     # B int64
+    rows: np.ndarray           # B positions in the dataset the batch came from
+
+
+class ArrayLoader:
+    """Iterate an :class:`ImageDataset` in (optionally shuffled, augmented) batches.
+
+    The uint8 images are converted to a tensor once; each batch is an index, a cast and the
+    vectorized augment, so no worker processes are needed on a 2-core device.
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, *, shuffle: bool = False,
+                 augment: Augment | None = None, stats_name: str | None = None, seed: int = 0,
+                 drop_last: bool = False, channels_last: bool = True):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.augment = augment
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+        self._images = torch.from_numpy(dataset.images)
+        self._labels = torch.from_numpy(dataset.labels)
+        mean, std = DATASET_STATS.get(stats_name or "", ((0.5,) * dataset.image_shape[0], (0.25,) * dataset.image_shape[0]))
+        if len(mean) != dataset.image_shape[0]:
+            mean, std = (mean[0],) * dataset.image_shape[0], (std[0],) * dataset.image_shape[0]
+        self._mean, self._std = torch.tensor(mean), torch.tensor(std)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        n = len(self.dataset)
+        order = self._rng.permutation(n) if self.shuffle else np.arange(n)
+        stop = n - n % self.batch_size if self.drop_last else n
+        for start in range(0, stop, self.batch_size):
+            rows = order[start:start + self.batch_size]
+            index = torch.from_numpy(rows)
+            images = to_float(self._images[index], self._mean, self._std)
+            if self.augment is not None:
+                images = self.augment(images, self._generator)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield Batch(images, self._labels[index], self.dataset.sample_ids[rows], rows)

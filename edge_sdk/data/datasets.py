@@ -1,0 +1,241 @@
+"""Labelled image sets loaded from local files into memory: Fashion-MNIST (IDX), CIFAR-10, ``.npz``.
+
+Nothing is downloaded: a missing dataset is an error that names the path and how to install it.
+Every loader returns an :class:`ImageDataset` of uint8 ``N x C x H x W`` images, int64 labels and
+stable int64 ``sample_ids`` (the row number in the original file), which is what soft labels,
+features and partitions are keyed by.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_sdk.data import safe_unpickle
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, corrupt, or not what its name promises."""
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    images: np.ndarray      # N x C x H x W, uint8
+    labels: np.ndarray      # N, int64
+    sample_ids: np.ndarray  # N, int64, unique and stable across runs
+    num_classes: int
+    name: str = "dataset"
+
+    def __post_init__(self):
+        n = len(self.images)
+        if self.images.ndim != 4 or self.images.dtype != np.uint8:
+            raise DatasetError(f"{self.name}: images must be uint8 N x C x H x W, got {self.images.dtype} "
+                               f"{self.images.shape}")
+        if self.labels.shape != (n,) or self.sample_ids.shape != (n,):
+            raise DatasetError(f"{self.name}: {n} images but labels {self.labels.shape} and sample_ids "
+                               f"{self.sample_ids.shape}")
+        if n and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            raise DatasetError(f"{self.name}: labels must lie in [0, {self.num_classes}), got "
+                               f"[{self.labels.min()}, {self.labels.max()}]")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, rows: np.ndarray) -> "ImageDataset":
+        """Rows by position (not by sample id); ids travel with their images."""
+        return ImageDataset(self.images[rows], self.labels[rows], self.sample_ids[rows], self.num_classes, self.name)
+
+    def rows_of(self, sample_ids: np.ndarray) -> np.ndarray:
+        """Positions of ``sample_ids`` in this set; an id that is not here is an error."""
+        order = np.argsort(self.sample_ids, kind="stable")
+        pos = np.searchsorted(self.sample_ids, sample_ids, sorter=order)
+        pos = np.minimum(pos, len(order) - 1)
+        rows = order[pos]
+        missing = self.sample_ids[rows] != sample_ids
+        if missing.any():
+            raise KeyError(f"{self.name}: unknown sample ids {np.asarray(sample_ids)[missing][:5].tolist()}")
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX (MNIST / Fashion-MNIST)
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Parse an IDX file (optionally gzipped), checking the magic number and that sizes agree."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DatasetError(f"{path}: cannot read IDX file ({e})") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DatasetError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DatasetError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DatasetError(f"{path}: IDX header says shape {shape} ({expected} bytes) but the file holds "
+                           f"{len(raw) - header} bytes of data")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.exists():
+            return candidate
+    raise DatasetError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {directory}. Install it with "
+        f"'apt-get install dataset-fashion-mnist' (files land in {FASHION_MNIST_DIR}) or set data.path "
+        f"to a directory holding the IDX files.")
+
+
+def load_fashion_mnist(split: str, directory: str | Path | None = None) -> ImageDataset:
+    directory = Path(directory) if directory else FASHION_MNIST_DIR
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or labels.ndim != 1 or images.dtype != np.uint8:
+        raise DatasetError(f"{directory}: expected N x H x W uint8 images and N labels, got {images.shape} "
+                           f"{images.dtype} and {labels.shape}")
+    if len(images) != len(labels):
+        raise DatasetError(f"{directory}: {len(images)} images but {len(labels)} labels in the {split} split")
+    return ImageDataset(images[:, None].copy(), labels.astype(np.int64), np.arange(len(images), dtype=np.int64),
+                        10, f"fashion_mnist/{split}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 (python or binary layout)
+
+_CIFAR_PY = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+_CIFAR_BIN = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+_CIFAR_RECORD = 1 + 3 * 32 * 32
+
+
+def _cifar_dir(directory: Path, layout_dir: str, first_file: str) -> Path | None:
+    for d in (directory, directory / layout_dir):
+        if (d / first_file).exists():
+            return d
+    return None
+
+
+def _batch_entry(batch: object, key: str, path: Path):
+    # Python 2 pickles (the official files) have bytes keys; re-saved ones have str keys.
+    if isinstance(batch, dict):
+        for k in (key.encode(), key):
+            if k in batch:
+                return batch[k]
+    raise DatasetError(f"{path}: not a CIFAR-10 batch (no {key!r} entry)")
+
+
+def load_cifar10(split: str, directory: str | Path) -> ImageDataset:
+    """CIFAR-10 from ``cifar-10-batches-py`` (python) or ``cifar-10-batches-bin`` (binary).
+
+    The python layout is pickled; it is read with :mod:`edge_sdk.data.safe_unpickle`, which
+    interprets the opcodes without importing or calling anything.
+    """
+    if not directory:
+        raise DatasetError("CIFAR-10 needs data.path: a directory with cifar-10-batches-py or cifar-10-batches-bin")
+    directory = Path(directory)
+    images, labels = [], []
+    if (d := _cifar_dir(directory, "cifar-10-batches-py", _CIFAR_PY[split][0])) is not None:
+        for name in _CIFAR_PY[split]:
+            batch = safe_unpickle.load_file(d / name)
+            data, lab = _batch_entry(batch, "data", d / name), _batch_entry(batch, "labels", d / name)
+            data = np.asarray(data, dtype=np.uint8)
+            if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(lab):
+                raise DatasetError(f"{d / name}: expected N x 3072 data and N labels, got {data.shape}, {len(lab)}")
+            images.append(data.reshape(-1, 3, 32, 32))  # rows are R(1024) G(1024) B(1024)
+            labels.append(np.asarray(lab, dtype=np.int64))
+    elif (d := _cifar_dir(directory, "cifar-10-batches-bin", _CIFAR_BIN[split][0])) is not None:
+        for name in _CIFAR_BIN[split]:
+            raw = np.fromfile(d / name, dtype=np.uint8)
+            if raw.size % _CIFAR_RECORD:
+                raise DatasetError(f"{d / name}: size {raw.size} is not a multiple of the {_CIFAR_RECORD}-byte record")
+            records = raw.reshape(-1, _CIFAR_RECORD)
+            labels.append(records[:, 0].astype(np.int64))
+            images.append(records[:, 1:].reshape(-1, 3, 32, 32))
+    else:
+        raise DatasetError(f"no CIFAR-10 {split} files under {directory} (looked for {_CIFAR_PY[split][0]} and "
+                           f"{_CIFAR_BIN[split][0]}, also in cifar-10-batches-py/ and cifar-10-batches-bin/)")
+    images_arr, labels_arr = np.concatenate(images), np.concatenate(labels)
+    return ImageDataset(images_arr, labels_arr, np.arange(len(images_arr), dtype=np.int64), 10, f"cifar10/{split}")
+
+
+# ---------------------------------------------------------------------------------------------
+# npz
+
+
+def load_npz(path: str | Path, name: str = "npz") -> ImageDataset:
+    """Any labelled image set: ``images`` (N x H x W or N x C x H x W, uint8) and ``labels``; optional ``sample_ids``."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"npz dataset {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled object arrays), OSError
+        raise DatasetError(f"{path}: cannot read npz ({e})") from e
+    for key in ("images", "labels"):
+        if key not in arrays:
+            raise DatasetError(f"{path}: missing array {key!r} (has {sorted(arrays)})")
+    images, labels = arrays["images"], arrays["labels"]
+    if images.dtype != np.uint8:
+        raise DatasetError(f"{path}: images must be uint8, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.ndim != 4:
+        raise DatasetError(f"{path}: images must be N x H x W or N x C x H x W, got shape {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(f"{path}: labels must be {len(images)} integers, got {labels.dtype} {labels.shape}")
+    sample_ids = arrays.get("sample_ids", np.arange(len(images)))
+    if sample_ids.shape != labels.shape or len(np.unique(sample_ids)) != len(sample_ids):
+        raise DatasetError(f"{path}: sample_ids must be {len(images)} unique integers")
+    num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else int(labels.max()) + 1 if len(labels) else 0
+    return ImageDataset(np.ascontiguousarray(images), labels.astype(np.int64), sample_ids.astype(np.int64),
+                        num_classes, name)
+
+
+def load_dataset(name: str, split: str, path: str | None = None) -> ImageDataset:
+    """Dispatch on the dataset name used in configs: fashion_mnist, cifar10, npz (path = train file,
+    the test split is ``<stem>_test.npz`` next to it unless ``path`` names a directory with train.npz/test.npz)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name == "fashion_mnist":
+        ds = load_fashion_mnist(split, path)
+    elif name == "cifar10":
+        ds = load_cifar10(split, path)  # type: ignore[arg-type]
+    elif name == "npz":
+        if not path:
+            raise DatasetError("dataset npz needs data.path")
+        p = Path(path)
+        file = p / f"{split}.npz" if p.is_dir() else (p if split == "train" else p.with_name(f"{p.stem}_test.npz"))
+        ds = load_npz(file, f"npz/{split}")
+    else:
+        raise DatasetError(f"unknown dataset {name!r}; known: fashion_mnist, cifar10, npz")
+    logger.info("loaded %s: %d images of shape %s", ds.name, len(ds), ds.image_shape)
+    return ds

@@ -1,0 +1,57 @@
+"""Batched image transforms on tensors (no torchvision): pad + random crop, horizontal flip, normalize.
+
+They act on whole N x C x H x W batches at once, which is what makes CPU training from in-memory
+uint8 arrays fast.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Per-dataset channel statistics of the training split, in [0, 1] units.
+DATASET_STATS = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+def to_float(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 N x C x H x W -> normalized float32."""
+    return (images_u8.float().div_(255.0) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero-pad by ``padding`` and take one random H x W window per image (vectorized gather)."""
+    if padding <= 0:
+        return images
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # n x h
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # n x w
+    batch = torch.arange(n).view(n, 1, 1, 1)
+    chan = torch.arange(c).view(1, c, 1, 1)
+    return padded[batch, chan, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    flip = torch.rand(images.shape[0], generator=generator) < p
+    if flip.any():
+        images = images.clone()
+        images[flip] = images[flip].flip(-1)
+    return images
+
+
+@dataclass(frozen=True)
+class Augment:
+    crop_padding: int = 0
+    hflip: bool = False
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images = random_crop(images, self.crop_padding, generator)
+        if self.hflip:
+            images = random_hflip(images, generator)
+        return images

@@ -1,0 +1,40 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def make_npz_dataset(directory: Path, n_train: int = 400, n_test: int = 200, size: int = 12, classes: int = 4,
+                     seed: int = 0) -> Path:
+    """An easy synthetic image set (class = position of a bright square): unit tests only."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        labels = rng.integers(0, classes, n)
+        images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+        half = size // 2
+        for i, k in enumerate(labels):
+            r, c = divmod(int(k), 2)
+            images[i, r * half:(r + 1) * half, c * half:(c + 1) * half] += 150
+        return images, labels
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        images, labels = make(n)
+        np.savez(directory / f"{split}.npz", images=images, labels=labels)
+    return directory
+
+
+@pytest.fixture
+def npz_dir(tmp_path):
+    return make_npz_dataset(tmp_path / "synthetic")
+
+
+requires_fashion_mnist = pytest.mark.skipif(
+    not FASHION_MNIST_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")

@@ -1,0 +1,1 @@
+"""Command-line entry points and run tooling (simulator, reports)."""

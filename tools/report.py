@@ -1,0 +1,59 @@
+"""Run reports: ``report.json`` (the machine-readable result every CLI writes) and PNG plots."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    return obj
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    """Write atomically (temp file + rename) so a reader never sees half a report."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(payload), indent=2))
+    tmp.replace(path)
+    return path
+
+
+def plot_accuracy(report: dict, path: str | Path) -> Path | None:
+    """Test accuracy per round: pooled, plus each device's (extractor -> server) accuracy."""
+    rounds = [r for r in report.get("rounds", []) if r.get("test_accuracy") is not None]
+    if not rounds:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    xs = [r["round"] for r in rounds]
+    devices = sorted({d for r in rounds for d in (r.get("per_device") or {})})
+    for device in devices:
+        ys = [(r.get("per_device") or {}).get(device, {}).get("accuracy") for r in rounds]
+        ax.plot(xs, ys, lw=0.8, alpha=0.5, label=device if len(devices) <= 8 else None)
+    ax.plot(xs, [r["test_accuracy"] for r in rounds], "k-o", lw=2, label="all test samples")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(report.get("run", {}).get("name", "run"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
