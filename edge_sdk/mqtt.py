@@ -1,0 +1,154 @@
+"""MQTT transport on paho-mqtt 2.x (MQTT 5 by default, 3.1.1 supported).
+
+Subscriptions are (re)made in ``on_connect`` so they survive reconnects; reconnects back off
+exponentially; a Last Will marks the client offline; sessions persist across reconnects so QoS 1
+messages published while a client was away are delivered when it returns.
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_sdk.transport import Handler, Transport, topic_matches
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerAddress":
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        tls = parsed.scheme in ("mqtts", "ssl")
+        if not parsed.hostname:
+            raise ValueError(f"broker URL {url!r} has no host")
+        return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
+
+
+class MqttTransport(Transport):
+    def __init__(self, broker_url: str, client_id: str, *, will: tuple[str, bytes] | None = None,
+                 username: str | None = None, password: str | None = None, ca_file: str | None = None,
+                 cert_file: str | None = None, key_file: str | None = None, keepalive: int = 30,
+                 mqtt5: bool = True, session_expiry_s: int = 3600):
+        self.address = BrokerAddress.parse(broker_url)
+        self.client_id = client_id
+        self.mqtt5 = mqtt5
+        self._session_expiry_s = session_expiry_s
+        self._keepalive = keepalive
+        self._subs: list[tuple[str, Handler, int]] = []
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._inflight: list[mqtt.MQTTMessageInfo] = []
+        protocol = mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                                   clean_session=None if mqtt5 else False)
+        self._client.max_queued_messages_set(0)  # unlimited: never drop an upload chunk client-side
+        self._client.max_inflight_messages_set(64)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if username:
+            self._client.username_pw_set(username, password)
+        if self.address.tls or ca_file:
+            self._client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file,
+                                 cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if will is not None:
+            self._client.will_set(will[0], will[1], qos=1, retain=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self.last_connect_error: str | None = None
+
+    # -- paho callbacks (network thread) ----------------------------------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self.last_connect_error = str(reason_code)
+            logger.warning("%s: broker refused the connection: %s", self.client_id, reason_code)
+            return
+        with self._lock:
+            subs = list(self._subs)
+        for topic_filter, _, qos in subs:
+            client.subscribe(topic_filter, qos=qos)
+        self._connected.set()
+        logger.debug("%s connected to %s:%d", self.client_id, self.address.host, self.address.port)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self._connected.clear()
+        if reason_code.is_failure:
+            logger.warning("%s disconnected (%s); reconnecting", self.client_id, reason_code)
+
+    def _on_message(self, client, userdata, message):
+        with self._lock:
+            handlers = [h for f, h, _ in self._subs if topic_matches(f, message.topic)]
+        for handler in handlers:
+            try:
+                handler(message.topic, message.payload)
+            except Exception:  # a handler bug must not kill the network thread
+                logger.exception("%s: handler for %s failed", self.client_id, message.topic)
+
+    # -- Transport ---------------------------------------------------------------------------------
+
+    def connect(self, timeout: float = 30.0) -> None:
+        kwargs: dict = {}
+        if self.mqtt5:  # 3.1.1 takes clean_session=False in the constructor instead
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self._session_expiry_s
+            kwargs = {"clean_start": False, "properties": props}
+        self._client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive, **kwargs)
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self._client.loop_stop()
+            raise ConnectionError(f"{self.client_id}: no connection to {self.address.host}:{self.address.port} "
+                                  f"within {timeout:.0f}s ({self.last_connect_error or 'no answer'})")
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise ConnectionError(f"{self.client_id}: publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        if qos > 0:
+            with self._lock:
+                self._inflight = [i for i in self._inflight if not i.is_published()]
+                self._inflight.append(info)
+
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
+        with self._lock:
+            self._subs.append((topic_filter, handler, qos))
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending = list(self._inflight)
+        for info in pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                info.wait_for_publish(remaining)
+            except (RuntimeError, ValueError):
+                return False
+            if not info.is_published():
+                return False
+        return True
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
