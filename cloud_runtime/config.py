@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edge_sdk.config import (ConfigError, DataConfig, EdgeConfig, apply_overrides, build_dataclass,
+from edge_sdk.config import (BrokerConfig, ConfigError, DataConfig, EdgeConfig, apply_overrides, build_dataclass,
                              read_yaml)
 
 
@@ -62,11 +62,30 @@ class RunConfig:
 
 
 @dataclass
+class DeploymentConfig:
+    """How ``edgefl-sim`` deploys the run over MQTT (ignored by ``--transport memory``)."""
+
+    mode: Literal["sync", "async"] = "sync"
+    codec: Literal["fp32", "fp16", "int8"] = "int8"
+    chunk_bytes: int = 256 * 1024
+    round_deadline_s: float = 600.0
+    quorum: float = 1.0
+    max_staleness: int = 2
+    agent_threads: int = 1        # torch threads per edge-agent process
+    timeout_s: float = 3600.0     # the whole run
+
+    def check(self) -> None:
+        _require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
+        _require(self.agent_threads >= 1, "agent_threads", "must be >= 1")
+
+
+@dataclass
 class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -74,3 +93,44 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data = read_yaml(path) if path is not None else {}
     apply_overrides(data, overrides)
     return build_dataclass(ExperimentConfig, data)
+
+
+@dataclass
+class RuntimeConfig:
+    """``cloud-runtime serve``: one FedGKT run over a broker."""
+
+    run_id: str = "default"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    mode: Literal["sync", "async"] = "sync"
+    rounds: int = 5                      # sync: rounds; async: server updates
+    min_devices: int = 1                 # start once this many registered and registration_timeout_s passed
+    expected_devices: int | None = None  # start as soon as this many registered
+    registration_timeout_s: float = 300.0
+    round_deadline_s: float = 600.0      # a round closes at its deadline if quorum is met
+    quorum: float = 0.5                  # fraction of registered devices that must have uploaded by the deadline
+    eval_every: int = 1
+    max_staleness: int = 2               # async: features older than this many server updates are not used
+    soft_labels_wait_s: float = 30.0     # how long a device waits for last round's soft labels
+    state_dir: str = "runtime-state"
+    threads: int | None = None
+    max_transfer_bytes: int = 1 << 30
+    max_chunk_bytes: int = 16 << 20
+    transfer_timeout_s: float = 300.0
+    seed: int = 0
+
+    def check(self) -> None:
+        _require(self.rounds >= 1, "rounds", "must be >= 1")
+        _require(self.min_devices >= 1, "min_devices", "must be >= 1")
+        _require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
+        _require(self.round_deadline_s > 0, "round_deadline_s", "must be > 0")
+        _require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        _require(self.max_staleness >= 0, "max_staleness", "must be >= 0")
+        _require(self.expected_devices is None or self.expected_devices >= self.min_devices, "expected_devices",
+                 "must be >= min_devices")
+
+
+def load_runtime_config(path: str | Path | None, overrides: list[str] | None = None) -> RuntimeConfig:
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides)
+    return build_dataclass(RuntimeConfig, data)

@@ -75,6 +75,20 @@ class GKTServer:
         self.train_store: dict[str, DeviceFeatures] = {}
         self.feature_shape: tuple | None = None
 
+    # -- checkpoint --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def drop_device(self, device: str) -> None:
+        self.train_store.pop(device, None)
+
     # -- ingest ----------------------------------------------------------------------------------
 
     def ingest(self, upload: FeatureUpload) -> None:

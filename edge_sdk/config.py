@@ -211,3 +211,75 @@ class DataConfig:
             value = getattr(self, name)
             _require(value is None or value > 0, name, f"must be > 0 or null, got {value}")
         _require(self.dataset != "npz" or bool(self.path), "path", "the npz dataset needs a path")
+
+
+# ---------------------------------------------------------------------------------------------
+# deployment schema (edge-agent)
+
+
+@dataclass
+class BrokerConfig:
+    url: str = "mqtt://127.0.0.1:1883"   # mqtts:// for TLS
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    mqtt5: bool = True
+
+    def check(self) -> None:
+        from edge_sdk.mqtt import BrokerAddress
+        try:
+            BrokerAddress.parse(self.url)
+        except ValueError as e:
+            raise ConfigError(f"url: {e}") from None
+        _require(5 <= self.keepalive <= 3600, "keepalive", "must be in [5, 3600] seconds")
+
+
+@dataclass
+class UploadConfig:
+    codec: Literal["fp32", "fp16", "int8"] = "int8"   # feature codec (+ zstd); see docs/CODECS.md
+    chunk_bytes: int = 256 * 1024
+
+    def check(self) -> None:
+        _require(1024 <= self.chunk_bytes <= 64 << 20, "chunk_bytes", "must be in [1 KiB, 64 MiB]")
+
+
+@dataclass
+class AgentDataConfig:
+    dataset: Literal["fashion_mnist", "cifar10", "npz"] = "fashion_mnist"
+    path: str | None = None
+    ids_file: str | None = None   # JSON {"train": [...], "test": [...]} of sample ids; null = whole dataset
+
+    def check(self) -> None:
+        _require(self.dataset != "npz" or bool(self.path), "path", "the npz dataset needs a path")
+
+
+@dataclass
+class AgentConfig:
+    device_id: str
+    run_id: str = "default"
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    data: AgentDataConfig = field(default_factory=AgentDataConfig)
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
+    state_dir: str = "agent-state"
+    profile: str | None = None     # device profile name, reported at registration
+    heartbeat_s: float = 10.0
+    threads: int | None = 1        # torch intra-op threads on the device
+    seed: int = 0
+
+    def check(self) -> None:
+        from edge_sdk.protocol import check_device_id
+        try:
+            check_device_id(self.device_id)
+        except ValueError as e:
+            raise ConfigError(f"device_id: {e}") from None
+        _require(self.heartbeat_s > 0, "heartbeat_s", "must be > 0")
+
+
+def load_agent_config(path: str | Path | None, overrides: list[str] | None = None) -> AgentConfig:
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides)
+    return build_dataclass(AgentConfig, data)

@@ -7,7 +7,7 @@ from tools.sim import main
 
 
 def sim_args(npz_dir, out, *extra):
-    return ["--config", "configs/quickstart.yaml", "--out", str(out), "--log-level", "WARNING",
+    return ["--config", "configs/quickstart.yaml", "--out", str(out), "--log-level", "WARNING", "--transport", "memory",
             "--set", "data.dataset=npz", "--set", f"data.path={npz_dir}", "--set", "data.train_subset=null",
             "--set", "run.devices=3", "--set", "run.rounds=3", "--set", "edge.model_kwargs={}",
             "--set", "server.lr=0.003", *extra]

@@ -1,15 +1,20 @@
 """``edgefl-sim``: run a FedGKT experiment end to end and write ``report.json`` plus plots.
 
-``--transport memory`` runs every device and the server in this process (the trainers are the
-same classes the edge agent and cloud runtime use); messages are the typed ones from
-``edge_sdk.messages``.
+``--transport mqtt`` (the default) starts a private mosquitto on a free loopback port (or uses
+``--broker``), one ``cloud-runtime`` process and one ``edge-agent`` process per device, each with
+its own data partition, and shuts everything down at the end. ``--transport memory`` runs every
+device and the server in this process, through the same trainer classes.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import platform
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +31,7 @@ from edge_sdk.data import federated
 from edge_sdk.data.datasets import DatasetError
 from model_zoo import create_model
 from tools.cli_logging import setup_logging
+from tools.mosquitto import EmbeddedMosquitto
 from tools.report import plot_accuracy, write_json
 
 logger = logging.getLogger("edgefl.sim")
@@ -120,12 +126,130 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
     return report
 
 
+def _spawn(args: list[str], log_path: Path, echo: bool = False) -> subprocess.Popen:
+    """Start a child process; its output goes to ``log_path`` (and to our stderr when ``echo``)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log = open(log_path, "wb")
+    if not echo:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+    def relay():
+        for line in proc.stdout:  # type: ignore[union-attr]
+            log.write(line)
+            log.flush()
+            sys.stderr.write(line.decode(errors="replace"))
+        log.close()
+    threading.Thread(target=relay, daemon=True).start()
+    return proc
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def write_deployment(cfg: ExperimentConfig, out_dir: Path, broker_url: str) -> tuple[Path, list[Path], dict]:
+    """Partition the data and write one runtime config and one agent config per device."""
+    data = federated.prepare(cfg.data, cfg.run.devices, cfg.run.seed, out_dir)
+    run_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.run.name) or "run"
+    dep = cfg.deployment
+    runtime_cfg = {
+        "run_id": run_id, "broker": {"url": broker_url}, "server": asdict(cfg.server), "mode": dep.mode,
+        "rounds": cfg.run.rounds, "min_devices": cfg.run.devices, "expected_devices": cfg.run.devices,
+        "registration_timeout_s": 300.0, "round_deadline_s": dep.round_deadline_s, "quorum": dep.quorum,
+        "eval_every": cfg.run.eval_every, "max_staleness": dep.max_staleness,
+        "state_dir": str(out_dir / "runtime"), "threads": cfg.run.threads, "seed": cfg.run.seed}
+    runtime_path = out_dir / "runtime.yaml"
+    runtime_path.write_text(yaml.safe_dump(runtime_cfg, sort_keys=False))
+    agent_paths = []
+    for d in range(cfg.run.devices):
+        device = f"dev{d}"
+        device_dir = out_dir / "agents" / device
+        device_dir.mkdir(parents=True, exist_ok=True)
+        ids_file = device_dir / "sample_ids.json"
+        ids_file.write_text(json.dumps({"train": data.train[d].sample_ids.tolist(),
+                                        "test": data.test[d].sample_ids.tolist()}))
+        agent_cfg = {
+            "device_id": device, "run_id": run_id, "broker": {"url": broker_url},
+            "data": {"dataset": cfg.data.dataset, "path": cfg.data.path, "ids_file": str(ids_file)},
+            "edge": asdict(cfg.edge), "upload": {"codec": dep.codec, "chunk_bytes": dep.chunk_bytes},
+            "state_dir": str(device_dir / "state"), "threads": dep.agent_threads, "seed": cfg.run.seed + d}
+        path = device_dir / "agent.yaml"
+        path.write_text(yaml.safe_dump(agent_cfg, sort_keys=False))
+        agent_paths.append(path)
+    counts = {f"dev{d}": data.train_class_counts[d].tolist() for d in range(cfg.run.devices)}
+    return runtime_path, agent_paths, counts
+
+
+def run_over_mqtt(cfg: ExperimentConfig, out_dir: Path, broker_url: str | None = None,
+                  log_level: str = "INFO") -> dict:
+    """Real processes over a real broker: one cloud-runtime, one edge-agent per device."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    logs = out_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    broker = None if broker_url else EmbeddedMosquitto(workdir=out_dir / "broker").start()
+    url = broker_url or broker.url  # type: ignore[union-attr]
+    procs: list[subprocess.Popen] = []
+    start = time.perf_counter()
+    try:
+        runtime_path, agent_paths, class_counts = write_deployment(cfg, out_dir, url)
+        logger.info("deploying over %s: 1 cloud-runtime + %d edge-agent processes (logs in %s)", url,
+                    len(agent_paths), logs)
+        runtime = _spawn([sys.executable, "-m", "cloud_runtime.service", "serve", "--config", str(runtime_path),
+                          "--log-level", log_level], logs / "runtime.log", echo=True)
+        procs.append(runtime)
+        for path in agent_paths:
+            procs.append(_spawn([sys.executable, "-m", "edge_sdk.agent", "--config", str(path),
+                                 "--log-level", log_level], logs / f"{path.parent.name}.log"))
+        try:
+            code = runtime.wait(cfg.deployment.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the run did not finish within {cfg.deployment.timeout_s:.0f}s (see {logs})") from None
+        if code != 0:
+            raise RuntimeError(f"cloud-runtime exited with {code} (see {logs / 'runtime.log'})")
+        for proc in procs[1:]:
+            _stop(proc, grace=30)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            _stop(proc, grace=10)
+        if broker is not None:
+            broker.stop()
+    report = json.loads((out_dir / "runtime" / "report.json").read_text())
+    report["run"].update(name=cfg.run.name, codec=cfg.deployment.codec, broker=url if broker_url else "embedded",
+                         edge_model=cfg.edge.model, agents=len(agent_paths),
+                         agent_exit_codes=[p.returncode for p in procs[1:]])
+    for device, counts in class_counts.items():
+        report["devices"].setdefault(device, {})["class_counts"] = counts
+    report["final"]["wall_seconds"] = time.perf_counter() - start
+    write_json(out_dir / "report.json", report)
+    plot_accuracy(report, out_dir / "accuracy.png")
+    final = report["final"]
+    logger.info("final test accuracy %s over MQTT in %.0fs; upload %.1f MB, %.1fx smaller than fp32; report: %s",
+                final.get("test_accuracy"), final["wall_seconds"], final["bytes_up"] / 1e6,
+                final["upload_compression_ratio"], out_dir / "report.json")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgefl-sim", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="experiment YAML (e.g. configs/quickstart.yaml)")
     parser.add_argument("--out", default="runs/latest", help="output directory for report.json and plots")
-    parser.add_argument("--transport", choices=["memory"], default="memory",
-                        help="memory: every device and the server in this process")
+    parser.add_argument("--transport", choices=["mqtt", "memory"], default="mqtt",
+                        help="mqtt: real processes over mosquitto (default); memory: everything in this process")
+    parser.add_argument("--broker", default=None, metavar="mqtt://host:port",
+                        help="use this broker instead of starting a private mosquitto")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set edge.lr=0.05 (repeatable)")
     parser.add_argument("--log-level", default="INFO")
@@ -133,11 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         cfg = load_config(args.config, args.overrides)
-        report = run_in_memory(cfg, Path(args.out))
-    except (ConfigError, DatasetError) as e:
+        if args.transport == "memory":
+            report = run_in_memory(cfg, Path(args.out))
+        else:
+            report = run_over_mqtt(cfg, Path(args.out), args.broker, args.log_level)
+    except (ConfigError, DatasetError, FileNotFoundError, RuntimeError) as e:
         logger.error("%s", e)
         return 2
-    print(f"final test accuracy: {report['final']['test_accuracy']:.4f}  report: {Path(args.out) / 'report.json'}")
+    print(f"final test accuracy: {report['final'].get('test_accuracy')}  report: {Path(args.out) / 'report.json'}")
     return 0
 
 

@@ -1,0 +1,535 @@
+"""``cloud-runtime serve``: FedGKT's cloud side over a broker.
+
+Keeps a device registry (registration, retained online/offline status, heartbeats), runs rounds
+(sync: a retained round announcement, deadline and quorum; async: each device runs at its own pace
+and the server trains on whatever has arrived, staleness-bounded), trains the server model with
+:class:`GKTServer`, answers each device with its soft labels, evaluates, checkpoints every round and
+resumes from the checkpoint on restart. Every rejected message is logged with its reason and counted.
+
+Network callbacks only enqueue; decoding, training and publishing happen on the main thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from cloud_runtime.config import RuntimeConfig, load_runtime_config
+from cloud_runtime.server_trainer import GKTServer
+from edge_sdk import protocol as P
+from edge_sdk.config import ConfigError
+from edge_sdk.messages import FeatureUpload, MessageError
+from edge_sdk.transport import Transport
+from model_zoo import create_model
+from tools.report import plot_accuracy, write_json
+
+logger = logging.getLogger("edgefl.runtime")
+
+SERVER_CHECKPOINT = "server.pt"
+RUNTIME_STATE = "runtime.json"
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class CloudRuntime:
+    def __init__(self, cfg: RuntimeConfig, transport: Transport):
+        self.cfg = cfg
+        self.transport = transport
+        self.topics = P.Topics(cfg.run_id)
+        self.inbox: queue.Queue = queue.Queue()
+        self.reassembler = P.Reassembler(cfg.max_transfer_bytes, cfg.transfer_timeout_s,
+                                         max_chunk=cfg.max_chunk_bytes)
+        self.state_dir = Path(cfg.state_dir)
+        self.session = uuid.uuid4().hex[:12]  # changes on every (re)start: devices re-send lost uploads
+        self.stop = threading.Event()
+        self.server: GKTServer | None = None
+        self.num_classes: int | None = None
+        self.feature_channels: int | None = None
+        self.devices: dict[str, dict] = {}
+        self.rejections: Counter = Counter()
+        self.rows: list[dict] = []
+        self.next_round = 0
+        self.train_uploads: dict[str, FeatureUpload] = {}
+        self.test_uploads: dict[str, FeatureUpload] = {}
+        self.round_bytes: Counter = Counter()
+        self.round_raw: Counter = Counter()
+        # async bookkeeping
+        self.server_version = 0
+        self.arrival_version: dict[str, int] = {}
+        self.device_round: dict[str, int] = {}
+        self.awaiting_labels: set[str] = set()
+        self.started = time.time()
+
+    # -- inbox ------------------------------------------------------------------------------------
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        self.inbox.put((topic, payload))
+
+    def start(self) -> None:
+        for topic_filter in (self.topics.all_up, self.topics.all_status, self.topics.all_heartbeat):
+            self.transport.subscribe(topic_filter, self._enqueue)
+        self.transport.connect()
+        logger.info("runtime %s (session %s, %s mode) serving run %r", self.cfg.run_id, self.session, self.cfg.mode,
+                    self.cfg.run_id)
+
+    def pump(self, timeout: float = 0.2) -> None:
+        """Handle everything queued (waiting up to ``timeout`` for the first message)."""
+        try:
+            item = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            item = None
+        while item is not None:
+            self.handle(*item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                item = None
+        for device, transfer in self.reassembler.expire():
+            self._reject("transfer_timeout", device, f"transfer {transfer[:8]} incomplete after "
+                                                     f"{self.cfg.transfer_timeout_s:.0f}s")
+
+    def _reject(self, reason: str, device: str | None, detail: str) -> None:
+        self.rejections[reason] += 1
+        if device in self.devices:
+            self.devices[device]["rejected"] = self.devices[device].get("rejected", 0) + 1
+        logger.warning("rejected message from %s: %s: %s", device or "?", reason, detail)
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        topic_device = self.topics.device_of(topic)
+        try:
+            header, body = P.decode_frame(payload, max_body=self.cfg.max_chunk_bytes)
+        except P.ProtocolError as e:
+            self._reject(e.reason, topic_device, str(e))
+            return
+        device = header["device"]
+        try:
+            if header["run"] != self.cfg.run_id:
+                raise Rejected("wrong_run", f"run {header['run']!r}")
+            if topic_device is None or device != topic_device:
+                raise Rejected("spoofed_device", f"{device!r} published on {topic}")
+            kind = header["type"]
+            if topic.endswith("/status"):
+                self._on_status(device, header)
+            elif topic.endswith("/hb"):
+                self._on_heartbeat(device, header)
+            elif kind == P.REGISTER:
+                self._on_register(device, header)
+            elif kind == P.CHUNK:
+                self._on_chunk(device, header, body, len(payload))
+            else:
+                raise Rejected("bad_type", f"unexpected {kind!r} on {topic}")
+        except Rejected as e:
+            self._reject(e.reason, device, str(e).split(": ", 1)[-1])
+        except P.ProtocolError as e:
+            self._reject(e.reason, device, str(e))
+
+    def _on_status(self, device: str, header: dict) -> None:
+        online = bool(header.get("data", {}).get("online"))
+        if device in self.devices:
+            self.devices[device]["online"] = online
+            logger.info("%s is %s", device, "online" if online else "offline")
+
+    def _on_heartbeat(self, device: str, header: dict) -> None:
+        if device not in self.devices:
+            raise Rejected("unknown_device", "heartbeat before registration")
+        info = self.devices[device]
+        info["online"] = True
+        info["last_heartbeat"] = time.time()
+        info["heartbeat"] = {k: v for k, v in header.get("data", {}).items()
+                             if isinstance(v, (int, float, str, type(None)))}
+
+    def _on_register(self, device: str, header: dict) -> None:
+        data = header.get("data", {})
+        num_classes, channels = data.get("num_classes"), data.get("feature_channels")
+        if not isinstance(num_classes, int) or not isinstance(channels, int) or num_classes < 2 or channels < 1:
+            raise Rejected("bad_registration", f"num_classes {num_classes!r}, feature_channels {channels!r}")
+        if self.num_classes is None:
+            self.num_classes, self.feature_channels = num_classes, channels
+            self._build_server()
+        elif (num_classes, channels) != (self.num_classes, self.feature_channels):
+            raise Rejected("bad_registration", f"{num_classes} classes / {channels} feature channels, the run has "
+                                               f"{self.num_classes} / {self.feature_channels}")
+        known = device in self.devices
+        info = self.devices.setdefault(device, {"bytes_up": 0, "bytes_down": 0, "raw_fp32_bytes": 0, "rounds": [],
+                                                "rejected": 0})
+        info.update(online=True, registered_at=time.time(), **{k: data.get(k) for k in (
+            "profile", "model", "trainer", "train_samples", "test_samples", "codec", "pid")})
+        logger.info("%s %sregistered: %s samples, model %s, trainer %s, profile %s", device, "re-" if known else "",
+                    data.get("train_samples"), data.get("model"), data.get("trainer"), data.get("profile"))
+        if self.cfg.mode == "async" and device in self.device_round and device not in self.awaiting_labels:
+            self._send_round(device, self.device_round[device])  # a restarted device picks up where it was
+
+    def _on_chunk(self, device: str, header: dict, body: bytes, wire: int) -> None:
+        if device not in self.devices:
+            raise Rejected("unknown_device", "upload before registration")
+        self.round_bytes[device] += wire
+        self.devices[device]["bytes_up"] += wire
+        done = self.reassembler.add(header, body, wire)
+        if done is None:
+            return
+        if done.meta.get("kind") != P.KIND_UPLOAD:
+            raise Rejected("bad_type", f"transfer kind {done.meta.get('kind')!r} on an uplink")
+        expected = self._expected_round(device)
+        if done.round != expected:
+            raise Rejected("stale_round" if done.round < expected else "future_round",
+                           f"upload for round {done.round}, expected {expected}")
+        upload = P.arrays_to_upload(P.unpack_arrays(done.blob, self.cfg.max_transfer_bytes), done.meta, device,
+                                    done.round)
+        try:
+            upload.validate(self.num_classes, self.server.feature_shape if self.server else None)
+        except MessageError as e:
+            raise Rejected("non_finite" if "NaN" in str(e) else "bad_shape", str(e)) from None
+        if upload.split == "train" and self.server is not None and self.server.feature_shape is None:
+            self.server.feature_shape = tuple(upload.features.shape[1:])
+        store = self.train_uploads if upload.split == "train" else self.test_uploads
+        replaced = device in store and store[device].round == upload.round
+        store[device] = upload  # keyed by device: a re-sent transfer replaces, never double-counts
+        self.round_raw[device] += int(done.meta.get("raw_fp32_bytes", 0)) if not replaced else 0
+        self.devices[device]["raw_fp32_bytes"] += int(done.meta.get("raw_fp32_bytes", 0)) if not replaced else 0
+        if upload.split == "train":
+            self.arrival_version[device] = self.server_version
+            self.devices[device]["last_metrics"] = upload.metrics
+        self.transport.publish(self.topics.down(device), P.control_frame(
+            P.ACK, run=self.cfg.run_id, device=device, round_=done.round, transfer=done.transfer, accepted=True))
+        logger.info("%s: %s upload of round %d accepted: %d samples, %.2f MB (%d chunks)%s", device, upload.split,
+                    done.round, len(upload.sample_ids), done.wire_bytes / 1e6, done.chunks,
+                    " (replaces a resend)" if replaced else "")
+
+    def _expected_round(self, device: str) -> int:
+        if self.cfg.mode == "async":
+            return self.device_round.get(device, -1)
+        return self.next_round
+
+    # -- server -----------------------------------------------------------------------------------
+
+    def _build_server(self) -> None:
+        model = create_model(self.cfg.server.model, num_classes=self.num_classes,
+                             feature_channels=self.feature_channels, **self.cfg.server.model_kwargs)
+        self.server = GKTServer(model, self.cfg.server, self.num_classes, seed=self.cfg.seed)
+        checkpoint = self.state_dir / SERVER_CHECKPOINT
+        if checkpoint.exists():
+            state = torch.load(checkpoint, weights_only=True)  # no pickle execution
+            self.server.load_state_dict(state)
+            logger.info("server model restored from %s", checkpoint)
+
+    def _send_soft_labels(self, replies) -> None:
+        for device, message in replies.items():
+            arrays, meta = P.soft_labels_to_arrays(message)
+            frames = P.chunk_transfer(P.pack_arrays(arrays), run=self.cfg.run_id, device=device, round_=message.round,
+                                      meta=meta)
+            for frame in frames:
+                self.transport.publish(self.topics.down(device), frame)
+            wire = sum(map(len, frames))
+            self.devices[device]["bytes_down"] += wire
+            self.round_bytes[f"down:{device}"] += wire
+
+    def _train_and_answer(self, round_: int, devices: list[str]) -> dict:
+        assert self.server is not None
+        for device in devices:
+            self.server.ingest(self.train_uploads[device])
+        replies, stats = self.server.train_round(round_)
+        replies = {d: m for d, m in replies.items() if d in devices}
+        self._send_soft_labels(replies)
+        logger.info("round %d server: loss %.3f acc %.3f on %d samples from %d devices at %.0f/s", round_, stats.loss,
+                    stats.train_accuracy, stats.samples, len(devices), stats.samples_per_s)
+        return asdict(stats)
+
+    def _evaluate(self, row: dict) -> None:
+        if not self.test_uploads or self.server is None:
+            row["test_accuracy"] = None
+            return
+        result = self.server.evaluate(list(self.test_uploads.values()))
+        row.update(test_accuracy=result.accuracy, test_loss=result.loss, test_samples=result.samples,
+                   mean_device_accuracy=result.mean_device_accuracy, per_device=result.per_device)
+
+    # -- rounds: sync -----------------------------------------------------------------------------
+
+    def _registered(self) -> list[str]:
+        return sorted(self.devices)
+
+    def wait_for_devices(self) -> None:
+        start = time.monotonic()
+        want = self.cfg.expected_devices
+        while not self.stop.is_set():
+            self.pump()
+            n = len(self.devices)
+            elapsed = time.monotonic() - start
+            if (want is not None and n >= want) or (n >= self.cfg.min_devices and elapsed >= self.cfg.registration_timeout_s):
+                logger.info("%d devices registered: %s", n, ", ".join(self._registered()))
+                return
+            if elapsed >= self.cfg.registration_timeout_s and int(elapsed) % 30 == 0:
+                logger.warning("waiting for devices: %d registered, need %d", n, self.cfg.min_devices)
+
+    def _announce_round(self, round_: int, eval_: bool, previous: list[str]) -> None:
+        frame = P.control_frame(P.ROUND, run=self.cfg.run_id, device="*", round_=round_, session=self.session,
+                                eval=eval_, deadline_s=self.cfg.round_deadline_s,
+                                soft_labels_round=round_ - 1 if previous else None, soft_labels_to=previous,
+                                soft_labels_wait_s=self.cfg.soft_labels_wait_s)
+        self.transport.publish(self.topics.control, frame, retain=True)
+
+    def run_sync(self) -> None:
+        previous: list[str] = list(self.rows[-1].get("participants", [])) if self.rows else []
+        for round_ in range(self.next_round, self.cfg.rounds):
+            if self.stop.is_set():
+                return
+            eval_ = (round_ + 1) % self.cfg.eval_every == 0 or round_ == self.cfg.rounds - 1
+            self.train_uploads.clear()
+            self.test_uploads.clear()
+            self.round_bytes.clear()
+            self.round_raw.clear()
+            start = time.monotonic()
+            self._announce_round(round_, eval_, previous)
+            logger.info("round %d open (deadline %.0fs, eval %s)", round_, self.cfg.round_deadline_s, eval_)
+            warned = False
+            while not self.stop.is_set():
+                self.pump()
+                online = [d for d in self._registered() if self.devices[d].get("online")]
+                have = set(self.train_uploads) & (set(self.test_uploads) if eval_ else set(self.train_uploads))
+                if online and all(d in have for d in online):
+                    break
+                elapsed = time.monotonic() - start
+                need = max(1, math.ceil(self.cfg.quorum * len(self.devices)))
+                if elapsed >= self.cfg.round_deadline_s:
+                    if len(self.train_uploads) >= need:
+                        missing = sorted(set(self._registered()) - set(self.train_uploads))
+                        logger.warning("round %d deadline: closing with %d/%d devices (missing %s)", round_,
+                                       len(self.train_uploads), len(self.devices), ", ".join(missing))
+                        break
+                    if not warned:
+                        logger.warning("round %d deadline passed with %d uploads, quorum needs %d: waiting",
+                                       round_, len(self.train_uploads), need)
+                        warned = True
+            if self.stop.is_set():
+                return
+            participants = sorted(self.train_uploads)
+            upload_seconds = time.monotonic() - start
+            row: dict = {"round": round_, "participants": participants, "upload_seconds": upload_seconds,
+                         "server": self._train_and_answer(round_, participants)}
+            if eval_:
+                self._evaluate(row)
+            else:
+                row["test_accuracy"] = None
+            self._finish_row(row, start)
+            previous = participants
+            self.next_round = round_ + 1
+            self.checkpoint()
+
+    def _finish_row(self, row: dict, start: float) -> None:
+        up = {d: b for d, b in self.round_bytes.items() if not d.startswith("down:")}
+        raw = sum(self.round_raw.values())
+        row.update(seconds=time.monotonic() - start, bytes_up=up,
+                   bytes_down={d[5:]: b for d, b in self.round_bytes.items() if d.startswith("down:")},
+                   upload_compression_ratio=raw / max(sum(up.values()), 1),
+                   edge={d: dict(self.train_uploads[d].metrics) for d in row["participants"]},
+                   rejections=dict(self.rejections))
+        self.rows.append(row)
+        acc = row.get("test_accuracy")
+        logger.info("round %d done in %.1fs: %s, upload %.1f MB (%.1fx smaller than fp32)", row["round"], row["seconds"],
+                    f"test accuracy {acc:.4f}" if acc is not None else "no eval", sum(up.values()) / 1e6,
+                    row["upload_compression_ratio"])
+
+    # -- rounds: async ----------------------------------------------------------------------------
+
+    def _send_round(self, device: str, round_: int) -> None:
+        eval_ = True
+        self.transport.publish(self.topics.down(device), P.control_frame(
+            P.ROUND, run=self.cfg.run_id, device=device, round_=round_, session=self.session, eval=eval_,
+            deadline_s=self.cfg.round_deadline_s, soft_labels_round=round_ - 1 if round_ > 0 else None,
+            soft_labels_to=[device] if round_ > 0 else [], soft_labels_wait_s=self.cfg.soft_labels_wait_s))
+
+    def run_async(self) -> None:
+        """Devices run at their own pace; each server update trains on what has arrived (staleness-bounded)."""
+        for device in self._registered():
+            if device not in self.device_round:
+                self.device_round[device] = 0
+                self._send_round(device, 0)
+        last_update = time.monotonic()
+        while self.server_version < self.cfg.rounds and not self.stop.is_set():
+            self.pump()
+            for device in self._registered():  # late registrants join at round 0
+                if device not in self.device_round:
+                    self.device_round[device] = 0
+                    self._send_round(device, 0)
+            fresh = [d for d, up in self.train_uploads.items()
+                     if up.round == self.device_round.get(d) and d not in self.awaiting_labels]
+            if not fresh:
+                continue
+            for device in list(self.train_uploads):  # staleness bound
+                if self.server_version - self.arrival_version.get(device, 0) > self.cfg.max_staleness:
+                    del self.train_uploads[device]
+                    if self.server is not None:
+                        self.server.drop_device(device)
+            start = time.monotonic()
+            included = sorted(self.train_uploads)
+            version = self.server_version
+            row: dict = {"round": version, "participants": included, "fresh": sorted(fresh),
+                         "device_rounds": {d: self.train_uploads[d].round for d in included},
+                         "staleness": {d: version - self.arrival_version.get(d, version) for d in included},
+                         "since_last_update": start - last_update,
+                         "server": self._train_and_answer(version, included)}
+            self.server_version += 1
+            for device in fresh:  # these devices got soft labels for their round: start their next one
+                self.device_round[device] += 1
+                self._send_round(device, self.device_round[device])
+            if (version + 1) % self.cfg.eval_every == 0 or self.server_version == self.cfg.rounds:
+                self._evaluate(row)
+            else:
+                row["test_accuracy"] = None
+            row["participants"] = included
+            self._finish_row(row, start)
+            self.round_bytes.clear()
+            self.round_raw.clear()
+            last_update = time.monotonic()
+            self.next_round = self.server_version
+            self.checkpoint()
+
+    # -- state and report -------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.server is not None:
+            tmp = self.state_dir / (SERVER_CHECKPOINT + ".tmp")
+            torch.save(self.server.state_dict(), tmp)
+            os.replace(tmp, self.state_dir / SERVER_CHECKPOINT)
+        write_json(self.state_dir / RUNTIME_STATE, {
+            "next_round": self.next_round, "rows": self.rows, "devices": self.devices,
+            "rejections": dict(self.rejections), "num_classes": self.num_classes,
+            "feature_channels": self.feature_channels, "device_round": self.device_round,
+            "server_version": self.server_version})
+        self.write_report()
+
+    def restore(self) -> bool:
+        path = self.state_dir / RUNTIME_STATE
+        if not path.exists():
+            return False
+        state = json.loads(path.read_text())
+        self.next_round = int(state["next_round"])
+        self.rows = state["rows"]
+        self.devices = state["devices"]
+        for info in self.devices.values():
+            info["online"] = False  # until they say otherwise
+        self.rejections = Counter(state.get("rejections", {}))
+        self.device_round = {k: int(v) for k, v in state.get("device_round", {}).items()}
+        self.server_version = int(state.get("server_version", 0))
+        if state.get("num_classes"):
+            self.num_classes, self.feature_channels = state["num_classes"], state["feature_channels"]
+            self._build_server()
+        logger.info("resumed from %s at round %d", path, self.next_round)
+        return True
+
+    def report(self) -> dict:
+        evaluated = [r for r in self.rows if r.get("test_accuracy") is not None]
+        up = sum(d["bytes_up"] for d in self.devices.values())
+        raw = sum(d["raw_fp32_bytes"] for d in self.devices.values())
+        final = {}
+        if evaluated:
+            last = evaluated[-1]
+            final = {"test_accuracy": last["test_accuracy"], "mean_device_accuracy": last.get("mean_device_accuracy"),
+                     "best_test_accuracy": max(r["test_accuracy"] for r in evaluated),
+                     "test_samples": last.get("test_samples")}
+        final.update(rounds=len(self.rows), bytes_up=up, bytes_down=sum(d["bytes_down"] for d in self.devices.values()),
+                     upload_compression_ratio=raw / max(up, 1), rejections=dict(self.rejections),
+                     total_seconds=time.time() - self.started)
+        devices = {}
+        for name, info in self.devices.items():
+            devices[name] = {k: v for k, v in info.items() if k != "rounds"}
+            last = (evaluated[-1].get("per_device") or {}).get(name) if evaluated else None
+            if last:
+                devices[name].update(final_test_accuracy=last["accuracy"],
+                                     final_edge_model_accuracy=last.get("edge_model_accuracy"))
+        return {"run": {"name": self.cfg.run_id, "transport": "mqtt", "algorithm": "fedgkt", "mode": self.cfg.mode,
+                        "server_model": self.cfg.server.model, "session": self.session},
+                "rounds": self.rows, "final": final, "devices": devices}
+
+    def write_report(self) -> dict:
+        report = self.report()
+        write_json(self.state_dir / "report.json", report)
+        return report
+
+    def finish(self) -> dict:
+        self.transport.publish(self.topics.control, P.control_frame(
+            P.SHUTDOWN, run=self.cfg.run_id, device="*", round_=self.next_round), retain=True)
+        self.transport.flush(30)
+        report = self.write_report()
+        plot_accuracy(report, self.state_dir / "accuracy.png")
+        return report
+
+    def serve(self) -> dict:
+        self.restore()
+        self.start()
+        if self.next_round < self.cfg.rounds:
+            self.wait_for_devices()
+            if self.cfg.mode == "sync":
+                self.run_sync()
+            else:
+                self.run_async()
+        if self.stop.is_set():
+            logger.info("stopping: state saved at round %d", self.next_round)
+            self.checkpoint()
+            return self.report()
+        report = self.finish()
+        if report["final"].get("test_accuracy") is not None:
+            logger.info("run finished: test accuracy %.4f, upload %.1f MB (%.1fx smaller than fp32), %d rejected",
+                        report["final"]["test_accuracy"], report["final"]["bytes_up"] / 1e6,
+                        report["final"]["upload_compression_ratio"], sum(self.rejections.values()))
+        return report
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def build_runtime(cfg: RuntimeConfig, transport: Transport | None = None) -> CloudRuntime:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    if transport is None:
+        from edge_sdk.mqtt import MqttTransport
+        b = cfg.broker
+        transport = MqttTransport(b.url, f"edgefl-runtime-{cfg.run_id}", username=b.username, password=b.password,
+                                  ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file,
+                                  keepalive=b.keepalive, mqtt5=b.mqtt5)
+    return CloudRuntime(cfg, transport)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tools.cli_logging import setup_logging
+
+    parser = argparse.ArgumentParser(prog="cloud-runtime", description="edgefl cloud runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run FedGKT rounds over the broker")
+    serve.add_argument("--config", required=True, help="runtime YAML")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    serve.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        cfg = load_runtime_config(args.config, args.overrides)
+        runtime = build_runtime(cfg)
+        signal.signal(signal.SIGTERM, lambda *_: runtime.stop.set())
+        runtime.serve()
+    except (ConfigError, ConnectionError) as e:
+        logger.error("%s", e)
+        return 2
+    runtime.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

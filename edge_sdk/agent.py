@@ -1,0 +1,302 @@
+"""``edge-agent``: the daemon on each device.
+
+Connects to the broker (Last Will = offline), registers, and then follows the cloud's rounds: train
+the extractor on local data with the configured trainer, upload features/logits/labels of every
+local sample (compressed, chunked), take the server's soft labels by sample id, repeat. State
+(model, optimizer, soft labels, last finished round) is checkpointed atomically after every round
+so a restart resumes without redoing or losing work; SIGTERM checkpoints and exits cleanly.
+
+All network callbacks only enqueue; training and encoding happen on the main thread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import resource
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_sdk import protocol as P
+from edge_sdk.client import EdgeClient
+from edge_sdk.config import AgentConfig, ConfigError, load_agent_config
+from edge_sdk.data.datasets import DatasetError, ImageDataset, load_dataset
+from edge_sdk.messages import MessageError
+from edge_sdk.transport import Transport
+from model_zoo import create_model
+
+logger = logging.getLogger("edgefl.agent")
+
+STATE_FILE = "agent_state.pt"
+
+
+def load_local_data(cfg: AgentConfig) -> tuple[ImageDataset, ImageDataset | None]:
+    train = load_dataset(cfg.data.dataset, "train", cfg.data.path)
+    test = load_dataset(cfg.data.dataset, "test", cfg.data.path)
+    if cfg.data.ids_file:
+        try:
+            ids = json.loads(Path(cfg.data.ids_file).read_text())
+            train_ids = np.asarray(ids["train"], dtype=np.int64)
+            test_ids = np.asarray(ids.get("test", []), dtype=np.int64)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{cfg.data.ids_file}: not a sample-id file ({e})") from None
+        train = train.subset(train.rows_of(train_ids))
+        test = test.subset(test.rows_of(test_ids)) if len(test_ids) else None
+    return train, test
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class EdgeAgent:
+    def __init__(self, cfg: AgentConfig, transport: Transport, client: EdgeClient):
+        self.cfg = cfg
+        self.transport = transport
+        self.client = client
+        self.device = cfg.device_id
+        self.topics = P.Topics(cfg.run_id)
+        self.inbox: queue.Queue = queue.Queue()
+        self.reassembler = P.Reassembler(timeout_s=600)
+        self.state_path = Path(cfg.state_dir) / STATE_FILE
+        self.last_done = -1                  # last round whose upload this device finished
+        self.done_session: str | None = None  # runtime incarnation that round belonged to
+        self.soft_label_round = -1
+        self.pending_round: dict | None = None
+        self.stop = threading.Event()
+        self.step_times: list[float] = []
+        self.bytes_up = 0
+        self.rejected = 0
+        self._last_heartbeat = 0.0
+
+    # -- persistence ---------------------------------------------------------------------------------
+
+    def save_state(self) -> None:
+        path = self.state_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"model": self.client.model.state_dict(), "trainer": self.client.trainer.state_dict(),
+                    "soft_logits": self.client.soft_labels.logits, "soft_present": self.client.soft_labels.present,
+                    "soft_round": self.client.soft_labels.round, "last_done": self.last_done,
+                    "done_session": self.done_session or "", "device": self.device, "run": self.cfg.run_id}, tmp)
+        os.replace(tmp, path)  # atomic: a crash leaves the old or the new state, never half of one
+
+    def load_state(self) -> bool:
+        if not self.state_path.exists():
+            return False
+        state = torch.load(self.state_path, weights_only=True)  # no pickle execution
+        if state.get("device") != self.device or state.get("run") != self.cfg.run_id:
+            logger.warning("%s: ignoring state of device %r run %r", self.state_path, state.get("device"), state.get("run"))
+            return False
+        self.client.model.load_state_dict(state["model"])
+        self.client.trainer.load_state_dict(state["trainer"])
+        self.client.soft_labels.logits.copy_(state["soft_logits"])
+        self.client.soft_labels.present.copy_(state["soft_present"])
+        self.client.soft_labels.round = int(state["soft_round"])
+        self.soft_label_round = int(state["soft_round"])
+        self.last_done = int(state["last_done"])
+        self.done_session = state["done_session"] or None
+        logger.info("%s resumed from %s: last finished round %d", self.device, self.state_path, self.last_done)
+        return True
+
+    # -- network (callbacks run on the network thread: enqueue only) --------------------------------
+
+    def _enqueue(self, topic: str, payload: bytes) -> None:
+        self.inbox.put((topic, payload))
+
+    def start(self) -> None:
+        self.transport.subscribe(self.topics.down(self.device), self._enqueue)
+        self.transport.subscribe(self.topics.control, self._enqueue)
+        self.transport.connect()
+        self.transport.publish(self.topics.status(self.device),
+                               P.control_frame(P.STATUS, run=self.cfg.run_id, device=self.device, round_=-1,
+                                               online=True), retain=True)
+        model = self.client.model
+        self.transport.publish(self.topics.up(self.device), P.control_frame(
+            P.REGISTER, run=self.cfg.run_id, device=self.device, round_=self.last_done,
+            profile=self.cfg.profile, model=self.cfg.edge.model, trainer=self.cfg.edge.trainer,
+            feature_channels=getattr(model, "feature_channels", None),
+            num_classes=self.client.train_set.num_classes, train_samples=len(self.client.train_set),
+            test_samples=len(self.client.test_set) if self.client.test_set is not None else 0,
+            codec=self.cfg.upload.codec, pid=os.getpid()))
+        logger.info("%s registered with run %s (%d train samples)", self.device, self.cfg.run_id,
+                    len(self.client.train_set))
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        try:
+            header, body = P.decode_frame(payload)
+        except P.ProtocolError as e:
+            self.rejected += 1
+            logger.warning("%s: dropped message on %s: %s", self.device, topic, e)
+            return
+        if header["run"] != self.cfg.run_id:
+            return
+        kind = header["type"]
+        if kind == P.ROUND:
+            self.pending_round = header
+        elif kind == P.SHUTDOWN:
+            logger.info("%s: the run is over", self.device)
+            self.stop.set()
+        elif kind == P.ACK:
+            data = header.get("data", {})
+            if not data.get("accepted", True):
+                logger.warning("%s: runtime rejected transfer %s: %s", self.device, data.get("transfer"),
+                               data.get("reason"))
+        elif kind == P.CHUNK:
+            try:
+                done = self.reassembler.add(header, body, len(payload))
+                if done is not None and done.meta.get("kind") == P.KIND_SOFT_LABELS:
+                    message = P.arrays_to_soft_labels(P.unpack_arrays(done.blob), self.device, done.round)
+                    self.client.receive(message)
+                    self.soft_label_round = max(self.soft_label_round, done.round)
+                    logger.info("%s: soft labels for %d samples (round %d)", self.device, len(message.sample_ids),
+                                done.round)
+            except (P.ProtocolError, MessageError, KeyError, ValueError) as e:
+                self.rejected += 1
+                logger.warning("%s: dropped soft-label chunk: %s", self.device, e)
+
+    # -- rounds -------------------------------------------------------------------------------------
+
+    def _ready(self, header: dict, waited: float) -> bool:
+        """Train round r once soft labels of round r-1 are in (or the runtime sent none / we waited enough)."""
+        data = header.get("data", {})
+        needs = data.get("soft_labels_round")
+        if needs is None or self.device not in data.get("soft_labels_to", []) or self.soft_label_round >= needs:
+            return True
+        return waited > float(data.get("soft_labels_wait_s", 30.0))
+
+    def run_round(self, header: dict) -> None:
+        round_, data = header["round"], header.get("data", {})
+        session = data.get("session")
+        if round_ == self.last_done and session == self.done_session:
+            return  # already uploaded to this runtime incarnation
+        retrain = round_ > self.last_done
+        if retrain:
+            stats = self.client.train_round(round_)
+            self.step_times.append(stats.seconds / max(1, -(-stats.samples // self.cfg.edge.batch_size)))
+            logger.info("%s round %d: loss %.3f (ce %.3f kd %.3f) acc %.3f, %d samples at %.0f/s",
+                        self.device, round_, stats.loss, stats.ce, stats.kd, stats.train_accuracy, stats.samples,
+                        stats.samples_per_s)
+            metrics = {"train_loss": stats.loss, "train_accuracy": stats.train_accuracy,
+                       "train_seconds": stats.seconds, "samples_per_s": stats.samples_per_s,
+                       "kd_coverage": stats.kd_coverage}
+        else:  # the runtime restarted and lost this round's upload: resend, do not retrain
+            logger.info("%s: re-sending round %d to the restarted runtime", self.device, round_)
+            metrics = {"resent": True}
+        splits = ["train"] + (["test"] if data.get("eval") and self.client.test_set is not None else [])
+        for split in splits:
+            upload = self.client.extract(split, round_)
+            upload.metrics = metrics if split == "train" else {}
+            self.send_upload(upload)
+        self.transport.flush(timeout=120)
+        self.last_done, self.done_session = round_, session
+        self.save_state()
+
+    def send_upload(self, upload) -> None:
+        arrays, meta = P.upload_to_arrays(upload, self.cfg.upload.codec)
+        blob = P.pack_arrays(arrays)
+        frames = P.chunk_transfer(blob, run=self.cfg.run_id, device=self.device, round_=upload.round, meta=meta,
+                                  max_chunk=self.cfg.upload.chunk_bytes)
+        topic = self.topics.up(self.device)
+        for frame in frames:
+            self.transport.publish(topic, frame)
+        wire = sum(len(f) for f in frames)
+        self.bytes_up += wire
+        logger.info("%s: uploaded %s features of %d samples: %.2f MB in %d chunks (%.1fx smaller than fp32)",
+                    self.device, upload.split, len(upload.sample_ids), wire / 1e6, len(frames),
+                    meta["raw_fp32_bytes"] / max(wire, 1))
+
+    def heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_heartbeat < self.cfg.heartbeat_s:
+            return
+        self._last_heartbeat = now
+        self.transport.publish(self.topics.heartbeat(self.device), P.control_frame(
+            P.HEARTBEAT, run=self.cfg.run_id, device=self.device, round_=self.last_done, profile=self.cfg.profile,
+            step_time_s=float(np.median(self.step_times)) if self.step_times else None, rss_mb=_rss_mb(),
+            bytes_up=self.bytes_up, rejected=self.rejected), qos=0)
+
+    def serve(self) -> int:
+        """Main loop until SHUTDOWN or SIGTERM."""
+        waiting_since = None
+        while not self.stop.is_set():
+            try:
+                topic, payload = self.inbox.get(timeout=0.2)
+                self._handle(topic, payload)
+                continue  # drain the inbox before starting work
+            except queue.Empty:
+                pass
+            self.heartbeat()
+            if self.pending_round is not None:
+                waiting_since = waiting_since or time.monotonic()
+                if self._ready(self.pending_round, time.monotonic() - waiting_since):
+                    header, self.pending_round, waiting_since = self.pending_round, None, None
+                    self.run_round(header)
+                    self.heartbeat(force=True)
+        self.save_state()
+        return 0
+
+    def shutdown(self) -> None:
+        try:
+            self.transport.publish(self.topics.status(self.device), P.control_frame(
+                P.STATUS, run=self.cfg.run_id, device=self.device, round_=self.last_done, online=False), retain=True)
+            self.transport.flush(5)
+        finally:
+            self.transport.close()
+
+
+def build_agent(cfg: AgentConfig, transport: Transport | None = None) -> EdgeAgent:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train, test = load_local_data(cfg)
+    stats = cfg.data.dataset if cfg.data.dataset in ("fashion_mnist", "cifar10") else None
+    model = create_model(cfg.edge.model, num_classes=train.num_classes, in_channels=train.image_shape[0],
+                         **cfg.edge.model_kwargs)
+    client = EdgeClient(cfg.device_id, model, train, test, cfg.edge, stats_name=stats, seed=cfg.seed)
+    if transport is None:
+        from edge_sdk.mqtt import MqttTransport
+        offline = P.control_frame(P.STATUS, run=cfg.run_id, device=cfg.device_id, round_=-1, online=False)
+        b = cfg.broker
+        transport = MqttTransport(b.url, f"edgefl-{cfg.run_id}-{cfg.device_id}",
+                                  will=(P.Topics(cfg.run_id).status(cfg.device_id), offline),
+                                  username=b.username, password=b.password, ca_file=b.ca_file, cert_file=b.cert_file,
+                                  key_file=b.key_file, keepalive=b.keepalive, mqtt5=b.mqtt5)
+    agent = EdgeAgent(cfg, transport, client)
+    agent.load_state()
+    return agent
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tools.cli_logging import setup_logging
+
+    parser = argparse.ArgumentParser(prog="edge-agent", description="edgefl edge agent (FedGKT device daemon)")
+    parser.add_argument("--config", required=True, help="agent YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        cfg = load_agent_config(args.config, args.overrides)
+        agent = build_agent(cfg)
+        signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+        agent.start()
+    except (ConfigError, DatasetError, ConnectionError) as e:
+        logger.error("%s", e)
+        return 2
+    try:
+        return agent.serve()
+    finally:
+        agent.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
