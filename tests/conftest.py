@@ -38,3 +38,27 @@ def npz_dir(tmp_path):
 
 requires_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST_DIR.exists(), reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    from tools.mosquitto import EmbeddedMosquitto, find_mosquitto
+    try:
+        find_mosquitto()
+    except FileNotFoundError as e:
+        pytest.fail(str(e))  # integration tests need the real broker: CI installs it
+    with EmbeddedMosquitto(workdir=tmp_path / "broker") as b:
+        yield b
+
+
+def wait_until(condition, timeout=20.0, step=None):
+    """Poll ``condition`` (calling ``step`` between polls) until true or fail after ``timeout`` s."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if step is not None:
+            step()
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met within {timeout}s")

@@ -1,0 +1,134 @@
+"""The cloud runtime on a real mosquitto: bad input is dropped with a reason and counted, the runtime keeps
+serving, and accepted data is untouched; duplicate and out-of-order chunks never double-count."""
+import random
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from cloud_runtime.config import load_runtime_config
+from cloud_runtime.service import build_runtime
+from conftest import wait_until
+from edge_sdk import protocol as P
+from edge_sdk.messages import FeatureUpload
+from edge_sdk.mqtt import MqttTransport
+
+pytestmark = pytest.mark.integration
+RUN = "wire"
+
+
+@pytest.fixture
+def runtime(broker, tmp_path):
+    cfg = load_runtime_config(None, [f"run_id={RUN}", f"broker.url={broker.url}", f"state_dir={tmp_path / 'rt'}",
+                                     "rounds=2", "expected_devices=1"])
+    rt = build_runtime(cfg)
+    rt.start()
+    yield rt
+    rt.close()
+
+
+@pytest.fixture
+def device(broker):
+    t = MqttTransport(broker.url, "test-devA")
+    t.connect()
+    yield t
+    t.close()
+
+
+def register(device, runtime, name="devA", **overrides):
+    data = dict(num_classes=10, feature_channels=4, train_samples=30, test_samples=0, model="resnet8_gkt")
+    data.update(overrides)
+    device.publish(runtime.topics.up(name), P.control_frame(P.REGISTER, run=RUN, device=name, round_=-1, **data))
+
+
+def upload_frames(round_=0, n=30, codec="fp16", mutate=None, device="devA", max_chunk=1500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    upload = FeatureUpload(device, round_, "train", np.arange(n, dtype=np.int64), torch.rand(n, 4, 5, 5, generator=g),
+                           torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g))
+    arrays, meta = P.upload_to_arrays(upload, codec)
+    if mutate:
+        mutate(arrays, meta)
+    return P.chunk_transfer(P.pack_arrays(arrays), run=RUN, device=device, round_=round_, meta=meta,
+                            max_chunk=max_chunk), upload
+
+
+def send(device, topic, frames):
+    for f in frames:
+        device.publish(topic, f)
+    assert device.flush(10)
+
+
+def test_duplicates_and_out_of_order_chunks_count_once(runtime, device):
+    register(device, runtime)
+    wait_until(lambda: "devA" in runtime.devices, step=runtime.pump)
+    frames, upload = upload_frames(max_chunk=500)
+    assert len(frames) > 5
+    shuffled = frames + frames[::2]
+    random.Random(1).shuffle(shuffled)
+    send(device, runtime.topics.up("devA"), shuffled)
+    wait_until(lambda: "devA" in runtime.train_uploads, step=runtime.pump)
+    send(device, runtime.topics.up("devA"), frames)  # the whole transfer again (a QoS 1 retry storm)
+    runtime.pump(0.5)
+    got = runtime.train_uploads["devA"]
+    assert (got.sample_ids == upload.sample_ids).all() and len(got.sample_ids) == 30
+    assert runtime.reassembler.duplicates >= len(frames) // 2 + len(frames)
+    assert runtime.devices["devA"]["raw_fp32_bytes"] == P.upload_to_arrays(upload, "fp16")[1]["raw_fp32_bytes"]
+    assert not runtime.rejections
+
+
+def _flip_crc(frames):
+    header, body = P.decode_frame(frames[0])
+    header["crc32"] = zlib.crc32(body) ^ 1
+    return [P.encode_frame({k: v for k, v in header.items() if k != "v"}, body)] + frames[1:]
+
+
+def _old_version(frames):
+    return [f.replace(b'"v":1', b'"v":0', 1) for f in frames]
+
+
+BAD_INPUTS = [
+    ("truncated", lambda: [upload_frames()[0][0][:20]], "devA"),
+    ("bad_magic", lambda: [b"garbage"], "devA"),
+    ("bad_checksum", lambda: _flip_crc(upload_frames(seed=1)[0]), "devA"),
+    ("bad_version", lambda: _old_version(upload_frames(seed=2)[0]), "devA"),
+    ("oversized", lambda: upload_frames(seed=3, max_chunk=1 << 20, n=3000)[0], "devA"),
+    ("bad_dtype", lambda: upload_frames(seed=4, mutate=lambda a, m: a.update(labels=a["labels"].astype(np.int32)))[0],
+     "devA"),
+    ("bad_shape", lambda: upload_frames(seed=5, mutate=lambda a, m: a.update(logits=a["logits"][:, :7]))[0], "devA"),
+    ("non_finite", lambda: upload_frames(seed=6, mutate=lambda a, m: a["features"].__setitem__((0, 0, 0, 0), np.nan))[0],
+     "devA"),
+    ("stale_round", lambda: upload_frames(seed=7, round_=-1)[0], "devA"),
+    ("future_round", lambda: upload_frames(seed=8, round_=5)[0], "devA"),
+    ("unknown_device", lambda: upload_frames(seed=9, device="devZ")[0], "devZ"),
+    ("spoofed_device", lambda: upload_frames(seed=10, device="devZ")[0], "devA"),  # devZ's frames on devA's topic
+]
+
+
+def test_bad_input_is_dropped_with_a_reason_and_accepted_data_stays(runtime, device):
+    runtime.cfg.max_chunk_bytes = 512 * 1024
+    register(device, runtime)
+    wait_until(lambda: "devA" in runtime.devices, step=runtime.pump)
+    good, upload = upload_frames()
+    send(device, runtime.topics.up("devA"), good)
+    wait_until(lambda: "devA" in runtime.train_uploads, step=runtime.pump)
+    accepted = runtime.train_uploads["devA"]
+    features = accepted.features.clone()
+    for reason, make, topic_device in BAD_INPUTS:
+        before = runtime.rejections[reason]
+        send(device, runtime.topics.up(topic_device), make())
+        wait_until(lambda: runtime.rejections[reason] > before, step=runtime.pump, timeout=10)
+    assert runtime.train_uploads["devA"] is accepted and torch.equal(accepted.features, features)
+    # and it still serves: a new valid registration and upload go through
+    register(device, runtime, name="devB")
+    wait_until(lambda: "devB" in runtime.devices, step=runtime.pump)
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=11)[0])
+    wait_until(lambda: "devB" in runtime.train_uploads, step=runtime.pump)
+
+
+def test_inconsistent_registration_is_rejected(runtime, device):
+    register(device, runtime)
+    wait_until(lambda: "devA" in runtime.devices, step=runtime.pump)
+    register(device, runtime, name="devC", feature_channels=32)
+    wait_until(lambda: runtime.rejections["bad_registration"] == 1, step=runtime.pump)
+    assert "devC" not in runtime.devices
