@@ -109,6 +109,7 @@ class RuntimeConfig:
     registration_timeout_s: float = 300.0
     round_deadline_s: float = 600.0      # a round closes at its deadline if quorum is met
     quorum: float = 0.5                  # fraction of registered devices that must have uploaded by the deadline
+    offline_grace_s: float = 30.0        # a device offline for less than this is still waited for (restarts)
     eval_every: int = 1
     max_staleness: int = 2               # async: features older than this many server updates are not used
     soft_labels_wait_s: float = 30.0     # how long a device waits for last round's soft labels

@@ -86,8 +86,10 @@ class CloudRuntime:
         for topic_filter in (self.topics.all_up, self.topics.all_status, self.topics.all_heartbeat):
             self.transport.subscribe(topic_filter, self._enqueue)
         self.transport.connect()
-        logger.info("runtime %s (session %s, %s mode) serving run %r", self.cfg.run_id, self.session, self.cfg.mode,
-                    self.cfg.run_id)
+        if self.next_round < self.cfg.rounds:  # devices that registered before we listened do so again
+            self.transport.publish(self.topics.control, P.control_frame(
+                P.HELLO, run=self.cfg.run_id, device="*", round_=self.next_round, session=self.session), retain=True)
+        logger.info("runtime (session %s, %s mode) serving run %r", self.session, self.cfg.mode, self.cfg.run_id)
 
     def pump(self, timeout: float = 0.2) -> None:
         """Handle everything queued (waiting up to ``timeout`` for the first message)."""
@@ -143,7 +145,12 @@ class CloudRuntime:
     def _on_status(self, device: str, header: dict) -> None:
         online = bool(header.get("data", {}).get("online"))
         if device in self.devices:
-            self.devices[device]["online"] = online
+            info = self.devices[device]
+            info["online"] = online
+            if online:
+                info.pop("offline_since", None)
+            else:
+                info["offline_since"] = time.time()
             logger.info("%s is %s", device, "online" if online else "offline")
 
     def _on_heartbeat(self, device: str, header: dict) -> None:
@@ -169,6 +176,7 @@ class CloudRuntime:
         known = device in self.devices
         info = self.devices.setdefault(device, {"bytes_up": 0, "bytes_down": 0, "raw_fp32_bytes": 0, "rounds": [],
                                                 "rejected": 0})
+        info.pop("offline_since", None)
         info.update(online=True, registered_at=time.time(), **{k: data.get(k) for k in (
             "profile", "model", "trainer", "train_samples", "test_samples", "codec", "pid")})
         logger.info("%s %sregistered: %s samples, model %s, trainer %s, profile %s", device, "re-" if known else "",
@@ -264,6 +272,12 @@ class CloudRuntime:
     def _registered(self) -> list[str]:
         return sorted(self.devices)
 
+    def _reachable(self) -> list[str]:
+        """Devices a round still waits for: online, or offline for less than ``offline_grace_s`` (a restart)."""
+        now = time.time()
+        return [d for d in self._registered() if self.devices[d].get("online")
+                or now - self.devices[d].get("offline_since", 0.0) < self.cfg.offline_grace_s]
+
     def wait_for_devices(self) -> None:
         start = time.monotonic()
         want = self.cfg.expected_devices
@@ -300,9 +314,9 @@ class CloudRuntime:
             warned = False
             while not self.stop.is_set():
                 self.pump()
-                online = [d for d in self._registered() if self.devices[d].get("online")]
+                waiting_for = self._reachable()
                 have = set(self.train_uploads) & (set(self.test_uploads) if eval_ else set(self.train_uploads))
-                if online and all(d in have for d in online):
+                if waiting_for and all(d in have for d in waiting_for):
                     break
                 elapsed = time.monotonic() - start
                 need = max(1, math.ceil(self.cfg.quorum * len(self.devices)))

@@ -71,6 +71,7 @@ class EdgeAgent:
         self.done_session: str | None = None  # runtime incarnation that round belonged to
         self.soft_label_round = -1
         self.pending_round: dict | None = None
+        self.registered_session: str | None = None
         self.stop = threading.Event()
         self.step_times: list[float] = []
         self.bytes_up = 0
@@ -119,6 +120,12 @@ class EdgeAgent:
         self.transport.publish(self.topics.status(self.device),
                                P.control_frame(P.STATUS, run=self.cfg.run_id, device=self.device, round_=-1,
                                                online=True), retain=True)
+        self.register()
+
+    def register(self, session: str | None = None) -> None:
+        """Announce this device; repeated for every new runtime session (a runtime that started later
+        or restarted has not seen the first registration)."""
+        self.registered_session = session
         model = self.client.model
         self.transport.publish(self.topics.up(self.device), P.control_frame(
             P.REGISTER, run=self.cfg.run_id, device=self.device, round_=self.last_done,
@@ -127,8 +134,8 @@ class EdgeAgent:
             num_classes=self.client.train_set.num_classes, train_samples=len(self.client.train_set),
             test_samples=len(self.client.test_set) if self.client.test_set is not None else 0,
             codec=self.cfg.upload.codec, pid=os.getpid()))
-        logger.info("%s registered with run %s (%d train samples)", self.device, self.cfg.run_id,
-                    len(self.client.train_set))
+        logger.info("%s registered with run %s (%d train samples)%s", self.device, self.cfg.run_id,
+                    len(self.client.train_set), f" for runtime session {session}" if session else "")
 
     def _handle(self, topic: str, payload: bytes) -> None:
         try:
@@ -140,6 +147,9 @@ class EdgeAgent:
         if header["run"] != self.cfg.run_id:
             return
         kind = header["type"]
+        session = header.get("data", {}).get("session")
+        if kind in (P.HELLO, P.ROUND) and session and session != self.registered_session:
+            self.register(session)
         if kind == P.ROUND:
             self.pending_round = header
         elif kind == P.SHUTDOWN:

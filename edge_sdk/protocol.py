@@ -40,7 +40,8 @@ CHUNK = "chunk"                # either way: one piece of a transfer (features u
 ROUND = "round"                # cloud -> device(s): train round r, deadline, what to upload
 SHUTDOWN = "shutdown"          # cloud -> devices: the run is over
 ACK = "ack"                    # cloud -> device: transfer accepted (or rejected, with a reason)
-CONTROL_TYPES = {REGISTER, STATUS, HEARTBEAT, ROUND, SHUTDOWN, ACK}
+HELLO = "hello"                # cloud -> devices, retained: a runtime session is up (devices (re-)register)
+CONTROL_TYPES = {REGISTER, STATUS, HEARTBEAT, ROUND, SHUTDOWN, ACK, HELLO}
 
 # transfer kinds (what a completed chunk sequence decodes to)
 KIND_UPLOAD = "upload"

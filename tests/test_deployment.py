@@ -1,0 +1,133 @@
+"""FedGKT as real processes over a real mosquitto: cloud-runtime + edge-agent processes (tiny synthetic data)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from cloud_runtime.config import load_config
+from conftest import wait_until
+from edge_sdk import protocol as P
+from edge_sdk.mqtt import MqttTransport
+from tools.sim import main as sim_main
+from tools.sim import write_deployment
+
+pytestmark = pytest.mark.integration
+
+
+def overrides(npz_dir, devices=2, rounds=2, *extra):
+    return ["data.dataset=npz", f"data.path={npz_dir}", "data.train_subset=null", f"run.devices={devices}",
+            f"run.rounds={rounds}", "edge.model_kwargs={}", "server.lr=0.003", "deployment.round_deadline_s=120",
+            *extra]
+
+
+def test_full_run_over_mosquitto(npz_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--config", "configs/quickstart.yaml", "--out", str(out), "--log-level", "WARNING"]
+    for item in overrides(npz_dir, devices=3, rounds=2):
+        args += ["--set", item]
+    assert sim_main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["transport"] == "mqtt" and report["run"]["agent_exit_codes"] == [0, 0, 0]
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    assert all(r["participants"] == ["dev0", "dev1", "dev2"] for r in report["rounds"])
+    final = report["final"]
+    assert final["test_samples"] == 200 and 0 <= final["test_accuracy"] <= 1
+    assert final["upload_compression_ratio"] >= 3 and not final["rejections"]
+    assert all(d["bytes_up"] > 0 and d["bytes_down"] > 0 for d in report["devices"].values())
+    assert (out / "accuracy.png").exists()
+
+
+# -- process-level helpers ---------------------------------------------------------------------
+
+
+def deploy(tmp_path, broker, npz_dir, devices, rounds, *extra):
+    cfg = load_config("configs/quickstart.yaml", overrides(npz_dir, devices, rounds, *extra))
+    runtime_path, agent_paths, _ = write_deployment(cfg, tmp_path, broker.url)
+    return runtime_path, agent_paths
+
+
+def spawn(module_args, log):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", *module_args], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            env=env)
+
+
+def runtime_state(tmp_path):
+    path = tmp_path / "runtime" / "runtime.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.fixture
+def procs():
+    running = []
+    yield running
+    for p in running:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def edit_yaml(path, **changes):
+    data = yaml.safe_load(path.read_text())
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_agent_killed_mid_round_resumes(npz_dir, tmp_path, broker, procs):
+    runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 3)
+    procs.append(spawn(["cloud_runtime.service", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+    procs.append(spawn(["edge_sdk.agent", "--config", str(agents[0])], tmp_path / "a0.log"))
+    slow = ["edge_sdk.agent", "--config", str(agents[1]), "--set", "edge.epochs=15"]
+    procs.append(spawn(slow, tmp_path / "a1.log"))
+    wait_until(lambda: runtime_state(tmp_path).get("next_round", 0) >= 1, timeout=120)
+    time.sleep(1.0)  # dev1 is training round 1 now
+    procs[2].send_signal(signal.SIGKILL)
+    procs[2].wait()
+    procs.append(spawn(slow, tmp_path / "a1-restarted.log"))
+    assert procs[0].wait(240) == 0
+    report = json.loads((tmp_path / "runtime" / "report.json").read_text())
+    assert [r["participants"] for r in report["rounds"]] == [["dev0", "dev1"]] * 3
+    assert "resumed from" in (tmp_path / "a1-restarted.log").read_text()
+    assert not report["final"]["rejections"]
+
+
+def test_silent_device_round_closes_at_deadline_with_quorum(npz_dir, tmp_path, broker, procs):
+    runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 2)
+    edit_yaml(runtime_path, expected_devices=3, min_devices=3, round_deadline_s=6.0, quorum=0.5)
+    run_id = yaml.safe_load(runtime_path.read_text())["run_id"]
+    silent = MqttTransport(broker.url, "silent-device")
+    silent.connect()
+    try:
+        procs.append(spawn(["cloud_runtime.service", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+        for i, agent in enumerate(agents):
+            procs.append(spawn(["edge_sdk.agent", "--config", str(agent)], tmp_path / f"a{i}.log"))
+        wait_until(lambda: "serving run" in (tmp_path / "rt.log").read_text(), timeout=60)
+        silent.publish(P.Topics(run_id).up("dev9"), P.control_frame(
+            P.REGISTER, run=run_id, device="dev9", round_=-1, num_classes=4, feature_channels=16, train_samples=10))
+        assert procs[0].wait(240) == 0
+    finally:
+        silent.close()
+    report = json.loads((tmp_path / "runtime" / "report.json").read_text())
+    assert [r["participants"] for r in report["rounds"]] == [["dev0", "dev1"]] * 2
+    assert all(r["upload_seconds"] >= 6.0 for r in report["rounds"])
+    assert "deadline: closing with 2/3 devices (missing dev9)" in (tmp_path / "rt.log").read_text()
+
+
+def test_async_mode_finishes_with_a_slow_device(npz_dir, tmp_path, broker, procs):
+    runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 6, "deployment.mode=async",
+                                  "deployment.max_staleness=3")
+    procs.append(spawn(["cloud_runtime.service", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+    procs.append(spawn(["edge_sdk.agent", "--config", str(agents[0])], tmp_path / "a0.log"))
+    procs.append(spawn(["edge_sdk.agent", "--config", str(agents[1]), "--set", "edge.epochs=25"], tmp_path / "a1.log"))
+    assert procs[0].wait(300) == 0
+    report = json.loads((tmp_path / "runtime" / "report.json").read_text())
+    rows = report["rounds"]
+    assert len(rows) == 6 and report["final"]["test_accuracy"] is not None
+    fresh = [d for r in rows for d in r["fresh"]]
+    assert fresh.count("dev0") > fresh.count("dev1") >= 1  # the fast device did not wait for the slow one
+    assert all(s <= 3 for r in rows for s in r["staleness"].values())
