@@ -64,6 +64,7 @@ class CloudRuntime:
         self.feature_channels: int | None = None
         self.devices: dict[str, dict] = {}
         self.rejections: Counter = Counter()
+        self.messages_in = 0
         self.rows: list[dict] = []
         self.next_round = 0
         self.train_uploads: dict[str, FeatureUpload] = {}
@@ -114,6 +115,7 @@ class CloudRuntime:
         logger.warning("rejected message from %s: %s: %s", device or "?", reason, detail)
 
     def handle(self, topic: str, payload: bytes) -> None:
+        self.messages_in += 1
         topic_device = self.topics.device_of(topic)
         try:
             header, body = P.decode_frame(payload, max_body=self.cfg.max_chunk_bytes)
@@ -460,6 +462,7 @@ class CloudRuntime:
                      "test_samples": last.get("test_samples")}
         final.update(rounds=len(self.rows), bytes_up=up, bytes_down=sum(d["bytes_down"] for d in self.devices.values()),
                      upload_compression_ratio=raw / max(up, 1), rejections=dict(self.rejections),
+                     messages_in=self.messages_in,
                      total_seconds=time.time() - self.started)
         devices = {}
         for name, info in self.devices.items():

@@ -68,6 +68,7 @@ class EdgeAgent:
         self.reassembler = P.Reassembler(timeout_s=600)
         self.state_path = Path(cfg.state_dir) / STATE_FILE
         self.last_done = -1                  # last round whose upload this device finished
+        self.trained_round = -1              # last round whose local training finished (upload may be pending)
         self.done_session: str | None = None  # runtime incarnation that round belonged to
         self.soft_label_round = -1
         self.pending_round: dict | None = None
@@ -87,6 +88,7 @@ class EdgeAgent:
         torch.save({"model": self.client.model.state_dict(), "trainer": self.client.trainer.state_dict(),
                     "soft_logits": self.client.soft_labels.logits, "soft_present": self.client.soft_labels.present,
                     "soft_round": self.client.soft_labels.round, "last_done": self.last_done,
+                    "trained_round": self.trained_round,
                     "done_session": self.done_session or "", "device": self.device, "run": self.cfg.run_id}, tmp)
         os.replace(tmp, path)  # atomic: a crash leaves the old or the new state, never half of one
 
@@ -104,6 +106,7 @@ class EdgeAgent:
         self.client.soft_labels.round = int(state["soft_round"])
         self.soft_label_round = int(state["soft_round"])
         self.last_done = int(state["last_done"])
+        self.trained_round = int(state.get("trained_round", self.last_done))
         self.done_session = state["done_session"] or None
         logger.info("%s resumed from %s: last finished round %d", self.device, self.state_path, self.last_done)
         return True
@@ -188,9 +191,10 @@ class EdgeAgent:
         session = data.get("session")
         if round_ == self.last_done and session == self.done_session:
             return  # already uploaded to this runtime incarnation
-        retrain = round_ > self.last_done
-        if retrain:
+        if round_ > self.trained_round:
             stats = self.client.train_round(round_)
+            self.trained_round = round_
+            self.save_state()  # a crash during the upload resends without retraining
             self.step_times.append(stats.seconds / max(1, -(-stats.samples // self.cfg.edge.batch_size)))
             logger.info("%s round %d: loss %.3f (ce %.3f kd %.3f) acc %.3f, %d samples at %.0f/s",
                         self.device, round_, stats.loss, stats.ce, stats.kd, stats.train_accuracy, stats.samples,
@@ -198,8 +202,8 @@ class EdgeAgent:
             metrics = {"train_loss": stats.loss, "train_accuracy": stats.train_accuracy,
                        "train_seconds": stats.seconds, "samples_per_s": stats.samples_per_s,
                        "kd_coverage": stats.kd_coverage}
-        else:  # the runtime restarted and lost this round's upload: resend, do not retrain
-            logger.info("%s: re-sending round %d to the restarted runtime", self.device, round_)
+        else:  # trained already (we or the runtime restarted before the upload landed): resend only
+            logger.info("%s: re-sending round %d without retraining", self.device, round_)
             metrics = {"resent": True}
         splits = ["train"] + (["test"] if data.get("eval") and self.client.test_set is not None else [])
         for split in splits:

@@ -57,3 +57,30 @@ def plot_accuracy(report: dict, path: str | Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_bytes(report: dict, path: str | Path) -> Path | None:
+    """Upload megabytes per device per round (MQTT runs)."""
+    rounds = [r for r in report.get("rounds", []) if r.get("bytes_up")]
+    if not rounds:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    devices = sorted({d for r in rounds for d in r["bytes_up"]})
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    xs = np.array([r["round"] for r in rounds], dtype=float)
+    width = 0.8 / max(len(devices), 1)
+    for i, device in enumerate(devices):
+        ax.bar(xs + i * width, [r["bytes_up"].get(device, 0) / 1e6 for r in rounds], width, label=device)
+    ax.set_xlabel("round")
+    ax.set_ylabel("upload MB")
+    ratio = report.get("final", {}).get("upload_compression_ratio")
+    ax.set_title(f"uploads per device ({ratio:.1f}x smaller than fp32)" if ratio else "uploads per device")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

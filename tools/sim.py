@@ -32,7 +32,7 @@ from edge_sdk.data.datasets import DatasetError
 from model_zoo import create_model
 from tools.cli_logging import setup_logging
 from tools.mosquitto import EmbeddedMosquitto
-from tools.report import plot_accuracy, write_json
+from tools.report import plot_accuracy, plot_bytes, write_json
 
 logger = logging.getLogger("edgefl.sim")
 
@@ -41,8 +41,22 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
-    """FedGKT with sync rounds in one process; returns the report (also written to ``out_dir``)."""
+def through_codec(upload, codec: str):
+    """Send an upload through the wire encoding and back (what the runtime sees over MQTT)."""
+    from edge_sdk import protocol as P
+    arrays, meta = P.upload_to_arrays(upload, codec)
+    blob = P.pack_arrays(arrays)
+    decoded = P.arrays_to_upload(P.unpack_arrays(blob), meta, upload.device_id, upload.round)
+    decoded.metrics = {"wire_bytes": len(blob), "raw_fp32_bytes": meta["raw_fp32_bytes"]}
+    return decoded
+
+
+def run_in_memory(cfg: ExperimentConfig, out_dir: Path, wire_codec: str | None = None) -> dict:
+    """FedGKT with sync rounds in one process; returns the report (also written to ``out_dir``).
+
+    ``wire_codec`` passes every feature upload through that codec's encode/decode (the MQTT path
+    without the broker), which is how ``bench/codecs.py`` measures a codec's accuracy cost.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -63,6 +77,7 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
 
     report: dict = {
         "run": {"name": cfg.run.name, "transport": "memory", "algorithm": "fedgkt", "torch": torch.__version__,
+                "wire_codec": wire_codec,
                 "threads": torch.get_num_threads(), "host": platform.node(), "started": time.time(),
                 "edge_model": cfg.edge.model, "edge_params": _params(clients[0].model),
                 "server_model": cfg.server.model, "server_params": _params(server_model)},
@@ -83,7 +98,7 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
         for client in clients:
             stats = client.train_round(round_)
             upload = client.extract("train", round_)
-            server.ingest(upload)
+            server.ingest(through_codec(upload, wire_codec) if wire_codec else upload)
             row["edge"][client.device_id] = asdict(stats)
             logger.info("round %d %s: loss %.3f (ce %.3f kd %.3f) acc %.3f, %d samples at %.0f/s, KD on %.0f%%",
                         round_, client.device_id, stats.loss, stats.ce, stats.kd, stats.train_accuracy,
@@ -98,7 +113,8 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
         # 3. evaluation: each device's test images through its extractor and the server model
         if (round_ + 1) % cfg.run.eval_every == 0 or round_ == cfg.run.rounds - 1:
             eval_start = time.perf_counter()
-            evaluation = server.evaluate([c.extract("test", round_) for c in clients])
+            tests = [c.extract("test", round_) for c in clients]
+            evaluation = server.evaluate([through_codec(t, wire_codec) for t in tests] if wire_codec else tests)
             row.update(test_accuracy=evaluation.accuracy, test_loss=evaluation.loss,
                        mean_device_accuracy=evaluation.mean_device_accuracy, per_device=evaluation.per_device,
                        eval_seconds=time.perf_counter() - eval_start)
@@ -235,6 +251,7 @@ def run_over_mqtt(cfg: ExperimentConfig, out_dir: Path, broker_url: str | None =
     report["final"]["wall_seconds"] = time.perf_counter() - start
     write_json(out_dir / "report.json", report)
     plot_accuracy(report, out_dir / "accuracy.png")
+    plot_bytes(report, out_dir / "uploads.png")
     final = report["final"]
     logger.info("final test accuracy %s over MQTT in %.0fs; upload %.1f MB, %.1fx smaller than fp32; report: %s",
                 final.get("test_accuracy"), final["wall_seconds"], final["bytes_up"] / 1e6,
