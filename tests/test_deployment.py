@@ -131,3 +131,22 @@ def test_async_mode_finishes_with_a_slow_device(npz_dir, tmp_path, broker, procs
     fresh = [d for r in rows for d in r["fresh"]]
     assert fresh.count("dev0") > fresh.count("dev1") >= 1  # the fast device did not wait for the slow one
     assert all(s <= 3 for r in rows for s in r["staleness"].values())
+
+
+def test_runtime_killed_mid_run_resumes_from_checkpoint(npz_dir, tmp_path, broker, procs):
+    runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 3)
+    serve = ["cloud_runtime.service", "serve", "--config", str(runtime_path)]
+    procs.append(spawn(serve, tmp_path / "rt.log"))
+    for i, agent in enumerate(agents):
+        procs.append(spawn(["edge_sdk.agent", "--config", str(agent)], tmp_path / f"a{i}.log"))
+    wait_until(lambda: runtime_state(tmp_path).get("next_round", 0) >= 1, timeout=120)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait()
+    procs.append(spawn(serve, tmp_path / "rt-restarted.log"))
+    assert procs[-1].wait(240) == 0
+    report = json.loads((tmp_path / "runtime" / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+    assert all(r["participants"] == ["dev0", "dev1"] for r in report["rounds"])
+    assert "resumed from" in (tmp_path / "rt-restarted.log").read_text()
+    for p in procs[1:3]:
+        assert p.wait(60) == 0  # the agents saw the restarted runtime's shutdown
