@@ -72,11 +72,16 @@ class DeploymentConfig:
     quorum: float = 1.0
     max_staleness: int = 2
     agent_threads: int = 1        # torch threads per edge-agent process
+    device_profiles: list[str] = field(default_factory=list)  # per device, round-robin; empty: "host"
     timeout_s: float = 3600.0     # the whole run
 
     def check(self) -> None:
         _require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
         _require(self.agent_threads >= 1, "agent_threads", "must be >= 1")
+        from device_profiles import list_profiles
+        for name in self.device_profiles:
+            _require(name in list_profiles(), "device_profiles", f"unknown profile {name!r}; known: "
+                                                                f"{', '.join(list_profiles())}")
 
 
 @dataclass

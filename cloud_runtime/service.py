@@ -77,6 +77,7 @@ class CloudRuntime:
         self.device_round: dict[str, int] = {}
         self.awaiting_labels: set[str] = set()
         self.started = time.time()
+        self._cost_cache: dict = {}
 
     # -- inbox ------------------------------------------------------------------------------------
 
@@ -180,7 +181,8 @@ class CloudRuntime:
                                                 "rejected": 0})
         info.pop("offline_since", None)
         info.update(online=True, registered_at=time.time(), **{k: data.get(k) for k in (
-            "profile", "model", "trainer", "train_samples", "test_samples", "codec", "pid")})
+            "profile", "model", "trainer", "train_samples", "test_samples", "codec", "pid", "batch_size", "epochs",
+            "input_shape", "model_kwargs", "optimizer")})
         logger.info("%s %sregistered: %s samples, model %s, trainer %s, profile %s", device, "re-" if known else "",
                     data.get("train_samples"), data.get("model"), data.get("trainer"), data.get("profile"))
         if self.cfg.mode == "async" and device in self.device_round and device not in self.awaiting_labels:
@@ -450,6 +452,16 @@ class CloudRuntime:
         logger.info("resumed from %s at round %d", path, self.next_round)
         return True
 
+    def _device_cost(self, device: str, info: dict) -> dict | None:
+        """Predicted vs measured step time, FLOPs spent and bytes moved for one device."""
+        from device_profiles.cost_report import device_cost
+        rounds_done = sum(device in r.get("participants", []) for r in self.rows)
+        try:
+            return device_cost(info, rounds_done, self._cost_cache)
+        except Exception as e:  # a profile we cannot evaluate must not break the report
+            logger.warning("no cost estimate for %s: %s", device, e)
+            return None
+
     def report(self) -> dict:
         evaluated = [r for r in self.rows if r.get("test_accuracy") is not None]
         up = sum(d["bytes_up"] for d in self.devices.values())
@@ -467,6 +479,7 @@ class CloudRuntime:
         devices = {}
         for name, info in self.devices.items():
             devices[name] = {k: v for k, v in info.items() if k != "rounds"}
+            devices[name]["cost"] = self._device_cost(name, info)
             last = (evaluated[-1].get("per_device") or {}).get(name) if evaluated else None
             if last:
                 devices[name].update(final_test_accuracy=last["accuracy"],

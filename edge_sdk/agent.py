@@ -136,7 +136,9 @@ class EdgeAgent:
             feature_channels=getattr(model, "feature_channels", None),
             num_classes=self.client.train_set.num_classes, train_samples=len(self.client.train_set),
             test_samples=len(self.client.test_set) if self.client.test_set is not None else 0,
-            codec=self.cfg.upload.codec, pid=os.getpid()))
+            codec=self.cfg.upload.codec, pid=os.getpid(), batch_size=self.cfg.edge.batch_size,
+            epochs=self.cfg.edge.epochs, input_shape=list(self.client.train_set.image_shape),
+            model_kwargs=self.cfg.edge.model_kwargs, optimizer=self.cfg.edge.optimizer))
         logger.info("%s registered with run %s (%d train samples)%s", self.device, self.cfg.run_id,
                     len(self.client.train_set), f" for runtime session {session}" if session else "")
 

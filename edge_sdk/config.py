@@ -277,6 +277,10 @@ class AgentConfig:
         except ValueError as e:
             raise ConfigError(f"device_id: {e}") from None
         _require(self.heartbeat_s > 0, "heartbeat_s", "must be > 0")
+        if self.profile is not None:
+            from device_profiles import list_profiles
+            _require(self.profile in list_profiles() or Path(self.profile).suffix in (".yaml", ".yml"), "profile",
+                     f"unknown device profile {self.profile!r}; known: {', '.join(list_profiles())}")
 
 
 def load_agent_config(path: str | Path | None, overrides: list[str] | None = None) -> AgentConfig:

@@ -197,7 +197,8 @@ def write_deployment(cfg: ExperimentConfig, out_dir: Path, broker_url: str) -> t
             "device_id": device, "run_id": run_id, "broker": {"url": broker_url},
             "data": {"dataset": cfg.data.dataset, "path": cfg.data.path, "ids_file": str(ids_file)},
             "edge": asdict(cfg.edge), "upload": {"codec": dep.codec, "chunk_bytes": dep.chunk_bytes},
-            "state_dir": str(device_dir / "state"), "threads": dep.agent_threads, "seed": cfg.run.seed + d}
+            "state_dir": str(device_dir / "state"), "threads": dep.agent_threads, "seed": cfg.run.seed + d,
+            "profile": dep.device_profiles[d % len(dep.device_profiles)] if dep.device_profiles else "host"}
         path = device_dir / "agent.yaml"
         path.write_text(yaml.safe_dump(agent_cfg, sort_keys=False))
         agent_paths.append(path)

@@ -1,0 +1,217 @@
+"""``device-profile``: FLOPs, memory, latency and bytes of a model on each device profile.
+
+    device-profile resnet8_gkt --all-devices [--method backprop] [--batch 64] [--input 3x32x32] [--json] [--plot p.png]
+    device-profile compare resnet8_gkt resnet56 resnet110 [--json]
+    device-profile --measure [--save-profile host.yaml] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from device_profiles import DeviceProfile, Efficiency, detect_host, list_profiles, load_profile
+from device_profiles.profiler import METHODS, cost_row, estimate_latency, measure_latency, model_cost
+from edge_sdk.config import ConfigError
+from model_zoo import list_models
+
+logger = logging.getLogger("edgefl.device_profile")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input {text!r}: expected CxHxW, e.g. 3x32x32") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"--input {text!r}: expected three positive sizes CxHxW")
+    return shape
+
+
+def _input_for(model: str, shape: tuple) -> tuple:
+    # Server bodies take the edge's 16-channel features at the image's resolution.
+    return (16, shape[1], shape[2]) if model.endswith("_server") else shape
+
+
+def _fmt_flops(f: float) -> str:
+    return f"{f / 1e9:.2f} GFLOP" if f >= 1e8 else f"{f / 1e6:.1f} MFLOP"
+
+
+def cmd_compare(models: list[str], batch: int, shape: tuple, as_json: bool) -> int:
+    rows = [cost_row(model_cost(m, "backprop", batch, _input_for(m, shape))) for m in models]
+    base = rows[0]
+    for r in rows:
+        r["train_flops_ratio"] = r["train_flops"] / base["train_flops"]
+        r["params_ratio"] = r["params"] / base["params"]
+    if as_json:
+        print(json.dumps([{k: r[k] for k in ("model", "params", "train_flops", "train_flops_per_sample",
+                                             "forward_flops", "backward_flops", "memory_bytes", "activation_bytes",
+                                             "train_flops_ratio", "params_ratio")} for r in rows], indent=2))
+        return 0
+    print(f"{'model':<18} {'params':>11} {'train FLOPs/sample':>19} {'x first':>8} {'params x':>9} {'train memory':>13}")
+    for r in rows:
+        print(f"{r['model']:<18} {r['params']:>11,} {_fmt_flops(r['train_flops_per_sample']):>19} "
+              f"{r['train_flops_ratio']:>8.2f} {r['params_ratio']:>9.1f} {r['memory_bytes'] / 2**20:>10.1f} MiB")
+    return 0
+
+
+def cmd_profile(model: str, devices: list[str], methods: list[str], batch: int, shape: tuple, as_json: bool,
+                plot: str | None) -> int:
+    profiles = [load_profile(d) for d in devices]
+    out = []
+    for method in methods:
+        cost = model_cost(model, method, batch, _input_for(model, shape))
+        row = cost_row(cost)
+        row["devices"] = {p.name: estimate_latency(cost, p) for p in profiles}
+        out.append(row)
+    if as_json:
+        print(json.dumps(out, indent=2, default=list))
+    else:
+        for row in out:
+            print(f"{row['model']} {row['method']} batch {row['batch']} input {'x'.join(map(str, row['input_shape']))}: "
+                  f"{row['params']:,} params, {_fmt_flops(row['total_flops'])} (fwd {_fmt_flops(row['forward_flops'])}, "
+                  f"bwd {_fmt_flops(row['backward_flops'])}), memory {row['memory_bytes'] / 2**20:.1f} MiB "
+                  f"(activations {row['activation_bytes'] / 2**20:.1f} MiB)")
+            if row["upload_bytes_per_sample"]:
+                print("  FedGKT upload bytes/sample before zstd: " + ", ".join(
+                    f"{k} {v:,}" for k, v in row["upload_bytes_per_sample"].items())
+                    + f"; FedAvg model {row['fedavg_model_bytes'] / 1e6:.2f} MB per direction")
+            for name, est in row["devices"].items():
+                print(f"  {name:<20} {est['estimate_s'] * 1e3:9.1f} ms/step  [{est['low_s'] * 1e3:.1f} - "
+                      f"{est['high_s'] * 1e3:.1f}]  {est['bound']}-bound{'' if est['fits_in_ram'] else '  DOES NOT FIT'}")
+    if plot:
+        plot_devices(out, plot)
+    return 0
+
+
+def plot_devices(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.0), dpi=120)
+    names = list(rows[0]["devices"])
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        est = [row["devices"][n]["estimate_s"] * 1e3 for n in names]
+        low = [e - row["devices"][n]["low_s"] * 1e3 for e, n in zip(est, names)]
+        high = [row["devices"][n]["high_s"] * 1e3 - e for e, n in zip(est, names)]
+        ax.bar(np.arange(len(names)) + i * width, est, width, yerr=[low, high], capsize=2, label=row["method"])
+    ax.set_xticks(np.arange(len(names)) + width * (len(rows) - 1) / 2, names, rotation=30, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per step (estimate, band)")
+    ax.set_title(f"{rows[0]['model']}, batch {rows[0]['batch']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def measure_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+    """Copy bandwidth (read + write) of a large array: the memory side of the host's roofline."""
+    a = np.ones(megabytes * 2**20 // 8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - start)
+    return 2 * a.nbytes / best / 1e9
+
+
+def calibrate_host(models: list[str], methods: list[str], batch: int, shape: tuple) -> tuple[DeviceProfile, list[dict]]:
+    """Measure every model x method here, fit the host's efficiency, and report errors before and after."""
+    host = detect_host()
+    host.memory.bandwidth_gbs = round(measure_bandwidth_gbs(), 1)
+    host.sources["bandwidth_gbs"] = "measured: numpy copy of 256 MiB (device-profile --measure)"
+    rows = []
+    for model in models:
+        for method in methods:
+            cost = model_cost(model, method, batch, _input_for(model, shape))
+            measured = measure_latency(model, method, batch, _input_for(model, shape))["median_s"]
+            rows.append({"model": model, "method": method, "flops": cost.total_flops, "measured_s": measured,
+                         "uncalibrated_s": estimate_latency(cost, host)["estimate_s"], "cost": cost})
+            logger.info("%s %s: %.1f ms measured", model, method, measured * 1e3)
+    achieved = [r["flops"] / r["measured_s"] / (host.cpu.peak_gflops * 1e9) for r in rows]
+    host.efficiency = Efficiency(torch_cpu=round(statistics.median(achieved), 4), onnxruntime_cpu=None)
+    host.calibrated = True
+    errors = []
+    for r in rows:
+        calibrated = estimate_latency(r.pop("cost"), host)["estimate_s"]
+        r.update(calibrated_s=calibrated, uncalibrated_error=r["uncalibrated_s"] / r["measured_s"] - 1,
+                 calibrated_error=calibrated / r["measured_s"] - 1)
+        errors.append(abs(r["calibrated_error"]))
+    host.uncertainty = round(max(errors), 3)
+    host.sources["efficiency"] = (f"measured: median achieved/peak over {len(rows)} model x method steps "
+                                  f"(batch {batch}, input {'x'.join(map(str, shape))})")
+    return host, rows
+
+
+def cmd_measure(batch: int, shape: tuple, methods: list[str], save: str | None, as_json: bool) -> int:
+    models = [m for m in list_models()]
+    host, rows = calibrate_host(models, methods, batch, shape)
+    if save:
+        Path(save).write_text(yaml.safe_dump(asdict(host), sort_keys=False))
+    if as_json:
+        print(json.dumps({"profile": asdict(host), "rows": rows}, indent=2))
+        return 0
+    print(f"{host.display_name}: peak {host.cpu.peak_gflops:.0f} GFLOP/s, bandwidth {host.memory.bandwidth_gbs} GB/s, "
+          f"fitted torch_cpu efficiency {host.efficiency.torch_cpu:.3f}")
+    print(f"{'model':<18} {'method':<10} {'measured ms':>12} {'uncal. ms':>10} {'err':>7} {'calib. ms':>10} {'err':>7}")
+    for r in rows:
+        print(f"{r['model']:<18} {r['method']:<10} {r['measured_s'] * 1e3:>12.1f} {r['uncalibrated_s'] * 1e3:>10.1f} "
+              f"{100 * r['uncalibrated_error']:>6.0f}% {r['calibrated_s'] * 1e3:>10.1f} {100 * r['calibrated_error']:>6.0f}%")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tools.cli_logging import setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--batch", type=int, default=64)
+    common.add_argument("--input", type=parse_shape, default=(3, 32, 32), help="CxHxW (default 3x32x32)")
+    common.add_argument("--json", action="store_true")
+    common.add_argument("--log-level", default="WARNING")
+    try:
+        if argv[:1] == ["compare"]:
+            parser = argparse.ArgumentParser(prog="device-profile compare", parents=[common])
+            parser.add_argument("models", nargs="+")
+            args = parser.parse_args(argv[1:])
+            setup_logging(args.log_level)
+            return cmd_compare(args.models, args.batch, args.input, args.json)
+        parser = argparse.ArgumentParser(prog="device-profile", parents=[common], description=__doc__.splitlines()[0])
+        parser.add_argument("model", nargs="?", help=f"one of: {', '.join(list_models())}")
+        parser.add_argument("--device", action="append", default=[], help=f"profile name or YAML path; known: "
+                                                                         f"{', '.join(list_profiles())}")
+        parser.add_argument("--all-devices", action="store_true")
+        parser.add_argument("--method", action="append", choices=METHODS, default=None)
+        parser.add_argument("--plot", default=None, help="write a PNG of per-device latency estimates")
+        parser.add_argument("--measure", action="store_true", help="measure every zoo model here and calibrate")
+        parser.add_argument("--save-profile", default=None, help="with --measure: write the calibrated host profile")
+        args = parser.parse_args(argv)
+        setup_logging(args.log_level if not args.measure else "INFO")
+        methods = args.method or list(METHODS)
+        if args.measure:
+            return cmd_measure(args.batch, args.input, methods, args.save_profile, args.json)
+        if not args.model:
+            parser.error("give a MODEL, 'compare MODEL ...', or --measure")
+        if args.model not in list_models():
+            raise ConfigError(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
+        devices = list_profiles() if args.all_devices else (args.device or ["host"])
+        return cmd_profile(args.model, devices, methods, args.batch, args.input, args.json, args.plot)
+    except (ConfigError, ValueError) as e:
+        print(f"device-profile: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""What a model costs a device: FLOPs, memory, latency (measured here, estimated per profile), bytes.
+
+* FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``: 2 FLOPs per multiply-accumulate of
+  convolutions and matrix products (forward and the backward kernels autograd actually runs).
+  Not counted: BatchNorm, ReLU, pooling, residual adds, the loss and the optimizer update (all
+  O(activations), a few percent of a ResNet's work).
+* Memory: parameters, gradients, optimizer state, and the activations autograd saves for backward
+  (summed with ``saved_tensors_hooks``, unique storages), plus the measured peak RSS of a fresh
+  process when asked.
+* Latency: the median of repeated runs on this host, and per device a roofline estimate
+  ``max(FLOPs / (peak x efficiency), bytes / bandwidth)`` with a relative band.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from device_profiles import DeviceProfile
+from model_zoo import create_model
+
+METHODS = ("inference", "backprop")
+OPTIMIZER_STATE_FACTOR = {"sgd": 1, "adam": 2, "none": 0}  # state tensors per parameter
+
+
+@dataclass
+class ModelCost:
+    model: str
+    method: str
+    batch: int
+    input_shape: tuple
+    params: int
+    forward_flops: int
+    backward_flops: int
+    total_flops: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    feature_shape: tuple | None
+    upload_bytes_per_sample: dict      # codec -> bytes (before zstd), FedGKT feature uploads
+    fedavg_model_bytes: int            # fp32 weights, one direction, for comparison
+
+    @property
+    def train_flops_per_sample(self) -> float:
+        return self.total_flops / self.batch
+
+    def memory_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+    def moved_bytes(self) -> int:
+        """Rough DRAM traffic of one step: weights read (and gradients/state written) plus activations
+        written and read back (the roofline's memory side)."""
+        weights = self.param_bytes * (1 if self.method == "inference" else 3) + self.optimizer_bytes
+        return weights + 2 * self.activation_bytes
+
+
+def _build(model_name: str, input_shape: tuple, num_classes: int, **kwargs) -> nn.Module:
+    if model_name.endswith("_server"):
+        return create_model(model_name, num_classes=num_classes, feature_channels=input_shape[0], **kwargs)
+    return create_model(model_name, num_classes=num_classes, in_channels=input_shape[0], **kwargs)
+
+
+def _logits(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str, optimizer=None) -> None:
+    if method == "inference":
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        return
+    model.train()
+    loss = nn.functional.cross_entropy(_logits(model(x)), y)
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward (unique storages, parameters excluded)."""
+    param_ptrs = {p.data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs:
+            seen[ptr] = max(seen.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(_logits(model(x)), y)
+    del loss
+    return sum(seen.values())
+
+
+def model_cost(model_name: str, method: str = "backprop", batch: int = 64, input_shape: tuple = (3, 32, 32),
+               num_classes: int = 10, optimizer: str = "sgd", **model_kwargs) -> ModelCost:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    model = _build(model_name, input_shape, num_classes, **model_kwargs)
+    x = torch.randn(batch, *input_shape)
+    y = torch.randint(0, num_classes, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        model.eval() if method == "inference" else model.train()
+        with torch.set_grad_enabled(method != "inference"):
+            out = model(x)
+    forward = counter.get_total_flops()
+    backward = 0
+    if method != "inference":
+        loss = nn.functional.cross_entropy(_logits(out), y)
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        backward = counter.get_total_flops()
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    training = method != "inference"
+    feature_shape = None
+    if hasattr(model, "forward_features") and not model_name.endswith("_server"):
+        with torch.no_grad():
+            feature_shape = tuple(model.forward_features(x[:1]).shape[1:])
+    upload = {}
+    if feature_shape is not None:
+        n = int(torch.tensor(feature_shape).prod())
+        overhead = 8 + 8 + num_classes * 2  # id, label, fp16 logits
+        upload = {"fp32": n * 4 + 8 + 8 + num_classes * 4, "fp16": n * 2 + overhead, "int8": n + overhead}
+    return ModelCost(
+        model=model_name, method=method, batch=batch, input_shape=tuple(input_shape), params=params,
+        forward_flops=forward, backward_flops=backward, total_flops=forward + backward, param_bytes=params * 4,
+        grad_bytes=trainable * 4 if training else 0,
+        optimizer_bytes=trainable * 4 * OPTIMIZER_STATE_FACTOR[optimizer] if training else 0,
+        activation_bytes=_activation_bytes(model, x, y) if training else 0, feature_shape=feature_shape,
+        upload_bytes_per_sample=upload, fedavg_model_bytes=params * 4)
+
+
+def measure_latency(model_name: str, method: str = "backprop", batch: int = 64, input_shape: tuple = (3, 32, 32),
+                    num_classes: int = 10, repeats: int = 7, warmup: int = 2, **model_kwargs) -> dict:
+    """Median wall time of one step (training: forward, backward, SGD update) on this host."""
+    model = _build(model_name, input_shape, num_classes, **model_kwargs).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, *input_shape).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if method != "inference" else None
+    for _ in range(warmup):
+        _run(model, x, y, method, optimizer)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _run(model, x, y, method, optimizer)
+        times.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats,
+            "threads": torch.get_num_threads()}
+
+
+def measure_peak_rss(model_name: str, method: str, batch: int, input_shape: tuple, num_classes: int = 10) -> float:
+    """Peak RSS (MB) of a fresh process running three steps, minus that process's baseline after import."""
+    code = (
+        "import json, resource, sys, torch\n"
+        "from device_profiles.profiler import _build, _run\n"
+        f"m = _build({model_name!r}, {tuple(input_shape)!r}, {num_classes})\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"x = torch.randn({batch}, *{tuple(input_shape)!r}); y = torch.randint(0, {num_classes}, ({batch},))\n"
+        f"opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) if {method!r} != 'inference' else None\n"
+        f"[_run(m, x, y, {method!r}, opt) for _ in range(3)]\n"
+        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def estimate_latency(cost: ModelCost, profile: DeviceProfile, runtime: str = "torch_cpu") -> dict:
+    """Roofline bound divided by the profile's efficiency, with the profile's uncertainty band."""
+    efficiency = getattr(profile.efficiency, runtime)
+    if efficiency is None:
+        raise ValueError(f"profile {profile.name} has no efficiency for runtime {runtime!r}")
+    peak = profile.gpu.peak_gflops if runtime.endswith("gpu") and profile.gpu else profile.cpu.peak_gflops
+    compute_s = cost.total_flops / (peak * 1e9 * efficiency)
+    memory_s = cost.moved_bytes() / (profile.memory.bandwidth_gbs * 1e9)
+    estimate = max(compute_s, memory_s)
+    band = 1.0 + profile.uncertainty
+    return {"device": profile.name, "runtime": runtime, "estimate_s": estimate, "low_s": estimate / band,
+            "high_s": estimate * band, "bound": "compute" if compute_s >= memory_s else "memory",
+            "calibrated": profile.calibrated, "fits_in_ram": cost.memory_bytes() < profile.memory.ram_gb * 2 ** 30}
+
+
+def cost_row(cost: ModelCost) -> dict:
+    row = asdict(cost)
+    row.update(train_flops=cost.total_flops, train_flops_per_sample=cost.train_flops_per_sample,
+               memory_bytes=cost.memory_bytes())
+    return row
+
