@@ -110,7 +110,7 @@ def main() -> int:
 
     lines = [f"Fashion-MNIST, {args.train_subset} training images (stratified subset), all 10,000 test images; "
              f"{args.epochs} epochs/rounds; stem stride {args.stem_stride}; {torch.get_num_threads()} CPU threads.",
-             "", "| method | test accuracy (last) | best | seconds | edge params |", "| --- | ---: | ---: | ---: | ---: |"]
+             "", "| method | test accuracy (last) | best | seconds | params of the model a device trains |", "| --- | ---: | ---: | ---: | ---: |"]
     for label, r in rows.items():
         lines.append(f"| {label} | {r['test_accuracy']:.4f} | {r['best_test_accuracy']:.4f} | {r['seconds']:.0f} | "
                      f"{r['params']:,} |")

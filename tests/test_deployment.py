@@ -39,7 +39,16 @@ def test_full_run_over_mosquitto(npz_dir, tmp_path):
     assert final["test_samples"] == 200 and 0 <= final["test_accuracy"] <= 1
     assert final["upload_compression_ratio"] >= 3 and not final["rejections"]
     assert all(d["bytes_up"] > 0 and d["bytes_down"] > 0 for d in report["devices"].values())
-    assert (out / "accuracy.png").exists()
+    for device in report["devices"].values():  # per-device profile table: predicted vs measured, FLOPs, bytes
+        cost = device["cost"]
+        assert cost["profile"] == "host" and cost["rounds"] == 2 and cost["flops_spent"] > 0
+        assert cost["measured_step_s"] > 0 and cost["predicted_step_s"] > 0
+        assert cost["bytes_up"] == device["bytes_up"]
+    assert (out / "accuracy.png").exists() and (out / "uploads.png").exists()
+    # running again into the same directory is a new run, not a resume of the finished one
+    assert sim_main(args + ["--set", "run.rounds=1"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in again["rounds"]] == [0] and again["run"]["session"] != report["run"]["session"]
 
 
 # -- process-level helpers ---------------------------------------------------------------------

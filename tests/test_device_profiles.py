@@ -104,3 +104,19 @@ def test_cli_profile_all_devices_json_and_plot(tmp_path, capsys):
     assert {r["method"] for r in rows} == {"inference", "backprop"}
     assert set(rows[0]["devices"]) == set(list_profiles())
     assert plot.stat().st_size > 1000
+
+
+def test_runtime_device_cost_line():
+    from device_profiles.cost_report import device_cost
+    info = {"model": "resnet8_gkt", "batch_size": 8, "input_shape": [1, 12, 12], "model_kwargs": {},
+            "optimizer": "adam", "profile": "raspberry_pi_4", "train_samples": 100, "test_samples": 50, "epochs": 2,
+            "heartbeat": {"step_time_s": 0.05, "rss_mb": 300.0}, "bytes_up": 1000, "bytes_down": 10}
+    cache = {}
+    cost = device_cost(info, rounds_done=3, cache=cache)
+    train = model_cost("resnet8_gkt", "backprop", 8, (1, 12, 12), optimizer="adam")
+    infer = model_cost("resnet8_gkt", "inference", 8, (1, 12, 12))
+    expected = 3 * (100 * 2 * train.total_flops / 8 + 150 * infer.total_flops / 8)
+    assert cost["flops_spent"] == pytest.approx(expected)
+    assert cost["profile"] == "raspberry_pi_4" and cost["measured_step_s"] == 0.05
+    assert cost["prediction_error"] == pytest.approx(cost["predicted_step_s"] / 0.05 - 1)
+    assert len(cache) == 1 and device_cost({"model": None}, 1, cache) is None

@@ -78,7 +78,7 @@ def plot_bytes(report: dict, path: str | Path) -> Path | None:
     ax.set_ylabel("upload MB")
     ratio = report.get("final", {}).get("upload_compression_ratio")
     ax.set_title(f"uploads per device ({ratio:.1f}x smaller than fp32)" if ratio else "uploads per device")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="lower center")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path)

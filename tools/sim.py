@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -210,6 +211,9 @@ def run_over_mqtt(cfg: ExperimentConfig, out_dir: Path, broker_url: str | None =
                   log_level: str = "INFO") -> dict:
     """Real processes over a real broker: one cloud-runtime, one edge-agent per device."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("runtime", "agents", "broker", "logs"):  # a new simulation, not a resume of the last one
+        if (out_dir / stale).exists():
+            shutil.rmtree(out_dir / stale)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     logs = out_dir / "logs"
     logs.mkdir(exist_ok=True)

@@ -1,0 +1,115 @@
+"""Model aggregation as pure functions over state dicts (name -> float array).
+
+FedAvg weighted by sample count, robust aggregators for untrusted devices (coordinate-wise median,
+trimmed mean, norm clipping of updates), FedBuff-style staleness weighting for async rounds, and
+the layer-wise client divergence of the deeper-models FL study. Inputs are validated first: empty
+rounds, weights that do not sum to a positive number, mismatched names/shapes and non-finite
+values are errors that say which client and which tensor.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+State = Mapping[str, np.ndarray]
+
+
+class AggregationError(ValueError):
+    pass
+
+
+def validate_states(states: Sequence[State], weights: Sequence[float] | None = None) -> np.ndarray:
+    """Check a round's client states; returns the weights normalised to sum to 1."""
+    if not states:
+        raise AggregationError("nothing to aggregate: the round has no client models")
+    reference = states[0]
+    for i, state in enumerate(states):
+        if set(state) != set(reference):
+            missing, extra = set(reference) - set(state), set(state) - set(reference)
+            raise AggregationError(f"client {i}: tensor names differ (missing {sorted(missing)[:3]}, "
+                                   f"extra {sorted(extra)[:3]})")
+        for name, value in state.items():
+            if np.shape(value) != np.shape(reference[name]):
+                raise AggregationError(f"client {i}: {name} has shape {np.shape(value)}, "
+                                       f"expected {np.shape(reference[name])}")
+            if not np.all(np.isfinite(value)):
+                raise AggregationError(f"client {i}: {name} contains NaN or Inf")
+    w = np.ones(len(states)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(states),):
+        raise AggregationError(f"{len(states)} client models but {w.size} weights")
+    if np.any(w < 0) or not np.all(np.isfinite(w)):
+        raise AggregationError(f"weights must be finite and >= 0, got {w.tolist()}")
+    if w.sum() <= 0:
+        raise AggregationError(f"weights sum to {w.sum()}: nothing to average")
+    return w / w.sum()
+
+
+def fedavg(states: Sequence[State], weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    """Weighted mean of each tensor (weights = local sample counts in FedAvg)."""
+    w = validate_states(states, weights)
+    return {name: sum(wi * np.asarray(s[name], dtype=np.float64) for wi, s in zip(w, states)).astype(
+        np.asarray(states[0][name]).dtype) for name in states[0]}
+
+
+def coordinate_median(states: Sequence[State]) -> dict[str, np.ndarray]:
+    """Element-wise median: robust to fewer than half of the clients being arbitrary."""
+    validate_states(states)
+    return {name: np.median(np.stack([s[name] for s in states]), axis=0).astype(np.asarray(states[0][name]).dtype)
+            for name in states[0]}
+
+
+def trimmed_mean(states: Sequence[State], trim_fraction: float = 0.1) -> dict[str, np.ndarray]:
+    """Element-wise mean after dropping the ``trim_fraction`` largest and smallest values."""
+    validate_states(states)
+    if not 0 <= trim_fraction < 0.5:
+        raise AggregationError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    k = int(np.floor(trim_fraction * len(states)))
+    out = {}
+    for name in states[0]:
+        stacked = np.sort(np.stack([s[name] for s in states]), axis=0)
+        out[name] = stacked[k:len(states) - k].mean(axis=0).astype(np.asarray(states[0][name]).dtype)
+    return out
+
+
+def update_norm(state: State, reference: State) -> float:
+    return float(np.sqrt(sum(np.sum((np.asarray(state[n], np.float64) - reference[n]) ** 2) for n in reference)))
+
+
+def clip_update(state: State, reference: State, max_norm: float) -> dict[str, np.ndarray]:
+    """Scale the update (state - reference) down to ``max_norm`` if it is longer."""
+    norm = update_norm(state, reference)
+    scale = 1.0 if norm <= max_norm or norm == 0 else max_norm / norm
+    return {n: (reference[n] + scale * (np.asarray(state[n]) - reference[n])).astype(np.asarray(state[n]).dtype)
+            for n in reference}
+
+
+def clipped_fedavg(states: Sequence[State], reference: State, weights: Sequence[float] | None = None,
+                   clip_multiplier: float = 3.0) -> tuple[dict[str, np.ndarray], list[float]]:
+    """FedAvg of updates clipped to ``clip_multiplier`` x the median update norm; returns norms too."""
+    validate_states(list(states) + [reference])
+    norms = [update_norm(s, reference) for s in states]
+    bound = clip_multiplier * float(np.median(norms)) if norms else 0.0
+    clipped = [clip_update(s, reference, bound) if bound > 0 else s for s in states]
+    return fedavg(clipped, weights), norms
+
+
+def staleness_weights(staleness: Sequence[int], exponent: float = 0.5) -> np.ndarray:
+    """FedBuff-style discount 1 / (1 + s)^exponent for updates ``s`` server versions old."""
+    s = np.asarray(staleness, dtype=np.float64)
+    if np.any(s < 0):
+        raise AggregationError(f"staleness must be >= 0, got {s.tolist()}")
+    return 1.0 / (1.0 + s) ** exponent
+
+
+def layer_divergence(states: Sequence[State], average: State | None = None) -> dict[str, float]:
+    """Per tensor: mean over clients of ||w_k - w_avg|| / ||w_avg|| (the deeper-FL study's divergence)."""
+    validate_states(states)
+    average = average if average is not None else fedavg(states)
+    out = {}
+    for name, avg in average.items():
+        if np.issubdtype(np.asarray(avg).dtype, np.integer):
+            continue  # counters such as num_batches_tracked
+        denom = float(np.linalg.norm(avg)) or 1.0
+        out[name] = float(np.mean([np.linalg.norm(np.asarray(s[name], np.float64) - avg) for s in states]) / denom)
+    return out
