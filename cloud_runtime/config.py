@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edge_sdk.config import (BrokerConfig, ConfigError, DataConfig, EdgeConfig, apply_overrides, build_dataclass,
+from edge_sdk.config import (AgentDataConfig, BrokerConfig, ConfigError, DataConfig, EdgeConfig, apply_overrides, build_dataclass,
                              read_yaml)
 
 
@@ -44,6 +44,20 @@ class ServerConfig:
         _require(0 < self.plateau_factor < 1, "plateau_factor", "must be in (0, 1)")
         from model_zoo import is_model, list_models
         _require(is_model(self.model), "model", f"unknown model {self.model!r}; known: {', '.join(list_models())}")
+
+
+@dataclass
+class FedAvgConfig:
+    """FedAvg rounds: devices train the whole model and the runtime aggregates weights."""
+
+    aggregator: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    clip_multiplier: float | None = 3.0   # clip updates longer than this x the round's median update norm
+    trim_fraction: float = 0.2
+    model_codec: Literal["fp32", "fp16"] = "fp16"
+
+    def check(self) -> None:
+        _require(self.clip_multiplier is None or self.clip_multiplier > 1, "clip_multiplier", "must be > 1 or null")
+        _require(0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
 
 
 @dataclass
@@ -86,6 +100,8 @@ class DeploymentConfig:
 
 @dataclass
 class ExperimentConfig:
+    algorithm: Literal["fedgkt", "fedavg"] = "fedgkt"
+    fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)
@@ -105,8 +121,11 @@ class RuntimeConfig:
     """``cloud-runtime serve``: one FedGKT run over a broker."""
 
     run_id: str = "default"
+    algorithm: Literal["fedgkt", "fedavg"] = "fedgkt"
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
+    eval_data: AgentDataConfig | None = None  # FedAvg: held-out set the runtime evaluates the global model on
     mode: Literal["sync", "async"] = "sync"
     rounds: int = 5                      # sync: rounds; async: server updates
     min_devices: int = 1                 # start once this many registered and registration_timeout_s passed
@@ -134,6 +153,7 @@ class RuntimeConfig:
         _require(self.max_staleness >= 0, "max_staleness", "must be >= 0")
         _require(self.expected_devices is None or self.expected_devices >= self.min_devices, "expected_devices",
                  "must be >= min_devices")
+        _require(self.algorithm == "fedgkt" or self.mode == "sync", "mode", "fedavg runs in sync mode")
 
 
 def load_runtime_config(path: str | Path | None, overrides: list[str] | None = None) -> RuntimeConfig:

@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cloud_runtime.config import RuntimeConfig, load_runtime_config
@@ -39,6 +40,7 @@ from tools.report import plot_accuracy, write_json
 logger = logging.getLogger("edgefl.runtime")
 
 SERVER_CHECKPOINT = "server.pt"
+GLOBAL_CHECKPOINT = "global_model.pt"
 RUNTIME_STATE = "runtime.json"
 
 
@@ -76,6 +78,10 @@ class CloudRuntime:
         self.arrival_version: dict[str, int] = {}
         self.device_round: dict[str, int] = {}
         self.awaiting_labels: set[str] = set()
+        # fedavg bookkeeping
+        self.global_model: torch.nn.Module | None = None
+        self.model_updates: dict[str, tuple[dict, int, dict]] = {}
+        self._eval_set = None
         self.started = time.time()
         self._cost_cache: dict = {}
 
@@ -172,7 +178,10 @@ class CloudRuntime:
             raise Rejected("bad_registration", f"num_classes {num_classes!r}, feature_channels {channels!r}")
         if self.num_classes is None:
             self.num_classes, self.feature_channels = num_classes, channels
-            self._build_server()
+            if self.cfg.algorithm == "fedavg":
+                self._build_global(data)
+            else:
+                self._build_server()
         elif (num_classes, channels) != (self.num_classes, self.feature_channels):
             raise Rejected("bad_registration", f"{num_classes} classes / {channels} feature channels, the run has "
                                                f"{self.num_classes} / {self.feature_channels}")
@@ -196,9 +205,16 @@ class CloudRuntime:
         done = self.reassembler.add(header, body, wire)
         if done is None:
             return
-        if done.meta.get("kind") != P.KIND_UPLOAD:
-            raise Rejected("bad_type", f"transfer kind {done.meta.get('kind')!r} on an uplink")
+        kind = done.meta.get("kind")
+        if kind not in ((P.KIND_MODEL_UPDATE,) if self.cfg.algorithm == "fedavg" else (P.KIND_UPLOAD,)):
+            raise Rejected("bad_type", f"transfer kind {kind!r} on an uplink of a {self.cfg.algorithm} run")
         expected = self._expected_round(device)
+        if done.round != expected:
+            raise Rejected("stale_round" if done.round < expected else "future_round",
+                           f"upload for round {done.round}, expected {expected}")
+        if kind == P.KIND_MODEL_UPDATE:
+            self._accept_model_update(device, done)
+            return
         if done.round != expected:
             raise Rejected("stale_round" if done.round < expected else "future_round",
                            f"upload for round {done.round}, expected {expected}")
@@ -228,6 +244,120 @@ class CloudRuntime:
         if self.cfg.mode == "async":
             return self.device_round.get(device, -1)
         return self.next_round
+
+    # -- fedavg -----------------------------------------------------------------------------------
+
+    def _build_global(self, registration: dict) -> None:
+        shape = registration.get("input_shape") or [3, 32, 32]
+        torch.manual_seed(self.cfg.seed)  # every restart rebuilds the same initial model
+        self.global_model = create_model(registration.get("model") or "resnet56", num_classes=self.num_classes,
+                                         in_channels=int(shape[0]), **(registration.get("model_kwargs") or {}))
+        checkpoint = self.state_dir / GLOBAL_CHECKPOINT
+        if checkpoint.exists():
+            self.global_model.load_state_dict(torch.load(checkpoint, weights_only=True))
+            logger.info("global model restored from %s", checkpoint)
+        logger.info("global model %s: %d parameters", registration.get("model"),
+                    sum(p.numel() for p in self.global_model.parameters()))
+
+    def _accept_model_update(self, device: str, done: P.CompletedTransfer) -> None:
+        assert self.global_model is not None
+        reference = self.global_model.state_dict()
+        state = P.arrays_to_state(P.unpack_arrays(done.blob, self.cfg.max_transfer_bytes), reference)
+        samples = done.meta.get("samples")
+        if not isinstance(samples, int) or samples <= 0:
+            raise Rejected("bad_payload", f"model update with samples={samples!r}")
+        replaced = device in self.model_updates
+        self.model_updates[device] = (state, samples, dict(done.meta.get("metrics") or {}))
+        raw = int(done.meta.get("raw_fp32_bytes", 0))
+        self.round_raw[device] += raw if not replaced else 0
+        self.devices[device]["raw_fp32_bytes"] += raw if not replaced else 0
+        self.transport.publish(self.topics.down(device), P.control_frame(
+            P.ACK, run=self.cfg.run_id, device=device, round_=done.round, transfer=done.transfer, accepted=True))
+        logger.info("%s: model update of round %d accepted: %d samples, %.2f MB", device, done.round, samples,
+                    done.wire_bytes / 1e6)
+
+    def _broadcast_global(self, round_: int, devices: list[str]) -> None:
+        assert self.global_model is not None
+        arrays, meta = P.state_to_arrays(self.global_model.state_dict(), self.cfg.fedavg.model_codec)
+        meta["kind"] = P.KIND_MODEL
+        blob = P.pack_arrays(arrays)
+        for device in devices:
+            frames = P.chunk_transfer(blob, run=self.cfg.run_id, device=device, round_=round_, meta=meta)
+            for frame in frames:
+                self.transport.publish(self.topics.down(device), frame)
+            wire = sum(map(len, frames))
+            self.devices[device]["bytes_down"] += wire
+            self.round_bytes[f"down:{device}"] += wire
+
+    def _aggregate(self) -> dict:
+        """Robust aggregation of this round's updates into the global model; returns the row's diagnostics."""
+        from cloud_runtime import aggregation as A
+        assert self.global_model is not None
+        devices = sorted(self.model_updates)
+        reference = {k: v.numpy() for k, v in self.global_model.state_dict().items()}
+        states = [{k: v.numpy() for k, v in self.model_updates[d][0].items()} for d in devices]
+        weights = [self.model_updates[d][1] for d in devices]
+        floats = [k for k, v in reference.items() if np.issubdtype(v.dtype, np.floating)]
+        norms = [A.update_norm({k: s[k] for k in floats}, {k: reference[k] for k in floats}) for s in states]
+        fa = self.cfg.fedavg
+        if fa.clip_multiplier is not None and len(states) > 1:
+            bound = fa.clip_multiplier * float(np.median(norms))
+            states = [{**s, **A.clip_update({k: s[k] for k in floats}, {k: reference[k] for k in floats}, bound)}
+                      for s in states]
+        else:
+            bound = None
+        if fa.aggregator == "median":
+            new = A.coordinate_median(states)
+        elif fa.aggregator == "trimmed_mean":
+            new = A.trimmed_mean(states, fa.trim_fraction)
+        else:
+            new = A.fedavg(states, weights)
+        divergence = A.layer_divergence([{k: s[k] for k in floats} for s in states], {k: new[k] for k in floats})
+        self.global_model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in new.items()})
+        return {"update_norms": dict(zip(devices, norms)), "clip_bound": bound,
+                "clipped": [d for d, n in zip(devices, norms) if bound is not None and n > bound],
+                "divergence": divergence, "weights": dict(zip(devices, weights))}
+
+    @torch.inference_mode()
+    def _evaluate_global(self, row: dict) -> None:
+        if self.cfg.eval_data is None or self.global_model is None:
+            row["test_accuracy"] = None
+            return
+        from edge_sdk.data.batching import ArrayLoader
+        if self._eval_set is None:
+            from edge_sdk.agent import load_local_data
+            from edge_sdk.config import AgentConfig
+            _, self._eval_set = load_local_data(AgentConfig(device_id="runtime", data=self.cfg.eval_data))
+        stats = self.cfg.eval_data.dataset if self.cfg.eval_data.dataset in ("fashion_mnist", "cifar10") else None
+        model = self.global_model.eval()
+        correct = loss = 0.0
+        for batch in ArrayLoader(self._eval_set, 500, stats_name=stats, channels_last=False):
+            logits = model(batch.images)
+            correct += int((logits.argmax(1) == batch.labels).sum())
+            loss += float(torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
+        n = len(self._eval_set)
+        row.update(test_accuracy=correct / n, test_loss=loss / n, test_samples=n)
+
+    def run_fedavg(self) -> None:
+        for round_ in range(self.next_round, self.cfg.rounds):
+            if self.stop.is_set():
+                return
+            self.model_updates.clear()
+            self.round_bytes.clear()
+            self.round_raw.clear()
+            start = time.monotonic()
+            self._announce_round(round_, False, [])
+            self._broadcast_global(round_, self._registered())
+            logger.info("round %d open: global model sent to %d devices", round_, len(self.devices))
+            if not self._collect(round_, lambda: set(self.model_updates)):
+                return
+            row: dict = {"round": round_, "participants": sorted(self.model_updates),
+                         "upload_seconds": time.monotonic() - start, **self._aggregate()}
+            self._evaluate_global(row)
+            row["edge"] = {d: self.model_updates[d][2] for d in row["participants"]}
+            self._finish_row(row, start)
+            self.next_round = round_ + 1
+            self.checkpoint()
 
     # -- server -----------------------------------------------------------------------------------
 
@@ -315,26 +445,8 @@ class CloudRuntime:
             start = time.monotonic()
             self._announce_round(round_, eval_, previous)
             logger.info("round %d open (deadline %.0fs, eval %s)", round_, self.cfg.round_deadline_s, eval_)
-            warned = False
-            while not self.stop.is_set():
-                self.pump()
-                waiting_for = self._reachable()
-                have = set(self.train_uploads) & (set(self.test_uploads) if eval_ else set(self.train_uploads))
-                if waiting_for and all(d in have for d in waiting_for):
-                    break
-                elapsed = time.monotonic() - start
-                need = max(1, math.ceil(self.cfg.quorum * len(self.devices)))
-                if elapsed >= self.cfg.round_deadline_s:
-                    if len(self.train_uploads) >= need:
-                        missing = sorted(set(self._registered()) - set(self.train_uploads))
-                        logger.warning("round %d deadline: closing with %d/%d devices (missing %s)", round_,
-                                       len(self.train_uploads), len(self.devices), ", ".join(missing))
-                        break
-                    if not warned:
-                        logger.warning("round %d deadline passed with %d uploads, quorum needs %d: waiting",
-                                       round_, len(self.train_uploads), need)
-                        warned = True
-            if self.stop.is_set():
+            done = (lambda: set(self.train_uploads) & set(self.test_uploads)) if eval_ else (lambda: set(self.train_uploads))
+            if not self._collect(round_, done):
                 return
             participants = sorted(self.train_uploads)
             upload_seconds = time.monotonic() - start
@@ -349,14 +461,38 @@ class CloudRuntime:
             self.next_round = round_ + 1
             self.checkpoint()
 
+    def _collect(self, round_: int, done) -> bool:
+        """Serve until every reachable device is ``done()``, or the deadline passes with a quorum of them.
+
+        Returns False when asked to stop."""
+        start, warned = time.monotonic(), False
+        while not self.stop.is_set():
+            self.pump()
+            finished = done()
+            waiting_for = self._reachable()
+            if waiting_for and all(d in finished for d in waiting_for):
+                return True
+            need = max(1, math.ceil(self.cfg.quorum * len(self.devices)))
+            if time.monotonic() - start >= self.cfg.round_deadline_s:
+                if len(finished) >= need:
+                    missing = sorted(set(self._registered()) - finished)
+                    logger.warning("round %d deadline: closing with %d/%d devices (missing %s)", round_,
+                                   len(finished), len(self.devices), ", ".join(missing))
+                    return True
+                if not warned:
+                    logger.warning("round %d deadline passed with %d uploads, quorum needs %d: waiting", round_,
+                                   len(finished), need)
+                    warned = True
+        return False
+
     def _finish_row(self, row: dict, start: float) -> None:
         up = {d: b for d, b in self.round_bytes.items() if not d.startswith("down:")}
         raw = sum(self.round_raw.values())
         row.update(seconds=time.monotonic() - start, bytes_up=up,
                    bytes_down={d[5:]: b for d, b in self.round_bytes.items() if d.startswith("down:")},
-                   upload_compression_ratio=raw / max(sum(up.values()), 1),
-                   edge={d: dict(self.train_uploads[d].metrics) for d in row["participants"]},
-                   rejections=dict(self.rejections))
+                   upload_compression_ratio=raw / max(sum(up.values()), 1), rejections=dict(self.rejections))
+        if "edge" not in row:
+            row["edge"] = {d: dict(self.train_uploads[d].metrics) for d in row["participants"]}
         self.rows.append(row)
         acc = row.get("test_accuracy")
         logger.info("round %d done in %.1fs: %s, upload %.1f MB (%.1fx smaller than fp32)", row["round"], row["seconds"],
@@ -426,6 +562,10 @@ class CloudRuntime:
             tmp = self.state_dir / (SERVER_CHECKPOINT + ".tmp")
             torch.save(self.server.state_dict(), tmp)
             os.replace(tmp, self.state_dir / SERVER_CHECKPOINT)
+        if self.global_model is not None:
+            tmp = self.state_dir / (GLOBAL_CHECKPOINT + ".tmp")
+            torch.save(self.global_model.state_dict(), tmp)
+            os.replace(tmp, self.state_dir / GLOBAL_CHECKPOINT)
         write_json(self.state_dir / RUNTIME_STATE, {
             "next_round": self.next_round, "rows": self.rows, "devices": self.devices,
             "rejections": dict(self.rejections), "num_classes": self.num_classes,
@@ -448,7 +588,11 @@ class CloudRuntime:
         self.server_version = int(state.get("server_version", 0))
         if state.get("num_classes"):
             self.num_classes, self.feature_channels = state["num_classes"], state["feature_channels"]
-            self._build_server()
+            if self.cfg.algorithm == "fedavg":
+                first = next(iter(self.devices.values()), {})
+                self._build_global(first)
+            else:
+                self._build_server()
         logger.info("resumed from %s at round %d", path, self.next_round)
         return True
 
@@ -484,7 +628,7 @@ class CloudRuntime:
             if last:
                 devices[name].update(final_test_accuracy=last["accuracy"],
                                      final_edge_model_accuracy=last.get("edge_model_accuracy"))
-        return {"run": {"name": self.cfg.run_id, "transport": "mqtt", "algorithm": "fedgkt", "mode": self.cfg.mode,
+        return {"run": {"name": self.cfg.run_id, "transport": "mqtt", "algorithm": self.cfg.algorithm, "mode": self.cfg.mode,
                         "server_model": self.cfg.server.model, "session": self.session},
                 "rounds": self.rows, "final": final, "devices": devices}
 
@@ -506,7 +650,9 @@ class CloudRuntime:
         self.start()
         if self.next_round < self.cfg.rounds:
             self.wait_for_devices()
-            if self.cfg.mode == "sync":
+            if self.cfg.algorithm == "fedavg":
+                self.run_fedavg()
+            elif self.cfg.mode == "sync":
                 self.run_sync()
             else:
                 self.run_async()

@@ -30,6 +30,7 @@ from edge_sdk.client import EdgeClient
 from edge_sdk.config import AgentConfig, ConfigError, load_agent_config
 from edge_sdk.data.datasets import DatasetError, ImageDataset, load_dataset
 from edge_sdk.messages import MessageError
+from edge_sdk.trainers import create_trainer
 from edge_sdk.transport import Transport
 from model_zoo import create_model
 
@@ -73,6 +74,8 @@ class EdgeAgent:
         self.soft_label_round = -1
         self.pending_round: dict | None = None
         self.registered_session: str | None = None
+        self.global_state: dict | None = None   # FedAvg: the latest global model and its round
+        self.global_round = -1
         self.stop = threading.Event()
         self.step_times: list[float] = []
         self.bytes_up = 0
@@ -136,7 +139,7 @@ class EdgeAgent:
             feature_channels=getattr(model, "feature_channels", None),
             num_classes=self.client.train_set.num_classes, train_samples=len(self.client.train_set),
             test_samples=len(self.client.test_set) if self.client.test_set is not None else 0,
-            codec=self.cfg.upload.codec, pid=os.getpid(), batch_size=self.cfg.edge.batch_size,
+            codec=self.cfg.upload.codec, pid=os.getpid(), algorithm=self.cfg.algorithm, batch_size=self.cfg.edge.batch_size,
             epochs=self.cfg.edge.epochs, input_shape=list(self.client.train_set.image_shape),
             model_kwargs=self.cfg.edge.model_kwargs, optimizer=self.cfg.edge.optimizer))
         logger.info("%s registered with run %s (%d train samples)%s", self.device, self.cfg.run_id,
@@ -168,7 +171,11 @@ class EdgeAgent:
         elif kind == P.CHUNK:
             try:
                 done = self.reassembler.add(header, body, len(payload))
-                if done is not None and done.meta.get("kind") == P.KIND_SOFT_LABELS:
+                if done is not None and done.meta.get("kind") == P.KIND_MODEL:
+                    self.global_state = P.arrays_to_state(P.unpack_arrays(done.blob), self.client.model.state_dict())
+                    self.global_round = max(self.global_round, done.round)
+                    logger.info("%s: global model of round %d (%.2f MB)", self.device, done.round, len(done.blob) / 1e6)
+                elif done is not None and done.meta.get("kind") == P.KIND_SOFT_LABELS:
                     message = P.arrays_to_soft_labels(P.unpack_arrays(done.blob), self.device, done.round)
                     self.client.receive(message)
                     self.soft_label_round = max(self.soft_label_round, done.round)
@@ -176,20 +183,49 @@ class EdgeAgent:
                                 done.round)
             except (P.ProtocolError, MessageError, KeyError, ValueError) as e:
                 self.rejected += 1
-                logger.warning("%s: dropped soft-label chunk: %s", self.device, e)
+                logger.warning("%s: dropped a downlink transfer: %s", self.device, e)
 
     # -- rounds -------------------------------------------------------------------------------------
 
     def _ready(self, header: dict, waited: float) -> bool:
         """Train round r once soft labels of round r-1 are in (or the runtime sent none / we waited enough)."""
         data = header.get("data", {})
+        if self.cfg.algorithm == "fedavg":  # every round starts from the global model
+            return self.global_round >= header["round"]
         needs = data.get("soft_labels_round")
         if needs is None or self.device not in data.get("soft_labels_to", []) or self.soft_label_round >= needs:
             return True
         return waited > float(data.get("soft_labels_wait_s", 30.0))
 
+    def run_fedavg_round(self, round_: int, session: str | None) -> None:
+        """FedAvg: start from the global model, train locally, send the weights back."""
+        assert self.global_state is not None
+        self.client.model.load_state_dict(self.global_state)
+        self.client.trainer = create_trainer(self.cfg.edge.trainer, self.client.model, self.cfg.edge)  # fresh state
+        stats = self.client.train_round(round_)
+        self.step_times.append(stats.seconds / max(1, -(-stats.samples // self.cfg.edge.batch_size)))
+        logger.info("%s fedavg round %d: loss %.3f acc %.3f, %d samples at %.0f/s", self.device, round_, stats.loss,
+                    stats.train_accuracy, stats.samples, stats.samples_per_s)
+        arrays, meta = P.state_to_arrays(self.client.model.state_dict(), self.cfg.upload.model_codec)
+        meta.update(kind=P.KIND_MODEL_UPDATE, samples=len(self.client.train_set),
+                    metrics={"train_loss": stats.loss, "train_accuracy": stats.train_accuracy,
+                             "train_seconds": stats.seconds, "samples_per_s": stats.samples_per_s})
+        frames = P.chunk_transfer(P.pack_arrays(arrays), run=self.cfg.run_id, device=self.device, round_=round_,
+                                  meta=meta, max_chunk=self.cfg.upload.chunk_bytes)
+        for frame in frames:
+            self.transport.publish(self.topics.up(self.device), frame)
+        self.bytes_up += sum(map(len, frames))
+        self.transport.flush(timeout=120)
+        self.trained_round = self.last_done = round_
+        self.done_session = session
+        self.save_state()
+
     def run_round(self, header: dict) -> None:
         round_, data = header["round"], header.get("data", {})
+        if self.cfg.algorithm == "fedavg":
+            if round_ != self.last_done or data.get("session") != self.done_session:
+                self.run_fedavg_round(round_, data.get("session"))
+            return
         session = data.get("session")
         if round_ == self.last_done and session == self.done_session:
             return  # already uploaded to this runtime incarnation

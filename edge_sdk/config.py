@@ -240,6 +240,7 @@ class BrokerConfig:
 @dataclass
 class UploadConfig:
     codec: Literal["fp32", "fp16", "int8"] = "int8"   # feature codec (+ zstd); see docs/CODECS.md
+    model_codec: Literal["fp32", "fp16"] = "fp16"      # FedAvg weights (+ zstd)
     chunk_bytes: int = 256 * 1024
 
     def check(self) -> None:
@@ -260,6 +261,7 @@ class AgentDataConfig:
 class AgentConfig:
     device_id: str
     run_id: str = "default"
+    algorithm: Literal["fedgkt", "fedavg"] = "fedgkt"
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     data: AgentDataConfig = field(default_factory=AgentDataConfig)
     edge: EdgeConfig = field(default_factory=EdgeConfig)

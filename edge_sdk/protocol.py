@@ -46,6 +46,9 @@ CONTROL_TYPES = {REGISTER, STATUS, HEARTBEAT, ROUND, SHUTDOWN, ACK, HELLO}
 # transfer kinds (what a completed chunk sequence decodes to)
 KIND_UPLOAD = "upload"
 KIND_SOFT_LABELS = "soft_labels"
+KIND_MODEL = "model"                # cloud -> device: the global model of a FedAvg round
+KIND_MODEL_UPDATE = "model_update"  # device -> cloud: locally trained weights
+MODEL_CODECS = ("fp32", "fp16")
 
 CODECS = ("fp32", "fp16", "int8")
 
@@ -276,6 +279,45 @@ def arrays_to_soft_labels(arrays: dict[str, np.ndarray], device: str, round_: in
     except MessageError as e:
         raise ProtocolError("non_finite" if "NaN" in str(e) else "bad_shape", str(e)) from None
     return message
+
+
+def state_to_arrays(state: dict[str, torch.Tensor], codec: str = "fp32") -> tuple[dict[str, np.ndarray], dict]:
+    """Model weights for the wire: floating tensors in the codec's dtype, integer buffers as int64."""
+    if codec not in MODEL_CODECS:
+        raise ProtocolError("bad_codec", f"unknown model codec {codec!r}; known: {', '.join(MODEL_CODECS)}")
+    arrays, raw = {}, 0
+    for name, tensor in state.items():
+        value = tensor.detach().cpu()
+        raw += value.numel() * 4
+        if value.is_floating_point():
+            arrays[name] = value.numpy().astype(np.float16 if codec == "fp16" else np.float32)
+        else:
+            arrays[name] = value.numpy().astype(np.int64)
+    return arrays, {"codec": codec, "tensors": len(arrays), "raw_fp32_bytes": raw}
+
+
+def arrays_to_state(arrays: dict[str, np.ndarray], reference: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """Decode model weights; names and shapes must match ``reference`` and values must be finite."""
+    state = {}
+    for name, value in arrays.items():
+        if value.dtype not in (np.float16, np.float32, np.int64):
+            raise ProtocolError("bad_dtype", f"{name}: {value.dtype}")
+        if value.dtype != np.int64 and not np.all(np.isfinite(value)):
+            raise ProtocolError("non_finite", f"{name} contains NaN or Inf")
+        state[name] = torch.from_numpy(value.astype(np.float32) if value.dtype == np.float16 else value.copy())
+    if reference is not None:
+        if set(state) != set(reference):
+            raise ProtocolError("bad_shape", f"tensor names differ from the model's "
+                                             f"(missing {sorted(set(reference) - set(state))[:3]}, "
+                                             f"extra {sorted(set(state) - set(reference))[:3]})")
+        for name, ref in reference.items():
+            if ref.dim() == 0 and state[name].numel() == 1:
+                state[name] = state[name].reshape(())  # safetensors stores scalars as shape (1,)
+            if tuple(state[name].shape) != tuple(ref.shape):
+                raise ProtocolError("bad_shape", f"{name}: {tuple(state[name].shape)}, expected {tuple(ref.shape)}")
+            state[name] = state[name].to(ref.dtype)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------

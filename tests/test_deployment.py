@@ -159,3 +159,19 @@ def test_runtime_killed_mid_run_resumes_from_checkpoint(npz_dir, tmp_path, broke
     assert "resumed from" in (tmp_path / "rt-restarted.log").read_text()
     for p in procs[1:3]:
         assert p.wait(60) == 0  # the agents saw the restarted runtime's shutdown
+
+
+def test_fedavg_over_mosquitto_reports_accuracy_bytes_and_divergence(npz_dir, tmp_path):
+    out = tmp_path / "fedavg"
+    args = ["--config", "configs/quickstart.yaml", "--out", str(out), "--log-level", "WARNING",
+            "--set", "algorithm=fedavg", "--set", "edge.model=resnet56"]
+    for item in overrides(npz_dir, devices=2, rounds=2):
+        args += ["--set", item]
+    assert sim_main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["algorithm"] == "fedavg" and len(report["rounds"]) == 2
+    for row in report["rounds"]:
+        assert 0 <= row["test_accuracy"] <= 1 and row["test_samples"] == 200
+        assert row["participants"] == ["dev0", "dev1"] and sum(row["bytes_up"].values()) > 0
+        assert "stem.0.weight" in row["divergence"] and all(v >= 0 for v in row["divergence"].values())
+    assert (out / "divergence.png").exists()

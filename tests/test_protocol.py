@@ -186,3 +186,24 @@ def test_memory_bus_retained_and_will():
     assert got == [b"online"]
     a.crash()
     assert got == [b"online", b"offline"]
+
+
+def test_model_state_roundtrip_including_scalar_buffers():
+    from model_zoo import create_model
+    model = create_model("resnet8", in_channels=1)
+    reference = model.state_dict()
+    for codec, tol in (("fp32", 0), ("fp16", 1e-2)):
+        arrays, meta = P.state_to_arrays(reference, codec)
+        state = P.arrays_to_state(P.unpack_arrays(P.pack_arrays(arrays)), reference)
+        model.load_state_dict(state)  # shapes, dtypes and scalar buffers all line up
+        assert all(torch.allclose(state[k].float(), reference[k].float(), atol=tol) for k in reference)
+    bad = dict(arrays)
+    bad["stem.0.weight"] = np.full_like(bad["stem.0.weight"], np.nan)
+    with pytest.raises(P.ProtocolError) as e:
+        P.arrays_to_state(bad, reference)
+    assert e.value.reason == "non_finite"
+    bad = dict(arrays)
+    bad["stem.0.weight"] = bad["stem.0.weight"][:1]
+    with pytest.raises(P.ProtocolError) as e:
+        P.arrays_to_state(bad, reference)
+    assert e.value.reason == "bad_shape"

@@ -132,3 +132,48 @@ def test_inconsistent_registration_is_rejected(runtime, device):
     register(device, runtime, name="devC", feature_channels=32)
     wait_until(lambda: runtime.rejections["bad_registration"] == 1, step=runtime.pump)
     assert "devC" not in runtime.devices
+
+
+# -- FedAvg: poisoned models are rejected or clipped, never averaged in ------------------------------
+
+
+@pytest.fixture
+def fedavg_runtime(broker, tmp_path):
+    cfg = load_runtime_config(None, [f"run_id={RUN}", "algorithm=fedavg", f"broker.url={broker.url}",
+                                     f"state_dir={tmp_path / 'rt'}", "rounds=1", "expected_devices=3"])
+    rt = build_runtime(cfg)
+    rt.start()
+    yield rt
+    rt.close()
+
+
+def model_frames(state, device, scale=1.0, poison=None):
+    arrays, meta = P.state_to_arrays({k: (v * scale if v.is_floating_point() else v) for k, v in state.items()},
+                                     "fp32")
+    if poison:
+        arrays[poison] = np.full_like(arrays[poison], np.nan)
+    meta.update(kind=P.KIND_MODEL_UPDATE, samples=100)
+    return P.chunk_transfer(P.pack_arrays(arrays), run=RUN, device=device, round_=0, meta=meta)
+
+
+def test_fedavg_rejects_nan_models_and_clips_scaled_updates(fedavg_runtime, device):
+    rt = fedavg_runtime
+    for name in ("devA", "devB", "devC"):
+        register(device, rt, name=name, model="resnet8", feature_channels=16, input_shape=[1, 8, 8])
+    wait_until(lambda: len(rt.devices) == 3 and rt.global_model is not None, step=rt.pump)
+    global_state = {k: v.clone() for k, v in rt.global_model.state_dict().items()}
+    torch.manual_seed(0)
+    honest = lambda: {k: (v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v)  # noqa: E731
+                      for k, v in global_state.items()}
+    send(device, rt.topics.up("devA"), model_frames(honest(), "devA"))
+    send(device, rt.topics.up("devB"), model_frames(honest(), "devB"))
+    send(device, rt.topics.up("devC"), model_frames(honest(), "devC", poison="body.fc.weight"))
+    wait_until(lambda: rt.rejections["non_finite"] == 1 and len(rt.model_updates) == 2, step=rt.pump)
+    assert "devC" not in rt.model_updates
+    send(device, rt.topics.up("devC"), model_frames(honest(), "devC", scale=1000.0))  # wildly scaled
+    wait_until(lambda: len(rt.model_updates) == 3, step=rt.pump)
+    row = rt._aggregate()
+    assert row["clipped"] == ["devC"]
+    drift = max(float((rt.global_model.state_dict()[k] - global_state[k]).abs().max())
+                for k, v in global_state.items() if v.is_floating_point())
+    assert drift < 1.0  # a 1000x model averaged in unclipped would move weights by hundreds

@@ -84,3 +84,27 @@ def plot_bytes(report: dict, path: str | Path) -> Path | None:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_divergence(report: dict, path: str | Path) -> Path | None:
+    """FedAvg: mean client divergence per layer (weight tensors in model order), one line per round."""
+    rounds = [r for r in report.get("rounds", []) if r.get("divergence")]
+    if not rounds:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in rounds[0]["divergence"] if n.endswith("weight") and "bn" not in n and ".1.weight" not in n]
+    fig, ax = plt.subplots(figsize=(7.0, 4.0), dpi=120)
+    for r in rounds:
+        ax.plot(range(len(names)), [r["divergence"][n] for n in names], lw=1, label=f"round {r['round']}")
+    ax.set_xlabel("layer (conv/linear weights, input to output)")
+    ax.set_ylabel("mean ||w_k - w_avg|| / ||w_avg||")
+    ax.set_title("layer-wise client divergence")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

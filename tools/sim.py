@@ -33,7 +33,7 @@ from edge_sdk.data.datasets import DatasetError
 from model_zoo import create_model
 from tools.cli_logging import setup_logging
 from tools.mosquitto import EmbeddedMosquitto
-from tools.report import plot_accuracy, plot_bytes, write_json
+from tools.report import plot_accuracy, plot_bytes, plot_divergence, write_json
 
 logger = logging.getLogger("edgefl.sim")
 
@@ -178,8 +178,12 @@ def write_deployment(cfg: ExperimentConfig, out_dir: Path, broker_url: str) -> t
     data = federated.prepare(cfg.data, cfg.run.devices, cfg.run.seed, out_dir)
     run_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.run.name) or "run"
     dep = cfg.deployment
+    eval_ids = out_dir / "eval_sample_ids.json"
+    eval_ids.write_text(json.dumps({"train": [], "test": data.test_all.sample_ids.tolist()}))
     runtime_cfg = {
-        "run_id": run_id, "broker": {"url": broker_url}, "server": asdict(cfg.server), "mode": dep.mode,
+        "run_id": run_id, "algorithm": cfg.algorithm, "fedavg": asdict(cfg.fedavg),
+        "eval_data": {"dataset": cfg.data.dataset, "path": cfg.data.path, "ids_file": str(eval_ids)},
+        "broker": {"url": broker_url}, "server": asdict(cfg.server), "mode": dep.mode,
         "rounds": cfg.run.rounds, "min_devices": cfg.run.devices, "expected_devices": cfg.run.devices,
         "registration_timeout_s": 300.0, "round_deadline_s": dep.round_deadline_s, "quorum": dep.quorum,
         "eval_every": cfg.run.eval_every, "max_staleness": dep.max_staleness,
@@ -195,9 +199,10 @@ def write_deployment(cfg: ExperimentConfig, out_dir: Path, broker_url: str) -> t
         ids_file.write_text(json.dumps({"train": data.train[d].sample_ids.tolist(),
                                         "test": data.test[d].sample_ids.tolist()}))
         agent_cfg = {
-            "device_id": device, "run_id": run_id, "broker": {"url": broker_url},
+            "device_id": device, "run_id": run_id, "algorithm": cfg.algorithm, "broker": {"url": broker_url},
             "data": {"dataset": cfg.data.dataset, "path": cfg.data.path, "ids_file": str(ids_file)},
-            "edge": asdict(cfg.edge), "upload": {"codec": dep.codec, "chunk_bytes": dep.chunk_bytes},
+            "edge": asdict(cfg.edge), "upload": {"codec": dep.codec, "chunk_bytes": dep.chunk_bytes,
+                                                         "model_codec": cfg.fedavg.model_codec},
             "state_dir": str(device_dir / "state"), "threads": dep.agent_threads, "seed": cfg.run.seed + d,
             "profile": dep.device_profiles[d % len(dep.device_profiles)] if dep.device_profiles else "host"}
         path = device_dir / "agent.yaml"
@@ -257,6 +262,7 @@ def run_over_mqtt(cfg: ExperimentConfig, out_dir: Path, broker_url: str | None =
     write_json(out_dir / "report.json", report)
     plot_accuracy(report, out_dir / "accuracy.png")
     plot_bytes(report, out_dir / "uploads.png")
+    plot_divergence(report, out_dir / "divergence.png")
     final = report["final"]
     logger.info("final test accuracy %s over MQTT in %.0fs; upload %.1f MB, %.1fx smaller than fp32; report: %s",
                 final.get("test_accuracy"), final["wall_seconds"], final["bytes_up"] / 1e6,
@@ -280,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.transport == "memory":
+            if cfg.algorithm != "fedgkt":
+                raise ConfigError(f"algorithm {cfg.algorithm!r} runs over MQTT only (drop --transport memory)")
             report = run_in_memory(cfg, Path(args.out))
         else:
             report = run_over_mqtt(cfg, Path(args.out), args.broker, args.log_level)

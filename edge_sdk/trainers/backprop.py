@@ -15,7 +15,8 @@ class BackpropTrainer(EdgeTrainer):
 
     def train_step(self, images, labels, teacher_logits, has_teacher) -> StepResult:
         self.model.train()
-        logits, _ = self.model(images)
+        out = self.model(images)
+        logits = out[0] if isinstance(out, tuple) else out  # GKT edge models also return features
         loss, ce, kd = gkt_loss(logits, labels, teacher_logits, has_teacher, self.cfg.kd_alpha, self.cfg.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
