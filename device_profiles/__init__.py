@@ -59,11 +59,14 @@ class Efficiency:
     torch_cpu: float
     onnxruntime_cpu: float | None = None
     torch_gpu: float | None = None
+    # Fraction of memory.bandwidth_gbs that activation traffic sees; above 1 when caches serve part of it.
+    memory: float = 0.5
 
     def check(self) -> None:
         for name in ("torch_cpu", "onnxruntime_cpu", "torch_gpu"):
             value = getattr(self, name)
             _require(value is None or 0 < value <= 1, name, f"must be in (0, 1], got {value}")
+        _require(0 < self.memory <= 8, "memory", f"must be in (0, 8], got {self.memory}")
 
 
 @dataclass

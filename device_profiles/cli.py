@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -127,6 +126,22 @@ def measure_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
     return 2 * a.nbytes / best / 1e9
 
 
+def fit_efficiency(profile: DeviceProfile, rows: list[dict]) -> Efficiency:
+    """Grid-search the compute and memory efficiencies that minimise the worst |log(estimate/measured)|."""
+    flops = np.array([r["cost"].total_flops for r in rows], dtype=np.float64)
+    moved = np.array([r["cost"].moved_bytes() for r in rows], dtype=np.float64)
+    measured = np.array([r["measured_s"] for r in rows])
+    best = (np.inf, 0.15, 0.5)
+    for eff in np.geomspace(0.01, 1.0, 120):
+        compute = flops / (profile.cpu.peak_gflops * 1e9 * eff)
+        for mem in np.geomspace(0.02, 8.0, 120):
+            estimate = compute + moved / (profile.memory.bandwidth_gbs * 1e9 * mem)
+            worst = float(np.abs(np.log(estimate / measured)).max())
+            if worst < best[0]:
+                best = (worst, eff, mem)
+    return Efficiency(torch_cpu=round(float(best[1]), 4), memory=round(float(best[2]), 4))
+
+
 def calibrate_host(models: list[str], methods: list[str], batch: int, shape: tuple) -> tuple[DeviceProfile, list[dict]]:
     """Measure every model x method here, fit the host's efficiency, and report errors before and after."""
     host = detect_host()
@@ -140,8 +155,7 @@ def calibrate_host(models: list[str], methods: list[str], batch: int, shape: tup
             rows.append({"model": model, "method": method, "flops": cost.total_flops, "measured_s": measured,
                          "uncalibrated_s": estimate_latency(cost, host)["estimate_s"], "cost": cost})
             logger.info("%s %s: %.1f ms measured", model, method, measured * 1e3)
-    achieved = [r["flops"] / r["measured_s"] / (host.cpu.peak_gflops * 1e9) for r in rows]
-    host.efficiency = Efficiency(torch_cpu=round(statistics.median(achieved), 4), onnxruntime_cpu=None)
+    host.efficiency = fit_efficiency(host, rows)
     host.calibrated = True
     errors = []
     for r in rows:
@@ -150,8 +164,9 @@ def calibrate_host(models: list[str], methods: list[str], batch: int, shape: tup
                  calibrated_error=calibrated / r["measured_s"] - 1)
         errors.append(abs(r["calibrated_error"]))
     host.uncertainty = round(max(errors), 3)
-    host.sources["efficiency"] = (f"measured: median achieved/peak over {len(rows)} model x method steps "
-                                  f"(batch {batch}, input {'x'.join(map(str, shape))})")
+    host.sources["efficiency"] = (f"fitted: compute and memory efficiency minimising the worst relative error "
+                                  f"over {len(rows)} model x method steps (batch {batch}, input "
+                                  f"{'x'.join(map(str, shape))})")
     return host, rows
 
 
@@ -164,7 +179,7 @@ def cmd_measure(batch: int, shape: tuple, methods: list[str], save: str | None, 
         print(json.dumps({"profile": asdict(host), "rows": rows}, indent=2))
         return 0
     print(f"{host.display_name}: peak {host.cpu.peak_gflops:.0f} GFLOP/s, bandwidth {host.memory.bandwidth_gbs} GB/s, "
-          f"fitted torch_cpu efficiency {host.efficiency.torch_cpu:.3f}")
+          f"fitted efficiency: compute {host.efficiency.torch_cpu:.3f}, memory {host.efficiency.memory:.3f}")
     print(f"{'model':<18} {'method':<10} {'measured ms':>12} {'uncal. ms':>10} {'err':>7} {'calib. ms':>10} {'err':>7}")
     for r in rows:
         print(f"{r['model']:<18} {r['method']:<10} {r['measured_s'] * 1e3:>12.1f} {r['uncalibrated_s'] * 1e3:>10.1f} "

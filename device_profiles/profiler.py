@@ -7,8 +7,10 @@
 * Memory: parameters, gradients, optimizer state, and the activations autograd saves for backward
   (summed with ``saved_tensors_hooks``, unique storages), plus the measured peak RSS of a fresh
   process when asked.
-* Latency: the median of repeated runs on this host, and per device a roofline estimate
-  ``max(FLOPs / (peak x efficiency), bytes / bandwidth)`` with a relative band.
+* Latency: the median of repeated runs on this host, and per device an estimate
+  ``FLOPs / (peak x efficiency) + traffic / (bandwidth x memory efficiency)``: the two sides of the
+  roofline added (small-channel CNNs on CPUs overlap them poorly), with a relative band. Traffic
+  is weights (and gradients/optimizer state) plus every layer's output written and read back.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class ModelCost:
     grad_bytes: int
     optimizer_bytes: int
     activation_bytes: int
+    activation_traffic_bytes: int      # sum of every leaf module's output bytes in one forward
     feature_shape: tuple | None
     upload_bytes_per_sample: dict      # codec -> bytes (before zstd), FedGKT feature uploads
     fedavg_model_bytes: int            # fp32 weights, one direction, for comparison
@@ -56,10 +59,11 @@ class ModelCost:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
 
     def moved_bytes(self) -> int:
-        """Rough DRAM traffic of one step: weights read (and gradients/state written) plus activations
-        written and read back (the roofline's memory side)."""
-        weights = self.param_bytes * (1 if self.method == "inference" else 3) + self.optimizer_bytes
-        return weights + 2 * self.activation_bytes
+        """Memory traffic of one step: weights (training: also gradients and optimizer state) plus each
+        layer output written and read once forward; training adds about twice that backward."""
+        if self.method == "inference":
+            return self.param_bytes + 2 * self.activation_traffic_bytes
+        return 3 * self.param_bytes + 2 * self.optimizer_bytes + 6 * self.activation_traffic_bytes
 
 
 def _build(model_name: str, input_shape: tuple, num_classes: int, **kwargs) -> nn.Module:
@@ -104,6 +108,26 @@ def _activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int
     return sum(seen.values())
 
 
+def _traffic_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of all leaf-module outputs in one forward pass (convolutions, norms, activations, ...)."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        for t in output if isinstance(output, tuple) else (output,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
 def model_cost(model_name: str, method: str = "backprop", batch: int = 64, input_shape: tuple = (3, 32, 32),
                num_classes: int = 10, optimizer: str = "sgd", **model_kwargs) -> ModelCost:
     if method not in METHODS:
@@ -139,7 +163,8 @@ def model_cost(model_name: str, method: str = "backprop", batch: int = 64, input
         forward_flops=forward, backward_flops=backward, total_flops=forward + backward, param_bytes=params * 4,
         grad_bytes=trainable * 4 if training else 0,
         optimizer_bytes=trainable * 4 * OPTIMIZER_STATE_FACTOR[optimizer] if training else 0,
-        activation_bytes=_activation_bytes(model, x, y) if training else 0, feature_shape=feature_shape,
+        activation_bytes=_activation_bytes(model, x, y) if training else 0,
+        activation_traffic_bytes=_traffic_bytes(model, x), feature_shape=feature_shape,
         upload_bytes_per_sample=upload, fedavg_model_bytes=params * 4)
 
 
@@ -183,11 +208,12 @@ def estimate_latency(cost: ModelCost, profile: DeviceProfile, runtime: str = "to
         raise ValueError(f"profile {profile.name} has no efficiency for runtime {runtime!r}")
     peak = profile.gpu.peak_gflops if runtime.endswith("gpu") and profile.gpu else profile.cpu.peak_gflops
     compute_s = cost.total_flops / (peak * 1e9 * efficiency)
-    memory_s = cost.moved_bytes() / (profile.memory.bandwidth_gbs * 1e9)
-    estimate = max(compute_s, memory_s)
+    memory_s = cost.moved_bytes() / (profile.memory.bandwidth_gbs * 1e9 * profile.efficiency.memory)
+    estimate = compute_s + memory_s
     band = 1.0 + profile.uncertainty
     return {"device": profile.name, "runtime": runtime, "estimate_s": estimate, "low_s": estimate / band,
-            "high_s": estimate * band, "bound": "compute" if compute_s >= memory_s else "memory",
+            "high_s": estimate * band, "compute_s": compute_s, "memory_s": memory_s,
+            "bound": "compute" if compute_s >= memory_s else "memory",
             "calibrated": profile.calibrated, "fits_in_ram": cost.memory_bytes() < profile.memory.ram_gb * 2 ** 30}
 
 

@@ -91,7 +91,8 @@ def test_roofline_estimate_and_band():
     assert est_pi["estimate_s"] > est_orin["estimate_s"]
     assert est_pi["low_s"] < est_pi["estimate_s"] < est_pi["high_s"]
     expected = cost.total_flops / (pi.cpu.peak_gflops * 1e9 * pi.efficiency.torch_cpu)
-    assert est_pi["estimate_s"] == pytest.approx(max(expected, cost.moved_bytes() / (pi.memory.bandwidth_gbs * 1e9)))
+    memory = cost.moved_bytes() / (pi.memory.bandwidth_gbs * 1e9 * pi.efficiency.memory)
+    assert est_pi["estimate_s"] == pytest.approx(expected + memory)
     with pytest.raises(ValueError, match="no efficiency"):
         estimate_latency(cost, pi, runtime="torch_gpu")
 
@@ -120,3 +121,17 @@ def test_runtime_device_cost_line():
     assert cost["profile"] == "raspberry_pi_4" and cost["measured_step_s"] == 0.05
     assert cost["prediction_error"] == pytest.approx(cost["predicted_step_s"] / 0.05 - 1)
     assert len(cache) == 1 and device_cost({"model": None}, 1, cache) is None
+
+
+def test_calibration_recovers_known_efficiencies():
+    from device_profiles import Efficiency
+    from device_profiles.cli import fit_efficiency
+    host = detect_host()
+    host.efficiency = Efficiency(torch_cpu=0.2, memory=1.5)
+    rows = []
+    for model in ("resnet8_gkt", "resnet56"):
+        for method in ("inference", "backprop"):
+            cost = model_cost(model, method, batch=4, input_shape=(3, 16, 16))
+            rows.append({"cost": cost, "measured_s": estimate_latency(cost, host)["estimate_s"]})
+    fitted = fit_efficiency(host, rows)
+    assert fitted.torch_cpu == pytest.approx(0.2, rel=0.05) and fitted.memory == pytest.approx(1.5, rel=0.1)
