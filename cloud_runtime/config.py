@@ -135,7 +135,7 @@ class RuntimeConfig:
     quorum: float = 0.5                  # fraction of registered devices that must have uploaded by the deadline
     offline_grace_s: float = 30.0        # a device offline for less than this is still waited for (restarts)
     eval_every: int = 1
-    max_staleness: int = 2               # async: features older than this many server updates are not used
+    max_staleness: int = 2               # features older than this many rounds / server updates are not used
     soft_labels_wait_s: float = 30.0     # how long a device waits for last round's soft labels
     state_dir: str = "runtime-state"
     threads: int | None = None

@@ -386,6 +386,11 @@ class CloudRuntime:
         assert self.server is not None
         for device in devices:
             self.server.ingest(self.train_uploads[device])
+        if self.cfg.mode == "sync":  # a device that stopped uploading: its features age out
+            for device, stored in list(self.server.train_store.items()):
+                if round_ - stored.round > self.cfg.max_staleness:
+                    self.server.drop_device(device)
+                    logger.info("%s: features of round %d dropped from server training (stale)", device, stored.round)
         replies, stats = self.server.train_round(round_)
         replies = {d: m for d, m in replies.items() if d in devices}
         self._send_soft_labels(replies)
@@ -677,10 +682,7 @@ def build_runtime(cfg: RuntimeConfig, transport: Transport | None = None) -> Clo
     torch.manual_seed(cfg.seed)
     if transport is None:
         from edge_sdk.mqtt import MqttTransport
-        b = cfg.broker
-        transport = MqttTransport(b.url, f"edgefl-runtime-{cfg.run_id}", username=b.username, password=b.password,
-                                  ca_file=b.ca_file, cert_file=b.cert_file, key_file=b.key_file,
-                                  keepalive=b.keepalive, mqtt5=b.mqtt5)
+        transport = MqttTransport.from_config(cfg.broker, f"edgefl-runtime-{cfg.run_id}")
     return CloudRuntime(cfg, transport)
 
 

@@ -317,11 +317,8 @@ def build_agent(cfg: AgentConfig, transport: Transport | None = None) -> EdgeAge
     if transport is None:
         from edge_sdk.mqtt import MqttTransport
         offline = P.control_frame(P.STATUS, run=cfg.run_id, device=cfg.device_id, round_=-1, online=False)
-        b = cfg.broker
-        transport = MqttTransport(b.url, f"edgefl-{cfg.run_id}-{cfg.device_id}",
-                                  will=(P.Topics(cfg.run_id).status(cfg.device_id), offline),
-                                  username=b.username, password=b.password, ca_file=b.ca_file, cert_file=b.cert_file,
-                                  key_file=b.key_file, keepalive=b.keepalive, mqtt5=b.mqtt5)
+        transport = MqttTransport.from_config(cfg.broker, f"edgefl-{cfg.run_id}-{cfg.device_id}",
+                                              will=(P.Topics(cfg.run_id).status(cfg.device_id), offline))
     agent = EdgeAgent(cfg, transport, client)
     agent.load_state()
     return agent

@@ -71,6 +71,13 @@ class MqttTransport(Transport):
         self._client.on_message = self._on_message
         self.last_connect_error: str | None = None
 
+    @classmethod
+    def from_config(cls, broker, client_id: str, will: tuple[str, bytes] | None = None) -> "MqttTransport":
+        """Build from an :class:`edge_sdk.config.BrokerConfig`."""
+        return cls(broker.url, client_id, will=will, username=broker.username, password=broker.password,
+                   ca_file=broker.ca_file, cert_file=broker.cert_file, key_file=broker.key_file,
+                   keepalive=broker.keepalive, mqtt5=broker.mqtt5)
+
     # -- paho callbacks (network thread) ----------------------------------------------------------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):

@@ -1,0 +1,55 @@
+"""Round logic of the cloud runtime, driven in process through the in-memory transport twin."""
+import numpy as np
+import torch
+
+from cloud_runtime.config import load_runtime_config
+from cloud_runtime.service import CloudRuntime
+from edge_sdk import protocol as P
+from edge_sdk.messages import FeatureUpload
+from edge_sdk.transport import MemoryBus
+
+
+def make_runtime(tmp_path, *overrides):
+    cfg = load_runtime_config(None, ["run_id=r", f"state_dir={tmp_path}", "server.batch_size=8", *overrides])
+    runtime = CloudRuntime(cfg, MemoryBus().client("runtime"))
+    for device in ("devA", "devB"):
+        runtime._on_register(device, {"data": {"num_classes": 4, "feature_channels": 16, "train_samples": 8}})
+    return runtime
+
+
+def upload(device, round_, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = np.arange(seed * 100, seed * 100 + 8, dtype=np.int64)
+    return FeatureUpload(device, round_, "train", ids, torch.rand(8, 16, 4, 4, generator=g), torch.randn(8, 4, generator=g),
+                         torch.randint(0, 4, (8,), generator=g))
+
+
+def test_features_of_a_device_that_stopped_uploading_age_out(tmp_path):
+    runtime = make_runtime(tmp_path, "max_staleness=2")
+    runtime.train_uploads = {"devA": upload("devA", 0, 1), "devB": upload("devB", 0, 2)}
+    runtime._train_and_answer(0, ["devA", "devB"])
+    assert set(runtime.server.train_store) == {"devA", "devB"}
+    for round_ in (1, 2, 3):  # devB went silent after round 0
+        runtime.train_uploads = {"devA": upload("devA", round_, 1)}
+        runtime._train_and_answer(round_, ["devA"])
+    assert set(runtime.server.train_store) == {"devA"}
+
+
+def test_soft_labels_go_only_to_participants_and_carry_their_ids(tmp_path):
+    runtime = make_runtime(tmp_path)
+    got = {}
+    bus = runtime.transport.bus
+    for device in ("devA", "devB"):
+        reassembler = P.Reassembler()
+
+        def on_down(topic, payload, device=device, reassembler=reassembler):
+            header, body = P.decode_frame(payload)
+            if header["type"] == P.CHUNK:
+                done = reassembler.add(header, body)
+                if done is not None:
+                    got[device] = P.arrays_to_soft_labels(P.unpack_arrays(done.blob), device, done.round)
+        bus.client(f"listener-{device}").subscribe(runtime.topics.down(device), on_down)
+    runtime.train_uploads = {"devA": upload("devA", 0, 1), "devB": upload("devB", 0, 2)}
+    runtime._train_and_answer(0, ["devA"])
+    assert set(got) == {"devA"}
+    assert (got["devA"].sample_ids == upload("devA", 0, 1).sample_ids).all()
