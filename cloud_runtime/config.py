@@ -34,6 +34,7 @@ class ServerConfig:
     # eval_pass: one more inference pass in eval mode after training.
     soft_labels: Literal["last_epoch", "eval_pass"] = "last_epoch"
     feature_storage: Literal["float32", "float16"] = "float16"  # halves server RAM
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when available
 
     def check(self) -> None:
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

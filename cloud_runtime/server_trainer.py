@@ -60,7 +60,11 @@ class EvalResult:
 
 class GKTServer:
     def __init__(self, model: nn.Module, cfg: ServerConfig, num_classes: int, seed: int = 0):
-        self.model = model.to(memory_format=torch.channels_last)
+        wants_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("server.device is cuda but no CUDA device is available")
+        self.device = torch.device("cuda" if wants_cuda else "cpu")
+        self.model = model.to(self.device, memory_format=torch.channels_last)
         self.cfg = cfg
         self.num_classes = num_classes
         params = self.model.parameters()
@@ -108,7 +112,8 @@ class GKTServer:
     # -- train -----------------------------------------------------------------------------------
 
     def _gather(self, features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return features[index].float().contiguous(memory_format=torch.channels_last)
+        batch = features[index].to(self.device, non_blocking=True)
+        return batch.float().contiguous(memory_format=torch.channels_last)
 
     def train_round(self, round_: int, progress=None) -> tuple[dict[str, SoftLabels], ServerRoundStats]:
         """Train on every stored device's features; return soft labels per device and stats."""
@@ -133,15 +138,17 @@ class GKTServer:
             for begin in range(0, n, self.cfg.batch_size):
                 index = order[begin:begin + self.cfg.batch_size]
                 out = self.model(self._gather(features, index))
-                loss, ce, kd = gkt_loss(out, labels[index], teacher[index] if use_kd else None, None,
+                batch_labels = labels[index].to(self.device)
+                loss, ce, kd = gkt_loss(out, batch_labels, teacher[index].to(self.device) if use_kd else None, None,
                                         self.cfg.kd_beta, self.cfg.temperature)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 if last and self.cfg.soft_labels == "last_epoch":
-                    server_logits[index] = out.detach()
+                    server_logits[index] = out.detach().float().cpu()
                 b = len(index)
-                totals += (float(loss.detach()) * b, float(ce) * b, float(kd) * b, int((out.argmax(1) == labels[index]).sum()))
+                totals += (float(loss.detach()) * b, float(ce) * b, float(kd) * b,
+                           int((out.argmax(1) == batch_labels).sum()))
                 seen += b
                 if progress is not None:
                     progress(b)
@@ -161,7 +168,7 @@ class GKTServer:
     @torch.inference_mode()
     def _infer(self, features: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         self.model.eval()
-        out = [self.model(self._gather(features, torch.arange(i, min(i + batch_size, len(features)))))
+        out = [self.model(self._gather(features, torch.arange(i, min(i + batch_size, len(features))))).float().cpu()
                for i in range(0, len(features), batch_size)]
         self.model.train()
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)

@@ -254,7 +254,7 @@ class CloudRuntime:
                                          in_channels=int(shape[0]), **(registration.get("model_kwargs") or {}))
         checkpoint = self.state_dir / GLOBAL_CHECKPOINT
         if checkpoint.exists():
-            self.global_model.load_state_dict(torch.load(checkpoint, weights_only=True))
+            self.global_model.load_state_dict(torch.load(checkpoint, weights_only=True, map_location="cpu"))
             logger.info("global model restored from %s", checkpoint)
         logger.info("global model %s: %d parameters", registration.get("model"),
                     sum(p.numel() for p in self.global_model.parameters()))
@@ -367,7 +367,7 @@ class CloudRuntime:
         self.server = GKTServer(model, self.cfg.server, self.num_classes, seed=self.cfg.seed)
         checkpoint = self.state_dir / SERVER_CHECKPOINT
         if checkpoint.exists():
-            state = torch.load(checkpoint, weights_only=True)  # no pickle execution
+            state = torch.load(checkpoint, weights_only=True, map_location="cpu")  # no pickle execution
             self.server.load_state_dict(state)
             logger.info("server model restored from %s", checkpoint)
 

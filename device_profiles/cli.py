@@ -127,7 +127,7 @@ def measure_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
 
 
 def fit_efficiency(profile: DeviceProfile, rows: list[dict]) -> Efficiency:
-    """Grid-search the compute and memory efficiencies that minimise the worst |log(estimate/measured)|."""
+    """Grid-search the compute and memory efficiencies that minimise the RMS of log(estimate / measured)."""
     flops = np.array([r["cost"].total_flops for r in rows], dtype=np.float64)
     moved = np.array([r["cost"].moved_bytes() for r in rows], dtype=np.float64)
     measured = np.array([r["measured_s"] for r in rows])
@@ -136,9 +136,9 @@ def fit_efficiency(profile: DeviceProfile, rows: list[dict]) -> Efficiency:
         compute = flops / (profile.cpu.peak_gflops * 1e9 * eff)
         for mem in np.geomspace(0.02, 8.0, 120):
             estimate = compute + moved / (profile.memory.bandwidth_gbs * 1e9 * mem)
-            worst = float(np.abs(np.log(estimate / measured)).max())
-            if worst < best[0]:
-                best = (worst, eff, mem)
+            rms = float(np.sqrt(np.mean(np.log(estimate / measured) ** 2)))
+            if rms < best[0]:
+                best = (rms, eff, mem)
     return Efficiency(torch_cpu=round(float(best[1]), 4), memory=round(float(best[2]), 4))
 
 
@@ -164,7 +164,7 @@ def calibrate_host(models: list[str], methods: list[str], batch: int, shape: tup
                  calibrated_error=calibrated / r["measured_s"] - 1)
         errors.append(abs(r["calibrated_error"]))
     host.uncertainty = round(max(errors), 3)
-    host.sources["efficiency"] = (f"fitted: compute and memory efficiency minimising the worst relative error "
+    host.sources["efficiency"] = (f"fitted: compute and memory efficiency minimising the RMS log error "
                                   f"over {len(rows)} model x method steps (batch {batch}, input "
                                   f"{'x'.join(map(str, shape))})")
     return host, rows

@@ -169,7 +169,7 @@ def model_cost(model_name: str, method: str = "backprop", batch: int = 64, input
 
 
 def measure_latency(model_name: str, method: str = "backprop", batch: int = 64, input_shape: tuple = (3, 32, 32),
-                    num_classes: int = 10, repeats: int = 7, warmup: int = 2, **model_kwargs) -> dict:
+                    num_classes: int = 10, repeats: int = 15, warmup: int = 5, **model_kwargs) -> dict:
     """Median wall time of one step (training: forward, backward, SGD update) on this host."""
     model = _build(model_name, input_shape, num_classes, **model_kwargs).to(memory_format=torch.channels_last)
     x = torch.randn(batch, *input_shape).contiguous(memory_format=torch.channels_last)
