@@ -18,7 +18,8 @@ import numpy as np
 import yaml
 
 from device_profiles import DeviceProfile, Efficiency, detect_host, list_profiles, load_profile
-from device_profiles.profiler import METHODS, cost_row, estimate_latency, measure_latency, model_cost
+from device_profiles.profiler import (METHODS, cost_row, estimate_latency, measure_latency, measure_peak_rss,
+                                     model_cost)
 from edge_sdk.config import ConfigError
 from model_zoo import list_models
 
@@ -63,13 +64,16 @@ def cmd_compare(models: list[str], batch: int, shape: tuple, as_json: bool) -> i
 
 
 def cmd_profile(model: str, devices: list[str], methods: list[str], batch: int, shape: tuple, as_json: bool,
-                plot: str | None) -> int:
+                plot: str | None, measure_here: bool = False) -> int:
     profiles = [load_profile(d) for d in devices]
     out = []
     for method in methods:
         cost = model_cost(model, method, batch, _input_for(model, shape))
         row = cost_row(cost)
         row["devices"] = {p.name: estimate_latency(cost, p) for p in profiles}
+        if measure_here:  # this host: median step time and the peak RSS of a fresh process
+            row["measured_here"] = measure_latency(model, method, batch, _input_for(model, shape))
+            row["measured_here"].update(measure_peak_rss(model, method, batch, _input_for(model, shape)))
         out.append(row)
     if as_json:
         print(json.dumps(out, indent=2, default=list))
@@ -83,6 +87,10 @@ def cmd_profile(model: str, devices: list[str], methods: list[str], batch: int, 
                 print("  FedGKT upload bytes/sample before zstd: " + ", ".join(
                     f"{k} {v:,}" for k, v in row["upload_bytes_per_sample"].items())
                     + f"; FedAvg model {row['fedavg_model_bytes'] / 1e6:.2f} MB per direction")
+            if "measured_here" in row:
+                m = row["measured_here"]
+                print(f"  measured here: {m['median_s'] * 1e3:.1f} ms/step (median of {m['repeats']}), "
+                      f"peak RSS {m['peak_rss_mb']:.0f} MB (+{m['step_rss_mb']:.1f} MB over the process baseline)")
             for name, est in row["devices"].items():
                 print(f"  {name:<20} {est['estimate_s'] * 1e3:9.1f} ms/step  [{est['low_s'] * 1e3:.1f} - "
                       f"{est['high_s'] * 1e3:.1f}]  {est['bound']}-bound{'' if est['fits_in_ram'] else '  DOES NOT FIT'}")
@@ -210,19 +218,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--all-devices", action="store_true")
         parser.add_argument("--method", action="append", choices=METHODS, default=None)
         parser.add_argument("--plot", default=None, help="write a PNG of per-device latency estimates")
-        parser.add_argument("--measure", action="store_true", help="measure every zoo model here and calibrate")
+        parser.add_argument("--measure", action="store_true",
+                            help="with MODEL: also measure step time and peak memory here; alone: measure every "
+                                 "zoo model here and calibrate this host's profile")
         parser.add_argument("--save-profile", default=None, help="with --measure: write the calibrated host profile")
         args = parser.parse_args(argv)
         setup_logging(args.log_level if not args.measure else "INFO")
         methods = args.method or list(METHODS)
-        if args.measure:
+        if args.measure and not args.model:
             return cmd_measure(args.batch, args.input, methods, args.save_profile, args.json)
         if not args.model:
             parser.error("give a MODEL, 'compare MODEL ...', or --measure")
         if args.model not in list_models():
             raise ConfigError(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
         devices = list_profiles() if args.all_devices else (args.device or ["host"])
-        return cmd_profile(args.model, devices, methods, args.batch, args.input, args.json, args.plot)
+        return cmd_profile(args.model, devices, methods, args.batch, args.input, args.json, args.plot, args.measure)
     except (ConfigError, ValueError) as e:
         print(f"device-profile: error: {e}", file=sys.stderr)
         return 2

@@ -186,8 +186,9 @@ def measure_latency(model_name: str, method: str = "backprop", batch: int = 64, 
             "threads": torch.get_num_threads()}
 
 
-def measure_peak_rss(model_name: str, method: str, batch: int, input_shape: tuple, num_classes: int = 10) -> float:
-    """Peak RSS (MB) of a fresh process running three steps, minus that process's baseline after import."""
+def measure_peak_rss(model_name: str, method: str, batch: int, input_shape: tuple, num_classes: int = 10) -> dict:
+    """Peak RSS (MB) of a fresh process running three steps, and its baseline after importing torch and
+    building the model (the step's own peak is the difference)."""
     code = (
         "import json, resource, sys, torch\n"
         "from device_profiles.profiler import _build, _run\n"
@@ -196,9 +197,10 @@ def measure_peak_rss(model_name: str, method: str, batch: int, input_shape: tupl
         f"x = torch.randn({batch}, *{tuple(input_shape)!r}); y = torch.randint(0, {num_classes}, ({batch},))\n"
         f"opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) if {method!r} != 'inference' else None\n"
         f"[_run(m, x, y, {method!r}, opt) for _ in range(3)]\n"
-        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))\n")
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(json.dumps({'peak_rss_mb': peak / 1024, 'baseline_rss_mb': base / 1024, 'step_rss_mb': (peak - base) / 1024}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(json.loads(out.stdout.strip().splitlines()[-1]))
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def estimate_latency(cost: ModelCost, profile: DeviceProfile, runtime: str = "torch_cpu") -> dict:

@@ -135,3 +135,11 @@ def test_calibration_recovers_known_efficiencies():
             rows.append({"cost": cost, "measured_s": estimate_latency(cost, host)["estimate_s"]})
     fitted = fit_efficiency(host, rows)
     assert fitted.torch_cpu == pytest.approx(0.2, rel=0.05) and fitted.memory == pytest.approx(1.5, rel=0.1)
+
+
+def test_cli_measures_latency_and_peak_memory_here(capsys):
+    assert cli_main(["resnet8_gkt", "--method", "backprop", "--batch", "8", "--input", "1x16x16", "--measure",
+                     "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    here = row["measured_here"]
+    assert here["median_s"] > 0 and here["peak_rss_mb"] >= here["baseline_rss_mb"] > 0 and here["step_rss_mb"] >= 0
