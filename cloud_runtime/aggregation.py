@@ -48,7 +48,7 @@ def validate_states(states: Sequence[State], weights: Sequence[float] | None = N
 def fedavg(states: Sequence[State], weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
     """Weighted mean of each tensor (weights = local sample counts in FedAvg)."""
     w = validate_states(states, weights)
-    return {name: sum(wi * np.asarray(s[name], dtype=np.float64) for wi, s in zip(w, states)).astype(
+    return {name: np.asarray(sum(wi * np.asarray(s[name], dtype=np.float64) for wi, s in zip(w, states))).astype(
         np.asarray(states[0][name]).dtype) for name in states[0]}
 
 
@@ -112,4 +112,17 @@ def layer_divergence(states: Sequence[State], average: State | None = None) -> d
             continue  # counters such as num_batches_tracked
         denom = float(np.linalg.norm(avg)) or 1.0
         out[name] = float(np.mean([np.linalg.norm(np.asarray(s[name], np.float64) - avg) for s in states]) / denom)
+    return out
+
+
+def average_torch_states(states, weights):
+    """FedAvg of torch state dicts (e.g. FedGKT extractors); integer buffers are averaged and rounded."""
+    import torch
+    arrays = [{k: v.detach().cpu().numpy() for k, v in s.items()} for s in states]
+    w = validate_states(arrays, weights)
+    out = {}
+    for k in arrays[0]:
+        mean = np.asarray(sum(wi * a[k].astype(np.float64) for wi, a in zip(w, arrays)))
+        integral = np.issubdtype(arrays[0][k].dtype, np.integer)
+        out[k] = torch.from_numpy(np.array(np.rint(mean) if integral else mean, dtype=arrays[0][k].dtype))
     return out

@@ -48,6 +48,16 @@ class ServerConfig:
 
 
 @dataclass
+class FedGKTConfig:
+    """FedGKT options beyond the two trainers."""
+
+    # Average the devices' feature extractors (the stem) after every round, weighted by sample count
+    # (async: also discounted by staleness, FedBuff-style). Off by default: FedGKT lets every device
+    # keep its own extractor; averaging helps when labels are skewed across devices.
+    average_extractors: bool = False
+
+
+@dataclass
 class FedAvgConfig:
     """FedAvg rounds: devices train the whole model and the runtime aggregates weights."""
 
@@ -102,6 +112,7 @@ class DeploymentConfig:
 @dataclass
 class ExperimentConfig:
     algorithm: Literal["fedgkt", "fedavg"] = "fedgkt"
+    fedgkt: FedGKTConfig = field(default_factory=FedGKTConfig)
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -126,6 +137,7 @@ class RuntimeConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
+    fedgkt: FedGKTConfig = field(default_factory=FedGKTConfig)
     eval_data: AgentDataConfig | None = None  # FedAvg: held-out set the runtime evaluates the global model on
     mode: Literal["sync", "async"] = "sync"
     rounds: int = 5                      # sync: rounds; async: server updates

@@ -78,6 +78,7 @@ class CloudRuntime:
         self.arrival_version: dict[str, int] = {}
         self.device_round: dict[str, int] = {}
         self.awaiting_labels: set[str] = set()
+        self.extractors: dict[str, tuple[dict, int]] = {}  # fedgkt.average_extractors: latest per device
         # fedavg bookkeeping
         self.global_model: torch.nn.Module | None = None
         self.model_updates: dict[str, tuple[dict, int, dict]] = {}
@@ -218,8 +219,12 @@ class CloudRuntime:
         if done.round != expected:
             raise Rejected("stale_round" if done.round < expected else "future_round",
                            f"upload for round {done.round}, expected {expected}")
-        upload = P.arrays_to_upload(P.unpack_arrays(done.blob, self.cfg.max_transfer_bytes), done.meta, device,
-                                    done.round)
+        arrays = P.unpack_arrays(done.blob, self.cfg.max_transfer_bytes)
+        upload = P.arrays_to_upload(arrays, done.meta, device, done.round)
+        extractor = {k[len(P.EXTRACTOR_PREFIX):]: v for k, v in arrays.items() if k.startswith(P.EXTRACTOR_PREFIX)}
+        if extractor and upload.split == "train":
+            reference = next(iter(self.extractors.values()))[0] if self.extractors else None
+            self.extractors[device] = (P.arrays_to_state(extractor, reference), len(upload.sample_ids))
         try:
             upload.validate(self.num_classes, self.server.feature_shape if self.server else None)
         except MessageError as e:
@@ -382,6 +387,27 @@ class CloudRuntime:
             self.devices[device]["bytes_down"] += wire
             self.round_bytes[f"down:{device}"] += wire
 
+    def _average_extractors(self, round_: int, devices: list[str]) -> None:
+        """FedAvg of the devices' extractors (async: staleness-discounted), sent back before the soft labels."""
+        from cloud_runtime.aggregation import average_torch_states, staleness_weights
+        names = [d for d in sorted(self.extractors) if d in devices]
+        if not names:
+            return
+        weights = [self.extractors[d][1] for d in names]
+        if self.cfg.mode == "async":
+            stale = [self.server_version - self.arrival_version.get(d, self.server_version) for d in names]
+            weights = [w * s for w, s in zip(weights, staleness_weights(stale))]
+        average = average_torch_states([self.extractors[d][0] for d in names], weights)
+        arrays, meta = P.state_to_arrays(average, "fp32")
+        meta["kind"] = P.KIND_EXTRACTOR
+        blob = P.pack_arrays(arrays)
+        for device in devices:
+            frames = P.chunk_transfer(blob, run=self.cfg.run_id, device=device, round_=round_, meta=meta)
+            for frame in frames:
+                self.transport.publish(self.topics.down(device), frame)
+            self.devices[device]["bytes_down"] += sum(map(len, frames))
+        logger.info("round %d: extractors of %d devices averaged", round_, len(names))
+
     def _train_and_answer(self, round_: int, devices: list[str]) -> dict:
         assert self.server is not None
         for device in devices:
@@ -393,6 +419,8 @@ class CloudRuntime:
                     logger.info("%s: features of round %d dropped from server training (stale)", device, stored.round)
         replies, stats = self.server.train_round(round_)
         replies = {d: m for d, m in replies.items() if d in devices}
+        if self.cfg.fedgkt.average_extractors:
+            self._average_extractors(round_, devices)
         self._send_soft_labels(replies)
         logger.info("round %d server: loss %.3f acc %.3f on %d samples from %d devices at %.0f/s", round_, stats.loss,
                     stats.train_accuracy, stats.samples, len(devices), stats.samples_per_s)
@@ -434,7 +462,8 @@ class CloudRuntime:
         frame = P.control_frame(P.ROUND, run=self.cfg.run_id, device="*", round_=round_, session=self.session,
                                 eval=eval_, deadline_s=self.cfg.round_deadline_s,
                                 soft_labels_round=round_ - 1 if previous else None, soft_labels_to=previous,
-                                soft_labels_wait_s=self.cfg.soft_labels_wait_s)
+                                soft_labels_wait_s=self.cfg.soft_labels_wait_s,
+                                average_extractors=self.cfg.fedgkt.average_extractors)
         self.transport.publish(self.topics.control, frame, retain=True)
 
     def run_sync(self) -> None:
@@ -511,7 +540,8 @@ class CloudRuntime:
         self.transport.publish(self.topics.down(device), P.control_frame(
             P.ROUND, run=self.cfg.run_id, device=device, round_=round_, session=self.session, eval=eval_,
             deadline_s=self.cfg.round_deadline_s, soft_labels_round=round_ - 1 if round_ > 0 else None,
-            soft_labels_to=[device] if round_ > 0 else [], soft_labels_wait_s=self.cfg.soft_labels_wait_s))
+            soft_labels_to=[device] if round_ > 0 else [], soft_labels_wait_s=self.cfg.soft_labels_wait_s,
+            average_extractors=self.cfg.fedgkt.average_extractors))
 
     def run_async(self) -> None:
         """Devices run at their own pace; each server update trains on what has arrived (staleness-bounded)."""

@@ -175,6 +175,10 @@ class EdgeAgent:
                     self.global_state = P.arrays_to_state(P.unpack_arrays(done.blob), self.client.model.state_dict())
                     self.global_round = max(self.global_round, done.round)
                     logger.info("%s: global model of round %d (%.2f MB)", self.device, done.round, len(done.blob) / 1e6)
+                elif done is not None and done.meta.get("kind") == P.KIND_EXTRACTOR:
+                    state = P.arrays_to_state(P.unpack_arrays(done.blob), self.client.extractor_state())
+                    self.client.load_extractor(state)
+                    logger.info("%s: averaged extractor of round %d loaded", self.device, done.round)
                 elif done is not None and done.meta.get("kind") == P.KIND_SOFT_LABELS:
                     message = P.arrays_to_soft_labels(P.unpack_arrays(done.blob), self.device, done.round)
                     self.client.receive(message)
@@ -244,16 +248,20 @@ class EdgeAgent:
             logger.info("%s: re-sending round %d without retraining", self.device, round_)
             metrics = {"resent": True}
         splits = ["train"] + (["test"] if data.get("eval") and self.client.test_set is not None else [])
+        share_extractor = bool(data.get("average_extractors"))
         for split in splits:
             upload = self.client.extract(split, round_)
             upload.metrics = metrics if split == "train" else {}
-            self.send_upload(upload)
+            self.send_upload(upload, self.client.extractor_state() if share_extractor and split == "train" else None)
         self.transport.flush(timeout=120)
         self.last_done, self.done_session = round_, session
         self.save_state()
 
-    def send_upload(self, upload) -> None:
+    def send_upload(self, upload, extractor: dict | None = None) -> None:
         arrays, meta = P.upload_to_arrays(upload, self.cfg.upload.codec)
+        if extractor is not None:  # the runtime averages extractors across devices
+            ext_arrays, _ = P.state_to_arrays(extractor, "fp32")
+            arrays.update({P.EXTRACTOR_PREFIX + k: v for k, v in ext_arrays.items()})
         blob = P.pack_arrays(arrays)
         frames = P.chunk_transfer(blob, run=self.cfg.run_id, device=self.device, round_=upload.round, meta=meta,
                                   max_chunk=self.cfg.upload.chunk_bytes)

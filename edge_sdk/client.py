@@ -97,6 +97,19 @@ class EdgeClient:
         return FeatureUpload(self.device_id, round_, split, dataset.sample_ids.copy(), torch.cat(features),
                              torch.cat(logits), torch.from_numpy(dataset.labels.copy()))
 
+    def extractor_state(self) -> dict[str, torch.Tensor]:
+        """The feature extractor's weights and BatchNorm statistics (what extractor averaging shares)."""
+        return {k: v.detach().clone() for k, v in self._extractor().state_dict().items()}
+
+    def load_extractor(self, state: dict[str, torch.Tensor]) -> None:
+        self._extractor().load_state_dict(state)
+
+    def _extractor(self) -> nn.Module:
+        stem = getattr(self.model, "stem", None)
+        if not isinstance(stem, nn.Module):
+            raise ValueError(f"{type(self.model).__name__} has no .stem feature extractor to average")
+        return stem
+
     def receive(self, message: SoftLabels) -> None:
         """Take the server's soft labels; every id must be one of this device's training samples."""
         message.validate()

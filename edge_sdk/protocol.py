@@ -48,6 +48,8 @@ KIND_UPLOAD = "upload"
 KIND_SOFT_LABELS = "soft_labels"
 KIND_MODEL = "model"                # cloud -> device: the global model of a FedAvg round
 KIND_MODEL_UPDATE = "model_update"  # device -> cloud: locally trained weights
+KIND_EXTRACTOR = "extractor"        # cloud -> device: averaged FedGKT feature extractor
+EXTRACTOR_PREFIX = "extractor."     # upload arrays carrying the device's extractor (when averaging)
 MODEL_CODECS = ("fp32", "fp16")
 
 CODECS = ("fp32", "fp16", "int8")

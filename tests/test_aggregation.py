@@ -81,3 +81,12 @@ def test_layer_divergence_reference():
 def test_bad_rounds_are_clear_errors(call, message):
     with pytest.raises(AggregationError, match=message):
         call()
+
+
+def test_average_torch_states_keeps_integer_buffers_integral():
+    import torch
+    from cloud_runtime.aggregation import average_torch_states
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(4)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(7)}
+    avg = average_torch_states([a, b], [1, 3])
+    assert torch.allclose(avg["w"], torch.tensor([2.5, 4.5])) and avg["n"].dtype == torch.int64 and int(avg["n"]) == 6

@@ -45,10 +45,15 @@ def test_full_run_over_mosquitto(npz_dir, tmp_path):
         assert cost["measured_step_s"] > 0 and cost["predicted_step_s"] > 0
         assert cost["bytes_up"] == device["bytes_up"]
     assert (out / "accuracy.png").exists() and (out / "uploads.png").exists()
-    # running again into the same directory is a new run, not a resume of the finished one
-    assert sim_main(args + ["--set", "run.rounds=1"]) == 0
+    # running again into the same directory is a new run, not a resume of the finished one; this time the
+    # devices' extractors are averaged after the round, so every agent ends with the same extractor
+    assert sim_main(args + ["--set", "run.rounds=1", "--set", "fedgkt.average_extractors=true"]) == 0
     again = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in again["rounds"]] == [0] and again["run"]["session"] != report["run"]["session"]
+    import torch
+    stems = [torch.load(out / "agents" / d / "state" / "agent_state.pt", weights_only=True)["model"]["stem.0.weight"]
+             for d in ("dev0", "dev1", "dev2")]
+    assert torch.equal(stems[0], stems[1]) and torch.equal(stems[0], stems[2])
 
 
 # -- process-level helpers ---------------------------------------------------------------------

@@ -111,6 +111,11 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path, wire_codec: str | None =
                     server_stats.train_accuracy, server_stats.samples, server_stats.samples_per_s, server_stats.lr)
         for client in clients:
             client.receive(replies[client.device_id])
+        if cfg.fedgkt.average_extractors:  # FedAvg of the tiny extractors, weighted by local samples
+            from cloud_runtime.aggregation import average_torch_states
+            average = average_torch_states([c.extractor_state() for c in clients], [len(c.train_set) for c in clients])
+            for client in clients:
+                client.load_extractor(average)
         # 3. evaluation: each device's test images through its extractor and the server model
         if (round_ + 1) % cfg.run.eval_every == 0 or round_ == cfg.run.rounds - 1:
             eval_start = time.perf_counter()
@@ -181,7 +186,7 @@ def write_deployment(cfg: ExperimentConfig, out_dir: Path, broker_url: str) -> t
     eval_ids = out_dir / "eval_sample_ids.json"
     eval_ids.write_text(json.dumps({"train": [], "test": data.test_all.sample_ids.tolist()}))
     runtime_cfg = {
-        "run_id": run_id, "algorithm": cfg.algorithm, "fedavg": asdict(cfg.fedavg),
+        "run_id": run_id, "algorithm": cfg.algorithm, "fedavg": asdict(cfg.fedavg), "fedgkt": asdict(cfg.fedgkt),
         "eval_data": {"dataset": cfg.data.dataset, "path": cfg.data.path, "ids_file": str(eval_ids)},
         "broker": {"url": broker_url}, "server": asdict(cfg.server), "mode": dep.mode,
         "rounds": cfg.run.rounds, "min_devices": cfg.run.devices, "expected_devices": cfg.run.devices,
