@@ -287,12 +287,7 @@ class CloudRuntime:
         meta["kind"] = P.KIND_MODEL
         blob = P.pack_arrays(arrays)
         for device in devices:
-            frames = P.chunk_transfer(blob, run=self.cfg.run_id, device=device, round_=round_, meta=meta)
-            for frame in frames:
-                self.transport.publish(self.topics.down(device), frame)
-            wire = sum(map(len, frames))
-            self.devices[device]["bytes_down"] += wire
-            self.round_bytes[f"down:{device}"] += wire
+            self._send_transfer(device, blob, round_, meta)
 
     def _aggregate(self) -> dict:
         """Robust aggregation of this round's updates into the global model; returns the row's diagnostics."""
@@ -376,16 +371,19 @@ class CloudRuntime:
             self.server.load_state_dict(state)
             logger.info("server model restored from %s", checkpoint)
 
+    def _send_transfer(self, device: str, blob: bytes, round_: int, meta: dict) -> None:
+        """Chunk a packed transfer onto one device's downlink and count its bytes."""
+        frames = P.chunk_transfer(blob, run=self.cfg.run_id, device=device, round_=round_, meta=meta)
+        for frame in frames:
+            self.transport.publish(self.topics.down(device), frame)
+        wire = sum(map(len, frames))
+        self.devices[device]["bytes_down"] += wire
+        self.round_bytes[f"down:{device}"] += wire
+
     def _send_soft_labels(self, replies) -> None:
         for device, message in replies.items():
             arrays, meta = P.soft_labels_to_arrays(message)
-            frames = P.chunk_transfer(P.pack_arrays(arrays), run=self.cfg.run_id, device=device, round_=message.round,
-                                      meta=meta)
-            for frame in frames:
-                self.transport.publish(self.topics.down(device), frame)
-            wire = sum(map(len, frames))
-            self.devices[device]["bytes_down"] += wire
-            self.round_bytes[f"down:{device}"] += wire
+            self._send_transfer(device, P.pack_arrays(arrays), message.round, meta)
 
     def _average_extractors(self, round_: int, devices: list[str]) -> None:
         """FedAvg of the devices' extractors (async: staleness-discounted), sent back before the soft labels."""
@@ -402,10 +400,7 @@ class CloudRuntime:
         meta["kind"] = P.KIND_EXTRACTOR
         blob = P.pack_arrays(arrays)
         for device in devices:
-            frames = P.chunk_transfer(blob, run=self.cfg.run_id, device=device, round_=round_, meta=meta)
-            for frame in frames:
-                self.transport.publish(self.topics.down(device), frame)
-            self.devices[device]["bytes_down"] += sum(map(len, frames))
+            self._send_transfer(device, blob, round_, meta)
         logger.info("round %d: extractors of %d devices averaged", round_, len(names))
 
     def _train_and_answer(self, round_: int, devices: list[str]) -> dict:

@@ -1,13 +1,13 @@
 """Read data-only pickles (CIFAR-10's python batches) without executing them.
 
-``pickle.load`` imports and calls whatever the file names, so a poisoned dataset file would run code
-on the device. This module walks the opcode stream with :func:`pickletools.genops` and builds only
+The standard unpickler imports and calls whatever the file names, so a poisoned dataset file would run code
+on the device. This module walks the opcode stream with :func:`pickletools.genops` (an opcode parser) and builds only
 plain containers, numbers, strings/bytes and NumPy arrays/dtypes; any other global or opcode is an
 error naming it. Nothing is imported or called from the file's say-so.
 """
 from __future__ import annotations
 
-import pickletools
+from pickletools import genops
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ def loads(data: bytes) -> Any:
                 return items
         raise UnsafePickleError("MARK not found")
 
-    for op, arg, pos in pickletools.genops(data):
+    for op, arg, pos in genops(data):
         name = op.name
         if name in ("PROTO", "FRAME", "READONLY_BUFFER"):
             continue
