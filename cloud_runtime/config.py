@@ -5,13 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edge_sdk.config import (AgentDataConfig, BrokerConfig, ConfigError, DataConfig, EdgeConfig, apply_overrides, build_dataclass,
-                             read_yaml)
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
+from edge_sdk.config import (AgentDataConfig, BrokerConfig, DataConfig, EdgeConfig, apply_overrides, build_dataclass,
+                             check_profile_name, read_yaml, require)
 
 
 @dataclass
@@ -37,14 +32,14 @@ class ServerConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when available
 
     def check(self) -> None:
-        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.kd_beta >= 0, "kd_beta", "must be >= 0")
-        _require(self.temperature > 0, "temperature", "must be > 0")
-        _require(0 < self.plateau_factor < 1, "plateau_factor", "must be in (0, 1)")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.kd_beta >= 0, "kd_beta", "must be >= 0")
+        require(self.temperature > 0, "temperature", "must be > 0")
+        require(0 < self.plateau_factor < 1, "plateau_factor", "must be in (0, 1)")
         from model_zoo import is_model, list_models
-        _require(is_model(self.model), "model", f"unknown model {self.model!r}; known: {', '.join(list_models())}")
+        require(is_model(self.model), "model", f"unknown model {self.model!r}; known: {', '.join(list_models())}")
 
 
 @dataclass
@@ -67,8 +62,8 @@ class FedAvgConfig:
     model_codec: Literal["fp32", "fp16"] = "fp16"
 
     def check(self) -> None:
-        _require(self.clip_multiplier is None or self.clip_multiplier > 1, "clip_multiplier", "must be > 1 or null")
-        _require(0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
+        require(self.clip_multiplier is None or self.clip_multiplier > 1, "clip_multiplier", "must be > 1 or null")
+        require(0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
 
 
 @dataclass
@@ -81,9 +76,9 @@ class RunConfig:
     threads: int | None = None    # torch intra-op threads (None: torch's default)
 
     def check(self) -> None:
-        _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
-        _require(self.devices >= 1, "devices", f"must be >= 1, got {self.devices}")
-        _require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
+        require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        require(self.devices >= 1, "devices", f"must be >= 1, got {self.devices}")
+        require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
 
 
 @dataclass
@@ -101,12 +96,10 @@ class DeploymentConfig:
     timeout_s: float = 3600.0     # the whole run
 
     def check(self) -> None:
-        _require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
-        _require(self.agent_threads >= 1, "agent_threads", "must be >= 1")
-        from device_profiles import list_profiles
+        require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
+        require(self.agent_threads >= 1, "agent_threads", "must be >= 1")
         for name in self.device_profiles:
-            _require(name in list_profiles(), "device_profiles", f"unknown profile {name!r}; known: "
-                                                                f"{', '.join(list_profiles())}")
+            check_profile_name(name, "device_profiles")
 
 
 @dataclass
@@ -158,15 +151,15 @@ class RuntimeConfig:
     seed: int = 0
 
     def check(self) -> None:
-        _require(self.rounds >= 1, "rounds", "must be >= 1")
-        _require(self.min_devices >= 1, "min_devices", "must be >= 1")
-        _require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
-        _require(self.round_deadline_s > 0, "round_deadline_s", "must be > 0")
-        _require(self.eval_every >= 1, "eval_every", "must be >= 1")
-        _require(self.max_staleness >= 0, "max_staleness", "must be >= 0")
-        _require(self.expected_devices is None or self.expected_devices >= self.min_devices, "expected_devices",
+        require(self.rounds >= 1, "rounds", "must be >= 1")
+        require(self.min_devices >= 1, "min_devices", "must be >= 1")
+        require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
+        require(self.round_deadline_s > 0, "round_deadline_s", "must be > 0")
+        require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        require(self.max_staleness >= 0, "max_staleness", "must be >= 0")
+        require(self.expected_devices is None or self.expected_devices >= self.min_devices, "expected_devices",
                  "must be >= min_devices")
-        _require(self.algorithm == "fedgkt" or self.mode == "sync", "mode", "fedavg runs in sync mode")
+        require(self.algorithm == "fedgkt" or self.mode == "sync", "mode", "fedavg runs in sync mode")
 
 
 def load_runtime_config(path: str | Path | None, overrides: list[str] | None = None) -> RuntimeConfig:

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from edge_sdk.config import ConfigError, build_dataclass, read_yaml
+from edge_sdk.config import ConfigError, build_dataclass, read_yaml, require
 
 PROFILE_DIR = Path(__file__).resolve().parent
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
 
 
 @dataclass
@@ -28,9 +23,9 @@ class CpuSpec:
     peak_gflops: float          # FP32, all cores
 
     def check(self) -> None:
-        _require(self.cores >= 1, "cores", f"must be >= 1, got {self.cores}")
-        _require(self.clock_ghz > 0, "clock_ghz", f"must be > 0, got {self.clock_ghz}")
-        _require(self.peak_gflops > 0, "peak_gflops", f"must be > 0, got {self.peak_gflops}")
+        require(self.cores >= 1, "cores", f"must be >= 1, got {self.cores}")
+        require(self.clock_ghz > 0, "clock_ghz", f"must be > 0, got {self.clock_ghz}")
+        require(self.peak_gflops > 0, "peak_gflops", f"must be > 0, got {self.peak_gflops}")
 
 
 @dataclass
@@ -39,7 +34,7 @@ class GpuSpec:
     peak_gflops: float
 
     def check(self) -> None:
-        _require(self.peak_gflops > 0, "peak_gflops", f"must be > 0, got {self.peak_gflops}")
+        require(self.peak_gflops > 0, "peak_gflops", f"must be > 0, got {self.peak_gflops}")
 
 
 @dataclass
@@ -48,8 +43,8 @@ class MemorySpec:
     bandwidth_gbs: float        # sustained (STREAM-like) bandwidth used by the roofline bound
 
     def check(self) -> None:
-        _require(self.ram_gb > 0, "ram_gb", f"must be > 0, got {self.ram_gb}")
-        _require(self.bandwidth_gbs > 0, "bandwidth_gbs", f"must be > 0, got {self.bandwidth_gbs}")
+        require(self.ram_gb > 0, "ram_gb", f"must be > 0, got {self.ram_gb}")
+        require(self.bandwidth_gbs > 0, "bandwidth_gbs", f"must be > 0, got {self.bandwidth_gbs}")
 
 
 @dataclass
@@ -65,8 +60,8 @@ class Efficiency:
     def check(self) -> None:
         for name in ("torch_cpu", "onnxruntime_cpu", "torch_gpu"):
             value = getattr(self, name)
-            _require(value is None or 0 < value <= 1, name, f"must be in (0, 1], got {value}")
-        _require(0 < self.memory <= 8, "memory", f"must be in (0, 8], got {self.memory}")
+            require(value is None or 0 < value <= 1, name, f"must be in (0, 1], got {value}")
+        require(0 < self.memory <= 8, "memory", f"must be in (0, 8], got {self.memory}")
 
 
 @dataclass
@@ -83,11 +78,11 @@ class DeviceProfile:
     uncertainty: float = 1.0     # relative band of estimates: 1.0 = within 2x either way
 
     def check(self) -> None:
-        _require(bool(re.fullmatch(r"[a-z0-9_]+", self.name)), "name", "must be lower_snake_case")
-        _require(self.power_w > 0, "power_w", f"must be > 0, got {self.power_w}")
-        _require(self.uncertainty > 0, "uncertainty", "must be > 0")
+        require(bool(re.fullmatch(r"[a-z0-9_]+", self.name)), "name", "must be lower_snake_case")
+        require(self.power_w > 0, "power_w", f"must be > 0, got {self.power_w}")
+        require(self.uncertainty > 0, "uncertainty", "must be > 0")
         for key in ("cpu", "peak_gflops", "bandwidth_gbs", "efficiency"):
-            _require(key in self.sources, "sources", f"missing the source of {key!r}")
+            require(key in self.sources, "sources", f"missing the source of {key!r}")
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:

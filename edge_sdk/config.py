@@ -150,9 +150,18 @@ def to_dict(obj: Any) -> Any:
 # edge schema
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
+    """Schema checks: raise a ConfigError naming ``key`` (``build_dataclass`` prefixes the section)."""
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def check_profile_name(name: str, key: str) -> None:
+    """A device profile must be a shipped profile name, ``host``, or a YAML path."""
+    from device_profiles import list_profiles
+    known = list_profiles()
+    require(name in known or Path(name).suffix in (".yaml", ".yml"), key,
+            f"unknown device profile {name!r}; known: {', '.join(known)}")
 
 
 @dataclass
@@ -161,7 +170,7 @@ class AugmentConfig:
     hflip: bool = False
 
     def check(self) -> None:
-        _require(self.crop_padding >= 0, "crop_padding", "must be >= 0")
+        require(self.crop_padding >= 0, "crop_padding", "must be >= 0")
 
 
 @dataclass
@@ -183,13 +192,13 @@ class EdgeConfig:
     trainer_kwargs: dict = field(default_factory=dict)
 
     def check(self) -> None:
-        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.kd_alpha >= 0, "kd_alpha", "must be >= 0")
-        _require(self.temperature > 0, "temperature", "must be > 0")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.kd_alpha >= 0, "kd_alpha", "must be >= 0")
+        require(self.temperature > 0, "temperature", "must be > 0")
         from model_zoo import is_model, list_models
-        _require(is_model(self.model), "model", f"unknown model {self.model!r}; known: {', '.join(list_models())}")
+        require(is_model(self.model), "model", f"unknown model {self.model!r}; known: {', '.join(list_models())}")
 
 
 @dataclass
@@ -206,11 +215,11 @@ class DataConfig:
     test_split: Literal["shard", "full"] = "shard"  # shard: each test image is seen by one device
 
     def check(self) -> None:
-        _require(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        require(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
         for name in ("train_subset", "test_subset"):
             value = getattr(self, name)
-            _require(value is None or value > 0, name, f"must be > 0 or null, got {value}")
-        _require(self.dataset != "npz" or bool(self.path), "path", "the npz dataset needs a path")
+            require(value is None or value > 0, name, f"must be > 0 or null, got {value}")
+        require(self.dataset != "npz" or bool(self.path), "path", "the npz dataset needs a path")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +243,7 @@ class BrokerConfig:
             BrokerAddress.parse(self.url)
         except ValueError as e:
             raise ConfigError(f"url: {e}") from None
-        _require(5 <= self.keepalive <= 3600, "keepalive", "must be in [5, 3600] seconds")
+        require(5 <= self.keepalive <= 3600, "keepalive", "must be in [5, 3600] seconds")
 
 
 @dataclass
@@ -244,7 +253,7 @@ class UploadConfig:
     chunk_bytes: int = 256 * 1024
 
     def check(self) -> None:
-        _require(1024 <= self.chunk_bytes <= 64 << 20, "chunk_bytes", "must be in [1 KiB, 64 MiB]")
+        require(1024 <= self.chunk_bytes <= 64 << 20, "chunk_bytes", "must be in [1 KiB, 64 MiB]")
 
 
 @dataclass
@@ -254,7 +263,7 @@ class AgentDataConfig:
     ids_file: str | None = None   # JSON {"train": [...], "test": [...]} of sample ids; null = whole dataset
 
     def check(self) -> None:
-        _require(self.dataset != "npz" or bool(self.path), "path", "the npz dataset needs a path")
+        require(self.dataset != "npz" or bool(self.path), "path", "the npz dataset needs a path")
 
 
 @dataclass
@@ -278,11 +287,9 @@ class AgentConfig:
             check_device_id(self.device_id)
         except ValueError as e:
             raise ConfigError(f"device_id: {e}") from None
-        _require(self.heartbeat_s > 0, "heartbeat_s", "must be > 0")
+        require(self.heartbeat_s > 0, "heartbeat_s", "must be > 0")
         if self.profile is not None:
-            from device_profiles import list_profiles
-            _require(self.profile in list_profiles() or Path(self.profile).suffix in (".yaml", ".yml"), "profile",
-                     f"unknown device profile {self.profile!r}; known: {', '.join(list_profiles())}")
+            check_profile_name(self.profile, "profile")
 
 
 def load_agent_config(path: str | Path | None, overrides: list[str] | None = None) -> AgentConfig:

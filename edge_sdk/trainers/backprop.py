@@ -1,8 +1,6 @@
 """Local SGD/Adam with backpropagation: the default edge trainer."""
 from __future__ import annotations
 
-import torch
-
 from edge_sdk.losses import gkt_loss
 from edge_sdk.trainers.base import EdgeTrainer, StepResult, make_optimizer, register_trainer
 
