@@ -65,18 +65,24 @@ class EdgeClient:
     def train_round(self, round_: int) -> RoundStats:
         totals = np.zeros(4)  # loss*n, ce*n, kd*n, correct
         samples, step, start = 0, 0, time.perf_counter()
+
+        def record(result: StepResult) -> None:
+            nonlocal samples, step
+            totals[:] += (result.loss * result.samples, result.ce * result.samples,
+                          result.kd * result.samples, result.correct)
+            samples += result.samples
+            for cb in self.callbacks:
+                cb(self.device_id, round_, step, result)
+            step += 1
+
         for _ in range(self.cfg.epochs):
             for batch in self._train_loader:
                 teacher, has_teacher = self.soft_labels.lookup(batch.sample_ids)
                 if not has_teacher.any():
                     teacher = has_teacher = None
-                result = self.trainer.train_step(batch.images, batch.labels, teacher, has_teacher)
-                totals += (result.loss * result.samples, result.ce * result.samples,
-                           result.kd * result.samples, result.correct)
-                samples += result.samples
-                for cb in self.callbacks:
-                    cb(self.device_id, round_, step, result)
-                step += 1
+                record(self.trainer.train_step(batch.images, batch.labels, teacher, has_teacher))
+        for result in self.trainer.finish_round():  # pipelined trainers still hold the last batches
+            record(result)
         seconds = time.perf_counter() - start
         loss, ce, kd, correct = totals / max(samples, 1)
         return RoundStats(loss, ce, kd, correct, samples, seconds, samples / max(seconds, 1e-9),

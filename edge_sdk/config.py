@@ -199,6 +199,8 @@ class EdgeConfig:
         require(self.temperature > 0, "temperature", "must be > 0")
         from model_zoo import is_model, list_models
         require(is_model(self.model), "model", f"unknown model {self.model!r}; known: {', '.join(list_models())}")
+        from edge_sdk.trainers import check_trainer_options
+        check_trainer_options(self.trainer, self.trainer_kwargs)
 
 
 @dataclass

@@ -8,6 +8,8 @@ name               params      structure
 =================  ==========  ===================================================
 resnet8_gkt           10,586   stem -> 2 Bottleneck(16) -> avgpool -> fc
 resnet55_server      590,858   Bottleneck stages [6, 6, 6] on the 16-channel features
+resnet14_gkt          11,226   stem + 2 narrow Bottleneck(4) blocks -> 2 Bottleneck(16) -> avgpool -> fc
+resnet20_gkt          11,866   stem + 4 narrow Bottleneck(4) blocks -> ... (deeper extractor, same seam)
 resnet109_server   1,147,274   Bottleneck stages [12, 12, 12] on the 16-channel features
 resnet56             591,322   stem + resnet55_server body (FedAvg baseline)
 resnet110          1,147,738   stem + resnet109_server body
@@ -15,6 +17,12 @@ resnet110          1,147,738   stem + resnet109_server body
 
 The edge/server seam is the stem output (B x 16 x H x W): ``forward_features`` stops there and
 ``forward_head`` continues from it, so ``resnet56.forward_head`` is exactly ``resnet55_server``.
+The deeper extractors (``resnet14_gkt``, ``resnet20_gkt``) add narrow bottlenecks (16 -> 4 -> 16
+channels) inside the extractor, so the seam and every server model stay unchanged; they exist to
+show where forward-gradient training saves memory (activations grow with depth, parameters barely).
+
+``pipeline_modules()`` lists an edge model as a chain of modules whose composition is the logits;
+module-wise trainers (local-guess forward gradients, AsyncFGD) split and pipeline along it.
 
 Knobs from the deeper-models FL study ("wider / smaller receptive field"): ``width`` multiplies every
 channel count, ``stem_kernel`` / ``stem_stride`` / ``stem_max_pool`` shape the stem.
@@ -74,6 +82,27 @@ class Stem(nn.Sequential):
             layers.append(nn.MaxPool2d(3, stride=2, padding=1))
         super().__init__(*layers)
         self.out_channels = out_channels
+
+
+class DeepStem(nn.Sequential):
+    """A stem followed by narrow residual blocks that keep its channel count (a deeper extractor)."""
+
+    def __init__(self, stem: Stem, blocks: int):
+        channels = stem.out_channels
+        narrow = max(1, channels // Bottleneck.expansion)  # 16 -> 4 -> 16: same seam, little compute
+        super().__init__(stem, *[Bottleneck(channels, narrow) for _ in range(blocks)])
+        self.out_channels = channels
+
+
+class Classifier(nn.Module):
+    """Global average pool + linear, sharing (not copying) a body's ``pool`` and ``fc``."""
+
+    def __init__(self, pool: nn.Module, fc: nn.Linear):
+        super().__init__()
+        self.pool, self.fc = pool, fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(x).flatten(1))  # B x C x h x w -> B x C -> B x classes
 
 
 def _make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> tuple[nn.Sequential, int]:
@@ -136,6 +165,10 @@ class ResNetBody(nn.Module):
         x = self.pool(x).flatten(1)  # B x C x h x w -> B x C
         return self.fc(x)
 
+    def pipeline_modules(self) -> list[nn.Module]:
+        """Every block in order, then the classifier (pool + fc)."""
+        return [block for stage in self.stages for block in stage] + [Classifier(self.pool, self.fc)]
+
 
 class GKTServerNet(ResNetBody):
     """The cloud model of FedGKT: a ResNet body that starts from the edge's 16-channel features."""
@@ -161,9 +194,12 @@ class GKTEdgeNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, head_blocks: int = 2, width: float = 1.0,
                  stem_kernel: int = 3, stem_stride: int = 1, stem_max_pool: bool = False,
-                 zero_init_residual: bool = True):
+                 zero_init_residual: bool = True, extractor_blocks: int = 0):
         super().__init__()
-        self.stem = Stem(in_channels, _scaled(16, width), stem_kernel, stem_stride, stem_max_pool)
+        if extractor_blocks < 0:
+            raise ValueError(f"extractor_blocks must be >= 0, got {extractor_blocks}")
+        stem = Stem(in_channels, _scaled(16, width), stem_kernel, stem_stride, stem_max_pool)
+        self.stem = DeepStem(stem, extractor_blocks) if extractor_blocks else stem
         self.head = ResNetBody(self.stem.out_channels, [head_blocks], num_classes, width,
                                stage_planes=(16,), stage_strides=(1,))
         self.feature_channels = self.stem.out_channels
@@ -178,6 +214,11 @@ class GKTEdgeNet(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.forward_features(x)
         return self.forward_head(features), features
+
+    def pipeline_modules(self) -> list[nn.Module]:
+        """stem, [extractor blocks], head blocks, classifier: composed, they give the logits."""
+        stem = list(self.stem) if isinstance(self.stem, DeepStem) else [self.stem]
+        return stem + self.head.pipeline_modules()
 
 
 class ResNet(nn.Module):
@@ -202,6 +243,9 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.stem(x))
 
+    def pipeline_modules(self) -> list[nn.Module]:
+        return [self.stem] + self.body.pipeline_modules()
+
 
 # ---------------------------------------------------------------------------------------------
 # variants
@@ -210,6 +254,18 @@ class ResNet(nn.Module):
 @register_model
 def resnet8_gkt(**kwargs) -> GKTEdgeNet:
     return GKTEdgeNet(head_blocks=2, **kwargs)
+
+
+@register_model
+def resnet14_gkt(**kwargs) -> GKTEdgeNet:
+    """ResNet-8 with two narrow bottlenecks in the extractor (14 weighted layers)."""
+    return GKTEdgeNet(head_blocks=2, extractor_blocks=2, **kwargs)
+
+
+@register_model
+def resnet20_gkt(**kwargs) -> GKTEdgeNet:
+    """ResNet-8 with four narrow bottlenecks in the extractor (20 weighted layers)."""
+    return GKTEdgeNet(head_blocks=2, extractor_blocks=4, **kwargs)
 
 
 @register_model

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from edge_sdk.config import ConfigError, EdgeConfig
+from edge_sdk.config import ConfigError, EdgeConfig, build_dataclass
 
 
 @dataclass
@@ -38,6 +38,10 @@ class EdgeTrainer(ABC):
         """One update on a batch. ``teacher_logits``/``has_teacher`` are the server's soft labels for
         the batch's samples (rows without a teacher are masked out of the KD term)."""
 
+    def finish_round(self) -> list[StepResult]:
+        """Complete any batches still in flight (pipelined trainers) before the round's features are taken."""
+        return []
+
     def state_dict(self) -> dict:
         """Optimizer state etc., so an agent can checkpoint and resume."""
         return {}
@@ -61,6 +65,21 @@ def register_trainer(name: str):
 
 def list_trainers() -> list[str]:
     return sorted(_TRAINERS)
+
+
+def check_trainer_options(name: str, kwargs: dict) -> None:
+    """Validate ``edge.trainer`` and ``edge.trainer_kwargs`` at config load, naming the bad key."""
+    if name not in _TRAINERS:
+        raise ConfigError(f"trainer: unknown trainer {name!r}; known: {', '.join(list_trainers())}")
+    options_cls = getattr(_TRAINERS[name], "options_cls", None)
+    if options_cls is None:
+        if kwargs:
+            raise ConfigError(f"trainer_kwargs: trainer {name!r} takes no options, got {', '.join(map(str, kwargs))}")
+        return
+    try:
+        build_dataclass(options_cls, kwargs, "trainer_kwargs")
+    except ConfigError as e:  # keep the message's own key path readable once the caller prefixes "edge."
+        raise ConfigError(f"trainer_kwargs: {e} (trainer {name!r})") from None
 
 
 def create_trainer(name: str, model: nn.Module, cfg: EdgeConfig) -> EdgeTrainer:
