@@ -8,8 +8,8 @@ name               params      structure
 =================  ==========  ===================================================
 resnet8_gkt           10,586   stem -> 2 Bottleneck(16) -> avgpool -> fc
 resnet55_server      590,858   Bottleneck stages [6, 6, 6] on the 16-channel features
-resnet14_gkt          11,226   stem + 2 narrow Bottleneck(4) blocks -> 2 Bottleneck(16) -> avgpool -> fc
-resnet20_gkt          11,866   stem + 4 narrow Bottleneck(4) blocks -> ... (deeper extractor, same seam)
+resnet14_gkt          24,602   stem + 3 BasicBlock(16) -> 2 Bottleneck(16) -> avgpool -> fc
+resnet20_gkt          38,618   stem + 6 BasicBlock(16) -> 2 Bottleneck(16) -> avgpool -> fc
 resnet109_server   1,147,274   Bottleneck stages [12, 12, 12] on the 16-channel features
 resnet56             591,322   stem + resnet55_server body (FedAvg baseline)
 resnet110          1,147,738   stem + resnet109_server body
@@ -17,9 +17,9 @@ resnet110          1,147,738   stem + resnet109_server body
 
 The edge/server seam is the stem output (B x 16 x H x W): ``forward_features`` stops there and
 ``forward_head`` continues from it, so ``resnet56.forward_head`` is exactly ``resnet55_server``.
-The deeper extractors (``resnet14_gkt``, ``resnet20_gkt``) add narrow bottlenecks (16 -> 4 -> 16
-channels) inside the extractor, so the seam and every server model stay unchanged; they exist to
-show where forward-gradient training saves memory (activations grow with depth, parameters barely).
+The deeper extractors (``resnet14_gkt``, ``resnet20_gkt``) add 16-channel basic blocks inside the
+extractor, so the seam and every server model stay unchanged; they show where forward-gradient
+training saves memory (backprop's stored activations grow with depth, a forward pass's do not).
 
 ``pipeline_modules()`` lists an edge model as a chain of modules whose composition is the logits;
 module-wise trainers (local-guess forward gradients, AsyncFGD) split and pipeline along it.
@@ -84,14 +84,30 @@ class Stem(nn.Sequential):
         self.out_channels = out_channels
 
 
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions at constant width plus identity (ResNet-20 style): deepens the extractor
+    without changing its 16-channel output."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + x)
+
+
 class DeepStem(nn.Sequential):
-    """A stem followed by narrow residual blocks that keep its channel count (a deeper extractor)."""
+    """A stem followed by residual blocks that keep its channel count (a deeper extractor, same seam)."""
 
     def __init__(self, stem: Stem, blocks: int):
-        channels = stem.out_channels
-        narrow = max(1, channels // Bottleneck.expansion)  # 16 -> 4 -> 16: same seam, little compute
-        super().__init__(stem, *[Bottleneck(channels, narrow) for _ in range(blocks)])
-        self.out_channels = channels
+        super().__init__(stem, *[BasicBlock(stem.out_channels) for _ in range(blocks)])
+        self.out_channels = stem.out_channels
 
 
 class Classifier(nn.Module):
@@ -130,6 +146,8 @@ def _init_weights(model: nn.Module, zero_init_residual: bool) -> None:
         for m in model.modules():
             if isinstance(m, Bottleneck):
                 nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,14 +276,14 @@ def resnet8_gkt(**kwargs) -> GKTEdgeNet:
 
 @register_model
 def resnet14_gkt(**kwargs) -> GKTEdgeNet:
-    """ResNet-8 with two narrow bottlenecks in the extractor (14 weighted layers)."""
-    return GKTEdgeNet(head_blocks=2, extractor_blocks=2, **kwargs)
+    """ResNet-8 with three basic blocks in the extractor (14 weighted layers)."""
+    return GKTEdgeNet(head_blocks=2, extractor_blocks=3, **kwargs)
 
 
 @register_model
 def resnet20_gkt(**kwargs) -> GKTEdgeNet:
-    """ResNet-8 with four narrow bottlenecks in the extractor (20 weighted layers)."""
-    return GKTEdgeNet(head_blocks=2, extractor_blocks=4, **kwargs)
+    """ResNet-8 with six basic blocks in the extractor (20 weighted layers)."""
+    return GKTEdgeNet(head_blocks=2, extractor_blocks=6, **kwargs)
 
 
 @register_model

@@ -12,6 +12,8 @@ EXPECTED_PARAMS = {
     "resnet109_server": 1_147_274,
     "resnet56": 591_322,
     "resnet110": 1_147_738,
+    "resnet14_gkt": 24_602,   # ours: deeper extractors, same 16-channel seam
+    "resnet20_gkt": 38_618,
 }
 
 
@@ -35,7 +37,7 @@ def test_forward_shapes_and_finite(name):
     model = create_model(name, num_classes=7).eval()
     x = torch.randn(3, 16, 20, 20) if name.endswith("_server") else torch.randn(3, 3, 20, 20)
     out = model(x)
-    if name == "resnet8_gkt":
+    if name.endswith("_gkt"):
         logits, features = out
         assert features.shape == (3, 16, 20, 20)  # the stem output is the FedGKT feature
     else:
@@ -53,6 +55,21 @@ def test_edge_features_feed_the_server_and_match_resnet56_seam():
     # resnet56 = stem + the server body: the body has exactly the server's parameter shapes.
     body_shapes = [p.shape for p in full.body.parameters()]
     assert body_shapes == [p.shape for p in server.parameters()]
+
+
+@pytest.mark.parametrize("name", ["resnet8_gkt", "resnet14_gkt", "resnet20_gkt", "resnet8", "resnet56"])
+def test_pipeline_modules_compose_to_the_logits(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_channels=1).eval()
+    x = torch.randn(2, 1, 12, 12)
+    out = model(x)
+    logits = out[0] if isinstance(out, tuple) else out
+    h = x
+    for module in model.pipeline_modules():
+        h = module(h)
+    assert torch.equal(h, logits)
+    chain_params = {id(p) for m in model.pipeline_modules() for p in m.parameters()}
+    assert chain_params == {id(p) for p in model.parameters()}  # the chain shares, not copies, weights
 
 
 def test_backward_reaches_every_parameter():

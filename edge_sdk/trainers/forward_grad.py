@@ -96,17 +96,18 @@ def directional_derivative(chain: list[nn.Module], images: torch.Tensor, tangent
                            labels, teacher, has_teacher, cfg: EdgeConfig, start: int = 0):
     """One forward-mode pass through ``chain[start:]``: the loss and ∇L·v for the given tangents.
 
-    Returns (loss, ce, kd, logits, derivative, inputs) where ``inputs[k]`` is the primal input of
-    ``chain[start + k]`` (what a module-local computation needs; nothing else is kept).
+    Returns (loss, ce, kd, logits, derivative, last_input), ``last_input`` being the primal input of
+    the chain's last module (what its exact local gradient needs). Nothing else is kept: each
+    module's activations are freed as soon as the next module has consumed them.
     """
-    inputs = []
     with torch.no_grad(), fwAD.dual_level():
-        h = images
-        for module, t in zip(chain[start:], tangents[start:]):
-            inputs.append(fwAD.unpack_dual(h).primal)
+        h, last_input = images, None
+        for k, (module, t) in enumerate(zip(chain[start:], tangents[start:]), start):
+            if k == len(chain) - 1:
+                last_input = fwAD.unpack_dual(h).primal
             h = _module_forward(module, h, t)
         loss, ce, kd, logits, derivative = _loss_and_derivative(h, labels, teacher, has_teacher, cfg)
-    return loss, ce, kd, logits, derivative, inputs
+    return loss, ce, kd, logits, derivative, last_input
 
 
 class _BufferSnapshot:
@@ -213,10 +214,11 @@ class FGWeightTrainer(EdgeTrainer):
 
         def derivative(v: Tangents) -> float:
             tangents = [{n: v[key] for n, key in keys.items()} for keys in self._keys]
-            loss, ce, kd, logits, d, inputs = directional_derivative(
+            loss, ce, kd, logits, d, classifier_input = directional_derivative(
                 self.chain, images, tangents, labels, teacher_logits, has_teacher, self.cfg)
             if not first:
-                first.extend((loss, ce, kd, logits, inputs[-1], _BufferSnapshot(self.model)))
+                first.extend((loss, ce, kd, logits, classifier_input if self.opts.exact_classifier else None,
+                              _BufferSnapshot(self.model)))
             return d
 
         params = {key: p for sel, keys in zip(self.perturbed, self._keys) for n, p in sel.items()
@@ -293,7 +295,8 @@ class LocalGuessTrainer(EdgeTrainer):
         # 1. Local pass: each module sees a detached input, so a backward never leaves one module.
         h, inputs, guesses, aux_grads, outputs = images, [], [], [], []
         for k, module in enumerate(self.chain):
-            inputs.append(h)
+            if self.opts.projection == "per_module":
+                inputs.append(h)  # the per-module projections restart from each module's input
             with torch.enable_grad():
                 out = _logits(module(h))
                 if k == last:

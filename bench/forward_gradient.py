@@ -1,0 +1,191 @@
+"""Forward-gradient edge trainers vs backprop: step time, peak memory and final FedGKT accuracy.
+
+    python -m bench.forward_gradient --out docs/bench/forward_gradient            # time + memory (~3 min)
+    python -m bench.forward_gradient --accuracy --out docs/bench/forward_gradient # + a quickstart run per method
+
+Step time: each method's median over interleaved repeats in this one process (ratio to backprop
+measured side by side). Peak memory: a fresh process per method runs a few steps and reports its
+peak RSS over the post-setup baseline, and the profiler's peak allocated CPU memory during one step
+(torch.profiler memory events). Accuracy: ``edgefl-sim --transport memory`` on configs/quickstart.yaml
+with ``--set edge.trainer=...`` (and the model), the final test accuracy of the FedGKT server.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edge_sdk.config import EdgeConfig, build_dataclass
+from edge_sdk.trainers import create_trainer
+from model_zoo import create_model
+
+# name -> (edge.trainer, edge.trainer_kwargs)
+METHODS: dict[str, tuple[str, dict]] = {
+    "backprop": ("backprop", {}),
+    "fg_weight": ("fg_weight", {}),
+    "fg_weight_exact_cls": ("fg_weight", {"exact_classifier": True}),
+    "fg_local_guess": ("fg_local_guess", {"projection": "per_module"}),
+    "forward": ("forward", {}),
+    "async_fgd": ("async_fgd", {"modules": 3}),
+    "async_fgd_parallel": ("async_fgd", {"modules": 3, "parallel": True}),
+}
+
+
+def make_trainer(model_name: str, method: str, in_channels: int, stem_stride: int):
+    trainer, kwargs = METHODS[method]
+    cfg = build_dataclass(EdgeConfig, {"trainer": trainer, "trainer_kwargs": kwargs, "optimizer": "adam",
+                                       "lr": 1e-3, "weight_decay": 0.0}, "edge")
+    model = create_model(model_name, num_classes=10, in_channels=in_channels, stem_stride=stem_stride)
+    return create_trainer(trainer, model.to(memory_format=torch.channels_last), cfg)
+
+
+def batch(size: int, shape: tuple[int, ...], seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(size, *shape, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 10, (size,), generator=g), torch.randn(size, 10, generator=g)
+
+
+def step(trainer, x, y, teacher):
+    return trainer.train_step(x, y, teacher, torch.ones(len(y), dtype=torch.bool))
+
+
+def time_methods(model_name: str, methods: list[str], args) -> dict[str, float]:
+    """Median seconds per step, methods interleaved so drift in machine load hits all of them alike."""
+    x, y, teacher = batch(args.batch, args.shape)
+    trainers = {m: make_trainer(model_name, m, args.shape[0], args.stem_stride) for m in methods}
+    for t in trainers.values():
+        for _ in range(3):
+            step(t, x, y, teacher)
+    samples: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.repeats):
+        for m, t in trainers.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(t, x, y, teacher)
+            samples[m].append((time.perf_counter() - start) / args.steps)
+    return {m: statistics.median(v) for m, v in samples.items()}
+
+
+def child_memory(model_name: str, method: str, args_json: str) -> None:
+    """Runs in a fresh process: prints peak RSS over baseline and the profiler's peak allocation."""
+    import resource
+
+    args = argparse.Namespace(**json.loads(args_json))
+    torch.set_num_threads(args.threads)
+    trainer = make_trainer(model_name, method, args.shape[0], args.stem_stride)
+    x, y, teacher = batch(args.batch, tuple(args.shape))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # torch, model and batch loaded
+    for _ in range(4):
+        step(trainer, x, y, teacher)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(trainer, x, y, teacher)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    allocated = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    start = allocated[0] if allocated else 0
+    print(json.dumps({"rss_step_mb": (peak - base) / 1024, "rss_peak_mb": peak / 1024,
+                      "profiler_peak_mb": (max(allocated) - start) / 2 ** 20 if allocated else None}))
+
+
+def measure_memory(model_name: str, method: str, args) -> dict:
+    payload = json.dumps({"shape": list(args.shape), "batch": args.batch, "stem_stride": args.stem_stride,
+                          "threads": args.threads})
+    out = subprocess.run([sys.executable, "-m", "bench.forward_gradient", "--child", model_name, method, payload],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": "."})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_accuracy(model_name: str, method: str, out_dir: Path, config: str) -> dict:
+    report_path = out_dir / "runs" / f"{model_name}-{method}" / "report.json"
+    done = report_path.exists() and "final" in json.loads(report_path.read_text())  # resumable
+    if not done:
+        trainer, kwargs = METHODS[method]
+        cmd = [sys.executable, "-m", "tools.sim", "--config", config, "--transport", "memory",
+               "--out", str(report_path.parent), "--set", f"edge.trainer={trainer}",
+               "--set", f"edge.trainer_kwargs={json.dumps(kwargs)}", "--set", f"edge.model={model_name}"]
+        print("  $", " ".join(cmd[1:]), flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": "."}, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+    report = json.loads(report_path.read_text())
+    last_edge = report["rounds"][-1]["edge"].values()
+    return {"final_accuracy": report["final"]["test_accuracy"],
+            "best_accuracy": report["final"]["best_test_accuracy"],
+            "edge_train_accuracy": statistics.mean(e["train_accuracy"] for e in last_edge),
+            "edge_samples_per_s": statistics.mean(e["samples_per_s"] for e in last_edge),
+            "seconds": report["final"]["total_seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--models", default="resnet8_gkt,resnet20_gkt")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--shape", default="1x28x28", help="C x H x W of one image (Fashion-MNIST)")
+    parser.add_argument("--stem-stride", type=int, default=2, help="the quickstart's stem stride")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--accuracy", action="store_true", help="also run the quickstart per method (~7 min each)")
+    parser.add_argument("--accuracy-methods", default="backprop,fg_weight_exact_cls,fg_local_guess,forward,async_fgd")
+    parser.add_argument("--accuracy-models", default="resnet8_gkt,resnet20_gkt:backprop,forward",
+                        help="model[:method,method] list; a model without methods uses --accuracy-methods")
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--out", default="docs/bench/forward_gradient")
+    args = parser.parse_args()
+    if args.child:
+        child_memory(args.child[0], args.child[1], args.child[2])
+        return
+    args.shape = tuple(int(v) for v in args.shape.split("x"))
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = args.methods.split(",")
+    results: dict = {"settings": {k: v for k, v in vars(args).items() if k != "child"}, "torch": torch.__version__,
+                     "threads": args.threads, "cpu_count": os.cpu_count(), "rows": []}
+    for model_name in args.models.split(","):
+        print(f"{model_name}: timing {len(methods)} methods", flush=True)
+        times = time_methods(model_name, methods, args)
+        for method in methods:
+            mem = measure_memory(model_name, method, args)
+            row = {"model": model_name, "method": method, "step_ms": times[method] * 1e3,
+                   "time_vs_backprop": times[method] / times["backprop"] if "backprop" in times else None, **mem}
+            results["rows"].append(row)
+            print(f"  {method:22s} {row['step_ms']:8.1f} ms/step  x{row['time_vs_backprop']:.2f}  "
+                  f"RSS +{mem['rss_step_mb']:.1f} MB  profiler peak {mem['profiler_peak_mb']:.1f} MB", flush=True)
+    if args.accuracy:
+        results["accuracy"] = []
+        for spec in _split_specs(args.accuracy_models):
+            model_name, _, names = spec.partition(":")
+            for method in (names.split(",") if names else args.accuracy_methods.split(",")):
+                acc = run_accuracy(model_name, method, out, args.config)
+                results["accuracy"].append({"model": model_name, "method": method, **acc})
+                print(f"  accuracy {model_name:14s} {method:22s} {acc['final_accuracy']:.4f}", flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {out / 'results.json'}")
+
+
+def _split_specs(text: str) -> list[str]:
+    """'a,b:x,y' -> ['a', 'b:x,y']: a comma starts a new model unless it follows a 'model:' list."""
+    specs: list[str] = []
+    for part in text.split(","):
+        if specs and ":" in specs[-1] and part in METHODS:
+            specs[-1] += "," + part
+        else:
+            specs.append(part)
+    return specs
+
+
+if __name__ == "__main__":
+    main()
