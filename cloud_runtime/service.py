@@ -720,8 +720,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", required=True, help="runtime YAML")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     serve.add_argument("--log-level", default="INFO")
+    from cloud_runtime import provision
+    provision.add_parser(sub)
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(getattr(args, "log_level", "INFO"))
+    if args.command == "provision":
+        try:
+            return provision.main(args)
+        except ValueError as e:
+            logger.error("provision: %s", e)
+            return 2
     try:
         cfg = load_runtime_config(args.config, args.overrides)
         runtime = build_runtime(cfg)

@@ -238,14 +238,21 @@ class BrokerConfig:
     key_file: str | None = None
     keepalive: int = 30
     mqtt5: bool = True
+    allow_insecure: bool = False         # plaintext/anonymous to a non-loopback broker: only if you mean it
 
     def check(self) -> None:
         from edge_sdk.mqtt import BrokerAddress
         try:
-            BrokerAddress.parse(self.url)
+            address = BrokerAddress.parse(self.url)
         except ValueError as e:
             raise ConfigError(f"url: {e}") from None
         require(5 <= self.keepalive <= 3600, "keepalive", "must be in [5, 3600] seconds")
+        if not self.allow_insecure and not address.is_loopback:
+            # Deployments use TLS and credentials (cloud-runtime provision); plaintext is for local simulation.
+            require(address.tls, "url", f"plaintext mqtt:// to a non-loopback host ({address.host}) is refused; "
+                    "use mqtts:// (see cloud-runtime provision) or set broker.allow_insecure: true")
+            require(bool(self.username), "username", f"a non-loopback broker ({address.host}) needs credentials; "
+                    "or set broker.allow_insecure: true")
 
 
 @dataclass

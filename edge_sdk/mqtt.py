@@ -6,6 +6,7 @@ messages published while a client was away are delivered when it returns.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 import threading
@@ -38,6 +39,15 @@ class BrokerAddress:
             raise ValueError(f"broker URL {url!r} has no host")
         return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
 
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
 
 class MqttTransport(Transport):
     def __init__(self, broker_url: str, client_id: str, *, will: tuple[str, bytes] | None = None,
@@ -69,7 +79,9 @@ class MqttTransport(Transport):
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
         self.last_connect_error: str | None = None
+        self.refused_publishes = 0  # PUBACKs with a failure reason code (e.g. 135: not authorized by the ACL)
 
     @classmethod
     def from_config(cls, broker, client_id: str, will: tuple[str, bytes] | None = None) -> "MqttTransport":
@@ -96,6 +108,12 @@ class MqttTransport(Transport):
         self._connected.clear()
         if reason_code.is_failure:
             logger.warning("%s disconnected (%s); reconnecting", self.client_id, reason_code)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        if reason_code.is_failure:  # the broker took the packet but will not deliver it: say so loudly
+            self.refused_publishes += 1
+            logger.error("%s: broker refused publish mid=%d: %s (check this device's ACL)", self.client_id, mid,
+                         reason_code)
 
     def _on_message(self, client, userdata, message):
         with self._lock:

@@ -32,7 +32,13 @@ def free_port() -> int:
 class EmbeddedMosquitto:
     """``with EmbeddedMosquitto() as broker: broker.url`` -> ``mqtt://127.0.0.1:<port>``."""
 
-    def __init__(self, port: int | None = None, workdir: str | Path | None = None, extra_config: str = ""):
+    def __init__(self, port: int | None = None, workdir: str | Path | None = None, extra_config: str = "",
+                 config_file: str | Path | None = None):
+        """``config_file``: run that mosquitto.conf as is (e.g. ``cloud-runtime provision``'s; ``port`` must
+        be the port it listens on) instead of the generated loopback config."""
+        if config_file is not None and port is None:
+            raise ValueError("a given config_file needs its listener port")
+        self.config_file = Path(config_file) if config_file is not None else None
         self.port = port or free_port()
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="edgefl-mosquitto-")
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
@@ -60,8 +66,10 @@ class EmbeddedMosquitto:
             self.extra_config, ""])
 
     def start(self, timeout: float = 10.0) -> "EmbeddedMosquitto":
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(self.config_text())
+        conf = self.config_file
+        if conf is None:
+            conf = self.workdir / "mosquitto.conf"
+            conf.write_text(self.config_text())
         log = open(self.workdir / "mosquitto.log", "ab")
         self.process = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=log, stderr=log,
                                         stdin=subprocess.DEVNULL)

@@ -1,0 +1,225 @@
+"""A provisioned broker (cloud-runtime provision): TLS, per-device passwords and topic ACLs, on real mosquitto."""
+from __future__ import annotations
+
+import getpass
+import queue
+import ssl
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+
+from cloud_runtime.provision import mosquitto_password_hash, provision
+from edge_sdk.config import ConfigError, load_agent_config
+from edge_sdk.mqtt import MqttTransport
+from tools.mosquitto import EmbeddedMosquitto, free_port
+
+pytestmark = pytest.mark.integration
+RUN = "secure"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deploy")
+    port = free_port()
+    # The broker runs as this test's user (pytest's tmp dirs are private to it).
+    result = provision(out, ["dev0", "dev1"], host="127.0.0.1", port=port, bind="127.0.0.1", run_id=RUN,
+                       broker_user=getpass.getuser())
+    with EmbeddedMosquitto(port=port, workdir=out / "broker", config_file=result.broker_conf):
+        yield result, port
+
+
+def _password(result, user: str) -> str:
+    path = result.runtime_config if user == "cloud-runtime" else result.agent_configs[user]
+    return yaml.safe_load(path.read_text())["broker"]["password"]
+
+
+class Probe:
+    """A bare paho MQTT 5 client that records CONNACK, PUBACK and SUBACK reason codes and messages."""
+
+    def __init__(self, port: int, ca_file, username: str | None = None, password: str | None = None,
+                 client_id: str = "", tls: bool = True):
+        self.connack: queue.Queue = queue.Queue()
+        self.pubacks: dict[int, mqtt.ReasonCode] = {}
+        self.subacks: dict[int, list] = {}
+        self.messages: list[tuple[str, bytes]] = []
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if tls:
+            self.client.tls_set(ca_certs=str(ca_file), cert_reqs=ssl.CERT_REQUIRED)
+        self.client.on_connect = lambda c, u, f, rc, p: self.connack.put(rc)
+        self.client.on_publish = lambda c, u, mid, rc, p: self.pubacks.__setitem__(mid, rc)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.__setitem__(mid, rcs)
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+        self.client.connect("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+
+    def connected(self, timeout: float = 5.0):
+        """The CONNACK reason code, or None if the broker never answered."""
+        try:
+            return self.connack.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def publish(self, topic: str, payload: bytes, timeout: float = 5.0):
+        info = self.client.publish(topic, payload, qos=1)
+        deadline = time.monotonic() + timeout
+        while info.mid not in self.pubacks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.pubacks.get(info.mid)
+
+    def subscribe(self, topic: str, timeout: float = 5.0):
+        _, mid = self.client.subscribe(topic, qos=1)
+        deadline = time.monotonic() + timeout
+        while mid not in self.subacks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.subacks.get(mid)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_mosquitto_password_hash_format():
+    h = mosquitto_password_hash("secret", salt=b"0123456789ab", iterations=101)
+    assert h.startswith("$7$101$MDEyMzQ1Njc4OWFi$") and len(h.split("$")[-1]) == 88
+
+
+def test_anonymous_and_wrong_password_are_refused(deployment):
+    result, port = deployment
+    anonymous = Probe(port, result.ca_file)
+    rc = anonymous.connected()
+    anonymous.close()
+    assert rc is not None and rc.is_failure and rc.value in (134, 135)  # bad credentials / not authorized
+    wrong = Probe(port, result.ca_file, "dev0", "not-the-password")
+    rc = wrong.connected()
+    wrong.close()
+    assert rc is not None and rc.is_failure and rc.value in (134, 135)
+    right = Probe(port, result.ca_file, "dev0", _password(result, "dev0"))
+    rc = right.connected()
+    right.close()
+    assert rc is not None and not rc.is_failure
+
+
+def test_tls_is_required_and_verified(deployment, tmp_path):
+    result, port = deployment
+    plain = Probe(port, result.ca_file, "dev0", _password(result, "dev0"), tls=False)
+    rc = plain.connected(timeout=3)
+    plain.close()
+    assert rc is None  # a plaintext CONNECT on the TLS listener gets no CONNACK
+    other = provision(tmp_path / "other", ["devx"], host="127.0.0.1", port=1)  # a different CA
+    with pytest.raises(ssl.SSLCertVerificationError):
+        Probe(port, other.ca_file, "dev0", _password(result, "dev0"))
+
+
+def test_a_device_cannot_publish_to_another_devices_uplink(deployment):
+    result, port = deployment
+    runtime = Probe(port, result.ca_file, "cloud-runtime", _password(result, "cloud-runtime"))
+    dev0 = Probe(port, result.ca_file, "dev0", _password(result, "dev0"))
+    try:
+        assert not runtime.connected().is_failure and not dev0.connected().is_failure
+        assert not runtime.subscribe(f"edgefl/v1/{RUN}/dev/+/up")[0].is_failure
+        forged = dev0.publish(f"edgefl/v1/{RUN}/dev/dev1/up", b"forged upload")
+        own = dev0.publish(f"edgefl/v1/{RUN}/dev/dev0/up", b"own upload")
+        assert forged is not None and forged.is_failure and forged.value == 135  # PUBACK: Not authorized
+        assert own is not None and not own.is_failure
+        deadline = time.monotonic() + 5
+        while not runtime.messages and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert runtime.messages == [(f"edgefl/v1/{RUN}/dev/dev0/up", b"own upload")]  # the forgery never arrived
+    finally:
+        runtime.close()
+        dev0.close()
+
+
+def test_a_device_cannot_read_another_devices_downlink(deployment):
+    result, port = deployment
+    runtime = Probe(port, result.ca_file, "cloud-runtime", _password(result, "cloud-runtime"))
+    dev0 = Probe(port, result.ca_file, "dev0", _password(result, "dev0"))
+    dev1 = Probe(port, result.ca_file, "dev1", _password(result, "dev1"))
+    try:
+        assert all(not p.connected().is_failure for p in (runtime, dev0, dev1))
+        snoop = dev0.subscribe(f"edgefl/v1/{RUN}/dev/dev1/down")
+        wildcard = dev0.subscribe(f"edgefl/v1/{RUN}/dev/+/down")
+        assert not dev1.subscribe(f"edgefl/v1/{RUN}/dev/dev1/down")[0].is_failure
+        assert snoop is not None and wildcard is not None
+        assert runtime.publish(f"edgefl/v1/{RUN}/dev/dev1/down", b"soft labels for dev1").value == 0
+        deadline = time.monotonic() + 5
+        while not dev1.messages and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert dev1.messages == [(f"edgefl/v1/{RUN}/dev/dev1/down", b"soft labels for dev1")]
+        assert dev0.messages == []  # subscribed twice, received nothing
+    finally:
+        for p in (runtime, dev0, dev1):
+            p.close()
+
+
+def test_a_device_cannot_take_over_another_devices_session(deployment):
+    result, port = deployment
+    dev1 = Probe(port, result.ca_file, "dev1", _password(result, "dev1"), client_id="dev1")
+    dev0 = Probe(port, result.ca_file, "dev0", _password(result, "dev0"), client_id="dev1")  # dev1's client id
+    try:
+        assert not dev1.connected().is_failure and not dev0.connected().is_failure
+        time.sleep(0.5)
+        assert dev1.client.is_connected()  # the broker used dev0's user name as its client id: no takeover
+    finally:
+        dev0.close()
+        dev1.close()
+
+
+def test_generated_agent_config_connects_with_the_sdk_transport(deployment):
+    result, port = deployment
+    cfg = load_agent_config(result.agent_configs["dev1"])
+    assert cfg.broker.url.startswith("mqtts://") and cfg.broker.username == "dev1"
+    got: queue.Queue = queue.Queue()
+    runtime = Probe(port, result.ca_file, "cloud-runtime", _password(result, "cloud-runtime"))
+    transport = MqttTransport.from_config(cfg.broker, "dev1")
+    try:
+        assert not runtime.connected().is_failure
+        runtime.subscribe(f"edgefl/v1/{RUN}/dev/dev1/hb")
+        transport.connect(timeout=10)
+        transport.subscribe(f"edgefl/v1/{RUN}/dev/dev1/down", lambda topic, payload: got.put(payload))
+        time.sleep(0.3)
+        transport.publish(f"edgefl/v1/{RUN}/dev/dev1/hb", b"alive")
+        runtime.publish(f"edgefl/v1/{RUN}/dev/dev1/down", b"hello dev1")
+        assert got.get(timeout=5) == b"hello dev1"
+        deadline = time.monotonic() + 5
+        while not runtime.messages and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert runtime.messages == [(f"edgefl/v1/{RUN}/dev/dev1/hb", b"alive")]
+        transport.publish(f"edgefl/v1/{RUN}/dev/dev0/up", b"not mine")  # the SDK surfaces the refusal
+        deadline = time.monotonic() + 5
+        while transport.refused_publishes == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert transport.refused_publishes == 1
+    finally:
+        transport.close()
+        runtime.close()
+
+
+def test_reprovisioning_keeps_credentials_and_adds_devices(tmp_path):
+    first = provision(tmp_path, ["dev0"], host="127.0.0.1", port=8883)
+    before = yaml.safe_load(first.agent_configs["dev0"].read_text())["broker"]["password"]
+    second = provision(tmp_path, ["dev1"], host="127.0.0.1", port=8883)
+    assert yaml.safe_load(second.agent_configs["dev1"].read_text())["broker"]["password"] != before
+    assert yaml.safe_load(first.agent_configs["dev0"].read_text())["broker"]["password"] == before
+    users = [line.split(":")[0] for line in (tmp_path / "broker" / "passwd").read_text().splitlines()]
+    assert sorted(users) == ["cloud-runtime", "dev0", "dev1"]
+    assert oct(first.agent_configs["dev0"].stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(ValueError, match="reserved"):
+        provision(tmp_path, ["cloud-runtime"])
+    with pytest.raises(ValueError, match="must be 1-128 characters"):
+        provision(tmp_path, ["dev/1"])
+
+
+def test_plaintext_to_a_remote_broker_is_refused_unless_explicitly_allowed(tmp_path):
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(yaml.safe_dump({"device_id": "dev0", "broker": {"url": "mqtt://broker.example.org:1883"}}))
+    with pytest.raises(ConfigError, match="broker.url: plaintext mqtt:// to a non-loopback host"):
+        load_agent_config(cfg)
+    assert load_agent_config(cfg, ["broker.allow_insecure=true"]).broker.allow_insecure
+    assert load_agent_config(None, ["device_id=dev0", "broker.url=mqtt://127.0.0.1:1883"])  # local simulation
