@@ -122,6 +122,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 @dataclass
+class ValidationConfig:
+    """What the runtime accepts from a device, and when it stops listening to one."""
+
+    max_abs_feature: float = 1e4     # |feature| above this is implausible for a BN+ReLU stem (fp16 tops at 65504)
+    max_abs_logit: float = 1e4
+    max_update_norm: float = 1e6     # FedAvg: ||w_device - w_global|| above this is rejected outright
+    quarantine_after: int = 5        # consecutive rejected messages from one device -> quarantine
+    quarantine_s: float = 300.0      # how long a quarantined device is ignored
+
+    def check(self) -> None:
+        require(self.max_abs_feature > 0, "max_abs_feature", "must be > 0")
+        require(self.max_abs_logit > 0, "max_abs_logit", "must be > 0")
+        require(self.max_update_norm > 0, "max_update_norm", "must be > 0")
+        require(self.quarantine_after >= 1, "quarantine_after", "must be >= 1")
+        require(self.quarantine_s >= 0, "quarantine_s", "must be >= 0")
+
+
+@dataclass
 class RuntimeConfig:
     """``cloud-runtime serve``: one FedGKT run over a broker."""
 
@@ -148,6 +166,7 @@ class RuntimeConfig:
     max_transfer_bytes: int = 1 << 30
     max_chunk_bytes: int = 16 << 20
     transfer_timeout_s: float = 300.0
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     seed: int = 0
 
     def check(self) -> None:

@@ -66,6 +66,11 @@ class CloudRuntime:
         self.feature_channels: int | None = None
         self.devices: dict[str, dict] = {}
         self.rejections: Counter = Counter()
+        self.reject_streak: Counter = Counter()           # consecutive rejections per device
+        self.sample_owner: dict[str, dict[int, str]] = {"train": {}, "test": {}}  # split -> id -> device
+        self.device_ids: dict[str, dict[str, np.ndarray]] = {}  # device -> split -> its pinned sample ids
+        self.checkpoint_generation = 0
+        self._checkpoint_files: dict[str, str] = {}  # what runtime.json names (restore loads exactly those)
         self.messages_in = 0
         self.rows: list[dict] = []
         self.next_round = 0
@@ -117,10 +122,36 @@ class CloudRuntime:
                                                      f"{self.cfg.transfer_timeout_s:.0f}s")
 
     def _reject(self, reason: str, device: str | None, detail: str) -> None:
+        """Count and log a rejection with its reason; quarantine a device that keeps sending bad data."""
         self.rejections[reason] += 1
-        if device in self.devices:
-            self.devices[device]["rejected"] = self.devices[device].get("rejected", 0) + 1
         logger.warning("rejected message from %s: %s: %s", device or "?", reason, detail)
+        info = self.devices.get(device) if device else None
+        if info is None:
+            return
+        info["rejected"] = info.get("rejected", 0) + 1
+        reasons = info.setdefault("rejection_reasons", {})
+        reasons[reason] = reasons.get(reason, 0) + 1
+        info["last_rejection"] = {"reason": reason, "detail": detail[:300], "time": time.time()}
+        if reason == "quarantined":
+            return
+        self.reject_streak[device] += 1
+        v = self.cfg.validation
+        if self.reject_streak[device] >= v.quarantine_after and not self._quarantined(device):
+            info["quarantined_until"] = time.time() + v.quarantine_s
+            info["quarantines"] = info.get("quarantines", 0) + 1
+            self.reject_streak[device] = 0
+            logger.error("%s quarantined for %.0fs after %d consecutive rejected messages (last: %s)", device,
+                         v.quarantine_s, v.quarantine_after, reason)
+
+    def _quarantined(self, device: str) -> bool:
+        until = self.devices.get(device, {}).get("quarantined_until")
+        if until is None:
+            return False
+        if time.time() < until:
+            return True
+        self.devices[device].pop("quarantined_until", None)
+        logger.warning("%s released from quarantine", device)
+        return False
 
     def handle(self, topic: str, payload: bytes) -> None:
         self.messages_in += 1
@@ -136,6 +167,8 @@ class CloudRuntime:
                 raise Rejected("wrong_run", f"run {header['run']!r}")
             if topic_device is None or device != topic_device:
                 raise Rejected("spoofed_device", f"{device!r} published on {topic}")
+            if self._quarantined(device) and not topic.endswith("/status"):
+                raise Rejected("quarantined", f"ignored until {time.ctime(self.devices[device]['quarantined_until'])}")
             kind = header["type"]
             if topic.endswith("/status"):
                 self._on_status(device, header)
@@ -229,6 +262,8 @@ class CloudRuntime:
             upload.validate(self.num_classes, self.server.feature_shape if self.server else None)
         except MessageError as e:
             raise Rejected("non_finite" if "NaN" in str(e) else "bad_shape", str(e)) from None
+        self._check_plausible(upload)
+        self._check_ownership(device, upload)
         if upload.split == "train" and self.server is not None and self.server.feature_shape is None:
             self.server.feature_shape = tuple(upload.features.shape[1:])
         store = self.train_uploads if upload.split == "train" else self.test_uploads
@@ -239,11 +274,41 @@ class CloudRuntime:
         if upload.split == "train":
             self.arrival_version[device] = self.server_version
             self.devices[device]["last_metrics"] = upload.metrics
+        self.reject_streak[device] = 0
         self.transport.publish(self.topics.down(device), P.control_frame(
             P.ACK, run=self.cfg.run_id, device=device, round_=done.round, transfer=done.transfer, accepted=True))
         logger.info("%s: %s upload of round %d accepted: %d samples, %.2f MB (%d chunks)%s", device, upload.split,
                     done.round, len(upload.sample_ids), done.wire_bytes / 1e6, done.chunks,
                     " (replaces a resend)" if replaced else "")
+
+    def _check_plausible(self, upload: FeatureUpload) -> None:
+        v = self.cfg.validation
+        for name, tensor, bound in (("features", upload.features, v.max_abs_feature),
+                                    ("logits", upload.logits, v.max_abs_logit)):
+            peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+            if peak > bound:
+                raise Rejected("implausible_values", f"{upload.split} {name}: max |value| {peak:.3g} > {bound:g}")
+
+    def _check_ownership(self, device: str, upload: FeatureUpload) -> None:
+        """Sample ids are the device's own: disjoint from every other device's, and the same set each round."""
+        ids = upload.sample_ids
+        declared = self.devices[device].get(f"{upload.split}_samples")
+        if isinstance(declared, int) and len(ids) != declared:
+            raise Rejected("sample_ids", f"{len(ids)} {upload.split} samples, the device registered {declared}")
+        pinned = self.device_ids.get(device, {}).get(upload.split)
+        if pinned is not None:
+            if len(pinned) != len(ids) or not np.array_equal(np.sort(ids), pinned):
+                raise Rejected("sample_ids", f"{upload.split} sample ids differ from the {len(pinned)} this device "
+                                             "uploaded before")
+            return
+        owners = self.sample_owner[upload.split]
+        stolen = [int(i) for i in ids if owners.get(int(i), device) != device]
+        if stolen:
+            raise Rejected("sample_ids", f"{len(stolen)} {upload.split} sample ids belong to other devices "
+                                         f"(e.g. {stolen[0]} is {owners[stolen[0]]}'s)")
+        for i in ids.tolist():
+            owners[i] = device
+        self.device_ids.setdefault(device, {})[upload.split] = np.sort(ids)
 
     def _expected_round(self, device: str) -> int:
         if self.cfg.mode == "async":
@@ -257,8 +322,9 @@ class CloudRuntime:
         torch.manual_seed(self.cfg.seed)  # every restart rebuilds the same initial model
         self.global_model = create_model(registration.get("model") or "resnet56", num_classes=self.num_classes,
                                          in_channels=int(shape[0]), **(registration.get("model_kwargs") or {}))
-        checkpoint = self.state_dir / GLOBAL_CHECKPOINT
-        if checkpoint.exists():
+        name = self._checkpoint_files.get("global_checkpoint")
+        checkpoint = self.state_dir / name if name else None
+        if checkpoint is not None and checkpoint.exists():
             self.global_model.load_state_dict(torch.load(checkpoint, weights_only=True, map_location="cpu"))
             logger.info("global model restored from %s", checkpoint)
         logger.info("global model %s: %d parameters", registration.get("model"),
@@ -271,11 +337,20 @@ class CloudRuntime:
         samples = done.meta.get("samples")
         if not isinstance(samples, int) or samples <= 0:
             raise Rejected("bad_payload", f"model update with samples={samples!r}")
+        for name, tensor in state.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise Rejected("non_finite", f"model update: {name} contains NaN or Inf")
+        from cloud_runtime.aggregation import update_norm
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        norm = update_norm({k: state[k].numpy() for k in floats}, {k: reference[k].numpy() for k in floats})
+        if norm > self.cfg.validation.max_update_norm:
+            raise Rejected("implausible_values", f"model update norm {norm:.3g} > {self.cfg.validation.max_update_norm:g}")
         replaced = device in self.model_updates
         self.model_updates[device] = (state, samples, dict(done.meta.get("metrics") or {}))
         raw = int(done.meta.get("raw_fp32_bytes", 0))
         self.round_raw[device] += raw if not replaced else 0
         self.devices[device]["raw_fp32_bytes"] += raw if not replaced else 0
+        self.reject_streak[device] = 0
         self.transport.publish(self.topics.down(device), P.control_frame(
             P.ACK, run=self.cfg.run_id, device=device, round_=done.round, transfer=done.transfer, accepted=True))
         logger.info("%s: model update of round %d accepted: %d samples, %.2f MB", device, done.round, samples,
@@ -365,8 +440,9 @@ class CloudRuntime:
         model = create_model(self.cfg.server.model, num_classes=self.num_classes,
                              feature_channels=self.feature_channels, **self.cfg.server.model_kwargs)
         self.server = GKTServer(model, self.cfg.server, self.num_classes, seed=self.cfg.seed)
-        checkpoint = self.state_dir / SERVER_CHECKPOINT
-        if checkpoint.exists():
+        name = self._checkpoint_files.get("server_checkpoint")
+        checkpoint = self.state_dir / name if name else None
+        if checkpoint is not None and checkpoint.exists():
             state = torch.load(checkpoint, weights_only=True, map_location="cpu")  # no pickle execution
             self.server.load_state_dict(state)
             logger.info("server model restored from %s", checkpoint)
@@ -587,20 +663,32 @@ class CloudRuntime:
     # -- state and report -------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
+        """Model files first (new names), then runtime.json naming them: runtime.json is the commit point,
+        so a crash anywhere leaves a consistent (model, round) pair and nothing is trained on twice."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.server is not None:
-            tmp = self.state_dir / (SERVER_CHECKPOINT + ".tmp")
-            torch.save(self.server.state_dict(), tmp)
-            os.replace(tmp, self.state_dir / SERVER_CHECKPOINT)
-        if self.global_model is not None:
-            tmp = self.state_dir / (GLOBAL_CHECKPOINT + ".tmp")
-            torch.save(self.global_model.state_dict(), tmp)
-            os.replace(tmp, self.state_dir / GLOBAL_CHECKPOINT)
+        generation = self.checkpoint_generation + 1
+        files = {}
+        for key, module, stem in (("server_checkpoint", self.server, SERVER_CHECKPOINT),
+                                  ("global_checkpoint", self.global_model, GLOBAL_CHECKPOINT)):
+            if module is None:
+                continue
+            name = stem.replace(".pt", f".{generation}.pt")
+            tmp = self.state_dir / (name + ".tmp")
+            torch.save(module.state_dict(), tmp)  # tensors and plain containers only: loads with weights_only
+            os.replace(tmp, self.state_dir / name)
+            files[key] = name
         write_json(self.state_dir / RUNTIME_STATE, {
+            "generation": generation, **files,
             "next_round": self.next_round, "rows": self.rows, "devices": self.devices,
             "rejections": dict(self.rejections), "num_classes": self.num_classes,
             "feature_channels": self.feature_channels, "device_round": self.device_round,
-            "server_version": self.server_version})
+            "server_version": self.server_version,
+            "device_ids": {d: {split: ids.tolist() for split, ids in by_split.items()}
+                           for d, by_split in self.device_ids.items()}})
+        self.checkpoint_generation = generation
+        for stale in self.state_dir.glob("*.pt"):
+            if stale.name not in files.values():
+                stale.unlink(missing_ok=True)
         self.write_report()
 
     def restore(self) -> bool:
@@ -616,6 +704,12 @@ class CloudRuntime:
         self.rejections = Counter(state.get("rejections", {}))
         self.device_round = {k: int(v) for k, v in state.get("device_round", {}).items()}
         self.server_version = int(state.get("server_version", 0))
+        self.checkpoint_generation = int(state.get("generation", 0))
+        self._checkpoint_files = {k: state[k] for k in ("server_checkpoint", "global_checkpoint") if k in state}
+        for device, by_split in state.get("device_ids", {}).items():
+            for split, ids in by_split.items():
+                self.device_ids.setdefault(device, {})[split] = np.asarray(ids, dtype=np.int64)
+                self.sample_owner[split].update((int(i), device) for i in ids)
         if state.get("num_classes"):
             self.num_classes, self.feature_channels = state["num_classes"], state["feature_channels"]
             if self.cfg.algorithm == "fedavg":

@@ -42,9 +42,11 @@ def register(device, runtime, name="devA", **overrides):
     device.publish(runtime.topics.up(name), P.control_frame(P.REGISTER, run=RUN, device=name, round_=-1, **data))
 
 
-def upload_frames(round_=0, n=30, codec="fp16", mutate=None, device="devA", max_chunk=1500, seed=0):
+def upload_frames(round_=0, n=30, codec="fp16", mutate=None, device="devA", max_chunk=1500, seed=0, first_id=0,
+                  scale=1.0):
     g = torch.Generator().manual_seed(seed)
-    upload = FeatureUpload(device, round_, "train", np.arange(n, dtype=np.int64), torch.rand(n, 4, 5, 5, generator=g),
+    upload = FeatureUpload(device, round_, "train", np.arange(first_id, first_id + n, dtype=np.int64),
+                           torch.rand(n, 4, 5, 5, generator=g) * scale,
                            torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g))
     arrays, meta = P.upload_to_arrays(upload, codec)
     if mutate:
@@ -107,6 +109,7 @@ BAD_INPUTS = [
 
 def test_bad_input_is_dropped_with_a_reason_and_accepted_data_stays(runtime, device):
     runtime.cfg.max_chunk_bytes = 512 * 1024
+    runtime.cfg.validation.quarantine_after = 1000  # every reason is checked here; quarantine has its own test
     register(device, runtime)
     wait_until(lambda: "devA" in runtime.devices, step=runtime.pump)
     good, upload = upload_frames()
@@ -122,8 +125,39 @@ def test_bad_input_is_dropped_with_a_reason_and_accepted_data_stays(runtime, dev
     # and it still serves: a new valid registration and upload go through
     register(device, runtime, name="devB")
     wait_until(lambda: "devB" in runtime.devices, step=runtime.pump)
-    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=11)[0])
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=11, first_id=100)[0])
     wait_until(lambda: "devB" in runtime.train_uploads, step=runtime.pump)
+
+
+def test_implausible_values_and_foreign_sample_ids_are_rejected_then_the_device_is_quarantined(runtime, device):
+    runtime.cfg.validation.quarantine_after = 3
+    register(device, runtime)
+    register(device, runtime, name="devB")
+    wait_until(lambda: {"devA", "devB"} <= set(runtime.devices), step=runtime.pump)
+    send(device, runtime.topics.up("devA"), upload_frames()[0])  # devA owns ids 0..29
+    wait_until(lambda: "devA" in runtime.train_uploads, step=runtime.pump)
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=1, scale=5e4, first_id=100)[0])
+    wait_until(lambda: runtime.rejections["implausible_values"] == 1, step=runtime.pump)
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=2, first_id=20)[0])  # 20..29 are devA's
+    wait_until(lambda: runtime.rejections["sample_ids"] == 1, step=runtime.pump)
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=3, n=12, first_id=100)[0])
+    wait_until(lambda: runtime.rejections["sample_ids"] == 2, step=runtime.pump)  # registered 30 samples
+    info = runtime.devices["devB"]
+    assert info["rejection_reasons"] == {"implausible_values": 1, "sample_ids": 2}
+    assert "quarantined_until" in info and info["quarantines"] == 1
+    # quarantined: even a valid upload is ignored, with its own reason, until the quarantine ends
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=4, first_id=100)[0])
+    wait_until(lambda: runtime.rejections["quarantined"] >= 1, step=runtime.pump)
+    assert "devB" not in runtime.train_uploads
+    info["quarantined_until"] = 0  # time passes
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=5, first_id=100)[0])
+    wait_until(lambda: "devB" in runtime.train_uploads, step=runtime.pump)
+    assert runtime.train_uploads["devA"].sample_ids.tolist() == list(range(30))  # devA's data untouched
+    # a pinned device cannot swap its sample ids in a later upload either
+    runtime.train_uploads.pop("devA")
+    send(device, runtime.topics.up("devA"), upload_frames(seed=6, first_id=200)[0])
+    wait_until(lambda: runtime.rejections["sample_ids"] == 3, step=runtime.pump)
+    assert "differ from the 30 this device uploaded before" in runtime.devices["devA"]["last_rejection"]["detail"]
 
 
 def test_inconsistent_registration_is_rejected(runtime, device):
