@@ -430,6 +430,7 @@ class CloudRuntime:
                          "upload_seconds": time.monotonic() - start, **self._aggregate()}
             self._evaluate_global(row)
             row["edge"] = {d: self.model_updates[d][2] for d in row["participants"]}
+            row["accepted_samples"] = {d: self.model_updates[d][1] for d in row["participants"]}
             self._finish_row(row, start)
             self.next_round = round_ + 1
             self.checkpoint()
@@ -598,6 +599,9 @@ class CloudRuntime:
                    upload_compression_ratio=raw / max(sum(up.values()), 1), rejections=dict(self.rejections))
         if "edge" not in row:
             row["edge"] = {d: dict(self.train_uploads[d].metrics) for d in row["participants"]}
+        if "accepted_samples" not in row:  # what this round trained on: the invariant the fault drills check
+            row["accepted_samples"] = {d: int(len(self.train_uploads[d].sample_ids)) for d in row["participants"]
+                                       if d in self.train_uploads}
         self.rows.append(row)
         acc = row.get("test_accuracy")
         logger.info("round %d done in %.1fs: %s, upload %.1f MB (%.1fx smaller than fp32)", row["round"], row["seconds"],
@@ -743,6 +747,8 @@ class CloudRuntime:
         final.update(rounds=len(self.rows), bytes_up=up, bytes_down=sum(d["bytes_down"] for d in self.devices.values()),
                      upload_compression_ratio=raw / max(up, 1), rejections=dict(self.rejections),
                      messages_in=self.messages_in,
+                     accepted_samples=sum(sum(r.get("accepted_samples", {}).values()) for r in self.rows),
+                     quarantined=sorted(d for d, info in self.devices.items() if info.get("quarantines")),
                      total_seconds=time.time() - self.started)
         devices = {}
         for name, info in self.devices.items():

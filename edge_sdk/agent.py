@@ -216,8 +216,7 @@ class EdgeAgent:
                              "train_seconds": stats.seconds, "samples_per_s": stats.samples_per_s})
         frames = P.chunk_transfer(P.pack_arrays(arrays), run=self.cfg.run_id, device=self.device, round_=round_,
                                   meta=meta, max_chunk=self.cfg.upload.chunk_bytes)
-        for frame in frames:
-            self.transport.publish(self.topics.up(self.device), frame)
+        self._publish_paced(self.topics.up(self.device), frames)
         self.bytes_up += sum(map(len, frames))
         self.transport.flush(timeout=120)
         self.trained_round = self.last_done = round_
@@ -266,13 +265,25 @@ class EdgeAgent:
         frames = P.chunk_transfer(blob, run=self.cfg.run_id, device=self.device, round_=upload.round, meta=meta,
                                   max_chunk=self.cfg.upload.chunk_bytes)
         topic = self.topics.up(self.device)
-        for frame in frames:
-            self.transport.publish(topic, frame)
         wire = sum(len(f) for f in frames)
+        logger.info("%s: uploading round %d %s features: %d chunks, %.2f MB", self.device, upload.round, upload.split,
+                    len(frames), wire / 1e6)
+        self._publish_paced(topic, frames)
         self.bytes_up += wire
         logger.info("%s: uploaded %s features of %d samples: %.2f MB in %d chunks (%.1fx smaller than fp32)",
                     self.device, upload.split, len(upload.sample_ids), wire / 1e6, len(frames),
                     meta["raw_fp32_bytes"] / max(wire, 1))
+
+    def _publish_paced(self, topic: str, frames: list[bytes]) -> None:
+        """Publish chunks, at most ``upload.max_bytes_per_s`` on average when a cap is set."""
+        cap, start, sent = self.cfg.upload.max_bytes_per_s, time.monotonic(), 0
+        for frame in frames:
+            self.transport.publish(topic, frame)
+            sent += len(frame)
+            if cap:
+                ahead = sent / cap - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
 
     def heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()

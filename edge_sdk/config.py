@@ -260,9 +260,11 @@ class UploadConfig:
     codec: Literal["fp32", "fp16", "int8"] = "int8"   # feature codec (+ zstd); see docs/CODECS.md
     model_codec: Literal["fp32", "fp16"] = "fp16"      # FedAvg weights (+ zstd)
     chunk_bytes: int = 256 * 1024
+    max_bytes_per_s: int | None = None                 # cap the uplink (metered or shared links); null = no cap
 
     def check(self) -> None:
         require(1024 <= self.chunk_bytes <= 64 << 20, "chunk_bytes", "must be in [1 KiB, 64 MiB]")
+        require(self.max_bytes_per_s is None or self.max_bytes_per_s >= 1024, "max_bytes_per_s", "must be >= 1024")
 
 
 @dataclass

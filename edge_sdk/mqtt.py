@@ -49,6 +49,13 @@ class BrokerAddress:
             return False
 
 
+def _delivered(info: mqtt.MQTTMessageInfo) -> bool:
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):  # failed for good: nothing left to wait for
+        return True
+
+
 class MqttTransport(Transport):
     def __init__(self, broker_url: str, client_id: str, *, will: tuple[str, bytes] | None = None,
                  username: str | None = None, password: str | None = None, ca_file: str | None = None,
@@ -144,8 +151,12 @@ class MqttTransport(Transport):
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise ConnectionError(f"{self.client_id}: publish to {topic} failed: {mqtt.error_string(info.rc)}")
         if qos > 0:
+            if info.rc == mqtt.MQTT_ERR_NO_CONN:
+                # Disconnected (broker restart, flaky link): paho keeps the QoS>0 message and sends it after
+                # the reconnect, but its info would report NO_CONN forever; track the delivery instead.
+                info.rc = mqtt.MQTT_ERR_SUCCESS
             with self._lock:
-                self._inflight = [i for i in self._inflight if not i.is_published()]
+                self._inflight = [i for i in self._inflight if not _delivered(i)]
                 self._inflight.append(info)
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:

@@ -92,6 +92,7 @@ def edit_yaml(path, **changes):
     path.write_text(yaml.safe_dump(data))
 
 
+@pytest.mark.drill
 def test_agent_killed_mid_round_resumes(npz_dir, tmp_path, broker, procs):
     runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 3)
     procs.append(spawn(["cloud_runtime.service", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
@@ -147,6 +148,55 @@ def test_async_mode_finishes_with_a_slow_device(npz_dir, tmp_path, broker, procs
     assert all(s <= 3 for r in rows for s in r["staleness"].values())
 
 
+# -- fault drills: each must end with exactly the samples an undisturbed run accepts ----------------
+
+TRAIN_SAMPLES = 400  # the npz fixture's training set, split over the devices
+
+
+def accepted(tmp_path) -> tuple[int, list]:
+    report = json.loads((tmp_path / "runtime" / "report.json").read_text())
+    return report["final"]["accepted_samples"], [r["accepted_samples"] for r in report["rounds"]]
+
+
+@pytest.mark.drill
+def test_agent_killed_mid_upload_resends_and_nothing_is_lost(npz_dir, tmp_path, broker, procs):
+    runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 3, "deployment.chunk_bytes=4096")
+    procs.append(spawn(["cloud_runtime.service", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+    procs.append(spawn(["edge_sdk.agent", "--config", str(agents[0])], tmp_path / "a0.log"))
+    paced = ["edge_sdk.agent", "--config", str(agents[1]), "--set", "upload.max_bytes_per_s=40000"]  # ~5 s uploads
+    procs.append(spawn(paced, tmp_path / "a1.log"))
+    wait_until(lambda: "uploading round 1 train" in (tmp_path / "a1.log").read_text(), timeout=150)
+    time.sleep(1.5)  # part of the transfer is at the runtime, the rest never leaves
+    procs[2].send_signal(signal.SIGKILL)
+    procs[2].wait()
+    procs.append(spawn(paced, tmp_path / "a1-restarted.log"))
+    assert procs[0].wait(240) == 0
+    restarted = (tmp_path / "a1-restarted.log").read_text()
+    assert "re-sending round 1 without retraining" in restarted
+    total, per_round = accepted(tmp_path)
+    assert total == 3 * TRAIN_SAMPLES and all(sum(r.values()) == TRAIN_SAMPLES for r in per_round)
+
+
+@pytest.mark.drill
+def test_broker_restarted_mid_round_loses_nothing(npz_dir, tmp_path, procs):
+    from tools.mosquitto import EmbeddedMosquitto
+    with EmbeddedMosquitto(workdir=tmp_path / "broker", persistent=True) as broker:
+        runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 3, "deployment.chunk_bytes=4096")
+        procs.append(spawn(["cloud_runtime.service", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+        for i, agent in enumerate(agents):
+            procs.append(spawn(["edge_sdk.agent", "--config", str(agent), "--set", "upload.max_bytes_per_s=40000"],
+                               tmp_path / f"a{i}.log"))
+        wait_until(lambda: "uploading round 1 train" in (tmp_path / "a0.log").read_text(), timeout=150)
+        time.sleep(1.0)  # uploads in flight
+        broker.restart()
+        assert procs[0].wait(240) == 0
+    total, per_round = accepted(tmp_path)
+    assert total == 3 * TRAIN_SAMPLES and all(sum(r.values()) == TRAIN_SAMPLES for r in per_round)
+    for p in procs[1:]:
+        assert p.wait(60) == 0
+
+
+@pytest.mark.drill
 def test_runtime_killed_mid_run_resumes_from_checkpoint(npz_dir, tmp_path, broker, procs):
     runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 3)
     serve = ["cloud_runtime.service", "serve", "--config", str(runtime_path)]
@@ -164,6 +214,8 @@ def test_runtime_killed_mid_run_resumes_from_checkpoint(npz_dir, tmp_path, broke
     assert "resumed from" in (tmp_path / "rt-restarted.log").read_text()
     for p in procs[1:3]:
         assert p.wait(60) == 0  # the agents saw the restarted runtime's shutdown
+    total, per_round = accepted(tmp_path)
+    assert total == 3 * TRAIN_SAMPLES and all(sum(r.values()) == TRAIN_SAMPLES for r in per_round)
 
 
 def test_fedavg_over_mosquitto_reports_accuracy_bytes_and_divergence(npz_dir, tmp_path):

@@ -1,6 +1,7 @@
 """Start and stop a private mosquitto broker on a free loopback port (simulations and tests)."""
 from __future__ import annotations
 
+import getpass
 import logging
 import shutil
 import socket
@@ -33,7 +34,7 @@ class EmbeddedMosquitto:
     """``with EmbeddedMosquitto() as broker: broker.url`` -> ``mqtt://127.0.0.1:<port>``."""
 
     def __init__(self, port: int | None = None, workdir: str | Path | None = None, extra_config: str = "",
-                 config_file: str | Path | None = None):
+                 config_file: str | Path | None = None, persistent: bool = False):
         """``config_file``: run that mosquitto.conf as is (e.g. ``cloud-runtime provision``'s; ``port`` must
         be the port it listens on) instead of the generated loopback config."""
         if config_file is not None and port is None:
@@ -44,6 +45,7 @@ class EmbeddedMosquitto:
         self.workdir = Path(workdir or self._tmp.name)  # type: ignore[union-attr]
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.extra_config = extra_config
+        self.persistent = persistent  # sessions, queued and retained messages survive a restart (as deployed)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -55,8 +57,10 @@ class EmbeddedMosquitto:
         # drop a QoS 1 message because one subscriber is momentarily slow.
         return "\n".join([
             f"listener {self.port} 127.0.0.1",
+            f"user {getpass.getuser()}",  # started as root, mosquitto would drop to 'mosquitto' and lose its workdir
             "allow_anonymous true",
-            "persistence false",
+            *(["persistence true", f"persistence_location {self.workdir.resolve()}/"] if self.persistent
+              else ["persistence false"]),
             "max_queued_messages 1000000",
             "max_inflight_messages 100",
             "message_size_limit 0",
