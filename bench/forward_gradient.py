@@ -1,7 +1,8 @@
 """Forward-gradient edge trainers vs backprop: step time, peak memory and final FedGKT accuracy.
 
-    python -m bench.forward_gradient --out docs/bench/forward_gradient            # time + memory (~3 min)
-    python -m bench.forward_gradient --accuracy --out docs/bench/forward_gradient # + a quickstart run per method
+    python -m bench.forward_gradient --part timing      # step time + peak memory, ~5 min -> timing.json
+    python -m bench.forward_gradient --part accuracy    # one quickstart run per method (~12 min each), resumable
+    python -m bench.forward_gradient --part table       # markdown table + PNG from both
 
 Step time: each method's median over interleaved repeats in this one process (ratio to backprop
 measured side by side). Peak memory: a fresh process per method runs a few steps and reports its
@@ -137,8 +138,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--accuracy", action="store_true", help="also run the quickstart per method (~7 min each)")
-    parser.add_argument("--accuracy-methods", default="backprop,fg_weight_exact_cls,fg_local_guess,forward,async_fgd")
+    parser.add_argument("--part", choices=["timing", "accuracy", "table"], default="timing")
+    parser.add_argument("--accuracy-methods", default="backprop,fg_weight,fg_weight_exact_cls,fg_local_guess,forward,"
+                                                      "async_fgd")
     parser.add_argument("--accuracy-models", default="resnet8_gkt,resnet20_gkt:backprop,forward",
                         help="model[:method,method] list; a model without methods uses --accuracy-methods")
     parser.add_argument("--config", default="configs/quickstart.yaml")
@@ -151,29 +153,70 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    methods = args.methods.split(",")
-    results: dict = {"settings": {k: v for k, v in vars(args).items() if k != "child"}, "torch": torch.__version__,
-                     "threads": args.threads, "cpu_count": os.cpu_count(), "rows": []}
-    for model_name in args.models.split(","):
-        print(f"{model_name}: timing {len(methods)} methods", flush=True)
-        times = time_methods(model_name, methods, args)
-        for method in methods:
-            mem = measure_memory(model_name, method, args)
-            row = {"model": model_name, "method": method, "step_ms": times[method] * 1e3,
-                   "time_vs_backprop": times[method] / times["backprop"] if "backprop" in times else None, **mem}
-            results["rows"].append(row)
-            print(f"  {method:22s} {row['step_ms']:8.1f} ms/step  x{row['time_vs_backprop']:.2f}  "
-                  f"RSS +{mem['rss_step_mb']:.1f} MB  profiler peak {mem['profiler_peak_mb']:.1f} MB", flush=True)
-    if args.accuracy:
-        results["accuracy"] = []
+    settings = {k: v for k, v in vars(args).items() if k != "child"}
+    if args.part == "timing":
+        methods = args.methods.split(",")
+        results: dict = {"settings": settings, "torch": torch.__version__, "cpu_count": os.cpu_count(), "rows": []}
+        for model_name in args.models.split(","):
+            print(f"{model_name}: timing {len(methods)} methods", flush=True)
+            times = time_methods(model_name, methods, args)
+            for method in methods:
+                mem = measure_memory(model_name, method, args)
+                row = {"model": model_name, "method": method, "step_ms": times[method] * 1e3,
+                       "time_vs_backprop": times[method] / times["backprop"] if "backprop" in times else None, **mem}
+                results["rows"].append(row)
+                print(f"  {method:22s} {row['step_ms']:8.1f} ms/step  x{row['time_vs_backprop']:.2f}  "
+                      f"RSS +{mem['rss_step_mb']:.1f} MB  profiler peak {mem['profiler_peak_mb']:.1f} MB", flush=True)
+        (out / "timing.json").write_text(json.dumps(results, indent=2))
+    elif args.part == "accuracy":
+        rows = []
         for spec in _split_specs(args.accuracy_models):
             model_name, _, names = spec.partition(":")
             for method in (names.split(",") if names else args.accuracy_methods.split(",")):
                 acc = run_accuracy(model_name, method, out, args.config)
-                results["accuracy"].append({"model": model_name, "method": method, **acc})
+                rows.append({"model": model_name, "method": method, **acc})
                 print(f"  accuracy {model_name:14s} {method:22s} {acc['final_accuracy']:.4f}", flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / 'results.json'}")
+                (out / "accuracy.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    else:
+        print(table(out))
+
+
+def table(out: Path) -> str:
+    """Markdown table joining timing.json and accuracy.json, and a PNG of time/memory/accuracy per method."""
+    timing = json.loads((out / "timing.json").read_text())["rows"] if (out / "timing.json").exists() else []
+    accuracy = json.loads((out / "accuracy.json").read_text())["rows"] if (out / "accuracy.json").exists() else []
+    acc = {(r["model"], r["method"]): r for r in accuracy}
+    lines = ["| model | method | step ms | x backprop | profiler peak MB | RSS step MB | FedGKT acc | edge train acc |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in timing:
+        a = acc.get((r["model"], r["method"]), {})
+        fmt = lambda v, f: format(v, f) if v is not None else "–"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['method']} | {r['step_ms']:.1f} | {r['time_vs_backprop']:.2f} | "
+                     f"{fmt(r['profiler_peak_mb'], '.1f')} | {r['rss_step_mb']:.1f} | "
+                     f"{fmt(a.get('final_accuracy'), '.4f')} | {fmt(a.get('edge_train_accuracy'), '.3f')} |")
+    if timing:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        models = list(dict.fromkeys(r["model"] for r in timing))
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, key, title in zip(axes, ("time_vs_backprop", "profiler_peak_mb", None),
+                                  ("step time / backprop", "profiler peak MB", "FedGKT test accuracy")):
+            for i, model in enumerate(models):
+                rows = [r for r in timing if r["model"] == model]
+                values = [r[key] if key else (acc.get((model, r["method"]), {}).get("final_accuracy") or 0)
+                          for r in rows]
+                xs = [j + i * 0.4 for j in range(len(rows))]
+                ax.bar(xs, values, width=0.4, label=model)
+                ax.set_xticks([j + 0.2 for j in range(len(rows))], [r["method"] for r in rows], rotation=45,
+                              ha="right")
+            ax.set_title(title)
+            if key is None:
+                ax.set_ylim(0.7, 0.9)
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(out / "forward_gradient.png", dpi=110)
+    return "\n".join(lines)
 
 
 def _split_specs(text: str) -> list[str]:

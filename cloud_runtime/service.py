@@ -184,6 +184,11 @@ class CloudRuntime:
             self._reject(e.reason, device, str(e).split(": ", 1)[-1])
         except P.ProtocolError as e:
             self._reject(e.reason, device, str(e))
+        except MessageError as e:
+            self._reject("bad_payload", device, str(e))
+        except Exception as e:  # a handler bug must cost one message, never the service (the fuzz test hunts these)
+            logger.exception("internal error handling a message from %s on %s", device, topic)
+            self._reject("internal_error", device, f"{type(e).__name__}: {e}")
 
     def _on_status(self, device: str, header: dict) -> None:
         online = bool(header.get("data", {}).get("online"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import time
 import uuid
@@ -150,7 +151,7 @@ def decode_frame(payload: bytes, max_body: int | None = None) -> tuple[dict, byt
         raise ProtocolError("bad_header", str(e)) from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header is not an object")
-    if header.get("v") != PROTOCOL_VERSION:
+    if type(header.get("v")) is not int or header.get("v") != PROTOCOL_VERSION:
         raise ProtocolError("bad_version", f"protocol version {header.get('v')!r}, this side speaks {PROTOCOL_VERSION}")
     for key, typ in (("type", str), ("run", str), ("device", str), ("round", int)):
         if not isinstance(header.get(key), typ) or isinstance(header.get(key), bool):
@@ -326,6 +327,10 @@ def arrays_to_state(arrays: dict[str, np.ndarray], reference: dict[str, torch.Te
 # chunking
 
 
+_TRANSFER_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def new_transfer_id() -> str:
     return uuid.uuid4().hex
 
@@ -394,11 +399,16 @@ class Reassembler:
     def add(self, header: dict, body: bytes, wire_bytes: int | None = None, now: float | None = None
             ) -> CompletedTransfer | None:
         now = time.monotonic() if now is None else now
-        try:
-            transfer, index, count = str(header["transfer"]), int(header["index"]), int(header["count"])
-            size, crc, digest = int(header["size"]), int(header["crc32"]), str(header["sha256"])
-        except (KeyError, TypeError, ValueError):
-            raise ProtocolError("bad_header", "chunk header lacks transfer/index/count/size/crc32/sha256") from None
+        transfer, index, count = header.get("transfer"), header.get("index"), header.get("count")
+        size, crc, digest = header.get("size"), header.get("crc32"), header.get("sha256")
+        if not all(type(v) is int for v in (index, count, size, crc)):  # strictly: no bools, floats or strings
+            raise ProtocolError("bad_header", "chunk header needs integer index/count/size/crc32")
+        if not isinstance(transfer, str) or not _TRANSFER_ID.fullmatch(transfer):
+            raise ProtocolError("bad_header", f"transfer id {str(transfer)[:80]!r} is not 1-64 of [0-9A-Za-z_-]")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise ProtocolError("bad_header", "sha256 must be 64 lowercase hex digits")
+        if not 0 <= crc < 2 ** 32:
+            raise ProtocolError("bad_header", f"crc32 {crc} out of range")
         device, round_ = header["device"], header["round"]
         key = (device, transfer)
         if key in self._done:
