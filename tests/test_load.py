@@ -1,0 +1,15 @@
+"""A small fleet (protocol-only agents) against real mosquitto and the real runtime: nothing may be lost.
+The 1,000-agent figures come from ``python -m tools.loadgen`` (docs/LOAD.md)."""
+import pytest
+
+from tools.loadgen import run_load
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_hundred_agents_connect_heartbeat_and_upload_without_loss(tmp_path):
+    result = run_load(agents=100, workers=2, heartbeats=2, state_dir=tmp_path / "rt")
+    assert result["held_connected"] == 100 and result["registered"] == 100
+    assert result["uploads_accepted"] == 100 and result["uploads_acked"] == 100 and result["lost_uploads"] == 0
+    assert result["lost_heartbeat_devices"] == 0 and not result["rejections"]
+    assert result["ack_latency_s"]["p99"] is not None and result["messages_per_s"] > 0

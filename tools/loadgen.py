@@ -1,0 +1,207 @@
+"""Fleet load generator: many protocol-only agents (no training) against a real broker and the real runtime.
+
+    python -m tools.loadgen --agents 1000 --workers 8 --out docs/bench/load
+
+Each simulated agent is a real paho MQTT 5 client with a Last Will: it connects, registers, heartbeats,
+uploads one small chunked feature transfer and waits for the runtime's ACK. The runtime is the real
+:class:`CloudRuntime` (decode, reassemble, validate, sample-id ownership, ACK) over its own MQTT
+connection; only its training rounds are not started. Reports the agents held connected at once,
+messages/s through the runtime, upload -> ACK latency percentiles, and losses (uploads never
+acknowledged, heartbeats never seen, rejections).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_sdk import protocol as P
+from edge_sdk.messages import FeatureUpload
+
+logger = logging.getLogger("edgefl.loadgen")
+SAMPLES = 10           # per simulated device
+FEATURES = (4, 5, 5)
+CLASSES = 10
+
+
+def _device_frames(run: str, device: str, index: int) -> list[bytes]:
+    g = torch.Generator().manual_seed(index)
+    ids = np.arange(index * SAMPLES, (index + 1) * SAMPLES, dtype=np.int64)
+    upload = FeatureUpload(device, 0, "train", ids, torch.rand(SAMPLES, *FEATURES, generator=g),
+                           torch.randn(SAMPLES, CLASSES, generator=g), torch.randint(0, CLASSES, (SAMPLES,), generator=g))
+    arrays, meta = P.upload_to_arrays(upload, "int8")
+    return P.chunk_transfer(P.pack_arrays(arrays), run=run, device=device, round_=0, meta=meta, max_chunk=512)
+
+
+def _worker(url: str, run: str, first: int, count: int, heartbeats: int, ready, go, results) -> None:
+    """One process driving ``count`` agents, each its own paho client and network thread."""
+    import paho.mqtt.client as mqtt
+
+    from edge_sdk.mqtt import BrokerAddress
+    address = BrokerAddress.parse(url)
+    topics = P.Topics(run)
+    agents = []
+    lock = threading.Lock()
+    acks: dict[str, float] = {}
+    connected = threading.Semaphore(0)
+
+    for index in range(first, first + count):
+        device = f"load{index:05d}"
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device, protocol=mqtt.MQTTv5)
+        client.will_set(topics.status(device), P.control_frame(P.STATUS, run=run, device=device, round_=-1,
+                                                                 online=False), qos=1, retain=True)
+
+        def on_connect(c, userdata, flags, rc, props, device=device):
+            if not rc.is_failure:
+                c.subscribe(topics.down(device), qos=1)
+                connected.release()
+
+        def on_message(c, userdata, msg, device=device):
+            try:
+                header, _ = P.decode_frame(msg.payload)
+            except P.ProtocolError:
+                return
+            if header["type"] == P.ACK and header.get("data", {}).get("accepted"):
+                with lock:
+                    acks.setdefault(device, time.time())
+
+        client.on_connect, client.on_message = on_connect, on_message
+        client.connect_async(address.host, address.port, keepalive=30)
+        client.loop_start()
+        agents.append((index, device, client))
+    deadline = time.monotonic() + 120
+    held = 0
+    while held < count and time.monotonic() < deadline:
+        if connected.acquire(timeout=1):
+            held += 1
+    ready.put(held)
+    go.wait()
+    sent: dict[str, float] = {}
+    for index, device, client in agents:  # register everyone, then heartbeat, then upload
+        client.publish(topics.up(device), P.control_frame(
+            P.REGISTER, run=run, device=device, round_=-1, num_classes=CLASSES, feature_channels=FEATURES[0],
+            train_samples=SAMPLES, test_samples=0, model="resnet8_gkt", profile="host"), qos=1)
+    time.sleep(2.0)  # registrations are in before uploads (the runtime refuses uploads from unknown devices)
+    for beat in range(heartbeats):
+        for index, device, client in agents:
+            client.publish(topics.heartbeat(device), P.control_frame(P.HEARTBEAT, run=run, device=device, round_=-1,
+                                                                   beat=beat), qos=1)
+    for index, device, client in agents:
+        frames = _device_frames(run, device, index)
+        sent[device] = time.time()
+        for frame in frames:
+            client.publish(topics.up(device), frame, qos=1)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with lock:
+            if len(acks) == len(agents):
+                break
+        time.sleep(0.1)
+    for _, _, client in agents:
+        client.disconnect()
+        client.loop_stop()
+    with lock:
+        latencies = [acks[d] - sent[d] for d in acks if d in sent]
+    results.put({"held": held, "agents": count, "acked": len(acks), "latencies": latencies})
+
+
+def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | None = None,
+             state_dir: str | Path = "/tmp/edgefl-load", timeout_s: float = 300.0) -> dict:
+    from cloud_runtime.config import load_runtime_config
+    from cloud_runtime.service import build_runtime
+    from tools.mosquitto import EmbeddedMosquitto
+
+    broker = None if broker_url else EmbeddedMosquitto().start()
+    url = broker_url or broker.url  # type: ignore[union-attr]
+    run = "load"
+    try:
+        cfg = load_runtime_config(None, [f"run_id={run}", f"broker.url={url}", f"state_dir={state_dir}",
+                                         f"expected_devices={agents}", "validation.quarantine_after=1000000"])
+        runtime = build_runtime(cfg)
+        runtime.start()
+        stop = threading.Event()
+        pump = threading.Thread(target=lambda: [runtime.pump(0.05) for _ in iter(stop.is_set, True)], daemon=True)
+        pump.start()
+        # The first registration builds the server model (seconds); do it before the clock starts.
+        runtime._enqueue(runtime.topics.up("warmup"), P.control_frame(
+            P.REGISTER, run=run, device="warmup", round_=-1, num_classes=CLASSES, feature_channels=FEATURES[0],
+            train_samples=SAMPLES, test_samples=0, model="resnet8_gkt"))
+        while "warmup" not in runtime.devices:
+            time.sleep(0.05)
+        ctx = mp.get_context("spawn")
+        ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        per = [agents // workers + (1 if w < agents % workers else 0) for w in range(workers)]
+        procs, first = [], 0
+        for n in per:
+            procs.append(ctx.Process(target=_worker, args=(url, run, first, n, heartbeats, ready, go, results)))
+            first += n
+        t0 = time.perf_counter()
+        for p in procs:
+            p.start()
+        held = sum(ready.get(timeout=timeout_s) for _ in procs)
+        connect_s = time.perf_counter() - t0
+        logger.info("%d/%d agents connected at once in %.1fs", held, agents, connect_s)
+        messages_before, start = runtime.messages_in, time.perf_counter()
+        go.set()
+        reports = [results.get(timeout=timeout_s) for _ in procs]
+        elapsed = time.perf_counter() - start
+        for p in procs:
+            p.join(30)
+        stop.set()
+        pump.join(10)
+        latencies = sorted(x for r in reports for x in r["latencies"])
+        heartbeats_seen = sum(1 for d, info in runtime.devices.items() if d != "warmup" and info.get("heartbeat"))
+        accepted = len(runtime.train_uploads)
+        result = {
+            "agents": agents, "workers": workers, "held_connected": held, "connect_seconds": connect_s,
+            "registered": len(runtime.devices) - 1, "uploads_accepted": accepted,
+            "uploads_acked": sum(r["acked"] for r in reports), "lost_uploads": agents - accepted,
+            "devices_with_heartbeat": heartbeats_seen, "lost_heartbeat_devices": agents - heartbeats_seen,
+            "messages_handled": runtime.messages_in - messages_before, "seconds": elapsed,
+            "messages_per_s": (runtime.messages_in - messages_before) / elapsed,
+            "rejections": dict(runtime.rejections),
+            "ack_latency_s": {"p50": _pct(latencies, 50), "p90": _pct(latencies, 90), "p99": _pct(latencies, 99),
+                              "max": latencies[-1] if latencies else None,
+                              "mean": statistics.mean(latencies) if latencies else None},
+        }
+        runtime.close()
+        return result
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return float(np.percentile(values, q))
+
+
+def main() -> None:
+    from tools.cli_logging import setup_logging
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=8, help="processes the agents are spread over")
+    parser.add_argument("--heartbeats", type=int, default=3)
+    parser.add_argument("--broker", default=None, help="use this broker instead of a private mosquitto")
+    parser.add_argument("--out", default=None, help="write load.json here")
+    args = parser.parse_args()
+    setup_logging("WARNING")
+    logger.setLevel(logging.INFO)
+    result = run_load(args.agents, args.workers, args.heartbeats, args.broker)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "load.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
