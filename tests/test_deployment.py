@@ -109,6 +109,8 @@ def test_agent_killed_mid_round_resumes(npz_dir, tmp_path, broker, procs):
     assert [r["participants"] for r in report["rounds"]] == [["dev0", "dev1"]] * 3
     assert "resumed from" in (tmp_path / "a1-restarted.log").read_text()
     assert not report["final"]["rejections"]
+    total, per_round = accepted(tmp_path)
+    assert total == 3 * TRAIN_SAMPLES and all(sum(r.values()) == TRAIN_SAMPLES for r in per_round)
 
 
 def test_silent_device_round_closes_at_deadline_with_quorum(npz_dir, tmp_path, broker, procs):
