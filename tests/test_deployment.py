@@ -234,3 +234,17 @@ def test_fedavg_over_mosquitto_reports_accuracy_bytes_and_divergence(npz_dir, tm
         assert row["participants"] == ["dev0", "dev1"] and sum(row["bytes_up"].values()) > 0
         assert "stem.0.weight" in row["divergence"] and all(v >= 0 for v in row["divergence"].values())
     assert (out / "divergence.png").exists()
+
+
+def test_forward_gradient_trainers_run_inside_edge_agents(npz_dir, tmp_path):
+    """edge.trainer is just config: AsyncFGD (pipelined, drained at round end, stages on threads) trains
+    inside real edge-agent processes; every sample is accepted every round."""
+    out = tmp_path / "fg"
+    args = ["--config", "configs/quickstart.yaml", "--out", str(out), "--log-level", "WARNING",
+            "--set", "edge.trainer=async_fgd", "--set", "edge.trainer_kwargs={modules: 2, parallel: true}"]
+    for item in overrides(npz_dir, devices=2, rounds=2):
+        args += ["--set", item]
+    assert sim_main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["final"]["accepted_samples"] == 2 * 400 and not report["final"]["rejections"]
+    assert all(d["trainer"] == "async_fgd" for d in report["devices"].values())
