@@ -77,16 +77,16 @@ def time_methods(model_name: str, methods: list[str], args) -> dict[str, float]:
 
 def child_memory(model_name: str, method: str, args_json: str) -> None:
     """Runs in a fresh process: prints peak RSS over baseline and the profiler's peak allocation."""
-    import resource
-
     args = argparse.Namespace(**json.loads(args_json))
     torch.set_num_threads(args.threads)
     trainer = make_trainer(model_name, method, args.shape[0], args.stem_stride)
     x, y, teacher = batch(args.batch, tuple(args.shape))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # torch, model and batch loaded
+    # ru_maxrss would still hold the import-time high-water mark; reset the kernel's (Linux >= 4.0).
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kb("VmRSS")  # torch, model and batch loaded
     for _ in range(4):
         step(trainer, x, y, teacher)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kb("VmHWM")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         step(trainer, x, y, teacher)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +95,15 @@ def child_memory(model_name: str, method: str, args_json: str) -> None:
         events = json.loads(trace.read_text())["traceEvents"]
     allocated = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
     start = allocated[0] if allocated else 0
-    print(json.dumps({"rss_step_mb": (peak - base) / 1024, "rss_peak_mb": peak / 1024,
+    print(json.dumps({"rss_step_mb": (peak - base) / 1024, "rss_peak_mb": peak / 1024,  # kB -> MB
                       "profiler_peak_mb": (max(allocated) - start) / 2 ** 20 if allocated else None}))
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
 
 
 def measure_memory(model_name: str, method: str, args) -> dict:
