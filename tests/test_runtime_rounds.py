@@ -53,3 +53,28 @@ def test_soft_labels_go_only_to_participants_and_carry_their_ids(tmp_path):
     runtime._train_and_answer(0, ["devA"])
     assert set(got) == {"devA"}
     assert (got["devA"].sample_ids == upload("devA", 0, 1).sample_ids).all()
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch pwned-by-checkpoint",))
+
+
+def test_a_tampered_checkpoint_is_refused_never_executed(tmp_path, monkeypatch):
+    import json
+    import pickle
+
+    import pytest
+    monkeypatch.chdir(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "server.1.pt").write_bytes(pickle.dumps({"model": _Evil()}))
+    (state / "runtime.json").write_text(json.dumps({"generation": 1, "server_checkpoint": "server.1.pt",
+                                                    "next_round": 1, "rows": [], "devices": {},
+                                                    "num_classes": 4, "feature_channels": 16}))
+    cfg = load_runtime_config(None, ["run_id=r", f"state_dir={state}"])
+    runtime = CloudRuntime(cfg, MemoryBus().client("runtime"))
+    with pytest.raises(pickle.UnpicklingError):
+        runtime.restore()  # torch.load(weights_only=True) refuses the os.system global
+    assert not (tmp_path / "pwned-by-checkpoint").exists()
