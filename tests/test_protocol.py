@@ -118,7 +118,7 @@ def test_oversized_chunk_and_transfer():
         P.decode_frame(P.encode_frame({"type": "chunk", "run": "r", "device": "d", "round": 0}, bytes(100)), max_body=10)
     assert e.value.reason == "oversized"
     header = {"type": "chunk", "run": "r", "device": "d", "round": 0, "transfer": "t", "index": 0, "count": 1,
-              "size": 10 ** 12, "crc32": 0, "sha256": "", "meta": {}}
+              "size": 10 ** 12, "crc32": 0, "sha256": "0" * 64, "meta": {}}
     with pytest.raises(P.ProtocolError) as e:
         P.Reassembler(max_transfer_bytes=1 << 20).add(header, b"")
     assert e.value.reason == "oversized"
