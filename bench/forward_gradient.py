@@ -207,6 +207,11 @@ def table(out: Path) -> str:
         lines.append(f"| {r['model']} | {r['method']} | {r['step_ms']:.1f} | {r['time_vs_backprop']:.2f} | "
                      f"{fmt(r['profiler_peak_mb'], '.1f')} | {r['rss_step_mb']:.1f} | "
                      f"{fmt(a.get('final_accuracy'), '.4f')} | {fmt(a.get('edge_train_accuracy'), '.3f')} |")
+    timed = {(r["model"], r["method"]) for r in timing}
+    for (model, method), a in acc.items():  # accuracy-only rows (baselines not in the timing run)
+        if (model, method) not in timed:
+            lines.append(f"| {model} | {method} | – | – | – | – | {a['final_accuracy']:.4f} | "
+                         f"{a['edge_train_accuracy']:.3f} |")
     if timing:
         import matplotlib
         matplotlib.use("Agg")
@@ -217,7 +222,7 @@ def table(out: Path) -> str:
                                   ("step time / backprop", "profiler peak MB", "FedGKT test accuracy")):
             for i, model in enumerate(models):
                 rows = [r for r in timing if r["model"] == model]
-                values = [r[key] if key else (acc.get((model, r["method"]), {}).get("final_accuracy") or 0)
+                values = [(r[key] or 0) if key else (acc.get((model, r["method"]), {}).get("final_accuracy") or 0)
                           for r in rows]
                 xs = [j + i * 0.4 for j in range(len(rows))]
                 ax.bar(xs, values, width=0.4, label=model)
