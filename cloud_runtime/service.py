@@ -254,9 +254,6 @@ class CloudRuntime:
         if kind == P.KIND_MODEL_UPDATE:
             self._accept_model_update(device, done)
             return
-        if done.round != expected:
-            raise Rejected("stale_round" if done.round < expected else "future_round",
-                           f"upload for round {done.round}, expected {expected}")
         arrays = P.unpack_arrays(done.blob, self.cfg.max_transfer_bytes)
         upload = P.arrays_to_upload(arrays, done.meta, device, done.round)
         extractor = {k[len(P.EXTRACTOR_PREFIX):]: v for k, v in arrays.items() if k.startswith(P.EXTRACTOR_PREFIX)}

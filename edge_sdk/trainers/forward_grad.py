@@ -163,6 +163,26 @@ def _exact_local_gradient(module: nn.Module, x: torch.Tensor, labels, teacher, h
     return dict(zip(params, grads))
 
 
+class _ForwardModeTrainer(EdgeTrainer):
+    """What every forward-gradient trainer sets up: validated options, the layer check, the module
+    chain and the optimizer (whose state is what a checkpoint carries)."""
+
+    options_cls: type
+
+    def __init__(self, model, cfg):
+        super().__init__(model, cfg)
+        self.opts = build_dataclass(self.options_cls, cfg.trainer_kwargs, "edge.trainer_kwargs")
+        check_forward_mode_support(model, self.name)
+        self.chain = pipeline_chain(model, self.name)
+        self.optimizer = make_optimizer(model.parameters(), cfg)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
 # ---------------------------------------------------------------------------------------------
 # weight-perturbed forward gradient (Baydin et al. 2022)
 
@@ -181,15 +201,11 @@ class FGWeightOptions:
 
 
 @register_trainer("fg_weight")
-class FGWeightTrainer(EdgeTrainer):
+class FGWeightTrainer(_ForwardModeTrainer):
     options_cls = FGWeightOptions
 
     def __init__(self, model, cfg):
         super().__init__(model, cfg)
-        self.opts = build_dataclass(self.options_cls, cfg.trainer_kwargs, "edge.trainer_kwargs")
-        check_forward_mode_support(model, self.name)
-        self.chain = pipeline_chain(model, self.name)
-        self.optimizer = make_optimizer(model.parameters(), cfg)
         self.generator = _generator(self.opts.seed)
         self.perturbed = self._select(self.opts.params)
         self.classifier = self.chain[-1]
@@ -236,12 +252,6 @@ class FGWeightTrainer(EdgeTrainer):
         self.optimizer.step()
         return _result(loss, ce, kd, logits, labels)
 
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-
 
 # ---------------------------------------------------------------------------------------------
 # forward gradient with local-gradient guesses (Fournier et al. 2023)
@@ -266,18 +276,14 @@ class _AuxHead(nn.Module):
 
 
 @register_trainer("fg_local_guess")
-class LocalGuessTrainer(EdgeTrainer):
+class LocalGuessTrainer(_ForwardModeTrainer):
     options_cls = LocalGuessOptions
 
     def __init__(self, model, cfg):
         super().__init__(model, cfg)
-        self.opts = build_dataclass(self.options_cls, cfg.trainer_kwargs, "edge.trainer_kwargs")
-        check_forward_mode_support(model, self.name)
-        self.chain = pipeline_chain(model, self.name)
         if len(self.chain) < 2:
             raise ConfigError(f"edge.trainer={self.name}: the model has a single module; use backprop")
         self.aux: nn.ModuleList | None = None  # built on the first batch, once output shapes are known
-        self.optimizer = make_optimizer(model.parameters(), cfg)
         self._pending_aux_state: dict | None = None
 
     def _build_aux(self, outputs: list[torch.Tensor], num_classes: int) -> None:
@@ -411,7 +417,7 @@ def split_chain(chain: list[nn.Module], modules: int, trainer: str = "async_fgd"
 
 
 @register_trainer("async_fgd")
-class AsyncFGDTrainer(EdgeTrainer):
+class AsyncFGDTrainer(_ForwardModeTrainer):
     """K modules form a pipeline: at every step each module advances a different batch by one module.
 
     A batch entering module 0 at step t reaches the loss at step t+K-1; the scalar ∇L·v then updates
@@ -426,10 +432,7 @@ class AsyncFGDTrainer(EdgeTrainer):
 
     def __init__(self, model, cfg):
         super().__init__(model, cfg)
-        self.opts = build_dataclass(self.options_cls, cfg.trainer_kwargs, "edge.trainer_kwargs")
-        check_forward_mode_support(model, self.name)
-        self.modules = split_chain(pipeline_chain(model, self.name), self.opts.modules, self.name)
-        self.optimizer = make_optimizer(model.parameters(), cfg)
+        self.modules = split_chain(self.chain, self.opts.modules, self.name)
         self.generator = _generator(self.opts.seed)
         self.slots: list[_InFlight | None] = [None] * len(self.modules)  # slots[k]: input waiting for module k
         self.versions = [0] * len(self.modules)  # updates applied to each module so far
@@ -503,10 +506,10 @@ class AsyncFGDTrainer(EdgeTrainer):
         self._batches += 1
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "updates": self.updates}
+        return {**super().state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self.updates = int(state.get("updates", 0))
 
 
