@@ -24,8 +24,8 @@ from cloud_runtime.config import load_config  # noqa: E402
 from edge_sdk import protocol as P  # noqa: E402
 from edge_sdk.client import EdgeClient  # noqa: E402
 from edge_sdk.config import EdgeConfig  # noqa: E402
-from edge_sdk.data.datasets import load_dataset  # noqa: E402
-from edge_sdk.data.federated import stratified_subset  # noqa: E402
+from edgefl_core.data.datasets import load_dataset  # noqa: E402
+from edgefl_core.data.federated import stratified_subset  # noqa: E402
 from model_zoo import create_model  # noqa: E402
 from tools.cli_logging import setup_logging  # noqa: E402
 from tools.sim import run_in_memory  # noqa: E402

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_runtime.config import load_config  # noqa: E402
 from edge_sdk.data.batching import ArrayLoader  # noqa: E402
-from edge_sdk.data.datasets import load_dataset  # noqa: E402
-from edge_sdk.data.federated import stratified_subset  # noqa: E402
+from edgefl_core.data.datasets import load_dataset  # noqa: E402
+from edgefl_core.data.federated import stratified_subset  # noqa: E402
 from edge_sdk.data.transforms import Augment  # noqa: E402
 from model_zoo import create_model  # noqa: E402
 from tools.cli_logging import setup_logging  # noqa: E402

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 
 from cloud_runtime.config import load_runtime_config
 from cloud_runtime.service import CloudRuntime
-from edge_sdk.transport import MemoryBus
+from edgefl_core.transport import MemoryBus
 from tools.fuzzing import RUN, malformed_messages, valid_upload_frames
 
 

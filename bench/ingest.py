@@ -25,7 +25,7 @@ from cloud_runtime.config import load_runtime_config  # noqa: E402
 from cloud_runtime.service import build_runtime  # noqa: E402
 from edge_sdk import protocol as P  # noqa: E402
 from edge_sdk.messages import FeatureUpload  # noqa: E402
-from edge_sdk.mqtt import MqttTransport  # noqa: E402
+from edgefl_core.transport.mqtt import MqttTransport  # noqa: E402
 from tools.mosquitto import EmbeddedMosquitto  # noqa: E402
 
 RUN = "ingest"

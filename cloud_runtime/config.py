@@ -5,8 +5,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edge_sdk.config import (AgentDataConfig, BrokerConfig, DataConfig, EdgeConfig, apply_overrides, build_dataclass,
-                             check_profile_name, read_yaml, require)
+from edge_sdk.config import EdgeConfig, check_profile_name
+from edgefl_core.codecs import FEATURE_CODECS, MODEL_CODECS
+from edgefl_core.config import apply_overrides, build_dataclass, read_yaml, require
+from edgefl_core.data.config import AgentDataConfig, DataConfig
+from edgefl_core.transport.config import BrokerConfig
 
 
 @dataclass
@@ -59,9 +62,11 @@ class FedAvgConfig:
     aggregator: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
     clip_multiplier: float | None = 3.0   # clip updates longer than this x the round's median update norm
     trim_fraction: float = 0.2
-    model_codec: Literal["fp32", "fp16"] = "fp16"
+    model_codec: str = "fp16"              # a registered model codec (edgefl_core.codecs.MODEL_CODECS)
 
     def check(self) -> None:
+        require(self.model_codec in MODEL_CODECS, "model_codec", f"unknown model codec {self.model_codec!r}; "
+                f"known: {', '.join(MODEL_CODECS.names())}")
         require(self.clip_multiplier is None or self.clip_multiplier > 1, "clip_multiplier", "must be > 1 or null")
         require(0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
 
@@ -86,7 +91,7 @@ class DeploymentConfig:
     """How ``edgefl-sim`` deploys the run over MQTT (ignored by ``--transport memory``)."""
 
     mode: Literal["sync", "async"] = "sync"
-    codec: Literal["fp32", "fp16", "int8"] = "int8"
+    codec: str = "int8"                  # a registered feature codec (edgefl_core.codecs.FEATURE_CODECS)
     chunk_bytes: int = 256 * 1024
     round_deadline_s: float = 600.0
     quorum: float = 1.0
@@ -97,6 +102,8 @@ class DeploymentConfig:
 
     def check(self) -> None:
         require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
+        require(self.codec in FEATURE_CODECS, "codec", f"unknown codec {self.codec!r}; "
+                f"known: {', '.join(FEATURE_CODECS.names())}")
         require(self.agent_threads >= 1, "agent_threads", "must be >= 1")
         for name in self.device_profiles:
             check_profile_name(name, "device_profiles")

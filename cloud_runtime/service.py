@@ -31,9 +31,10 @@ import torch
 from cloud_runtime.config import RuntimeConfig, load_runtime_config
 from cloud_runtime.server_trainer import GKTServer
 from edge_sdk import protocol as P
-from edge_sdk.config import ConfigError
+from edgefl_core.config import ConfigError
 from edge_sdk.messages import FeatureUpload, MessageError
-from edge_sdk.transport import Transport
+from edgefl_core.data.datasets import dataset_stats
+from edgefl_core.transport import Transport, create_transport
 from model_zoo import create_model
 from tools.report import plot_accuracy, write_json
 
@@ -402,10 +403,9 @@ class CloudRuntime:
             return
         from edge_sdk.data.batching import ArrayLoader
         if self._eval_set is None:
-            from edge_sdk.agent import load_local_data
-            from edge_sdk.config import AgentConfig
-            _, self._eval_set = load_local_data(AgentConfig(device_id="runtime", data=self.cfg.eval_data))
-        stats = self.cfg.eval_data.dataset if self.cfg.eval_data.dataset in ("fashion_mnist", "cifar10") else None
+            from edgefl_core.data.local import load_local_data
+            _, self._eval_set = load_local_data(self.cfg.eval_data)
+        stats = self.cfg.eval_data.dataset if dataset_stats(self.cfg.eval_data.dataset) else None
         model = self.global_model.eval()
         correct = loss = 0.0
         for batch in ArrayLoader(self._eval_set, 500, stats_name=stats, channels_last=False):
@@ -808,8 +808,7 @@ def build_runtime(cfg: RuntimeConfig, transport: Transport | None = None) -> Clo
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if transport is None:
-        from edge_sdk.mqtt import MqttTransport
-        transport = MqttTransport.from_config(cfg.broker, f"edgefl-runtime-{cfg.run_id}")
+        transport = create_transport(cfg.broker, f"edgefl-runtime-{cfg.run_id}")
     return CloudRuntime(cfg, transport)
 
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_sdk.config import ConfigError, build_dataclass, read_yaml, require
+from edgefl_core.config import ConfigError, build_dataclass, read_yaml, require
 
 PROFILE_DIR = Path(__file__).resolve().parent
 

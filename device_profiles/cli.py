@@ -20,7 +20,7 @@ import yaml
 from device_profiles import DeviceProfile, Efficiency, detect_host, list_profiles, load_profile
 from device_profiles.profiler import (METHODS, cost_row, estimate_latency, measure_latency, measure_peak_rss,
                                      model_cost)
-from edge_sdk.config import ConfigError
+from edgefl_core.config import ConfigError
 from model_zoo import list_models
 
 logger = logging.getLogger("edgefl.device_profile")

@@ -11,7 +11,6 @@ All network callbacks only enqueue; training and encoding happen on the main thr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import queue
@@ -27,31 +26,18 @@ import torch
 
 from edge_sdk import protocol as P
 from edge_sdk.client import EdgeClient
-from edge_sdk.config import AgentConfig, ConfigError, load_agent_config
-from edge_sdk.data.datasets import DatasetError, ImageDataset, load_dataset
+from edge_sdk.config import AgentConfig, load_agent_config
 from edge_sdk.messages import MessageError
 from edge_sdk.trainers import create_trainer
-from edge_sdk.transport import Transport
+from edgefl_core.config import ConfigError
+from edgefl_core.data.datasets import DatasetError, dataset_stats
+from edgefl_core.data.local import load_local_data
+from edgefl_core.transport import Transport, create_transport
 from model_zoo import create_model
 
 logger = logging.getLogger("edgefl.agent")
 
 STATE_FILE = "agent_state.pt"
-
-
-def load_local_data(cfg: AgentConfig) -> tuple[ImageDataset, ImageDataset | None]:
-    train = load_dataset(cfg.data.dataset, "train", cfg.data.path)
-    test = load_dataset(cfg.data.dataset, "test", cfg.data.path)
-    if cfg.data.ids_file:
-        try:
-            ids = json.loads(Path(cfg.data.ids_file).read_text())
-            train_ids = np.asarray(ids["train"], dtype=np.int64)
-            test_ids = np.asarray(ids.get("test", []), dtype=np.int64)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DatasetError(f"{cfg.data.ids_file}: not a sample-id file ({e})") from None
-        train = train.subset(train.rows_of(train_ids))
-        test = test.subset(test.rows_of(test_ids)) if len(test_ids) else None
-    return train, test
 
 
 def _rss_mb() -> float:
@@ -328,16 +314,15 @@ def build_agent(cfg: AgentConfig, transport: Transport | None = None) -> EdgeAge
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    train, test = load_local_data(cfg)
-    stats = cfg.data.dataset if cfg.data.dataset in ("fashion_mnist", "cifar10") else None
+    train, test = load_local_data(cfg.data)
+    stats = cfg.data.dataset if dataset_stats(cfg.data.dataset) else None
     model = create_model(cfg.edge.model, num_classes=train.num_classes, in_channels=train.image_shape[0],
                          **cfg.edge.model_kwargs)
     client = EdgeClient(cfg.device_id, model, train, test, cfg.edge, stats_name=stats, seed=cfg.seed)
     if transport is None:
-        from edge_sdk.mqtt import MqttTransport
         offline = P.control_frame(P.STATUS, run=cfg.run_id, device=cfg.device_id, round_=-1, online=False)
-        transport = MqttTransport.from_config(cfg.broker, f"edgefl-{cfg.run_id}-{cfg.device_id}",
-                                              will=(P.Topics(cfg.run_id).status(cfg.device_id), offline))
+        transport = create_transport(cfg.broker, f"edgefl-{cfg.run_id}-{cfg.device_id}",
+                                     will=(P.Topics(cfg.run_id).status(cfg.device_id), offline))
     agent = EdgeAgent(cfg, transport, client)
     agent.load_state()
     return agent

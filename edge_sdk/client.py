@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from edge_sdk.config import EdgeConfig
 from edge_sdk.data.batching import ArrayLoader
-from edge_sdk.data.datasets import ImageDataset
+from edgefl_core.data.datasets import ImageDataset
 from edge_sdk.data.transforms import Augment
 from edge_sdk.messages import FeatureUpload, MessageError, SoftLabels
 from edge_sdk.soft_labels import SoftLabelStore

@@ -1,7 +1,7 @@
 import pytest
 
 from cloud_runtime.config import ExperimentConfig, load_config
-from edge_sdk.config import ConfigError, apply_overrides, build_dataclass
+from edgefl_core.config import ConfigError, apply_overrides, build_dataclass
 
 
 def write(tmp_path, text):

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import requires_fashion_mnist
-from edge_sdk.data import safe_unpickle
+from edgefl_core.data import safe_unpickle
 from edge_sdk.data.batching import ArrayLoader
-from edge_sdk.data.datasets import (DatasetError, ImageDataset, load_cifar10, load_dataset, load_fashion_mnist,
+from edgefl_core.data.datasets import (DatasetError, ImageDataset, load_cifar10, load_dataset, load_fashion_mnist,
                                     load_npz, read_idx)
-from edge_sdk.data.partition import (PartitionError, load_partition, make_partition, partition_hetero,
+from edgefl_core.data.partition import (PartitionError, load_partition, make_partition, partition_hetero,
                                      save_partition)
 from edge_sdk.data.transforms import Augment, random_crop
 

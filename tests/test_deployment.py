@@ -12,7 +12,7 @@ import yaml
 from cloud_runtime.config import load_config
 from conftest import wait_until
 from edge_sdk import protocol as P
-from edge_sdk.mqtt import MqttTransport
+from edgefl_core.transport.mqtt import MqttTransport
 from tools.sim import main as sim_main
 from tools.sim import write_deployment
 

@@ -6,7 +6,7 @@ import yaml
 from device_profiles import PROFILE_DIR, detect_host, list_profiles, load_profile
 from device_profiles.cli import main as cli_main
 from device_profiles.profiler import estimate_latency, model_cost
-from edge_sdk.config import ConfigError
+from edgefl_core.config import ConfigError
 
 
 def test_flop_counts_match_hand_computed_convolutions():

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from edge_sdk.client import EdgeClient
 from edge_sdk.config import ConfigError, EdgeConfig, build_dataclass
-from edge_sdk.data.datasets import ImageDataset
+from edgefl_core.data.datasets import ImageDataset
 from edge_sdk.losses import gkt_loss
 from edge_sdk.trainers import create_trainer, list_trainers
 from edge_sdk.trainers.forward_grad import (
@@ -206,7 +206,7 @@ def test_forward_trainers_lower_the_loss_on_a_learnable_toy(trainer_name):
 
 
 def test_edge_client_round_accounts_every_sample_with_a_pipelined_trainer(npz_dir):
-    from edge_sdk.data.datasets import load_npz
+    from edgefl_core.data.datasets import load_npz
     train = load_npz(npz_dir / "train.npz")
     train = ImageDataset(train.images[:96], train.labels[:96], np.arange(96), train.num_classes, "npz")
     model = create_model("resnet8_gkt", num_classes=train.num_classes, in_channels=train.images.shape[1])

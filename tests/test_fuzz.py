@@ -17,7 +17,7 @@ from cloud_runtime.config import load_runtime_config
 from cloud_runtime.service import CloudRuntime
 from edge_sdk import protocol as P
 from edge_sdk.messages import FeatureUpload, MessageError
-from edge_sdk.transport import MemoryBus
+from edgefl_core.transport import MemoryBus
 from tools.fuzzing import RUN, malformed_messages, valid_upload_frames
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

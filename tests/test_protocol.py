@@ -9,7 +9,7 @@ import torch
 
 from edge_sdk import protocol as P
 from edge_sdk.messages import FeatureUpload, SoftLabels
-from edge_sdk.transport import MemoryBus, topic_matches
+from edgefl_core.transport import MemoryBus, topic_matches
 
 
 def make_upload(n=40, c=4, hw=6, seed=0, split="train"):

@@ -6,7 +6,7 @@ from cloud_runtime.config import load_runtime_config
 from cloud_runtime.service import CloudRuntime
 from edge_sdk import protocol as P
 from edge_sdk.messages import FeatureUpload
-from edge_sdk.transport import MemoryBus
+from edgefl_core.transport import MemoryBus
 
 
 def make_runtime(tmp_path, *overrides):

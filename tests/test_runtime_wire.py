@@ -12,7 +12,7 @@ from cloud_runtime.service import build_runtime
 from conftest import wait_until
 from edge_sdk import protocol as P
 from edge_sdk.messages import FeatureUpload
-from edge_sdk.mqtt import MqttTransport
+from edgefl_core.transport.mqtt import MqttTransport
 
 pytestmark = pytest.mark.integration
 RUN = "wire"

@@ -8,7 +8,7 @@ from cloud_runtime.config import ServerConfig
 from cloud_runtime.server_trainer import GKTServer
 from edge_sdk.client import EdgeClient
 from edge_sdk.config import EdgeConfig
-from edge_sdk.data.datasets import ImageDataset
+from edgefl_core.data.datasets import ImageDataset
 from edge_sdk.messages import MessageError, SoftLabels
 from edge_sdk.soft_labels import SoftLabelStore
 from model_zoo import create_model

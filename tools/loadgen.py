@@ -45,7 +45,7 @@ def _worker(url: str, run: str, first: int, count: int, heartbeats: int, ready, 
     """One process driving ``count`` agents, each its own paho client and network thread."""
     import paho.mqtt.client as mqtt
 
-    from edge_sdk.mqtt import BrokerAddress
+    from edgefl_core.transport.mqtt import BrokerAddress
     address = BrokerAddress.parse(url)
     topics = P.Topics(run)
     agents = []

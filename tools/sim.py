@@ -26,9 +26,9 @@ import yaml
 from cloud_runtime.config import ExperimentConfig, load_config
 from cloud_runtime.server_trainer import GKTServer
 from edge_sdk.client import EdgeClient
-from edge_sdk.config import ConfigError
-from edge_sdk.data import federated
-from edge_sdk.data.datasets import DatasetError
+from edgefl_core.config import ConfigError
+from edgefl_core.data import federated
+from edgefl_core.data.datasets import DatasetError
 from model_zoo import create_model
 from tools.cli_logging import setup_logging
 from tools.mosquitto import EmbeddedMosquitto

@@ -7,8 +7,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from edge_sdk.data.datasets import ImageDataset
-from edge_sdk.data.transforms import DATASET_STATS, Augment, to_float
+from edge_sdk.data.transforms import Augment, to_float
+from edgefl_core.data.datasets import ImageDataset, dataset_stats
 
 
 @dataclass
@@ -39,7 +39,7 @@ class ArrayLoader:
         self.channels_last = channels_last
         self._images = torch.from_numpy(dataset.images)
         self._labels = torch.from_numpy(dataset.labels)
-        mean, std = DATASET_STATS.get(stats_name or "", ((0.5,) * dataset.image_shape[0], (0.25,) * dataset.image_shape[0]))
+        mean, std = dataset_stats(stats_name) or ((0.5,) * dataset.image_shape[0], (0.25,) * dataset.image_shape[0])
         if len(mean) != dataset.image_shape[0]:
             mean, std = (mean[0],) * dataset.image_shape[0], (std[0],) * dataset.image_shape[0]
         self._mean, self._std = torch.tensor(mean), torch.tensor(std)

@@ -10,12 +10,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Per-dataset channel statistics of the training split, in [0, 1] units.
-DATASET_STATS = {
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
-
 
 def to_float(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 N x C x H x W -> normalized float32."""

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from edge_sdk.config import ConfigError, EdgeConfig, build_dataclass
+from edgefl_core.config import ConfigError, build_dataclass
+
+if TYPE_CHECKING:  # the schema imports this registry to validate edge.trainer; only types flow back
+    from edge_sdk.config import EdgeConfig
 
 
 @dataclass

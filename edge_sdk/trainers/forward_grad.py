@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,7 +33,10 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 from torch.func import functional_call
 
-from edge_sdk.config import ConfigError, EdgeConfig, build_dataclass, require
+from edgefl_core.config import ConfigError, build_dataclass, require
+
+if TYPE_CHECKING:
+    from edge_sdk.config import EdgeConfig
 from edge_sdk.losses import gkt_loss
 from edge_sdk.trainers.base import EdgeTrainer, StepResult, make_optimizer, register_trainer
 

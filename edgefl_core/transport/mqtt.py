@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_sdk.transport import Handler, Transport, topic_matches
+from edgefl_core.transport.base import Handler, Transport, topic_matches
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class MqttTransport(Transport):
 
     @classmethod
     def from_config(cls, broker, client_id: str, will: tuple[str, bytes] | None = None) -> "MqttTransport":
-        """Build from an :class:`edge_sdk.config.BrokerConfig`."""
+        """Build from a :class:`edgefl_core.transport.config.BrokerConfig`."""
         return cls(broker.url, client_id, will=will, username=broker.username, password=broker.password,
                    ca_file=broker.ca_file, cert_file=broker.cert_file, key_file=broker.key_file,
                    keepalive=broker.keepalive, mqtt5=broker.mqtt5)

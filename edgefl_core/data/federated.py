@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_sdk.config import DataConfig
-from edge_sdk.data.datasets import ImageDataset, load_dataset
-from edge_sdk.data.partition import make_partition, partition_homo, save_partition
+from edgefl_core.data.config import DataConfig
+from edgefl_core.data.datasets import ImageDataset, dataset_stats, load_dataset
+from edgefl_core.data.partition import make_partition, partition_homo, save_partition
 
 logger = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ class FederatedData:
     test: list[ImageDataset]       # one per device (a shard, or the whole test set)
     test_all: ImageDataset
     num_classes: int
-    stats_name: str | None         # key into transforms.DATASET_STATS
+    stats_name: str | None         # a dataset with normalization stats (dataset_stats), or None
     train_class_counts: np.ndarray  # devices x classes
 
     @property
@@ -60,7 +60,7 @@ def prepare(cfg: DataConfig, n_devices: int, seed: int, out_dir: str | Path | No
         save_partition(Path(out_dir) / "partition.json", parts,
                        {"dataset": cfg.dataset, "method": cfg.partition, "alpha": cfg.alpha, "seed": seed,
                         "train_subset": cfg.train_subset, "class_counts": counts.tolist()})
-    stats = cfg.dataset if cfg.dataset in ("fashion_mnist", "cifar10") else None
+    stats = cfg.dataset if dataset_stats(cfg.dataset) else None
     logger.info("partition %s over %d devices: samples per device %s", cfg.partition, n_devices,
                 [len(s) for s in train_sets])
     return FederatedData(train_sets, test_sets, test, train.num_classes, stats, counts)

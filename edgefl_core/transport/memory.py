@@ -1,51 +1,28 @@
-"""The transport seam: publish/subscribe bytes on topics. Algorithms and agents never import paho.
+"""The in-process twin of the broker: retained messages, wildcard subscriptions, Last Will.
 
-:class:`MemoryBus` is the in-process twin used by tests (same topic-filter semantics as MQTT,
-synchronous delivery); :class:`edge_sdk.mqtt.MqttTransport` is the real one.
+Delivery is synchronous (the publisher's thread calls the handlers); every handler in this project
+only enqueues, so that is safe. ``memory://<name>`` URLs share one named bus per process, which is how
+``edgefl-sim --transport memory`` runs the real runtime and real agents in threads.
 """
 from __future__ import annotations
 
 import threading
-from abc import ABC, abstractmethod
 from collections import defaultdict
-from typing import Callable
 
-Handler = Callable[[str, bytes], None]
+from edgefl_core.transport.base import Handler, Transport, topic_matches
 
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT topic-filter matching with ``+`` (one level) and ``#`` (the rest)."""
-    f_parts, t_parts = topic_filter.split("/"), topic.split("/")
-    for i, part in enumerate(f_parts):
-        if part == "#":
-            return True
-        if i >= len(t_parts) or (part != "+" and part != t_parts[i]):
-            return False
-    return len(f_parts) == len(t_parts)
-
-
-class Transport(ABC):
-    @abstractmethod
-    def connect(self) -> None: ...
-
-    @abstractmethod
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Queue ``payload`` for delivery (QoS 1: at least once)."""
-
-    @abstractmethod
-    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
-        """Call ``handler(topic, payload)`` for every message matching ``topic_filter`` (also after reconnects)."""
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until queued publishes are acknowledged; True when everything went out."""
-        return True
+_BUSES: dict[str, "MemoryBus"] = {}
+_BUSES_LOCK = threading.Lock()
 
 
 class MemoryBus:
     """A tiny in-process broker: retained messages and wildcard subscriptions, synchronous delivery."""
+
+    @classmethod
+    def named(cls, name: str) -> "MemoryBus":
+        """The process-wide bus called ``name`` (created on first use)."""
+        with _BUSES_LOCK:
+            return _BUSES.setdefault(name, cls())
 
     def __init__(self):
         self._subs: dict[str, list[tuple[str, Handler]]] = defaultdict(list)

@@ -12,10 +12,12 @@ import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from edge_sdk.data import safe_unpickle
+from edgefl_core.data import safe_unpickle
+from edgefl_core.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +157,7 @@ def _batch_entry(batch: object, key: str, path: Path):
 def load_cifar10(split: str, directory: str | Path) -> ImageDataset:
     """CIFAR-10 from ``cifar-10-batches-py`` (python) or ``cifar-10-batches-bin`` (binary).
 
-    The python layout is pickled; it is read with :mod:`edge_sdk.data.safe_unpickle`, which
+    The python layout is pickled; it is read with :mod:`edgefl_core.data.safe_unpickle`, which
     interprets the opcodes without importing or calling anything.
     """
     if not directory:
@@ -220,22 +222,53 @@ def load_npz(path: str | Path, name: str = "npz") -> ImageDataset:
                         num_classes, name)
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: ``load(split, path) -> ImageDataset`` and its per-channel training-split
+    mean and std in [0, 1] units (None: normalize with a generic 0.5 / 0.25)."""
+
+    load: Callable[[str, "str | None"], ImageDataset]
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    needs_path: bool = False
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def register_dataset(name: str, stats=None, needs_path: bool = False):
+    """``@register_dataset("name", stats=(mean, std))`` on a ``(split, path) -> ImageDataset`` loader."""
+    def deco(load):
+        DATASETS.register(name)(DatasetSpec(load, stats, needs_path))
+        return load
+    return deco
+
+
+register_dataset("fashion_mnist", stats=((0.2860,), (0.3530,)))(load_fashion_mnist)
+register_dataset("cifar10", stats=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), needs_path=True)(load_cifar10)
+
+
+@register_dataset("npz", needs_path=True)
+def _load_npz_split(split: str, path: str | None) -> ImageDataset:
+    """``path`` = a directory with train.npz/test.npz, or the train file (test: ``<stem>_test.npz`` beside it)."""
+    if not path:
+        raise DatasetError("dataset npz needs data.path")
+    p = Path(path)
+    file = p / f"{split}.npz" if p.is_dir() else (p if split == "train" else p.with_name(f"{p.stem}_test.npz"))
+    return load_npz(file, f"npz/{split}")
+
+
+def dataset_stats(name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Normalization statistics of a registered dataset (None when it has none or is unknown)."""
+    return DATASETS.get(name).stats if name in DATASETS else None
+
+
 def load_dataset(name: str, split: str, path: str | None = None) -> ImageDataset:
-    """Dispatch on the dataset name used in configs: fashion_mnist, cifar10, npz (path = train file,
-    the test split is ``<stem>_test.npz`` next to it unless ``path`` names a directory with train.npz/test.npz)."""
+    """Load ``split`` ("train" | "test") of a registered dataset. Raises DatasetError (unknown name,
+    missing or corrupt files) or ValueError (bad split)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if name == "fashion_mnist":
-        ds = load_fashion_mnist(split, path)
-    elif name == "cifar10":
-        ds = load_cifar10(split, path)  # type: ignore[arg-type]
-    elif name == "npz":
-        if not path:
-            raise DatasetError("dataset npz needs data.path")
-        p = Path(path)
-        file = p / f"{split}.npz" if p.is_dir() else (p if split == "train" else p.with_name(f"{p.stem}_test.npz"))
-        ds = load_npz(file, f"npz/{split}")
-    else:
-        raise DatasetError(f"unknown dataset {name!r}; known: fashion_mnist, cifar10, npz")
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS.names())}")
+    ds = DATASETS.get(name).load(split, path)
     logger.info("loaded %s: %d images of shape %s", ds.name, len(ds), ds.image_shape)
     return ds

@@ -1,0 +1,220 @@
+"""Tensor codecs and transfer payloads, in numpy: what features, logits and weights look like on the wire.
+
+Feature codecs (``upload.codec``; one registry, :data:`FEATURE_CODECS`): ``fp32``, ``fp16`` and ``int8``
+(per-channel affine uint8, ``x ~= q * scale[c] + low[c]``, channel axis 1 of ``N x C x H x W``).
+Model codecs (:data:`MODEL_CODECS`): ``fp32`` and ``fp16`` floating tensors, integer buffers as int64.
+A transfer's arrays are packed as one safetensors blob compressed with zstd (:func:`pack_arrays`);
+nothing is ever unpickled. Adding a codec: one ``@FEATURE_CODECS.register("name")`` class with
+``encode``/``decode``. Figures per codec: ``docs/CODECS.md``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import safetensors.numpy
+import zstandard
+
+from edgefl_core.registry import Registry
+from edgefl_core.wire import DEFAULT_MAX_TRANSFER_BYTES, ProtocolError
+
+
+class FeatureCodec:
+    """Encodes float32 ``N x C x H x W`` features into named arrays and back (float32)."""
+
+    name = "abstract"
+    logits_dtype: type = np.float16   # edge logits travel at this precision
+
+    def encode(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        """Raises ProtocolError (``bad_payload`` / ``bad_dtype`` / ``bad_shape``) on malformed arrays."""
+        raise NotImplementedError
+
+
+FEATURE_CODECS: Registry[type[FeatureCodec]] = Registry("feature codec")
+
+
+class _FloatCodec(FeatureCodec):
+    dtype: type = np.float32
+
+    def encode(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        return {"features": features.astype(self.dtype, copy=False)}
+
+    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        features = arrays.get("features")
+        if features is None or features.dtype != self.dtype:
+            raise ProtocolError("bad_dtype", f"{self.name} features must be {np.dtype(self.dtype)}")
+        return features.astype(np.float32, copy=False)
+
+
+@FEATURE_CODECS.register("fp32")
+class Fp32Codec(_FloatCodec):
+    name, dtype, logits_dtype = "fp32", np.float32, np.float32
+
+
+@FEATURE_CODECS.register("fp16")
+class Fp16Codec(_FloatCodec):
+    name, dtype = "fp16", np.float16
+
+
+@FEATURE_CODECS.register("int8")
+class Int8Codec(FeatureCodec):
+    """Per-channel affine uint8 over the batch: 4x smaller than fp32 before zstd (docs/CODECS.md)."""
+
+    name = "int8"
+    keys = ("features_q", "features_scale", "features_low")
+
+    def encode(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        x = features.astype(np.float32, copy=False)
+        c = x.shape[1]
+        per_channel = np.moveaxis(x, 1, 0).reshape(c, -1)            # C x (N*H*W)
+        low = per_channel.min(axis=1) if per_channel.size else np.zeros(c, np.float32)
+        high = per_channel.max(axis=1) if per_channel.size else np.zeros(c, np.float32)
+        scale = np.where(high > low, (high - low) / 255.0, 1.0).astype(np.float32)
+        shape = (1, c) + (1,) * (x.ndim - 2)                           # broadcast over N, H, W
+        q = np.rint((x - low.reshape(shape)) / scale.reshape(shape))
+        return {"features_q": np.clip(q, 0, 255).astype(np.uint8), "features_scale": scale,
+                "features_low": low.astype(np.float32)}
+
+    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        if any(k not in arrays for k in self.keys):
+            raise ProtocolError("bad_payload", "int8 features need features_q, features_scale, features_low")
+        q, scale, low = (arrays[k] for k in self.keys)
+        if q.dtype != np.uint8:
+            raise ProtocolError("bad_dtype", "features_q must be uint8")
+        if q.ndim < 2 or scale.shape != (q.shape[1],) or low.shape != (q.shape[1],):
+            raise ProtocolError("bad_shape", "int8 features need per-channel scale and low of length C")
+        shape = (1, q.shape[1]) + (1,) * (q.ndim - 2)
+        return q.astype(np.float32) * scale.reshape(shape) + low.reshape(shape)
+
+
+def feature_codec(name: str) -> FeatureCodec:
+    """The registered codec ``name``; raises ProtocolError(``bad_codec``) for an unknown one."""
+    if name not in FEATURE_CODECS:
+        raise ProtocolError("bad_codec", f"unknown codec {name!r}; known: {', '.join(FEATURE_CODECS.names())}")
+    return FEATURE_CODECS.get(name)()
+
+
+def encode_features(features: np.ndarray, codec: str) -> dict[str, np.ndarray]:
+    return feature_codec(codec).encode(features)
+
+
+def decode_features(arrays: dict[str, np.ndarray], codec: str) -> np.ndarray:
+    return feature_codec(codec).decode(arrays)
+
+
+MODEL_CODECS: Registry[type] = Registry("model codec")   # name -> numpy dtype of floating tensors
+MODEL_CODECS.register("fp32")(np.float32)
+MODEL_CODECS.register("fp16")(np.float16)
+
+
+def model_codec_dtype(name: str) -> type:
+    if name not in MODEL_CODECS:
+        raise ProtocolError("bad_codec", f"unknown model codec {name!r}; known: {', '.join(MODEL_CODECS.names())}")
+    return MODEL_CODECS.get(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# transfer payloads
+
+
+def pack_arrays(arrays: dict[str, np.ndarray], level: int = 3) -> bytes:
+    """Named arrays -> safetensors -> zstd (level 3)."""
+    return zstandard.ZstdCompressor(level=level).compress(safetensors.numpy.save(
+        {k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+
+
+def unpack_arrays(blob: bytes, max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_arrays`, refusing more than ``max_bytes`` decompressed (zip-bomb guard)."""
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            raw = reader.read(max_bytes + 1)
+    except zstandard.ZstdError as e:
+        raise ProtocolError("bad_compression", str(e)) from None
+    if len(raw) > max_bytes:
+        raise ProtocolError("oversized", f"decompressed transfer exceeds {max_bytes} bytes")
+    try:
+        return safetensors.numpy.load(raw)
+    except Exception as e:  # safetensors raises its own SafetensorError / ValueError
+        raise ProtocolError("bad_payload", f"not a safetensors blob ({e})") from None
+
+
+@dataclass
+class UploadArrays:
+    """A feature upload in numpy: ``sample_ids`` N int64, ``features`` N x C x H x W float32,
+    ``logits`` N x K float32, ``labels`` N int64, ``split`` "train" | "test"."""
+
+    split: str
+    sample_ids: np.ndarray
+    features: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+    metrics: dict
+
+
+def encode_upload(up: UploadArrays, codec: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays and first-chunk meta of an upload; ``raw_fp32_bytes`` is what fp32 without zstd would cost."""
+    c = feature_codec(codec)
+    arrays = c.encode(up.features)
+    arrays.update(sample_ids=up.sample_ids.astype(np.int64), labels=up.labels.astype(np.int64),
+                  logits=up.logits.astype(np.float32, copy=False).astype(c.logits_dtype))
+    meta = {"kind": "upload", "split": up.split, "codec": codec, "samples": len(up.sample_ids),
+            "feature_shape": list(up.features.shape[1:]), "metrics": up.metrics,
+            "raw_fp32_bytes": int(up.features.size * 4 + up.logits.size * 4 + len(up.sample_ids) * 16)}
+    return arrays, meta
+
+
+def decode_upload(arrays: dict[str, np.ndarray], meta: dict) -> UploadArrays:
+    """Inverse of :func:`encode_upload` (dtypes and split checked; shapes are the message's job)."""
+    for key in ("sample_ids", "labels", "logits"):
+        if key not in arrays:
+            raise ProtocolError("bad_payload", f"upload lacks {key!r}")
+    if arrays["sample_ids"].dtype != np.int64 or arrays["labels"].dtype != np.int64:
+        raise ProtocolError("bad_dtype", "sample_ids and labels must be int64")
+    if arrays["logits"].dtype not in (np.float16, np.float32):
+        raise ProtocolError("bad_dtype", f"logits must be float16/32, got {arrays['logits'].dtype}")
+    features = decode_features(arrays, str(meta.get("codec")))
+    split = meta.get("split")
+    if split not in ("train", "test"):
+        raise ProtocolError("bad_payload", f"unknown split {split!r}")
+    metrics = meta.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise ProtocolError("bad_payload", f"metrics must be an object, got {type(metrics).__name__}")
+    return UploadArrays(split, arrays["sample_ids"].copy(), features, arrays["logits"].astype(np.float32),
+                        arrays["labels"].copy(), dict(metrics))
+
+
+def encode_state(state: dict[str, np.ndarray], codec: str = "fp32") -> tuple[dict[str, np.ndarray], dict]:
+    """Model weights for the wire: floating arrays in the codec's dtype, integer buffers as int64."""
+    dtype = model_codec_dtype(codec)
+    arrays, raw = {}, 0
+    for name, value in state.items():
+        raw += value.size * 4
+        arrays[name] = value.astype(dtype) if np.issubdtype(value.dtype, np.floating) else value.astype(np.int64)
+    return arrays, {"codec": codec, "tensors": len(arrays), "raw_fp32_bytes": raw}
+
+
+def decode_state(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Weights back to float32 / int64; names and shapes must match ``shapes``, values must be finite.
+    Raises ProtocolError (``bad_dtype``, ``non_finite``, ``bad_shape``)."""
+    state = {}
+    for name, value in arrays.items():
+        if value.dtype not in (np.float16, np.float32, np.int64):
+            raise ProtocolError("bad_dtype", f"{name}: {value.dtype}")
+        if value.dtype != np.int64 and not np.all(np.isfinite(value)):
+            raise ProtocolError("non_finite", f"{name} contains NaN or Inf")
+        state[name] = value.astype(np.float32) if value.dtype == np.float16 else value.copy()
+    if shapes is not None:
+        if set(state) != set(shapes):
+            raise ProtocolError("bad_shape", f"tensor names differ from the model's "
+                                             f"(missing {sorted(set(shapes) - set(state))[:3]}, "
+                                             f"extra {sorted(set(state) - set(shapes))[:3]})")
+        for name, shape in shapes.items():
+            if len(shape) == 0 and state[name].size == 1:
+                state[name] = state[name].reshape(())  # safetensors stores scalars as shape (1,)
+            if tuple(state[name].shape) != tuple(shape):
+                raise ProtocolError("bad_shape", f"{name}: {tuple(state[name].shape)}, expected {tuple(shape)}")
+    return state

@@ -1,0 +1,1 @@
+"""Datasets (numpy, no download), partitions among devices, and a device's local data."""

@@ -1,0 +1,154 @@
+"""The edgefl wire protocol (v1): topics, the frame envelope and control frames. See ``docs/PROTOCOL.md``.
+
+Frame = ``b"EFL1"`` | u32 header length (big-endian) | UTF-8 JSON header | body bytes.
+The JSON header always carries ``v`` (protocol version), ``type``, ``run``, ``device`` and
+``round``. Tensors travel only as safetensors blobs (:mod:`edgefl_core.codecs`), cut into chunks
+(:mod:`edgefl_core.chunking`); nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAGIC = b"EFL1"
+MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_CHUNK_BYTES = 256 * 1024          # keeps every MQTT message under EMQX-style 1 MB limits
+DEFAULT_MAX_TRANSFER_BYTES = 1 << 30      # decompressed size cap (zip-bomb guard)
+
+# message types
+REGISTER = "register"          # device -> cloud: profile, sample counts, model
+STATUS = "status"              # device -> cloud, retained: online / offline (Last Will)
+HEARTBEAT = "heartbeat"        # device -> cloud: metrics
+CHUNK = "chunk"                # either way: one piece of a transfer (features up, soft labels down)
+ROUND = "round"                # cloud -> device(s): train round r, deadline, what to upload
+SHUTDOWN = "shutdown"          # cloud -> devices: the run is over
+ACK = "ack"                    # cloud -> device: transfer accepted (or rejected, with a reason)
+HELLO = "hello"                # cloud -> devices, retained: a runtime session is up (devices (re-)register)
+CONTROL_TYPES = {REGISTER, STATUS, HEARTBEAT, ROUND, SHUTDOWN, ACK, HELLO}
+
+# transfer kinds (what a completed chunk sequence decodes to)
+KIND_UPLOAD = "upload"
+KIND_SOFT_LABELS = "soft_labels"
+KIND_MODEL = "model"                # cloud -> device: the global model of a FedAvg round
+KIND_MODEL_UPDATE = "model_update"  # device -> cloud: locally trained weights
+KIND_EXTRACTOR = "extractor"        # cloud -> device: averaged FedGKT feature extractor
+EXTRACTOR_PREFIX = "extractor."     # upload arrays carrying the device's extractor (when averaging)
+
+
+class ProtocolError(ValueError):
+    """A frame or transfer is malformed; ``reason`` is a short machine-readable tag for counters."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# topics
+
+
+@dataclass(frozen=True)
+class Topics:
+    """``edgefl/v1/<run>/...``: per-device uplink/downlink/status/heartbeat plus a run-wide control topic."""
+
+    run: str
+    root: str = "edgefl/v1"
+
+    def __post_init__(self):
+        for name, value in (("run", self.run),):
+            if not value or any(c in value for c in "/+#\x00"):
+                raise ValueError(f"{name} {value!r} must be non-empty and free of '/', '+', '#'")
+
+    @property
+    def base(self) -> str:
+        return f"{self.root}/{self.run}"
+
+    def up(self, device: str) -> str:
+        return f"{self.base}/dev/{device}/up"
+
+    def down(self, device: str) -> str:
+        return f"{self.base}/dev/{device}/down"
+
+    def status(self, device: str) -> str:
+        return f"{self.base}/dev/{device}/status"
+
+    def heartbeat(self, device: str) -> str:
+        return f"{self.base}/dev/{device}/hb"
+
+    @property
+    def control(self) -> str:
+        return f"{self.base}/control"
+
+    @property
+    def all_up(self) -> str:
+        return f"{self.base}/dev/+/up"
+
+    @property
+    def all_status(self) -> str:
+        return f"{self.base}/dev/+/status"
+
+    @property
+    def all_heartbeat(self) -> str:
+        return f"{self.base}/dev/+/hb"
+
+    def device_of(self, topic: str) -> str | None:
+        parts = topic.split("/")
+        base = self.base.split("/")
+        if len(parts) == len(base) + 3 and parts[:len(base)] == base and parts[len(base)] == "dev":
+            return parts[len(base) + 1]
+        return None
+
+
+def check_device_id(device: str) -> str:
+    if not device or len(device) > 128 or any(c in device for c in "/+#\x00 "):
+        raise ValueError(f"device id {device!r} must be 1-128 characters without '/', '+', '#' or spaces")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# frames
+
+
+def encode_frame(header: dict, body: bytes = b"") -> bytes:
+    header = {"v": PROTOCOL_VERSION, **header}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("header_too_large", f"{len(raw)} bytes")
+    return MAGIC + struct.pack(">I", len(raw)) + raw + body
+
+
+def decode_frame(payload: bytes, max_body: int | None = None) -> tuple[dict, bytes]:
+    """Parse and sanity-check a frame; every failure is a :class:`ProtocolError` with a reason."""
+    if len(payload) < 8 or payload[:4] != MAGIC:
+        raise ProtocolError("bad_magic", f"frame starts with {payload[:4]!r}")
+    (header_len,) = struct.unpack(">I", payload[4:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(payload):
+        raise ProtocolError("truncated", f"header length {header_len} with {len(payload)} bytes in frame")
+    try:
+        header = json.loads(payload[8:8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError("bad_header", str(e)) from None
+    if not isinstance(header, dict):
+        raise ProtocolError("bad_header", "header is not an object")
+    if type(header.get("v")) is not int or header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError("bad_version", f"protocol version {header.get('v')!r}, this side speaks {PROTOCOL_VERSION}")
+    for key, typ in (("type", str), ("run", str), ("device", str), ("round", int)):
+        if not isinstance(header.get(key), typ) or isinstance(header.get(key), bool):
+            raise ProtocolError("bad_header", f"field {key!r} missing or not {typ.__name__}")
+    body = payload[8 + header_len:]
+    if max_body is not None and len(body) > max_body:
+        raise ProtocolError("oversized", f"{len(body)} body bytes > limit {max_body}")
+    return header, body
+
+
+def control_frame(type_: str, *, run: str, device: str, round_: int, **data: Any) -> bytes:
+    """A small JSON-only frame (register, status, heartbeat, round, shutdown, ack)."""
+    if type_ not in CONTROL_TYPES:
+        raise ValueError(f"unknown control type {type_!r}")
+    return encode_frame({"type": type_, "run": run, "device": device, "round": round_, "data": data})
+
+
+__all__ = ['PROTOCOL_VERSION', 'MAGIC', 'MAX_HEADER_BYTES', 'DEFAULT_CHUNK_BYTES', 'DEFAULT_MAX_TRANSFER_BYTES', 'REGISTER', 'STATUS', 'HEARTBEAT', 'CHUNK', 'ROUND', 'SHUTDOWN', 'ACK', 'HELLO', 'CONTROL_TYPES', 'KIND_UPLOAD', 'KIND_SOFT_LABELS', 'KIND_MODEL', 'KIND_MODEL_UPDATE', 'KIND_EXTRACTOR', 'EXTRACTOR_PREFIX', 'ProtocolError', 'Topics', 'check_device_id', 'encode_frame', 'decode_frame', 'control_frame']
