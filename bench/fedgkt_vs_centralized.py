@@ -29,8 +29,8 @@ from edgefl_core.data.datasets import load_dataset  # noqa: E402
 from edgefl_core.data.federated import stratified_subset  # noqa: E402
 from edge_sdk.data.transforms import Augment  # noqa: E402
 from model_zoo import create_model  # noqa: E402
-from tools.cli_logging import setup_logging  # noqa: E402
-from tools.sim import run_in_memory  # noqa: E402
+from edgefl_cli.logs import setup_logging  # noqa: E402
+from edgefl_cli.simulation import run_in_memory  # noqa: E402
 
 logger = logging.getLogger("bench.fedgkt_vs_centralized")
 

@@ -123,7 +123,7 @@ def run_accuracy(model_name: str, method: str, out_dir: Path, config: str) -> di
     done = report_path.exists() and "final" in json.loads(report_path.read_text())  # resumable
     if not done:
         trainer, kwargs = METHODS[method]
-        cmd = [sys.executable, "-m", "tools.sim", "--config", config, "--transport", "memory",
+        cmd = [sys.executable, "-m", "edgefl_cli.sim", "--config", config, "--transport", "memory",
                "--out", str(report_path.parent), "--set", f"edge.trainer={trainer}",
                "--set", f"edge.trainer_kwargs={json.dumps(kwargs)}", "--set", f"edge.model={model_name}"]
         print("  $", " ".join(cmd[1:]), flush=True)

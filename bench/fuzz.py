@@ -31,33 +31,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as state:
         cfg = load_runtime_config(None, [f"run_id={RUN}", f"state_dir={state}", "validation.quarantine_after=100000000"])
         runtime = CloudRuntime(cfg, MemoryBus().client("runtime"))
-        runtime._on_register("devA", {"data": {"num_classes": 10, "feature_channels": 4, "train_samples": 30}})
+        runtime.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 30})
         for frame in valid_upload_frames():
             runtime.handle(runtime.topics.up("devA"), frame)
-        accepted = runtime.train_uploads["devA"]
+        accepted = runtime.strategy.train_uploads["devA"]
         stats = Counter()
 
         @settings(max_examples=args.messages, deadline=None, suppress_health_check=list(HealthCheck),
                   database=None)
         @given(malformed_messages())
         def feed(message):
-            before = sum(runtime.rejections.values())
+            before = sum(runtime.registry.rejections.values())
             try:
                 runtime.handle(*message)
             except Exception:  # noqa: BLE001 - counting crashes is the point
                 stats["crashes"] += 1
                 return
             stats["messages"] += 1
-            if sum(runtime.rejections.values()) != before + 1:
+            if sum(runtime.registry.rejections.values()) != before + 1:
                 stats["not_rejected"] += 1
 
         start = time.perf_counter()
         feed()
         seconds = time.perf_counter() - start
         result = {"messages": stats["messages"] + stats["crashes"], "crashes": stats["crashes"],
-                  "not_rejected": stats["not_rejected"], "accepted_upload_untouched": runtime.train_uploads["devA"] is accepted,
-                  "internal_errors": runtime.rejections["internal_error"], "seconds": seconds,
-                  "rejections_by_reason": dict(runtime.rejections.most_common())}
+                  "not_rejected": stats["not_rejected"], "accepted_upload_untouched": runtime.strategy.train_uploads["devA"] is accepted,
+                  "internal_errors": runtime.registry.rejections["internal_error"], "seconds": seconds,
+                  "rejections_by_reason": dict(runtime.registry.rejections.most_common())}
     print(json.dumps(result, indent=2))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from cloud_runtime.service import build_runtime  # noqa: E402
 from edge_sdk import protocol as P  # noqa: E402
 from edge_sdk.messages import FeatureUpload  # noqa: E402
 from edgefl_core.transport.mqtt import MqttTransport  # noqa: E402
-from tools.mosquitto import EmbeddedMosquitto  # noqa: E402
+from edgefl_cli.mosquitto import EmbeddedMosquitto  # noqa: E402
 
 RUN = "ingest"
 
@@ -73,21 +73,21 @@ def main() -> int:
         for p in procs:
             p.start()
         deadline = time.time() + 600
-        while len(runtime.train_uploads) < args.devices and time.time() < deadline:
+        while len(runtime.strategy.train_uploads) < args.devices and time.time() < deadline:
             runtime.pump(0.05)
         elapsed = time.time() - start_at
         for p in procs:
             p.join(30)
         runtime.close()
-    if len(runtime.train_uploads) < args.devices:
-        print(f"only {len(runtime.train_uploads)} of {args.devices} uploads arrived", file=sys.stderr)
+    if len(runtime.strategy.train_uploads) < args.devices:
+        print(f"only {len(runtime.strategy.train_uploads)} of {args.devices} uploads arrived", file=sys.stderr)
         return 1
-    wire = sum(d["bytes_up"] for d in runtime.devices.values())
-    raw = sum(d["raw_fp32_bytes"] for d in runtime.devices.values())
+    wire = sum(d["bytes_up"] for d in runtime.registry.devices.values())
+    raw = sum(d["raw_fp32_bytes"] for d in runtime.registry.devices.values())
     chunks = runtime.messages_in - args.devices  # less the registrations
     result = {"args": vars(args), "seconds": elapsed, "wire_MB": wire / 1e6, "wire_MBps": wire / 1e6 / elapsed,
               "messages_per_s": chunks / elapsed, "decoded_fp32_MBps": raw / 1e6 / elapsed,
-              "samples_per_s": args.devices * args.samples / elapsed, "rejections": dict(runtime.rejections)}
+              "samples_per_s": args.devices * args.samples / elapsed, "rejections": dict(runtime.registry.rejections)}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_runtime.config import load_config  # noqa: E402
 from device_profiles.profiler import model_cost  # noqa: E402
-from tools.cli_logging import setup_logging  # noqa: E402
-from tools.sim import run_over_mqtt  # noqa: E402
+from edgefl_cli.logs import setup_logging  # noqa: E402
+from edgefl_cli.simulation import run_over_mqtt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

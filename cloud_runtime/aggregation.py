@@ -8,9 +8,11 @@ values are errors that say which client and which tensor.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from edgefl_core.registry import Registry
 
 State = Mapping[str, np.ndarray]
 
@@ -45,11 +47,16 @@ def validate_states(states: Sequence[State], weights: Sequence[float] | None = N
     return w / w.sum()
 
 
+def _cast_like(mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Back to the clients' dtype; integer tensors (e.g. num_batches_tracked) are rounded, not truncated."""
+    return np.asarray(np.rint(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
+
+
 def fedavg(states: Sequence[State], weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
-    """Weighted mean of each tensor (weights = local sample counts in FedAvg)."""
+    """Weighted mean of each tensor (weights = local sample counts in FedAvg; McMahan et al. 2017, eq. in Alg. 1)."""
     w = validate_states(states, weights)
-    return {name: np.asarray(sum(wi * np.asarray(s[name], dtype=np.float64) for wi, s in zip(w, states))).astype(
-        np.asarray(states[0][name]).dtype) for name in states[0]}
+    return {name: _cast_like(sum(wi * np.asarray(s[name], dtype=np.float64) for wi, s in zip(w, states)),
+                             np.asarray(states[0][name]).dtype) for name in states[0]}
 
 
 def coordinate_median(states: Sequence[State]) -> dict[str, np.ndarray]:
@@ -84,14 +91,29 @@ def clip_update(state: State, reference: State, max_norm: float) -> dict[str, np
             for n in reference}
 
 
+def clip_to_median(states: Sequence[State], reference: State, clip_multiplier: float
+                   ) -> tuple[list[dict[str, np.ndarray]], list[float], float]:
+    """Clip every update to ``clip_multiplier`` x the round's median update norm.
+    Returns (clipped states, each update's norm before clipping, the bound)."""
+    norms = [update_norm(s, reference) for s in states]
+    bound = clip_multiplier * float(np.median(norms)) if norms else 0.0
+    clipped = [clip_update(s, reference, bound) if bound > 0 else dict(s) for s in states]
+    return clipped, norms, bound
+
+
 def clipped_fedavg(states: Sequence[State], reference: State, weights: Sequence[float] | None = None,
                    clip_multiplier: float = 3.0) -> tuple[dict[str, np.ndarray], list[float]]:
     """FedAvg of updates clipped to ``clip_multiplier`` x the median update norm; returns norms too."""
     validate_states(list(states) + [reference])
-    norms = [update_norm(s, reference) for s in states]
-    bound = clip_multiplier * float(np.median(norms)) if norms else 0.0
-    clipped = [clip_update(s, reference, bound) if bound > 0 else s for s in states]
+    clipped, norms, _ = clip_to_median(states, reference, clip_multiplier)
     return fedavg(clipped, weights), norms
+
+
+# name -> (states, weights, options) -> aggregated state; ``fedavg.aggregator`` picks one
+AGGREGATORS: Registry[Callable[[Sequence[State], Sequence[float], Mapping[str, Any]], dict]] = Registry("aggregator")
+AGGREGATORS.register("fedavg")(lambda states, weights, options: fedavg(states, weights))
+AGGREGATORS.register("median")(lambda states, weights, options: coordinate_median(states))
+AGGREGATORS.register("trimmed_mean")(lambda states, weights, options: trimmed_mean(states, options["trim_fraction"]))
 
 
 def staleness_weights(staleness: Sequence[int], exponent: float = 0.5) -> np.ndarray:
@@ -116,13 +138,7 @@ def layer_divergence(states: Sequence[State], average: State | None = None) -> d
 
 
 def average_torch_states(states, weights):
-    """FedAvg of torch state dicts (e.g. FedGKT extractors); integer buffers are averaged and rounded."""
+    """:func:`fedavg` of torch state dicts (e.g. FedGKT extractors); integer buffers are rounded."""
     import torch
-    arrays = [{k: v.detach().cpu().numpy() for k, v in s.items()} for s in states]
-    w = validate_states(arrays, weights)
-    out = {}
-    for k in arrays[0]:
-        mean = np.asarray(sum(wi * a[k].astype(np.float64) for wi, a in zip(w, arrays)))
-        integral = np.issubdtype(arrays[0][k].dtype, np.integer)
-        out[k] = torch.from_numpy(np.array(np.rint(mean) if integral else mean, dtype=arrays[0][k].dtype))
-    return out
+    average = fedavg([{k: v.detach().cpu().numpy() for k, v in s.items()} for s in states], weights)
+    return {k: torch.from_numpy(v) for k, v in average.items()}

@@ -59,7 +59,7 @@ class FedGKTConfig:
 class FedAvgConfig:
     """FedAvg rounds: devices train the whole model and the runtime aggregates weights."""
 
-    aggregator: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
+    aggregator: str = "fedavg"            # a registered aggregator: fedavg | median | trimmed_mean
     clip_multiplier: float | None = 3.0   # clip updates longer than this x the round's median update norm
     trim_fraction: float = 0.2
     model_codec: str = "fp16"              # a registered model codec (edgefl_core.codecs.MODEL_CODECS)

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from cloud_runtime.config import ServerConfig
-from edge_sdk.losses import gkt_loss
+from model_zoo.losses import gkt_loss
+from model_zoo.optim import make_optimizer
 from edge_sdk.messages import FeatureUpload, SoftLabels
 
 logger = logging.getLogger(__name__)
@@ -67,11 +68,7 @@ class GKTServer:
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.cfg = cfg
         self.num_classes = num_classes
-        params = self.model.parameters()
-        if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(self.model.parameters(), cfg)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
         self._storage_dtype = torch.float16 if cfg.feature_storage == "float16" else torch.float32

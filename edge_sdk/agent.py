@@ -10,13 +10,10 @@ All network callbacks only enqueue; training and encoding happen on the main thr
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import queue
 import resource
-import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,11 +23,10 @@ import torch
 
 from edge_sdk import protocol as P
 from edge_sdk.client import EdgeClient
-from edge_sdk.config import AgentConfig, load_agent_config
+from edge_sdk.config import AgentConfig
 from edge_sdk.messages import MessageError
 from edge_sdk.trainers import create_trainer
-from edgefl_core.config import ConfigError
-from edgefl_core.data.datasets import DatasetError, dataset_stats
+from edgefl_core.data.datasets import dataset_stats
 from edgefl_core.data.local import load_local_data
 from edgefl_core.transport import Transport, create_transport
 from model_zoo import create_model
@@ -326,30 +322,3 @@ def build_agent(cfg: AgentConfig, transport: Transport | None = None) -> EdgeAge
     agent = EdgeAgent(cfg, transport, client)
     agent.load_state()
     return agent
-
-
-def main(argv: list[str] | None = None) -> int:
-    from tools.cli_logging import setup_logging
-
-    parser = argparse.ArgumentParser(prog="edge-agent", description="edgefl edge agent (FedGKT device daemon)")
-    parser.add_argument("--config", required=True, help="agent YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    try:
-        cfg = load_agent_config(args.config, args.overrides)
-        agent = build_agent(cfg)
-        signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
-        agent.start()
-    except (ConfigError, DatasetError, ConnectionError) as e:
-        logger.error("%s", e)
-        return 2
-    try:
-        return agent.serve()
-    finally:
-        agent.shutdown()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

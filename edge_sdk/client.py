@@ -56,7 +56,7 @@ class EdgeClient:
         self.soft_labels = SoftLabelStore(train_set.sample_ids, train_set.num_classes)
         self.callbacks = callbacks
         augment = Augment(cfg.augment.crop_padding, cfg.augment.hflip)
-        self._train_loader = ArrayLoader(train_set, cfg.batch_size, shuffle=True, augment=augment,
+        self.train_loader = ArrayLoader(train_set, cfg.batch_size, shuffle=True, augment=augment,
                                          stats_name=stats_name, seed=seed)
         self._stats_name = stats_name
 
@@ -76,7 +76,7 @@ class EdgeClient:
             step += 1
 
         for _ in range(self.cfg.epochs):
-            for batch in self._train_loader:
+            for batch in self.train_loader:
                 teacher, has_teacher = self.soft_labels.lookup(batch.sample_ids)
                 if not has_teacher.any():
                     teacher = has_teacher = None

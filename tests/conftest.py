@@ -42,7 +42,7 @@ requires_fashion_mnist = pytest.mark.skipif(
 
 @pytest.fixture
 def broker(tmp_path):
-    from tools.mosquitto import EmbeddedMosquitto, find_mosquitto
+    from edgefl_cli.mosquitto import EmbeddedMosquitto, find_mosquitto
     try:
         find_mosquitto()
     except FileNotFoundError as e:

@@ -13,8 +13,8 @@ from cloud_runtime.config import load_config
 from conftest import wait_until
 from edge_sdk import protocol as P
 from edgefl_core.transport.mqtt import MqttTransport
-from tools.sim import main as sim_main
-from tools.sim import write_deployment
+from edgefl_cli.sim import main as sim_main
+from edgefl_cli.simulation import write_deployment
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,8 @@ def test_full_run_over_mosquitto(npz_dir, tmp_path):
 
 def deploy(tmp_path, broker, npz_dir, devices, rounds, *extra):
     cfg = load_config("configs/quickstart.yaml", overrides(npz_dir, devices, rounds, *extra))
-    runtime_path, agent_paths, _ = write_deployment(cfg, tmp_path, broker.url)
+    deployment = write_deployment(cfg, tmp_path, broker.url)
+    runtime_path, agent_paths = deployment.runtime_path, deployment.agent_paths
     return runtime_path, agent_paths
 
 
@@ -95,9 +96,9 @@ def edit_yaml(path, **changes):
 @pytest.mark.drill
 def test_agent_killed_mid_round_resumes(npz_dir, tmp_path, broker, procs):
     runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 3)
-    procs.append(spawn(["cloud_runtime.service", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
-    procs.append(spawn(["edge_sdk.agent", "--config", str(agents[0])], tmp_path / "a0.log"))
-    slow = ["edge_sdk.agent", "--config", str(agents[1]), "--set", "edge.epochs=15"]
+    procs.append(spawn(["edgefl_cli.runtime", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+    procs.append(spawn(["edgefl_cli.agent", "--config", str(agents[0])], tmp_path / "a0.log"))
+    slow = ["edgefl_cli.agent", "--config", str(agents[1]), "--set", "edge.epochs=15"]
     procs.append(spawn(slow, tmp_path / "a1.log"))
     wait_until(lambda: runtime_state(tmp_path).get("next_round", 0) >= 1, timeout=120)
     time.sleep(1.0)  # dev1 is training round 1 now
@@ -120,9 +121,9 @@ def test_silent_device_round_closes_at_deadline_with_quorum(npz_dir, tmp_path, b
     silent = MqttTransport(broker.url, "silent-device")
     silent.connect()
     try:
-        procs.append(spawn(["cloud_runtime.service", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+        procs.append(spawn(["edgefl_cli.runtime", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
         for i, agent in enumerate(agents):
-            procs.append(spawn(["edge_sdk.agent", "--config", str(agent)], tmp_path / f"a{i}.log"))
+            procs.append(spawn(["edgefl_cli.agent", "--config", str(agent)], tmp_path / f"a{i}.log"))
         wait_until(lambda: "serving run" in (tmp_path / "rt.log").read_text(), timeout=60)
         silent.publish(P.Topics(run_id).up("dev9"), P.control_frame(
             P.REGISTER, run=run_id, device="dev9", round_=-1, num_classes=4, feature_channels=16, train_samples=10))
@@ -138,9 +139,9 @@ def test_silent_device_round_closes_at_deadline_with_quorum(npz_dir, tmp_path, b
 def test_async_mode_finishes_with_a_slow_device(npz_dir, tmp_path, broker, procs):
     runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 6, "deployment.mode=async",
                                   "deployment.max_staleness=3")
-    procs.append(spawn(["cloud_runtime.service", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
-    procs.append(spawn(["edge_sdk.agent", "--config", str(agents[0])], tmp_path / "a0.log"))
-    procs.append(spawn(["edge_sdk.agent", "--config", str(agents[1]), "--set", "edge.epochs=25"], tmp_path / "a1.log"))
+    procs.append(spawn(["edgefl_cli.runtime", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+    procs.append(spawn(["edgefl_cli.agent", "--config", str(agents[0])], tmp_path / "a0.log"))
+    procs.append(spawn(["edgefl_cli.agent", "--config", str(agents[1]), "--set", "edge.epochs=25"], tmp_path / "a1.log"))
     assert procs[0].wait(300) == 0
     report = json.loads((tmp_path / "runtime" / "report.json").read_text())
     rows = report["rounds"]
@@ -163,9 +164,9 @@ def accepted(tmp_path) -> tuple[int, list]:
 @pytest.mark.drill
 def test_agent_killed_mid_upload_resends_and_nothing_is_lost(npz_dir, tmp_path, broker, procs):
     runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 2, "deployment.chunk_bytes=4096")
-    procs.append(spawn(["cloud_runtime.service", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
-    procs.append(spawn(["edge_sdk.agent", "--config", str(agents[0])], tmp_path / "a0.log"))
-    paced = ["edge_sdk.agent", "--config", str(agents[1]), "--set", "upload.max_bytes_per_s=40000"]  # ~5 s uploads
+    procs.append(spawn(["edgefl_cli.runtime", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+    procs.append(spawn(["edgefl_cli.agent", "--config", str(agents[0])], tmp_path / "a0.log"))
+    paced = ["edgefl_cli.agent", "--config", str(agents[1]), "--set", "upload.max_bytes_per_s=40000"]  # ~5 s uploads
     procs.append(spawn(paced, tmp_path / "a1.log"))
     wait_until(lambda: "uploading round 1 train" in (tmp_path / "a1.log").read_text(), timeout=150)
     time.sleep(1.5)  # part of the transfer is at the runtime, the rest never leaves
@@ -181,12 +182,12 @@ def test_agent_killed_mid_upload_resends_and_nothing_is_lost(npz_dir, tmp_path, 
 
 @pytest.mark.drill
 def test_broker_restarted_mid_round_loses_nothing(npz_dir, tmp_path, procs):
-    from tools.mosquitto import EmbeddedMosquitto
+    from edgefl_cli.mosquitto import EmbeddedMosquitto
     with EmbeddedMosquitto(workdir=tmp_path / "broker", persistent=True) as broker:
         runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 2, "deployment.chunk_bytes=4096")
-        procs.append(spawn(["cloud_runtime.service", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+        procs.append(spawn(["edgefl_cli.runtime", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
         for i, agent in enumerate(agents):
-            procs.append(spawn(["edge_sdk.agent", "--config", str(agent), "--set", "upload.max_bytes_per_s=40000"],
+            procs.append(spawn(["edgefl_cli.agent", "--config", str(agent), "--set", "upload.max_bytes_per_s=40000"],
                                tmp_path / f"a{i}.log"))
         wait_until(lambda: "uploading round 1 train" in (tmp_path / "a0.log").read_text(), timeout=150)
         time.sleep(1.0)  # uploads in flight
@@ -201,10 +202,10 @@ def test_broker_restarted_mid_round_loses_nothing(npz_dir, tmp_path, procs):
 @pytest.mark.drill
 def test_runtime_killed_mid_run_resumes_from_checkpoint(npz_dir, tmp_path, broker, procs):
     runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 3)
-    serve = ["cloud_runtime.service", "serve", "--config", str(runtime_path)]
+    serve = ["edgefl_cli.runtime", "serve", "--config", str(runtime_path)]
     procs.append(spawn(serve, tmp_path / "rt.log"))
     for i, agent in enumerate(agents):
-        procs.append(spawn(["edge_sdk.agent", "--config", str(agent)], tmp_path / f"a{i}.log"))
+        procs.append(spawn(["edgefl_cli.agent", "--config", str(agent)], tmp_path / f"a{i}.log"))
     wait_until(lambda: runtime_state(tmp_path).get("next_round", 0) >= 1, timeout=120)
     procs[0].send_signal(signal.SIGKILL)
     procs[0].wait()

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from device_profiles import PROFILE_DIR, detect_host, list_profiles, load_profile
-from device_profiles.cli import main as cli_main
+from edgefl_cli.profile import main as cli_main
 from device_profiles.profiler import estimate_latency, model_cost
 from edgefl_core.config import ConfigError
 
@@ -125,7 +125,7 @@ def test_runtime_device_cost_line():
 
 def test_calibration_recovers_known_efficiencies():
     from device_profiles import Efficiency
-    from device_profiles.cli import fit_efficiency
+    from edgefl_cli.profile import fit_efficiency
     host = detect_host()
     host.efficiency = Efficiency(torch_cpu=0.2, memory=1.5)
     rows = []

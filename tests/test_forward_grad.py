@@ -10,7 +10,7 @@ import torch.nn as nn
 from edge_sdk.client import EdgeClient
 from edge_sdk.config import ConfigError, EdgeConfig, build_dataclass
 from edgefl_core.data.datasets import ImageDataset
-from edge_sdk.losses import gkt_loss
+from model_zoo.losses import gkt_loss
 from edge_sdk.trainers import create_trainer, list_trainers
 from edge_sdk.trainers.forward_grad import (
     SUPPORTED_LAYERS, _module_forward, directional_derivative, forward_gradient, split_chain,

@@ -46,10 +46,10 @@ def runtime(tmp_path_factory):
     cfg = load_runtime_config(None, [f"run_id={RUN}", f"state_dir={tmp_path_factory.mktemp('rt')}",
                                      "validation.quarantine_after=1000000"])
     rt = CloudRuntime(cfg, MemoryBus().client("runtime"))
-    rt._on_register("devA", {"data": {"num_classes": 10, "feature_channels": 4, "train_samples": 30}})
+    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 30})
     for frame in valid_upload_frames():
         rt.handle(rt.topics.up("devA"), frame)
-    assert "devA" in rt.train_uploads  # the accepted data every malformed message must leave alone
+    assert "devA" in rt.strategy.train_uploads  # the accepted data every malformed message must leave alone
     return rt
 
 
@@ -57,13 +57,13 @@ def runtime(tmp_path_factory):
 @given(malformed_messages())
 def test_runtime_rejects_every_malformed_message_with_a_reason(runtime, message):
     topic, payload = message
-    accepted = runtime.train_uploads["devA"]
-    before = sum(runtime.rejections.values())
+    accepted = runtime.strategy.train_uploads["devA"]
+    before = sum(runtime.registry.rejections.values())
     runtime.handle(topic, payload)  # must not raise
-    assert sum(runtime.rejections.values()) == before + 1, "a malformed message was neither rejected nor counted"
-    assert runtime.train_uploads["devA"] is accepted
-    assert all(isinstance(reason, str) and reason for reason in runtime.rejections)
-    assert runtime.rejections["internal_error"] == 0  # every rejection is a named check, not a caught crash
+    assert sum(runtime.registry.rejections.values()) == before + 1, "a malformed message was neither rejected nor counted"
+    assert runtime.strategy.train_uploads["devA"] is accepted
+    assert all(isinstance(reason, str) and reason for reason in runtime.registry.rejections)
+    assert runtime.registry.rejections["internal_error"] == 0  # every rejection is a named check, not a caught crash
 
 
 @FUZZ

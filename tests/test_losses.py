@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from edge_sdk.losses import gkt_loss, kd_loss
+from model_zoo.losses import gkt_loss, kd_loss
 
 
 def test_kd_loss_matches_hand_computation():

@@ -13,7 +13,7 @@ def make_runtime(tmp_path, *overrides):
     cfg = load_runtime_config(None, ["run_id=r", f"state_dir={tmp_path}", "server.batch_size=8", *overrides])
     runtime = CloudRuntime(cfg, MemoryBus().client("runtime"))
     for device in ("devA", "devB"):
-        runtime._on_register(device, {"data": {"num_classes": 4, "feature_channels": 16, "train_samples": 8}})
+        runtime.register(device, {"num_classes": 4, "feature_channels": 16, "train_samples": 8})
     return runtime
 
 
@@ -26,13 +26,13 @@ def upload(device, round_, seed):
 
 def test_features_of_a_device_that_stopped_uploading_age_out(tmp_path):
     runtime = make_runtime(tmp_path, "max_staleness=2")
-    runtime.train_uploads = {"devA": upload("devA", 0, 1), "devB": upload("devB", 0, 2)}
-    runtime._train_and_answer(0, ["devA", "devB"])
-    assert set(runtime.server.train_store) == {"devA", "devB"}
+    runtime.strategy.train_uploads = {"devA": upload("devA", 0, 1), "devB": upload("devB", 0, 2)}
+    runtime.strategy.train_and_answer(0, ["devA", "devB"])
+    assert set(runtime.strategy.server.train_store) == {"devA", "devB"}
     for round_ in (1, 2, 3):  # devB went silent after round 0
-        runtime.train_uploads = {"devA": upload("devA", round_, 1)}
-        runtime._train_and_answer(round_, ["devA"])
-    assert set(runtime.server.train_store) == {"devA"}
+        runtime.strategy.train_uploads = {"devA": upload("devA", round_, 1)}
+        runtime.strategy.train_and_answer(round_, ["devA"])
+    assert set(runtime.strategy.server.train_store) == {"devA"}
 
 
 def test_soft_labels_go_only_to_participants_and_carry_their_ids(tmp_path):
@@ -49,8 +49,8 @@ def test_soft_labels_go_only_to_participants_and_carry_their_ids(tmp_path):
                 if done is not None:
                     got[device] = P.arrays_to_soft_labels(P.unpack_arrays(done.blob), device, done.round)
         bus.client(f"listener-{device}").subscribe(runtime.topics.down(device), on_down)
-    runtime.train_uploads = {"devA": upload("devA", 0, 1), "devB": upload("devB", 0, 2)}
-    runtime._train_and_answer(0, ["devA"])
+    runtime.strategy.train_uploads = {"devA": upload("devA", 0, 1), "devB": upload("devB", 0, 2)}
+    runtime.strategy.train_and_answer(0, ["devA"])
     assert set(got) == {"devA"}
     assert (got["devA"].sample_ids == upload("devA", 0, 1).sample_ids).all()
 

@@ -63,20 +63,20 @@ def send(device, topic, frames):
 
 def test_duplicates_and_out_of_order_chunks_count_once(runtime, device):
     register(device, runtime)
-    wait_until(lambda: "devA" in runtime.devices, step=runtime.pump)
+    wait_until(lambda: "devA" in runtime.registry.devices, step=runtime.pump)
     frames, upload = upload_frames(max_chunk=500)
     assert len(frames) > 5
     shuffled = frames + frames[::2]
     random.Random(1).shuffle(shuffled)
     send(device, runtime.topics.up("devA"), shuffled)
-    wait_until(lambda: "devA" in runtime.train_uploads, step=runtime.pump)
+    wait_until(lambda: "devA" in runtime.strategy.train_uploads, step=runtime.pump)
     send(device, runtime.topics.up("devA"), frames)  # the whole transfer again (a QoS 1 retry storm)
     # flush() means the broker has them; wait until the runtime has seen every duplicate too
-    wait_until(lambda: runtime.reassembler.duplicates >= len(frames[::2]) + len(frames), step=runtime.pump)
-    got = runtime.train_uploads["devA"]
+    wait_until(lambda: runtime.ingest.reassembler.duplicates >= len(frames[::2]) + len(frames), step=runtime.pump)
+    got = runtime.strategy.train_uploads["devA"]
     assert (got.sample_ids == upload.sample_ids).all() and len(got.sample_ids) == 30
-    assert runtime.devices["devA"]["raw_fp32_bytes"] == P.upload_to_arrays(upload, "fp16")[1]["raw_fp32_bytes"]
-    assert not runtime.rejections
+    assert runtime.registry.devices["devA"]["raw_fp32_bytes"] == P.upload_to_arrays(upload, "fp16")[1]["raw_fp32_bytes"]
+    assert not runtime.registry.rejections
 
 
 def _flip_crc(frames):
@@ -111,61 +111,61 @@ def test_bad_input_is_dropped_with_a_reason_and_accepted_data_stays(runtime, dev
     runtime.cfg.max_chunk_bytes = 512 * 1024
     runtime.cfg.validation.quarantine_after = 1000  # every reason is checked here; quarantine has its own test
     register(device, runtime)
-    wait_until(lambda: "devA" in runtime.devices, step=runtime.pump)
+    wait_until(lambda: "devA" in runtime.registry.devices, step=runtime.pump)
     good, upload = upload_frames()
     send(device, runtime.topics.up("devA"), good)
-    wait_until(lambda: "devA" in runtime.train_uploads, step=runtime.pump)
-    accepted = runtime.train_uploads["devA"]
+    wait_until(lambda: "devA" in runtime.strategy.train_uploads, step=runtime.pump)
+    accepted = runtime.strategy.train_uploads["devA"]
     features = accepted.features.clone()
     for reason, make, topic_device in BAD_INPUTS:
-        before = runtime.rejections[reason]
+        before = runtime.registry.rejections[reason]
         send(device, runtime.topics.up(topic_device), make())
-        wait_until(lambda: runtime.rejections[reason] > before, step=runtime.pump, timeout=10)
-    assert runtime.train_uploads["devA"] is accepted and torch.equal(accepted.features, features)
+        wait_until(lambda: runtime.registry.rejections[reason] > before, step=runtime.pump, timeout=10)
+    assert runtime.strategy.train_uploads["devA"] is accepted and torch.equal(accepted.features, features)
     # and it still serves: a new valid registration and upload go through
     register(device, runtime, name="devB")
-    wait_until(lambda: "devB" in runtime.devices, step=runtime.pump)
+    wait_until(lambda: "devB" in runtime.registry.devices, step=runtime.pump)
     send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=11, first_id=100)[0])
-    wait_until(lambda: "devB" in runtime.train_uploads, step=runtime.pump)
+    wait_until(lambda: "devB" in runtime.strategy.train_uploads, step=runtime.pump)
 
 
 def test_implausible_values_and_foreign_sample_ids_are_rejected_then_the_device_is_quarantined(runtime, device):
     runtime.cfg.validation.quarantine_after = 3
     register(device, runtime)
     register(device, runtime, name="devB")
-    wait_until(lambda: {"devA", "devB"} <= set(runtime.devices), step=runtime.pump)
+    wait_until(lambda: {"devA", "devB"} <= set(runtime.registry.devices), step=runtime.pump)
     send(device, runtime.topics.up("devA"), upload_frames()[0])  # devA owns ids 0..29
-    wait_until(lambda: "devA" in runtime.train_uploads, step=runtime.pump)
+    wait_until(lambda: "devA" in runtime.strategy.train_uploads, step=runtime.pump)
     send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=1, scale=5e4, first_id=100)[0])
-    wait_until(lambda: runtime.rejections["implausible_values"] == 1, step=runtime.pump)
+    wait_until(lambda: runtime.registry.rejections["implausible_values"] == 1, step=runtime.pump)
     send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=2, first_id=20)[0])  # 20..29 are devA's
-    wait_until(lambda: runtime.rejections["sample_ids"] == 1, step=runtime.pump)
+    wait_until(lambda: runtime.registry.rejections["sample_ids"] == 1, step=runtime.pump)
     send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=3, n=12, first_id=100)[0])
-    wait_until(lambda: runtime.rejections["sample_ids"] == 2, step=runtime.pump)  # registered 30 samples
-    info = runtime.devices["devB"]
+    wait_until(lambda: runtime.registry.rejections["sample_ids"] == 2, step=runtime.pump)  # registered 30 samples
+    info = runtime.registry.devices["devB"]
     assert info["rejection_reasons"] == {"implausible_values": 1, "sample_ids": 2}
     assert "quarantined_until" in info and info["quarantines"] == 1
     # quarantined: even a valid upload is ignored, with its own reason, until the quarantine ends
     send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=4, first_id=100)[0])
-    wait_until(lambda: runtime.rejections["quarantined"] >= 1, step=runtime.pump)
-    assert "devB" not in runtime.train_uploads
+    wait_until(lambda: runtime.registry.rejections["quarantined"] >= 1, step=runtime.pump)
+    assert "devB" not in runtime.strategy.train_uploads
     info["quarantined_until"] = 0  # time passes
     send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=5, first_id=100)[0])
-    wait_until(lambda: "devB" in runtime.train_uploads, step=runtime.pump)
-    assert runtime.train_uploads["devA"].sample_ids.tolist() == list(range(30))  # devA's data untouched
+    wait_until(lambda: "devB" in runtime.strategy.train_uploads, step=runtime.pump)
+    assert runtime.strategy.train_uploads["devA"].sample_ids.tolist() == list(range(30))  # devA's data untouched
     # a pinned device cannot swap its sample ids in a later upload either
-    runtime.train_uploads.pop("devA")
+    runtime.strategy.train_uploads.pop("devA")
     send(device, runtime.topics.up("devA"), upload_frames(seed=6, first_id=200)[0])
-    wait_until(lambda: runtime.rejections["sample_ids"] == 3, step=runtime.pump)
-    assert "differ from the 30 this device uploaded before" in runtime.devices["devA"]["last_rejection"]["detail"]
+    wait_until(lambda: runtime.registry.rejections["sample_ids"] == 3, step=runtime.pump)
+    assert "differ from the 30 this device uploaded before" in runtime.registry.devices["devA"]["last_rejection"]["detail"]
 
 
 def test_inconsistent_registration_is_rejected(runtime, device):
     register(device, runtime)
-    wait_until(lambda: "devA" in runtime.devices, step=runtime.pump)
+    wait_until(lambda: "devA" in runtime.registry.devices, step=runtime.pump)
     register(device, runtime, name="devC", feature_channels=32)
-    wait_until(lambda: runtime.rejections["bad_registration"] == 1, step=runtime.pump)
-    assert "devC" not in runtime.devices
+    wait_until(lambda: runtime.registry.rejections["bad_registration"] == 1, step=runtime.pump)
+    assert "devC" not in runtime.registry.devices
 
 
 # -- FedAvg: poisoned models are rejected or clipped, never averaged in ------------------------------
@@ -194,20 +194,20 @@ def test_fedavg_rejects_nan_models_and_clips_scaled_updates(fedavg_runtime, devi
     rt = fedavg_runtime
     for name in ("devA", "devB", "devC"):
         register(device, rt, name=name, model="resnet8", feature_channels=16, input_shape=[1, 8, 8])
-    wait_until(lambda: len(rt.devices) == 3 and rt.global_model is not None, step=rt.pump)
-    global_state = {k: v.clone() for k, v in rt.global_model.state_dict().items()}
+    wait_until(lambda: len(rt.registry.devices) == 3 and rt.strategy.global_model is not None, step=rt.pump)
+    global_state = {k: v.clone() for k, v in rt.strategy.global_model.state_dict().items()}
     torch.manual_seed(0)
     honest = lambda: {k: (v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v)  # noqa: E731
                       for k, v in global_state.items()}
     send(device, rt.topics.up("devA"), model_frames(honest(), "devA"))
     send(device, rt.topics.up("devB"), model_frames(honest(), "devB"))
     send(device, rt.topics.up("devC"), model_frames(honest(), "devC", poison="body.fc.weight"))
-    wait_until(lambda: rt.rejections["non_finite"] == 1 and len(rt.model_updates) == 2, step=rt.pump)
-    assert "devC" not in rt.model_updates
+    wait_until(lambda: rt.registry.rejections["non_finite"] == 1 and len(rt.strategy.model_updates) == 2, step=rt.pump)
+    assert "devC" not in rt.strategy.model_updates
     send(device, rt.topics.up("devC"), model_frames(honest(), "devC", scale=1000.0))  # wildly scaled
-    wait_until(lambda: len(rt.model_updates) == 3, step=rt.pump)
-    row = rt._aggregate()
+    wait_until(lambda: len(rt.strategy.model_updates) == 3, step=rt.pump)
+    row = rt.strategy.aggregate()
     assert row["clipped"] == ["devC"]
-    drift = max(float((rt.global_model.state_dict()[k] - global_state[k]).abs().max())
+    drift = max(float((rt.strategy.global_model.state_dict()[k] - global_state[k]).abs().max())
                 for k, v in global_state.items() if v.is_floating_point())
     assert drift < 1.0  # a 1000x model averaged in unclipped would move weights by hundreds

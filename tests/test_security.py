@@ -13,7 +13,7 @@ import yaml
 from cloud_runtime.provision import mosquitto_password_hash, provision
 from edge_sdk.config import ConfigError, load_agent_config
 from edgefl_core.transport.mqtt import MqttTransport
-from tools.mosquitto import EmbeddedMosquitto, free_port
+from edgefl_cli.mosquitto import EmbeddedMosquitto, free_port
 
 pytestmark = pytest.mark.integration
 RUN = "secure"

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools.sim import main
+from edgefl_cli.sim import main
 
 
 def sim_args(npz_dir, out, *extra):

@@ -75,7 +75,7 @@ def test_edge_training_uses_the_soft_labels_of_the_batch_samples():
     client.receive(SoftLabels("d0", 0, ds.sample_ids.copy(), teacher))
 
     batch_ids, teacher_ids = [], []
-    shuffled_loader = client._train_loader
+    shuffled_loader = client.train_loader
 
     class RecordingLoader:
         def __iter__(self):
@@ -89,7 +89,7 @@ def test_edge_training_uses_the_soft_labels_of_the_batch_samples():
         teacher_ids.append(teacher_logits[:, 0].clone())
         return real_step(images, labels, teacher_logits / 1e4, has_teacher)
 
-    client._train_loader = RecordingLoader()
+    client.train_loader = RecordingLoader()
     client.trainer.train_step = recording_step
     client.train_round(0)
     assert len(teacher_ids) == 4

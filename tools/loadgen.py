@@ -117,7 +117,7 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
              state_dir: str | Path = "/tmp/edgefl-load", timeout_s: float = 300.0) -> dict:
     from cloud_runtime.config import load_runtime_config
     from cloud_runtime.service import build_runtime
-    from tools.mosquitto import EmbeddedMosquitto
+    from edgefl_cli.mosquitto import EmbeddedMosquitto
 
     broker = None if broker_url else EmbeddedMosquitto().start()
     url = broker_url or broker.url  # type: ignore[union-attr]
@@ -131,10 +131,10 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
         pump = threading.Thread(target=lambda: [runtime.pump(0.05) for _ in iter(stop.is_set, True)], daemon=True)
         pump.start()
         # The first registration builds the server model (seconds); do it before the clock starts.
-        runtime._enqueue(runtime.topics.up("warmup"), P.control_frame(
+        runtime.enqueue(runtime.topics.up("warmup"), P.control_frame(
             P.REGISTER, run=run, device="warmup", round_=-1, num_classes=CLASSES, feature_channels=FEATURES[0],
             train_samples=SAMPLES, test_samples=0, model="resnet8_gkt"))
-        while "warmup" not in runtime.devices:
+        while "warmup" not in runtime.registry.devices:
             time.sleep(0.05)
         ctx = mp.get_context("spawn")
         ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
@@ -158,16 +158,16 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
         stop.set()
         pump.join(10)
         latencies = sorted(x for r in reports for x in r["latencies"])
-        heartbeats_seen = sum(1 for d, info in runtime.devices.items() if d != "warmup" and info.get("heartbeat"))
-        accepted = len(runtime.train_uploads)
+        heartbeats_seen = sum(1 for d, info in runtime.registry.devices.items() if d != "warmup" and info.get("heartbeat"))
+        accepted = len(runtime.strategy.train_uploads)
         result = {
             "agents": agents, "workers": workers, "held_connected": held, "connect_seconds": connect_s,
-            "registered": len(runtime.devices) - 1, "uploads_accepted": accepted,
+            "registered": len(runtime.registry.devices) - 1, "uploads_accepted": accepted,
             "uploads_acked": sum(r["acked"] for r in reports), "lost_uploads": agents - accepted,
             "devices_with_heartbeat": heartbeats_seen, "lost_heartbeat_devices": agents - heartbeats_seen,
             "messages_handled": runtime.messages_in - messages_before, "seconds": elapsed,
             "messages_per_s": (runtime.messages_in - messages_before) / elapsed,
-            "rejections": dict(runtime.rejections),
+            "rejections": dict(runtime.registry.rejections),
             "ack_latency_s": {"p50": _pct(latencies, 50), "p90": _pct(latencies, 90), "p99": _pct(latencies, 99),
                               "max": latencies[-1] if latencies else None,
                               "mean": statistics.mean(latencies) if latencies else None},
@@ -186,7 +186,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def main() -> None:
-    from tools.cli_logging import setup_logging
+    from edgefl_cli.logs import setup_logging
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=8, help="processes the agents are spread over")

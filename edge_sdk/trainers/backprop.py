@@ -1,7 +1,7 @@
 """Local SGD/Adam with backpropagation: the default edge trainer."""
 from __future__ import annotations
 
-from edge_sdk.losses import gkt_loss
+from model_zoo.losses import gkt_loss
 from edge_sdk.trainers.base import EdgeTrainer, StepResult, make_optimizer, register_trainer
 
 

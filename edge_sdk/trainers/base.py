@@ -13,6 +13,8 @@ from typing import Callable, TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from model_zoo.optim import make_optimizer  # noqa: F401  (trainers import it from here)
+
 from edgefl_core.config import ConfigError, build_dataclass
 
 if TYPE_CHECKING:  # the schema imports this registry to validate edge.trainer; only types flow back
@@ -89,9 +91,3 @@ def create_trainer(name: str, model: nn.Module, cfg: EdgeConfig) -> EdgeTrainer:
     if name not in _TRAINERS:
         raise ConfigError(f"edge.trainer: unknown trainer {name!r}; known: {', '.join(list_trainers())}")
     return _TRAINERS[name](model, cfg)
-
-
-def make_optimizer(params, cfg: EdgeConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -37,7 +37,7 @@ from edgefl_core.config import ConfigError, build_dataclass, require
 
 if TYPE_CHECKING:
     from edge_sdk.config import EdgeConfig
-from edge_sdk.losses import gkt_loss
+from model_zoo.losses import gkt_loss
 from edge_sdk.trainers.base import EdgeTrainer, StepResult, make_optimizer, register_trainer
 
 # Leaf layers whose forward-mode derivative is tested against autograd (tests/test_forward_grad.py).

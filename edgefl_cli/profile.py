@@ -196,7 +196,7 @@ def cmd_measure(batch: int, shape: tuple, methods: list[str], save: str | None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.cli_logging import setup_logging
+    from edgefl_cli.logs import setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
     common = argparse.ArgumentParser(add_help=False)

@@ -1,4 +1,4 @@
-"""Run reports: ``report.json`` (the machine-readable result every CLI writes) and PNG plots."""
+"""Run reports on disk: ``report.json`` written atomically, and the PNG plots every run produces."""
 from __future__ import annotations
 
 import json

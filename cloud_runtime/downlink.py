@@ -1,0 +1,46 @@
+"""What the runtime sends to devices: round announcements, acks and chunked transfers, with byte counts.
+
+Strategies talk to devices only through this (never through the transport), so they run the same
+over MQTT and over the in-memory bus.
+"""
+from __future__ import annotations
+
+from cloud_runtime.ingest import Ingest
+from cloud_runtime.registry import DeviceRegistry
+from edge_sdk import protocol as P
+from edgefl_core.transport import Transport
+
+
+class Downlink:
+    def __init__(self, transport: Transport, topics: P.Topics, session: str, registry: DeviceRegistry,
+                 ingest: Ingest):
+        self.transport, self.topics, self.session = transport, topics, session
+        self.registry, self.ingest = registry, ingest
+
+    def broadcast(self, type_: str, round_: int, retain: bool = True, **data) -> None:
+        """A control frame on the run-wide control topic (retained: late joiners see the latest)."""
+        self.transport.publish(self.topics.control, P.control_frame(type_, run=self.topics.run, device="*",
+                                                                    round_=round_, **data), retain=retain)
+
+    def send(self, device: str, type_: str, round_: int, **data) -> None:
+        """A control frame on one device's downlink."""
+        self.transport.publish(self.topics.down(device), P.control_frame(type_, run=self.topics.run, device=device,
+                                                                         round_=round_, **data))
+
+    def ack(self, device: str, done: P.CompletedTransfer) -> None:
+        self.send(device, P.ACK, done.round, transfer=done.transfer, accepted=True)
+
+    def send_transfer(self, device: str, blob: bytes, round_: int, meta: dict) -> None:
+        """Chunk a packed transfer onto one device's downlink and count its bytes."""
+        frames = P.chunk_transfer(blob, run=self.topics.run, device=device, round_=round_, meta=meta)
+        for frame in frames:
+            self.transport.publish(self.topics.down(device), frame)
+        wire = sum(map(len, frames))
+        self.registry.devices[device]["bytes_down"] += wire
+        self.ingest.round_bytes[f"down:{device}"] += wire
+
+    def send_arrays(self, devices: list[str], arrays: dict, round_: int, meta: dict) -> None:
+        """Pack once, send to each of ``devices``."""
+        blob = P.pack_arrays(arrays)
+        for device in devices:
+            self.send_transfer(device, blob, round_, meta)

@@ -1,0 +1,111 @@
+"""Ingest: chunks -> transfers -> checked uploads. What a strategy accepts has passed everything here.
+
+Owns the reassembler, the per-round byte counters, and sample-id ownership: the ids a device uploads
+are its own (disjoint from every other device's) and the same set every round.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from cloud_runtime.config import RuntimeConfig
+from cloud_runtime.registry import DeviceRegistry, Rejected
+from edge_sdk import protocol as P
+from edge_sdk.messages import FeatureUpload, MessageError
+
+
+class Ingest:
+    def __init__(self, cfg: RuntimeConfig, registry: DeviceRegistry):
+        self.cfg = cfg
+        self.registry = registry
+        self.reassembler = P.Reassembler(cfg.max_transfer_bytes, cfg.transfer_timeout_s, max_chunk=cfg.max_chunk_bytes)
+        self.round_bytes: Counter = Counter()   # device -> uplink wire bytes this round ("down:<device>" downlink)
+        self.round_raw: Counter = Counter()     # device -> what the same uploads would cost as raw fp32
+        self.sample_owner: dict[str, dict[int, str]] = {"train": {}}  # split -> id -> device
+        self.device_ids: dict[str, dict[str, np.ndarray]] = {}                   # device -> split -> pinned ids
+
+    def new_round(self) -> None:
+        self.round_bytes.clear()
+        self.round_raw.clear()
+
+    def add_chunk(self, device: str, header: dict, body: bytes, wire: int) -> P.CompletedTransfer | None:
+        """Count the chunk's bytes and reassemble; the completed transfer once its last chunk is in."""
+        if device not in self.registry.devices:
+            raise Rejected("unknown_device", "upload before registration")
+        self.round_bytes[device] += wire
+        self.registry.devices[device]["bytes_up"] += wire
+        return self.reassembler.add(header, body, wire)
+
+    def count_raw(self, device: str, meta: dict, replaced: bool) -> None:
+        """Credit the fp32-equivalent size of an accepted transfer once (a resend that replaces does not)."""
+        raw = meta.get("raw_fp32_bytes", 0)
+        raw = raw if type(raw) is int and 0 <= raw < 1 << 50 and not replaced else 0
+        self.round_raw[device] += raw
+        self.registry.devices[device]["raw_fp32_bytes"] += raw
+
+    def expired(self) -> list[tuple[str, str]]:
+        return self.reassembler.expire()
+
+    # -- feature uploads ----------------------------------------------------------------------------
+
+    def decode_upload(self, device: str, done: P.CompletedTransfer, num_classes: int | None,
+                      feature_shape: tuple | None) -> tuple[FeatureUpload, dict[str, np.ndarray]]:
+        """Decode and check an upload: shapes, classes, finiteness, plausible magnitudes, id ownership.
+        Returns the upload and the device's extractor arrays (empty unless extractor averaging is on)."""
+        arrays = P.unpack_arrays(done.blob, self.cfg.max_transfer_bytes)
+        upload = P.arrays_to_upload(arrays, done.meta, device, done.round)
+        try:
+            upload.validate(num_classes, feature_shape)
+        except MessageError as e:
+            raise Rejected("non_finite" if "NaN" in str(e) else "bad_shape", str(e)) from None
+        self._check_plausible(upload)
+        self._check_ownership(device, upload)
+        extractor = {k[len(P.EXTRACTOR_PREFIX):]: v for k, v in arrays.items() if k.startswith(P.EXTRACTOR_PREFIX)}
+        return upload, extractor
+
+    def _check_plausible(self, upload: FeatureUpload) -> None:
+        v = self.cfg.validation
+        for name, tensor, bound in (("features", upload.features, v.max_abs_feature),
+                                    ("logits", upload.logits, v.max_abs_logit)):
+            peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+            if peak > bound:
+                raise Rejected("implausible_values", f"{upload.split} {name}: max |value| {peak:.3g} > {bound:g}")
+
+    def _check_ownership(self, device: str, upload: FeatureUpload) -> None:
+        """Training sample ids are the device's own (disjoint from every other device's); every split's ids are
+        the same set each round."""
+        ids = upload.sample_ids
+        declared = self.registry.devices[device].get(f"{upload.split}_samples")
+        if isinstance(declared, int) and len(ids) != declared:
+            raise Rejected("sample_ids", f"{len(ids)} {upload.split} samples, the device registered {declared}")
+        pinned = self.device_ids.get(device, {}).get(upload.split)
+        if pinned is not None:
+            if len(pinned) != len(ids) or not np.array_equal(np.sort(ids), pinned):
+                raise Rejected("sample_ids", f"{upload.split} sample ids differ from the {len(pinned)} this device "
+                                             "uploaded before")
+            return
+        if upload.split == "test":  # test ids may be shared (data.test_split: full); each device's stay pinned
+            self.device_ids.setdefault(device, {})["test"] = np.sort(ids)
+            return
+        owners = self.sample_owner[upload.split]
+        stolen = [int(i) for i in ids if owners.get(int(i), device) != device]
+        if stolen:
+            raise Rejected("sample_ids", f"{len(stolen)} {upload.split} sample ids belong to other devices "
+                                         f"(e.g. {stolen[0]} is {owners[stolen[0]]}'s)")
+        for i in ids.tolist():
+            owners[i] = device
+        self.device_ids.setdefault(device, {})[upload.split] = np.sort(ids)
+
+    # -- durable state ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        return {"device_ids": {d: {split: ids.tolist() for split, ids in by_split.items()}
+                               for d, by_split in self.device_ids.items()}}
+
+    def restore(self, state: dict) -> None:
+        for device, by_split in state.get("device_ids", {}).items():
+            for split, ids in by_split.items():
+                self.device_ids.setdefault(device, {})[split] = np.asarray(ids, dtype=np.int64)
+                if split in self.sample_owner:
+                    self.sample_owner[split].update((int(i), device) for i in ids)

@@ -1,0 +1,127 @@
+"""The device registry: who is registered, online, quarantined, and what each device was charged with.
+
+Every rejected message is charged here to the device the broker authenticated (the topic's device),
+counted by reason, and a device whose messages keep being rejected is quarantined for a while.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+from cloud_runtime.config import RuntimeConfig
+
+logger = logging.getLogger("edgefl.runtime")
+
+# what a registration may tell us about a device (anything else in the frame is ignored)
+REGISTRATION_FIELDS = ("profile", "model", "trainer", "train_samples", "test_samples", "codec", "pid", "batch_size",
+                       "epochs", "input_shape", "model_kwargs", "optimizer")
+
+
+class Rejected(Exception):
+    """A message the runtime refuses; ``reason`` is the counter's tag, the message says what was wrong."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class DeviceRegistry:
+    """``devices[name]`` is a JSON-able dict: registration fields, online state, byte counters, rejections."""
+
+    def __init__(self, cfg: RuntimeConfig):
+        self.cfg = cfg
+        self.devices: dict[str, dict] = {}
+        self.rejections: Counter = Counter()
+        self.reject_streak: Counter = Counter()   # consecutive rejections per device
+
+    # -- rejections and quarantine ------------------------------------------------------------------
+
+    def reject(self, reason: str, device: str | None, detail: str) -> None:
+        """Count and log a rejection; quarantine a device after ``validation.quarantine_after`` in a row."""
+        self.rejections[reason] += 1
+        logger.warning("rejected message from %s: %s: %s", device or "?", reason, detail)
+        info = self.devices.get(device) if device else None
+        if info is None:
+            return
+        info["rejected"] = info.get("rejected", 0) + 1
+        reasons = info.setdefault("rejection_reasons", {})
+        reasons[reason] = reasons.get(reason, 0) + 1
+        info["last_rejection"] = {"reason": reason, "detail": detail[:300], "time": time.time()}
+        if reason == "quarantined":
+            return
+        self.reject_streak[device] += 1
+        v = self.cfg.validation
+        if self.reject_streak[device] >= v.quarantine_after and not self.quarantined(device):
+            info["quarantined_until"] = time.time() + v.quarantine_s
+            info["quarantines"] = info.get("quarantines", 0) + 1
+            self.reject_streak[device] = 0
+            logger.error("%s quarantined for %.0fs after %d consecutive rejected messages (last: %s)", device,
+                         v.quarantine_s, v.quarantine_after, reason)
+
+    def accepted(self, device: str) -> None:
+        """A message from ``device`` was accepted: its run of rejections is over."""
+        self.reject_streak[device] = 0
+
+    def quarantined(self, device: str) -> bool:
+        until = self.devices.get(device, {}).get("quarantined_until")
+        if until is None:
+            return False
+        if time.time() < until:
+            return True
+        self.devices[device].pop("quarantined_until", None)
+        logger.warning("%s released from quarantine", device)
+        return False
+
+    # -- presence -----------------------------------------------------------------------------------
+
+    def register(self, device: str, data: dict) -> bool:
+        """Record a (re-)registration; returns whether the device was known before."""
+        known = device in self.devices
+        info = self.devices.setdefault(device, {"bytes_up": 0, "bytes_down": 0, "raw_fp32_bytes": 0, "rounds": [],
+                                                "rejected": 0})
+        info.pop("offline_since", None)
+        info.update(online=True, registered_at=time.time(), **{k: data.get(k) for k in REGISTRATION_FIELDS})
+        logger.info("%s %sregistered: %s samples, model %s, trainer %s, profile %s", device, "re-" if known else "",
+                    data.get("train_samples"), data.get("model"), data.get("trainer"), data.get("profile"))
+        return known
+
+    def on_status(self, device: str, data: dict) -> None:
+        if device not in self.devices:
+            return
+        info = self.devices[device]
+        info["online"] = bool(data.get("online"))
+        if info["online"]:
+            info.pop("offline_since", None)
+        else:
+            info["offline_since"] = time.time()
+        logger.info("%s is %s", device, "online" if info["online"] else "offline")
+
+    def on_heartbeat(self, device: str, data: dict) -> None:
+        if device not in self.devices:
+            raise Rejected("unknown_device", "heartbeat before registration")
+        info = self.devices[device]
+        info["online"] = True
+        info["last_heartbeat"] = time.time()
+        info["heartbeat"] = {k: v for k, v in data.items() if isinstance(v, (int, float, str, type(None)))}
+
+    def names(self) -> list[str]:
+        return sorted(self.devices)
+
+    def reachable(self) -> list[str]:
+        """Devices a round still waits for: online, or offline for less than ``offline_grace_s`` (a restart)."""
+        now = time.time()
+        return [d for d in self.names() if self.devices[d].get("online")
+                or now - self.devices[d].get("offline_since", 0.0) < self.cfg.offline_grace_s]
+
+    # -- durable state ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        return {"devices": self.devices, "rejections": dict(self.rejections)}
+
+    def restore(self, state: dict) -> None:
+        self.devices = state.get("devices", {})
+        for info in self.devices.values():
+            info["online"] = False  # until they say otherwise
+        self.rejections = Counter(state.get("rejections", {}))

@@ -1,0 +1,155 @@
+"""The strategy interface: one class per algorithm, in the spirit of Flower's ``Strategy``.
+
+A strategy configures each round (what it announces to devices), accepts what devices send
+(:meth:`Strategy.accept`), trains or aggregates on what it collected, evaluates, and keeps the rows of
+the report. It never touches the transport: it talks to devices through :class:`Downlink` and waits on
+the runtime's inbox through ``ctx.pump``. Register one with ``@STRATEGIES.register("name")``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from cloud_runtime.config import RuntimeConfig
+from cloud_runtime.downlink import Downlink
+from cloud_runtime.ingest import Ingest
+from cloud_runtime.registry import DeviceRegistry, Rejected
+from cloud_runtime.store import DurableStore
+from edge_sdk import protocol as P
+from edgefl_core.registry import Registry
+
+logger = logging.getLogger("edgefl.runtime")
+
+STRATEGIES: Registry[type["Strategy"]] = Registry("strategy")
+
+
+def strategy_name(cfg: RuntimeConfig) -> str:
+    """``fedavg``, ``fedgkt_sync`` or ``fedgkt_async`` from ``algorithm`` and ``mode``."""
+    return cfg.algorithm if cfg.algorithm == "fedavg" else f"{cfg.algorithm}_{cfg.mode}"
+
+
+@dataclass
+class RunContext:
+    """What a strategy may use: the run's config and the runtime's components."""
+
+    cfg: RuntimeConfig
+    registry: DeviceRegistry
+    ingest: Ingest
+    downlink: Downlink
+    store: DurableStore
+    stop: threading.Event
+    pump: Callable[[], None]           # handle queued messages (waits briefly for the first)
+    checkpoint: Callable[[], None]     # commit durable state (after every round)
+
+
+class Strategy(ABC):
+    uplink_kind = P.KIND_UPLOAD   # the transfer kind devices send in this algorithm
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.rows: list[dict] = []
+        self.next_round = 0
+        self.num_classes: int | None = None
+        self.feature_channels: int | None = None
+
+    # -- run facts and devices ----------------------------------------------------------------------
+
+    def setup(self, num_classes: int, feature_channels: int, registration: dict) -> None:
+        """Fix the run's class count and feature channels and build the models (restoring committed ones)."""
+        self.num_classes, self.feature_channels = num_classes, feature_channels
+        torch.manual_seed(self.cfg.seed)  # every restart rebuilds the same initial models
+        self.build(registration)
+
+    @abstractmethod
+    def build(self, registration: dict) -> None: ...
+
+    def on_register(self, device: str) -> None:
+        """A device (re-)registered."""
+
+    def expected_round(self, device: str) -> int:
+        return self.next_round
+
+    def accept(self, device: str, done: P.CompletedTransfer) -> str:
+        """Check a completed uplink transfer and take it; returns a log line. Raises Rejected (no side effect)."""
+        kind = done.meta.get("kind")
+        if kind != self.uplink_kind:
+            raise Rejected("bad_type", f"transfer kind {kind!r} on an uplink of a {self.cfg.algorithm} run")
+        expected = self.expected_round(device)
+        if done.round != expected:
+            raise Rejected("stale_round" if done.round < expected else "future_round",
+                           f"upload for round {done.round}, expected {expected}")
+        return self.take(device, done)
+
+    @abstractmethod
+    def take(self, device: str, done: P.CompletedTransfer) -> str: ...
+
+    @abstractmethod
+    def run(self) -> None:
+        """Run rounds from ``next_round`` to ``cfg.rounds`` (returns early when ``ctx.stop`` is set)."""
+
+    # -- durable state ------------------------------------------------------------------------------
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        """Key -> module with ``state_dict()`` to checkpoint."""
+        return {}
+
+    def snapshot(self) -> dict:
+        return {"next_round": self.next_round, "rows": self.rows, "num_classes": self.num_classes,
+                "feature_channels": self.feature_channels}
+
+    def restore(self, state: dict) -> None:
+        self.next_round = int(state.get("next_round", 0))
+        self.rows = state.get("rows", [])
+        if state.get("num_classes"):
+            first = next(iter(self.ctx.registry.devices.values()), {})
+            self.setup(int(state["num_classes"]), int(state["feature_channels"]), first)
+
+    # -- helpers for round loops --------------------------------------------------------------------
+
+    def collect(self, round_: int, done: Callable[[], set]) -> bool:
+        """Serve until every reachable device is ``done()``, or the deadline passes with a quorum of them.
+
+        Returns False when asked to stop."""
+        start, warned = time.monotonic(), False
+        registry = self.ctx.registry
+        while not self.ctx.stop.is_set():
+            self.ctx.pump()
+            finished = done()
+            waiting_for = registry.reachable()
+            if waiting_for and all(d in finished for d in waiting_for):
+                return True
+            need = max(1, math.ceil(self.cfg.quorum * len(registry.devices)))
+            if time.monotonic() - start >= self.cfg.round_deadline_s:
+                if len(finished) >= need:
+                    missing = sorted(set(registry.names()) - finished)
+                    logger.warning("round %d deadline: closing with %d/%d devices (missing %s)", round_,
+                                   len(finished), len(registry.devices), ", ".join(missing))
+                    return True
+                if not warned:
+                    logger.warning("round %d deadline passed with %d uploads, quorum needs %d: waiting", round_,
+                                   len(finished), need)
+                    warned = True
+        return False
+
+    def finish_row(self, row: dict, start: float) -> None:
+        """Complete a round's report row (time, bytes, rejections) and keep it."""
+        ingest = self.ctx.ingest
+        up = {d: b for d, b in ingest.round_bytes.items() if not d.startswith("down:")}
+        raw = sum(ingest.round_raw.values())
+        row.update(seconds=time.monotonic() - start, bytes_up=up,
+                   bytes_down={d[5:]: b for d, b in ingest.round_bytes.items() if d.startswith("down:")},
+                   upload_compression_ratio=raw / max(sum(up.values()), 1),
+                   rejections=dict(self.ctx.registry.rejections))
+        self.rows.append(row)
+        acc = row.get("test_accuracy")
+        logger.info("round %d done in %.1fs: %s, upload %.1f MB (%.1fx smaller than fp32)", row["round"],
+                    row["seconds"], f"test accuracy {acc:.4f}" if acc is not None else "no eval",
+                    sum(up.values()) / 1e6, row["upload_compression_ratio"])

@@ -1,0 +1,175 @@
+"""FedGKT (He et al., NeurIPS 2020): the server trains the large model on the devices' features and
+answers each device with soft labels for exactly the sample ids it uploaded.
+
+:class:`FedGKT` holds what both modes share (the server, accepted uploads, extractor averaging,
+evaluation); :class:`FedGKTSync` runs rounds with a deadline and quorum, :class:`FedGKTAsync` lets
+every device run at its own pace (``fedgkt_async.py``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+import torch
+
+from cloud_runtime.aggregation import average_torch_states, staleness_weights
+from cloud_runtime.server_trainer import GKTServer
+from cloud_runtime.strategies.base import STRATEGIES, Strategy
+from edge_sdk import protocol as P
+from edge_sdk.messages import FeatureUpload
+from model_zoo import create_model
+
+logger = logging.getLogger("edgefl.runtime")
+
+
+class FedGKT(Strategy):
+    uplink_kind = P.KIND_UPLOAD
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.server: GKTServer | None = None
+        self.train_uploads: dict[str, FeatureUpload] = {}   # device -> its latest accepted train upload
+        self.test_uploads: dict[str, FeatureUpload] = {}
+        self.extractors: dict[str, tuple[dict, int]] = {}   # fedgkt.average_extractors: latest per device
+        self.server_version = 0                              # server updates so far (async staleness clock)
+        self.arrival_version: dict[str, int] = {}            # device -> server_version when its upload arrived
+
+    def build(self, registration: dict) -> None:
+        model = create_model(self.cfg.server.model, num_classes=self.num_classes,
+                             feature_channels=self.feature_channels, **self.cfg.server.model_kwargs)
+        self.server = GKTServer(model, self.cfg.server, self.num_classes, seed=self.cfg.seed)
+        state = self.ctx.store.load_model("server")
+        if state is not None:
+            self.server.load_state_dict(state)
+            logger.info("server model restored from %s", self.ctx.store.files["server"])
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        return {"server": self.server} if self.server is not None else {}
+
+    # -- accepting uploads --------------------------------------------------------------------------
+
+    def take(self, device: str, done: P.CompletedTransfer) -> str:
+        server = self.server
+        upload, extractor = self.ctx.ingest.decode_upload(device, done, self.num_classes,
+                                                          server.feature_shape if server else None)
+        if extractor and upload.split == "train":
+            reference = next(iter(self.extractors.values()))[0] if self.extractors else None
+            self.extractors[device] = (P.arrays_to_state(extractor, reference), len(upload.sample_ids))
+        if upload.split == "train" and server is not None and server.feature_shape is None:
+            server.feature_shape = tuple(upload.features.shape[1:])
+        store = self.train_uploads if upload.split == "train" else self.test_uploads
+        replaced = device in store and store[device].round == upload.round
+        store[device] = upload  # keyed by device: a re-sent transfer replaces, never double-counts
+        self.ctx.ingest.count_raw(device, done.meta, replaced)
+        if upload.split == "train":
+            self.arrival_version[device] = self.server_version
+            self.ctx.registry.devices[device]["last_metrics"] = upload.metrics
+        return (f"{upload.split} upload of round {done.round} accepted: {len(upload.sample_ids)} samples, "
+                f"{done.wire_bytes / 1e6:.2f} MB ({done.chunks} chunks){' (replaces a resend)' if replaced else ''}")
+
+    # -- training and answering ---------------------------------------------------------------------
+
+    def round_frame(self, round_: int, eval_: bool, soft_labels_to: list[str]) -> dict:
+        """What a round announcement tells devices."""
+        return dict(session=self.ctx.downlink.session, eval=eval_, deadline_s=self.cfg.round_deadline_s,
+                    soft_labels_round=round_ - 1 if soft_labels_to else None, soft_labels_to=soft_labels_to,
+                    soft_labels_wait_s=self.cfg.soft_labels_wait_s,
+                    average_extractors=self.cfg.fedgkt.average_extractors)
+
+    def train_and_answer(self, round_: int, devices: list[str]) -> dict:
+        """Train the server on the devices' features; send each of ``devices`` its soft labels."""
+        assert self.server is not None
+        for device in devices:
+            self.server.ingest(self.train_uploads[device])
+        self.drop_stale(round_)
+        replies, stats = self.server.train_round(round_)
+        replies = {d: m for d, m in replies.items() if d in devices}
+        if self.cfg.fedgkt.average_extractors:
+            self.average_extractors(round_, devices)
+        for device, message in replies.items():
+            arrays, meta = P.soft_labels_to_arrays(message)
+            self.ctx.downlink.send_arrays([device], arrays, message.round, meta)
+        logger.info("round %d server: loss %.3f acc %.3f on %d samples from %d devices at %.0f/s", round_, stats.loss,
+                    stats.train_accuracy, stats.samples, len(devices), stats.samples_per_s)
+        return asdict(stats)
+
+    def drop_stale(self, round_: int) -> None:
+        """Forget features too old to train on (each mode has its own clock)."""
+
+    def average_extractors(self, round_: int, devices: list[str]) -> None:
+        """FedAvg of the devices' extractors (async: staleness-discounted), sent back before the soft labels."""
+        names = [d for d in sorted(self.extractors) if d in devices]
+        if not names:
+            return
+        weights = [self.extractors[d][1] for d in names]
+        if self.cfg.mode == "async":
+            stale = [self.server_version - self.arrival_version.get(d, self.server_version) for d in names]
+            weights = [w * s for w, s in zip(weights, staleness_weights(stale))]
+        average = average_torch_states([self.extractors[d][0] for d in names], weights)
+        arrays, meta = P.state_to_arrays(average, "fp32")
+        meta["kind"] = P.KIND_EXTRACTOR
+        self.ctx.downlink.send_arrays(devices, arrays, round_, meta)
+        logger.info("round %d: extractors of %d devices averaged", round_, len(names))
+
+    def evaluate(self, row: dict) -> None:
+        """Each device's test features through the server model (FedGKT's evaluation)."""
+        if not self.test_uploads or self.server is None:
+            row["test_accuracy"] = None
+            return
+        result = self.server.evaluate(list(self.test_uploads.values()))
+        row.update(test_accuracy=result.accuracy, test_loss=result.loss, test_samples=result.samples,
+                   mean_device_accuracy=result.mean_device_accuracy, per_device=result.per_device)
+
+    def finish_row(self, row: dict, start: float) -> None:
+        row.setdefault("edge", {d: dict(self.train_uploads[d].metrics) for d in row["participants"]})
+        # what this round trained on: the invariant the fault drills check
+        row.setdefault("accepted_samples", {d: int(len(self.train_uploads[d].sample_ids))
+                                            for d in row["participants"] if d in self.train_uploads})
+        super().finish_row(row, start)
+
+
+@STRATEGIES.register("fedgkt_sync")
+class FedGKTSync(FedGKT):
+    """Rounds: announce (retained) -> collect uploads until all reachable devices or deadline + quorum ->
+    train the server -> soft labels -> evaluate -> checkpoint."""
+
+    def run(self) -> None:
+        ctx = self.ctx
+        previous: list[str] = list(self.rows[-1].get("participants", [])) if self.rows else []
+        for round_ in range(self.next_round, self.cfg.rounds):
+            if ctx.stop.is_set():
+                return
+            eval_ = (round_ + 1) % self.cfg.eval_every == 0 or round_ == self.cfg.rounds - 1
+            self.train_uploads.clear()
+            self.test_uploads.clear()
+            ctx.ingest.new_round()
+            start = time.monotonic()
+            ctx.downlink.broadcast(P.ROUND, round_, **self.round_frame(round_, eval_, previous))
+            logger.info("round %d open (deadline %.0fs, eval %s)", round_, self.cfg.round_deadline_s, eval_)
+            if eval_:
+                done = lambda: set(self.train_uploads) & set(self.test_uploads)  # noqa: E731
+            else:
+                done = lambda: set(self.train_uploads)  # noqa: E731
+            if not self.collect(round_, done):
+                return
+            participants = sorted(self.train_uploads)
+            row: dict = {"round": round_, "participants": participants,
+                         "upload_seconds": time.monotonic() - start}
+            row["server"] = self.train_and_answer(round_, participants)
+            if eval_:
+                self.evaluate(row)
+            else:
+                row["test_accuracy"] = None
+            self.finish_row(row, start)
+            previous = participants
+            self.next_round = round_ + 1
+            ctx.checkpoint()
+
+    def drop_stale(self, round_: int) -> None:
+        """A device that stopped uploading: its features age out after ``max_staleness`` rounds."""
+        assert self.server is not None
+        for device, stored in list(self.server.train_store.items()):
+            if round_ - stored.round > self.cfg.max_staleness:
+                self.server.drop_device(device)
+                logger.info("%s: features of round %d dropped from server training (stale)", device, stored.round)

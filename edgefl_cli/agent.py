@@ -1,0 +1,40 @@
+"""``edge-agent``: the daemon on each device (``--config agent.yaml``)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from edge_sdk.agent import build_agent
+from edge_sdk.config import load_agent_config
+from edgefl_cli.logs import setup_logging
+from edgefl_core.config import ConfigError
+from edgefl_core.data.datasets import DatasetError
+
+logger = logging.getLogger("edgefl.agent")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-agent", description="edgefl edge agent (FedGKT device daemon)")
+    parser.add_argument("--config", required=True, help="agent YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        cfg = load_agent_config(args.config, args.overrides)
+        agent = build_agent(cfg)
+        signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+        agent.start()
+    except (ConfigError, DatasetError, ConnectionError) as e:
+        logger.error("%s", e)
+        return 2
+    try:
+        return agent.serve()
+    finally:
+        agent.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Run a whole experiment: partition the data, write typed runtime and agent configs, run them, report.
+
+One engine: ``--transport mqtt`` starts a private mosquitto on a free loopback port (or uses
+``--broker``), one ``cloud-runtime`` process and one ``edge-agent`` process per device;
+``--transport memory`` runs the very same :class:`CloudRuntime` and :class:`EdgeAgent` objects in
+threads of this process over the in-memory bus (``memory://``). Every feature (FedAvg, async mode,
+codecs, validation, quarantine) works in both, and both write the same ``report.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from cloud_runtime.config import ExperimentConfig, RuntimeConfig
+from cloud_runtime.plots import plot_accuracy, plot_bytes, plot_divergence, write_json
+from edge_sdk.config import AgentConfig, UploadConfig
+from edgefl_cli.mosquitto import EmbeddedMosquitto
+from edgefl_core.data import federated
+from edgefl_core.data.config import AgentDataConfig
+from edgefl_core.transport.config import BrokerConfig
+
+logger = logging.getLogger("edgefl.sim")
+
+
+@dataclass
+class Deployment:
+    """What :func:`write_deployment` wrote: typed configs, their files, and each device's class counts."""
+
+    runtime: RuntimeConfig
+    runtime_path: Path
+    agents: list[AgentConfig]
+    agent_paths: list[Path]
+    class_counts: dict[str, list[int]]
+
+
+def run_id_of(cfg: ExperimentConfig) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.run.name) or "run"
+
+
+def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval_ids: Path) -> RuntimeConfig:
+    """The runtime's side of an experiment (the run's algorithm, rounds, server and deployment settings)."""
+    dep = cfg.deployment
+    return RuntimeConfig(
+        run_id=run_id_of(cfg), algorithm=cfg.algorithm, fedavg=cfg.fedavg, fedgkt=cfg.fedgkt,
+        eval_data=AgentDataConfig(cfg.data.dataset, cfg.data.path, str(eval_ids)),
+        broker=BrokerConfig(url=broker_url), server=cfg.server, mode=dep.mode, rounds=cfg.run.rounds,
+        min_devices=cfg.run.devices, expected_devices=cfg.run.devices, registration_timeout_s=300.0,
+        round_deadline_s=dep.round_deadline_s, quorum=dep.quorum, eval_every=cfg.run.eval_every,
+        max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=cfg.run.threads, seed=cfg.run.seed)
+
+
+def agent_config(cfg: ExperimentConfig, index: int, broker_url: str, ids_file: Path, state_dir: Path) -> AgentConfig:
+    """Device ``dev<index>``: its data, identity and engine; codecs come from the one experiment setting."""
+    dep = cfg.deployment
+    profiles = dep.device_profiles
+    return AgentConfig(
+        device_id=f"dev{index}", run_id=run_id_of(cfg), algorithm=cfg.algorithm, broker=BrokerConfig(url=broker_url),
+        data=AgentDataConfig(cfg.data.dataset, cfg.data.path, str(ids_file)), edge=cfg.edge,
+        upload=UploadConfig(codec=dep.codec, chunk_bytes=dep.chunk_bytes, model_codec=cfg.fedavg.model_codec),
+        state_dir=str(state_dir), threads=dep.agent_threads, seed=cfg.run.seed + index,
+        profile=profiles[index % len(profiles)] if profiles else "host")
+
+
+def _dump(path: Path, config) -> Path:
+    path.write_text(yaml.safe_dump(asdict(config), sort_keys=False))
+    return path
+
+
+def write_deployment(cfg: ExperimentConfig, out_dir: Path, broker_url: str) -> Deployment:
+    """Partition the data; write ``runtime.yaml`` and ``agents/<dev>/agent.yaml`` (+ sample-id files)."""
+    data = federated.prepare(cfg.data, cfg.run.devices, cfg.run.seed, out_dir)
+    eval_ids = out_dir / "eval_sample_ids.json"
+    eval_ids.write_text(json.dumps({"train": [], "test": data.test_all.sample_ids.tolist()}))
+    runtime = runtime_config(cfg, broker_url, out_dir / "runtime", eval_ids)
+    agents, agent_paths = [], []
+    for d in range(cfg.run.devices):
+        device_dir = out_dir / "agents" / f"dev{d}"
+        device_dir.mkdir(parents=True, exist_ok=True)
+        ids_file = device_dir / "sample_ids.json"
+        ids_file.write_text(json.dumps({"train": data.train[d].sample_ids.tolist(),
+                                        "test": data.test[d].sample_ids.tolist()}))
+        agents.append(agent_config(cfg, d, broker_url, ids_file, device_dir / "state"))
+        agent_paths.append(_dump(device_dir / "agent.yaml", agents[-1]))
+    counts = {f"dev{d}": data.train_class_counts[d].tolist() for d in range(cfg.run.devices)}
+    return Deployment(runtime, _dump(out_dir / "runtime.yaml", runtime), agents, agent_paths, counts)
+
+
+def _fresh_out_dir(cfg: ExperimentConfig, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("runtime", "agents", "broker", "logs"):  # a new simulation, not a resume of the last one
+        if (out_dir / stale).exists():
+            shutil.rmtree(out_dir / stale)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    (out_dir / "logs").mkdir(exist_ok=True)
+    return out_dir
+
+
+def _finish_report(cfg: ExperimentConfig, out_dir: Path, deployment: Deployment, start: float, **run) -> dict:
+    """The runtime's report, plus what only the simulator knows (class counts, wall time); plots."""
+    report = json.loads((out_dir / "runtime" / "report.json").read_text())
+    report["run"].update(name=cfg.run.name, codec=cfg.deployment.codec, edge_model=cfg.edge.model,
+                         agents=len(deployment.agents), **run)
+    for device, counts in deployment.class_counts.items():
+        report["devices"].setdefault(device, {})["class_counts"] = counts
+    report["final"]["wall_seconds"] = time.perf_counter() - start
+    write_json(out_dir / "report.json", report)
+    plot_accuracy(report, out_dir / "accuracy.png")
+    plot_bytes(report, out_dir / "uploads.png")
+    plot_divergence(report, out_dir / "divergence.png")
+    final = report["final"]
+    logger.info("final test accuracy %s over %s in %.0fs; upload %.1f MB, %.1fx smaller than fp32; report: %s",
+                final.get("test_accuracy"), report["run"]["transport"], final["wall_seconds"],
+                final["bytes_up"] / 1e6, final["upload_compression_ratio"], out_dir / "report.json")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: the real runtime and agents as threads of this process
+
+
+def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
+    """The same runtime and agents as over MQTT, in threads, over a private ``memory://`` bus."""
+    import torch
+
+    from cloud_runtime.service import build_runtime
+    from edge_sdk.agent import build_agent
+
+    out_dir = _fresh_out_dir(cfg, out_dir)
+    start = time.perf_counter()
+    deployment = write_deployment(cfg, out_dir, f"memory://{uuid.uuid4().hex[:8]}")
+    runtime = build_runtime(deployment.runtime)
+    agents = [build_agent(a) for a in deployment.agents]  # built in order: seeded initial models
+    errors: list[BaseException] = []
+
+    def worker(threads: int | None, body):
+        def run():
+            if threads:
+                torch.set_num_threads(threads)  # per thread: agents and the server share this process
+            try:
+                body()
+            except BaseException as e:  # surfaced after join
+                logger.exception("simulation thread failed")
+                errors.append(e)
+                runtime.stop.set()
+        return threading.Thread(target=run, daemon=True)
+
+    def agent_body(agent):
+        def body():
+            agent.start()
+            try:
+                agent.serve()
+            finally:
+                agent.shutdown()
+        return body
+
+    threads = [worker(cfg.run.threads, runtime.serve)]
+    threads += [worker(cfg.deployment.agent_threads, agent_body(a)) for a in agents]
+    logger.info("in memory: 1 runtime + %d agents as threads over %s", len(agents), deployment.runtime.broker.url)
+    for t in threads:
+        t.start()
+    threads[0].join(cfg.deployment.timeout_s)
+    if threads[0].is_alive():
+        runtime.stop.set()
+        raise RuntimeError(f"the run did not finish within {cfg.deployment.timeout_s:.0f}s")
+    for agent in agents:
+        agent.stop.set()
+    for t in threads[1:]:
+        t.join(60)
+    runtime.close()
+    if errors:
+        raise RuntimeError(f"a simulation thread failed: {type(errors[0]).__name__}: {errors[0]}")
+    return _finish_report(cfg, out_dir, deployment, start, broker="memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# mqtt: real processes over a real broker
+
+
+def _spawn(args: list[str], log_path: Path, echo: bool = False) -> subprocess.Popen:
+    """Start a child process; its output goes to ``log_path`` (and to our stderr when ``echo``)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log = open(log_path, "wb")
+    if not echo:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+
+    def relay():
+        for line in proc.stdout:  # type: ignore[union-attr]
+            log.write(line)
+            log.flush()
+            sys.stderr.write(line.decode(errors="replace"))
+        log.close()
+    threading.Thread(target=relay, daemon=True).start()
+    return proc
+
+
+def _stop(proc: subprocess.Popen, grace: float) -> None:
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_over_mqtt(cfg: ExperimentConfig, out_dir: Path, broker_url: str | None = None,
+                  log_level: str = "INFO") -> dict:
+    """Real processes over a real broker: one cloud-runtime, one edge-agent per device."""
+    out_dir = _fresh_out_dir(cfg, out_dir)
+    logs = out_dir / "logs"
+    broker = None if broker_url else EmbeddedMosquitto(workdir=out_dir / "broker").start()
+    url = broker_url or broker.url  # type: ignore[union-attr]
+    procs: list[subprocess.Popen] = []
+    start = time.perf_counter()
+    try:
+        deployment = write_deployment(cfg, out_dir, url)
+        logger.info("deploying over %s: 1 cloud-runtime + %d edge-agent processes (logs in %s)", url,
+                    len(deployment.agent_paths), logs)
+        runtime = _spawn([sys.executable, "-m", "edgefl_cli.runtime", "serve", "--config",
+                          str(deployment.runtime_path), "--log-level", log_level], logs / "runtime.log", echo=True)
+        procs.append(runtime)
+        for path in deployment.agent_paths:
+            procs.append(_spawn([sys.executable, "-m", "edgefl_cli.agent", "--config", str(path),
+                                 "--log-level", log_level], logs / f"{path.parent.name}.log"))
+        try:
+            code = runtime.wait(cfg.deployment.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the run did not finish within {cfg.deployment.timeout_s:.0f}s (see {logs})") from None
+        if code != 0:
+            raise RuntimeError(f"cloud-runtime exited with {code} (see {logs / 'runtime.log'})")
+        for proc in procs[1:]:
+            _stop(proc, grace=30)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            _stop(proc, grace=10)
+        if broker is not None:
+            broker.stop()
+    return _finish_report(cfg, out_dir, deployment, start, broker=url if broker_url else "embedded",
+                          agent_exit_codes=[p.returncode for p in procs[1:]])
+
+
+__all__ = ["Deployment", "run_in_memory", "run_over_mqtt", "write_deployment"]
