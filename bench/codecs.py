@@ -75,8 +75,8 @@ def main() -> int:
     for codec in P.CODECS:
         cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
                           [f"data.train_subset={args.train_subset}", f"run.rounds={args.rounds}",
-                           f"run.seed={args.seed}", f"run.name=codec-{codec}"])
-        report = run_in_memory(cfg, out / f"run-{codec}", wire_codec=codec)
+                           f"run.seed={args.seed}", f"run.name=codec-{codec}", f"deployment.codec={codec}"])
+        report = run_in_memory(cfg, out / f"run-{codec}")
         accuracy[codec] = report["final"]["test_accuracy"]
         print(f"{codec}: final test accuracy {accuracy[codec]:.4f}", flush=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "bytes": table, "accuracy": accuracy}, indent=2))

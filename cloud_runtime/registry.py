@@ -15,7 +15,7 @@ logger = logging.getLogger("edgefl.runtime")
 
 # what a registration may tell us about a device (anything else in the frame is ignored)
 REGISTRATION_FIELDS = ("profile", "model", "trainer", "train_samples", "test_samples", "codec", "pid", "batch_size",
-                       "epochs", "input_shape", "model_kwargs", "optimizer")
+                       "epochs", "input_shape", "model_kwargs", "optimizer", "edge_params")
 
 
 class Rejected(Exception):

@@ -159,7 +159,8 @@ class CloudRuntime:
     def report(self) -> dict:
         run = {"name": self.cfg.run_id, "transport": self.cfg.broker.scheme, "algorithm": self.cfg.algorithm,
                "mode": self.cfg.mode, "strategy": strategy_name(self.cfg), "server_model": self.cfg.server.model,
-               "session": self.session}
+               "server_params": self.strategy.parameter_count(), "session": self.session,
+               "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None)}
         return build_report(run, self.strategy.rows, self.registry, self.messages_in, self.started, self._cost)
 
     def write_report(self) -> dict:

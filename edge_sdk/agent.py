@@ -123,7 +123,8 @@ class EdgeAgent:
             test_samples=len(self.client.test_set) if self.client.test_set is not None else 0,
             codec=self.cfg.upload.codec, pid=os.getpid(), algorithm=self.cfg.algorithm, batch_size=self.cfg.edge.batch_size,
             epochs=self.cfg.edge.epochs, input_shape=list(self.client.train_set.image_shape),
-            model_kwargs=self.cfg.edge.model_kwargs, optimizer=self.cfg.edge.optimizer))
+            model_kwargs=self.cfg.edge.model_kwargs, optimizer=self.cfg.edge.optimizer,
+            edge_params=sum(p.numel() for p in model.parameters() if p.requires_grad)))
         logger.info("%s registered with run %s (%d train samples)%s", self.device, self.cfg.run_id,
                     len(self.client.train_set), f" for runtime session {session}" if session else "")
 

@@ -16,7 +16,7 @@ from edgefl_core.transport.mqtt import MqttTransport
 from edgefl_cli.sim import main as sim_main
 from edgefl_cli.simulation import write_deployment
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.system]
 
 
 def overrides(npz_dir, devices=2, rounds=2, *extra):

@@ -12,8 +12,9 @@ from edge_sdk.config import ConfigError, EdgeConfig, build_dataclass
 from edgefl_core.data.datasets import ImageDataset
 from model_zoo.losses import gkt_loss
 from edge_sdk.trainers import create_trainer, list_trainers
+from edge_sdk.trainers.async_fgd import split_chain
 from edge_sdk.trainers.forward_grad import (
-    SUPPORTED_LAYERS, _module_forward, directional_derivative, forward_gradient, split_chain,
+    SUPPORTED_LAYERS, module_forward, directional_derivative, forward_gradient,
 )
 from model_zoo import create_model
 
@@ -52,7 +53,7 @@ def test_directional_derivative_matches_autograd(layer):
     x = torch.randn(shape, dtype=torch.float64)
     tangents = {n: torch.randn_like(p) for n, p in module.named_parameters()}
     with torch.no_grad(), fwAD.dual_level():
-        y = _module_forward(module, x, tangents)
+        y = module_forward(module, x, tangents)
         loss = (y.flatten(1) ** 2).sum() * 0.5 + y.flatten(1).sum(1).sin().sum()
         derivative = fwAD.unpack_dual(loss).tangent
     y = module(x)

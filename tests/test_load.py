@@ -4,7 +4,7 @@ import pytest
 
 from tools.loadgen import run_load
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.system]
 
 
 def test_a_hundred_agents_connect_heartbeat_and_upload_without_loss(tmp_path):

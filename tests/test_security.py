@@ -15,7 +15,7 @@ from edge_sdk.config import ConfigError, load_agent_config
 from edgefl_core.transport.mqtt import MqttTransport
 from edgefl_cli.mosquitto import EmbeddedMosquitto, free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.system]
 RUN = "secure"
 
 

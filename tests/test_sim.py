@@ -49,3 +49,57 @@ def test_bad_input_exits_2_with_a_named_error(npz_dir, tmp_path, caplog, overrid
     args = sim_args(npz_dir, tmp_path / "run") + ["--set", override]
     assert main(args) == 2
     assert message in caplog.text
+
+
+def test_memory_mode_runs_fedavg_with_the_real_runtime(npz_dir, tmp_path):
+    """FedAvg was refused in memory mode before the one-engine redesign."""
+    out = tmp_path / "fedavg"
+    assert main(sim_args(npz_dir, out, "--set", "algorithm=fedavg", "--set", "edge.model=resnet8",
+                         "--set", "run.rounds=2")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["transport"] == "memory" and report["run"]["strategy"] == "fedavg"
+    assert len(report["rounds"]) == 2 and all(r["participants"] == ["dev0", "dev1", "dev2"] for r in report["rounds"])
+    assert all(0 <= r["test_accuracy"] <= 1 and "stem.0.weight" in r["divergence"] for r in report["rounds"])
+    assert report["final"]["bytes_up"] > 0 and not report["final"]["rejections"]
+
+
+def test_memory_mode_runs_async_and_records_the_mode_that_ran(npz_dir, tmp_path):
+    """deployment.mode=async was silently ignored in memory mode before; now the async strategy runs."""
+    out = tmp_path / "async"
+    assert main(sim_args(npz_dir, out, "--set", "deployment.mode=async", "--set", "run.rounds=4",
+                         "--set", "deployment.max_staleness=3")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["mode"] == "async" and report["run"]["strategy"] == "fedgkt_async"
+    rows = report["rounds"]
+    assert len(rows) == 4 and all("fresh" in r and "staleness" in r for r in rows)
+    assert all(0 <= s <= 3 for r in rows for s in r["staleness"].values())
+    assert report["final"]["test_accuracy"] is not None
+
+
+def test_memory_mode_validates_uploads_like_mqtt(npz_dir, tmp_path):
+    """Ingest checks run in memory mode too: a magnitude bound no honest upload meets rejects every upload,
+    the devices end up quarantined, and the run stops at the deadline without a quorum (nothing trained)."""
+    from cloud_runtime.config import load_config
+    from edgefl_cli.simulation import write_deployment
+    from cloud_runtime.service import build_runtime
+    from edge_sdk.agent import build_agent
+    from conftest import wait_until
+
+    cfg = load_config("configs/quickstart.yaml", ["data.dataset=npz", f"data.path={npz_dir}", "data.train_subset=null",
+                                                  "run.devices=2", "run.rounds=1", "edge.model_kwargs={}"])
+    deployment = write_deployment(cfg, tmp_path, "memory://validation-test")
+    deployment.runtime.validation.max_abs_feature = 1e-6
+    runtime = build_runtime(deployment.runtime)
+    agents = [build_agent(a) for a in deployment.agents]
+    runtime.start()
+    for agent in agents:
+        agent.start()
+    wait_until(lambda: len(runtime.registry.devices) == 2, step=runtime.pump)
+    agent = agents[0]
+    agent.pending_round = {"round": 0, "data": {"session": runtime.session, "eval": False}}
+    agent.run_round(agent.pending_round)
+    wait_until(lambda: runtime.registry.rejections["implausible_values"] >= 1, step=runtime.pump)
+    assert not runtime.strategy.train_uploads
+    for a in agents:
+        a.shutdown()
+    runtime.close()

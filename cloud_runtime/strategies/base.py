@@ -101,6 +101,12 @@ class Strategy(ABC):
         """Key -> module with ``state_dict()`` to checkpoint."""
         return {}
 
+    def parameter_count(self) -> int | None:
+        """Trainable parameters of the cloud's model (the server model, or FedAvg's global model)."""
+        models = list(self.models().values())
+        modules = [getattr(m, "model", m) for m in models]  # GKTServer checkpoints its optimizer too
+        return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad) if models else None
+
     def snapshot(self) -> dict:
         return {"next_round": self.next_round, "rows": self.rows, "num_classes": self.num_classes,
                 "feature_channels": self.feature_channels}

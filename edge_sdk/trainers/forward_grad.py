@@ -14,7 +14,7 @@ how they choose ``v``:
                     gradient onto that guess.
 ``async_fgd``       AsyncFGD (module-wise descending asynchronism): the model is split into K modules
                     that form a pipeline, each a batch behind the previous one; module k's update is
-                    K-1-k steps stale. See :class:`AsyncFGDTrainer`.
+                    K-1-k steps stale. See :mod:`edge_sdk.trainers.async_fgd`.
 
 Every trainer computes derivatives with ``torch.autograd.forward_ad`` dual tensors made from detached
 parameters under ``torch.no_grad()``: no autograd graph is built. BatchNorm runs in train mode (batch
@@ -23,11 +23,9 @@ tangents re-run the forward pass).
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal, TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
@@ -35,10 +33,11 @@ from torch.func import functional_call
 
 from edgefl_core.config import ConfigError, build_dataclass, require
 
+from edge_sdk.trainers.base import EdgeTrainer, StepResult, make_optimizer, register_trainer
+from model_zoo.losses import gkt_loss
+
 if TYPE_CHECKING:
     from edge_sdk.config import EdgeConfig
-from model_zoo.losses import gkt_loss
-from edge_sdk.trainers.base import EdgeTrainer, StepResult, make_optimizer, register_trainer
 
 # Leaf layers whose forward-mode derivative is tested against autograd (tests/test_forward_grad.py).
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
@@ -77,7 +76,7 @@ def _logits(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _module_forward(module: nn.Module, x: torch.Tensor, tangents: Tangents | None) -> torch.Tensor:
+def module_forward(module: nn.Module, x: torch.Tensor, tangents: Tangents | None) -> torch.Tensor:
     """``module(x)`` with the parameters named in ``tangents`` made dual. Call inside a dual level."""
     params = {}
     for name, p in module.named_parameters():
@@ -86,7 +85,7 @@ def _module_forward(module: nn.Module, x: torch.Tensor, tangents: Tangents | Non
     return functional_call(module, params, (x,))
 
 
-def _loss_and_derivative(logits: torch.Tensor, labels, teacher, has_teacher, cfg: EdgeConfig):
+def loss_and_derivative(logits: torch.Tensor, labels, teacher, has_teacher, cfg: EdgeConfig):
     """FedGKT's edge loss on dual logits: (loss, ce, kd, primal logits, directional derivative)."""
     loss, ce, kd = gkt_loss(logits, labels, teacher, has_teacher, cfg.kd_alpha, cfg.temperature)
     primal, tangent = fwAD.unpack_dual(loss)
@@ -108,8 +107,8 @@ def directional_derivative(chain: list[nn.Module], images: torch.Tensor, tangent
         for k, (module, t) in enumerate(zip(chain[start:], tangents[start:]), start):
             if k == len(chain) - 1:
                 last_input = fwAD.unpack_dual(h).primal
-            h = _module_forward(module, h, t)
-        loss, ce, kd, logits, derivative = _loss_and_derivative(h, labels, teacher, has_teacher, cfg)
+            h = module_forward(module, h, t)
+        loss, ce, kd, logits, derivative = loss_and_derivative(h, labels, teacher, has_teacher, cfg)
     return loss, ce, kd, logits, derivative, last_input
 
 
@@ -126,7 +125,7 @@ class _BufferSnapshot:
                 b.copy_(self.saved[n])
 
 
-def _gaussian_like(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> Tangents:
+def gaussian_like(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> Tangents:
     return {n: torch.randn(t.shape, generator=generator, dtype=t.dtype) for n, t in tensors.items()}
 
 
@@ -138,20 +137,20 @@ def forward_gradient(derivative: Callable[[Tangents], float], params: dict[str, 
     """
     estimate = {n: torch.zeros_like(p) for n, p in params.items()}
     for _ in range(tangents):
-        v = _gaussian_like(params, generator)
+        v = gaussian_like(params, generator)
         d = derivative(v)
         for n in estimate:
             estimate[n].add_(v[n], alpha=d / tangents)
     return estimate
 
 
-def _generator(seed: int | None) -> torch.Generator:
+def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(int(seed) if seed is not None else int(torch.initial_seed()) % (2 ** 63))
     return g
 
 
-def _result(loss, ce, kd, logits, labels) -> StepResult:
+def step_result(loss, ce, kd, logits, labels) -> StepResult:
     return StepResult(loss, ce, kd, int((logits.argmax(1) == labels).sum()), len(labels))
 
 
@@ -166,7 +165,7 @@ def _exact_local_gradient(module: nn.Module, x: torch.Tensor, labels, teacher, h
     return dict(zip(params, grads))
 
 
-class _ForwardModeTrainer(EdgeTrainer):
+class ForwardModeTrainer(EdgeTrainer):
     """What every forward-gradient trainer sets up: validated options, the layer check, the module
     chain and the optimizer (whose state is what a checkpoint carries)."""
 
@@ -204,12 +203,12 @@ class FGWeightOptions:
 
 
 @register_trainer("fg_weight")
-class FGWeightTrainer(_ForwardModeTrainer):
+class FGWeightTrainer(ForwardModeTrainer):
     options_cls = FGWeightOptions
 
     def __init__(self, model, cfg):
         super().__init__(model, cfg)
-        self.generator = _generator(self.opts.seed)
+        self.generator = make_generator(self.opts.seed)
         self.perturbed = self._select(self.opts.params)
         self.classifier = self.chain[-1]
         if self.opts.exact_classifier:
@@ -253,7 +252,7 @@ class FGWeightTrainer(_ForwardModeTrainer):
                                               has_teacher, self.cfg).items():
                 p.grad = g
         self.optimizer.step()
-        return _result(loss, ce, kd, logits, labels)
+        return step_result(loss, ce, kd, logits, labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +278,7 @@ class _AuxHead(nn.Module):
 
 
 @register_trainer("fg_local_guess")
-class LocalGuessTrainer(_ForwardModeTrainer):
+class LocalGuessTrainer(ForwardModeTrainer):
     options_cls = LocalGuessOptions
 
     def __init__(self, model, cfg):
@@ -330,7 +329,7 @@ class LocalGuessTrainer(_ForwardModeTrainer):
         if self.aux is None:  # first batch: heads did not exist yet, only the classifier learns
             self._build_aux(outputs, logits.shape[1])
             self._apply({p: g for p, g in zip(self.chain[-1].parameters(), guesses[-1].values())})
-            return _result(float(loss.detach()), float(ce), float(kd), logits, labels)
+            return step_result(float(loss.detach()), float(ce), float(kd), logits, labels)
         after_local = _BufferSnapshot(self.model)
         snapshot.restore()  # the projection passes must not count this batch in BN statistics again
         # 2. Forward-mode projection of the true gradient onto each guess.
@@ -359,7 +358,7 @@ class LocalGuessTrainer(_ForwardModeTrainer):
         for head, grads in zip(self.aux, aux_grads):
             updates.update(zip(head.parameters(), grads))
         self._apply(updates)
-        return _result(float(loss.detach()), float(ce), float(kd), logits, labels)
+        return step_result(float(loss.detach()), float(ce), float(kd), logits, labels)
 
     def _apply(self, updates: dict[nn.Parameter, torch.Tensor]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -377,144 +376,6 @@ class LocalGuessTrainer(_ForwardModeTrainer):
             self._pending_aux_state = state  # heads are built lazily; load when they exist
         else:
             self.optimizer.load_state_dict(state["optimizer"])
-
-
-# ---------------------------------------------------------------------------------------------
-# AsyncFGD: module-wise descending asynchronism
-
-
-@dataclass
-class AsyncFGDOptions:
-    modules: int = 3              # K pipeline modules (contiguous groups of the model's chain)
-    alpha_bias: float = 0.5       # warm-up damping of stale updates: step_k *= alpha^(staleness_k)
-    warmup_steps: int = 200       # alpha ramps linearly from alpha_bias to 1 over this many updates
-    parallel: bool = False        # run the K stages of a tick on K threads
-    seed: int | None = None
-
-    def check(self) -> None:
-        require(self.modules >= 1, "modules", f"must be >= 1, got {self.modules}")
-        require(0.0 < self.alpha_bias <= 1.0, "alpha_bias", f"must be in (0, 1], got {self.alpha_bias}")
-        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-
-
-@dataclass
-class _InFlight:
-    """A batch travelling down the pipeline: its activation (primal and tangent) at the next module."""
-
-    h: torch.Tensor
-    h_tangent: torch.Tensor | None
-    labels: torch.Tensor
-    teacher: torch.Tensor | None
-    has_teacher: torch.Tensor | None
-    tangents: list[Tangents] = field(default_factory=list)  # one per module it has passed
-    versions: list[int] = field(default_factory=list)       # each module's weight version it saw
-
-
-def split_chain(chain: list[nn.Module], modules: int, trainer: str = "async_fgd") -> list[nn.Sequential]:
-    """K contiguous groups of the chain, as even in length as possible."""
-    if modules > len(chain):
-        raise ConfigError(f"edge.trainer_kwargs.modules={modules} for {trainer}: larger than the model's "
-                          f"{len(chain)} pipeline units")
-    bounds = np.linspace(0, len(chain), modules + 1).round().astype(int)
-    return [nn.Sequential(*chain[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-@register_trainer("async_fgd")
-class AsyncFGDTrainer(_ForwardModeTrainer):
-    """K modules form a pipeline: at every step each module advances a different batch by one module.
-
-    A batch entering module 0 at step t reaches the loss at step t+K-1; the scalar ∇L·v then updates
-    every module with its own tangent. Updates from the K-1 batches ahead of it have landed in
-    between, so module k's update is K-1-k steps stale (staleness descends along the pipeline:
-    AsyncFGD's Algorithm 1; with ``edge.optimizer=adam``, Algorithm 2). ``train_step`` returns the
-    batch that finished (``samples=0`` while the pipeline fills); ``finish_round`` drains it.
-    ``staleness_log`` records (batch, module, staleness) for every update.
-    """
-
-    options_cls = AsyncFGDOptions
-
-    def __init__(self, model, cfg):
-        super().__init__(model, cfg)
-        self.modules = split_chain(self.chain, self.opts.modules, self.name)
-        self.generator = _generator(self.opts.seed)
-        self.slots: list[_InFlight | None] = [None] * len(self.modules)  # slots[k]: input waiting for module k
-        self.versions = [0] * len(self.modules)  # updates applied to each module so far
-        self.updates = 0
-        self.staleness_log: list[tuple[int, int, int]] = []
-        self._batches = 0
-        self._pool = ThreadPoolExecutor(len(self.modules)) if self.opts.parallel else None
-
-    def alpha(self) -> float:
-        if self.opts.warmup_steps == 0:
-            return 1.0
-        ramp = min(1.0, self.updates / self.opts.warmup_steps)
-        return self.opts.alpha_bias + (1.0 - self.opts.alpha_bias) * ramp
-
-    def train_step(self, images, labels, teacher_logits, has_teacher) -> StepResult:
-        self.model.train()
-        self.slots[0] = _InFlight(images, None, labels, teacher_logits, has_teacher)
-        return self._tick()
-
-    def finish_round(self) -> list[StepResult]:
-        results = []
-        while any(s is not None for s in self.slots):
-            results.append(self._tick())
-        return results
-
-    def _stage(self, k: int, item: _InFlight, tangents: Tangents):
-        with torch.no_grad():
-            x = fwAD.make_dual(item.h, item.h_tangent) if item.h_tangent is not None else item.h
-            out = _module_forward(self.modules[k], x, tangents)
-            if k < len(self.modules) - 1:
-                primal, tangent = fwAD.unpack_dual(out)
-                return primal.clone(), None if tangent is None else tangent.clone()
-            return _loss_and_derivative(out, item.labels, item.teacher, item.has_teacher, self.cfg)
-
-    def _tick(self) -> StepResult:
-        work = [(k, item) for k, item in enumerate(self.slots) if item is not None]
-        for k, item in work:  # tangents drawn here, in order, so runs are reproducible with threads
-            item.tangents.append(_gaussian_like(dict(self.modules[k].named_parameters()), self.generator))
-            item.versions.append(self.versions[k])
-        with fwAD.dual_level():
-            if self._pool is not None and len(work) > 1:
-                outs = list(self._pool.map(lambda kw: self._stage(kw[0], kw[1], kw[1].tangents[-1]), work))
-            else:
-                outs = [self._stage(k, item, item.tangents[-1]) for k, item in work]
-        last = len(self.modules) - 1
-        finished = None
-        for (k, item), out in zip(work, outs):
-            if k == last:
-                finished = (item, out)
-            else:
-                item.h, item.h_tangent = out
-        self.slots = [None] + self.slots[:-1]
-        if finished is None:
-            return StepResult(0.0, 0.0, 0.0, 0, 0)
-        item, (loss, ce, kd, logits, d) = finished
-        self._update(item, d)
-        return _result(loss, ce, kd, logits, item.labels)
-
-    def _update(self, item: _InFlight, d: float) -> None:
-        alpha = self.alpha()
-        self.optimizer.zero_grad(set_to_none=True)
-        for k, module in enumerate(self.modules):
-            staleness = self.versions[k] - item.versions[k]
-            self.staleness_log.append((self._batches, k, staleness))
-            scale = d * alpha ** staleness
-            for name, p in module.named_parameters():
-                p.grad = item.tangents[k][name] * scale
-            self.versions[k] += 1
-        self.optimizer.step()
-        self.updates += 1
-        self._batches += 1
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.updates = int(state.get("updates", 0))
-
 
 
 # ---------------------------------------------------------------------------------------------
