@@ -93,11 +93,11 @@ def clip_update(state: State, reference: State, max_norm: float) -> dict[str, np
 
 def clip_to_median(states: Sequence[State], reference: State, clip_multiplier: float
                    ) -> tuple[list[dict[str, np.ndarray]], list[float], float]:
-    """Clip every update to ``clip_multiplier`` x the round's median update norm.
-    Returns (clipped states, each update's norm before clipping, the bound)."""
+    """Clip every update to ``clip_multiplier`` x the round's median update norm (a median of 0 clips every
+    update to the reference). Returns (clipped states, each update's norm before clipping, the bound)."""
     norms = [update_norm(s, reference) for s in states]
     bound = clip_multiplier * float(np.median(norms)) if norms else 0.0
-    clipped = [clip_update(s, reference, bound) if bound > 0 else dict(s) for s in states]
+    clipped = [clip_update(s, reference, bound) for s in states]
     return clipped, norms, bound
 
 

@@ -1,15 +1,25 @@
 """The cloud side's schema and the whole run configuration (what ``configs/*.yaml`` hold)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edge_sdk.config import EdgeConfig, check_profile_name
+from edge_sdk.config import EdgeConfig, RunRecipe, check_profile_name
 from edgefl_core.codecs import FEATURE_CODECS, MODEL_CODECS
-from edgefl_core.config import apply_overrides, build_dataclass, read_yaml, require
+from edgefl_core.config import ConfigError, apply_overrides, build_dataclass, read_yaml, require
 from edgefl_core.data.config import AgentDataConfig, DataConfig
 from edgefl_core.transport.config import BrokerConfig
+
+
+def check_model_kwargs(edge: EdgeConfig, key: str) -> None:
+    """Build ``edge.model`` once with its ``model_kwargs``: a bad keyword fails here, at config load, and not
+    on every device that receives the recipe."""
+    from model_zoo import create_model
+    try:
+        create_model(edge.model, **edge.model_kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key}.model_kwargs: {edge.model} does not take {edge.model_kwargs!r} ({e})") from None
 
 
 @dataclass
@@ -157,6 +167,9 @@ class RuntimeConfig:
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
     fedgkt: FedGKTConfig = field(default_factory=FedGKTConfig)
     eval_data: AgentDataConfig | None = None  # FedAvg: held-out set the runtime evaluates the global model on
+    edge: EdgeConfig = field(default_factory=EdgeConfig)  # how devices train: sent to them (RunRecipe)
+    edge_overrides: dict = field(default_factory=dict)    # device -> partial edge settings (e.g. fewer epochs)
+    codec: str = "int8"                  # the feature codec devices upload with (+ zstd)
     mode: Literal["sync", "async"] = "sync"
     rounds: int = 5                      # sync: rounds; async: server updates
     min_devices: int = 1                 # start once this many registered and registration_timeout_s passed
@@ -186,6 +199,22 @@ class RuntimeConfig:
         require(self.expected_devices is None or self.expected_devices >= self.min_devices, "expected_devices",
                  "must be >= min_devices")
         require(self.algorithm == "fedgkt" or self.mode == "sync", "mode", "fedavg runs in sync mode")
+        require(self.codec in FEATURE_CODECS, "codec", f"unknown codec {self.codec!r}; "
+                f"known: {', '.join(FEATURE_CODECS.names())}")
+        for device, override in self.edge_overrides.items():
+            self.recipe_for(str(device))  # every override must make a valid edge config
+            shared = sorted({"model", "model_kwargs"} & set(override))
+            require(not shared, f"edge_overrides.{device}", f"{', '.join(shared)} is the run's, the same on every "
+                    "device (the server and aggregation depend on it); override training settings only")
+        check_model_kwargs(self.edge, "edge")
+
+    def recipe_for(self, device: str | None = None) -> RunRecipe:
+        """The run recipe for ``device``: ``edge`` with that device's override applied."""
+        override = (self.edge_overrides.get(device) if device else None) or {}
+        if not isinstance(override, dict):
+            raise ConfigError(f"edge_overrides.{device}: expected a mapping of edge settings, got {override!r}")
+        edge = build_dataclass(EdgeConfig, {**asdict(self.edge), **override}, f"edge_overrides.{device}")
+        return RunRecipe(self.algorithm, edge, self.codec, self.fedavg.model_codec)
 
 
 def load_runtime_config(path: str | Path | None, overrides: list[str] | None = None) -> RuntimeConfig:

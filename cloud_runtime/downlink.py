@@ -13,19 +13,25 @@ from edgefl_core.transport import Transport
 
 class Downlink:
     def __init__(self, transport: Transport, topics: P.Topics, session: str, registry: DeviceRegistry,
-                 ingest: Ingest):
+                 ingest: Ingest, recipe: dict | None = None):
         self.transport, self.topics, self.session = transport, topics, session
         self.registry, self.ingest = registry, ingest
+        # the run recipe (RunRecipe as a dict, plus per-device edge overrides) rides on every HELLO and
+        # ROUND, so a device that starts late (and sees only the retained latest) still learns the run
+        self.recipe = recipe or {}
+
+    def _with_recipe(self, type_: str, data: dict) -> dict:
+        return {**data, **self.recipe} if type_ in (P.HELLO, P.ROUND) else data
 
     def broadcast(self, type_: str, round_: int, retain: bool = True, **data) -> None:
         """A control frame on the run-wide control topic (retained: late joiners see the latest)."""
-        self.transport.publish(self.topics.control, P.control_frame(type_, run=self.topics.run, device="*",
-                                                                    round_=round_, **data), retain=retain)
+        self.transport.publish(self.topics.control, P.control_frame(
+            type_, run=self.topics.run, device="*", round_=round_, **self._with_recipe(type_, data)), retain=retain)
 
     def send(self, device: str, type_: str, round_: int, **data) -> None:
         """A control frame on one device's downlink."""
-        self.transport.publish(self.topics.down(device), P.control_frame(type_, run=self.topics.run, device=device,
-                                                                         round_=round_, **data))
+        self.transport.publish(self.topics.down(device), P.control_frame(
+            type_, run=self.topics.run, device=device, round_=round_, **self._with_recipe(type_, data)))
 
     def ack(self, device: str, done: P.CompletedTransfer) -> None:
         self.send(device, P.ACK, done.round, transfer=done.transfer, accepted=True)

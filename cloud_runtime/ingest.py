@@ -33,9 +33,10 @@ class Ingest:
         """Count the chunk's bytes and reassemble; the completed transfer once its last chunk is in."""
         if device not in self.registry.devices:
             raise Rejected("unknown_device", "upload before registration")
+        done = self.reassembler.add(header, body, wire)  # raises on a bad chunk: then nothing is counted
         self.round_bytes[device] += wire
         self.registry.devices[device]["bytes_up"] += wire
-        return self.reassembler.add(header, body, wire)
+        return done
 
     def count_raw(self, device: str, meta: dict, replaced: bool) -> None:
         """Credit the fp32-equivalent size of an accepted transfer once (a resend that replaces does not)."""
@@ -52,7 +53,8 @@ class Ingest:
     def decode_upload(self, device: str, done: P.CompletedTransfer, num_classes: int | None,
                       feature_shape: tuple | None) -> tuple[FeatureUpload, dict[str, np.ndarray]]:
         """Decode and check an upload: shapes, classes, finiteness, plausible magnitudes, id ownership.
-        Returns the upload and the device's extractor arrays (empty unless extractor averaging is on)."""
+        Returns the upload and the device's extractor arrays (empty unless extractor averaging is on).
+        Nothing is recorded: the caller claims the ids (:meth:`claim`) once it has accepted the upload."""
         arrays = P.unpack_arrays(done.blob, self.cfg.max_transfer_bytes)
         upload = P.arrays_to_upload(arrays, done.meta, device, done.round)
         try:
@@ -74,7 +76,7 @@ class Ingest:
 
     def _check_ownership(self, device: str, upload: FeatureUpload) -> None:
         """Training sample ids are the device's own (disjoint from every other device's); every split's ids are
-        the same set each round."""
+        the same set each round. Checks only; :meth:`claim` records."""
         ids = upload.sample_ids
         declared = self.registry.devices[device].get(f"{upload.split}_samples")
         if isinstance(declared, int) and len(ids) != declared:
@@ -85,17 +87,23 @@ class Ingest:
                 raise Rejected("sample_ids", f"{upload.split} sample ids differ from the {len(pinned)} this device "
                                              "uploaded before")
             return
-        if upload.split == "test":  # test ids may be shared (data.test_split: full); each device's stay pinned
-            self.device_ids.setdefault(device, {})["test"] = np.sort(ids)
+        if upload.split == "test":  # test ids may be shared (data.test_split: full)
             return
         owners = self.sample_owner[upload.split]
         stolen = [int(i) for i in ids if owners.get(int(i), device) != device]
         if stolen:
             raise Rejected("sample_ids", f"{len(stolen)} {upload.split} sample ids belong to other devices "
                                          f"(e.g. {stolen[0]} is {owners[stolen[0]]}'s)")
-        for i in ids.tolist():
-            owners[i] = device
-        self.device_ids.setdefault(device, {})[upload.split] = np.sort(ids)
+
+    def claim(self, device: str, upload: FeatureUpload) -> None:
+        """Pin an accepted upload's ids to ``device`` (training ids become its own)."""
+        if upload.split in self.device_ids.get(device, {}):
+            return
+        if upload.split in self.sample_owner:
+            owners = self.sample_owner[upload.split]
+            for i in upload.sample_ids.tolist():
+                owners[i] = device
+        self.device_ids.setdefault(device, {})[upload.split] = np.sort(upload.sample_ids)
 
     # -- durable state ------------------------------------------------------------------------------
 

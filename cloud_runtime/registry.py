@@ -13,9 +13,33 @@ from cloud_runtime.config import RuntimeConfig
 
 logger = logging.getLogger("edgefl.runtime")
 
-# what a registration may tell us about a device (anything else in the frame is ignored)
-REGISTRATION_FIELDS = ("profile", "model", "trainer", "train_samples", "test_samples", "codec", "pid", "batch_size",
-                       "epochs", "input_shape", "model_kwargs", "optimizer", "edge_params")
+MAX_SAMPLES = 10**9
+
+
+def _count(value, name: str, high: int = MAX_SAMPLES) -> int:
+    if type(value) is not int or not 0 <= value <= high:
+        raise Rejected("bad_registration", f"{name} must be an integer in [0, {high}], got {str(value)[:40]}")
+    return value
+
+
+def device_facts(data: dict) -> dict:
+    """What a registration may tell about the device itself, type- and range-checked (anything else in
+    the frame is ignored; how the device trains is the runtime's own recipe, not the device's claim).
+    Raises Rejected("bad_registration") naming the field."""
+    facts = {"train_samples": _count(data.get("train_samples", 0), "train_samples"),
+             "test_samples": _count(data.get("test_samples", 0), "test_samples")}
+    profile = data.get("profile")
+    if profile is not None and (not isinstance(profile, str) or not 0 < len(profile) <= 128):
+        raise Rejected("bad_registration", "profile must be a name of at most 128 characters")
+    shape = data.get("input_shape")
+    if shape is not None and (not isinstance(shape, list) or len(shape) != 3
+                              or any(type(v) is not int for v in shape)
+                              or not (1 <= shape[0] <= 4 and all(1 <= v <= 256 for v in shape[1:]))):
+        raise Rejected("bad_registration", f"input_shape must be [C<=4, H<=256, W<=256], got {str(shape)[:60]}")
+    for name in ("pid", "edge_params"):
+        if data.get(name) is not None:
+            facts[name] = _count(data[name], name, 1 << 62)
+    return {**facts, "profile": profile, "input_shape": shape}
 
 
 class Rejected(Exception):
@@ -76,15 +100,16 @@ class DeviceRegistry:
 
     # -- presence -----------------------------------------------------------------------------------
 
-    def register(self, device: str, data: dict) -> bool:
-        """Record a (re-)registration; returns whether the device was known before."""
+    def register(self, device: str, facts: dict, recipe: dict) -> bool:
+        """Record a (re-)registration: checked device ``facts`` and the ``recipe`` fields the runtime sent it
+        (model, trainer, batch_size, epochs, model_kwargs, optimizer, codec). Returns whether it was known."""
         known = device in self.devices
         info = self.devices.setdefault(device, {"bytes_up": 0, "bytes_down": 0, "raw_fp32_bytes": 0, "rounds": [],
                                                 "rejected": 0})
         info.pop("offline_since", None)
-        info.update(online=True, registered_at=time.time(), **{k: data.get(k) for k in REGISTRATION_FIELDS})
+        info.update(online=True, registered_at=time.time(), **facts, **recipe)
         logger.info("%s %sregistered: %s samples, model %s, trainer %s, profile %s", device, "re-" if known else "",
-                    data.get("train_samples"), data.get("model"), data.get("trainer"), data.get("profile"))
+                    facts["train_samples"], recipe.get("model"), recipe.get("trainer"), facts.get("profile"))
         return known
 
     def on_status(self, device: str, data: dict) -> None:

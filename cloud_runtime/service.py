@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 import uuid
+from dataclasses import asdict
 
 import torch
 
@@ -19,7 +20,7 @@ from cloud_runtime.config import RuntimeConfig
 from cloud_runtime.downlink import Downlink
 from cloud_runtime.ingest import Ingest
 from cloud_runtime.plots import plot_accuracy, write_json
-from cloud_runtime.registry import DeviceRegistry, Rejected
+from cloud_runtime.registry import DeviceRegistry, Rejected, device_facts
 from cloud_runtime.report import CostEstimator, build_report
 from cloud_runtime.store import DurableStore
 from cloud_runtime.strategies import STRATEGIES, RunContext, Strategy, strategy_name
@@ -43,7 +44,8 @@ class CloudRuntime:
         self.registry = DeviceRegistry(cfg)
         self.ingest = Ingest(cfg, self.registry)
         self.store = DurableStore(cfg.state_dir)
-        self.downlink = Downlink(transport, self.topics, self.session, self.registry, self.ingest)
+        recipe = {"recipe": asdict(cfg.recipe_for()), "edge_overrides": cfg.edge_overrides}
+        self.downlink = Downlink(transport, self.topics, self.session, self.registry, self.ingest, recipe)
         self.strategy: Strategy = STRATEGIES.get(strategy_name(cfg))(RunContext(
             cfg, self.registry, self.ingest, self.downlink, self.store, self.stop, self.pump, self.checkpoint))
         self._cost = CostEstimator()
@@ -120,13 +122,17 @@ class CloudRuntime:
         if type(num_classes) is not int or type(channels) is not int or not (2 <= num_classes <= 100_000) \
                 or not (1 <= channels <= 65_536):
             raise Rejected("bad_registration", f"num_classes {num_classes!r}, feature_channels {channels!r}")
+        facts = device_facts(data)
         strategy = self.strategy
         if strategy.num_classes is None:
-            strategy.setup(num_classes, channels, data)
+            strategy.setup(num_classes, channels, facts)
         elif (num_classes, channels) != (strategy.num_classes, strategy.feature_channels):
             raise Rejected("bad_registration", f"{num_classes} classes / {channels} feature channels, the run has "
                                                f"{strategy.num_classes} / {strategy.feature_channels}")
-        self.registry.register(device, data)
+        edge = self.cfg.recipe_for(device).edge
+        self.registry.register(device, facts, {
+            "model": edge.model, "trainer": edge.trainer, "batch_size": edge.batch_size, "epochs": edge.epochs,
+            "model_kwargs": edge.model_kwargs, "optimizer": edge.optimizer, "codec": self.cfg.codec})
         strategy.on_register(device)
 
     def _on_chunk(self, device: str, header: dict, body: bytes, wire: int) -> None:

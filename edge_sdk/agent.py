@@ -1,6 +1,8 @@
 """``edge-agent``: the daemon on each device.
 
-Connects to the broker (Last Will = offline), registers, and then follows the cloud's rounds: train
+Connects to the broker (Last Will = offline), learns the run from the runtime (a :class:`RunRecipe` on
+every HELLO and round announcement: algorithm, edge model and trainer, codecs), builds its model,
+registers, and then follows the cloud's rounds: train
 the extractor on local data with the configured trainer, upload features/logits/labels of every
 local sample (compressed, chunked), take the server's soft labels by sample id, repeat. State
 (model, optimizer, soft labels, last finished round) is checkpointed atomically after every round
@@ -10,12 +12,14 @@ All network callbacks only enqueue; training and encoding happen on the main thr
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
 import resource
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +27,11 @@ import torch
 
 from edge_sdk import protocol as P
 from edge_sdk.client import EdgeClient
-from edge_sdk.config import AgentConfig
+from edge_sdk.config import AgentConfig, RunRecipe
 from edge_sdk.messages import MessageError
 from edge_sdk.trainers import create_trainer
-from edgefl_core.data.datasets import dataset_stats
+from edgefl_core.config import ConfigError, build_dataclass
+from edgefl_core.data.datasets import ImageDataset, dataset_stats
 from edgefl_core.data.local import load_local_data
 from edgefl_core.transport import Transport, create_transport
 from model_zoo import create_model
@@ -40,11 +45,35 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+# one model initialisation at a time, from its own seed: agents that share a process (memory mode)
+# must not interleave draws from torch's global generator
+_MODEL_INIT_LOCK = threading.Lock()
+
+
+def _round_problem(header: dict) -> str | None:
+    """What is wrong with a ROUND frame's fields (None when it can be followed)."""
+    data = header["data"]
+    if header["round"] < 0:
+        return f"round {header['round']} < 0"
+    to, wait, needs = data.get("soft_labels_to", []), data.get("soft_labels_wait_s", 30.0), data.get("soft_labels_round")
+    if not isinstance(to, list) or not all(isinstance(d, str) for d in to):
+        return "soft_labels_to must be a list of device ids"
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 86400:
+        return "soft_labels_wait_s must be a number of seconds in [0, 86400]"
+    if needs is not None and type(needs) is not int:
+        return "soft_labels_round must be an integer or null"
+    return None
+
+
 class EdgeAgent:
-    def __init__(self, cfg: AgentConfig, transport: Transport, client: EdgeClient):
+    """The device daemon. ``client`` and ``recipe`` stay None until the runtime has said what to train."""
+
+    def __init__(self, cfg: AgentConfig, transport: Transport, train: ImageDataset, test: ImageDataset | None):
         self.cfg = cfg
         self.transport = transport
-        self.client = client
+        self.train_set, self.test_set = train, test
+        self.client: EdgeClient | None = None
+        self.recipe: RunRecipe | None = None
         self.device = cfg.device_id
         self.topics = P.Topics(cfg.run_id)
         self.inbox: queue.Queue = queue.Queue()
@@ -67,6 +96,8 @@ class EdgeAgent:
     # -- persistence ---------------------------------------------------------------------------------
 
     def save_state(self) -> None:
+        if self.client is None:
+            return
         path = self.state_path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -74,15 +105,26 @@ class EdgeAgent:
                     "soft_logits": self.client.soft_labels.logits, "soft_present": self.client.soft_labels.present,
                     "soft_round": self.client.soft_labels.round, "last_done": self.last_done,
                     "trained_round": self.trained_round,
-                    "done_session": self.done_session or "", "device": self.device, "run": self.cfg.run_id}, tmp)
+                    "done_session": self.done_session or "", "device": self.device, "run": self.cfg.run_id,
+                    "recipe": json.dumps(asdict(self.recipe), sort_keys=True)}, tmp)
         os.replace(tmp, path)  # atomic: a crash leaves the old or the new state, never half of one
 
     def load_state(self) -> bool:
-        if not self.state_path.exists():
+        """Resume from the saved state when it is this device's, this run's and this recipe's, and fits the
+        current data; otherwise start fresh (with a warning naming why), never crash."""
+        if self.client is None or not self.state_path.exists():
             return False
         state = torch.load(self.state_path, weights_only=True)  # no pickle execution
         if state.get("device") != self.device or state.get("run") != self.cfg.run_id:
             logger.warning("%s: ignoring state of device %r run %r", self.state_path, state.get("device"), state.get("run"))
+            return False
+        if state.get("recipe") != json.dumps(asdict(self.recipe), sort_keys=True):
+            logger.warning("%s: ignoring state saved under another run recipe (model, trainer or codecs changed)",
+                           self.state_path)
+            return False
+        if tuple(state["soft_logits"].shape) != tuple(self.client.soft_labels.logits.shape):
+            logger.warning("%s: ignoring state saved for %d local samples; this device now has %d", self.state_path,
+                           state["soft_logits"].shape[0], self.client.soft_labels.logits.shape[0])
             return False
         self.client.model.load_state_dict(state["model"])
         self.client.trainer.load_state_dict(state["trainer"])
@@ -98,37 +140,78 @@ class EdgeAgent:
 
     # -- network (callbacks run on the network thread: enqueue only) --------------------------------
 
-    def _enqueue(self, topic: str, payload: bytes) -> None:
+    def enqueue(self, topic: str, payload: bytes) -> None:
         self.inbox.put((topic, payload))
 
     def start(self) -> None:
-        self.transport.subscribe(self.topics.down(self.device), self._enqueue)
-        self.transport.subscribe(self.topics.control, self._enqueue)
+        self.transport.subscribe(self.topics.down(self.device), self.enqueue)
+        self.transport.subscribe(self.topics.control, self.enqueue)
         self.transport.connect()
         self.transport.publish(self.topics.status(self.device),
                                P.control_frame(P.STATUS, run=self.cfg.run_id, device=self.device, round_=-1,
                                                online=True), retain=True)
-        self.register()
+        logger.info("%s: connected; waiting for the runtime's run recipe", self.device)
+
+    def configure(self, data: dict) -> bool:
+        """Build the model and trainer from the run recipe in a HELLO / ROUND frame (once per process).
+
+        Returns False (and logs what was wrong) when the frame carries no valid recipe."""
+        raw = data.get("recipe")
+        if not isinstance(raw, dict):
+            return False
+        overrides = data.get("edge_overrides") or {}
+        mine = overrides.get(self.device) if isinstance(overrides, dict) else None
+        if isinstance(mine, dict) and isinstance(raw.get("edge"), dict):
+            raw = {**raw, "edge": {**raw["edge"], **mine}}
+        try:
+            recipe = build_dataclass(RunRecipe, raw, "recipe")
+        except ConfigError as e:
+            logger.error("%s: the runtime's run recipe is not usable here: %s", self.device, e)
+            return False
+        if self.recipe is not None:
+            if recipe != self.recipe:
+                logger.error("%s: the runtime changed the run recipe mid-run; keeping the one this device "
+                             "started with (restart the agent to take the new one)", self.device)
+            return True
+        edge = recipe.edge
+        try:
+            with _MODEL_INIT_LOCK, torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.seed)
+                model = create_model(edge.model, num_classes=self.train_set.num_classes,
+                                     in_channels=self.train_set.image_shape[0], **edge.model_kwargs)
+                stats = self.cfg.data.dataset if dataset_stats(self.cfg.data.dataset) else None
+                client = EdgeClient(self.device, model, self.train_set, self.test_set, edge, stats_name=stats,
+                                    seed=self.cfg.seed)
+        except (TypeError, ValueError, ConfigError, RuntimeError) as e:
+            logger.error("%s: cannot build %s from the runtime's recipe: %s", self.device, edge.model, e)
+            return False
+        self.recipe, self.client = recipe, client
+        logger.info("%s: run recipe: %s, model %s, trainer %s, codec %s", self.device, recipe.algorithm, edge.model,
+                    edge.trainer, recipe.codec)
+        self.load_state()
+        return True
 
     def register(self, session: str | None = None) -> None:
         """Announce this device; repeated for every new runtime session (a runtime that started later
         or restarted has not seen the first registration)."""
+        assert self.client is not None and self.recipe is not None
         self.registered_session = session
         model = self.client.model
+        edge = self.recipe.edge
         self.transport.publish(self.topics.up(self.device), P.control_frame(
             P.REGISTER, run=self.cfg.run_id, device=self.device, round_=self.last_done,
-            profile=self.cfg.profile, model=self.cfg.edge.model, trainer=self.cfg.edge.trainer,
+            profile=self.cfg.profile, model=edge.model, trainer=edge.trainer,
             feature_channels=getattr(model, "feature_channels", None),
             num_classes=self.client.train_set.num_classes, train_samples=len(self.client.train_set),
             test_samples=len(self.client.test_set) if self.client.test_set is not None else 0,
-            codec=self.cfg.upload.codec, pid=os.getpid(), algorithm=self.cfg.algorithm, batch_size=self.cfg.edge.batch_size,
-            epochs=self.cfg.edge.epochs, input_shape=list(self.client.train_set.image_shape),
-            model_kwargs=self.cfg.edge.model_kwargs, optimizer=self.cfg.edge.optimizer,
+            codec=self.recipe.codec, pid=os.getpid(), algorithm=self.recipe.algorithm, batch_size=edge.batch_size,
+            epochs=edge.epochs, input_shape=list(self.client.train_set.image_shape),
+            model_kwargs=edge.model_kwargs, optimizer=edge.optimizer,
             edge_params=sum(p.numel() for p in model.parameters() if p.requires_grad)))
         logger.info("%s registered with run %s (%d train samples)%s", self.device, self.cfg.run_id,
                     len(self.client.train_set), f" for runtime session {session}" if session else "")
 
-    def _handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes) -> None:
         try:
             header, body = P.decode_frame(payload)
         except P.ProtocolError as e:
@@ -137,17 +220,31 @@ class EdgeAgent:
             return
         if header["run"] != self.cfg.run_id:
             return
-        kind = header["type"]
-        session = header.get("data", {}).get("session")
+        kind, data = header["type"], header.get("data", {})
+        if not isinstance(data, dict):
+            self.rejected += 1
+            logger.warning("%s: dropped a %s frame whose data is not an object", self.device, kind)
+            return
+        if kind in (P.HELLO, P.ROUND):
+            self.configure(data)  # the first valid recipe builds the model; later ones must agree
+        if self.client is None:
+            if kind == P.SHUTDOWN:
+                self.stop.set()
+            return  # nothing to train with yet: the runtime's next HELLO or ROUND carries the recipe
+        session = data.get("session")
         if kind in (P.HELLO, P.ROUND) and session and session != self.registered_session:
             self.register(session)
         if kind == P.ROUND:
+            problem = _round_problem(header)
+            if problem:
+                self.rejected += 1
+                logger.warning("%s: dropped a round announcement: %s", self.device, problem)
+                return
             self.pending_round = header
         elif kind == P.SHUTDOWN:
             logger.info("%s: the run is over", self.device)
             self.stop.set()
         elif kind == P.ACK:
-            data = header.get("data", {})
             if not data.get("accepted", True):
                 logger.warning("%s: runtime rejected transfer %s: %s", self.device, data.get("transfer"),
                                data.get("reason"))
@@ -177,7 +274,7 @@ class EdgeAgent:
     def _ready(self, header: dict, waited: float) -> bool:
         """Train round r once soft labels of round r-1 are in (or the runtime sent none / we waited enough)."""
         data = header.get("data", {})
-        if self.cfg.algorithm == "fedavg":  # every round starts from the global model
+        if self.recipe.algorithm == "fedavg":  # every round starts from the global model
             return self.global_round >= header["round"]
         needs = data.get("soft_labels_round")
         if needs is None or self.device not in data.get("soft_labels_to", []) or self.soft_label_round >= needs:
@@ -188,12 +285,13 @@ class EdgeAgent:
         """FedAvg: start from the global model, train locally, send the weights back."""
         assert self.global_state is not None
         self.client.model.load_state_dict(self.global_state)
-        self.client.trainer = create_trainer(self.cfg.edge.trainer, self.client.model, self.cfg.edge)  # fresh state
+        edge = self.recipe.edge
+        self.client.trainer = create_trainer(edge.trainer, self.client.model, edge)  # fresh optimizer state
         stats = self.client.train_round(round_)
-        self.step_times.append(stats.seconds / max(1, -(-stats.samples // self.cfg.edge.batch_size)))
+        self.step_times.append(stats.seconds / max(1, -(-stats.samples // self.recipe.edge.batch_size)))
         logger.info("%s fedavg round %d: loss %.3f acc %.3f, %d samples at %.0f/s", self.device, round_, stats.loss,
                     stats.train_accuracy, stats.samples, stats.samples_per_s)
-        arrays, meta = P.state_to_arrays(self.client.model.state_dict(), self.cfg.upload.model_codec)
+        arrays, meta = P.state_to_arrays(self.client.model.state_dict(), self.recipe.model_codec)
         meta.update(kind=P.KIND_MODEL_UPDATE, samples=len(self.client.train_set),
                     metrics={"train_loss": stats.loss, "train_accuracy": stats.train_accuracy,
                              "train_seconds": stats.seconds, "samples_per_s": stats.samples_per_s})
@@ -208,7 +306,7 @@ class EdgeAgent:
 
     def run_round(self, header: dict) -> None:
         round_, data = header["round"], header.get("data", {})
-        if self.cfg.algorithm == "fedavg":
+        if self.recipe.algorithm == "fedavg":
             if round_ != self.last_done or data.get("session") != self.done_session:
                 self.run_fedavg_round(round_, data.get("session"))
             return
@@ -219,7 +317,7 @@ class EdgeAgent:
             stats = self.client.train_round(round_)
             self.trained_round = round_
             self.save_state()  # a crash during the upload resends without retraining
-            self.step_times.append(stats.seconds / max(1, -(-stats.samples // self.cfg.edge.batch_size)))
+            self.step_times.append(stats.seconds / max(1, -(-stats.samples // self.recipe.edge.batch_size)))
             logger.info("%s round %d: loss %.3f (ce %.3f kd %.3f) acc %.3f, %d samples at %.0f/s",
                         self.device, round_, stats.loss, stats.ce, stats.kd, stats.train_accuracy, stats.samples,
                         stats.samples_per_s)
@@ -240,7 +338,7 @@ class EdgeAgent:
         self.save_state()
 
     def send_upload(self, upload, extractor: dict | None = None) -> None:
-        arrays, meta = P.upload_to_arrays(upload, self.cfg.upload.codec)
+        arrays, meta = P.upload_to_arrays(upload, self.recipe.codec)
         if extractor is not None:  # the runtime averages extractors across devices
             ext_arrays, _ = P.state_to_arrays(extractor, "fp32")
             arrays.update({P.EXTRACTOR_PREFIX + k: v for k, v in ext_arrays.items()})
@@ -270,6 +368,8 @@ class EdgeAgent:
 
     def heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()
+        if self.client is None:  # not registered yet: the runtime would refuse a heartbeat
+            return
         if not force and now - self._last_heartbeat < self.cfg.heartbeat_s:
             return
         self._last_heartbeat = now
@@ -278,18 +378,28 @@ class EdgeAgent:
             step_time_s=float(np.median(self.step_times)) if self.step_times else None, rss_mb=_rss_mb(),
             bytes_up=self.bytes_up, rejected=self.rejected), qos=0)
 
+    def pump(self, timeout: float = 0.2) -> bool:
+        """Handle every queued message (waiting up to ``timeout`` s for the first); True if any came."""
+        try:
+            item = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        while item is not None:
+            self.handle(*item)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                item = None
+        return True
+
     def serve(self) -> int:
         """Main loop until SHUTDOWN or SIGTERM."""
         waiting_since = None
         while not self.stop.is_set():
-            try:
-                topic, payload = self.inbox.get(timeout=0.2)
-                self._handle(topic, payload)
+            if self.pump():
                 continue  # drain the inbox before starting work
-            except queue.Empty:
-                pass
             self.heartbeat()
-            if self.pending_round is not None:
+            if self.pending_round is not None and self.client is not None:
                 waiting_since = waiting_since or time.monotonic()
                 if self._ready(self.pending_round, time.monotonic() - waiting_since):
                     header, self.pending_round, waiting_since = self.pending_round, None, None
@@ -308,18 +418,13 @@ class EdgeAgent:
 
 
 def build_agent(cfg: AgentConfig, transport: Transport | None = None) -> EdgeAgent:
+    """An agent for ``cfg`` with its local data loaded; its model is built when the runtime's recipe arrives.
+    Raises DatasetError (data) or ConnectionError (broker, on ``start``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     train, test = load_local_data(cfg.data)
-    stats = cfg.data.dataset if dataset_stats(cfg.data.dataset) else None
-    model = create_model(cfg.edge.model, num_classes=train.num_classes, in_channels=train.image_shape[0],
-                         **cfg.edge.model_kwargs)
-    client = EdgeClient(cfg.device_id, model, train, test, cfg.edge, stats_name=stats, seed=cfg.seed)
     if transport is None:
         offline = P.control_frame(P.STATUS, run=cfg.run_id, device=cfg.device_id, round_=-1, online=False)
         transport = create_transport(cfg.broker, f"edgefl-{cfg.run_id}-{cfg.device_id}",
                                      will=(P.Topics(cfg.run_id).status(cfg.device_id), offline))
-    agent = EdgeAgent(cfg, transport, client)
-    agent.load_state()
-    return agent
+    return EdgeAgent(cfg, transport, train, test)

@@ -61,33 +61,52 @@ class EdgeConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# deployment schema (edge-agent)
+# what the runtime tells devices
 
 
 @dataclass
-class UploadConfig:
-    codec: str = "int8"          # a registered feature codec (+ zstd); see docs/CODECS.md
-    model_codec: str = "fp16"    # FedAvg weights (+ zstd): a registered model codec
-    chunk_bytes: int = 256 * 1024
-    max_bytes_per_s: int | None = None                 # cap the uplink (metered or shared links); null = no cap
+class RunRecipe:
+    """The run as the runtime decides it and tells every device (in HELLO and round announcements):
+    the algorithm, how the device trains (``edge``, with any per-device override already applied), and
+    the codecs. Devices validate it strictly; a device's own config never holds these settings."""
+
+    algorithm: Literal["fedgkt", "fedavg"] = "fedgkt"
+    edge: EdgeConfig = field(default_factory=EdgeConfig)
+    codec: str = "int8"          # feature codec (+ zstd); see docs/CODECS.md
+    model_codec: str = "fp16"    # FedAvg weights (+ zstd)
 
     def check(self) -> None:
         require(self.codec in FEATURE_CODECS, "codec", f"unknown codec {self.codec!r}; "
                 f"known: {', '.join(FEATURE_CODECS.names())}")
         require(self.model_codec in MODEL_CODECS, "model_codec", f"unknown model codec {self.model_codec!r}; "
                 f"known: {', '.join(MODEL_CODECS.names())}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the device's own facts (edge-agent's config file)
+
+
+@dataclass
+class UploadConfig:
+    """The device's link: how big its chunks are and how fast it may send."""
+
+    chunk_bytes: int = 256 * 1024
+    max_bytes_per_s: int | None = None   # cap the uplink (metered or shared links); null = no cap
+
+    def check(self) -> None:
         require(1024 <= self.chunk_bytes <= 64 << 20, "chunk_bytes", "must be in [1 KiB, 64 MiB]")
         require(self.max_bytes_per_s is None or self.max_bytes_per_s >= 1024, "max_bytes_per_s", "must be >= 1024")
 
 
 @dataclass
 class AgentConfig:
+    """One device: identity, broker, its data, its link, its engine (threads) and profile. How it trains
+    (model, trainer, codecs) is the runtime's decision, received as a :class:`RunRecipe`."""
+
     device_id: str
     run_id: str = "default"
-    algorithm: Literal["fedgkt", "fedavg"] = "fedgkt"
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     data: AgentDataConfig = field(default_factory=AgentDataConfig)
-    edge: EdgeConfig = field(default_factory=EdgeConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
     state_dir: str = "agent-state"
     profile: str | None = None     # device profile name, reported at registration

@@ -53,7 +53,7 @@ def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval
     dep = cfg.deployment
     return RuntimeConfig(
         run_id=run_id_of(cfg), algorithm=cfg.algorithm, fedavg=cfg.fedavg, fedgkt=cfg.fedgkt,
-        eval_data=AgentDataConfig(cfg.data.dataset, cfg.data.path, str(eval_ids)),
+        eval_data=AgentDataConfig(cfg.data.dataset, cfg.data.path, str(eval_ids)), edge=cfg.edge, codec=dep.codec,
         broker=BrokerConfig(url=broker_url), server=cfg.server, mode=dep.mode, rounds=cfg.run.rounds,
         min_devices=cfg.run.devices, expected_devices=cfg.run.devices, registration_timeout_s=300.0,
         round_deadline_s=dep.round_deadline_s, quorum=dep.quorum, eval_every=cfg.run.eval_every,
@@ -61,13 +61,13 @@ def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval
 
 
 def agent_config(cfg: ExperimentConfig, index: int, broker_url: str, ids_file: Path, state_dir: Path) -> AgentConfig:
-    """Device ``dev<index>``: its data, identity and engine; codecs come from the one experiment setting."""
+    """Device ``dev<index>``: identity, broker, its data, link and engine (how it trains comes from the runtime)."""
     dep = cfg.deployment
     profiles = dep.device_profiles
     return AgentConfig(
-        device_id=f"dev{index}", run_id=run_id_of(cfg), algorithm=cfg.algorithm, broker=BrokerConfig(url=broker_url),
-        data=AgentDataConfig(cfg.data.dataset, cfg.data.path, str(ids_file)), edge=cfg.edge,
-        upload=UploadConfig(codec=dep.codec, chunk_bytes=dep.chunk_bytes, model_codec=cfg.fedavg.model_codec),
+        device_id=f"dev{index}", run_id=run_id_of(cfg), broker=BrokerConfig(url=broker_url),
+        data=AgentDataConfig(cfg.data.dataset, cfg.data.path, str(ids_file)),
+        upload=UploadConfig(chunk_bytes=dep.chunk_bytes),
         state_dir=str(state_dir), threads=dep.agent_threads, seed=cfg.run.seed + index,
         profile=profiles[index % len(profiles)] if profiles else "host")
 

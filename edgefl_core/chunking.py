@@ -71,10 +71,12 @@ class Reassembler:
     """
 
     def __init__(self, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES, timeout_s: float = 300.0,
-                 max_pending: int = 1024, remember: int = 65536, max_chunk: int = 16 << 20):
+                 max_pending: int = 1024, remember: int = 65536, max_chunk: int = 16 << 20,
+                 max_pending_per_device: int = 8):
         self.max_transfer_bytes = max_transfer_bytes
         self.timeout_s = timeout_s
         self.max_pending = max_pending
+        self.max_pending_per_device = max_pending_per_device  # one device cannot use up the shared budget
         self.max_chunk = max_chunk
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -111,6 +113,10 @@ class Reassembler:
         if pending is None:
             if len(self._pending) >= self.max_pending:
                 raise ProtocolError("too_many_transfers", f"{len(self._pending)} transfers already open")
+            mine = sum(1 for d, _ in self._pending if d == device)
+            if mine >= self.max_pending_per_device:
+                raise ProtocolError("too_many_transfers", f"{device} already has {mine} transfers open "
+                                                          f"(limit {self.max_pending_per_device})")
             pending = self._pending[key] = _Pending(count, size, digest, round_, now)
         elif (pending.count, pending.size, pending.sha256, pending.round) != (count, size, digest, round_):
             raise ProtocolError("bad_header", f"chunk {index} disagrees with earlier chunks of transfer {transfer[:8]}")
@@ -144,10 +150,6 @@ class Reassembler:
         for k in stale:
             del self._pending[k]
         return stale
-
-    def forget_device(self, device: str) -> None:
-        for key in [k for k in self._pending if k[0] == device]:
-            del self._pending[key]
 
     @property
     def open_transfers(self) -> int:

@@ -15,6 +15,8 @@ from typing import Any
 PROTOCOL_VERSION = 1
 MAGIC = b"EFL1"
 MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_DEPTH = 8                      # header -> data/meta -> metrics/recipe -> edge -> kwargs: 5 in use
+MAX_ROUND = 1 << 31
 DEFAULT_CHUNK_BYTES = 256 * 1024          # keeps every MQTT message under EMQX-style 1 MB limits
 DEFAULT_MAX_TRANSFER_BYTES = 1 << 30      # decompressed size cap (zip-bomb guard)
 
@@ -120,6 +122,19 @@ def encode_frame(header: dict, body: bytes = b"") -> bytes:
     return MAGIC + struct.pack(">I", len(raw)) + raw + body
 
 
+def _depth(value, limit: int = 64) -> int:
+    """Nesting depth of a parsed JSON value, iteratively (never recurses); stops counting past ``limit``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > limit:
+            break
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
 def decode_frame(payload: bytes, max_body: int | None = None) -> tuple[dict, bytes]:
     """Parse and sanity-check a frame; every failure is a :class:`ProtocolError` with a reason."""
     if len(payload) < 8 or payload[:4] != MAGIC:
@@ -129,15 +144,20 @@ def decode_frame(payload: bytes, max_body: int | None = None) -> tuple[dict, byt
         raise ProtocolError("truncated", f"header length {header_len} with {len(payload)} bytes in frame")
     try:
         header = json.loads(payload[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError("bad_header", str(e)) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError, > 4300-digit ints, nesting
+        raise ProtocolError("bad_header", f"{type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header is not an object")
+    depth = _depth(header)
+    if depth > MAX_HEADER_DEPTH:
+        raise ProtocolError("bad_header", f"header nested {depth} levels deep (limit {MAX_HEADER_DEPTH})")
     if type(header.get("v")) is not int or header.get("v") != PROTOCOL_VERSION:
         raise ProtocolError("bad_version", f"protocol version {header.get('v')!r}, this side speaks {PROTOCOL_VERSION}")
     for key, typ in (("type", str), ("run", str), ("device", str), ("round", int)):
         if not isinstance(header.get(key), typ) or isinstance(header.get(key), bool):
             raise ProtocolError("bad_header", f"field {key!r} missing or not {typ.__name__}")
+    if not -1 <= header["round"] < MAX_ROUND:
+        raise ProtocolError("bad_header", f"round {str(header['round'])[:40]} outside [-1, {MAX_ROUND})")
     body = payload[8 + header_len:]
     if max_body is not None and len(body) > max_body:
         raise ProtocolError("oversized", f"{len(body)} body bytes > limit {max_body}")
@@ -151,4 +171,4 @@ def control_frame(type_: str, *, run: str, device: str, round_: int, **data: Any
     return encode_frame({"type": type_, "run": run, "device": device, "round": round_, "data": data})
 
 
-__all__ = ['PROTOCOL_VERSION', 'MAGIC', 'MAX_HEADER_BYTES', 'DEFAULT_CHUNK_BYTES', 'DEFAULT_MAX_TRANSFER_BYTES', 'REGISTER', 'STATUS', 'HEARTBEAT', 'CHUNK', 'ROUND', 'SHUTDOWN', 'ACK', 'HELLO', 'CONTROL_TYPES', 'KIND_UPLOAD', 'KIND_SOFT_LABELS', 'KIND_MODEL', 'KIND_MODEL_UPDATE', 'KIND_EXTRACTOR', 'EXTRACTOR_PREFIX', 'ProtocolError', 'Topics', 'check_device_id', 'encode_frame', 'decode_frame', 'control_frame']
+__all__ = ['PROTOCOL_VERSION', 'MAGIC', 'MAX_HEADER_BYTES', 'MAX_HEADER_DEPTH', 'MAX_ROUND', 'DEFAULT_CHUNK_BYTES', 'DEFAULT_MAX_TRANSFER_BYTES', 'REGISTER', 'STATUS', 'HEARTBEAT', 'CHUNK', 'ROUND', 'SHUTDOWN', 'ACK', 'HELLO', 'CONTROL_TYPES', 'KIND_UPLOAD', 'KIND_SOFT_LABELS', 'KIND_MODEL', 'KIND_MODEL_UPDATE', 'KIND_EXTRACTOR', 'EXTRACTOR_PREFIX', 'ProtocolError', 'Topics', 'check_device_id', 'encode_frame', 'decode_frame', 'control_frame']

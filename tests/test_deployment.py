@@ -96,9 +96,11 @@ def edit_yaml(path, **changes):
 @pytest.mark.drill
 def test_agent_killed_mid_round_resumes(npz_dir, tmp_path, broker, procs):
     runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 3)
-    procs.append(spawn(["edgefl_cli.runtime", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+    # the runtime decides how each device trains: dev1 runs 15 local epochs (a slow device)
+    procs.append(spawn(["edgefl_cli.runtime", "serve", "--config", str(runtime_path),
+                        "--set", "edge_overrides={dev1: {epochs: 15}}"], tmp_path / "rt.log"))
     procs.append(spawn(["edgefl_cli.agent", "--config", str(agents[0])], tmp_path / "a0.log"))
-    slow = ["edgefl_cli.agent", "--config", str(agents[1]), "--set", "edge.epochs=15"]
+    slow = ["edgefl_cli.agent", "--config", str(agents[1])]
     procs.append(spawn(slow, tmp_path / "a1.log"))
     wait_until(lambda: runtime_state(tmp_path).get("next_round", 0) >= 1, timeout=120)
     time.sleep(1.0)  # dev1 is training round 1 now
@@ -139,9 +141,10 @@ def test_silent_device_round_closes_at_deadline_with_quorum(npz_dir, tmp_path, b
 def test_async_mode_finishes_with_a_slow_device(npz_dir, tmp_path, broker, procs):
     runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 6, "deployment.mode=async",
                                   "deployment.max_staleness=3")
-    procs.append(spawn(["edgefl_cli.runtime", "serve", "--config", str(runtime_path)], tmp_path / "rt.log"))
+    procs.append(spawn(["edgefl_cli.runtime", "serve", "--config", str(runtime_path),
+                        "--set", "edge_overrides={dev1: {epochs: 25}}"], tmp_path / "rt.log"))
     procs.append(spawn(["edgefl_cli.agent", "--config", str(agents[0])], tmp_path / "a0.log"))
-    procs.append(spawn(["edgefl_cli.agent", "--config", str(agents[1]), "--set", "edge.epochs=25"], tmp_path / "a1.log"))
+    procs.append(spawn(["edgefl_cli.agent", "--config", str(agents[1])], tmp_path / "a1.log"))
     assert procs[0].wait(300) == 0
     report = json.loads((tmp_path / "runtime" / "report.json").read_text())
     rows = report["rounds"]

@@ -173,7 +173,7 @@ def test_inconsistent_registration_is_rejected(runtime, device):
 
 @pytest.fixture
 def fedavg_runtime(broker, tmp_path):
-    cfg = load_runtime_config(None, [f"run_id={RUN}", "algorithm=fedavg", f"broker.url={broker.url}",
+    cfg = load_runtime_config(None, [f"run_id={RUN}", "algorithm=fedavg", "edge.model=resnet8", f"broker.url={broker.url}",
                                      f"state_dir={tmp_path / 'rt'}", "rounds=1", "expected_devices=3"])
     rt = build_runtime(cfg)
     rt.start()
@@ -186,7 +186,7 @@ def model_frames(state, device, scale=1.0, poison=None):
                                      "fp32")
     if poison:
         arrays[poison] = np.full_like(arrays[poison], np.nan)
-    meta.update(kind=P.KIND_MODEL_UPDATE, samples=100)
+    meta.update(kind=P.KIND_MODEL_UPDATE, samples=30)  # what register() declares
     return P.chunk_transfer(P.pack_arrays(arrays), run=RUN, device=device, round_=0, meta=meta)
 
 

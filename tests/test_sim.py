@@ -94,7 +94,8 @@ def test_memory_mode_validates_uploads_like_mqtt(npz_dir, tmp_path):
     runtime.start()
     for agent in agents:
         agent.start()
-    wait_until(lambda: len(runtime.registry.devices) == 2, step=runtime.pump)
+    wait_until(lambda: len(runtime.registry.devices) == 2, step=lambda: [runtime.pump(0.01)] + [a.pump(0.01) for a in agents])
+    assert all(a.recipe is not None and a.recipe.codec == "int8" for a in agents)  # told by the runtime
     agent = agents[0]
     agent.pending_round = {"round": 0, "data": {"session": runtime.session, "eval": False}}
     agent.run_round(agent.pending_round)

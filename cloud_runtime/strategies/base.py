@@ -65,8 +65,12 @@ class Strategy(ABC):
     def setup(self, num_classes: int, feature_channels: int, registration: dict) -> None:
         """Fix the run's class count and feature channels and build the models (restoring committed ones)."""
         self.num_classes, self.feature_channels = num_classes, feature_channels
-        torch.manual_seed(self.cfg.seed)  # every restart rebuilds the same initial models
-        self.build(registration)
+        try:
+            torch.manual_seed(self.cfg.seed)  # every restart rebuilds the same initial models
+            self.build(registration)
+        except Exception:  # nothing is fixed until the models exist
+            self.num_classes = self.feature_channels = None
+            raise
 
     @abstractmethod
     def build(self, registration: dict) -> None: ...

@@ -31,14 +31,17 @@ class FedAvg(Strategy):
         self._eval_set = None
 
     def build(self, registration: dict) -> None:
+        """The global model is the run's ``edge.model`` (the runtime's recipe); only the input channels come
+        from the first registration's checked ``input_shape``."""
         shape = registration.get("input_shape") or [3, 32, 32]
-        self.global_model = create_model(registration.get("model") or "resnet56", num_classes=self.num_classes,
-                                         in_channels=int(shape[0]), **(registration.get("model_kwargs") or {}))
+        edge = self.cfg.edge
+        self.global_model = create_model(edge.model, num_classes=self.num_classes, in_channels=int(shape[0]),
+                                         **edge.model_kwargs)
         state = self.ctx.store.load_model("global_model")
         if state is not None:
             self.global_model.load_state_dict(state)
             logger.info("global model restored from %s", self.ctx.store.files["global_model"])
-        logger.info("global model %s: %d parameters", registration.get("model"),
+        logger.info("global model %s: %d parameters", edge.model,
                     sum(p.numel() for p in self.global_model.parameters()))
 
     def models(self) -> dict[str, torch.nn.Module]:
@@ -49,8 +52,10 @@ class FedAvg(Strategy):
         reference = self.global_model.state_dict()
         state = P.arrays_to_state(P.unpack_arrays(done.blob, self.cfg.max_transfer_bytes), reference)
         samples = done.meta.get("samples")
-        if type(samples) is not int or samples <= 0:
-            raise Rejected("bad_payload", f"model update with samples={samples!r}")
+        registered = self.ctx.registry.devices[device].get("train_samples")
+        if type(samples) is not int or samples <= 0 or samples != registered:
+            raise Rejected("bad_payload", f"model update with samples={str(samples)[:40]}, the device registered "
+                                          f"{registered} training samples")
         floats = [k for k, v in state.items() if v.is_floating_point()]
         norm = A.update_norm({k: state[k].numpy() for k in floats}, {k: reference[k].numpy() for k in floats})
         if norm > self.cfg.validation.max_update_norm:

@@ -55,7 +55,9 @@ class FedGKT(Strategy):
                                                           server.feature_shape if server else None)
         if extractor and upload.split == "train":
             reference = next(iter(self.extractors.values()))[0] if self.extractors else None
-            self.extractors[device] = (P.arrays_to_state(extractor, reference), len(upload.sample_ids))
+            state = P.arrays_to_state(extractor, reference)  # may reject: nothing recorded yet
+            self.extractors[device] = (state, len(upload.sample_ids))
+        self.ctx.ingest.claim(device, upload)
         if upload.split == "train" and server is not None and server.feature_shape is None:
             server.feature_shape = tuple(upload.features.shape[1:])
         store = self.train_uploads if upload.split == "train" else self.test_uploads

@@ -17,7 +17,6 @@ class FedGKTAsync(FedGKT):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.device_round: dict[str, int] = {}   # device -> the round it was told to run
-        self.awaiting_labels: set[str] = set()
 
     def expected_round(self, device: str) -> int:
         return self.device_round.get(device, -1)
@@ -27,7 +26,7 @@ class FedGKTAsync(FedGKT):
                                **self.round_frame(round_, True, [device] if round_ > 0 else []))
 
     def on_register(self, device: str) -> None:
-        if device in self.device_round and device not in self.awaiting_labels:
+        if device in self.device_round:
             self.send_round(device, self.device_round[device])  # a restarted device picks up where it was
 
     def start_newcomers(self) -> None:
@@ -50,8 +49,7 @@ class FedGKTAsync(FedGKT):
         while self.server_version < self.cfg.rounds and not ctx.stop.is_set():
             ctx.pump()
             self.start_newcomers()
-            fresh = [d for d, up in self.train_uploads.items()
-                     if up.round == self.device_round.get(d) and d not in self.awaiting_labels]
+            fresh = [d for d, up in self.train_uploads.items() if up.round == self.device_round.get(d)]
             if not fresh:
                 continue
             self.drop_stale(self.server_version)  # the staleness bound, before choosing what to train on

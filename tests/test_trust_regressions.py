@@ -1,0 +1,178 @@
+"""Regressions found by breaking the redesign as a device with a valid credential (and as a careless operator).
+
+Each test is one kind of fault: a message that crashed or poisoned the runtime, or a rejection with a side
+effect. The runtime and agent run in process over the in-memory bus."""
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from cloud_runtime.config import load_runtime_config
+from cloud_runtime.service import CloudRuntime
+from edge_sdk import protocol as P
+from edge_sdk.agent import build_agent
+from edge_sdk.config import AgentConfig
+from edge_sdk.messages import FeatureUpload
+from edgefl_core.config import ConfigError
+from edgefl_core.data.config import AgentDataConfig
+from edgefl_core.transport import MemoryBus
+
+RUN = "trust"
+
+
+def runtime(tmp_path, *overrides):
+    cfg = load_runtime_config(None, [f"run_id={RUN}", f"state_dir={tmp_path / 'rt'}",
+                                     "validation.quarantine_after=5", *overrides])
+    rt = CloudRuntime(cfg, MemoryBus().client("runtime"))
+    for device in ("devA", "devB"):
+        rt.register(device, {"num_classes": 10, "feature_channels": 4, "train_samples": 30})
+    return rt
+
+
+def upload_frames(device, ids, extractor=None, max_chunk=1 << 20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(ids)
+    upload = FeatureUpload(device, 0, "train", np.asarray(ids, dtype=np.int64), torch.rand(n, 4, 5, 5, generator=g),
+                           torch.randn(n, 10, generator=g), torch.randint(0, 10, (n,), generator=g))
+    arrays, meta = P.upload_to_arrays(upload, "fp16")
+    if extractor is not None:
+        arrays.update({P.EXTRACTOR_PREFIX + k: v for k, v in extractor.items()})
+    return P.chunk_transfer(P.pack_arrays(arrays), run=RUN, device=device, round_=0, meta=meta, max_chunk=max_chunk)
+
+
+def raw_frame(header_text: str) -> bytes:
+    raw = header_text.encode()
+    return P.MAGIC + struct.pack(">I", len(raw)) + raw
+
+
+@pytest.mark.parametrize("header", [
+    '{"v":1,"type":"register","run":"trust","device":"devA","round":0,"data":' + "[" * 5000 + "]" * 5000 + "}",
+    '{"v":1,"type":"register","run":"trust","device":"devA","round":' + "9" * 5000 + "}",
+    '{"v":1,"type":"register","run":"trust","device":"devA","round":0,"data":' + '{"a":' * 20 + "1" + "}" * 21,
+    '{"v":1,"type":"register","run":"trust","device":"devA","round":1e400}',
+    '{"v":1,"type":"register","run":"trust","device":"devA","round":99999999999999999999}',
+])
+def test_deep_nesting_and_huge_numbers_are_a_named_rejection(tmp_path, header):
+    rt = runtime(tmp_path)
+    rt.handle(rt.topics.up("devA"), raw_frame(header))
+    assert rt.registry.rejections["bad_header"] == 1 and not rt.registry.rejections["internal_error"]
+    assert rt.registry.devices["devA"]["rejection_reasons"] == {"bad_header": 1}  # charged to the topic's device
+
+
+@pytest.mark.parametrize("data", ["[1, 2]", '"text"', "3"])
+def test_data_of_the_wrong_type_is_a_named_rejection(tmp_path, data):
+    rt = runtime(tmp_path)
+    for topic in (rt.topics.up("devA"), rt.topics.heartbeat("devA"), rt.topics.status("devA")):
+        rt.handle(topic, raw_frame('{"v":1,"type":"register","run":"trust","device":"devA","round":0,"data":'
+                                   + data + "}"))
+    assert rt.registry.rejections["bad_payload"] == 3 and not rt.registry.rejections["internal_error"]
+
+
+def test_a_rejected_upload_claims_no_sample_ids(tmp_path):
+    """devA's upload with a NaN extractor is rejected; the ids it named stay free for their owner."""
+    rt = runtime(tmp_path, "fedgkt.average_extractors=true")
+    bad = {"weight": np.full((2, 2), np.nan, dtype=np.float32)}
+    for frame in upload_frames("devA", range(30), extractor=bad):
+        rt.handle(rt.topics.up("devA"), frame)
+    assert rt.registry.rejections["non_finite"] == 1 and not rt.strategy.train_uploads
+    for frame in upload_frames("devB", range(30)):
+        rt.handle(rt.topics.up("devB"), frame)
+    assert "devB" in rt.strategy.train_uploads and not rt.registry.rejections["sample_ids"]
+
+
+def test_a_chunk_that_fails_its_checksum_is_not_counted_as_traffic(tmp_path):
+    rt = runtime(tmp_path)
+    frame = bytearray(upload_frames("devA", range(30))[0])
+    frame[-1] ^= 0xFF
+    rt.handle(rt.topics.up("devA"), bytes(frame))
+    assert rt.registry.rejections["bad_checksum"] == 1 and rt.registry.devices["devA"]["bytes_up"] == 0
+
+
+def test_one_device_cannot_use_up_the_open_transfer_budget(tmp_path):
+    """Half-sent transfers are limited per device: devA's flood costs devA, devB's upload still lands."""
+    rt = runtime(tmp_path, "validation.quarantine_after=1000")
+    for seed in range(50):
+        rt.handle(rt.topics.up("devA"), upload_frames("devA", range(30), max_chunk=512, seed=seed)[0])
+    assert rt.registry.rejections["too_many_transfers"] == 50 - rt.ingest.reassembler.max_pending_per_device
+    for frame in upload_frames("devB", range(30, 60), max_chunk=512):
+        rt.handle(rt.topics.up("devB"), frame)
+    assert "devB" in rt.strategy.train_uploads
+    assert "too_many_transfers" not in rt.registry.devices["devB"].get("rejection_reasons", {})
+
+
+@pytest.mark.parametrize("field, value", [("input_shape", "abc"), ("input_shape", [3, 10**6, 2]),
+                                          ("train_samples", -1), ("train_samples", True), ("profile", ["x"])])
+def test_registration_fields_are_checked_and_charged(tmp_path, field, value):
+    rt = runtime(tmp_path)
+    data = {"num_classes": 10, "feature_channels": 4, "train_samples": 30, field: value}
+    rt.handle(rt.topics.up("devA"), P.control_frame(P.REGISTER, run=RUN, device="devA", round_=-1, **data))
+    assert rt.registry.rejections["bad_registration"] == 1 and not rt.registry.rejections["internal_error"]
+
+
+def test_a_registration_cannot_choose_the_model_the_runtime_builds_or_profiles(tmp_path):
+    """FedAvg's global model is the run's edge.model; a device's claimed model and kwargs are ignored, and
+    whatever it sends, the runtime can still checkpoint (a deeply nested kwargs dict once crashed it)."""
+    cfg = load_runtime_config(None, [f"run_id={RUN}", f"state_dir={tmp_path / 'rt'}", "algorithm=fedavg",
+                                     "edge.model=resnet8"])
+    rt = CloudRuntime(cfg, MemoryBus().client("runtime"))
+    nested: dict = {}
+    node = nested
+    for _ in range(5):
+        node["k"] = {}
+        node = node["k"]
+    rt.handle(rt.topics.up("devA"), P.control_frame(
+        P.REGISTER, run=RUN, device="devA", round_=-1, num_classes=10, feature_channels=16, train_samples=30,
+        model="resnet110", model_kwargs=nested, input_shape=[1, 8, 8], batch_size=10**6))
+    assert not rt.registry.rejections, rt.registry.rejections
+    assert type(rt.strategy.global_model).__name__ == type(__import__("model_zoo").create_model(
+        "resnet8", in_channels=1)).__name__
+    assert rt.registry.devices["devA"]["model"] == "resnet8" and rt.registry.devices["devA"]["batch_size"] == 64
+    rt.checkpoint()
+    assert json.loads((tmp_path / "rt" / "runtime.json").read_text())["num_classes"] == 10
+
+
+def test_fedavg_samples_must_match_the_registration(tmp_path):
+    cfg = load_runtime_config(None, [f"run_id={RUN}", f"state_dir={tmp_path / 'rt'}", "algorithm=fedavg",
+                                     "edge.model=resnet8"])
+    rt = CloudRuntime(cfg, MemoryBus().client("runtime"))
+    rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 30, "input_shape": [1, 8, 8]})
+    for samples in (10**400, 10**6):
+        arrays, meta = P.state_to_arrays(rt.strategy.global_model.state_dict(), "fp32")
+        meta.update(kind=P.KIND_MODEL_UPDATE, samples=samples)
+        for frame in P.chunk_transfer(P.pack_arrays(arrays), run=RUN, device="devA", round_=0, meta=meta):
+            rt.handle(rt.topics.up("devA"), frame)
+    assert not rt.strategy.model_updates and not rt.registry.rejections["internal_error"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("edge_overrides={devB: {model: resnet20_gkt}}", "model is the run's"),
+    ("edge_overrides={devB: {epochs: 0}}", "edge_overrides.devB.epochs"),
+    ("edge_overrides={devB: 3}", "expected a mapping"),
+    ("edge.model_kwargs={bogus: 1}", "edge.model_kwargs"),
+])
+def test_a_runtime_config_that_would_break_every_device_is_refused_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_runtime_config(None, [override])
+
+
+def test_an_agent_survives_bad_recipes_and_round_announcements_and_takes_a_good_one(npz_dir):
+    agent = build_agent(AgentConfig(device_id="devA", run_id=RUN, data=AgentDataConfig("npz", str(npz_dir))),
+                        transport=MemoryBus().client("devA"))
+    control = P.Topics(RUN).control
+    good = {"algorithm": "fedgkt", "edge": {"model": "resnet8_gkt"}, "codec": "int8", "model_codec": "fp16"}
+    for bad in ({"edge": {"model": "resnet8_gkt", "model_kwargs": {"bogus": 1}}}, {"edge": {"model": "nope"}},
+                {"codec": "zip"}, "text"):
+        recipe = {**good, **bad} if isinstance(bad, dict) else bad
+        agent.handle(control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="s1", recipe=recipe))
+        assert agent.client is None and agent.recipe is None
+    agent.handle(control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="s1", recipe=good,
+                                           edge_overrides={"devA": {"epochs": 2}, "devB": "junk"}))
+    assert agent.client is not None and agent.recipe.edge.epochs == 2
+    for data in ({"soft_labels_to": 5}, {"soft_labels_wait_s": "x"}, {"soft_labels_round": "r"}):
+        agent.handle(control, P.control_frame(P.ROUND, run=RUN, device="*", round_=1, session="s1", recipe=good,
+                                               **data))
+        assert agent.pending_round is None
+    agent.handle(control, P.control_frame(P.ROUND, run=RUN, device="*", round_=-1, session="s1", recipe=good))
+    assert agent.pending_round is None and agent.rejected == 4
