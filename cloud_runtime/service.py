@@ -27,6 +27,7 @@ from cloud_runtime.strategies import STRATEGIES, RunContext, Strategy, strategy_
 from edge_sdk import protocol as P
 from edge_sdk.messages import MessageError
 from edgefl_core.transport import Transport, create_transport
+from edgefl_core.transport.inbox import drain
 
 logger = logging.getLogger("edgefl.runtime")
 
@@ -66,16 +67,7 @@ class CloudRuntime:
 
     def pump(self, timeout: float = 0.2) -> None:
         """Handle everything queued (waiting up to ``timeout`` s for the first message); expire transfers."""
-        try:
-            item = self.inbox.get(timeout=timeout)
-        except queue.Empty:
-            item = None
-        while item is not None:
-            self.handle(*item)
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                item = None
+        drain(self.inbox, self.handle, timeout)
         for device, transfer in self.ingest.expired():
             self.registry.reject("transfer_timeout", device, f"transfer {transfer[:8]} incomplete after "
                                                              f"{self.cfg.transfer_timeout_s:.0f}s")

@@ -34,6 +34,7 @@ from edgefl_core.config import ConfigError, build_dataclass
 from edgefl_core.data.datasets import ImageDataset, dataset_stats
 from edgefl_core.data.local import load_local_data
 from edgefl_core.transport import Transport, create_transport
+from edgefl_core.transport.inbox import drain
 from model_zoo import create_model
 
 logger = logging.getLogger("edgefl.agent")
@@ -380,17 +381,7 @@ class EdgeAgent:
 
     def pump(self, timeout: float = 0.2) -> bool:
         """Handle every queued message (waiting up to ``timeout`` s for the first); True if any came."""
-        try:
-            item = self.inbox.get(timeout=timeout)
-        except queue.Empty:
-            return False
-        while item is not None:
-            self.handle(*item)
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                item = None
-        return True
+        return drain(self.inbox, self.handle, timeout) > 0
 
     def serve(self) -> int:
         """Main loop until SHUTDOWN or SIGTERM."""

@@ -18,7 +18,7 @@ def test_import_linter_contracts_hold():
 
 def test_the_shared_core_imports_without_torch():
     code = ("import edgefl_core, edgefl_core.wire, edgefl_core.codecs, edgefl_core.chunking, edgefl_core.config, "
-            "edgefl_core.registry, edgefl_core.transport, edgefl_core.transport.mqtt, edgefl_core.transport.memory, "
+            "edgefl_core.registry, edgefl_core.transport, edgefl_core.transport.mqtt, edgefl_core.transport.memory, edgefl_core.transport.inbox, "
             "edgefl_core.data.datasets, edgefl_core.data.partition, edgefl_core.data.federated, "
             "edgefl_core.data.local, edgefl_core.data.config, sys; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
