@@ -35,7 +35,7 @@ from edgefl_core.data.datasets import ImageDataset, dataset_stats
 from edgefl_core.data.local import load_local_data
 from edgefl_core.transport import Transport, create_transport
 from edgefl_core.transport.inbox import drain
-from model_zoo import create_model
+from model_zoo import create_model, seeded
 
 logger = logging.getLogger("edgefl.agent")
 
@@ -44,11 +44,6 @@ STATE_FILE = "agent_state.pt"
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-# one model initialisation at a time, from its own seed: agents that share a process (memory mode)
-# must not interleave draws from torch's global generator
-_MODEL_INIT_LOCK = threading.Lock()
 
 
 def _round_problem(header: dict) -> str | None:
@@ -176,8 +171,7 @@ class EdgeAgent:
             return True
         edge = recipe.edge
         try:
-            with _MODEL_INIT_LOCK, torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.cfg.seed)
+            with seeded(self.cfg.seed):
                 model = create_model(edge.model, num_classes=self.train_set.num_classes,
                                      in_channels=self.train_set.image_shape[0], **edge.model_kwargs)
                 stats = self.cfg.data.dataset if dataset_stats(self.cfg.data.dataset) else None

@@ -5,6 +5,8 @@ Each family file decorates its one-line variant functions with ``@register_model
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Callable
 
 import torch.nn as nn
@@ -36,3 +38,17 @@ def create_model(name: str, **kwargs) -> nn.Module:
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
     return fn(**kwargs)
+
+
+_SEEDED_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Initialise models from ``seed`` without touching anyone else's draws: holds a process-wide lock and
+    forks torch's CPU generator, so several agents and the runtime sharing one process (``--transport
+    memory``) build exactly the weights they would build in processes of their own."""
+    import torch
+    with _SEEDED_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

@@ -24,6 +24,7 @@ from cloud_runtime.registry import DeviceRegistry, Rejected
 from cloud_runtime.store import DurableStore
 from edge_sdk import protocol as P
 from edgefl_core.registry import Registry
+from model_zoo import seeded
 
 logger = logging.getLogger("edgefl.runtime")
 
@@ -66,8 +67,8 @@ class Strategy(ABC):
         """Fix the run's class count and feature channels and build the models (restoring committed ones)."""
         self.num_classes, self.feature_channels = num_classes, feature_channels
         try:
-            torch.manual_seed(self.cfg.seed)  # every restart rebuilds the same initial models
-            self.build(registration)
+            with seeded(self.cfg.seed):  # every restart rebuilds the same initial models
+                self.build(registration)
         except Exception:  # nothing is fixed until the models exist
             self.num_classes = self.feature_channels = None
             raise
