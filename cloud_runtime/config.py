@@ -13,13 +13,17 @@ from edgefl_core.transport.config import BrokerConfig
 
 
 def check_model_kwargs(edge: EdgeConfig, key: str) -> None:
-    """Build ``edge.model`` once with its ``model_kwargs``: a bad keyword fails here, at config load, and not
-    on every device that receives the recipe."""
+    """Build ``edge.model`` with its ``model_kwargs`` and run one 3x32x32 image through it: a bad keyword or
+    value fails here, at config load, and not on every device that receives the recipe."""
+    import torch
+
     from model_zoo import create_model
     try:
-        create_model(edge.model, **edge.model_kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{key}.model_kwargs: {edge.model} does not take {edge.model_kwargs!r} ({e})") from None
+        with torch.no_grad():
+            create_model(edge.model, **edge.model_kwargs).eval()(torch.zeros(1, 3, 32, 32))
+    except Exception as e:  # TypeError, ValueError, RuntimeError, OverflowError, ...: all a bad setting
+        raise ConfigError(f"{key}.model_kwargs: {edge.model} with {edge.model_kwargs!r} does not work "
+                          f"({type(e).__name__}: {str(e)[:200]})") from None
 
 
 @dataclass
@@ -170,6 +174,8 @@ class RuntimeConfig:
     edge: EdgeConfig = field(default_factory=EdgeConfig)  # how devices train: sent to them (RunRecipe)
     edge_overrides: dict = field(default_factory=dict)    # device -> partial edge settings (e.g. fewer epochs)
     codec: str = "int8"                  # the feature codec devices upload with (+ zstd)
+    num_classes: int | None = None       # the run's data: classes and C x H x W images (registrations must
+    input_shape: list[int] | None = None # agree); null: the first registration fixes them
     mode: Literal["sync", "async"] = "sync"
     rounds: int = 5                      # sync: rounds; async: server updates
     min_devices: int = 1                 # start once this many registered and registration_timeout_s passed
@@ -207,6 +213,10 @@ class RuntimeConfig:
             require(not shared, f"edge_overrides.{device}", f"{', '.join(shared)} is the run's, the same on every "
                     "device (the server and aggregation depend on it); override training settings only")
         check_model_kwargs(self.edge, "edge")
+        require(self.num_classes is None or 2 <= self.num_classes <= 100_000, "num_classes", "must be in [2, 100000]")
+        require(self.input_shape is None or (len(self.input_shape) == 3 and 1 <= self.input_shape[0] <= 4
+                                             and all(1 <= v <= 256 for v in self.input_shape[1:])),
+                "input_shape", "must be [C<=4, H<=256, W<=256]")
 
     def recipe_for(self, device: str | None = None) -> RunRecipe:
         """The run recipe for ``device``: ``edge`` with that device's override applied."""

@@ -6,6 +6,7 @@ counted by reason, and a device whose messages keep being rejected is quarantine
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import Counter
 
@@ -14,6 +15,7 @@ from cloud_runtime.config import RuntimeConfig
 logger = logging.getLogger("edgefl.runtime")
 
 MAX_SAMPLES = 10**9
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _count(value, name: str, high: int = MAX_SAMPLES) -> int:
@@ -29,8 +31,10 @@ def device_facts(data: dict) -> dict:
     facts = {"train_samples": _count(data.get("train_samples", 0), "train_samples"),
              "test_samples": _count(data.get("test_samples", 0), "test_samples")}
     profile = data.get("profile")
-    if profile is not None and (not isinstance(profile, str) or not 0 < len(profile) <= 128):
-        raise Rejected("bad_registration", "profile must be a name of at most 128 characters")
+    if profile is not None and (not isinstance(profile, str) or not _PROFILE_NAME.fullmatch(profile)):
+        # a name the runtime looks up among its shipped profiles: never a path on the runtime's host
+        raise Rejected("bad_registration", f"profile must be a profile name ([A-Za-z0-9_-], at most 64), got "
+                                           f"{str(profile)[:40]!r}")
     shape = data.get("input_shape")
     if shape is not None and (not isinstance(shape, list) or len(shape) != 3
                               or any(type(v) is not int for v in shape)

@@ -109,18 +109,26 @@ class CloudRuntime:
             self.registry.reject("internal_error", device, f"{type(e).__name__}: {e}")
 
     def register(self, device: str, data: dict) -> None:
-        """A device's registration; the first one fixes the run's class count and feature channels."""
+        """A device's registration. The run's facts (classes, C x H x W, feature channels) come from the
+        runtime's config where it sets them, else from the first registration; every later one must agree."""
         num_classes, channels = data.get("num_classes"), data.get("feature_channels")
         if type(num_classes) is not int or type(channels) is not int or not (2 <= num_classes <= 100_000) \
                 or not (1 <= channels <= 65_536):
-            raise Rejected("bad_registration", f"num_classes {num_classes!r}, feature_channels {channels!r}")
+            raise Rejected("bad_registration", f"num_classes {str(num_classes)[:20]}, feature_channels "
+                                               f"{str(channels)[:20]}")
         facts = device_facts(data)
-        strategy = self.strategy
+        strategy, cfg = self.strategy, self.cfg
+        run_classes = strategy.num_classes or cfg.num_classes or num_classes
+        run_shape = strategy.input_shape or cfg.input_shape or facts["input_shape"]
+        if num_classes != run_classes:
+            raise Rejected("bad_registration", f"{num_classes} classes, the run has {run_classes}")
+        if facts["input_shape"] is not None and facts["input_shape"] != run_shape:
+            raise Rejected("bad_registration", f"input shape {facts['input_shape']}, the run's is {run_shape}")
         if strategy.num_classes is None:
-            strategy.setup(num_classes, channels, facts)
-        elif (num_classes, channels) != (strategy.num_classes, strategy.feature_channels):
-            raise Rejected("bad_registration", f"{num_classes} classes / {channels} feature channels, the run has "
-                                               f"{strategy.num_classes} / {strategy.feature_channels}")
+            strategy.setup(run_classes, run_shape, channels)
+        if channels != strategy.feature_channels and cfg.algorithm != "fedavg":
+            raise Rejected("bad_registration", f"{channels} feature channels, the run's edge model has "
+                                               f"{strategy.feature_channels}")
         edge = self.cfg.recipe_for(device).edge
         self.registry.register(device, facts, {
             "model": edge.model, "trainer": edge.trainer, "batch_size": edge.batch_size, "epochs": edge.epochs,

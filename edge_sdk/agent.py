@@ -73,7 +73,9 @@ class EdgeAgent:
         self.device = cfg.device_id
         self.topics = P.Topics(cfg.run_id)
         self.inbox: queue.Queue = queue.Queue()
-        self.reassembler = P.Reassembler(timeout_s=600)
+        # every downlink transfer names this device: the per-device budget is the whole budget; expire() frees
+        # what a crashed runtime left half-sent
+        self.reassembler = P.Reassembler(timeout_s=600, max_pending_per_device=64)
         self.state_path = Path(cfg.state_dir) / STATE_FILE
         self.last_done = -1                  # last round whose upload this device finished
         self.trained_round = -1              # last round whose local training finished (upload may be pending)
@@ -122,8 +124,18 @@ class EdgeAgent:
             logger.warning("%s: ignoring state saved for %d local samples; this device now has %d", self.state_path,
                            state["soft_logits"].shape[0], self.client.soft_labels.logits.shape[0])
             return False
-        self.client.model.load_state_dict(state["model"])
-        self.client.trainer.load_state_dict(state["trainer"])
+        current = self.client.model.state_dict()
+        saved = state["model"]
+        if set(saved) != set(current) or any(tuple(saved[k].shape) != tuple(v.shape) for k, v in current.items()):
+            logger.warning("%s: ignoring state saved for a model of other shapes (the data's channels or classes "
+                           "changed)", self.state_path)
+            return False
+        try:
+            self.client.trainer.load_state_dict(state["trainer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            logger.warning("%s: ignoring state whose optimizer state does not fit: %s", self.state_path, e)
+            return False
+        self.client.model.load_state_dict(saved)
         self.client.soft_labels.logits.copy_(state["soft_logits"])
         self.client.soft_labels.present.copy_(state["soft_present"])
         self.client.soft_labels.round = int(state["soft_round"])
@@ -177,8 +189,9 @@ class EdgeAgent:
                 stats = self.cfg.data.dataset if dataset_stats(self.cfg.data.dataset) else None
                 client = EdgeClient(self.device, model, self.train_set, self.test_set, edge, stats_name=stats,
                                     seed=self.cfg.seed)
-        except (TypeError, ValueError, ConfigError, RuntimeError) as e:
-            logger.error("%s: cannot build %s from the runtime's recipe: %s", self.device, edge.model, e)
+        except Exception as e:  # the recipe came over the wire: whatever it breaks, the agent keeps running
+            logger.error("%s: cannot build %s from the runtime's recipe: %s: %s", self.device, edge.model,
+                         type(e).__name__, e)
             return False
         self.recipe, self.client = recipe, client
         logger.info("%s: run recipe: %s, model %s, trainer %s, codec %s", self.device, recipe.algorithm, edge.model,
@@ -375,7 +388,10 @@ class EdgeAgent:
 
     def pump(self, timeout: float = 0.2) -> bool:
         """Handle every queued message (waiting up to ``timeout`` s for the first); True if any came."""
-        return drain(self.inbox, self.handle, timeout) > 0
+        handled = drain(self.inbox, self.handle, timeout)
+        for _, transfer in self.reassembler.expire():
+            logger.warning("%s: downlink transfer %s expired incomplete", self.device, transfer[:8])
+        return handled > 0
 
     def serve(self) -> int:
         """Main loop until SHUTDOWN or SIGTERM."""

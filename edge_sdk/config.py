@@ -27,7 +27,7 @@ class AugmentConfig:
     hflip: bool = False
 
     def check(self) -> None:
-        require(self.crop_padding >= 0, "crop_padding", "must be >= 0")
+        require(0 <= self.crop_padding <= 32, "crop_padding", f"must be in [0, 32], got {self.crop_padding}")
 
 
 @dataclass
@@ -49,11 +49,15 @@ class EdgeConfig:
     trainer_kwargs: dict = field(default_factory=dict)
 
     def check(self) -> None:
-        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(0 < self.lr <= 10, "lr", f"must be in (0, 10], got {self.lr}")
+        require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(0 <= self.weight_decay <= 1, "weight_decay", f"must be in [0, 1], got {self.weight_decay}")
         require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        require(self.epochs <= 1000 and self.batch_size <= 65536, "epochs", "at most 1000 epochs of batches "
+                "of at most 65536")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.kd_alpha >= 0, "kd_alpha", "must be >= 0")
-        require(self.temperature > 0, "temperature", "must be > 0")
+        require(0 <= self.kd_alpha <= 1000, "kd_alpha", f"must be in [0, 1000], got {self.kd_alpha}")
+        require(0 < self.temperature <= 1000, "temperature", f"must be in (0, 1000], got {self.temperature}")
         from model_zoo import is_model, list_models
         require(is_model(self.model), "model", f"unknown model {self.model!r}; known: {', '.join(list_models())}")
         from edge_sdk.trainers import check_trainer_options

@@ -48,7 +48,8 @@ def run_id_of(cfg: ExperimentConfig) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.run.name) or "run"
 
 
-def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval_ids: Path) -> RuntimeConfig:
+def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval_ids: Path,
+                   data: federated.FederatedData) -> RuntimeConfig:
     """The runtime's side of an experiment (the run's algorithm, rounds, server and deployment settings)."""
     dep = cfg.deployment
     return RuntimeConfig(
@@ -57,7 +58,8 @@ def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval
         broker=BrokerConfig(url=broker_url), server=cfg.server, mode=dep.mode, rounds=cfg.run.rounds,
         min_devices=cfg.run.devices, expected_devices=cfg.run.devices, registration_timeout_s=300.0,
         round_deadline_s=dep.round_deadline_s, quorum=dep.quorum, eval_every=cfg.run.eval_every,
-        max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=cfg.run.threads, seed=cfg.run.seed)
+        max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=cfg.run.threads, seed=cfg.run.seed,
+        num_classes=data.num_classes, input_shape=list(data.image_shape))
 
 
 def agent_config(cfg: ExperimentConfig, index: int, broker_url: str, ids_file: Path, state_dir: Path) -> AgentConfig:
@@ -82,7 +84,7 @@ def write_deployment(cfg: ExperimentConfig, out_dir: Path, broker_url: str) -> D
     data = federated.prepare(cfg.data, cfg.run.devices, cfg.run.seed, out_dir)
     eval_ids = out_dir / "eval_sample_ids.json"
     eval_ids.write_text(json.dumps({"train": [], "test": data.test_all.sample_ids.tolist()}))
-    runtime = runtime_config(cfg, broker_url, out_dir / "runtime", eval_ids)
+    runtime = runtime_config(cfg, broker_url, out_dir / "runtime", eval_ids, data)
     agents, agent_paths = [], []
     for d in range(cfg.run.devices):
         device_dir = out_dir / "agents" / f"dev{d}"

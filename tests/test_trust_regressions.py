@@ -176,3 +176,71 @@ def test_an_agent_survives_bad_recipes_and_round_announcements_and_takes_a_good_
         assert agent.pending_round is None
     agent.handle(control, P.control_frame(P.ROUND, run=RUN, device="*", round_=-1, session="s1", recipe=good))
     assert agent.pending_round is None and agent.rejected == 4
+
+
+def test_run_facts_come_from_the_runtime_config_when_it_sets_them(tmp_path):
+    """With num_classes and input_shape configured (edgefl-sim sets both), the first registration cannot
+    pin wrong facts, the feature shape is the run's edge model's, and every split is checked against it."""
+    cfg = load_runtime_config(None, [f"run_id={RUN}", f"state_dir={tmp_path / 'rt'}", "num_classes=10",
+                                     "input_shape=[1, 10, 10]", "edge.model_kwargs={stem_stride: 2}"])
+    rt = CloudRuntime(cfg, MemoryBus().client("runtime"))
+    for data in ({"num_classes": 2, "feature_channels": 16}, {"num_classes": 10, "feature_channels": 1},
+                 {"num_classes": 10, "feature_channels": 16, "input_shape": [3, 10, 10]}):
+        rt.handle(rt.topics.up("devA"), P.control_frame(P.REGISTER, run=RUN, device="devA", round_=-1,
+                                                        train_samples=30, **data))
+    assert rt.registry.rejections["bad_registration"] == 3 and not rt.registry.devices
+    rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 30, "input_shape": [1, 10, 10]})
+    assert rt.strategy.server.feature_shape == (16, 5, 5)
+
+
+def test_a_test_upload_of_another_shape_is_rejected_at_acceptance(tmp_path):
+    """A test split accepted with another shape than the train split's once crashed evaluation a round later."""
+    rt = runtime(tmp_path)
+    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 30, "test_samples": 10})
+    g = torch.Generator().manual_seed(0)
+    test = FeatureUpload("devA", 0, "test", np.arange(100, 110, dtype=np.int64), torch.rand(10, 4, 3, 3, generator=g),
+                         torch.randn(10, 10, generator=g), torch.randint(0, 10, (10,), generator=g))
+    arrays, meta = P.upload_to_arrays(test, "fp16")
+    for frame in P.chunk_transfer(P.pack_arrays(arrays), run=RUN, device="devA", round_=0, meta=meta):
+        rt.handle(rt.topics.up("devA"), frame)
+    assert "devA" in rt.strategy.test_uploads
+    for frame in upload_frames("devB", range(30)):  # 4 x 5 x 5: another shape than the accepted test split
+        rt.handle(rt.topics.up("devB"), frame)
+    assert rt.registry.rejections["bad_shape"] == 1 and "devB" not in rt.strategy.train_uploads
+    seven = FeatureUpload("devB", 0, "train", np.arange(30, dtype=np.int64), torch.rand(30, 7, 3, 3, generator=g),
+                          torch.randn(30, 10, generator=g), torch.randint(0, 10, (30,), generator=g))
+    arrays, meta = P.upload_to_arrays(seven, "fp16")
+    for frame in P.chunk_transfer(P.pack_arrays(arrays), run=RUN, device="devB", round_=0, meta=meta):
+        rt.handle(rt.topics.up("devB"), frame)
+    assert rt.registry.rejections["bad_shape"] == 2  # 7 channels, the run registered 4
+
+
+def test_a_profile_is_a_name_never_a_path_on_the_runtime_host(tmp_path):
+    rt = runtime(tmp_path)
+    rt.handle(rt.topics.up("devA"), P.control_frame(P.REGISTER, run=RUN, device="devA", round_=-1, num_classes=10,
+                                                    feature_channels=4, train_samples=30,
+                                                    profile="/etc/ssl/openssl.cnf"))
+    assert rt.registry.rejections["bad_registration"] == 1
+
+
+def test_the_agent_frees_half_sent_downlink_transfers_and_survives_old_state(npz_dir, tmp_path):
+    cfg = AgentConfig(device_id="devA", run_id=RUN, data=AgentDataConfig("npz", str(npz_dir)),
+                      state_dir=str(tmp_path / "state"))
+    agent = build_agent(cfg, transport=MemoryBus().client("devA"))
+    good = {"algorithm": "fedgkt", "edge": {"model": "resnet8_gkt"}, "codec": "int8", "model_codec": "fp16"}
+    agent.handle(P.Topics(RUN).control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="s",
+                                                        recipe=good))
+    agent.save_state()
+    # the same device, now with another model width: the saved state does not fit and is ignored, not fatal
+    again = build_agent(cfg, transport=MemoryBus().client("devA2"))
+    wider = {**good, "edge": {"model": "resnet8_gkt", "model_kwargs": {"width": 2}}}
+    again.handle(P.Topics(RUN).control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="s",
+                                                        recipe=wider))
+    assert again.client is not None and again.last_done == -1
+    for i in range(80):  # half-sent transfers: the first chunk of two, never completed
+        frame = P.chunk_transfer(b"x" * 2048, run=RUN, device="devA", round_=0, meta={"kind": "soft_labels"},
+                                 max_chunk=1024)[0]
+        again.handle(P.Topics(RUN).down("devA"), frame)
+    assert again.reassembler.open_transfers == 64
+    expired = again.reassembler.expire(now=1e12)
+    assert len(expired) == 64 and again.reassembler.open_transfers == 0

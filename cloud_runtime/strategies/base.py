@@ -58,23 +58,26 @@ class Strategy(ABC):
         self.cfg = ctx.cfg
         self.rows: list[dict] = []
         self.next_round = 0
-        self.num_classes: int | None = None
+        self.num_classes: int | None = None      # run facts: fixed by setup()
+        self.input_shape: list[int] | None = None
         self.feature_channels: int | None = None
 
     # -- run facts and devices ----------------------------------------------------------------------
 
-    def setup(self, num_classes: int, feature_channels: int, registration: dict) -> None:
-        """Fix the run's class count and feature channels and build the models (restoring committed ones)."""
-        self.num_classes, self.feature_channels = num_classes, feature_channels
+    def setup(self, num_classes: int, input_shape: list[int] | None, feature_channels: int) -> None:
+        """Fix the run's facts (classes, C x H x W, feature channels) and build the models (restoring committed
+        ones). ``feature_channels`` is what the first registration said; a strategy that can derive it from
+        the run's own edge model does (:meth:`build`)."""
+        self.num_classes, self.input_shape, self.feature_channels = num_classes, input_shape, feature_channels
         try:
             with seeded(self.cfg.seed):  # every restart rebuilds the same initial models
-                self.build(registration)
+                self.build()
         except Exception:  # nothing is fixed until the models exist
-            self.num_classes = self.feature_channels = None
+            self.num_classes = self.input_shape = self.feature_channels = None
             raise
 
     @abstractmethod
-    def build(self, registration: dict) -> None: ...
+    def build(self) -> None: ...
 
     def on_register(self, device: str) -> None:
         """A device (re-)registered."""
@@ -114,14 +117,13 @@ class Strategy(ABC):
 
     def snapshot(self) -> dict:
         return {"next_round": self.next_round, "rows": self.rows, "num_classes": self.num_classes,
-                "feature_channels": self.feature_channels}
+                "input_shape": self.input_shape, "feature_channels": self.feature_channels}
 
     def restore(self, state: dict) -> None:
         self.next_round = int(state.get("next_round", 0))
         self.rows = state.get("rows", [])
         if state.get("num_classes"):
-            first = next(iter(self.ctx.registry.devices.values()), {})
-            self.setup(int(state["num_classes"]), int(state["feature_channels"]), first)
+            self.setup(int(state["num_classes"]), state.get("input_shape"), int(state["feature_channels"]))
 
     # -- helpers for round loops --------------------------------------------------------------------
 

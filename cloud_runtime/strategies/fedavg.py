@@ -30,10 +30,9 @@ class FedAvg(Strategy):
         self.model_updates: dict[str, tuple[dict, int, dict]] = {}  # device -> (state, samples, metrics)
         self._eval_set = None
 
-    def build(self, registration: dict) -> None:
-        """The global model is the run's ``edge.model`` (the runtime's recipe); only the input channels come
-        from the first registration's checked ``input_shape``."""
-        shape = registration.get("input_shape") or [3, 32, 32]
+    def build(self) -> None:
+        """The global model is the run's ``edge.model`` (the runtime's recipe) for the run's input channels."""
+        shape = self.input_shape or [3, 32, 32]
         edge = self.cfg.edge
         self.global_model = create_model(edge.model, num_classes=self.num_classes, in_channels=int(shape[0]),
                                          **edge.model_kwargs)

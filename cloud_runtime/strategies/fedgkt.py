@@ -15,6 +15,7 @@ import torch
 
 from cloud_runtime.aggregation import average_torch_states, staleness_weights
 from cloud_runtime.server_trainer import GKTServer
+from cloud_runtime.registry import Rejected
 from cloud_runtime.strategies.base import STRATEGIES, Strategy
 from edge_sdk import protocol as P
 from edge_sdk.messages import FeatureUpload
@@ -35,10 +36,19 @@ class FedGKT(Strategy):
         self.server_version = 0                              # server updates so far (async staleness clock)
         self.arrival_version: dict[str, int] = {}            # device -> server_version when its upload arrived
 
-    def build(self, registration: dict) -> None:
+    def build(self) -> None:
+        feature_shape = None
+        if self.input_shape is not None:  # the run's edge model on the run's images: the features' shape
+            c, h, w = self.input_shape
+            edge = create_model(self.cfg.edge.model, num_classes=self.num_classes, in_channels=c,
+                                **self.cfg.edge.model_kwargs).eval()
+            with torch.no_grad():
+                feature_shape = tuple(edge(torch.zeros(1, c, h, w))[1].shape[1:])
+            self.feature_channels = feature_shape[0]
         model = create_model(self.cfg.server.model, num_classes=self.num_classes,
                              feature_channels=self.feature_channels, **self.cfg.server.model_kwargs)
         self.server = GKTServer(model, self.cfg.server, self.num_classes, seed=self.cfg.seed)
+        self.server.feature_shape = feature_shape
         state = self.ctx.store.load_model("server")
         if state is not None:
             self.server.load_state_dict(state)
@@ -53,12 +63,15 @@ class FedGKT(Strategy):
         server = self.server
         upload, extractor = self.ctx.ingest.decode_upload(device, done, self.num_classes,
                                                           server.feature_shape if server else None)
+        if upload.features.shape[1] != self.feature_channels:
+            raise Rejected("bad_shape", f"{upload.split} features have {upload.features.shape[1]} channels, the run "
+                                        f"has {self.feature_channels}")
         if extractor and upload.split == "train":
             reference = next(iter(self.extractors.values()))[0] if self.extractors else None
             state = P.arrays_to_state(extractor, reference)  # may reject: nothing recorded yet
             self.extractors[device] = (state, len(upload.sample_ids))
         self.ctx.ingest.claim(device, upload)
-        if upload.split == "train" and server is not None and server.feature_shape is None:
+        if server is not None and server.feature_shape is None:  # no run input shape: the first upload's pins it
             server.feature_shape = tuple(upload.features.shape[1:])
         store = self.train_uploads if upload.split == "train" else self.test_uploads
         replaced = device in store and store[device].round == upload.round
