@@ -82,8 +82,8 @@ class Int8Codec(FeatureCodec):
         if any(k not in arrays for k in self.keys):
             raise ProtocolError("bad_payload", "int8 features need features_q, features_scale, features_low")
         q, scale, low = (arrays[k] for k in self.keys)
-        if q.dtype != np.uint8:
-            raise ProtocolError("bad_dtype", "features_q must be uint8")
+        if q.dtype != np.uint8 or scale.dtype != np.float32 or low.dtype != np.float32:
+            raise ProtocolError("bad_dtype", "features_q must be uint8, features_scale and features_low float32")
         if q.ndim < 2 or scale.shape != (q.shape[1],) or low.shape != (q.shape[1],):
             raise ProtocolError("bad_shape", "int8 features need per-channel scale and low of length C")
         shape = (1, q.shape[1]) + (1,) * (q.ndim - 2)

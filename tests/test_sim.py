@@ -104,3 +104,12 @@ def test_memory_mode_validates_uploads_like_mqtt(npz_dir, tmp_path):
     for a in agents:
         a.shutdown()
     runtime.close()
+
+
+def test_extractor_averaging_uses_the_runs_own_extractor_form(npz_dir, tmp_path):
+    """With the run's input shape known, extractors are checked against the run's edge model; agents' real
+    extractors fit it and every agent ends with the same (averaged) stem."""
+    out = tmp_path / "avg"
+    assert main(sim_args(npz_dir, out, "--set", "run.rounds=1", "--set", "fedgkt.average_extractors=true")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert not report["final"]["rejections"] and report["final"]["accepted_samples"] == 400

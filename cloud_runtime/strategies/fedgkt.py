@@ -35,6 +35,7 @@ class FedGKT(Strategy):
         self.extractors: dict[str, tuple[dict, int]] = {}   # fedgkt.average_extractors: latest per device
         self.server_version = 0                              # server updates so far (async staleness clock)
         self.arrival_version: dict[str, int] = {}            # device -> server_version when its upload arrived
+        self.extractor_reference: dict | None = None         # the run's extractor (names, shapes, dtypes)
 
     def build(self) -> None:
         feature_shape = None
@@ -45,6 +46,9 @@ class FedGKT(Strategy):
             with torch.no_grad():
                 feature_shape = tuple(edge(torch.zeros(1, c, h, w))[1].shape[1:])
             self.feature_channels = feature_shape[0]
+            stem = getattr(edge, "stem", None)
+            if stem is not None:  # extractor averaging: names and shapes are the run's, not the first uploader's
+                self.extractor_reference = {k: v.detach().clone() for k, v in stem.state_dict().items()}
         model = create_model(self.cfg.server.model, num_classes=self.num_classes,
                              feature_channels=self.feature_channels, **self.cfg.server.model_kwargs)
         self.server = GKTServer(model, self.cfg.server, self.num_classes, seed=self.cfg.seed)
@@ -67,7 +71,9 @@ class FedGKT(Strategy):
             raise Rejected("bad_shape", f"{upload.split} features have {upload.features.shape[1]} channels, the run "
                                         f"has {self.feature_channels}")
         if extractor and upload.split == "train":
-            reference = next(iter(self.extractors.values()))[0] if self.extractors else None
+            reference = self.extractor_reference
+            if reference is None:  # no run input shape configured: the first accepted extractor sets the form
+                reference = next(iter(self.extractors.values()))[0] if self.extractors else None
             state = P.arrays_to_state(extractor, reference)  # may reject: nothing recorded yet
             self.extractors[device] = (state, len(upload.sample_ids))
         self.ctx.ingest.claim(device, upload)
