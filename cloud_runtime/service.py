@@ -48,7 +48,8 @@ class CloudRuntime:
         recipe = {"recipe": asdict(cfg.recipe_for()), "edge_overrides": cfg.edge_overrides}
         self.downlink = Downlink(transport, self.topics, self.session, self.registry, self.ingest, recipe)
         self.strategy: Strategy = STRATEGIES.get(strategy_name(cfg))(RunContext(
-            cfg, self.registry, self.ingest, self.downlink, self.store, self.stop, self.pump, self.checkpoint))
+            cfg, self.registry, self.ingest, self.downlink, self.store, self.stop, self.pump, self.checkpoint,
+            cfg.threads or torch.get_num_threads()))
         self._cost = CostEstimator()
 
     # -- messages -----------------------------------------------------------------------------------

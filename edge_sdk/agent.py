@@ -312,7 +312,13 @@ class EdgeAgent:
         self.done_session = session
         self.save_state()
 
+    def use_threads(self) -> None:
+        """Set torch's threads for this device's compute (the process's one pool may be shared in memory mode)."""
+        if self.cfg.threads and torch.get_num_threads() != self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+
     def run_round(self, header: dict) -> None:
+        self.use_threads()
         round_, data = header["round"], header.get("data", {})
         if self.recipe.algorithm == "fedavg":
             if round_ != self.last_done or data.get("session") != self.done_session:

@@ -133,8 +133,6 @@ def _finish_report(cfg: ExperimentConfig, out_dir: Path, deployment: Deployment,
 
 def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
     """The same runtime and agents as over MQTT, in threads, over a private ``memory://`` bus."""
-    import torch
-
     from cloud_runtime.service import build_runtime
     from edge_sdk.agent import build_agent
 
@@ -145,10 +143,8 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
     agents = [build_agent(a) for a in deployment.agents]  # built in order: seeded initial models
     errors: list[BaseException] = []
 
-    def worker(threads: int | None, body):
-        def run():
-            if threads:
-                torch.set_num_threads(threads)  # per thread: agents and the server share this process
+    def worker(body):
+        def run():  # torch has one thread pool per process: the runtime and agents each set theirs to compute
             try:
                 body()
             except BaseException as e:  # surfaced after join
@@ -166,8 +162,7 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
                 agent.shutdown()
         return body
 
-    threads = [worker(cfg.run.threads, runtime.serve)]
-    threads += [worker(cfg.deployment.agent_threads, agent_body(a)) for a in agents]
+    threads = [worker(runtime.serve)] + [worker(agent_body(a)) for a in agents]
     logger.info("in memory: 1 runtime + %d agents as threads over %s", len(agents), deployment.runtime.broker.url)
     for t in threads:
         t.start()

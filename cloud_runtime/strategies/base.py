@@ -48,6 +48,7 @@ class RunContext:
     stop: threading.Event
     pump: Callable[[], None]           # handle queued messages (waits briefly for the first)
     checkpoint: Callable[[], None]     # commit durable state (after every round)
+    threads: int = 1                   # torch intra-op threads for the cloud's own compute
 
 
 class Strategy(ABC):
@@ -126,6 +127,12 @@ class Strategy(ABC):
             self.setup(int(state["num_classes"]), state.get("input_shape"), int(state["feature_channels"]))
 
     # -- helpers for round loops --------------------------------------------------------------------
+
+    def use_threads(self) -> None:
+        """Set torch's threads for the cloud's compute phase. One process has one torch thread pool: when
+        agents share it (``--transport memory``) each side sets its own count before it computes."""
+        if torch.get_num_threads() != self.ctx.threads:
+            torch.set_num_threads(self.ctx.threads)
 
     def collect(self, round_: int, done: Callable[[], set]) -> bool:
         """Serve until every reachable device is ``done()``, or the deadline passes with a quorum of them.

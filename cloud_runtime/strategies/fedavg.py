@@ -68,6 +68,7 @@ class FedAvg(Strategy):
     def aggregate(self) -> dict:
         """Robust aggregation of this round's updates into the global model; returns the row's diagnostics."""
         assert self.global_model is not None
+        self.use_threads()
         devices = sorted(self.model_updates)
         reference = {k: v.numpy() for k, v in self.global_model.state_dict().items()}
         states = [{k: v.numpy() for k, v in self.model_updates[d][0].items()} for d in devices]
@@ -96,6 +97,7 @@ class FedAvg(Strategy):
             return
         from edge_sdk.data.batching import ArrayLoader
         from edgefl_core.data.local import load_local_data
+        self.use_threads()
         if self._eval_set is None:
             _, self._eval_set = load_local_data(self.cfg.eval_data)
         stats = self.cfg.eval_data.dataset if dataset_stats(self.cfg.eval_data.dataset) else None

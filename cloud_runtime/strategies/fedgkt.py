@@ -101,6 +101,7 @@ class FedGKT(Strategy):
     def train_and_answer(self, round_: int, devices: list[str]) -> dict:
         """Train the server on the devices' features; send each of ``devices`` its soft labels."""
         assert self.server is not None
+        self.use_threads()
         for device in devices:
             self.server.ingest(self.train_uploads[device])
         self.drop_stale(round_)
@@ -138,6 +139,7 @@ class FedGKT(Strategy):
         if not self.test_uploads or self.server is None:
             row["test_accuracy"] = None
             return
+        self.use_threads()
         result = self.server.evaluate(list(self.test_uploads.values()))
         row.update(test_accuracy=result.accuracy, test_loss=result.loss, test_samples=result.samples,
                    mean_device_accuracy=result.mean_device_accuracy, per_device=result.per_device)
