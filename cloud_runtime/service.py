@@ -45,7 +45,9 @@ class CloudRuntime:
         self.registry = DeviceRegistry(cfg)
         self.ingest = Ingest(cfg, self.registry)
         self.store = DurableStore(cfg.state_dir)
-        recipe = {"recipe": asdict(cfg.recipe_for()), "edge_overrides": cfg.edge_overrides}
+        # each device's recipe, built and validated once (devices without an override share the run's)
+        self.recipes = {None: cfg.recipe_for(), **{d: cfg.recipe_for(d) for d in cfg.edge_overrides}}
+        recipe = {"recipe": asdict(self.recipes[None]), "edge_overrides": cfg.edge_overrides}
         self.downlink = Downlink(transport, self.topics, self.session, self.registry, self.ingest, recipe)
         self.strategy: Strategy = STRATEGIES.get(strategy_name(cfg))(RunContext(
             cfg, self.registry, self.ingest, self.downlink, self.store, self.stop, self.pump, self.checkpoint,
@@ -130,7 +132,7 @@ class CloudRuntime:
         if channels != strategy.feature_channels and cfg.algorithm != "fedavg":
             raise Rejected("bad_registration", f"{channels} feature channels, the run's edge model has "
                                                f"{strategy.feature_channels}")
-        edge = self.cfg.recipe_for(device).edge
+        edge = self.recipes.get(device, self.recipes[None]).edge
         self.registry.register(device, facts, {
             "model": edge.model, "trainer": edge.trainer, "batch_size": edge.batch_size, "epochs": edge.epochs,
             "model_kwargs": edge.model_kwargs, "optimizer": edge.optimizer, "codec": self.cfg.codec})

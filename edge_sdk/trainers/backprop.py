@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from model_zoo.losses import gkt_loss
-from edge_sdk.trainers.base import EdgeTrainer, StepResult, make_optimizer, register_trainer
+from model_zoo.optim import make_optimizer
+from edge_sdk.trainers.base import EdgeTrainer, StepResult, register_trainer
 
 
 @register_trainer("backprop")

@@ -13,8 +13,6 @@ from typing import Callable, TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from model_zoo.optim import make_optimizer  # noqa: F401  (trainers import it from here)
-
 from edgefl_core.config import ConfigError, build_dataclass
 
 if TYPE_CHECKING:  # the schema imports this registry to validate edge.trainer; only types flow back

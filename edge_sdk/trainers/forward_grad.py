@@ -33,8 +33,9 @@ from torch.func import functional_call
 
 from edgefl_core.config import ConfigError, build_dataclass, require
 
-from edge_sdk.trainers.base import EdgeTrainer, StepResult, make_optimizer, register_trainer
+from edge_sdk.trainers.base import EdgeTrainer, StepResult, register_trainer
 from model_zoo.losses import gkt_loss
+from model_zoo.optim import make_optimizer
 
 if TYPE_CHECKING:
     from edge_sdk.config import EdgeConfig
