@@ -189,7 +189,8 @@ class RuntimeConfig:
     soft_labels_wait_s: float = 30.0     # how long a device waits for last round's soft labels
     state_dir: str = "runtime-state"
     threads: int | None = None
-    max_transfer_bytes: int = 1 << 30
+    max_transfer_bytes: int = 256 << 20          # one transfer as sent (compressed); its decoded size is bounded
+    max_pending_bytes_per_device: int = 256 << 20  # by what the device registered (ingest.decoded_limit)
     max_chunk_bytes: int = 16 << 20
     transfer_timeout_s: float = 300.0
     validation: ValidationConfig = field(default_factory=ValidationConfig)

@@ -33,8 +33,14 @@ class Downlink:
         self.transport.publish(self.topics.down(device), P.control_frame(
             type_, run=self.topics.run, device=device, round_=round_, **self._with_recipe(type_, data)))
 
-    def ack(self, device: str, done: P.CompletedTransfer) -> None:
-        self.send(device, P.ACK, done.round, transfer=done.transfer, accepted=True)
+    def ack(self, device: str, done: P.CompletedTransfer, accepted: bool = True, reason: str | None = None) -> None:
+        """The verdict on a completed transfer (QoS 1): the device's upload is done only once it has this."""
+        self.send(device, P.ACK, done.round, transfer=done.transfer, final=True, accepted=accepted, reason=reason)
+
+    def progress(self, device: str, round_: int, data: dict) -> None:
+        """An answer to a chunk's ``ack`` request (QoS 0: advisory; a lost one costs the sender a timeout)."""
+        self.transport.publish(self.topics.down(device), P.control_frame(
+            P.ACK, run=self.topics.run, device=device, round_=round_, **data), qos=0)
 
     def send_transfer(self, device: str, blob: bytes, round_: int, meta: dict) -> None:
         """Chunk a packed transfer onto one device's downlink and count its bytes."""

@@ -1,7 +1,9 @@
 """Ingest: chunks -> transfers -> checked uploads. What a strategy accepts has passed everything here.
 
-Owns the reassembler, the per-round byte counters, and sample-id ownership: the ids a device uploads
-are its own (disjoint from every other device's) and the same set every round.
+Owns the reassembler, the per-round byte counters, and each device's sample ids. Sample ids are
+per-device names (the server keys every sample by (device, id) and answers soft labels per device),
+so no device can claim, block or overwrite another device's samples by construction: a device that
+uploads the ids of others' samples only names its own. Each split's ids are the same set every round.
 """
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ class Ingest:
     def __init__(self, cfg: RuntimeConfig, registry: DeviceRegistry):
         self.cfg = cfg
         self.registry = registry
-        self.reassembler = P.Reassembler(cfg.max_transfer_bytes, cfg.transfer_timeout_s, max_chunk=cfg.max_chunk_bytes)
+        self.reassembler = P.Reassembler(cfg.max_transfer_bytes, cfg.transfer_timeout_s, max_chunk=cfg.max_chunk_bytes,
+                                         max_pending_bytes_per_device=cfg.max_pending_bytes_per_device)
         self.round_bytes: Counter = Counter()   # device -> uplink wire bytes this round ("down:<device>" downlink)
         self.round_raw: Counter = Counter()     # device -> what the same uploads would cost as raw fp32
-        self.sample_owner: dict[str, dict[int, str]] = {"train": {}}  # split -> id -> device
         self.device_ids: dict[str, dict[str, np.ndarray]] = {}                   # device -> split -> pinned ids
 
     def new_round(self) -> None:
@@ -50,12 +52,25 @@ class Ingest:
 
     # -- feature uploads ----------------------------------------------------------------------------
 
+    def decoded_limit(self, device: str, split: str, num_classes: int | None, feature_shape: tuple | None,
+                      extractor_bytes: int | None) -> int:
+        """Bytes an upload of ``split`` from ``device`` may decompress to: its registered sample count times
+        an fp32 sample (features, logits, id, label), plus the extractor when averaging, plus 1 MiB of headers.
+        A transfer stating a larger size is refused before anything is allocated."""
+        samples = self.registry.devices[device].get(f"{split}_samples") or 0
+        feature = int(np.prod(feature_shape)) if feature_shape else 4 * 256 * 256 * 16
+        per_sample = 4 * feature + 4 * (num_classes or 100_000) + 16
+        return samples * per_sample + (extractor_bytes if extractor_bytes is not None else 64 << 20) + (1 << 20)
+
     def decode_upload(self, device: str, done: P.CompletedTransfer, num_classes: int | None,
-                      feature_shape: tuple | None) -> tuple[FeatureUpload, dict[str, np.ndarray]]:
+                      feature_shape: tuple | None, extractor_bytes: int | None = None
+                      ) -> tuple[FeatureUpload, dict[str, np.ndarray]]:
         """Decode and check an upload: shapes, classes, finiteness, plausible magnitudes, id ownership.
         Returns the upload and the device's extractor arrays (empty unless extractor averaging is on).
         Nothing is recorded: the caller claims the ids (:meth:`claim`) once it has accepted the upload."""
-        arrays = P.unpack_arrays(done.blob, self.cfg.max_transfer_bytes)
+        split = done.meta.get("split")
+        arrays = P.unpack_arrays(done.blob, self.decoded_limit(device, split if split in ("train", "test") else "train",
+                                                               num_classes, feature_shape, extractor_bytes))
         upload = P.arrays_to_upload(arrays, done.meta, device, done.round)
         try:
             upload.validate(num_classes, feature_shape)
@@ -75,35 +90,22 @@ class Ingest:
                 raise Rejected("implausible_values", f"{upload.split} {name}: max |value| {peak:.3g} > {bound:g}")
 
     def _check_ownership(self, device: str, upload: FeatureUpload) -> None:
-        """Training sample ids are the device's own (disjoint from every other device's); every split's ids are
-        the same set each round. Checks only; :meth:`claim` records."""
+        """The upload has as many samples as the device registered for the split, with unique ids, and the same
+        ids it uploaded before. Checks only; :meth:`claim` records."""
         ids = upload.sample_ids
         declared = self.registry.devices[device].get(f"{upload.split}_samples")
         if isinstance(declared, int) and len(ids) != declared:
             raise Rejected("sample_ids", f"{len(ids)} {upload.split} samples, the device registered {declared}")
+        if len(np.unique(ids)) != len(ids):
+            raise Rejected("sample_ids", f"{upload.split} sample ids repeat")
         pinned = self.device_ids.get(device, {}).get(upload.split)
-        if pinned is not None:
-            if len(pinned) != len(ids) or not np.array_equal(np.sort(ids), pinned):
-                raise Rejected("sample_ids", f"{upload.split} sample ids differ from the {len(pinned)} this device "
-                                             "uploaded before")
-            return
-        if upload.split == "test":  # test ids may be shared (data.test_split: full)
-            return
-        owners = self.sample_owner[upload.split]
-        stolen = [int(i) for i in ids if owners.get(int(i), device) != device]
-        if stolen:
-            raise Rejected("sample_ids", f"{len(stolen)} {upload.split} sample ids belong to other devices "
-                                         f"(e.g. {stolen[0]} is {owners[stolen[0]]}'s)")
+        if pinned is not None and (len(pinned) != len(ids) or not np.array_equal(np.sort(ids), pinned)):
+            raise Rejected("sample_ids", f"{upload.split} sample ids differ from the {len(pinned)} this device "
+                                         "uploaded before")
 
     def claim(self, device: str, upload: FeatureUpload) -> None:
-        """Pin an accepted upload's ids to ``device`` (training ids become its own)."""
-        if upload.split in self.device_ids.get(device, {}):
-            return
-        if upload.split in self.sample_owner:
-            owners = self.sample_owner[upload.split]
-            for i in upload.sample_ids.tolist():
-                owners[i] = device
-        self.device_ids.setdefault(device, {})[upload.split] = np.sort(upload.sample_ids)
+        """Pin an accepted upload's ids for ``device`` (later rounds must upload the same set)."""
+        self.device_ids.setdefault(device, {}).setdefault(upload.split, np.sort(upload.sample_ids))
 
     # -- durable state ------------------------------------------------------------------------------
 
@@ -115,5 +117,3 @@ class Ingest:
         for device, by_split in state.get("device_ids", {}).items():
             for split, ids in by_split.items():
                 self.device_ids.setdefault(device, {})[split] = np.asarray(ids, dtype=np.int64)
-                if split in self.sample_owner:
-                    self.sample_owner[split].update((int(i), device) for i in ids)

@@ -133,19 +133,45 @@ class CloudRuntime:
             raise Rejected("bad_registration", f"{channels} feature channels, the run's edge model has "
                                                f"{strategy.feature_channels}")
         edge = self.recipes.get(device, self.recipes[None]).edge
+        if self.ingest.reassembler.forget(device):  # a new process: its old senders are gone
+            logger.info("%s re-registered: its open transfers were dropped", device)
+        old = self.registry.devices.get(device, {})
+        if (old.get("train_samples"), old.get("test_samples")) != (facts["train_samples"], facts["test_samples"]):
+            self.ingest.device_ids.pop(device, None)  # its data changed: the ids it uploads are pinned anew
         self.registry.register(device, facts, {
             "model": edge.model, "trainer": edge.trainer, "batch_size": edge.batch_size, "epochs": edge.epochs,
             "model_kwargs": edge.model_kwargs, "optimizer": edge.optimizer, "codec": self.cfg.codec})
         strategy.on_register(device)
 
     def _on_chunk(self, device: str, header: dict, body: bytes, wire: int) -> None:
-        done = self.ingest.add_chunk(device, header, body, wire)
+        """A chunk: reassemble; judge a completed transfer (ACK with the verdict, remembered for resends);
+        answer a sender's ``ack`` request with what is held (:mod:`edgefl_core.reliable`)."""
+        try:
+            done = self.ingest.add_chunk(device, header, body, wire)
+        except (Rejected, P.ProtocolError):
+            self._answer(device, header)  # the sender learns which chunks are missing (or the verdict)
+            raise
         if done is None:
+            self._answer(device, header)
             return
-        what = self.strategy.accept(device, done)
+        try:
+            what = self.strategy.accept(device, done)
+        except Rejected as e:
+            self.ingest.reassembler.settle(device, done.transfer, False, e.reason)
+            self.downlink.ack(device, done, accepted=False, reason=e.reason)
+            raise
+        self.ingest.reassembler.settle(device, done.transfer, True)
         self.registry.accepted(device)
         self.downlink.ack(device, done)
         logger.info("%s: %s", device, what)
+
+    def _answer(self, device: str, header: dict) -> None:
+        """Reply to a chunk that asks for progress (``ack``: the sender's sequence number)."""
+        seq, transfer = header.get("ack"), header.get("transfer")
+        if type(seq) is int and isinstance(transfer, str) and device in self.registry.devices and len(transfer) <= 64:
+            data = self.ingest.reassembler.progress(device, transfer, seq)
+            if data is not None:
+                self.downlink.progress(device, header["round"], data)
 
     # -- state and report ---------------------------------------------------------------------------
 

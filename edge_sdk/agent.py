@@ -33,6 +33,7 @@ from edge_sdk.trainers import create_trainer
 from edgefl_core.config import ConfigError, build_dataclass
 from edgefl_core.data.datasets import ImageDataset, dataset_stats
 from edgefl_core.data.local import load_local_data
+from edgefl_core.reliable import TransferSender, parse_progress
 from edgefl_core.transport import Transport, create_transport
 from edgefl_core.transport.inbox import drain
 from model_zoo import create_model, seeded
@@ -82,12 +83,14 @@ class EdgeAgent:
         self.done_session: str | None = None  # runtime incarnation that round belonged to
         self.soft_label_round = -1
         self.pending_round: dict | None = None
+        self.sender: TransferSender | None = None   # the upload in flight (answers are routed to it)
         self.registered_session: str | None = None
         self.global_state: dict | None = None   # FedAvg: the latest global model and its round
         self.global_round = -1
         self.stop = threading.Event()
         self.step_times: list[float] = []
         self.bytes_up = 0
+        self.last_transfer_bytes = 0
         self.rejected = 0
         self._last_heartbeat = 0.0
 
@@ -253,9 +256,12 @@ class EdgeAgent:
             logger.info("%s: the run is over", self.device)
             self.stop.set()
         elif kind == P.ACK:
-            if not data.get("accepted", True):
-                logger.warning("%s: runtime rejected transfer %s: %s", self.device, data.get("transfer"),
-                               data.get("reason"))
+            progress = parse_progress(data)
+            if progress is None:
+                self.rejected += 1
+                logger.warning("%s: dropped a malformed acknowledgement", self.device)
+            elif self.sender is not None:
+                self.sender.on_progress(progress, time.monotonic())
         elif kind == P.CHUNK:
             try:
                 done = self.reassembler.add(header, body, len(payload))
@@ -303,11 +309,8 @@ class EdgeAgent:
         meta.update(kind=P.KIND_MODEL_UPDATE, samples=len(self.client.train_set),
                     metrics={"train_loss": stats.loss, "train_accuracy": stats.train_accuracy,
                              "train_seconds": stats.seconds, "samples_per_s": stats.samples_per_s})
-        frames = P.chunk_transfer(P.pack_arrays(arrays), run=self.cfg.run_id, device=self.device, round_=round_,
-                                  meta=meta, max_chunk=self.cfg.upload.chunk_bytes)
-        self._publish_paced(self.topics.up(self.device), frames)
-        self.bytes_up += sum(map(len, frames))
-        self.transport.flush(timeout=120)
+        if self.send_transfer(P.pack_arrays(arrays), round_, meta, "model update", session) is None:
+            return  # stopped, or a new runtime session: the round is not done
         self.trained_round = self.last_done = round_
         self.done_session = session
         self.save_state()
@@ -341,44 +344,80 @@ class EdgeAgent:
         else:  # trained already (we or the runtime restarted before the upload landed): resend only
             logger.info("%s: re-sending round %d without retraining", self.device, round_)
             metrics = {"resent": True}
-        splits = ["train"] + (["test"] if data.get("eval") and self.client.test_set is not None else [])
+        # test first: the train upload is what lets the runtime move on (async: at once), and a transfer is sent
+        # only after the previous one's verdict
+        splits = (["test"] if data.get("eval") and self.client.test_set is not None else []) + ["train"]
         share_extractor = bool(data.get("average_extractors"))
         for split in splits:
             upload = self.client.extract(split, round_)
             upload.metrics = metrics if split == "train" else {}
-            self.send_upload(upload, self.client.extractor_state() if share_extractor and split == "train" else None)
-        self.transport.flush(timeout=120)
+            if self.send_upload(upload, self.client.extractor_state() if share_extractor and split == "train" else None,
+                                session) is None:
+                return  # stopped, or a new runtime session: the round is not done (a later ROUND resends)
         self.last_done, self.done_session = round_, session
         self.save_state()
 
-    def send_upload(self, upload, extractor: dict | None = None) -> None:
+    def send_upload(self, upload, extractor: dict | None = None, session: str | None = None):
+        """Encode one split's features and send them until the runtime's verdict (see :meth:`send_transfer`)."""
         arrays, meta = P.upload_to_arrays(upload, self.recipe.codec)
         if extractor is not None:  # the runtime averages extractors across devices
             ext_arrays, _ = P.state_to_arrays(extractor, "fp32")
             arrays.update({P.EXTRACTOR_PREFIX + k: v for k, v in ext_arrays.items()})
-        blob = P.pack_arrays(arrays)
-        frames = P.chunk_transfer(blob, run=self.cfg.run_id, device=self.device, round_=upload.round, meta=meta,
-                                  max_chunk=self.cfg.upload.chunk_bytes)
-        topic = self.topics.up(self.device)
-        wire = sum(len(f) for f in frames)
-        logger.info("%s: uploading round %d %s features: %d chunks, %.2f MB", self.device, upload.round, upload.split,
-                    len(frames), wire / 1e6)
-        self._publish_paced(topic, frames)
-        self.bytes_up += wire
-        logger.info("%s: uploaded %s features of %d samples: %.2f MB in %d chunks (%.1fx smaller than fp32)",
-                    self.device, upload.split, len(upload.sample_ids), wire / 1e6, len(frames),
-                    meta["raw_fp32_bytes"] / max(wire, 1))
+        verdict = self.send_transfer(P.pack_arrays(arrays), upload.round, meta, f"{upload.split} features", session)
+        if verdict is not None and verdict.accepted:
+            logger.info("%s: %s of %d samples accepted (%.1fx smaller than fp32)", self.device, upload.split,
+                        len(upload.sample_ids), meta["raw_fp32_bytes"] / max(self.last_transfer_bytes, 1))
+        return verdict
 
-    def _publish_paced(self, topic: str, frames: list[bytes]) -> None:
-        """Publish chunks, at most ``upload.max_bytes_per_s`` on average when a cap is set."""
-        cap, start, sent = self.cfg.upload.max_bytes_per_s, time.monotonic(), 0
-        for frame in frames:
+    def send_transfer(self, blob: bytes, round_: int, meta: dict, what: str, session: str | None):
+        """Send a transfer on this device's uplink until the runtime has judged it: chunks the runtime does not
+        acknowledge are sent again (:mod:`edgefl_core.reliable`), so a broker that drops messages costs time,
+        never data. Returns the verdict (:class:`~edgefl_core.reliable.Progress`; a rejection is logged and
+        ends the transfer), or None when the agent stops or a new runtime session starts first."""
+        chunks = P.transfer_chunks(blob, run=self.cfg.run_id, device=self.device, round_=round_, meta=meta,
+                                   max_chunk=self.cfg.upload.chunk_bytes)
+        upload = self.cfg.upload
+        sender = TransferSender(chunks, self._paced_publisher(), window=upload.window_chunks,
+                                max_window=upload.max_window_chunks)
+        logger.info("%s: uploading round %d %s: %d chunks, %.2f MB", self.device, round_, what, len(chunks),
+                    len(blob) / 1e6)
+        self.sender = sender
+        try:
+            verdict = sender.run(self._poll, connected=lambda: getattr(self.transport, "connected", True),
+                                 abort=lambda: self.stop.is_set() or (session is not None
+                                                                               and self.registered_session != session))
+        finally:
+            self.sender = None
+        self.last_transfer_bytes = sum(len(body) + 300 for _, body in chunks)
+        self.bytes_up += self.last_transfer_bytes
+        if verdict is None:
+            logger.warning("%s: round %d %s not finished (%s)", self.device, round_, what,
+                           "stopping" if self.stop.is_set() else "a new runtime session started")
+        elif not verdict.accepted:
+            logger.error("%s: the runtime rejected round %d %s: %s", self.device, round_, what, verdict.reason)
+        if sender.resends or sender.timeouts:
+            logger.info("%s: %s needed %d re-sent chunks and %d timeouts", self.device, what, sender.resends,
+                        sender.timeouts)
+        return verdict
+
+    def _poll(self, timeout: float) -> None:
+        """While a transfer is in flight: handle incoming messages (its acknowledgements) and keep heartbeating."""
+        self.pump(timeout)
+        self.heartbeat()
+
+    def _paced_publisher(self):
+        """``publish(frame)`` on the uplink, at most ``upload.max_bytes_per_s`` on average when a cap is set."""
+        topic, cap, start, sent = self.topics.up(self.device), self.cfg.upload.max_bytes_per_s, time.monotonic(), 0
+
+        def publish(frame: bytes) -> None:
+            nonlocal sent
             self.transport.publish(topic, frame)
             sent += len(frame)
             if cap:
                 ahead = sent / cap - (time.monotonic() - start)
                 if ahead > 0:
                     time.sleep(ahead)
+        return publish
 
     def heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()

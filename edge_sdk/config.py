@@ -96,8 +96,12 @@ class UploadConfig:
 
     chunk_bytes: int = 256 * 1024
     max_bytes_per_s: int | None = None   # cap the uplink (metered or shared links); null = no cap
+    window_chunks: int = 16              # chunks in flight before the runtime's first answer (then AIMD)
+    max_window_chunks: int = 256         # at most this many chunks unacknowledged
 
     def check(self) -> None:
+        require(1 <= self.window_chunks <= self.max_window_chunks, "window_chunks", "must be in [1, max_window_chunks]")
+        require(self.max_window_chunks <= 65536, "max_window_chunks", "must be <= 65536")
         require(1024 <= self.chunk_bytes <= 64 << 20, "chunk_bytes", "must be in [1 KiB, 64 MiB]")
         require(self.max_bytes_per_s is None or self.max_bytes_per_s >= 1024, "max_bytes_per_s", "must be >= 1024")
 

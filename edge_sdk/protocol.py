@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from edge_sdk.messages import FeatureUpload, MessageError, SoftLabels
-from edgefl_core.chunking import CompletedTransfer, Reassembler, chunk_transfer, new_transfer_id  # noqa: F401
+from edgefl_core.chunking import CompletedTransfer, Reassembler, chunk_transfer, new_transfer_id, transfer_chunks  # noqa: F401,E501
 from edgefl_core.codecs import (FEATURE_CODECS, MODEL_CODECS, UploadArrays, decode_features,  # noqa: F401
                                 decode_state, decode_upload, encode_features, encode_state, encode_upload,
                                 pack_arrays, unpack_arrays)

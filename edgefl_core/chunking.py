@@ -9,6 +9,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from edgefl_core.reliable import progress_data
 from edgefl_core.wire import CHUNK, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_TRANSFER_BYTES, ProtocolError, encode_frame
 
 
@@ -20,23 +21,29 @@ def new_transfer_id() -> str:
     return uuid.uuid4().hex
 
 
-def chunk_transfer(blob: bytes, *, run: str, device: str, round_: int, meta: dict, max_chunk: int = DEFAULT_CHUNK_BYTES,
-                   transfer_id: str | None = None) -> list[bytes]:
-    """Cut a packed transfer into frames of at most ``max_chunk`` body bytes, each with its crc32."""
+def transfer_chunks(blob: bytes, *, run: str, device: str, round_: int, meta: dict, max_chunk: int = DEFAULT_CHUNK_BYTES,
+                    transfer_id: str | None = None) -> list[tuple[dict, bytes]]:
+    """Cut a packed transfer into ``(header, body)`` chunks of at most ``max_chunk`` body bytes, each with its
+    crc32; every header names the transfer's size, chunk count and sha256, the first also carries ``meta``."""
     if max_chunk <= 0:
         raise ValueError("max_chunk must be > 0")
     transfer_id = transfer_id or new_transfer_id()
     digest = hashlib.sha256(blob).hexdigest()
     count = max(1, -(-len(blob) // max_chunk))
-    frames = []
+    chunks = []
     for index in range(count):
         body = blob[index * max_chunk:(index + 1) * max_chunk]
         header = {"type": CHUNK, "run": run, "device": device, "round": round_, "transfer": transfer_id,
                   "index": index, "count": count, "size": len(blob), "crc32": zlib.crc32(body), "sha256": digest}
         if index == 0:
             header["meta"] = meta
-        frames.append(encode_frame(header, body))
-    return frames
+        chunks.append((header, body))
+    return chunks
+
+
+def chunk_transfer(blob: bytes, **kwargs) -> list[bytes]:
+    """:func:`transfer_chunks` as encoded frames (for transfers sent without acknowledgement: the downlink)."""
+    return [encode_frame(header, body) for header, body in transfer_chunks(blob, **kwargs)]
 
 
 @dataclass
@@ -60,28 +67,38 @@ class _Pending:
     parts: dict[int, bytes] = field(default_factory=dict)
     meta: dict | None = None
     wire_bytes: int = 0
+    held_bytes: int = 0    # body bytes held: never more than ``size``
+    low: int = 0           # every index below it is held
 
 
 class Reassembler:
     """Collect chunks into transfers; idempotent on (device, transfer id).
 
     Duplicates (QoS 1 redelivery, retries) and out-of-order chunks are fine; a chunk whose crc32
-    or a transfer whose sha256 does not match is rejected; incomplete transfers expire after
-    ``timeout_s``; a finished transfer id is remembered so late duplicates are dropped.
+    or a transfer whose sha256 does not match is rejected. Memory is bounded as bytes arrive: a transfer
+    holds at most its announced ``size`` (at most ``max_transfer_bytes``), a device at most
+    ``max_pending_per_device`` open transfers and ``max_pending_bytes_per_device`` bytes in them, the
+    whole at most ``max_pending`` transfers. Incomplete transfers expire after ``timeout_s``. A finished
+    transfer is remembered with its verdict (:meth:`settle`) so late duplicates are dropped and a
+    sender asking again learns the answer (:meth:`progress`).
     """
 
     def __init__(self, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES, timeout_s: float = 300.0,
                  max_pending: int = 1024, remember: int = 65536, max_chunk: int = 16 << 20,
-                 max_pending_per_device: int = 8):
+                 max_pending_per_device: int = 8, max_pending_bytes_per_device: int | None = None):
         self.max_transfer_bytes = max_transfer_bytes
         self.timeout_s = timeout_s
         self.max_pending = max_pending
         self.max_pending_per_device = max_pending_per_device  # one device cannot use up the shared budget
+        self.max_pending_bytes_per_device = max_pending_bytes_per_device or max_transfer_bytes
         self.max_chunk = max_chunk
         self._pending: dict[tuple[str, str], _Pending] = {}
-        self._done: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._done: OrderedDict[tuple[str, str], tuple[bool, str | None] | None] = OrderedDict()
         self._remember = remember
         self.duplicates = 0
+
+    def held_bytes(self, device: str) -> int:
+        return sum(p.held_bytes for (d, _), p in self._pending.items() if d == device)
 
     def add(self, header: dict, body: bytes, wire_bytes: int | None = None, now: float | None = None
             ) -> CompletedTransfer | None:
@@ -102,7 +119,7 @@ class Reassembler:
             self.duplicates += 1
             return None
         if size < 0 or not (0 <= index < count) or count > size + 1:
-            raise ProtocolError("bad_header", f"chunk {index} of {count} for {size} bytes")
+            raise ProtocolError("bad_header", f"chunk {str(index)[:20]} of {str(count)[:20]} for {str(size)[:20]} bytes")
         if size > self.max_transfer_bytes:
             raise ProtocolError("oversized", f"transfer of {size} bytes > limit {self.max_transfer_bytes}")
         if len(body) > self.max_chunk:
@@ -110,38 +127,79 @@ class Reassembler:
         if zlib.crc32(body) != crc:
             raise ProtocolError("bad_checksum", f"chunk {index} of transfer {transfer[:8]} fails its crc32")
         pending = self._pending.get(key)
+        if pending is not None and (pending.count, pending.size, pending.sha256, pending.round) != (count, size, digest, round_):
+            raise ProtocolError("bad_header", f"chunk {index} disagrees with earlier chunks of transfer {transfer[:8]}")
+        if pending is not None and index in pending.parts:
+            self.duplicates += 1
+            return None
+        if index == 0 and not isinstance(header.get("meta"), dict):
+            raise ProtocolError("bad_header", "first chunk lacks its meta object")
+        held = pending.held_bytes if pending is not None else 0
+        if held + len(body) > size:
+            raise ProtocolError("oversized", f"transfer {transfer[:8]} would hold {held + len(body)} bytes, it "
+                                             f"announced {size}")
+        mine = self.held_bytes(device)
+        if mine + len(body) > self.max_pending_bytes_per_device:
+            raise ProtocolError("over_quota", f"{device} would hold {mine + len(body)} bytes in open transfers "
+                                              f"(limit {self.max_pending_bytes_per_device})")
         if pending is None:
             if len(self._pending) >= self.max_pending:
                 raise ProtocolError("too_many_transfers", f"{len(self._pending)} transfers already open")
-            mine = sum(1 for d, _ in self._pending if d == device)
-            if mine >= self.max_pending_per_device:
-                raise ProtocolError("too_many_transfers", f"{device} already has {mine} transfers open "
+            open_ = sum(1 for d, _ in self._pending if d == device)
+            if open_ >= self.max_pending_per_device:
+                raise ProtocolError("too_many_transfers", f"{device} already has {open_} transfers open "
                                                           f"(limit {self.max_pending_per_device})")
             pending = self._pending[key] = _Pending(count, size, digest, round_, now)
-        elif (pending.count, pending.size, pending.sha256, pending.round) != (count, size, digest, round_):
-            raise ProtocolError("bad_header", f"chunk {index} disagrees with earlier chunks of transfer {transfer[:8]}")
-        if index in pending.parts:
-            self.duplicates += 1
-            return None
         pending.parts[index] = body
+        pending.started = now  # expiry counts idle time: a slow, lossy transfer that keeps moving lives
+        pending.held_bytes += len(body)
+        while pending.low in pending.parts:
+            pending.low += 1
         pending.wire_bytes += wire_bytes if wire_bytes is not None else len(body)
         if index == 0:
-            meta = header.get("meta")
-            if not isinstance(meta, dict):
-                self._pending.pop(key)
-                raise ProtocolError("bad_header", "first chunk lacks its meta object")
-            pending.meta = meta
+            pending.meta = header["meta"]
         if len(pending.parts) < count:
             return None
         del self._pending[key]
         blob = b"".join(pending.parts[i] for i in range(count))
         if len(blob) != size or hashlib.sha256(blob).hexdigest() != digest:
+            self._remember_done(key, (False, "bad_checksum"))
             raise ProtocolError("bad_checksum", f"transfer {transfer[:8]} from {device} fails its sha256")
-        self._done[key] = None
-        while len(self._done) > self._remember:
-            self._done.popitem(last=False)
+        self._remember_done(key, None)
         assert pending.meta is not None
         return CompletedTransfer(device, round_, transfer, pending.meta, blob, pending.wire_bytes, count)
+
+    def _remember_done(self, key: tuple[str, str], verdict: tuple[bool, str | None] | None) -> None:
+        self._done[key] = verdict
+        while len(self._done) > self._remember:
+            self._done.popitem(last=False)
+
+    def settle(self, device: str, transfer: str, accepted: bool, reason: str | None = None) -> None:
+        """Record the verdict on a completed transfer (what :meth:`progress` answers a sender asking again)."""
+        if (device, transfer) in self._done:
+            self._done[(device, transfer)] = (accepted, reason)
+
+    def progress(self, device: str, transfer: str, seq: int | None = None) -> dict | None:
+        """The ``data`` of the ACK that answers a sender asking about ``transfer`` (see
+        :mod:`edgefl_core.reliable`): the verdict once complete and judged, else which chunks are held.
+        None while a completed transfer is still being judged."""
+        key = (device, transfer)
+        if key in self._done:
+            verdict = self._done[key]
+            if verdict is None:
+                return None
+            return {"transfer": transfer, "final": True, "accepted": verdict[0], "reason": verdict[1]}
+        pending = self._pending.get(key)
+        if pending is None:  # nothing held (all lost, expired, or this runtime restarted)
+            return progress_data(transfer, high=-1, held=(), seq=seq)
+        return progress_data(transfer, high=max(pending.parts), held=pending.parts, seq=seq, low=pending.low)
+
+    def forget(self, device: str) -> int:
+        """Drop ``device``'s open transfers (it restarted: their senders are gone); returns how many."""
+        keys = [k for k in self._pending if k[0] == device]
+        for k in keys:
+            del self._pending[k]
+        return len(keys)
 
     def expire(self, now: float | None = None) -> list[tuple[str, str]]:
         """Drop transfers idle longer than ``timeout_s``; returns their (device, transfer) keys."""

@@ -127,14 +127,24 @@ def pack_arrays(arrays: dict[str, np.ndarray], level: int = 3) -> bytes:
 
 
 def unpack_arrays(blob: bytes, max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> dict[str, np.ndarray]:
-    """Inverse of :func:`pack_arrays`, refusing more than ``max_bytes`` decompressed (zip-bomb guard)."""
+    """Inverse of :func:`pack_arrays`. The zstd frame must state its decompressed size (RFC 8878
+    Frame_Content_Size, which :func:`pack_arrays` always writes); a size above ``max_bytes`` is refused
+    before anything is allocated, and decompression never allocates more than the stated size (a
+    zip bomb costs nothing). Raises ProtocolError ``bad_compression`` / ``oversized`` / ``bad_payload``."""
     try:
-        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
-            raw = reader.read(max_bytes + 1)
+        size = zstandard.frame_content_size(blob)
     except zstandard.ZstdError as e:
         raise ProtocolError("bad_compression", str(e)) from None
-    if len(raw) > max_bytes:
-        raise ProtocolError("oversized", f"decompressed transfer exceeds {max_bytes} bytes")
+    if size < 0:
+        raise ProtocolError("bad_compression", "zstd frame does not state its decompressed size")
+    if size > max_bytes:
+        raise ProtocolError("oversized", f"transfer decompresses to {size} bytes > limit {max_bytes}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise ProtocolError("bad_compression", str(e)) from None
+    if len(raw) != size:
+        raise ProtocolError("bad_compression", f"decompressed {len(raw)} bytes, the frame states {size}")
     try:
         return safetensors.numpy.load(raw)
     except Exception as e:  # safetensors raises its own SafetensorError / ValueError

@@ -134,30 +134,32 @@ def test_implausible_values_and_foreign_sample_ids_are_rejected_then_the_device_
     register(device, runtime)
     register(device, runtime, name="devB")
     wait_until(lambda: {"devA", "devB"} <= set(runtime.registry.devices), step=runtime.pump)
-    send(device, runtime.topics.up("devA"), upload_frames()[0])  # devA owns ids 0..29
+    send(device, runtime.topics.up("devA"), upload_frames()[0])  # devA's ids 0..29
     wait_until(lambda: "devA" in runtime.strategy.train_uploads, step=runtime.pump)
     send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=1, scale=5e4, first_id=100)[0])
     wait_until(lambda: runtime.registry.rejections["implausible_values"] == 1, step=runtime.pump)
-    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=2, first_id=20)[0])  # 20..29 are devA's
-    wait_until(lambda: runtime.registry.rejections["sample_ids"] == 1, step=runtime.pump)
-    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=3, n=12, first_id=100)[0])
-    wait_until(lambda: runtime.registry.rejections["sample_ids"] == 2, step=runtime.pump)  # registered 30 samples
+    # ids are per-device names: devB uploading 20..49 names its own samples, never devA's (item 5)
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=2, first_id=20)[0])
+    wait_until(lambda: "devB" in runtime.strategy.train_uploads, step=runtime.pump)
+    assert runtime.strategy.train_uploads["devA"].sample_ids.tolist() == list(range(30))  # devA's data untouched
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=3, n=12, first_id=20)[0])
+    wait_until(lambda: runtime.registry.rejections["sample_ids"] == 1, step=runtime.pump)  # registered 30 samples
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=4, first_id=100)[0])
+    wait_until(lambda: runtime.registry.rejections["sample_ids"] == 2, step=runtime.pump)  # pinned to 20..49
+    assert "differ from the 30 this device uploaded before" in runtime.registry.devices["devB"]["last_rejection"]["detail"]
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=5, scale=5e4, first_id=20)[0])
+    wait_until(lambda: runtime.registry.rejections["implausible_values"] == 2, step=runtime.pump)
     info = runtime.registry.devices["devB"]
-    assert info["rejection_reasons"] == {"implausible_values": 1, "sample_ids": 2}
+    assert info["rejection_reasons"] == {"implausible_values": 2, "sample_ids": 2}
     assert "quarantined_until" in info and info["quarantines"] == 1
     # quarantined: even a valid upload is ignored, with its own reason, until the quarantine ends
-    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=4, first_id=100)[0])
+    runtime.strategy.train_uploads.pop("devB")
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=6, first_id=20)[0])
     wait_until(lambda: runtime.registry.rejections["quarantined"] >= 1, step=runtime.pump)
     assert "devB" not in runtime.strategy.train_uploads
     info["quarantined_until"] = 0  # time passes
-    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=5, first_id=100)[0])
+    send(device, runtime.topics.up("devB"), upload_frames(device="devB", seed=7, first_id=20)[0])
     wait_until(lambda: "devB" in runtime.strategy.train_uploads, step=runtime.pump)
-    assert runtime.strategy.train_uploads["devA"].sample_ids.tolist() == list(range(30))  # devA's data untouched
-    # a pinned device cannot swap its sample ids in a later upload either
-    runtime.strategy.train_uploads.pop("devA")
-    send(device, runtime.topics.up("devA"), upload_frames(seed=6, first_id=200)[0])
-    wait_until(lambda: runtime.registry.rejections["sample_ids"] == 3, step=runtime.pump)
-    assert "differ from the 30 this device uploaded before" in runtime.registry.devices["devA"]["last_rejection"]["detail"]
 
 
 def test_inconsistent_registration_is_rejected(runtime, device):

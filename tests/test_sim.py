@@ -1,5 +1,6 @@
 """The in-process FedGKT simulator end to end on a small synthetic set (real data: bench/ and make quickstart)."""
 import json
+import threading
 
 import pytest
 
@@ -98,9 +99,16 @@ def test_memory_mode_validates_uploads_like_mqtt(npz_dir, tmp_path):
     assert all(a.recipe is not None and a.recipe.codec == "int8" for a in agents)  # told by the runtime
     agent = agents[0]
     agent.pending_round = {"round": 0, "data": {"session": runtime.session, "eval": False}}
-    agent.run_round(agent.pending_round)
-    wait_until(lambda: runtime.registry.rejections["implausible_values"] >= 1, step=runtime.pump)
-    assert not runtime.strategy.train_uploads
+    serving = threading.Event()
+    server = threading.Thread(target=lambda: [runtime.pump(0.01) for _ in iter(serving.is_set, True)])
+    server.start()  # the agent's upload is done only when the runtime has answered it
+    try:
+        agent.run_round(agent.pending_round)
+    finally:
+        serving.set()
+        server.join()
+    assert runtime.registry.rejections["implausible_values"] >= 1
+    assert not runtime.strategy.train_uploads and agent.last_done == 0  # judged (rejected): the round is over
     for a in agents:
         a.shutdown()
     runtime.close()

@@ -65,13 +65,14 @@ class FedGKT(Strategy):
 
     def take(self, device: str, done: P.CompletedTransfer) -> str:
         server = self.server
-        upload, extractor = self.ctx.ingest.decode_upload(device, done, self.num_classes,
-                                                          server.feature_shape if server else None)
+        reference = self.extractor_reference
+        upload, extractor = self.ctx.ingest.decode_upload(
+            device, done, self.num_classes, server.feature_shape if server else None,
+            sum(v.numel() * 4 for v in reference.values()) + 65536 if reference else None)
         if upload.features.shape[1] != self.feature_channels:
             raise Rejected("bad_shape", f"{upload.split} features have {upload.features.shape[1]} channels, the run "
                                         f"has {self.feature_channels}")
         if extractor and upload.split == "train":
-            reference = self.extractor_reference
             if reference is None:  # no run input shape configured: the first accepted extractor sets the form
                 reference = next(iter(self.extractors.values()))[0] if self.extractors else None
             state = P.arrays_to_state(extractor, reference)  # may reject: nothing recorded yet
