@@ -26,6 +26,37 @@ def check_model_kwargs(edge: EdgeConfig, key: str) -> None:
                           f"({type(e).__name__}: {str(e)[:200]})") from None
 
 
+def check_input_size(edge: EdgeConfig, server_model: str, server_kwargs: dict, algorithm: str, num_classes: int,
+                     shape: list[int]) -> None:
+    """Run a training batch of two ``shape`` images through the edge model (and the server model on its
+    features): images too small for the models fail here, at config load, with the smallest size that works."""
+    import torch
+
+    from model_zoo import create_model
+
+    def works(h: int, w: int) -> str | None:
+        try:
+            edge_model = create_model(edge.model, num_classes=num_classes, in_channels=shape[0], **edge.model_kwargs)
+            out = edge_model.train()(torch.zeros(2, shape[0], h, w))
+            if algorithm == "fedgkt":
+                features = out[1]
+                server = create_model(server_model, num_classes=num_classes, feature_channels=features.shape[1],
+                                      **server_kwargs)
+                server.train()(features.detach())
+        except Exception as e:  # RuntimeError / ValueError from a conv, pool or BatchNorm
+            return f"{type(e).__name__}: {str(e)[:160]}"
+        return None
+
+    problem = works(shape[1], shape[2])
+    if problem is None:
+        return
+    smallest = next((s for s in (8, 12, 16, 24, 32, 48, 64, 96, 128, 256) if works(s, s) is None), None)
+    raise ConfigError(f"input_shape {shape}: images of {shape[1]}x{shape[2]} are too small for {edge.model}"
+                      + (f" + {server_model}" if algorithm == "fedgkt" else "")
+                      + (f"; the smallest square size that works is {smallest}x{smallest}" if smallest else "")
+                      + f" ({problem})")
+
+
 @dataclass
 class ServerConfig:
     """How the cloud trains the large model on uploaded features (FedGKT's server side)."""
@@ -189,8 +220,10 @@ class RuntimeConfig:
     soft_labels_wait_s: float = 30.0     # how long a device waits for last round's soft labels
     state_dir: str = "runtime-state"
     threads: int | None = None
-    max_transfer_bytes: int = 256 << 20          # one transfer as sent (compressed); its decoded size is bounded
-    max_pending_bytes_per_device: int = 256 << 20  # by what the device registered (ingest.decoded_limit)
+    # one transfer as sent (compressed; what it decodes to is bounded by the device's registered sample count),
+    # and what one device's unfinished transfers may hold in the runtime's memory
+    max_transfer_bytes: int = 256 << 20
+    max_pending_bytes_per_device: int = 256 << 20
     max_chunk_bytes: int = 16 << 20
     transfer_timeout_s: float = 300.0
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -218,6 +251,12 @@ class RuntimeConfig:
         require(self.input_shape is None or (len(self.input_shape) == 3 and 1 <= self.input_shape[0] <= 4
                                              and all(1 <= v <= 256 for v in self.input_shape[1:])),
                 "input_shape", "must be [C<=4, H<=256, W<=256]")
+        require(self.max_transfer_bytes >= 1 << 20, "max_transfer_bytes", "must be >= 1 MiB")
+        require(self.max_pending_bytes_per_device >= self.max_chunk_bytes, "max_pending_bytes_per_device",
+                "must be >= max_chunk_bytes")
+        if self.input_shape is not None:
+            check_input_size(self.edge, self.server.model, self.server.model_kwargs, self.algorithm,
+                             self.num_classes or 10, self.input_shape)
 
     def recipe_for(self, device: str | None = None) -> RunRecipe:
         """The run recipe for ``device``: ``edge`` with that device's override applied."""

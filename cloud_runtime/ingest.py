@@ -17,6 +17,23 @@ from edge_sdk import protocol as P
 from edge_sdk.messages import FeatureUpload, MessageError
 
 
+def check_upload_meta(meta: dict) -> None:
+    """Every field an upload's meta may carry has its type (what :func:`edgefl_core.codecs.encode_upload`
+    writes); unknown fields are ignored. Raises Rejected("bad_payload") naming the field."""
+    for key, ok in (("kind", lambda v: isinstance(v, str)), ("split", lambda v: v in ("train", "test")),
+                    ("codec", lambda v: isinstance(v, str)),
+                    ("samples", lambda v: type(v) is int and 0 <= v <= 10**9),
+                    ("feature_shape", lambda v: isinstance(v, list) and len(v) <= 8
+                     and all(type(x) is int and 0 <= x <= 1 << 20 for x in v)),
+                    ("raw_fp32_bytes", lambda v: type(v) is int and 0 <= v < 1 << 50),
+                    ("metrics", lambda v: v is None or isinstance(v, dict))):
+        if key in meta and not ok(meta[key]):
+            raise Rejected("bad_payload", f"meta.{key} = {str(meta[key])[:40]!r} is not what an upload carries")
+    for key in ("kind", "split", "codec"):
+        if key not in meta:
+            raise Rejected("bad_payload", f"meta.{key} missing")
+
+
 class Ingest:
     def __init__(self, cfg: RuntimeConfig, registry: DeviceRegistry):
         self.cfg = cfg
@@ -68,6 +85,7 @@ class Ingest:
         """Decode and check an upload: shapes, classes, finiteness, plausible magnitudes, id ownership.
         Returns the upload and the device's extractor arrays (empty unless extractor averaging is on).
         Nothing is recorded: the caller claims the ids (:meth:`claim`) once it has accepted the upload."""
+        check_upload_meta(done.meta)
         split = done.meta.get("split")
         arrays = P.unpack_arrays(done.blob, self.decoded_limit(device, split if split in ("train", "test") else "train",
                                                                num_classes, feature_shape, extractor_bytes))
@@ -76,6 +94,12 @@ class Ingest:
             upload.validate(num_classes, feature_shape)
         except MessageError as e:
             raise Rejected("non_finite" if "NaN" in str(e) else "bad_shape", str(e)) from None
+        meta = done.meta
+        if "samples" in meta and meta["samples"] != len(upload.sample_ids):
+            raise Rejected("bad_payload", f"meta.samples {meta['samples']}, the arrays hold {len(upload.sample_ids)}")
+        if "feature_shape" in meta and tuple(meta["feature_shape"]) != tuple(upload.features.shape[1:]):
+            raise Rejected("bad_shape", f"meta.feature_shape {meta['feature_shape']}, the features are "
+                                        f"{list(upload.features.shape[1:])}")
         self._check_plausible(upload)
         self._check_ownership(device, upload)
         extractor = {k[len(P.EXTRACTOR_PREFIX):]: v for k, v in arrays.items() if k.startswith(P.EXTRACTOR_PREFIX)}

@@ -8,18 +8,18 @@ from pathlib import Path
 import numpy as np
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating, float)):
         value = float(obj)
         return value if math.isfinite(value) else None
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     return obj
 
 
@@ -27,7 +27,7 @@ def write_json(path: str | Path, payload: dict) -> Path:
     """Write atomically (temp file + rename) so a reader never sees half a report."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(payload), indent=2))
+    tmp.write_text(json.dumps(jsonable(payload), indent=2))
     tmp.replace(path)
     return path
 

@@ -212,11 +212,20 @@ def _read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {} if path.exists() else {}
 
 
+# the run facts a provisioned runtime starts with (the runtime never takes them from a device's registration)
+RUN_FACTS = {"fashion_mnist": (10, [1, 28, 28]), "cifar10": (10, [3, 32, 32])}
+
+
 def provision(out: str | Path, devices: list[str], *, host: str = "localhost", port: int = 8883,
               bind: str = "0.0.0.0", run_id: str | None = None, days: int = 825,
               max_message_bytes: int = 8 << 20, force: bool = False,
-              broker_user: str = "mosquitto") -> Provisioned:
+              broker_user: str = "mosquitto", any_run: bool = False, dataset: str = "fashion_mnist") -> Provisioned:
+    """A TLS broker, credentials, an ACL and configs for ``devices``. The deployment is for one named run id
+    (``run_id``, else the one provisioned before, else ``default``) and the ACL pins every device to it unless
+    ``any_run``; the runtime config states the run's classes and image shape (from ``dataset``)."""
     out = Path(out)
+    if dataset not in RUN_FACTS:
+        raise ValueError(f"dataset {dataset!r}: one of {', '.join(RUN_FACTS)}")
     if not devices:
         raise ValueError("provision needs at least one device id")
     for device in devices:
@@ -248,19 +257,21 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     runtime_path = out / "runtime" / "runtime.yaml"
     accounts: dict[str, str] = {}
     existing_runtime = _read_yaml(runtime_path) if not force else {}
+    run_id = run_id or existing_runtime.get("run_id") or "default"
     accounts[RUNTIME_USER] = existing_runtime.get("broker", {}).get("password") or new_password()
     agent_paths = {}
     for device in devices:
         path = out / "devices" / device / "agent.yaml"
         existing = _read_yaml(path) if not force else {}
         accounts[device] = existing.get("broker", {}).get("password") or new_password()
-        agent = {**existing, "device_id": device, "run_id": run_id or existing.get("run_id", "default"),
+        agent = {**existing, "device_id": device, "run_id": run_id,
                  "broker": {"url": scheme_url, "username": device, "password": accounts[device],
                             "ca_file": str(ca_crt.resolve())},
                  "state_dir": existing.get("state_dir", str((path.parent / "state").resolve()))}
         _write_secret(path, yaml.safe_dump(agent, sort_keys=False).encode())
         agent_paths[device] = path
-    runtime = {**existing_runtime, "run_id": run_id or existing_runtime.get("run_id", "default"),
+    num_classes, input_shape = RUN_FACTS[dataset]
+    runtime = {"num_classes": num_classes, "input_shape": input_shape, **existing_runtime, "run_id": run_id,
                "broker": {"url": scheme_url, "username": RUNTIME_USER, "password": accounts[RUNTIME_USER],
                           "ca_file": str(ca_crt.resolve())}}
     _write_secret(runtime_path, yaml.safe_dump(runtime, sort_keys=False).encode())
@@ -271,7 +282,7 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
             accounts[device] = _read_yaml(path)["broker"]["password"]
     _write_secret(broker_dir / "passwd",
                   "".join(f"{user}:{mosquitto_password_hash(pw)}\n" for user, pw in accounts.items()).encode())
-    (broker_dir / "acl").write_text(acl_text([u for u in accounts if u != RUNTIME_USER], run_id))
+    (broker_dir / "acl").write_text(acl_text([u for u in accounts if u != RUNTIME_USER], None if any_run else run_id))
     conf = broker_dir / "mosquitto.conf"
     conf.write_text(mosquitto_conf(broker_dir, ca_crt, port, bind, max_message_bytes, broker_user))
     _hand_to_broker_user(broker_dir, broker_user)
@@ -283,7 +294,7 @@ def main(args) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     result = provision(args.out, devices, host=args.host, port=args.port, bind=args.bind, run_id=args.run_id,
                        days=args.days, max_message_bytes=args.max_message_bytes, force=args.force,
-                       broker_user=args.broker_user)
+                       broker_user=args.broker_user, any_run=args.any_run, dataset=args.dataset)
     print(f"broker:   mosquitto -c {result.broker_conf}")
     print(f"runtime:  cloud-runtime serve --config {result.runtime_config}   (add your run settings)")
     for device, path in result.agent_configs.items():
@@ -299,7 +310,11 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="localhost", help="host name agents use to reach the broker")
     p.add_argument("--port", type=int, default=8883)
     p.add_argument("--bind", default="0.0.0.0", help="address the broker listens on")
-    p.add_argument("--run-id", default=None, help="pin the ACL to this run id (default: any run)")
+    p.add_argument("--run-id", default=None, help="the run this deployment is for; the ACL pins devices to it "
+                                                  "(default: the one provisioned before, else 'default')")
+    p.add_argument("--any-run", action="store_true", help="let devices publish under any run id (not recommended)")
+    p.add_argument("--dataset", default="fashion_mnist", choices=sorted(RUN_FACTS),
+                   help="the run's data: sets num_classes and input_shape in runtime.yaml (default: %(default)s)")
     p.add_argument("--days", type=int, default=825, help="certificate validity")
     p.add_argument("--max-message-bytes", type=int, default=8 << 20)
     p.add_argument("--force", action="store_true", help="new CA and new credentials for everyone")

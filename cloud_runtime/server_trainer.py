@@ -132,8 +132,7 @@ class GKTServer:
             totals[:] = 0
             seen = 0
             order = torch.from_numpy(self._rng.permutation(n))
-            for begin in range(0, n, self.cfg.batch_size):
-                index = order[begin:begin + self.cfg.batch_size]
+            for index in _batches(order, self.cfg.batch_size):
                 out = self.model(self._gather(features, index))
                 batch_labels = labels[index].to(self.device)
                 loss, ce, kd = gkt_loss(out, batch_labels, teacher[index].to(self.device) if use_kd else None, None,
@@ -188,3 +187,12 @@ class GKTServer:
             correct_total += correct
             n_total += n
         return EvalResult(correct_total / max(n_total, 1), loss_total / max(n_total, 1), n_total, per_device)
+
+
+def _batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``order`` cut into batches of ``batch_size``; a last batch of one sample joins the one before it
+    (BatchNorm cannot train on a single sample of 1x1 features)."""
+    batches = list(torch.split(order, batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches

@@ -53,6 +53,7 @@ class CloudRuntime:
             cfg, self.registry, self.ingest, self.downlink, self.store, self.stop, self.pump, self.checkpoint,
             cfg.threads or torch.get_num_threads()))
         self._cost = CostEstimator()
+        self.checkpoint_error: dict | None = None   # the last failed commit (None once one succeeds again)
 
     # -- messages -----------------------------------------------------------------------------------
 
@@ -61,8 +62,12 @@ class CloudRuntime:
         self.inbox.put((topic, payload))
 
     def start(self) -> None:
-        for topic_filter in (self.topics.all_up, self.topics.all_status, self.topics.all_heartbeat):
-            self.transport.subscribe(topic_filter, self.enqueue)
+        # uplinks and heartbeats mean something only live: a retained frame there (a device may publish one
+        # on its own topics) would act again at every restart, so it is ignored and cleared; status is
+        # retained by design (the Last Will)
+        self.transport.subscribe(self.topics.all_up, self.enqueue, retained=False)
+        self.transport.subscribe(self.topics.all_heartbeat, self.enqueue, retained=False)
+        self.transport.subscribe(self.topics.all_status, self.enqueue)
         self.transport.connect()
         if self.strategy.next_round < self.cfg.rounds:  # devices that registered before we listened do so again
             self.downlink.broadcast(P.HELLO, self.strategy.next_round, session=self.session)
@@ -92,8 +97,12 @@ class CloudRuntime:
             if not isinstance(data, dict):
                 raise Rejected("bad_payload", f"data must be an object, got {type(data).__name__}")
             if topic.endswith("/status"):
+                if header["type"] != P.STATUS:
+                    raise Rejected("bad_type", f"{header['type'][:40]!r} on a status topic")
                 self.registry.on_status(device, data)
             elif topic.endswith("/hb"):
+                if header["type"] != P.HEARTBEAT:
+                    raise Rejected("bad_type", f"{header['type'][:40]!r} on a heartbeat topic")
                 self.registry.on_heartbeat(device, data)
             elif header["type"] == P.REGISTER:
                 self.register(device, data)
@@ -176,10 +185,25 @@ class CloudRuntime:
     # -- state and report ---------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Commit models and state (``store.py``), then rewrite ``report.json``."""
-        self.store.commit(self.strategy.models(), {**self.strategy.snapshot(), **self.registry.snapshot(),
-                                                   **self.ingest.snapshot()})
-        self.write_report()
+        """Commit models and state (``store.py``), then rewrite ``report.json``. A failed commit (disk full,
+        I/O error) is a status, not a crash: the run goes on from memory, the last committed generation stays
+        what a restart resumes from, and ``report.json`` / the log say so."""
+        try:
+            self.store.commit(self.strategy.models(), {**self.strategy.snapshot(), **self.registry.snapshot(),
+                                                       **self.ingest.snapshot()})
+            if self.checkpoint_error:
+                logger.warning("checkpoints are written again (generation %d)", self.store.generation)
+            self.checkpoint_error = None
+        except OSError as e:
+            free = _free_mb(self.store)
+            self.checkpoint_error = {"error": f"{type(e).__name__}: {e.strerror or e}", "free_mb": free,
+                                     "committed_generation": self.store.generation, "time": time.time()}
+            logger.error("checkpoint failed (%s; %s MB free in %s): the run continues from memory; a restart "
+                         "resumes from generation %d", e.strerror or e, free, self.store.dir, self.store.generation)
+        try:
+            self.write_report()
+        except OSError as e:
+            logger.error("report.json not written: %s", e.strerror or e)
 
     def restore(self) -> bool:
         state = self.store.load()
@@ -195,7 +219,9 @@ class CloudRuntime:
         run = {"name": self.cfg.run_id, "transport": self.cfg.broker.scheme, "algorithm": self.cfg.algorithm,
                "mode": self.cfg.mode, "strategy": strategy_name(self.cfg), "server_model": self.cfg.server.model,
                "server_params": self.strategy.parameter_count(), "session": self.session,
-               "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None)}
+               "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
+               "checkpoint": {"generation": self.store.generation, "error": self.checkpoint_error,
+                              "skipped_on_restore": self.store.skipped}}
         return build_report(run, self.strategy.rows, self.registry, self.messages_in, self.started, self._cost)
 
     def write_report(self) -> dict:
@@ -214,7 +240,7 @@ class CloudRuntime:
             logger.info("stopping: state saved at round %d", self.strategy.next_round)
             self.checkpoint()
             return self.report()
-        self.downlink.broadcast(P.SHUTDOWN, self.strategy.next_round)
+        self.downlink.broadcast(P.SHUTDOWN, self.strategy.next_round, session=self.session)
         self.transport.flush(30)
         report = self.write_report()
         plot_accuracy(report, self.store.dir / "accuracy.png")
@@ -238,6 +264,13 @@ class CloudRuntime:
 
     def close(self) -> None:
         self.transport.close()
+
+
+def _free_mb(store: DurableStore) -> float | None:
+    try:
+        return round(store.free_bytes() / 1e6, 1)
+    except OSError:
+        return None
 
 
 def build_runtime(cfg: RuntimeConfig, transport: Transport | None = None) -> CloudRuntime:

@@ -1,63 +1,178 @@
-"""Durable runtime state: generation-named model files committed by ``runtime.json``.
+"""Durable runtime state: generations of model files, each committed by its own state file.
 
-Model files are written first under new names, then ``runtime.json`` naming them: ``runtime.json`` is
-the commit point, so a crash anywhere leaves a consistent (model, round) pair and nothing is trained
-on twice. Model files hold tensors and plain containers only and load with ``weights_only=True``:
-a tampered checkpoint is refused, never executed.
+A commit writes ``<key>.<g>.pt`` for every model, then ``runtime.<g>.json`` (the run's state, naming each
+model file with its size and sha256), then ``runtime.json`` (the same state: the newest commit). Every
+file is written to a temporary name and renamed, so a crash or a full disk leaves whole files only.
+The previous generation is kept until the next one is committed, so a checkpoint damaged later (a
+truncated or altered file) is detected on load by its sha256 and the restore falls back to the newest
+generation that verifies, naming what it skipped. Model files hold tensors and plain containers only
+and load with ``weights_only=True``: a tampered checkpoint is refused, never executed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
-from cloud_runtime.plots import write_json
+from cloud_runtime.plots import jsonable
 
 RUNTIME_STATE = "runtime.json"
+KEEP_GENERATIONS = 2
+
+logger = logging.getLogger("edgefl.runtime")
+
+
+class CheckpointError(RuntimeError):
+    """No committed generation in the state directory can be used (each file and why is in the message)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class DurableStore:
     def __init__(self, state_dir: str | Path):
         self.dir = Path(state_dir)
         self.generation = 0
-        self.files: dict[str, str] = {}   # key -> file name, as the committed runtime.json names them
+        self.files: dict[str, str] = {}   # key -> file name, as the committed state names them
+        self.skipped: list[str] = []      # what the last load could not use, and why
 
-    def load(self) -> dict | None:
-        """The committed state (None on a fresh start); remembers which model files it names."""
-        path = self.dir / RUNTIME_STATE
-        if not path.exists():
-            return None
-        state = json.loads(path.read_text())
-        self.generation = int(state.get("generation", 0))
-        self.files = {k: v for k, v in state.get("model_files", {}).items() if isinstance(v, str)}
-        for legacy, key in (("server_checkpoint", "server"), ("global_checkpoint", "global_model")):
-            if isinstance(state.get(legacy), str):  # state written before model_files existed
-                self.files.setdefault(key, state[legacy])
+    # -- loading ------------------------------------------------------------------------------------
+
+    def _candidates(self) -> list[Path]:
+        """State files, newest first: ``runtime.json``, then ``runtime.<g>.json`` by generation."""
+        numbered = []
+        for path in self.dir.glob("runtime.*.json"):
+            middle = path.name[len("runtime."):-len(".json")]
+            if middle.isdigit():
+                numbered.append((int(middle), path))
+        return [self.dir / RUNTIME_STATE] + [p for _, p in sorted(numbered, reverse=True)]
+
+    def _verify(self, path: Path) -> dict:
+        """The state in ``path`` if it and every model file it names are whole; else ValueError saying why."""
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        files = state.get("model_files", {})
+        if not isinstance(files, dict):
+            raise ValueError("model_files is not an object")
+        checks = state.get("model_checks", {})
+        for key, name in files.items():
+            model = self.dir / Path(str(name)).name
+            if not model.exists():
+                raise ValueError(f"names {model.name}, which is missing")
+            check = checks.get(key) if isinstance(checks, dict) else None
+            if isinstance(check, dict):
+                if model.stat().st_size != check.get("bytes"):
+                    raise ValueError(f"{model.name} has {model.stat().st_size} bytes, {check.get('bytes')} were "
+                                     "committed (truncated?)")
+                if _sha256(model) != check.get("sha256"):
+                    raise ValueError(f"{model.name} fails its sha256 (altered or damaged)")
         return state
 
+    def load(self) -> dict | None:
+        """The newest committed state whose files verify (None on a fresh start); remembers its model files.
+
+        Raises CheckpointError when state files exist but none verifies (starting over silently would
+        throw the run's work away: the message names every file and why; move the directory to start fresh)."""
+        candidates = [p for p in self._candidates() if p.exists()]
+        if not candidates:
+            return None
+        self.skipped = []
+        for path in candidates:
+            try:
+                state = self._verify(path)
+            except ValueError as e:
+                self.skipped.append(f"{path}: {e}")
+                logger.error("checkpoint %s cannot be used: %s; trying an older generation", path, e)
+                continue
+            self.generation = int(state.get("generation", 0)) if type(state.get("generation")) is int else 0
+            self.files = {k: Path(v).name for k, v in state.get("model_files", {}).items() if isinstance(v, str)}
+            for legacy, key in (("server_checkpoint", "server"), ("global_checkpoint", "global_model")):
+                if isinstance(state.get(legacy), str):  # state written before model_files existed
+                    self.files.setdefault(key, Path(state[legacy]).name)
+            if self.skipped:
+                logger.warning("resuming from %s (generation %d)", path, self.generation)
+            return state
+        raise CheckpointError(f"no usable checkpoint in {self.dir}: " + "; ".join(self.skipped)
+                              + f". Move {self.dir} away to start the run over.")
+
     def load_model(self, key: str) -> dict | None:
-        """The committed state dict for ``key`` (None when there is none); refuses pickled code."""
+        """The committed state dict for ``key`` (None when there is none); refuses pickled code.
+        Raises CheckpointError naming the file when it cannot be read."""
         name = self.files.get(key)
         path = self.dir / Path(name).name if name else None
         if path is None or not path.exists():
             return None
-        return torch.load(path, weights_only=True, map_location="cpu")
+        try:
+            return torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as e:  # truncated zip, tampered pickle, ...
+            raise CheckpointError(f"{path}: {type(e).__name__}: {str(e)[:200]}") from None
+
+    # -- committing -----------------------------------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self.dir).free
 
     def commit(self, models: dict[str, torch.nn.Module], state: dict) -> None:
-        """Write ``models`` (key -> module) as ``<key>.<generation>.pt``, then ``runtime.json``; drop stale files."""
+        """Write generation g+1 (models, ``runtime.<g>.json``, ``runtime.json``); then drop generations older
+        than the previous one. Raises OSError (e.g. ENOSPC) with nothing committed and nothing deleted."""
         self.dir.mkdir(parents=True, exist_ok=True)
         generation = self.generation + 1
-        files = {}
-        for key, module in models.items():
-            name = f"{key}.{generation}.pt"
-            tmp = self.dir / (name + ".tmp")
-            torch.save(module.state_dict(), tmp)
-            os.replace(tmp, self.dir / name)
-            files[key] = name
-        write_json(self.dir / RUNTIME_STATE, {"generation": generation, "model_files": files, **state})
+        files, checks, written = {}, {}, []
+        try:
+            for key, module in models.items():
+                name = f"{key}.{generation}.pt"
+                path = self.dir / name
+                tmp = path.with_name(name + ".tmp")
+                torch.save(module.state_dict(), tmp)
+                os.replace(tmp, path)
+                written.append(path)
+                files[key] = name
+                checks[key] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            payload = json.dumps(jsonable({"generation": generation, "model_files": files, "model_checks": checks,
+                                           **state}), indent=1).encode()
+            numbered = self.dir / f"runtime.{generation}.json"
+            _write_atomic(numbered, payload)
+            written.append(numbered)
+            _write_atomic(self.dir / RUNTIME_STATE, payload)  # the commit point
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            for tmp in self.dir.glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
+            raise
         self.generation, self.files = generation, files
-        for stale in self.dir.glob("*.pt"):
-            if stale.name not in files.values():
-                stale.unlink(missing_ok=True)
+        self._drop_old(generation - KEEP_GENERATIONS + 1)
+
+    def _drop_old(self, oldest_kept: int) -> None:
+        for path in list(self.dir.glob("*.pt")) + list(self.dir.glob("runtime.*.json")):
+            parts = path.name.split(".")
+            if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < oldest_kept:
+                path.unlink(missing_ok=True)

@@ -49,7 +49,7 @@ def _rss_mb() -> float:
 
 def _round_problem(header: dict) -> str | None:
     """What is wrong with a ROUND frame's fields (None when it can be followed)."""
-    data = header["data"]
+    data = header.get("data") or {}
     if header["round"] < 0:
         return f"round {header['round']} < 0"
     to, wait, needs = data.get("soft_labels_to", []), data.get("soft_labels_wait_s", 30.0), data.get("soft_labels_round")
@@ -92,6 +92,7 @@ class EdgeAgent:
         self.bytes_up = 0
         self.last_transfer_bytes = 0
         self.rejected = 0
+        self.internal_errors = 0
         self._last_heartbeat = 0.0
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -202,6 +203,17 @@ class EdgeAgent:
         self.load_state()
         return True
 
+    def on_shutdown(self, data: dict) -> None:
+        """The end of the run, from the runtime session this device took part in. Any other (a retained one a
+        previous run left on the control topic, or one without a session) is stale: the device keeps waiting."""
+        session = data.get("session")
+        if isinstance(session, str) and session in (self.registered_session, self.done_session):
+            logger.info("%s: the run is over (runtime session %s)", self.device, session)
+            self.stop.set()
+        else:
+            logger.info("%s: ignoring the end of runtime session %s (this device did not take part in it); "
+                        "waiting for a runtime", self.device, str(session)[:40])
+
     def register(self, session: str | None = None) -> None:
         """Announce this device; repeated for every new runtime session (a runtime that started later
         or restarted has not seen the first registration)."""
@@ -223,6 +235,15 @@ class EdgeAgent:
                     len(self.client.train_set), f" for runtime session {session}" if session else "")
 
     def handle(self, topic: str, payload: bytes) -> None:
+        """One downlink or control message; never raises (a handler bug costs the message, not the daemon)."""
+        try:
+            self._handle(topic, payload)
+        except Exception:  # the fuzz tests hunt these: each one is a bug
+            self.rejected += 1
+            self.internal_errors += 1
+            logger.exception("%s: internal error handling a message on %s", self.device, topic)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
         try:
             header, body = P.decode_frame(payload)
         except P.ProtocolError as e:
@@ -230,17 +251,20 @@ class EdgeAgent:
             logger.warning("%s: dropped message on %s: %s", self.device, topic, e)
             return
         if header["run"] != self.cfg.run_id:
+            self.rejected += 1
+            logger.warning("%s: dropped a frame of run %r on %s", self.device, header["run"][:40], topic)
             return
         kind, data = header["type"], header.get("data", {})
         if not isinstance(data, dict):
             self.rejected += 1
             logger.warning("%s: dropped a %s frame whose data is not an object", self.device, kind)
             return
+        if kind == P.SHUTDOWN:
+            self.on_shutdown(data)
+            return
         if kind in (P.HELLO, P.ROUND):
             self.configure(data)  # the first valid recipe builds the model; later ones must agree
         if self.client is None:
-            if kind == P.SHUTDOWN:
-                self.stop.set()
             return  # nothing to train with yet: the runtime's next HELLO or ROUND carries the recipe
         session = data.get("session")
         if kind in (P.HELLO, P.ROUND) and session and session != self.registered_session:
@@ -252,9 +276,6 @@ class EdgeAgent:
                 logger.warning("%s: dropped a round announcement: %s", self.device, problem)
                 return
             self.pending_round = header
-        elif kind == P.SHUTDOWN:
-            logger.info("%s: the run is over", self.device)
-            self.stop.set()
         elif kind == P.ACK:
             progress = parse_progress(data)
             if progress is None:
@@ -282,6 +303,9 @@ class EdgeAgent:
             except (P.ProtocolError, MessageError, KeyError, ValueError) as e:
                 self.rejected += 1
                 logger.warning("%s: dropped a downlink transfer: %s", self.device, e)
+        elif kind != P.HELLO:
+            self.rejected += 1
+            logger.warning("%s: dropped a %r frame on %s", self.device, kind[:40], topic)
 
     # -- rounds -------------------------------------------------------------------------------------
 

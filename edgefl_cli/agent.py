@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return agent.serve()
+    except Exception:  # a bug or a broken device: say so and exit non-zero (a supervisor restarts the daemon)
+        logger.exception("edge-agent failed")
+        return 1
     finally:
         agent.shutdown()
 

@@ -8,6 +8,7 @@ import sys
 
 from cloud_runtime import provision
 from cloud_runtime.config import load_runtime_config
+from cloud_runtime.store import CheckpointError
 from cloud_runtime.service import build_runtime
 from edgefl_cli.logs import setup_logging
 from edgefl_core.config import ConfigError
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime = build_runtime(cfg)
         signal.signal(signal.SIGTERM, lambda *_: runtime.stop.set())
         runtime.serve()
-    except (ConfigError, ConnectionError) as e:
+    except (ConfigError, ConnectionError, CheckpointError) as e:
         logger.error("%s", e)
         return 2
     runtime.close()

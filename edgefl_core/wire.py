@@ -135,6 +135,17 @@ def _depth(value, limit: int = 64) -> int:
     return deepest
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} overflows a double")
+    return value
+
+
 def decode_frame(payload: bytes, max_body: int | None = None) -> tuple[dict, bytes]:
     """Parse and sanity-check a frame; every failure is a :class:`ProtocolError` with a reason."""
     if len(payload) < 8 or payload[:4] != MAGIC:
@@ -143,7 +154,7 @@ def decode_frame(payload: bytes, max_body: int | None = None) -> tuple[dict, byt
     if header_len > MAX_HEADER_BYTES or 8 + header_len > len(payload):
         raise ProtocolError("truncated", f"header length {header_len} with {len(payload)} bytes in frame")
     try:
-        header = json.loads(payload[8:8 + header_len])
+        header = json.loads(payload[8:8 + header_len], parse_constant=_no_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError, > 4300-digit ints, nesting
         raise ProtocolError("bad_header", f"{type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(header, dict):

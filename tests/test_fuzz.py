@@ -89,3 +89,29 @@ def test_generators_produce_decodable_valid_frames():
     upload = FeatureUpload("devA", 0, "train", np.arange(3, dtype=np.int64), torch.zeros(3, 4, 5, 5),
                            torch.zeros(3, 10), torch.zeros(3, dtype=torch.int64))
     upload.validate(10)
+
+
+# -- structure-aware fuzzing with an oracle (bench/fuzz.py runs the same for 20,000+ messages) ----------------
+
+
+def test_structure_aware_uplink_fuzzing_every_invalid_message_is_a_named_rejection(tmp_path):
+    from bench.fuzz import fuzz_runtime, make_runtime
+    result = fuzz_runtime(make_runtime(str(tmp_path / "rt")), 2500, None)
+    assert result["failure_count"] == 0, result["failures"]
+    assert not result.get("crashes") and result["internal_errors"] == 0
+    assert result["invalid"] > 2000 and result["invalid_rejected_with_reason"] == result["invalid"]
+
+
+def test_structure_aware_control_fuzzing_never_crashes_or_stops_an_agent(tmp_path):
+    from bench.fuzz import fuzz_agent
+    result = fuzz_agent(800, None, tmp_path)
+    assert result["failure_count"] == 0, result["failures"]
+    assert not result.get("crashes") and result["invalid"] == result["invalid_dropped"] > 400
+
+
+def test_per_device_floods_and_retained_uplink_frames_cost_only_their_sender(tmp_path):
+    from bench.fuzz import flood_and_retained
+    result = flood_and_retained(str(tmp_path))
+    assert result["honest_upload_accepted"] and not result["honest_rejections"]
+    assert result["flooder_holds_bytes"] <= 8 * 512
+    assert result["retained_handled"] == 0 and result["retained_left_on_broker"] == 0

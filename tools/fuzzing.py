@@ -162,3 +162,185 @@ def malformed_messages(downlink: bool = False):
     topic = topics.down(DEVICE) if downlink else topics.up(DEVICE)
     payloads = st.one_of(random_bytes(), corrupted_body(), broken_prefix(), wrong_header_field(), wrong_content())
     return payloads.map(lambda p: (topic, p))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# structure-aware fuzzing with an oracle: one path of a valid message's JSON header mutated at a time
+
+PLACEHOLDER = "\x00mutant\x00"
+REGISTER_DEVICE, HEARTBEAT_DEVICE = "devR", "devH"
+STRUCTURAL = ("deep", "huge_int", "nonfinite", "oversized")   # invalid wherever they are
+MUTATIONS = STRUCTURAL + ("wrong_type", "long_string", "missing")
+TYPE_SAMPLES = [None, True, 1.5, 7, "s", [], {}]
+
+
+def _json_type(value) -> str:
+    return "bool" if isinstance(value, bool) else "int" if isinstance(value, int) else type(value).__name__
+
+
+def header_paths(value, prefix: tuple = ()) -> list[tuple]:
+    """Every path below the root of a parsed JSON header (dict keys and list indices)."""
+    paths = []
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        paths.append(prefix + (key,))
+        paths.extend(header_paths(child, prefix + (key,)))
+    return paths
+
+
+def _get(value, path):
+    for key in path:
+        value = value[key]
+    return value
+
+
+def _with(header: dict, path: tuple, new) -> dict:
+    copy = json.loads(json.dumps(header))
+    parent = _get(copy, path[:-1])
+    if new is _MISSING:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = new
+    return copy
+
+
+_MISSING = object()
+
+
+@st.composite
+def mutated_header(draw, header: dict, paths: list[tuple] | None = None):
+    """``(raw JSON text, path, mutation, new value or None)`` with one path of ``header`` mutated."""
+    paths = paths or header_paths(header)
+    path = draw(st.sampled_from(paths))
+    mutation = draw(st.sampled_from(MUTATIONS))
+    if mutation == "missing" and not isinstance(_get(header, path[:-1]), dict):
+        mutation = "wrong_type"
+    if mutation == "missing":
+        return json.dumps(_with(header, path, _MISSING)), path, mutation, None
+    if mutation in ("wrong_type", "long_string"):
+        old = _get(header, path)
+        if mutation == "long_string":
+            new = "x" * draw(st.sampled_from([65, 300, 2000]))
+        else:
+            new = draw(st.sampled_from([v for v in TYPE_SAMPLES if _json_type(v) != _json_type(old)]))
+        return json.dumps(_with(header, path, new)), path, mutation, new
+    raw = {"deep": lambda: "[" * (d := draw(st.sampled_from([9, 64, 1000, 20000]))) + "]" * d,
+           "huge_int": lambda: "9" * draw(st.sampled_from([4301, 20000])),
+           "nonfinite": lambda: draw(st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-2e400"])),
+           "oversized": lambda: "[" + ",".join(["1"] * 40000) + "]"}[mutation]()
+    text = json.dumps(_with(header, path, PLACEHOLDER)).replace(json.dumps(PLACEHOLDER), raw)
+    return text, path, mutation, None
+
+
+def _raw_frame(text: str, body: bytes = b"") -> bytes:
+    raw = text.encode()
+    return P.MAGIC + struct.pack(">I", len(raw)) + raw + body
+
+
+# -- the oracle: which mutations make a message invalid ---------------------------------------------------
+# (True: must be rejected with a named reason; None: may be accepted or rejected, must not crash)
+
+TOP = {"v", "type", "run", "device", "round"}
+CHUNK_FIELDS = TOP | {"transfer", "index", "count", "size", "crc32", "sha256", "meta"}
+META_REQUIRED = {"kind", "split", "codec"}
+META_TYPED = META_REQUIRED | {"samples", "feature_shape", "raw_fp32_bytes", "metrics"}
+REGISTER_REQUIRED = {"num_classes", "feature_channels"}
+REGISTER_TYPED = REGISTER_REQUIRED | {"train_samples", "test_samples", "profile", "input_shape", "pid", "edge_params"}
+NULLABLE = {"profile", "input_shape", "pid", "edge_params", "metrics"}
+
+
+def uplink_oracle(kind: str, path: tuple, mutation: str, new) -> bool | None:
+    if mutation in STRUCTURAL:
+        return True
+    top = path[0]
+    if len(path) == 1 and (top in TOP or (kind == "chunk" and top in CHUNK_FIELDS)):
+        return True
+    if kind == "chunk" and top == "meta":
+        field = path[1]
+        if len(path) == 2:
+            if mutation == "missing":
+                return True if field in META_REQUIRED else None
+            if field in META_TYPED:
+                return None if (field in NULLABLE and new is None) else True
+            return None
+        return True if field == "feature_shape" else None  # metrics' own values are free
+    if kind == "register" and top == "data":
+        if len(path) == 1:
+            return None if isinstance(new, dict) else True
+        field = path[1]
+        if len(path) == 2:
+            if mutation == "missing":
+                return True if field in REGISTER_REQUIRED else None
+            if field in REGISTER_TYPED:
+                return None if (field in NULLABLE and new is None) else True
+            return None
+        return True if field == "input_shape" else None
+    if kind == "heartbeat" and top == "data" and len(path) == 1:
+        return None if isinstance(new, dict) or mutation == "missing" else True
+    return None
+
+
+def base_uplink_messages() -> dict[str, tuple[str, dict, bytes]]:
+    """kind -> (topic, header, body) of a valid message of that kind."""
+    topics = P.Topics(RUN)
+    arrays, meta = P.upload_to_arrays(valid_upload(0), "fp16")
+    blob = P.pack_arrays(arrays)
+    chunk = {"v": P.PROTOCOL_VERSION, "type": P.CHUNK, "run": RUN, "device": DEVICE, "round": 0, "transfer": "t",
+             "index": 0, "count": 1, "size": len(blob), "crc32": zlib.crc32(blob),
+             "sha256": hashlib.sha256(blob).hexdigest(), "meta": meta}
+    register = {"v": P.PROTOCOL_VERSION, "type": P.REGISTER, "run": RUN, "device": REGISTER_DEVICE, "round": -1,
+                "data": {"num_classes": 10, "feature_channels": 4, "train_samples": 30, "test_samples": 0,
+                         "profile": "host", "input_shape": None, "pid": 42, "edge_params": 1000, "model": "m",
+                         "trainer": "backprop", "model_kwargs": {"width": 1}, "codec": "int8"}}
+    heartbeat = {"v": P.PROTOCOL_VERSION, "type": P.HEARTBEAT, "run": RUN, "device": HEARTBEAT_DEVICE, "round": 0,
+                 "data": {"step_time_s": 0.1, "rss_mb": 100.0, "bytes_up": 10, "profile": "host", "rejected": 0}}
+    return {"chunk": (topics.up(DEVICE), chunk, blob), "register": (topics.up(REGISTER_DEVICE), register, b""),
+            "heartbeat": (topics.heartbeat(HEARTBEAT_DEVICE), heartbeat, b"")}
+
+
+@st.composite
+def structured_uplink(draw):
+    """``(topic, payload, invalid, description)``: a valid uplink message with one header path mutated."""
+    kind = draw(st.sampled_from(["chunk", "register", "heartbeat"]))
+    topic, header, body = base_uplink_messages()[kind]
+    if kind == "chunk":
+        header = {**header, "transfer": uuid.uuid4().hex}  # never a duplicate of an earlier transfer
+    text, path, mutation, new = draw(mutated_header(header))
+    return topic, _raw_frame(text, body), uplink_oracle(kind, path, mutation, new), f"{kind} {'.'.join(map(str, path))} {mutation}"
+
+
+def base_downlink_messages(session: str) -> dict[str, tuple[str, dict, bytes]]:
+    """kind -> (topic, header, body) of valid runtime -> agent messages."""
+    topics = P.Topics(RUN)
+    recipe = {"algorithm": "fedgkt", "edge": {"model": "resnet8_gkt", "epochs": 1}, "codec": "int8",
+              "model_codec": "fp16"}
+    base = {"v": P.PROTOCOL_VERSION, "run": RUN, "round": 0}
+    labels = P.soft_labels_to_arrays(P.SoftLabels(DEVICE, 0, np.arange(4, dtype=np.int64), torch.zeros(4, 4)))
+    blob = P.pack_arrays(labels[0])
+    return {
+        "hello": (topics.control, {**base, "type": P.HELLO, "device": "*",
+                                   "data": {"session": session, "recipe": recipe, "edge_overrides": {}}}, b""),
+        "round": (topics.control, {**base, "type": P.ROUND, "device": "*",
+                                   "data": {"session": session, "recipe": recipe, "eval": True, "soft_labels_to": [DEVICE],
+                                            "soft_labels_round": None, "soft_labels_wait_s": 1.0}}, b""),
+        "shutdown": (topics.control, {**base, "type": P.SHUTDOWN, "device": "*", "data": {"session": "other"}}, b""),
+        "ack": (topics.down(DEVICE), {**base, "type": P.ACK, "device": DEVICE,
+                                      "data": {"transfer": "t", "final": False, "high": 3, "missing": [[1, 2]],
+                                               "more": False, "seq": 4}}, b""),
+        "chunk": (topics.down(DEVICE), {**base, "type": P.CHUNK, "device": DEVICE, "transfer": "s", "index": 0,
+                                        "count": 1, "size": len(blob), "crc32": zlib.crc32(blob),
+                                        "sha256": hashlib.sha256(blob).hexdigest(), "meta": labels[1]}, blob),
+    }
+
+
+@st.composite
+def structured_downlink(draw, session: str = "s1"):
+    """``(topic, payload, invalid, description)`` for the agent: structural mutations and the envelope's fields
+    are invalid; what a field inside means is the agent's to judge (never a crash)."""
+    kind = draw(st.sampled_from(["hello", "round", "shutdown", "ack", "chunk"]))
+    topic, header, body = base_downlink_messages(session)[kind]
+    if kind == "chunk":
+        header = {**header, "transfer": uuid.uuid4().hex}
+    text, path, mutation, new = draw(mutated_header(header))
+    invalid = True if mutation in STRUCTURAL or (len(path) == 1 and path[0] in TOP - {"device"}) else None
+    return topic, _raw_frame(text, body), invalid, f"{kind} {'.'.join(map(str, path))} {mutation}"

@@ -46,16 +46,25 @@ class ArrayLoader:
         self._generator = torch.Generator().manual_seed(seed)
         self._rng = np.random.default_rng(seed)
 
-    def __len__(self) -> int:
+    def _bounds(self) -> list[int]:
+        """Batch boundaries; a last batch of a single sample joins the one before it (BatchNorm cannot train
+        on one sample whose feature maps have shrunk to 1x1)."""
         n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        stop = n - n % self.batch_size if self.drop_last else n
+        bounds = list(range(0, stop, self.batch_size)) + [stop]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            del bounds[-2]
+        return bounds if stop else [0]
+
+    def __len__(self) -> int:
+        return len(self._bounds()) - 1
 
     def __iter__(self) -> Iterator[Batch]:
         n = len(self.dataset)
         order = self._rng.permutation(n) if self.shuffle else np.arange(n)
-        stop = n - n % self.batch_size if self.drop_last else n
-        for start in range(0, stop, self.batch_size):
-            rows = order[start:start + self.batch_size]
+        bounds = self._bounds()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            rows = order[start:end]
             index = torch.from_numpy(rows)
             images = to_float(self._images[index], self._mean, self._std)
             if self.augment is not None:

@@ -211,7 +211,18 @@ def load_npz(path: str | Path, name: str = "npz") -> ImageDataset:
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim != 4:
-        raise DatasetError(f"{path}: images must be N x H x W or N x C x H x W, got shape {images.shape}")
+        raise DatasetError(f"{path}: images must be N x H x W, N x C x H x W or N x H x W x C, got shape "
+                           f"{images.shape}")
+    channels_first, channels_last = images.shape[1] in (1, 3, 4), images.shape[3] in (1, 3, 4)
+    if channels_last and not channels_first:  # the numpy / PIL layout: stored N x H x W x C
+        logger.info("%s: images are N x H x W x C %s; using them as N x C x H x W", path, images.shape)
+        images = images.transpose(0, 3, 1, 2)
+    elif not channels_first:
+        raise DatasetError(f"{path}: images of shape {images.shape} have no channel axis of 1, 3 or 4 "
+                           "(expected N x C x H x W or N x H x W x C)")
+    elif channels_last and images.shape[1] != images.shape[3]:
+        raise DatasetError(f"{path}: images of shape {images.shape} could be N x C x H x W or N x H x W x C; "
+                           "store them as N x C x H x W")
     if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
         raise DatasetError(f"{path}: labels must be {len(images)} integers, got {labels.dtype} {labels.shape}")
     sample_ids = arrays.get("sample_ids", np.arange(len(images)))

@@ -24,4 +24,18 @@ def load_local_data(cfg: AgentDataConfig) -> tuple[ImageDataset, ImageDataset | 
             raise DatasetError(f"{cfg.ids_file}: not a sample-id file ({e})") from None
         train = train.subset(train.rows_of(train_ids))
         test = test.subset(test.rows_of(test_ids)) if len(test_ids) else None
+    check_splits(train, test, cfg.path or cfg.dataset)
     return train, test
+
+
+def check_splits(train: ImageDataset, test: ImageDataset | None, where: str) -> None:
+    """Both splits of one device's data must agree: the same C x H x W and class count, labels in range.
+    Raises DatasetError naming the data and split."""
+    if test is None:
+        return
+    if test.image_shape != train.image_shape:
+        raise DatasetError(f"{where}: test images are {test.image_shape} (C x H x W), train images "
+                           f"{train.image_shape}")
+    if len(test) and int(test.labels.max()) >= train.num_classes:
+        raise DatasetError(f"{where}: test labels reach {int(test.labels.max())}, the train split has "
+                           f"{train.num_classes} classes")

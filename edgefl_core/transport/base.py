@@ -32,8 +32,17 @@ class Transport(ABC):
         """Queue ``payload`` for delivery (QoS 1: at least once)."""
 
     @abstractmethod
-    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
-        """Call ``handler(topic, payload)`` for every message matching ``topic_filter`` (also after reconnects)."""
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1, retained: bool = True) -> None:
+        """Call ``handler(topic, payload)`` for every message matching ``topic_filter`` (also after reconnects).
+
+        ``retained=False``: messages the broker kept from before (MQTT retained messages, delivered on
+        subscribing) are not handed over but cleared (a zero-length retained publish, MQTT 3.3.1.3): on a
+        topic where only live messages mean anything, a stale one must not act again at every restart."""
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker is reachable now (senders wait instead of queueing while it is not)."""
+        return True
 
     @abstractmethod
     def close(self) -> None: ...

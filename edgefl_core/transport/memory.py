@@ -43,10 +43,14 @@ class MemoryBus:
         for handler in targets:
             handler(topic, payload)
 
-    def _subscribe(self, client_id: str, topic_filter: str, handler: Handler) -> None:
+    def _subscribe(self, client_id: str, topic_filter: str, handler: Handler, keep_retained: bool = True) -> None:
         with self._lock:
             self._subs[client_id].append((topic_filter, handler))
             retained = [(t, p) for t, p in self._retained.items() if topic_matches(topic_filter, t)]
+            if not keep_retained:  # dropped and cleared, as the MQTT transport does
+                for topic, _ in retained:
+                    del self._retained[topic]
+                retained = []
         for topic, payload in retained:
             handler(topic, payload)
 
@@ -65,8 +69,8 @@ class MemoryTransport(Transport):
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         self.bus._publish(topic, payload, retain)
 
-    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
-        self.bus._subscribe(self.client_id, topic_filter, handler)
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1, retained: bool = True) -> None:
+        self.bus._subscribe(self.client_id, topic_filter, handler, retained)
 
     def close(self) -> None:
         self.bus._drop(self.client_id)

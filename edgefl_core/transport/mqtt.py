@@ -66,7 +66,8 @@ class MqttTransport(Transport):
         self.mqtt5 = mqtt5
         self._session_expiry_s = session_expiry_s
         self._keepalive = keepalive
-        self._subs: list[tuple[str, Handler, int]] = []
+        self._subs: list[tuple[str, Handler, int, bool]] = []
+        self.cleared_retained = 0  # retained messages dropped and cleared on retained=False subscriptions
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._inflight: list[mqtt.MQTTMessageInfo] = []
@@ -106,7 +107,7 @@ class MqttTransport(Transport):
             return
         with self._lock:
             subs = list(self._subs)
-        for topic_filter, _, qos in subs:
+        for topic_filter, _, qos, _ in subs:
             client.subscribe(topic_filter, qos=qos)
         self._connected.set()
         logger.debug("%s connected to %s:%d", self.client_id, self.address.host, self.address.port)
@@ -124,7 +125,12 @@ class MqttTransport(Transport):
 
     def _on_message(self, client, userdata, message):
         with self._lock:
-            handlers = [h for f, h, _ in self._subs if topic_matches(f, message.topic)]
+            matching = [(h, keep) for f, h, _, keep in self._subs if topic_matches(f, message.topic)]
+        handlers = [h for h, keep in matching if keep or not message.retain]
+        if message.retain and len(handlers) < len(matching) and message.payload:
+            self.cleared_retained += 1
+            logger.warning("%s: ignored and cleared a retained message on %s", self.client_id, message.topic)
+            client.publish(message.topic, b"", qos=1, retain=True)
         for handler in handlers:
             try:
                 handler(message.topic, message.payload)
@@ -159,9 +165,9 @@ class MqttTransport(Transport):
                 self._inflight = [i for i in self._inflight if not _delivered(i)]
                 self._inflight.append(info)
 
-    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1) -> None:
+    def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1, retained: bool = True) -> None:
         with self._lock:
-            self._subs.append((topic_filter, handler, qos))
+            self._subs.append((topic_filter, handler, qos, retained))
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos=qos)
 

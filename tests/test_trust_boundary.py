@@ -1,0 +1,318 @@
+"""The trust-boundary issue's items, one test (or more) per kind of fault; each names its item number.
+
+Items 1, 2 and 6 are in ``test_trust_regressions.py``; 7 and 12's mechanism in ``test_reliable.py``; the
+process-level drills (11, 12, 14 over a real broker) and the adversarial run in ``test_drills.py``."""
+import errno
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cloud_runtime.config import load_runtime_config
+from cloud_runtime.provision import acl_text
+from cloud_runtime.server_trainer import _batches
+from cloud_runtime.service import CloudRuntime
+from cloud_runtime.store import CheckpointError, DurableStore
+from edge_sdk import protocol as P
+from edge_sdk.agent import build_agent
+from edge_sdk.config import AgentConfig
+from edge_sdk.data.batching import ArrayLoader
+from edge_sdk.messages import FeatureUpload
+from edgefl_core.data.config import AgentDataConfig
+from edgefl_core.data.datasets import DatasetError, ImageDataset, load_npz
+from edgefl_core.data.local import load_local_data
+from edgefl_core.transport import MemoryBus
+
+RUN = "trust"
+GOOD_RECIPE = {"algorithm": "fedgkt", "edge": {"model": "resnet8_gkt"}, "codec": "int8", "model_codec": "fp16"}
+
+
+def runtime(tmp_path, bus=None, *overrides, register=("devA", "devB")):
+    cfg = load_runtime_config(None, [f"run_id={RUN}", f"state_dir={tmp_path / 'rt'}",
+                                     "validation.quarantine_after=5", *overrides])
+    rt = CloudRuntime(cfg, (bus or MemoryBus()).client("runtime"))
+    for device in register:
+        rt.register(device, {"num_classes": 10, "feature_channels": 4, "train_samples": 30})
+    return rt
+
+
+def upload_frames(device, ids, labels=None, extractor=None, shape=(4, 5, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(ids)
+    labels = torch.randint(0, 10, (n,), generator=g) if labels is None else torch.as_tensor(labels)
+    upload = FeatureUpload(device, 0, "train", np.asarray(ids, dtype=np.int64), torch.rand(n, *shape, generator=g),
+                           torch.randn(n, 10, generator=g), labels)
+    arrays, meta = P.upload_to_arrays(upload, "fp16")
+    if extractor is not None:
+        arrays.update({P.EXTRACTOR_PREFIX + k: v for k, v in extractor.items()})
+    return P.chunk_transfer(P.pack_arrays(arrays), run=RUN, device=device, round_=0, meta=meta)
+
+
+def send(rt, device, frames):
+    for frame in frames:
+        rt.handle(rt.topics.up(device), frame)
+
+
+# -- item 3: rejections are charged to the authenticated (topic) identity ----------------------------------
+
+
+def test_spoofed_frames_are_charged_to_the_publisher_never_to_the_device_they_name(tmp_path):
+    rt = runtime(tmp_path)
+    for _ in range(10):
+        rt.handle(rt.topics.up("devA"), P.control_frame(P.REGISTER, run=RUN, device="devB", round_=-1))
+    assert rt.registry.devices["devA"]["rejection_reasons"] == {"spoofed_device": 10} and rt.registry.quarantined("devA")
+    assert not rt.registry.devices["devB"]["rejected"] and not rt.registry.quarantined("devB")
+
+
+# -- item 4: retained frames on uplinks are ignored and cleared; run facts come from the config ------------
+
+
+def test_a_retained_registration_on_an_uplink_is_ignored_and_cleared_at_every_start(tmp_path):
+    bus = MemoryBus()
+    squatter = bus.client("devX")
+    topics = P.Topics(RUN)
+    squatter.publish(topics.up("devX"), P.control_frame(P.REGISTER, run=RUN, device="devX", round_=-1, num_classes=2,
+                                                        feature_channels=1, train_samples=5), retain=True)
+    squatter.publish(topics.heartbeat("devX"), P.control_frame(P.HEARTBEAT, run=RUN, device="devX", round_=-1),
+                     retain=True)
+    rt = runtime(tmp_path, bus, register=())
+    rt.start()
+    rt.pump(0.05)
+    assert not rt.registry.devices and not rt.registry.rejections  # never handled
+    assert not bus._retained.get(topics.up("devX")) and not bus._retained.get(topics.heartbeat("devX"))
+    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 30})  # honest devices get in
+    assert "devA" in rt.registry.devices
+
+
+def test_a_provisioned_runtime_states_the_run_facts_and_pins_the_acl_to_its_run(tmp_path):
+    from cloud_runtime.provision import provision
+    import yaml
+    result = provision(tmp_path / "d", ["dev0"], host="127.0.0.1", broker_user="root")
+    runtime_yaml = yaml.safe_load(result.runtime_config.read_text())
+    assert runtime_yaml["num_classes"] == 10 and runtime_yaml["input_shape"] == [1, 28, 28]
+    acl = (tmp_path / "d" / "broker" / "acl").read_text()
+    assert "edgefl/v1/default/dev/dev0/up" in acl and "+" not in acl.split("user dev0")[1]  # item 9
+    assert "edgefl/v1/+/dev/dev0/up" in acl_text(["dev0"], None)  # only when asked for (--any-run)
+
+
+# -- item 5: sample ids are per-device names: no squatting, no blocking ------------------------------------
+
+
+def test_a_device_uploading_the_others_ids_with_label_zero_names_only_its_own_samples(tmp_path):
+    rt = runtime(tmp_path)
+    send(rt, "devB", upload_frames("devB", range(30), labels=[0] * 30))  # devA's (predictable) indices, poisoned
+    send(rt, "devA", upload_frames("devA", range(30), seed=1))
+    assert set(rt.strategy.train_uploads) == {"devA", "devB"} and not rt.registry.rejections
+    assert rt.strategy.train_uploads["devA"].labels.tolist() != [0] * 30  # devA's samples are devA's
+    rt.strategy.server.ingest(rt.strategy.train_uploads["devA"])
+    rt.strategy.server.ingest(rt.strategy.train_uploads["devB"])
+    replies, _ = rt.strategy.server.train_round(0)
+    assert len(replies["devA"].sample_ids) == 30 and len(replies["devB"].sample_ids) == 30
+
+
+# -- item 7: memory is bounded as bytes arrive ---------------------------------------------------------------
+
+
+def test_a_transfer_announcing_a_huge_size_cannot_grow_past_the_quota(tmp_path):
+    import hashlib
+    import zlib
+    rt = runtime(tmp_path, None, "max_pending_bytes_per_device=4194304", "max_chunk_bytes=1048576",
+                 "validation.quarantine_after=1000")
+    body = bytes(1 << 20)
+    for index in range(40):  # distinct indices of a transfer announcing 200 MB
+        header = {"type": "chunk", "run": RUN, "device": "devA", "round": 0, "transfer": "big", "index": index,
+                  "count": 200, "size": 200 << 20, "crc32": zlib.crc32(body), "sha256": hashlib.sha256(b"").hexdigest()}
+        if index == 0:
+            header["meta"] = {}
+        rt.handle(rt.topics.up("devA"), P.encode_frame(header, body))
+    assert rt.ingest.reassembler.held_bytes("devA") <= 4 << 20
+    assert rt.registry.devices["devA"]["rejection_reasons"]["over_quota"] == 36
+    send(rt, "devB", upload_frames("devB", range(30)))
+    assert "devB" in rt.strategy.train_uploads  # others unaffected
+
+
+def test_a_zstd_bomb_in_an_upload_is_refused_by_the_registered_sample_count(tmp_path):
+    import zstandard
+    rt = runtime(tmp_path, None, "num_classes=10", "input_shape=[1, 10, 10]", register=())
+    rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 30, "input_shape": [1, 10, 10]})
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))
+    send(rt, "devA", P.chunk_transfer(bomb, run=RUN, device="devA", round_=0, meta={"kind": "upload", "split": "train"}))
+    assert rt.registry.devices["devA"]["rejection_reasons"] == {"oversized": 1}
+
+
+# -- item 8: a rejected message has no side effect -------------------------------------------------------------
+
+
+def test_a_rejected_upload_leaves_the_stored_extractor_alone(tmp_path):
+    rt = runtime(tmp_path, None, "fedgkt.average_extractors=true")
+    good = {"weight": np.ones((2, 2), dtype=np.float32)}
+    send(rt, "devA", upload_frames("devA", range(30), extractor=good))
+    stored = rt.strategy.extractors["devA"][0]["weight"].clone()
+    other = {"weight": np.full((2, 2), 7.0, dtype=np.float32)}
+    send(rt, "devA", upload_frames("devA", range(30, 60), extractor=other, seed=2))  # ids differ: rejected
+    assert rt.registry.rejections["sample_ids"] == 1
+    assert torch.equal(rt.strategy.extractors["devA"][0]["weight"], stored)
+
+
+# -- item 10: control frames of any shape never crash an agent ------------------------------------------------
+
+
+@pytest.mark.parametrize("data", ["[1, 2]", '"text"', "null", '{"a":' * 40 + "1" + "}" * 40,
+                                  '{"recipe": ' + "[" * 3000 + "]" * 3000 + "}", '{"session": 1e999}'])
+@pytest.mark.parametrize("kind", ["hello", "round", "shutdown", "ack", "chunk"])
+def test_an_agent_survives_control_frames_of_any_shape(npz_dir, kind, data):
+    import struct
+    agent = build_agent(AgentConfig(device_id="devA", run_id=RUN, data=AgentDataConfig("npz", str(npz_dir))),
+                        transport=MemoryBus().client("devA"))
+    raw = ('{"v":1,"type":"' + kind + '","run":"trust","device":"*","round":0,"data":' + data + "}").encode()
+    for topic in (P.Topics(RUN).control, P.Topics(RUN).down("devA")):
+        agent.handle(topic, P.MAGIC + struct.pack(">I", len(raw)) + raw)
+    assert not agent.stop.is_set()
+
+
+# -- item 11: an upload is done only when the runtime says so ----------------------------------------------------
+
+
+def test_a_round_whose_upload_was_never_acknowledged_is_not_done(npz_dir, tmp_path):
+    bus = MemoryBus()
+    agent = build_agent(AgentConfig(device_id="devA", run_id=RUN, data=AgentDataConfig("npz", str(npz_dir)),
+                                    state_dir=str(tmp_path / "s")), transport=bus.client("devA"))
+    agent.start()
+    agent.handle(P.Topics(RUN).control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="s1",
+                                                        recipe=GOOD_RECIPE))
+    chunks = []
+    bus.client("sniffer").subscribe(P.Topics(RUN).up("devA"), lambda t, p: chunks.append(p))
+    polls = [0]
+    original = agent._poll
+
+    def poll(timeout):  # nobody answers: after a while the agent is told to stop
+        polls[0] += 1
+        if polls[0] > 40:
+            agent.stop.set()
+        original(0)
+    agent._poll = poll
+    agent.run_round({"round": 0, "data": {"session": "s1"}})
+    assert chunks and agent.trained_round == 0 and agent.last_done == -1  # trained, sent, not done
+    saved = torch.load(tmp_path / "s" / "agent_state.pt", weights_only=True)
+    assert saved["last_done"] == -1 and saved["trained_round"] == 0  # a restart re-sends without retraining
+
+
+# -- item 13: control messages carry the runtime session; stale ones are ignored ----------------------------------
+
+
+def test_a_previous_runs_retained_shutdown_does_not_stop_a_new_agent(npz_dir):
+    bus = MemoryBus()
+    control = P.Topics(RUN).control
+    bus.client("old-runtime").publish(control, P.control_frame(P.SHUTDOWN, run=RUN, device="*", round_=5,
+                                                               session="old"), retain=True)
+    agent = build_agent(AgentConfig(device_id="devA", run_id=RUN, data=AgentDataConfig("npz", str(npz_dir))),
+                        transport=bus.client("devA"))
+    agent.start()
+    agent.pump(0.05)
+    assert not agent.stop.is_set()
+    agent.handle(control, P.control_frame(P.SHUTDOWN, run=RUN, device="*", round_=5))  # no session: stale
+    assert not agent.stop.is_set()
+    agent.handle(control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="new", recipe=GOOD_RECIPE))
+    agent.handle(control, P.control_frame(P.SHUTDOWN, run=RUN, device="*", round_=5, session="new"))
+    assert agent.stop.is_set()
+
+
+def test_an_agent_that_crashes_exits_non_zero(npz_dir, tmp_path, monkeypatch):
+    from edgefl_cli import agent as cli
+    from edge_sdk.agent import EdgeAgent
+    import yaml
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"device_id": "devA", "run_id": RUN, "broker": {"url": "memory://crash"},
+                                    "data": {"dataset": "npz", "path": str(npz_dir)}, "state_dir": str(tmp_path)}))
+
+    def boom(self):
+        raise RuntimeError("disk on fire")
+    monkeypatch.setattr(EdgeAgent, "serve", boom)
+    assert cli.main(["--config", str(path), "--log-level", "ERROR"]) == 1
+
+
+# -- item 14: generation-safe checkpoints -----------------------------------------------------------------------------
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, value):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((4,), float(value)))
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_last_good_generation_and_names_the_file(tmp_path):
+    store = DurableStore(tmp_path)
+    store.commit({"server": Tiny(1)}, {"next_round": 1})
+    store.commit({"server": Tiny(2)}, {"next_round": 2})
+    newest = tmp_path / "server.2.pt"
+    newest.write_bytes(newest.read_bytes()[:50])  # truncated after the commit
+    again = DurableStore(tmp_path)
+    state = again.load()
+    assert state["next_round"] == 1 and again.load_model("server")["w"][0] == 1
+    assert any("server.2.pt" in s for s in again.skipped)
+    (tmp_path / "server.1.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="server.1.pt"):
+        DurableStore(tmp_path).load()
+
+
+def test_disk_full_during_a_checkpoint_is_a_status_not_a_crash(tmp_path, monkeypatch):
+    rt = runtime(tmp_path)
+    rt.checkpoint()
+    assert rt.store.generation == 1
+    real_save = torch.save
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    rt.checkpoint()  # must not raise
+    assert rt.checkpoint_error["error"].startswith("OSError: No space left") and rt.store.generation == 1
+    report = json.loads((tmp_path / "rt" / "report.json").read_text())
+    assert report["run"]["checkpoint"]["error"]["committed_generation"] == 1
+    assert sorted(p.name for p in (tmp_path / "rt").iterdir() if ".tmp" in p.name) == []
+    assert DurableStore(tmp_path / "rt").load()["generation"] == 1  # the last good generation is intact
+    monkeypatch.setattr(torch, "save", real_save)
+    rt.checkpoint()
+    assert rt.checkpoint_error is None and rt.store.generation == 2
+
+
+# -- items 15, 16: bad local data ---------------------------------------------------------------------------------------
+
+
+def test_a_last_batch_of_one_sample_joins_the_one_before():
+    assert [len(b) for b in _batches(torch.arange(257), 64)] == [64, 64, 64, 65]
+    ds = ImageDataset(np.zeros((257, 1, 8, 8), np.uint8), np.zeros(257, np.int64), np.arange(257), 2, "x")
+    assert [len(b.labels) for b in ArrayLoader(ds, 64, shuffle=True)] == [64, 64, 64, 65]
+
+
+def test_eight_pixel_images_train_on_both_sides(tmp_path):
+    """257 samples of 8x8 once crashed the server: its last batch was one sample of 1x1 features."""
+    from cloud_runtime.config import ServerConfig
+    from cloud_runtime.server_trainer import GKTServer
+    from model_zoo import create_model
+    server = GKTServer(create_model("resnet55_server", num_classes=4, feature_channels=16), ServerConfig(), 4)
+    g = torch.Generator().manual_seed(0)
+    server.ingest(FeatureUpload("d", 0, "train", np.arange(257), torch.rand(257, 16, 1, 1, generator=g),
+                                torch.randn(257, 4, generator=g), torch.randint(0, 4, (257,), generator=g)))
+    replies, stats = server.train_round(0)
+    assert stats.samples == 257 and len(replies["d"].sample_ids) == 257
+
+
+def test_channels_last_npz_images_are_read_as_channels_first(tmp_path):
+    images = np.random.default_rng(0).integers(0, 255, (20, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "train.npz", images=images, labels=np.arange(20) % 4)
+    ds = load_npz(tmp_path / "train.npz")
+    assert ds.image_shape == (3, 16, 16) and np.array_equal(ds.images[:, :, 2, 5], images[:, 2, 5, :])
+    np.savez(tmp_path / "odd.npz", images=np.zeros((5, 16, 16, 5), np.uint8), labels=np.zeros(5, np.int64))
+    with pytest.raises(DatasetError, match="odd.npz.*no channel axis"):
+        load_npz(tmp_path / "odd.npz")
+
+
+def test_splits_that_disagree_are_refused_naming_the_data(tmp_path):
+    np.savez(tmp_path / "train.npz", images=np.zeros((20, 1, 12, 12), np.uint8), labels=np.arange(20) % 4)
+    np.savez(tmp_path / "test.npz", images=np.zeros((10, 1, 10, 10), np.uint8), labels=np.arange(10) % 4)
+    with pytest.raises(DatasetError, match=r"test images are \(1, 10, 10\)"):
+        load_local_data(AgentDataConfig("npz", str(tmp_path)))
+    np.savez(tmp_path / "test.npz", images=np.zeros((10, 1, 12, 12), np.uint8), labels=np.arange(10))
+    with pytest.raises(DatasetError, match="test labels reach 9"):
+        load_local_data(AgentDataConfig("npz", str(tmp_path)))
