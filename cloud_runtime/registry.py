@@ -139,10 +139,16 @@ class DeviceRegistry:
         return sorted(self.devices)
 
     def reachable(self) -> list[str]:
-        """Devices a round still waits for: online, or offline for less than ``offline_grace_s`` (a restart)."""
+        """Devices a round still waits for: online, or offline for less than ``offline_grace_s`` (a restart),
+        and not quarantined (whatever a quarantined device sends is ignored: waiting for it would let one
+        misbehaving device hold every round to its deadline)."""
         now = time.time()
-        return [d for d in self.names() if self.devices[d].get("online")
+        return [d for d in self.in_good_standing() if self.devices[d].get("online")
                 or now - self.devices[d].get("offline_since", 0.0) < self.cfg.offline_grace_s]
+
+    def in_good_standing(self) -> list[str]:
+        """Registered devices that are not quarantined (what a round's quorum counts)."""
+        return [d for d in self.names() if not self.quarantined(d)]
 
     # -- durable state ------------------------------------------------------------------------------
 

@@ -84,6 +84,8 @@ class CloudRuntime:
         """One message; never raises. Rejections are charged to the topic's (authenticated) device."""
         self.messages_in += 1
         device = self.topics.device_of(topic)
+        if not payload:  # a zero-length publish deletes a retained message (MQTT 3.3.1.3): nothing to handle
+            return
         try:
             header, body = P.decode_frame(payload, max_body=self.cfg.max_chunk_bytes)
             if header["run"] != self.cfg.run_id:

@@ -11,6 +11,7 @@ and load with ``weights_only=True``: a tampered checkpoint is refused, never exe
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -149,13 +150,13 @@ class DurableStore:
         try:
             for key, module in models.items():
                 name = f"{key}.{generation}.pt"
-                path = self.dir / name
-                tmp = path.with_name(name + ".tmp")
-                torch.save(module.state_dict(), tmp)
-                os.replace(tmp, path)
-                written.append(path)
+                buffer = io.BytesIO()  # serialized in memory: torch.save on a full disk raises a bare RuntimeError
+                torch.save(module.state_dict(), buffer)
+                data = buffer.getvalue()
+                _write_atomic(self.dir / name, data)  # plain file writes: a full disk is an OSError (ENOSPC)
+                written.append(self.dir / name)
                 files[key] = name
-                checks[key] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+                checks[key] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             payload = json.dumps(jsonable({"generation": generation, "model_files": files, "model_checks": checks,
                                            **state}), indent=1).encode()
             numbered = self.dir / f"runtime.{generation}.json"

@@ -244,6 +244,8 @@ class EdgeAgent:
             logger.exception("%s: internal error handling a message on %s", self.device, topic)
 
     def _handle(self, topic: str, payload: bytes) -> None:
+        if not payload:  # a retained message being deleted (zero-length publish): nothing to handle
+            return
         try:
             header, body = P.decode_frame(payload)
         except P.ProtocolError as e:
@@ -419,9 +421,9 @@ class EdgeAgent:
                            "stopping" if self.stop.is_set() else "a new runtime session started")
         elif not verdict.accepted:
             logger.error("%s: the runtime rejected round %d %s: %s", self.device, round_, what, verdict.reason)
-        if sender.resends or sender.timeouts:
-            logger.info("%s: %s needed %d re-sent chunks and %d timeouts", self.device, what, sender.resends,
-                        sender.timeouts)
+        if sender.resends or sender.timeouts:  # the broker dropped messages (queue limits?) or the runtime was slow
+            logger.warning("%s: %s of %d chunks needed %d re-sent chunks and %d timeouts", self.device, what,
+                           len(chunks), sender.resends, sender.timeouts)
         return verdict
 
     def _poll(self, timeout: float) -> None:

@@ -64,6 +64,7 @@ class EmbeddedMosquitto:
             "max_queued_messages 1000000",
             "max_inflight_messages 100",
             "message_size_limit 0",
+            "set_tcp_nodelay true",  # small control frames and PUBACKs are not held back by Nagle's algorithm
             "log_type error",
             "log_type warning",
             "log_dest stderr",

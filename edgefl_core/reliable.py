@@ -104,14 +104,14 @@ class TransferSender:
     """
 
     def __init__(self, chunks: list[tuple[dict, bytes]], publish: Callable[[bytes], None], *, window: int = 16,
-                 max_window: int = 256, min_rto: float = 0.5, max_rto: float = 30.0):
+                 max_window: int = 256, min_rto: float = 0.2, max_rto: float = 30.0):
         self.chunks, self.publish = chunks, publish
         self.transfer: str = chunks[0][0]["transfer"]
         self.n = len(chunks)
         self.max_window, self.min_rto, self.max_rto = max_window, min_rto, max_rto
         self.cwnd = float(max(1, min(window, max_window)))
         self.ssthresh = float(max_window)
-        self.rto = max(min_rto, 1.0)
+        self.rto = max(min_rto, 1.0)  # until the first answer gives a round-trip time
         self.srtt: float | None = None
         self.received = [False] * self.n
         self.seq_of = [-1] * self.n            # send sequence number of each chunk's latest send

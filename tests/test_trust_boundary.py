@@ -260,18 +260,20 @@ def test_disk_full_during_a_checkpoint_is_a_status_not_a_crash(tmp_path, monkeyp
     rt = runtime(tmp_path)
     rt.checkpoint()
     assert rt.store.generation == 1
-    real_save = torch.save
 
-    def full(*args, **kwargs):
+    import cloud_runtime.store as store_module
+    real_write = store_module._write_atomic
+
+    def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(store_module, "_write_atomic", full)
     rt.checkpoint()  # must not raise
     assert rt.checkpoint_error["error"].startswith("OSError: No space left") and rt.store.generation == 1
     report = json.loads((tmp_path / "rt" / "report.json").read_text())
     assert report["run"]["checkpoint"]["error"]["committed_generation"] == 1
     assert sorted(p.name for p in (tmp_path / "rt").iterdir() if ".tmp" in p.name) == []
     assert DurableStore(tmp_path / "rt").load()["generation"] == 1  # the last good generation is intact
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(store_module, "_write_atomic", real_write)
     rt.checkpoint()
     assert rt.checkpoint_error is None and rt.store.generation == 2
 

@@ -146,7 +146,7 @@ class Strategy(ABC):
             waiting_for = registry.reachable()
             if waiting_for and all(d in finished for d in waiting_for):
                 return True
-            need = max(1, math.ceil(self.cfg.quorum * len(registry.devices)))
+            need = max(1, math.ceil(self.cfg.quorum * len(registry.in_good_standing())))
             if time.monotonic() - start >= self.cfg.round_deadline_s:
                 if len(finished) >= need:
                     missing = sorted(set(registry.names()) - finished)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -105,6 +106,12 @@ class MqttTransport(Transport):
             self.last_connect_error = str(reason_code)
             logger.warning("%s: broker refused the connection: %s", self.client_id, reason_code)
             return
+        sock = client.socket()
+        try:  # small control frames and PUBACKs must not wait out Nagle's algorithm against delayed ACKs (~40 ms)
+            raw = getattr(sock, "_sock", sock)  # under TLS paho may hand out a wrapper
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError):
+            pass
         with self._lock:
             subs = list(self._subs)
         for topic_filter, _, qos, _ in subs:
