@@ -84,7 +84,9 @@ class CloudRuntime:
         """One message; never raises. Rejections are charged to the topic's (authenticated) device."""
         self.messages_in += 1
         device = self.topics.device_of(topic)
-        if not payload:  # a zero-length publish deletes a retained message (MQTT 3.3.1.3): nothing to handle
+        if not payload:  # a zero-length publish deletes a retained message (MQTT 3.3.1.3): nothing to handle, and
+            # not charged to the device (the runtime's own clearing of a retained uplink frame comes back as one)
+            self.registry.reject("empty", None, f"zero-length message on {topic}")
             return
         try:
             header, body = P.decode_frame(payload, max_body=self.cfg.max_chunk_bytes)

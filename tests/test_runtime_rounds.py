@@ -75,6 +75,7 @@ def test_a_tampered_checkpoint_is_refused_never_executed(tmp_path, monkeypatch):
                                                     "num_classes": 4, "feature_channels": 16}))
     cfg = load_runtime_config(None, ["run_id=r", f"state_dir={state}"])
     runtime = CloudRuntime(cfg, MemoryBus().client("runtime"))
-    with pytest.raises(pickle.UnpicklingError):
-        runtime.restore()  # torch.load(weights_only=True) refuses the os.system global
+    from cloud_runtime.store import CheckpointError
+    with pytest.raises(CheckpointError, match="server.1.pt: UnpicklingError"):
+        runtime.restore()  # torch.load(weights_only=True) refuses the os.system global; the error names the file
     assert not (tmp_path / "pwned-by-checkpoint").exists()

@@ -137,7 +137,7 @@ def test_a_zstd_bomb_in_an_upload_is_refused_by_the_registered_sample_count(tmp_
     rt = runtime(tmp_path, None, "num_classes=10", "input_shape=[1, 10, 10]", register=())
     rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 30, "input_shape": [1, 10, 10]})
     bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))
-    send(rt, "devA", P.chunk_transfer(bomb, run=RUN, device="devA", round_=0, meta={"kind": "upload", "split": "train"}))
+    send(rt, "devA", P.chunk_transfer(bomb, run=RUN, device="devA", round_=0, meta={"kind": "upload", "split": "train", "codec": "int8"}))
     assert rt.registry.devices["devA"]["rejection_reasons"] == {"oversized": 1}
 
 
