@@ -54,17 +54,16 @@ def make_runtime(state_dir: str, bus: MemoryBus | None = None) -> CloudRuntime:
 
 
 def fuzz_runtime(runtime: CloudRuntime, messages: int, seed: int | None) -> dict:
-    """Structured mutations (3 in 4) and the older malformed-message generators (1 in 4) on the uplinks."""
+    """``messages`` structured mutations, then ``messages // 4`` from the older malformed-message generators."""
     stats: Counter = Counter()
     reasons: Counter = Counter()
     failures: list[str] = []
     structured = st.tuples(st.just("structured"), structured_uplink())
     classic = st.tuples(st.just("classic"), malformed_messages().map(lambda m: (m[0], m[1], True, "malformed")))
 
-    @fuzz_settings(messages, seed)
-    @given(st.one_of(structured, structured, structured, classic))
     def feed(item):
-        _, (topic, payload, invalid, what) = item
+        family, (topic, payload, invalid, what) = item
+        stats[family] += 1
         accepted = runtime.strategy.train_uploads.get(DEVICE)
         before = Counter(runtime.registry.rejections)
         try:
@@ -92,7 +91,8 @@ def fuzz_runtime(runtime: CloudRuntime, messages: int, seed: int | None) -> dict
             failures.append(f"internal_error: {what}")
 
     start = time.perf_counter()
-    feed()
+    fuzz_settings(messages, seed)(given(structured)(feed))()
+    fuzz_settings(max(1, messages // 4), seed)(given(classic)(feed))()
     return {**stats, "seconds": round(time.perf_counter() - start, 1), "internal_errors":
             runtime.registry.rejections["internal_error"], "rejections_by_reason": dict(reasons.most_common()),
             "failures": failures[:50], "failure_count": len(failures)}
@@ -177,7 +177,9 @@ def fuzz_agent(messages: int, seed: int | None, data_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=20000, help="runtime messages (the agent gets a quarter)")
+    parser.add_argument("--messages", type=int, default=20000,
+                        help="structure-aware runtime messages (plus a quarter as many classic ones, and a quarter "
+                             "as many structure-aware agent messages)")
     parser.add_argument("--seed", type=int, default=None, help="random examples (default: derandomized)")
     parser.add_argument("--out", default="docs/bench/fuzz")
     args = parser.parse_args(argv)
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         agent_dir = Path(state) / "data"
         agent_dir.mkdir()
         agent = fuzz_agent(max(1, args.messages // 4), args.seed, agent_dir)
-    result = {"command": f"python -m bench.fuzz --messages {args.messages}", "runtime": runtime,
+    result = {"command": f"python -m bench.fuzz --messages {args.messages}",
+              "structure_aware_messages": runtime.get("structured", 0) + agent.get("messages", 0), "runtime": runtime,
               "state_attacks": state_attacks, "agent": agent}
     ok = (runtime["failure_count"] == 0 and agent["failure_count"] == 0 and not runtime.get("crashes")
           and not agent.get("crashes") and state_attacks["honest_upload_accepted"]

@@ -96,10 +96,11 @@ def test_generators_produce_decodable_valid_frames():
 
 def test_structure_aware_uplink_fuzzing_every_invalid_message_is_a_named_rejection(tmp_path):
     from bench.fuzz import fuzz_runtime, make_runtime
-    result = fuzz_runtime(make_runtime(str(tmp_path / "rt")), 2500, None)
+    result = fuzz_runtime(make_runtime(str(tmp_path / "rt")), 2000, None)
     assert result["failure_count"] == 0, result["failures"]
     assert not result.get("crashes") and result["internal_errors"] == 0
-    assert result["invalid"] > 2000 and result["invalid_rejected_with_reason"] == result["invalid"]
+    assert result["structured"] == 2000 and result["invalid"] > 2000
+    assert result["invalid_rejected_with_reason"] == result["invalid"]
 
 
 def test_structure_aware_control_fuzzing_never_crashes_or_stops_an_agent(tmp_path):

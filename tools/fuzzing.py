@@ -220,14 +220,16 @@ def mutated_header(draw, header: dict, paths: list[tuple] | None = None):
     if mutation in ("wrong_type", "long_string"):
         old = _get(header, path)
         if mutation == "long_string":
-            new = "x" * draw(st.sampled_from([65, 300, 2000]))
+            new = draw(st.text(min_size=1, max_size=8)) * draw(st.integers(65, 3000))
         else:
-            new = draw(st.sampled_from([v for v in TYPE_SAMPLES if _json_type(v) != _json_type(old)]))
+            new = draw(st.sampled_from([v for v in TYPE_SAMPLES if _json_type(v) != _json_type(old)])
+                       | json_values.filter(lambda v: _json_type(v) != _json_type(old)))
         return json.dumps(_with(header, path, new)), path, mutation, new
-    raw = {"deep": lambda: "[" * (d := draw(st.sampled_from([9, 64, 1000, 20000]))) + "]" * d,
-           "huge_int": lambda: "9" * draw(st.sampled_from([4301, 20000])),
-           "nonfinite": lambda: draw(st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-2e400"])),
-           "oversized": lambda: "[" + ",".join(["1"] * 40000) + "]"}[mutation]()
+    raw = {"deep": lambda: "[" * (d := draw(st.integers(9, 20000))) + "]" * d,
+           "huge_int": lambda: "-" * draw(st.booleans()) + "9" * draw(st.integers(4301, 20000)),
+           "nonfinite": lambda: draw(st.sampled_from(["NaN", "Infinity", "-Infinity"])
+                                     | st.integers(309, 99999).map(lambda e: f"1e{e}")),
+           "oversized": lambda: json.dumps("x" * draw(st.integers(70_000, 200_000)))}[mutation]()
     text = json.dumps(_with(header, path, PLACEHOLDER)).replace(json.dumps(PLACEHOLDER), raw)
     return text, path, mutation, None
 
