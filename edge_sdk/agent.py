@@ -1,12 +1,10 @@
 """``edge-agent``: the daemon on each device.
 
 Connects to the broker (Last Will = offline), learns the run from the runtime (a :class:`RunRecipe` on
-every HELLO and round announcement: algorithm, edge model and trainer, codecs), builds its model,
-registers, and then follows the cloud's rounds: train
-the extractor on local data with the configured trainer, upload features/logits/labels of every
-local sample (compressed, chunked), take the server's soft labels by sample id, repeat. State
-(model, optimizer, soft labels, last finished round) is checkpointed atomically after every round
-so a restart resumes without redoing or losing work; SIGTERM checkpoints and exits cleanly.
+every HELLO and round announcement), builds its model, registers, and follows the cloud's rounds: train
+the extractor locally, upload features/logits/labels of every local sample (compressed, chunked, until
+the runtime accepts them: ``uplink.py``), take the server's soft labels by sample id, repeat. State is
+checkpointed atomically (``state.py``) so a restart resumes without redoing or losing work.
 
 All network callbacks only enqueue; training and encoding happen on the main thread.
 """
@@ -30,10 +28,12 @@ from edge_sdk.client import EdgeClient
 from edge_sdk.config import AgentConfig, RunRecipe
 from edge_sdk.messages import MessageError
 from edge_sdk.trainers import create_trainer
+from edge_sdk.state import read_state, state_problem, write_state
+from edge_sdk.uplink import Uplink
 from edgefl_core.config import ConfigError, build_dataclass
 from edgefl_core.data.datasets import ImageDataset, dataset_stats
 from edgefl_core.data.local import load_local_data
-from edgefl_core.reliable import TransferSender, parse_progress
+from edgefl_core.reliable import parse_progress
 from edgefl_core.transport import Transport, create_transport
 from edgefl_core.transport.inbox import drain
 from model_zoo import create_model, seeded
@@ -83,14 +83,12 @@ class EdgeAgent:
         self.done_session: str | None = None  # runtime incarnation that round belonged to
         self.soft_label_round = -1
         self.pending_round: dict | None = None
-        self.sender: TransferSender | None = None   # the upload in flight (answers are routed to it)
+        self.uplink = Uplink(transport, self.topics, self.device, cfg.upload)  # acknowledged transfers
         self.registered_session: str | None = None
         self.global_state: dict | None = None   # FedAvg: the latest global model and its round
         self.global_round = -1
         self.stop = threading.Event()
         self.step_times: list[float] = []
-        self.bytes_up = 0
-        self.last_transfer_bytes = 0
         self.rejected = 0
         self.internal_errors = 0
         self._last_heartbeat = 0.0
@@ -100,50 +98,34 @@ class EdgeAgent:
     def save_state(self) -> None:
         if self.client is None:
             return
-        path = self.state_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"model": self.client.model.state_dict(), "trainer": self.client.trainer.state_dict(),
-                    "soft_logits": self.client.soft_labels.logits, "soft_present": self.client.soft_labels.present,
-                    "soft_round": self.client.soft_labels.round, "last_done": self.last_done,
-                    "trained_round": self.trained_round,
-                    "done_session": self.done_session or "", "device": self.device, "run": self.cfg.run_id,
-                    "recipe": json.dumps(asdict(self.recipe), sort_keys=True)}, tmp)
-        os.replace(tmp, path)  # atomic: a crash leaves the old or the new state, never half of one
+        write_state(self.state_path, {
+            "model": self.client.model.state_dict(), "trainer": self.client.trainer.state_dict(),
+            "soft_logits": self.client.soft_labels.logits, "soft_present": self.client.soft_labels.present,
+            "soft_round": self.client.soft_labels.round, "last_done": self.last_done,
+            "trained_round": self.trained_round, "done_session": self.done_session or "", "device": self.device,
+            "run": self.cfg.run_id, "recipe": json.dumps(asdict(self.recipe), sort_keys=True)})
 
     def load_state(self) -> bool:
         """Resume from the saved state when it is this device's, this run's and this recipe's, and fits the
         current data; otherwise start fresh (with a warning naming why), never crash."""
-        if self.client is None or not self.state_path.exists():
+        state = read_state(self.state_path) if self.client is not None else None
+        if state is None:
             return False
-        state = torch.load(self.state_path, weights_only=True)  # no pickle execution
-        if state.get("device") != self.device or state.get("run") != self.cfg.run_id:
-            logger.warning("%s: ignoring state of device %r run %r", self.state_path, state.get("device"), state.get("run"))
+        problem = state_problem(state, device=self.device, run=self.cfg.run_id,
+                                recipe=json.dumps(asdict(self.recipe), sort_keys=True), model=self.client.model,
+                                soft_logits=self.client.soft_labels.logits)
+        if problem is None:
+            try:
+                self.client.trainer.load_state_dict(state["trainer"])
+            except (KeyError, ValueError, RuntimeError, TypeError) as e:
+                problem = f"its optimizer state does not fit ({e})"
+        if problem is not None:
+            logger.warning("%s: ignoring the saved state: %s", self.state_path, problem)
             return False
-        if state.get("recipe") != json.dumps(asdict(self.recipe), sort_keys=True):
-            logger.warning("%s: ignoring state saved under another run recipe (model, trainer or codecs changed)",
-                           self.state_path)
-            return False
-        if tuple(state["soft_logits"].shape) != tuple(self.client.soft_labels.logits.shape):
-            logger.warning("%s: ignoring state saved for %d local samples; this device now has %d", self.state_path,
-                           state["soft_logits"].shape[0], self.client.soft_labels.logits.shape[0])
-            return False
-        current = self.client.model.state_dict()
-        saved = state["model"]
-        if set(saved) != set(current) or any(tuple(saved[k].shape) != tuple(v.shape) for k, v in current.items()):
-            logger.warning("%s: ignoring state saved for a model of other shapes (the data's channels or classes "
-                           "changed)", self.state_path)
-            return False
-        try:
-            self.client.trainer.load_state_dict(state["trainer"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            logger.warning("%s: ignoring state whose optimizer state does not fit: %s", self.state_path, e)
-            return False
-        self.client.model.load_state_dict(saved)
+        self.client.model.load_state_dict(state["model"])
         self.client.soft_labels.logits.copy_(state["soft_logits"])
         self.client.soft_labels.present.copy_(state["soft_present"])
-        self.client.soft_labels.round = int(state["soft_round"])
-        self.soft_label_round = int(state["soft_round"])
+        self.client.soft_labels.round = self.soft_label_round = int(state["soft_round"])
         self.last_done = int(state["last_done"])
         self.trained_round = int(state.get("trained_round", self.last_done))
         self.done_session = state["done_session"] or None
@@ -283,8 +265,8 @@ class EdgeAgent:
             if progress is None:
                 self.rejected += 1
                 logger.warning("%s: dropped a malformed acknowledgement", self.device)
-            elif self.sender is not None:
-                self.sender.on_progress(progress, time.monotonic())
+            else:
+                self.uplink.on_progress(progress)
         elif kind == P.CHUNK:
             try:
                 done = self.reassembler.add(header, body, len(payload))
@@ -392,58 +374,23 @@ class EdgeAgent:
         verdict = self.send_transfer(P.pack_arrays(arrays), upload.round, meta, f"{upload.split} features", session)
         if verdict is not None and verdict.accepted:
             logger.info("%s: %s of %d samples accepted (%.1fx smaller than fp32)", self.device, upload.split,
-                        len(upload.sample_ids), meta["raw_fp32_bytes"] / max(self.last_transfer_bytes, 1))
+                        len(upload.sample_ids), meta["raw_fp32_bytes"] / max(self.uplink.last_transfer_bytes, 1))
         return verdict
 
     def send_transfer(self, blob: bytes, round_: int, meta: dict, what: str, session: str | None):
-        """Send a transfer on this device's uplink until the runtime has judged it: chunks the runtime does not
-        acknowledge are sent again (:mod:`edgefl_core.reliable`), so a broker that drops messages costs time,
-        never data. Returns the verdict (:class:`~edgefl_core.reliable.Progress`; a rejection is logged and
-        ends the transfer), or None when the agent stops or a new runtime session starts first."""
-        chunks = P.transfer_chunks(blob, run=self.cfg.run_id, device=self.device, round_=round_, meta=meta,
-                                   max_chunk=self.cfg.upload.chunk_bytes)
-        upload = self.cfg.upload
-        sender = TransferSender(chunks, self._paced_publisher(), window=upload.window_chunks,
-                                max_window=upload.max_window_chunks)
-        logger.info("%s: uploading round %d %s: %d chunks, %.2f MB", self.device, round_, what, len(chunks),
-                    len(blob) / 1e6)
-        self.sender = sender
-        try:
-            verdict = sender.run(self._poll, connected=lambda: getattr(self.transport, "connected", True),
-                                 abort=lambda: self.stop.is_set() or (session is not None
-                                                                               and self.registered_session != session))
-        finally:
-            self.sender = None
-        self.last_transfer_bytes = sum(len(body) + 300 for _, body in chunks)
-        self.bytes_up += self.last_transfer_bytes
+        """Send on the uplink until the runtime's verdict (:meth:`Uplink.send`); None when the agent stops or a
+        new runtime session starts first (the round is then not done)."""
+        verdict = self.uplink.send(blob, round_, meta, what, poll=self._poll, abort=lambda: self.stop.is_set() or (
+            session is not None and self.registered_session != session))
         if verdict is None:
             logger.warning("%s: round %d %s not finished (%s)", self.device, round_, what,
                            "stopping" if self.stop.is_set() else "a new runtime session started")
-        elif not verdict.accepted:
-            logger.error("%s: the runtime rejected round %d %s: %s", self.device, round_, what, verdict.reason)
-        if sender.resends or sender.timeouts:  # the broker dropped messages (queue limits?) or the runtime was slow
-            logger.warning("%s: %s of %d chunks needed %d re-sent chunks and %d timeouts", self.device, what,
-                           len(chunks), sender.resends, sender.timeouts)
         return verdict
 
     def _poll(self, timeout: float) -> None:
         """While a transfer is in flight: handle incoming messages (its acknowledgements) and keep heartbeating."""
         self.pump(timeout)
         self.heartbeat()
-
-    def _paced_publisher(self):
-        """``publish(frame)`` on the uplink, at most ``upload.max_bytes_per_s`` on average when a cap is set."""
-        topic, cap, start, sent = self.topics.up(self.device), self.cfg.upload.max_bytes_per_s, time.monotonic(), 0
-
-        def publish(frame: bytes) -> None:
-            nonlocal sent
-            self.transport.publish(topic, frame)
-            sent += len(frame)
-            if cap:
-                ahead = sent / cap - (time.monotonic() - start)
-                if ahead > 0:
-                    time.sleep(ahead)
-        return publish
 
     def heartbeat(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -455,7 +402,7 @@ class EdgeAgent:
         self.transport.publish(self.topics.heartbeat(self.device), P.control_frame(
             P.HEARTBEAT, run=self.cfg.run_id, device=self.device, round_=self.last_done, profile=self.cfg.profile,
             step_time_s=float(np.median(self.step_times)) if self.step_times else None, rss_mb=_rss_mb(),
-            bytes_up=self.bytes_up, rejected=self.rejected), qos=0)
+            bytes_up=self.uplink.bytes_up, rejected=self.rejected), qos=0)
 
     def pump(self, timeout: float = 0.2) -> bool:
         """Handle every queued message (waiting up to ``timeout`` s for the first); True if any came."""

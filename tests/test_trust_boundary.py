@@ -318,3 +318,14 @@ def test_splits_that_disagree_are_refused_naming_the_data(tmp_path):
     np.savez(tmp_path / "test.npz", images=np.zeros((10, 1, 12, 12), np.uint8), labels=np.arange(10))
     with pytest.raises(DatasetError, match="test labels reach 9"):
         load_local_data(AgentDataConfig("npz", str(tmp_path)))
+
+
+def test_a_damaged_agent_state_file_costs_progress_never_the_daemon(npz_dir, tmp_path):
+    cfg = AgentConfig(device_id="devA", run_id=RUN, data=AgentDataConfig("npz", str(npz_dir)),
+                      state_dir=str(tmp_path / "s"))
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "agent_state.pt").write_bytes(b"PK\x03\x04 truncated")
+    agent = build_agent(cfg, transport=MemoryBus().client("devA"))
+    agent.handle(P.Topics(RUN).control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="s1",
+                                                        recipe=GOOD_RECIPE))
+    assert agent.client is not None and agent.last_done == -1 and agent.internal_errors == 0
