@@ -182,6 +182,8 @@ class ValidationConfig:
     max_update_norm: float = 1e6     # FedAvg: ||w_device - w_global|| above this is rejected outright
     quarantine_after: int = 5        # consecutive rejected messages from one device -> quarantine
     quarantine_s: float = 300.0      # how long a quarantined device is ignored
+    max_samples_per_device: int = 1_000_000  # a registration's sample counts (FedAvg weights, decode bounds)
+    max_abs_weight: float = 1e4      # extractor averaging: |weight| above this in a device's extractor is rejected
 
     def check(self) -> None:
         require(self.max_abs_feature > 0, "max_abs_feature", "must be > 0")
@@ -189,6 +191,8 @@ class ValidationConfig:
         require(self.max_update_norm > 0, "max_update_norm", "must be > 0")
         require(self.quarantine_after >= 1, "quarantine_after", "must be >= 1")
         require(self.quarantine_s >= 0, "quarantine_s", "must be >= 0")
+        require(1 <= self.max_samples_per_device <= 10**9, "max_samples_per_device", "must be in [1, 1e9]")
+        require(self.max_abs_weight > 0, "max_abs_weight", "must be > 0")
 
 
 @dataclass
@@ -224,6 +228,7 @@ class RuntimeConfig:
     # and what one device's unfinished transfers may hold in the runtime's memory
     max_transfer_bytes: int = 256 << 20
     max_pending_bytes_per_device: int = 256 << 20
+    max_decoded_bytes: int = 1 << 30   # what any one transfer may decompress to, whatever the device registered
     max_chunk_bytes: int = 16 << 20
     transfer_timeout_s: float = 300.0
     validation: ValidationConfig = field(default_factory=ValidationConfig)

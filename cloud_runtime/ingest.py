@@ -77,7 +77,8 @@ class Ingest:
         samples = self.registry.devices[device].get(f"{split}_samples") or 0
         feature = int(np.prod(feature_shape)) if feature_shape else 4 * 256 * 256 * 16
         per_sample = 4 * feature + 4 * (num_classes or 100_000) + 16
-        return samples * per_sample + (extractor_bytes if extractor_bytes is not None else 64 << 20) + (1 << 20)
+        limit = samples * per_sample + (extractor_bytes if extractor_bytes is not None else 64 << 20) + (1 << 20)
+        return min(limit, self.cfg.max_decoded_bytes)
 
     def decode_upload(self, device: str, done: P.CompletedTransfer, num_classes: int | None,
                       feature_shape: tuple | None, extractor_bytes: int | None = None

@@ -72,6 +72,9 @@ class CloudRuntime:
         if self.strategy.next_round < self.cfg.rounds:  # devices that registered before we listened do so again
             self.downlink.broadcast(P.HELLO, self.strategy.next_round, session=self.session)
         logger.info("runtime (session %s, %s) serving run %r", self.session, strategy_name(self.cfg), self.cfg.run_id)
+        if self.cfg.num_classes is None or self.cfg.input_shape is None:
+            logger.warning("num_classes / input_shape are not configured: the first registration (and upload) fixes "
+                           "the run's classes and shapes; set both in the runtime config (provision writes them)")
 
     def pump(self, timeout: float = 0.2) -> None:
         """Handle everything queued (waiting up to ``timeout`` s for the first message); expire transfers."""
@@ -126,13 +129,19 @@ class CloudRuntime:
 
     def register(self, device: str, data: dict) -> None:
         """A device's registration. The run's facts (classes, C x H x W, feature channels) come from the
-        runtime's config where it sets them, else from the first registration; every later one must agree."""
+        runtime's config where it sets them (``provision`` and ``edgefl-sim`` do), else from the first registration
+        that passes every check; every later one must agree. Raises
+        Rejected("bad_registration") with nothing fixed or recorded."""
         num_classes, channels = data.get("num_classes"), data.get("feature_channels")
         if type(num_classes) is not int or type(channels) is not int or not (2 <= num_classes <= 100_000) \
                 or not (1 <= channels <= 65_536):
             raise Rejected("bad_registration", f"num_classes {str(num_classes)[:20]}, feature_channels "
                                                f"{str(channels)[:20]}")
         facts = device_facts(data)
+        cap = self.cfg.validation.max_samples_per_device
+        if not 1 <= facts["train_samples"] <= cap or facts["test_samples"] > cap:
+            raise Rejected("bad_registration", f"train_samples {facts['train_samples']}, test_samples "
+                                               f"{facts['test_samples']}: each at most {cap}, and at least 1 to train")
         strategy, cfg = self.strategy, self.cfg
         run_classes = strategy.num_classes or cfg.num_classes or num_classes
         run_shape = strategy.input_shape or cfg.input_shape or facts["input_shape"]
@@ -140,17 +149,19 @@ class CloudRuntime:
             raise Rejected("bad_registration", f"{num_classes} classes, the run has {run_classes}")
         if facts["input_shape"] is not None and facts["input_shape"] != run_shape:
             raise Rejected("bad_registration", f"input shape {facts['input_shape']}, the run's is {run_shape}")
-        if strategy.num_classes is None:
-            strategy.setup(run_classes, run_shape, channels)
-        if channels != strategy.feature_channels and cfg.algorithm != "fedavg":
+        expected_channels = strategy.feature_channels if strategy.num_classes is not None else \
+            strategy.run_feature_channels(run_classes, run_shape) if run_shape is not None else None
+        if expected_channels is not None and channels != expected_channels and cfg.algorithm != "fedavg":
             raise Rejected("bad_registration", f"{channels} feature channels, the run's edge model has "
-                                               f"{strategy.feature_channels}")
-        edge = self.recipes.get(device, self.recipes[None]).edge
+                                               f"{expected_channels}")
+        if strategy.num_classes is None:  # every check passed: this registration may fix the run's facts
+            strategy.setup(run_classes, run_shape, channels)
         if self.ingest.reassembler.forget(device):  # a new process: its old senders are gone
             logger.info("%s re-registered: its open transfers were dropped", device)
         old = self.registry.devices.get(device, {})
         if (old.get("train_samples"), old.get("test_samples")) != (facts["train_samples"], facts["test_samples"]):
             self.ingest.device_ids.pop(device, None)  # its data changed: the ids it uploads are pinned anew
+        edge = self.recipes.get(device, self.recipes[None]).edge
         self.registry.register(device, facts, {
             "model": edge.model, "trainer": edge.trainer, "batch_size": edge.batch_size, "epochs": edge.epochs,
             "model_kwargs": edge.model_kwargs, "optimizer": edge.optimizer, "codec": self.cfg.codec})

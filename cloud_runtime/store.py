@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -66,9 +67,9 @@ class DurableStore:
         """State files, newest first: ``runtime.json``, then ``runtime.<g>.json`` by generation."""
         numbered = []
         for path in self.dir.glob("runtime.*.json"):
-            middle = path.name[len("runtime."):-len(".json")]
-            if middle.isdigit():
-                numbered.append((int(middle), path))
+            match = _NUMBERED.fullmatch(path.name)
+            if match:
+                numbered.append((int(match.group(1)), path))
         return [self.dir / RUNTIME_STATE] + [p for _, p in sorted(numbered, reverse=True)]
 
     def _verify(self, path: Path) -> dict:
@@ -82,13 +83,23 @@ class DurableStore:
         files = state.get("model_files", {})
         if not isinstance(files, dict):
             raise ValueError("model_files is not an object")
-        checks = state.get("model_checks", {})
+        problem = _schema_problem(state)
+        if problem:
+            raise ValueError(problem)
+        checks = state.get("model_checks")
+        if checks is not None and not isinstance(checks, dict):
+            raise ValueError("model_checks is not an object")
         for key, name in files.items():
             model = self.dir / Path(str(name)).name
-            if not model.exists():
-                raise ValueError(f"names {model.name}, which is missing")
-            check = checks.get(key) if isinstance(checks, dict) else None
-            if isinstance(check, dict):
+            if not model.is_file():
+                raise ValueError(f"names {model.name}, which is missing (or not a file)")
+            check = checks.get(key) if checks is not None else None
+            if checks is not None and not isinstance(check, dict):
+                raise ValueError(f"no size and sha256 committed for {model.name}")
+            if check is None:
+                logger.warning("%s: %s has no committed sha256 (state written before checks existed): unverified",
+                               path, model.name)
+            else:
                 if model.stat().st_size != check.get("bytes"):
                     raise ValueError(f"{model.name} has {model.stat().st_size} bytes, {check.get('bytes')} were "
                                      "committed (truncated?)")
@@ -119,6 +130,9 @@ class DurableStore:
                     self.files.setdefault(key, Path(state[legacy]).name)
             if self.skipped:
                 logger.warning("resuming from %s (generation %d)", path, self.generation)
+                # the next commit takes a number no damaged file holds (they stay for inspection until dropped)
+                seen = [int(m.group(1)) for p in self.dir.iterdir() if (m := _GENERATION.fullmatch(p.name))]
+                self.generation = max([self.generation, *seen])
             return state
         raise CheckpointError(f"no usable checkpoint in {self.dir}: " + "; ".join(self.skipped)
                               + f". Move {self.dir} away to start the run over.")
@@ -173,7 +187,33 @@ class DurableStore:
         self._drop_old(generation - KEEP_GENERATIONS + 1)
 
     def _drop_old(self, oldest_kept: int) -> None:
+        """Delete generations older than ``oldest_kept`` (best effort: the commit is already done)."""
         for path in list(self.dir.glob("*.pt")) + list(self.dir.glob("runtime.*.json")):
-            parts = path.name.split(".")
-            if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < oldest_kept:
-                path.unlink(missing_ok=True)
+            match = _GENERATION.fullmatch(path.name)
+            if match and int(match.group(1)) < oldest_kept and path.is_file():
+                try:
+                    path.unlink()
+                except OSError as e:
+                    logger.warning("could not delete old checkpoint %s: %s", path, e)
+
+
+_NUMBERED = re.compile(r"runtime\.([0-9]{1,12})\.json")
+_GENERATION = re.compile(r"[A-Za-z_]+\.([0-9]{1,12})\.(?:pt|json)")
+
+
+def _schema_problem(state: dict) -> str | None:
+    """What a state file holds that restoring would trip over (None when its shape is right)."""
+    typed = {"generation": int, "next_round": int, "rows": list, "devices": dict, "rejections": dict,
+             "device_ids": dict, "device_round": dict, "server_version": int}
+    for key, kind in typed.items():
+        if key in state and (not isinstance(state[key], kind) or isinstance(state[key], bool)):
+            return f"{key} is not {'an' if kind is int else 'a'} {kind.__name__}"
+    if state.get("num_classes") is not None and (type(state.get("num_classes")) is not int
+                                                 or type(state.get("feature_channels")) is not int):
+        return "num_classes and feature_channels must both be integers"
+    if any(not isinstance(v, dict) for v in state.get("devices", {}).values()):
+        return "devices holds a non-object"
+    if any(not isinstance(v, dict) or any(not isinstance(ids, list) for ids in v.values())
+           for v in state.get("device_ids", {}).values()):
+        return "device_ids must map devices to splits to id lists"
+    return None

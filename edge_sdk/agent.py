@@ -26,7 +26,7 @@ import torch
 from edge_sdk import protocol as P
 from edge_sdk.client import EdgeClient
 from edge_sdk.config import AgentConfig, RunRecipe
-from edge_sdk.messages import MessageError
+from edge_sdk.messages import MessageError, round_frame_problem
 from edge_sdk.trainers import create_trainer
 from edge_sdk.state import read_state, state_problem, write_state
 from edge_sdk.uplink import Uplink
@@ -45,21 +45,6 @@ STATE_FILE = "agent_state.pt"
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _round_problem(header: dict) -> str | None:
-    """What is wrong with a ROUND frame's fields (None when it can be followed)."""
-    data = header.get("data") or {}
-    if header["round"] < 0:
-        return f"round {header['round']} < 0"
-    to, wait, needs = data.get("soft_labels_to", []), data.get("soft_labels_wait_s", 30.0), data.get("soft_labels_round")
-    if not isinstance(to, list) or not all(isinstance(d, str) for d in to):
-        return "soft_labels_to must be a list of device ids"
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 86400:
-        return "soft_labels_wait_s must be a number of seconds in [0, 86400]"
-    if needs is not None and type(needs) is not int:
-        return "soft_labels_round must be an integer or null"
-    return None
 
 
 class EdgeAgent:
@@ -254,7 +239,7 @@ class EdgeAgent:
         if kind in (P.HELLO, P.ROUND) and session and session != self.registered_session:
             self.register(session)
         if kind == P.ROUND:
-            problem = _round_problem(header)
+            problem = round_frame_problem(header)
             if problem:
                 self.rejected += 1
                 logger.warning("%s: dropped a round announcement: %s", self.device, problem)
@@ -270,16 +255,20 @@ class EdgeAgent:
         elif kind == P.CHUNK:
             try:
                 done = self.reassembler.add(header, body, len(payload))
+                if done is not None:  # decoded at most what this device's model or samples can need
+                    limit = (1 << 16) + 2 * (len(self.train_set) * (8 + 4 * self.train_set.num_classes)
+                                             if done.meta.get("kind") == P.KIND_SOFT_LABELS else
+                                             sum(v.numel() * v.element_size() for v in self.client.model.state_dict().values()))
                 if done is not None and done.meta.get("kind") == P.KIND_MODEL:
-                    self.global_state = P.arrays_to_state(P.unpack_arrays(done.blob), self.client.model.state_dict())
+                    self.global_state = P.arrays_to_state(P.unpack_arrays(done.blob, limit), self.client.model.state_dict())
                     self.global_round = max(self.global_round, done.round)
                     logger.info("%s: global model of round %d (%.2f MB)", self.device, done.round, len(done.blob) / 1e6)
                 elif done is not None and done.meta.get("kind") == P.KIND_EXTRACTOR:
-                    state = P.arrays_to_state(P.unpack_arrays(done.blob), self.client.extractor_state())
+                    state = P.arrays_to_state(P.unpack_arrays(done.blob, limit), self.client.extractor_state())
                     self.client.load_extractor(state)
                     logger.info("%s: averaged extractor of round %d loaded", self.device, done.round)
                 elif done is not None and done.meta.get("kind") == P.KIND_SOFT_LABELS:
-                    message = P.arrays_to_soft_labels(P.unpack_arrays(done.blob), self.device, done.round)
+                    message = P.arrays_to_soft_labels(P.unpack_arrays(done.blob, limit), self.device, done.round)
                     self.client.receive(message)
                     self.soft_label_round = max(self.soft_label_round, done.round)
                     logger.info("%s: soft labels for %d samples (round %d)", self.device, len(message.sample_ids),
@@ -317,8 +306,8 @@ class EdgeAgent:
         meta.update(kind=P.KIND_MODEL_UPDATE, samples=len(self.client.train_set),
                     metrics={"train_loss": stats.loss, "train_accuracy": stats.train_accuracy,
                              "train_seconds": stats.seconds, "samples_per_s": stats.samples_per_s})
-        if self.send_transfer(P.pack_arrays(arrays), round_, meta, "model update", session) is None:
-            return  # stopped, or a new runtime session: the round is not done
+        if not self.send_transfer(P.pack_arrays(arrays), round_, meta, "model update", session):
+            return  # stopped, a new runtime session, or rejected: the round is not done
         self.trained_round = self.last_done = round_
         self.done_session = session
         self.save_state()
@@ -359,33 +348,35 @@ class EdgeAgent:
         for split in splits:
             upload = self.client.extract(split, round_)
             upload.metrics = metrics if split == "train" else {}
-            if self.send_upload(upload, self.client.extractor_state() if share_extractor and split == "train" else None,
-                                session) is None:
-                return  # stopped, or a new runtime session: the round is not done (a later ROUND resends)
+            if not self.send_upload(upload, self.client.extractor_state() if share_extractor and split == "train"
+                                    else None, session):
+                return  # stopped, a new runtime session, or rejected: the round is not done (a later ROUND resends)
         self.last_done, self.done_session = round_, session
         self.save_state()
 
-    def send_upload(self, upload, extractor: dict | None = None, session: str | None = None):
+    def send_upload(self, upload, extractor: dict | None = None, session: str | None = None) -> bool:
         """Encode one split's features and send them until the runtime's verdict (see :meth:`send_transfer`)."""
         arrays, meta = P.upload_to_arrays(upload, self.recipe.codec)
         if extractor is not None:  # the runtime averages extractors across devices
             ext_arrays, _ = P.state_to_arrays(extractor, "fp32")
             arrays.update({P.EXTRACTOR_PREFIX + k: v for k, v in ext_arrays.items()})
-        verdict = self.send_transfer(P.pack_arrays(arrays), upload.round, meta, f"{upload.split} features", session)
-        if verdict is not None and verdict.accepted:
-            logger.info("%s: %s of %d samples accepted (%.1fx smaller than fp32)", self.device, upload.split,
+        done = self.send_transfer(P.pack_arrays(arrays), upload.round, meta, f"{upload.split} features", session)
+        if done:
+            logger.info("%s: %s of %d samples done (%.1fx smaller than fp32)", self.device, upload.split,
                         len(upload.sample_ids), meta["raw_fp32_bytes"] / max(self.uplink.last_transfer_bytes, 1))
-        return verdict
+        return done
 
-    def send_transfer(self, blob: bytes, round_: int, meta: dict, what: str, session: str | None):
-        """Send on the uplink until the runtime's verdict (:meth:`Uplink.send`); None when the agent stops or a
-        new runtime session starts first (the round is then not done)."""
+    def send_transfer(self, blob: bytes, round_: int, meta: dict, what: str, session: str | None) -> bool:
+        """Send on the uplink until the runtime's verdict (:meth:`Uplink.send`). True when the runtime accepted it,
+        or refused it as ``stale_round`` (it has moved past this round: nothing left to do). False when the agent
+        stops, a new runtime session starts first, or the runtime rejected it: the round is then not done."""
         verdict = self.uplink.send(blob, round_, meta, what, poll=self._poll, abort=lambda: self.stop.is_set() or (
             session is not None and self.registered_session != session))
         if verdict is None:
             logger.warning("%s: round %d %s not finished (%s)", self.device, round_, what,
                            "stopping" if self.stop.is_set() else "a new runtime session started")
-        return verdict
+            return False
+        return verdict.accepted or verdict.reason == "stale_round"
 
     def _poll(self, timeout: float) -> None:
         """While a transfer is in flight: handle incoming messages (its acknowledgements) and keep heartbeating."""

@@ -46,10 +46,13 @@ class FeatureUpload:
         what = f"upload from {self.device_id!r} (round {self.round}, {self.split})"
         if self.split not in ("train", "test"):
             raise MessageError(f"{what}: unknown split {self.split!r}")
+        if np.ndim(self.sample_ids) != 1:
+            raise MessageError(f"{what}: sample_ids must be a vector, got shape {np.shape(self.sample_ids)}")
         n = len(self.sample_ids)
         _check_ids(self.sample_ids, n, what)
-        if self.features.dim() != 4 or self.features.shape[0] != n:
-            raise MessageError(f"{what}: features must be {n} x C x H x W, got {tuple(self.features.shape)}")
+        if self.features.dim() != 4 or self.features.shape[0] != n or min(self.features.shape[1:]) < 1:
+            raise MessageError(f"{what}: features must be {n} x C x H x W (C, H, W >= 1), got "
+                               f"{tuple(self.features.shape)}")
         if feature_shape is not None and tuple(self.features.shape[1:]) != tuple(feature_shape):
             raise MessageError(f"{what}: feature shape {tuple(self.features.shape[1:])}, expected {tuple(feature_shape)}")
         if self.logits.dim() != 2 or self.logits.shape[0] != n:
@@ -75,7 +78,24 @@ class SoftLabels:
 
     def validate(self) -> None:
         what = f"soft labels for {self.device_id!r} (round {self.round})"
+        if np.ndim(self.sample_ids) != 1:
+            raise MessageError(f"{what}: sample_ids must be a vector, got shape {np.shape(self.sample_ids)}")
         _check_ids(self.sample_ids, len(self.sample_ids), what)
         if self.logits.dim() != 2 or self.logits.shape[0] != len(self.sample_ids):
             raise MessageError(f"{what}: logits must be {len(self.sample_ids)} x K, got {tuple(self.logits.shape)}")
         _check_finite(self.logits, f"{what}: logits")
+
+
+def round_frame_problem(header: dict) -> str | None:
+    """What is wrong with a ROUND frame's fields (None when it can be followed)."""
+    data = header.get("data") or {}
+    if header["round"] < 0:
+        return f"round {header['round']} < 0"
+    to, wait, needs = data.get("soft_labels_to", []), data.get("soft_labels_wait_s", 30.0), data.get("soft_labels_round")
+    if not isinstance(to, list) or not all(isinstance(d, str) for d in to):
+        return "soft_labels_to must be a list of device ids"
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 86400:
+        return "soft_labels_wait_s must be a number of seconds in [0, 86400]"
+    if needs is not None and type(needs) is not int:
+        return "soft_labels_round must be an integer or null"
+    return None

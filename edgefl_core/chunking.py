@@ -1,6 +1,7 @@
 """Transfers cut into frames and put back together: crc32 per chunk, sha256 per transfer, idempotent."""
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
 import time
@@ -9,7 +10,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from edgefl_core.reliable import progress_data
+from edgefl_core.reliable import MAX_MISSING_RANGES, progress_data
 from edgefl_core.wire import CHUNK, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_TRANSFER_BYTES, ProtocolError, encode_frame
 
 
@@ -68,7 +69,39 @@ class _Pending:
     meta: dict | None = None
     wire_bytes: int = 0
     held_bytes: int = 0    # body bytes held: never more than ``size``
-    low: int = 0           # every index below it is held
+    charged: int = 0       # what counts against the device's quota: at least CHUNK_CHARGE per chunk
+    spans: list = field(default_factory=list)  # sorted, disjoint [first, last] runs of held indices
+
+
+CHUNK_CHARGE = 1024  # a chunk costs the quota at least this much: bookkeeping, not only its body, is memory
+
+
+def _add_span(spans: list, index: int) -> None:
+    """Insert ``index`` into sorted disjoint ``[first, last]`` runs, merging neighbours (O(log n) + a list insert)."""
+    at = bisect.bisect_left(spans, [index, index])
+    joins_left = at > 0 and spans[at - 1][1] == index - 1
+    joins_right = at < len(spans) and spans[at][0] == index + 1
+    if joins_left and joins_right:
+        spans[at - 1][1] = spans[at][1]
+        del spans[at]
+    elif joins_left:
+        spans[at - 1][1] = index
+    elif joins_right:
+        spans[at][0] = index
+    else:
+        spans.insert(at, [index, index])
+
+
+def _gaps(spans: list, limit: int) -> tuple[list[list[int]], bool]:
+    """The missing ``[first, last]`` ranges below the highest held index (at most ``limit``), and whether cut."""
+    gaps, previous_end = [], -1
+    for first, last in spans:
+        if first > previous_end + 1:
+            if len(gaps) >= limit:
+                return gaps, True
+            gaps.append([previous_end + 1, first - 1])
+        previous_end = last
+    return gaps, False
 
 
 class Reassembler:
@@ -98,7 +131,8 @@ class Reassembler:
         self.duplicates = 0
 
     def held_bytes(self, device: str) -> int:
-        return sum(p.held_bytes for (d, _), p in self._pending.items() if d == device)
+        """What ``device``'s open transfers count against its quota (bodies, at least CHUNK_CHARGE a chunk)."""
+        return sum(p.charged for (d, _), p in self._pending.items() if d == device)
 
     def add(self, header: dict, body: bytes, wire_bytes: int | None = None, now: float | None = None
             ) -> CompletedTransfer | None:
@@ -134,13 +168,16 @@ class Reassembler:
             return None
         if index == 0 and not isinstance(header.get("meta"), dict):
             raise ProtocolError("bad_header", "first chunk lacks its meta object")
+        if not body and size > 0:
+            raise ProtocolError("bad_header", f"chunk {index} of transfer {transfer[:8]} is empty")
         held = pending.held_bytes if pending is not None else 0
         if held + len(body) > size:
             raise ProtocolError("oversized", f"transfer {transfer[:8]} would hold {held + len(body)} bytes, it "
                                              f"announced {size}")
+        charge = max(len(body), CHUNK_CHARGE)
         mine = self.held_bytes(device)
-        if mine + len(body) > self.max_pending_bytes_per_device:
-            raise ProtocolError("over_quota", f"{device} would hold {mine + len(body)} bytes in open transfers "
+        if mine + charge > self.max_pending_bytes_per_device:
+            raise ProtocolError("over_quota", f"{device} would hold {mine + charge} bytes in open transfers "
                                               f"(limit {self.max_pending_bytes_per_device})")
         if pending is None:
             if len(self._pending) >= self.max_pending:
@@ -153,8 +190,8 @@ class Reassembler:
         pending.parts[index] = body
         pending.started = now  # expiry counts idle time: a slow, lossy transfer that keeps moving lives
         pending.held_bytes += len(body)
-        while pending.low in pending.parts:
-            pending.low += 1
+        pending.charged += charge
+        _add_span(pending.spans, index)
         pending.wire_bytes += wire_bytes if wire_bytes is not None else len(body)
         if index == 0:
             pending.meta = header["meta"]
@@ -192,7 +229,9 @@ class Reassembler:
         pending = self._pending.get(key)
         if pending is None:  # nothing held (all lost, expired, or this runtime restarted)
             return progress_data(transfer, high=-1, held=(), seq=seq)
-        return progress_data(transfer, high=max(pending.parts), held=pending.parts, seq=seq, low=pending.low)
+        gaps, more = _gaps(pending.spans, MAX_MISSING_RANGES)
+        return {"transfer": transfer, "final": False, "high": pending.spans[-1][1], "missing": gaps, "more": more,
+                "seq": seq}
 
     def forget(self, device: str) -> int:
         """Drop ``device``'s open transfers (it restarted: their senders are gone); returns how many."""

@@ -24,7 +24,7 @@ from typing import Callable
 
 from edgefl_core.wire import encode_frame
 
-MAX_MISSING_RANGES = 512
+MAX_MISSING_RANGES = 64  # per answer: keeps answers small (a sender re-asks for the rest)
 
 
 @dataclass
@@ -114,6 +114,7 @@ class TransferSender:
         self.rto = max(min_rto, 1.0)  # until the first answer gives a round-trip time
         self.srtt: float | None = None
         self.received = [False] * self.n
+        self.max_received = -1                 # highest index the receiver has said it holds
         self.seq_of = [-1] * self.n            # send sequence number of each chunk's latest send
         self.sent_at: dict[int, float] = {}    # seq -> when (for round-trip times)
         self.seq = 0
@@ -175,10 +176,20 @@ class TransferSender:
         for first, last in p.missing:
             missing.update(range(max(first, 0), min(last, self.n - 1) + 1))
         limit = min(p.high, self.n - 1) if not p.more else min(max((r[1] for r in p.missing), default=-1), self.n - 1)
+        # the receiver's word is final: a chunk it lacks is sent again even if an earlier answer had it (the
+        # receiver dropped the transfer: expiry, restart) -- everything above its highest held index too
+        forgotten = [i for i in missing if self.received[i]]
+        if p.high < self.max_received:
+            forgotten += [i for i in range(max(p.high + 1, 0), self.max_received + 1) if self.received[i]]
+            self.max_received = p.high
+        for index in sorted(set(forgotten)):
+            self.received[index] = False
+            self.retransmit.append(index)
         newly = 0
         for index in list(self.outstanding) + list(self.retransmit):
             if index <= limit and index not in missing and not self.received[index]:
                 self.received[index] = True
+                self.max_received = max(self.max_received, index)
                 self.outstanding.discard(index)
                 newly += 1
         answered = p.seq if p.seq is not None else -1

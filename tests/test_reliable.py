@@ -200,3 +200,35 @@ def test_a_zstd_bomb_is_refused_before_it_is_allocated():
         unpack_arrays(no_size, 1 << 20)
     assert e.value.reason == "bad_compression"
     assert unpack_arrays(pack_arrays({"a": np.arange(3)}))["a"].tolist() == [0, 1, 2]
+
+
+def test_a_transfer_the_receiver_forgot_is_sent_again_from_what_it_lacks():
+    """The runtime dropped a half-received transfer (idle expiry after a long broker outage): its answers now
+    list chunks it had acknowledged before, and the sender must send those again (it once looped forever)."""
+    blob, chunks = chunks_of(2048 * 24, seed=4)
+    receiver = Reassembler()
+    broker = LossyBroker(receiver, 1000, 1000)
+    sender = TransferSender(chunks, broker.publish, window=12)
+    sender.pump(0.0)
+    broker.tick()
+    while broker.answers:
+        sender.on_progress(parse_progress(broker.answers.popleft()), 0.0)
+    assert sum(sender.received) == 12 and sender.verdict is None
+    receiver.expire(now=1e12)  # the runtime forgets the transfer
+    verdict, _ = run_sender(sender, broker)
+    assert verdict.accepted and broker.completed[0].blob == blob
+
+
+def test_answers_cost_the_same_however_far_apart_the_held_chunks_are():
+    import time
+    r = Reassembler(max_transfer_bytes=256 << 20)
+    body = b"x" * 1024
+    size = 256 << 20
+    header = chunk_header(transfer="far", index=size // 1024 - 1, count=size // 1024, size=size, body=body)
+    r.add(header, body)
+    start = time.perf_counter()
+    for _ in range(200):
+        data = r.progress("d", "far", 1)
+    assert time.perf_counter() - start < 0.5 and data["missing"] == [[0, size // 1024 - 2]]
+    with pytest.raises(ProtocolError, match="empty"):
+        r.add(chunk_header(transfer="far", index=5, count=size // 1024, size=size, body=b""), b"")

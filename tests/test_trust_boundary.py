@@ -329,3 +329,77 @@ def test_a_damaged_agent_state_file_costs_progress_never_the_daemon(npz_dir, tmp
     agent.handle(P.Topics(RUN).control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="s1",
                                                         recipe=GOOD_RECIPE))
     assert agent.client is not None and agent.last_done == -1 and agent.internal_errors == 0
+
+
+# -- found by breaking the fixes (an attacker's review) ----------------------------------------------------------
+
+
+def test_a_rejected_registration_fixes_no_run_fact(tmp_path):
+    rt = runtime(tmp_path, None, "input_shape=[1, 12, 12]", register=())
+    rt.handle(rt.topics.up("devX"), P.control_frame(P.REGISTER, run=RUN, device="devX", round_=-1, num_classes=2,
+                                                    feature_channels=999, train_samples=30))
+    assert rt.registry.rejections["bad_registration"] == 1 and rt.strategy.num_classes is None
+    rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 30})
+    assert rt.strategy.num_classes == 10
+
+
+@pytest.mark.parametrize("samples", [0, 10**9])
+def test_sample_counts_outside_the_runs_bounds_are_refused(tmp_path, samples):
+    rt = runtime(tmp_path)
+    rt.handle(rt.topics.up("devA"), P.control_frame(P.REGISTER, run=RUN, device="devA", round_=-1, num_classes=10,
+                                                    feature_channels=4, train_samples=samples))
+    assert rt.registry.rejections["bad_registration"] == 1
+    assert rt.registry.devices["devA"]["train_samples"] == 30  # the earlier registration stands
+
+
+def test_no_transfer_decodes_past_the_absolute_cap(tmp_path):
+    import zstandard
+    rt = runtime(tmp_path, None, "max_decoded_bytes=1048576")
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (8 << 20))
+    send(rt, "devA", P.chunk_transfer(bomb, run=RUN, device="devA", round_=0,
+                                      meta={"kind": "upload", "split": "train", "codec": "int8"}))
+    assert rt.registry.devices["devA"]["rejection_reasons"] == {"oversized": 1}
+
+
+def test_an_extractor_with_huge_weights_is_rejected_before_anyone_loads_the_average(tmp_path):
+    rt = runtime(tmp_path, None, "fedgkt.average_extractors=true")
+    send(rt, "devA", upload_frames("devA", range(30), extractor={"weight": np.full((2, 2), 1e30, np.float32)}))
+    assert rt.registry.rejections["implausible_values"] == 1 and "devA" not in rt.strategy.extractors
+
+
+def test_zero_dimensional_ids_and_empty_feature_maps_are_named_rejections(tmp_path):
+    import safetensors.numpy
+    import zstandard
+    rt = runtime(tmp_path)
+    arrays = {"sample_ids": np.array(7, np.int64), "labels": np.zeros(1, np.int64),
+              "logits": np.zeros((1, 10), np.float16), "features": np.zeros((1, 4, 5, 5), np.float16)}
+    blob = zstandard.ZstdCompressor().compress(safetensors.numpy.save(arrays))
+    send(rt, "devA", P.chunk_transfer(blob, run=RUN, device="devA", round_=0,
+                                      meta={"kind": "upload", "split": "train", "codec": "fp16"}))
+    send(rt, "devB", upload_frames("devB", range(30), shape=(4, 0, 0)))
+    assert not rt.registry.rejections["internal_error"] and sum(rt.registry.rejections.values()) == 2
+    assert not rt.strategy.train_uploads
+
+
+@pytest.mark.parametrize("damage", ["directory", "bad_schema", "odd_name", "no_checks_entry"])
+def test_a_crafted_state_directory_falls_back_or_names_the_problem(tmp_path, damage):
+    store = DurableStore(tmp_path)
+    store.commit({"server": Tiny(1)}, {"next_round": 1})
+    store.commit({"server": Tiny(2)}, {"next_round": 2})
+    state = json.loads((tmp_path / "runtime.json").read_text())
+    if damage == "directory":
+        (tmp_path / "server.2.pt").unlink()
+        (tmp_path / "server.2.pt").mkdir()
+    elif damage == "bad_schema":
+        state["devices"] = [1]
+    elif damage == "odd_name":
+        (tmp_path / "runtime.\u00b2.json").write_text("{}")
+        (tmp_path / "server.\u00b2.pt").write_text("x")
+    else:
+        state["model_checks"] = {}
+    for name in ("runtime.json", "runtime.2.json"):
+        (tmp_path / name).write_text(json.dumps(state))
+    again = DurableStore(tmp_path)
+    loaded = again.load()
+    assert loaded["next_round"] == (2 if damage == "odd_name" else 1)
+    again.commit({"server": Tiny(3)}, {"next_round": 3})  # and committing after it works

@@ -80,6 +80,10 @@ class Strategy(ABC):
     @abstractmethod
     def build(self) -> None: ...
 
+    def run_feature_channels(self, num_classes: int, input_shape: list[int]) -> int | None:
+        """The feature channels the run's own edge model gives (None: the strategy does not use features)."""
+        return None
+
     def on_register(self, device: str) -> None:
         """A device (re-)registered."""
 

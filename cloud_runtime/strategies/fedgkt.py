@@ -36,6 +36,7 @@ class FedGKT(Strategy):
         self.server_version = 0                              # server updates so far (async staleness clock)
         self.arrival_version: dict[str, int] = {}            # device -> server_version when its upload arrived
         self.extractor_reference: dict | None = None         # the run's extractor (names, shapes, dtypes)
+        self._channels: dict[tuple, int] = {}                # (classes, C x H x W) -> the edge model's channels
 
     def build(self) -> None:
         feature_shape = None
@@ -61,6 +62,16 @@ class FedGKT(Strategy):
     def models(self) -> dict[str, torch.nn.Module]:
         return {"server": self.server} if self.server is not None else {}
 
+    def run_feature_channels(self, num_classes: int, input_shape: list[int]) -> int:
+        key = (num_classes, tuple(input_shape))
+        if key not in self._channels:
+            c, h, w = input_shape
+            edge = create_model(self.cfg.edge.model, num_classes=num_classes, in_channels=c,
+                                **self.cfg.edge.model_kwargs).eval()
+            with torch.no_grad():
+                self._channels[key] = int(edge(torch.zeros(1, c, h, w))[1].shape[1])
+        return self._channels[key]
+
     # -- accepting uploads --------------------------------------------------------------------------
 
     def take(self, device: str, done: P.CompletedTransfer) -> str:
@@ -76,6 +87,11 @@ class FedGKT(Strategy):
             if reference is None:  # no run input shape configured: the first accepted extractor sets the form
                 reference = next(iter(self.extractors.values()))[0] if self.extractors else None
             state = P.arrays_to_state(extractor, reference)  # may reject: nothing recorded yet
+            bound = self.cfg.validation.max_abs_weight
+            peak = max((float(v.abs().max()) for v in state.values() if v.is_floating_point() and v.numel()),
+                       default=0.0)
+            if peak > bound:  # every device loads the average: one device's huge weights would break them all
+                raise Rejected("implausible_values", f"extractor: max |weight| {peak:.3g} > {bound:g}")
             self.extractors[device] = (state, len(upload.sample_ids))
         self.ctx.ingest.claim(device, upload)
         if server is not None and server.feature_shape is None:  # no run input shape: the first upload's pins it
