@@ -51,6 +51,9 @@ def check_input_size(edge: EdgeConfig, server_model: str, server_kwargs: dict, a
     if problem is None:
         return
     smallest = next((s for s in (8, 12, 16, 24, 32, 48, 64, 96, 128, 256) if works(s, s) is None), None)
+    if smallest is None or smallest <= min(shape[1:]):  # not a size problem: say what fails
+        raise ConfigError(f"{edge.model}" + (f" + {server_model}" if algorithm == "fedgkt" else "")
+                          + f" cannot train on input_shape {shape} ({problem})")
     raise ConfigError(f"input_shape {shape}: images of {shape[1]}x{shape[2]} are too small for {edge.model}"
                       + (f" + {server_model}" if algorithm == "fedgkt" else "")
                       + (f"; the smallest square size that works is {smallest}x{smallest}" if smallest else "")
