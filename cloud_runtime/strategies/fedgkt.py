@@ -19,7 +19,7 @@ from cloud_runtime.registry import Rejected
 from cloud_runtime.strategies.base import STRATEGIES, Strategy
 from edge_sdk import protocol as P
 from edge_sdk.messages import FeatureUpload
-from model_zoo import create_model
+from model_zoo import create_model, seeded
 
 logger = logging.getLogger("edgefl.runtime")
 
@@ -66,9 +66,9 @@ class FedGKT(Strategy):
         key = (num_classes, tuple(input_shape))
         if key not in self._channels:
             c, h, w = input_shape
-            edge = create_model(self.cfg.edge.model, num_classes=num_classes, in_channels=c,
-                                **self.cfg.edge.model_kwargs).eval()
-            with torch.no_grad():
+            with seeded(self.cfg.seed), torch.no_grad():  # draws nothing from the process's RNG (memory mode
+                edge = create_model(self.cfg.edge.model, num_classes=num_classes, in_channels=c,  # shares it)
+                                    **self.cfg.edge.model_kwargs).eval()
                 self._channels[key] = int(edge(torch.zeros(1, c, h, w))[1].shape[1])
         return self._channels[key]
 
