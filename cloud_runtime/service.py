@@ -41,6 +41,7 @@ class CloudRuntime:
         self.inbox: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.messages_in = 0
+        self.empty_messages = 0   # zero-length messages (retained deletions): ignored
         self.started = time.time()
         self.registry = DeviceRegistry(cfg)
         self.ingest = Ingest(cfg, self.registry)
@@ -87,9 +88,9 @@ class CloudRuntime:
         """One message; never raises. Rejections are charged to the topic's (authenticated) device."""
         self.messages_in += 1
         device = self.topics.device_of(topic)
-        if not payload:  # a zero-length publish deletes a retained message (MQTT 3.3.1.3): nothing to handle, and
-            # not charged to the device (the runtime's own clearing of a retained uplink frame comes back as one)
-            self.registry.reject("empty", None, f"zero-length message on {topic}")
+        if not payload:  # a zero-length publish deletes a retained message (MQTT 3.3.1.3): nothing to handle and
+            # nothing to charge (the runtime's own clearing of a retained uplink frame comes back as one)
+            self.empty_messages += 1
             return
         try:
             header, body = P.decode_frame(payload, max_body=self.cfg.max_chunk_bytes)
@@ -247,6 +248,12 @@ class CloudRuntime:
     def serve(self) -> dict:
         """Resume, wait for devices, run the strategy's rounds, announce the end; returns the report."""
         self.restore()
+        if self.strategy.next_round >= self.cfg.rounds and self.strategy.rows:
+            # announcing the end again under a new session would be one no device took part in; the end its
+            # devices saw (retained on the control topic) stands
+            logger.warning("run %r already finished (%d rounds, state in %s): nothing to do. A new run needs a new "
+                           "run_id or an empty state_dir", self.cfg.run_id, self.strategy.next_round, self.store.dir)
+            return self.write_report()
         self.start()
         if self.strategy.next_round < self.cfg.rounds:
             self.wait_for_devices()

@@ -65,7 +65,9 @@ class EdgeAgent:
         self.state_path = Path(cfg.state_dir) / STATE_FILE
         self.last_done = -1                  # last round whose upload this device finished
         self.trained_round = -1              # last round whose local training finished (upload may be pending)
-        self.done_session: str | None = None  # runtime incarnation that round belonged to
+        saved = read_state(self.state_path) or {}  # the session it last finished a round for: its end is obeyed
+        mine = saved.get("device") == self.device and saved.get("run") == cfg.run_id
+        self.done_session: str | None = (saved.get("done_session") or None) if mine else None
         self.soft_label_round = -1
         self.pending_round: dict | None = None
         self.uplink = Uplink(transport, self.topics, self.device, cfg.upload)  # acknowledged transfers

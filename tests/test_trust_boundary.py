@@ -403,3 +403,19 @@ def test_a_crafted_state_directory_falls_back_or_names_the_problem(tmp_path, dam
     loaded = again.load()
     assert loaded["next_round"] == (2 if damage == "odd_name" else 1)
     again.commit({"server": Tiny(3)}, {"next_round": 3})  # and committing after it works
+
+
+def test_restarting_the_runtime_of_a_finished_run_announces_nothing_new(tmp_path):
+    """A runtime resumed from a finished run's state once broadcast a shutdown under a new session that no
+    device took part in; the agents ignored it and waited forever. Now it says the run is over and leaves the
+    end its devices saw in place."""
+    bus = MemoryBus()
+    rt = runtime(tmp_path, bus, "rounds=1")
+    rt.strategy.rows.append({"round": 0})
+    rt.strategy.next_round = 1
+    rt.checkpoint()
+    again = CloudRuntime(rt.cfg, bus.client("runtime2"))
+    seen = []
+    bus.client("watch").subscribe(P.Topics(RUN).control, lambda t, p: seen.append(p))
+    report = again.serve()
+    assert report["final"]["rounds"] == 1 and seen == []

@@ -78,7 +78,7 @@ WRONG_FIELD = {
 
 @st.composite
 def random_bytes(draw):
-    payload = draw(st.binary(max_size=2048))
+    payload = draw(st.binary(min_size=1, max_size=2048))  # empty = a retained deletion: ignored, not rejected
     return payload if not payload.startswith(P.MAGIC) else b"X" + payload
 
 
@@ -94,7 +94,7 @@ def corrupted_body(draw):
 def broken_prefix(draw):
     frame = valid_upload_frames(seed=1)[0]
     (n,) = struct.unpack(">I", frame[4:8])
-    cut = draw(st.integers(0, 8 + n - 1))  # ends inside the prefix or the header
+    cut = draw(st.integers(1, 8 + n - 1))  # ends inside the prefix or the header (empty: a retained deletion)
     return frame[:cut] if draw(st.booleans()) else frame[:4] + struct.pack(">I", draw(st.integers(n + len(frame), 2 ** 32 - 1))) + frame[8:]
 
 
