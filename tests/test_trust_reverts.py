@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from cloud_runtime.config import load_runtime_config
-from cloud_runtime.service import CloudRuntime
 from cloud_runtime.store import DurableStore
 from edge_sdk import protocol as P
 from edge_sdk.agent import build_agent
@@ -19,22 +18,9 @@ from edgefl_core.data.config import AgentDataConfig
 from edgefl_core.data.datasets import DatasetError, load_npz
 from edgefl_core.transport import MemoryBus
 
-RUN = "trust"
+from test_trust_regressions import RUN, raw_frame, runtime  # the same helpers
+
 GOOD_RECIPE = {"algorithm": "fedgkt", "edge": {"model": "resnet8_gkt"}, "codec": "int8", "model_codec": "fp16"}
-
-
-def runtime(tmp_path, *overrides):
-    cfg = load_runtime_config(None, [f"run_id={RUN}", f"state_dir={tmp_path / 'rt'}",
-                                     "validation.quarantine_after=5", *overrides])
-    rt = CloudRuntime(cfg, MemoryBus().client("runtime"))
-    for device in ("devA", "devB"):
-        rt.register(device, {"num_classes": 10, "feature_channels": 4, "train_samples": 30})
-    return rt
-
-
-def raw_frame(header_text: str) -> bytes:
-    raw = header_text.encode()
-    return P.MAGIC + struct.pack(">I", len(raw)) + raw
 
 
 # item 1: NaN / Infinity anywhere in a header (not only in typed fields)
