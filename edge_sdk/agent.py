@@ -43,10 +43,6 @@ logger = logging.getLogger("edgefl.agent")
 STATE_FILE = "agent_state.pt"
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 class EdgeAgent:
     """The device daemon. ``client`` and ``recipe`` stay None until the runtime has said what to train."""
 
@@ -127,7 +123,16 @@ class EdgeAgent:
     def start(self) -> None:
         self.transport.subscribe(self.topics.down(self.device), self.enqueue)
         self.transport.subscribe(self.topics.control, self.enqueue)
-        self.transport.connect()
+        delay = 1.0
+        while True:  # a daemon that boots before the network or the broker waits for them
+            try:
+                self.transport.connect()
+                break
+            except ConnectionError as e:
+                logger.warning("%s: waiting for the broker: %s; retrying in %.0fs", self.device, e, delay)
+                if self.stop.wait(delay):
+                    raise
+                delay = min(2 * delay, 60.0)
         self.transport.publish(self.topics.status(self.device),
                                P.control_frame(P.STATUS, run=self.cfg.run_id, device=self.device, round_=-1,
                                                online=True), retain=True)
@@ -394,7 +399,8 @@ class EdgeAgent:
         self._last_heartbeat = now
         self.transport.publish(self.topics.heartbeat(self.device), P.control_frame(
             P.HEARTBEAT, run=self.cfg.run_id, device=self.device, round_=self.last_done, profile=self.cfg.profile,
-            step_time_s=float(np.median(self.step_times)) if self.step_times else None, rss_mb=_rss_mb(),
+            step_time_s=float(np.median(self.step_times)) if self.step_times else None,
+            rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # peak RSS (Linux: KiB)
             bytes_up=self.uplink.bytes_up, rejected=self.rejected), qos=0)
 
     def pump(self, timeout: float = 0.2) -> bool:

@@ -419,3 +419,35 @@ def test_restarting_the_runtime_of_a_finished_run_announces_nothing_new(tmp_path
     bus.client("watch").subscribe(P.Topics(RUN).control, lambda t, p: seen.append(p))
     report = again.serve()
     assert report["final"]["rounds"] == 1 and seen == []
+
+
+def test_an_agent_that_boots_before_its_broker_waits_and_says_why(npz_dir, caplog):
+    """It once exited with status 2 after ~55 s, calling a refused connection 'no answer'."""
+    import logging
+    import threading
+    from edgefl_cli.mosquitto import EmbeddedMosquitto, free_port
+    from edgefl_core.transport.mqtt import BrokerAddress, MqttTransport
+    port = free_port()
+    assert "connection refused" in BrokerAddress.parse(f"mqtt://127.0.0.1:{port}").probe()
+    transport = MqttTransport(f"mqtt://127.0.0.1:{port}", "devA")
+    attempts = []
+    real_connect = transport.connect
+
+    def connect(timeout=30.0):  # short attempts so the test is quick
+        attempts.append(timeout)
+        real_connect(timeout=1.0)
+    transport.connect = connect
+    agent = build_agent(AgentConfig(device_id="devA", run_id=RUN, data=AgentDataConfig("npz", str(npz_dir))),
+                        transport=transport)
+    broker = EmbeddedMosquitto(port=port)
+    starter = threading.Timer(2.5, broker.start)
+    starter.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="edgefl.agent"):
+            agent.start()  # returns once the broker is up
+        assert len(attempts) >= 2 and transport.connected
+        assert "waiting for the broker" in caplog.text and "connection refused" in caplog.text
+    finally:
+        starter.join()
+        transport.close()
+        broker.stop()

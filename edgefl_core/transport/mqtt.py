@@ -40,6 +40,20 @@ class BrokerAddress:
             raise ValueError(f"broker URL {url!r} has no host")
         return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
 
+    def probe(self, timeout: float = 3.0) -> str:
+        """Why a TCP connection to the broker fails, in words (for logs: refused vs no answer vs unknown host)."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout):
+                return "the port answers, but no MQTT session came up (TLS or credentials?)"
+        except ConnectionRefusedError:
+            return f"connection refused: nothing listens on {self.host}:{self.port}"
+        except socket.gaierror as e:
+            return f"host {self.host!r} not found ({e})"
+        except (TimeoutError, socket.timeout):
+            return "no answer (network down, or a firewall drops the packets)"
+        except OSError as e:
+            return f"{type(e).__name__}: {e}"
+
     @property
     def is_loopback(self) -> bool:
         if self.host == "localhost":
@@ -157,7 +171,7 @@ class MqttTransport(Transport):
         if not self._connected.wait(timeout):
             self._client.loop_stop()
             raise ConnectionError(f"{self.client_id}: no connection to {self.address.host}:{self.address.port} "
-                                  f"within {timeout:.0f}s ({self.last_connect_error or 'no answer'})")
+                                  f"within {timeout:.0f}s ({self.last_connect_error or self.address.probe()})")
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
