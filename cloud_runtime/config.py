@@ -7,7 +7,7 @@ from typing import Literal
 
 from edge_sdk.config import EdgeConfig, RunRecipe, check_profile_name
 from edgefl_core.codecs import FEATURE_CODECS, MODEL_CODECS
-from edgefl_core.config import ConfigError, apply_overrides, build_dataclass, read_yaml, require
+from edgefl_core.config import ConfigError, apply_overrides, build_dataclass, load_config_file, read_yaml, require
 from edgefl_core.data.config import AgentDataConfig, DataConfig
 from edgefl_core.transport.config import BrokerConfig
 
@@ -225,7 +225,7 @@ class RuntimeConfig:
     eval_every: int = 1
     max_staleness: int = 2               # features older than this many rounds / server updates are not used
     soft_labels_wait_s: float = 30.0     # how long a device waits for last round's soft labels
-    state_dir: str = "runtime-state"
+    state_dir: str = "runtime-state"     # relative to the config file's folder
     threads: int | None = None
     # one transfer as sent (compressed; what it decodes to is bounded by the device's registered sample count),
     # and what one device's unfinished transfers may hold in the runtime's memory
@@ -275,7 +275,12 @@ class RuntimeConfig:
         return RunRecipe(self.algorithm, edge, self.codec, self.fedavg.model_codec)
 
 
+# paths in a runtime.yaml are relative to the file: its state lives beside it unless it says otherwise
+RUNTIME_PATH_KEYS = ("broker.ca_file", "broker.cert_file", "broker.key_file", "state_dir", "eval_data.path",
+                     "eval_data.ids_file")
+
+
 def load_runtime_config(path: str | Path | None, overrides: list[str] | None = None) -> RuntimeConfig:
-    data = read_yaml(path) if path is not None else {}
-    apply_overrides(data, overrides)
-    return build_dataclass(RuntimeConfig, data)
+    """``runtime.yaml`` (relative paths resolved against its folder) + ``--set`` overrides -> a checked
+    :class:`RuntimeConfig`. Raises ConfigError naming the key."""
+    return build_dataclass(RuntimeConfig, load_config_file(path, overrides, RUNTIME_PATH_KEYS))

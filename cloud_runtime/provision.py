@@ -10,10 +10,12 @@ writes::
     deploy/broker/acl                 each device writes only its own up/status/hb, reads only its own down
                                       (and the run's control topic)
     deploy/broker/mosquitto.conf      TLS listener, no anonymous access, client id = user name, persistence
-    deploy/runtime/runtime.yaml       the runtime's broker section (mqtts://, its own credentials)
-    deploy/devices/<dev>/agent.yaml   one agent config per device (mqtts://, its credentials, the CA)
+    deploy/runtime/runtime.yaml       every run setting, commented; its broker account; ca.crt beside it
+    deploy/devices/<dev>/             a portable bundle per device (0700): agent.yaml (relative paths, its
+                                      credentials), ca.crt, data/ for the device's own data
 
-Secrets (keys, passwords) are written with mode 0600. Re-running with new devices keeps existing
+The broker listens on --bind (default: loopback when --host is loopback). Secrets (keys, passwords,
+configs holding passwords) are written with mode 0600. Re-running with new devices keeps existing
 credentials and the CA unless ``--force`` is given, so adding a device does not re-key the fleet.
 """
 from __future__ import annotations
@@ -209,24 +211,122 @@ class Provisioned:
     runtime_config: Path
     agent_configs: dict[str, Path]
     url: str
+    bind: str = "127.0.0.1"
 
 
 def _read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {} if path.exists() else {}
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_bind(host: str) -> str:
+    """Where the broker listens when the operator did not say: loopback for a loopback ``host`` (a broker
+    for this machine only is not exposed to the network), every interface otherwise."""
+    return "127.0.0.1" if _is_loopback(host) else "0.0.0.0"
+
+
 # the run facts a provisioned runtime starts with (the runtime never takes them from a device's registration)
 RUN_FACTS = {"fashion_mnist": (10, [1, 28, 28]), "cifar10": (10, [3, 32, 32])}
 
 
+def _yaml_value(key: str, value) -> str:
+    return yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False, width=100).rstrip("\n")
+
+
+def render_commented(sections: list[tuple[str, str, object]], existing: dict) -> str:
+    """YAML with a comment above each setting: ``sections`` is ``(key, comment, default)``; a value the
+    operator set before (``existing``) wins over the default, and settings the template does not know are
+    kept at the end, so re-provisioning never loses an edit (only its comments)."""
+    lines = []
+    for key, comment, default in sections:
+        if key.startswith("#"):  # a heading
+            lines += ["", key]
+            continue
+        lines += [f"# {line}" for line in comment.splitlines()] if comment else []
+        lines.append(_yaml_value(key, existing.get(key, default)))
+    extra = {k: v for k, v in existing.items() if k not in {key for key, _, _ in sections}}
+    if extra:
+        lines += ["", "# other settings"] + [_yaml_value(k, v) for k, v in extra.items()]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def agent_yaml(device: str, run_id: str, url: str, password: str, existing: dict) -> str:
+    """A device's ``agent.yaml``: paths relative to the bundle folder it lives in (see docs/DEPLOYMENT.md)."""
+    return render_commented([
+        ("# identity and broker (written by cloud-runtime provision; paths are relative to this file)", "", None),
+        ("device_id", "this device's id, also its broker user name", device),
+        ("run_id", "the run this device belongs to (the broker's ACL allows no other)", run_id),
+        ("broker", "ca.crt: the deployment's CA, beside this file", {
+            "url": url, "username": device, "password": password, "ca_file": "ca.crt"}),
+        ("# the device's own data: edit to point at it (docs/DEPLOYMENT.md, 'A device's own data')", "", None),
+        ("data", "dataset: npz (path: a folder with train.npz [+ test.npz]) | image_folder (path: train/<class>/*.png\n"
+                 "[+ test/<class>/...]) | fashion_mnist (IDX files) | cifar10; ids_file: optional subset of sample ids\n"
+                 "fingerprint: optional; pin it to refuse to start if the data changes",
+         {"dataset": "npz", "path": "data", "ids_file": None}),
+        ("# the device's engine and link", "", None),
+        ("state_dir", "progress kept across restarts (model, soft labels, rounds done)", "state"),
+        ("threads", "torch threads for local training (a shared machine trains faster with few)", 1),
+        ("profile", "a device profile name (device-profile --list) reported at registration; null: host", None),
+        ("upload", "chunk size and an optional uplink cap in bytes/s for metered links",
+         {"chunk_bytes": 262144, "max_bytes_per_s": None}),
+    ], existing)
+
+
+def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: int, existing: dict) -> str:
+    """The runtime's config: every run setting with a comment (see RuntimeConfig for all of them)."""
+    num_classes, input_shape = RUN_FACTS[dataset]
+    return render_commented([
+        ("# the run (written by cloud-runtime provision; paths are relative to this file)", "", None),
+        ("run_id", "devices are pinned to this run id by the broker's ACL", run_id),
+        ("broker", "the runtime's own broker account; ca.crt is beside this file", {
+            "url": url, "username": RUNTIME_USER, "password": password, "ca_file": "ca.crt"}),
+        ("algorithm", "fedgkt (devices upload features, the server trains a large CNN) | fedavg", "fedgkt"),
+        ("mode", "sync: rounds wait for the quorum | async: the server trains on whatever has arrived", "sync"),
+        ("rounds", "sync: rounds; async: server updates", 5),
+        ("num_classes", "the run's data facts; no registration can change them", num_classes),
+        ("input_shape", "[C, H, W] of every device's images", input_shape),
+        ("# when rounds start and close", "", None),
+        ("expected_devices", "round 0 opens as soon as this many devices have registered ...", devices),
+        ("min_devices", "... or, after registration_timeout_s, with at least this many", 1),
+        ("registration_timeout_s", "seconds to wait for expected_devices before starting with min_devices", 300),
+        ("round_deadline_s", "a round closes at its deadline once the quorum has uploaded", 600),
+        ("quorum", "fraction of registered devices whose uploads a round needs", 1.0),
+        ("offline_grace_s", "a device offline for less than this is still waited for (restarts)", 30),
+        ("eval_every", "evaluate every N rounds (the last round always)", 1),
+        ("# how devices and the server train (sent to every device as the run recipe)", "", None),
+        ("edge", "the devices' extractor and local training", {
+            "model": "resnet8_gkt", "trainer": "backprop", "epochs": 1, "batch_size": 64, "lr": 0.01}),
+        ("edge_overrides", "per-device training settings, e.g. {pi-02: {epochs: 1}}", {}),
+        ("codec", "feature upload codec: int8 | fp16 | fp32 (+ zstd)", "int8"),
+        ("server", "the large server CNN trained on the devices' features", {
+            "model": "resnet55_server", "epochs": 1, "batch_size": 64, "lr": 0.05}),
+        ("# the runtime's machine", "", None),
+        ("state_dir", "checkpoints, report.json and plots (serve --reset-state starts the run afresh)", "state"),
+        ("threads", "torch threads for server training; null: torch's default", None),
+    ], existing)
+
+
 def provision(out: str | Path, devices: list[str], *, host: str = "localhost", port: int = 8883,
-              bind: str = "0.0.0.0", run_id: str | None = None, days: int = 825,
+              bind: str | None = None, run_id: str | None = None, days: int = 825,
               max_message_bytes: int = 8 << 20, force: bool = False,
               broker_user: str = "mosquitto", any_run: bool = False, dataset: str = "fashion_mnist") -> Provisioned:
     """A TLS broker, credentials, an ACL and configs for ``devices``. The deployment is for one named run id
     (``run_id``, else the one provisioned before, else ``default``) and the ACL pins every device to it unless
-    ``any_run``; the runtime config states the run's classes and image shape (from ``dataset``)."""
+    ``any_run``; the runtime config states the run's classes and image shape (from ``dataset``).
+
+    Each device gets a portable bundle ``devices/<id>/`` (``agent.yaml`` with relative paths, ``ca.crt``,
+    ``data/`` for its own data), 0700 with its config 0600; the runtime gets ``runtime/`` likewise. The broker
+    listens on ``bind`` (default: :func:`default_bind` of ``host``). Raises ValueError on a bad argument."""
     out = Path(out)
+    bind = bind or default_bind(host)
     if dataset not in RUN_FACTS:
         raise ValueError(f"dataset {dataset!r}: one of {', '.join(RUN_FACTS)}")
     if not devices:
@@ -237,6 +337,14 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
             raise ValueError(f"device id {device!r} is reserved for the runtime's broker account")
     if len(set(devices)) != len(devices):
         raise ValueError("device ids must be unique")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port}: must be in [1, 65535]")
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError:
+        raise ValueError(f"bind {bind!r}: an IP address to listen on (0.0.0.0 for every interface)") from None
+    if days < 1:
+        raise ValueError(f"days {days}: must be >= 1")
     ca_dir, broker_dir = out / "ca", out / "broker"
     ca_crt, ca_key_path = ca_dir / "ca.crt", ca_dir / "ca.key"
     from cryptography import x509
@@ -264,20 +372,26 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     accounts[RUNTIME_USER] = existing_runtime.get("broker", {}).get("password") or new_password()
     agent_paths = {}
     for device in devices:
-        path = out / "devices" / device / "agent.yaml"
+        bundle = out / "devices" / device
+        path = bundle / "agent.yaml"
         existing = _read_yaml(path) if not force else {}
         accounts[device] = existing.get("broker", {}).get("password") or new_password()
-        agent = {**existing, "device_id": device, "run_id": run_id,
-                 "broker": {"url": scheme_url, "username": device, "password": accounts[device],
-                            "ca_file": str(ca_crt.resolve())},
-                 "state_dir": existing.get("state_dir", str((path.parent / "state").resolve()))}
-        _write_secret(path, yaml.safe_dump(agent, sort_keys=False).encode())
+        existing.pop("broker", None)  # the deployment's: url, credentials and CA are provision's to write
+        existing.pop("run_id", None)
+        bundle.mkdir(parents=True, exist_ok=True)
+        bundle.chmod(0o700)  # the bundle holds the device's password
+        (bundle / "data").mkdir(exist_ok=True)
+        (bundle / "ca.crt").write_bytes(ca_crt.read_bytes())
+        _write_secret(path, agent_yaml(device, run_id, scheme_url, accounts[device], existing).encode())
         agent_paths[device] = path
-    num_classes, input_shape = RUN_FACTS[dataset]
-    runtime = {"num_classes": num_classes, "input_shape": input_shape, **existing_runtime, "run_id": run_id,
-               "broker": {"url": scheme_url, "username": RUNTIME_USER, "password": accounts[RUNTIME_USER],
-                          "ca_file": str(ca_crt.resolve())}}
-    _write_secret(runtime_path, yaml.safe_dump(runtime, sort_keys=False).encode())
+    existing_runtime.pop("broker", None)
+    existing_runtime.pop("run_id", None)
+    runtime_path.parent.mkdir(parents=True, exist_ok=True)
+    runtime_path.parent.chmod(0o700)
+    (runtime_path.parent / "ca.crt").write_bytes(ca_crt.read_bytes())
+    n_devices = len(set(devices) | {p.parent.name for p in (out / "devices").glob("*/agent.yaml")})
+    _write_secret(runtime_path, runtime_yaml(run_id, scheme_url, accounts[RUNTIME_USER], dataset, n_devices,
+                                             existing_runtime).encode())
     # Devices provisioned earlier but not named now keep their accounts: removing a device is explicit.
     for path in sorted((out / "devices").glob("*/agent.yaml")):
         device = path.parent.name
@@ -289,8 +403,9 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     conf = broker_dir / "mosquitto.conf"
     conf.write_text(mosquitto_conf(broker_dir, ca_crt, port, bind, max_message_bytes, broker_user))
     _hand_to_broker_user(broker_dir, broker_user)
-    logger.info("provisioned %d devices in %s (broker %s)", len(devices), out, scheme_url)
-    return Provisioned(out, conf, ca_crt, runtime_path, agent_paths, scheme_url)
+    logger.info("provisioned %d devices in %s (broker %s, listening on %s:%d)", len(devices), out, scheme_url,
+                bind, port)
+    return Provisioned(out, conf, ca_crt, runtime_path, agent_paths, scheme_url, bind)
 
 
 def main(args) -> int:
@@ -298,27 +413,45 @@ def main(args) -> int:
     result = provision(args.out, devices, host=args.host, port=args.port, bind=args.bind, run_id=args.run_id,
                        days=args.days, max_message_bytes=args.max_message_bytes, force=args.force,
                        broker_user=args.broker_user, any_run=args.any_run, dataset=args.dataset)
-    print(f"broker:   mosquitto -c {result.broker_conf}")
-    print(f"runtime:  cloud-runtime serve --config {result.runtime_config}   (add your run settings)")
+    print(f"broker:   mosquitto -c {result.broker_conf}   (listens on {result.bind}:{args.port})")
+    print(f"runtime:  cloud-runtime serve --config {result.runtime_config}   (run settings: edit that file)")
     for device, path in result.agent_configs.items():
-        print(f"{device}: edge-agent --config {path}")
-    print(f"CA certificate for clients: {result.ca_file}; keep {result.ca_file.with_name('ca.key')} offline")
+        print(f"{device}: copy {path.parent}/ to the device, put its data in data/, then "
+              f"edge-agent --config {path.parent.name}/agent.yaml")
+    print(f"keep {result.ca_file.with_name('ca.key')} offline: it signs the broker's certificate")
     return 0
 
 
+def _defaults_shown():
+    import argparse
+
+    class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+        """Shows a default only where there is one to show (not for flags or options that are required)."""
+        def _get_help_string(self, action):
+            if action.default in (None, False) or action.required or "default:" in (action.help or ""):
+                return action.help
+            return super()._get_help_string(action)
+    return DefaultsShown
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("provision", help="generate a CA, broker certificate, credentials, ACL and configs")
+    p = sub.add_parser("provision", help="generate a CA, broker certificate, credentials, ACL and configs",
+                       formatter_class=_defaults_shown(),
+                       description="Writes OUT/ca, OUT/broker (mosquitto.conf, passwd, acl, TLS), OUT/runtime "
+                                   "(runtime.yaml + ca.crt) and one portable bundle per device, OUT/devices/<id>/ "
+                                   "(agent.yaml + ca.crt + data/). Re-running adds devices and keeps credentials.")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--devices", required=True, help="comma-separated device ids (also their broker user names)")
     p.add_argument("--host", default="localhost", help="host name agents use to reach the broker")
-    p.add_argument("--port", type=int, default=8883)
-    p.add_argument("--bind", default="0.0.0.0", help="address the broker listens on")
+    p.add_argument("--port", type=int, default=8883, help="the broker's TLS port")
+    p.add_argument("--bind", default=None, help="address the broker listens on (default: 127.0.0.1 when --host is "
+                                                "loopback, else 0.0.0.0)")
     p.add_argument("--run-id", default=None, help="the run this deployment is for; the ACL pins devices to it "
                                                   "(default: the one provisioned before, else 'default')")
     p.add_argument("--any-run", action="store_true", help="let devices publish under any run id (not recommended)")
     p.add_argument("--dataset", default="fashion_mnist", choices=sorted(RUN_FACTS),
-                   help="the run's data: sets num_classes and input_shape in runtime.yaml (default: %(default)s)")
-    p.add_argument("--days", type=int, default=825, help="certificate validity")
-    p.add_argument("--max-message-bytes", type=int, default=8 << 20)
+                   help="the run's data: sets num_classes and input_shape in runtime.yaml")
+    p.add_argument("--days", type=int, default=825, help="certificate validity in days")
+    p.add_argument("--max-message-bytes", type=int, default=8 << 20, help="the broker's max_packet_size")
     p.add_argument("--force", action="store_true", help="new CA and new credentials for everyone")
     p.add_argument("--broker-user", default="mosquitto", help="the account mosquitto drops to when started as root")

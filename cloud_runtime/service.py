@@ -22,7 +22,7 @@ from cloud_runtime.ingest import Ingest
 from cloud_runtime.plots import plot_accuracy, write_json
 from cloud_runtime.registry import DeviceRegistry, Rejected, device_facts
 from cloud_runtime.report import CostEstimator, build_report
-from cloud_runtime.store import DurableStore
+from cloud_runtime.store import CheckpointError, DurableStore
 from cloud_runtime.strategies import STRATEGIES, RunContext, Strategy, strategy_name
 from edge_sdk import protocol as P
 from edge_sdk.messages import MessageError
@@ -55,6 +55,10 @@ class CloudRuntime:
             cfg.threads or torch.get_num_threads()))
         self._cost = CostEstimator()
         self.checkpoint_error: dict | None = None   # the last failed commit (None once one succeeds again)
+        # what this state belongs to: the run id, what defines the run, and this run's instance (new when a
+        # run starts from empty state, kept across restarts: devices discard progress of another instance)
+        self.identity = {"run_id": cfg.run_id, "definition": run_definition(cfg), "instance": uuid.uuid4().hex[:12]}
+        self.downlink.recipe["instance"] = self.identity["instance"]
 
     # -- messages -----------------------------------------------------------------------------------
 
@@ -205,7 +209,8 @@ class CloudRuntime:
         I/O error) is a status, not a crash: the run goes on from memory, the last committed generation stays
         what a restart resumes from, and ``report.json`` / the log say so."""
         try:
-            self.store.commit(self.strategy.models(), {**self.strategy.snapshot(), **self.registry.snapshot(),
+            self.store.commit(self.strategy.models(), {"identity": self.identity, **self.strategy.snapshot(),
+                                                       **self.registry.snapshot(),
                                                        **self.ingest.snapshot()})
             if self.checkpoint_error:
                 logger.warning("checkpoints are written again (generation %d)", self.store.generation)
@@ -222,9 +227,19 @@ class CloudRuntime:
             logger.error("report.json not written: %s", e.strerror or e)
 
     def restore(self) -> bool:
+        """Resume from the state directory when it holds this run's state. Raises StateMismatch (naming the
+        difference and the remedy) when it holds another run's: never a silent resume into the wrong run."""
         state = self.store.load()
         if state is None:
             return False
+        problem = identity_problem(state.get("identity"), self.identity)
+        if problem:
+            raise StateMismatch(f"{self.store.dir} holds {problem}. Start this run afresh with "
+                                "'cloud-runtime serve --reset-state' (moves that state aside) or give it another "
+                                "state_dir; to resume that run, use its config")
+        if isinstance(state.get("identity"), dict):  # state from before identities were recorded has none
+            self.identity["instance"] = state["identity"]["instance"]
+            self.downlink.recipe["instance"] = self.identity["instance"]
         self.registry.restore(state)
         self.ingest.restore(state)
         self.strategy.restore(state)
@@ -251,8 +266,9 @@ class CloudRuntime:
         if self.strategy.next_round >= self.cfg.rounds and self.strategy.rows:
             # announcing the end again under a new session would be one no device took part in; the end its
             # devices saw (retained on the control topic) stands
-            logger.warning("run %r already finished (%d rounds, state in %s): nothing to do. A new run needs a new "
-                           "run_id or an empty state_dir", self.cfg.run_id, self.strategy.next_round, self.store.dir)
+            logger.warning("run %r already finished (%d rounds, state in %s): nothing to do. Raise rounds to go on, "
+                           "or start a new run with 'cloud-runtime serve --reset-state' or a new run_id",
+                           self.cfg.run_id, self.strategy.next_round, self.store.dir)
             return self.write_report()
         self.start()
         if self.strategy.next_round < self.cfg.rounds:
@@ -273,19 +289,56 @@ class CloudRuntime:
         return report
 
     def wait_for_devices(self) -> None:
-        """Until ``expected_devices`` registered, or ``min_devices`` and ``registration_timeout_s`` passed."""
+        """Until ``expected_devices`` are online, or ``min_devices`` are and ``registration_timeout_s`` passed.
+        Online: registered (or heard from) since this start; a resumed run waits for its devices to come
+        back rather than opening a round nobody hears."""
         start, want = time.monotonic(), self.cfg.expected_devices
+        last_said = start
         while not self.stop.is_set():
             self.pump()
-            n, elapsed = len(self.registry.devices), time.monotonic() - start
+            online = [d for d in self.registry.in_good_standing() if self.registry.devices[d].get("online")]
+            n, elapsed = len(online), time.monotonic() - start
             if (want is not None and n >= want) or (n >= self.cfg.min_devices and elapsed >= self.cfg.registration_timeout_s):
-                logger.info("%d devices registered: %s", n, ", ".join(self.registry.names()))
+                logger.info("%d devices online: %s", n, ", ".join(online))
                 return
-            if elapsed >= self.cfg.registration_timeout_s and int(elapsed) % 30 == 0:
-                logger.warning("waiting for devices: %d registered, need %d", n, self.cfg.min_devices)
+            if time.monotonic() - last_said >= 30:
+                last_said = time.monotonic()
+                wait = f"{want} expected" if want else f"{self.cfg.min_devices} needed"
+                logger.info("waiting for devices: %d online (%s) of %s; %s", n, ", ".join(online) or "none", wait,
+                            f"starting with {self.cfg.min_devices} or more after registration_timeout_s="
+                            f"{self.cfg.registration_timeout_s:g} s ({max(0, self.cfg.registration_timeout_s - elapsed):.0f} s left)")
 
     def close(self) -> None:
         self.transport.close()
+
+
+class StateMismatch(CheckpointError):
+    """The state directory holds another run's state."""
+
+
+def run_definition(cfg: RuntimeConfig) -> dict:
+    """The settings that make a run this run: resuming state made under others would mix two runs (a
+    change of rounds, epochs or learning rates is a change within a run and is allowed)."""
+    return {"algorithm": cfg.algorithm, "mode": cfg.mode, "edge_model": cfg.edge.model,
+            "edge_model_kwargs": cfg.edge.model_kwargs, "server_model": cfg.server.model,
+            "server_model_kwargs": cfg.server.model_kwargs, "num_classes": cfg.num_classes,
+            "input_shape": cfg.input_shape, "codec": cfg.codec}
+
+
+def identity_problem(saved, current: dict) -> str | None:
+    """Why state saved under identity ``saved`` is not this run's (None when it is). State from before
+    identities were recorded carries none and is taken as this run's."""
+    if saved is None:
+        return None
+    if not isinstance(saved, dict) or not isinstance(saved.get("instance"), str):
+        return "state with an unreadable identity"
+    if saved.get("run_id") != current["run_id"]:
+        return f"the state of run {saved.get('run_id')!r}, and this config is run {current['run_id']!r}"
+    old, new = saved.get("definition") or {}, current["definition"]
+    changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+    if changed:
+        return f"run {current['run_id']!r} made with other settings ({'; '.join(changed)})"
+    return None
 
 
 def _free_mb(store: DurableStore) -> float | None:

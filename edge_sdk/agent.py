@@ -28,11 +28,11 @@ from edge_sdk.client import EdgeClient
 from edge_sdk.config import AgentConfig, RunRecipe
 from edge_sdk.messages import MessageError, round_frame_problem
 from edge_sdk.trainers import create_trainer
-from edge_sdk.state import read_state, state_problem, write_state
+from edge_sdk.state import check_state_identity, read_state, state_problem, write_state
 from edge_sdk.uplink import Uplink
 from edgefl_core.config import ConfigError, build_dataclass
-from edgefl_core.data.datasets import ImageDataset, dataset_stats
-from edgefl_core.data.local import load_local_data
+from edgefl_core.data.datasets import DatasetError, ImageDataset, dataset_stats
+from edgefl_core.data.local import data_fingerprint, describe_data, load_local_data
 from edgefl_core.reliable import parse_progress
 from edgefl_core.transport import Transport, create_transport
 from edgefl_core.transport.inbox import drain
@@ -65,6 +65,8 @@ class EdgeAgent:
         mine = saved.get("device") == self.device and saved.get("run") == cfg.run_id
         self.done_session: str | None = (saved.get("done_session") or None) if mine else None
         self.soft_label_round = -1
+        self.data_fingerprint = data_fingerprint(train, test)
+        self.run_instance: str | None = None  # the runtime's run instance (HELLO / ROUND): a new one is a new run
         self.pending_round: dict | None = None
         self.uplink = Uplink(transport, self.topics, self.device, cfg.upload)  # acknowledged transfers
         self.registered_session: str | None = None
@@ -86,7 +88,8 @@ class EdgeAgent:
             "soft_logits": self.client.soft_labels.logits, "soft_present": self.client.soft_labels.present,
             "soft_round": self.client.soft_labels.round, "last_done": self.last_done,
             "trained_round": self.trained_round, "done_session": self.done_session or "", "device": self.device,
-            "run": self.cfg.run_id, "recipe": json.dumps(asdict(self.recipe), sort_keys=True)})
+            "run": self.cfg.run_id, "recipe": json.dumps(asdict(self.recipe), sort_keys=True),
+            "data": self.data_fingerprint, "instance": self.run_instance or ""})
 
     def load_state(self) -> bool:
         """Resume from the saved state when it is this device's, this run's and this recipe's, and fits the
@@ -96,7 +99,7 @@ class EdgeAgent:
             return False
         problem = state_problem(state, device=self.device, run=self.cfg.run_id,
                                 recipe=json.dumps(asdict(self.recipe), sort_keys=True), model=self.client.model,
-                                soft_logits=self.client.soft_labels.logits)
+                                soft_logits=self.client.soft_labels.logits, instance=self.run_instance)
         if problem is None:
             try:
                 self.client.trainer.load_state_dict(state["trainer"])
@@ -154,6 +157,13 @@ class EdgeAgent:
         except ConfigError as e:
             logger.error("%s: the runtime's run recipe is not usable here: %s", self.device, e)
             return False
+        instance = data.get("instance") if isinstance(data.get("instance"), str) else None
+        if self.recipe is not None and instance and self.run_instance and instance != self.run_instance:
+            logger.warning("%s: the runtime started run %s afresh (instance %s, was %s): this device starts it "
+                           "afresh too", self.device, self.cfg.run_id, instance[:16], self.run_instance[:16])
+            self.client = self.recipe = self.pending_round = self.global_state = self.done_session = None
+            self.last_done = self.trained_round = self.soft_label_round = self.global_round = -1
+        self.run_instance = instance or self.run_instance
         if self.recipe is not None:
             if recipe != self.recipe:
                 logger.error("%s: the runtime changed the run recipe mid-run; keeping the one this device "
@@ -441,6 +451,14 @@ def build_agent(cfg: AgentConfig, transport: Transport | None = None) -> EdgeAge
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     train, test = load_local_data(cfg.data)
+    if not len(train):
+        raise DatasetError(f"{cfg.data.path or cfg.data.dataset}: this device has no training samples")
+    about = describe_data(cfg.data, train, test)
+    logger.info("%s data: %s at %s: %d train / %d test samples of %s, %d classes, fingerprint %s", cfg.device_id,
+                about["dataset"], about["path"] or "its default place", about["train_samples"], about["test_samples"],
+                "x".join(map(str, about["image_shape"])), about["num_classes"], about["fingerprint"])
+    check_state_identity(Path(cfg.state_dir) / STATE_FILE, device=cfg.device_id, run=cfg.run_id,
+                         data=about["fingerprint"])
     if transport is None:
         offline = P.control_frame(P.STATUS, run=cfg.run_id, device=cfg.device_id, round_=-1, online=False)
         transport = create_transport(cfg.broker, f"edgefl-{cfg.run_id}-{cfg.device_id}",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from edgefl_core.codecs import FEATURE_CODECS, MODEL_CODECS
-from edgefl_core.config import ConfigError, apply_overrides, build_dataclass, read_yaml, require
+from edgefl_core.config import ConfigError, build_dataclass, load_config_file, require
 from edgefl_core.data.config import AgentDataConfig
 from edgefl_core.transport.config import BrokerConfig
 
@@ -116,7 +116,7 @@ class AgentConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     data: AgentDataConfig = field(default_factory=AgentDataConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
-    state_dir: str = "agent-state"
+    state_dir: str = "agent-state"  # relative to the config file's folder
     profile: str | None = None     # device profile name, reported at registration
     heartbeat_s: float = 10.0
     threads: int | None = 1        # torch intra-op threads on the device
@@ -133,7 +133,18 @@ class AgentConfig:
             check_profile_name(self.profile, "profile")
 
 
+# paths in an agent.yaml are relative to the file: a provisioned bundle (config, CA, data) moves as one folder
+AGENT_PATH_KEYS = ("broker.ca_file", "broker.cert_file", "broker.key_file", "state_dir", "data.path",
+                   "data.ids_file")
+
+
 def load_agent_config(path: str | Path | None, overrides: list[str] | None = None) -> AgentConfig:
-    data = read_yaml(path) if path is not None else {}
-    apply_overrides(data, overrides)
-    return build_dataclass(AgentConfig, data)
+    """``agent.yaml`` (relative paths resolved against its folder) + ``--set`` overrides -> a checked
+    :class:`AgentConfig`. A config file must say where the device's data is (a ``data`` section): an agent
+    never trains on a default dataset it was not pointed at. Raises ConfigError naming the key."""
+    data = load_config_file(path, overrides, AGENT_PATH_KEYS)
+    cfg = build_dataclass(AgentConfig, data)
+    if path is not None and not isinstance(data.get("data"), dict):
+        raise ConfigError(f"{path}: no data section: say where this device's data is, e.g. data: {{dataset: npz, "
+                          "path: data}} (see docs/DEPLOYMENT.md, 'A device's own data')")
+    return cfg

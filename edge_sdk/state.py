@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from edgefl_core.config import ConfigError
+
 logger = logging.getLogger("edgefl.agent")
 
 
@@ -39,11 +41,39 @@ def read_state(path: Path) -> dict | None:
     return state
 
 
+class StateMismatch(ConfigError):
+    """The state directory holds another device's, run's or data's progress."""
+
+
+def check_state_identity(path: Path, *, device: str, run: str, data: str) -> None:
+    """At start, before anything is trained: the saved state (if any) must be this device's, in this run, on
+    this data (``data``: its fingerprint). Raises StateMismatch naming the difference and the remedy; never
+    resumes progress made on other data or in another run."""
+    state = read_state(path)
+    if state is None:
+        return
+    saved_data = state.get("data")
+    if state.get("device") != device or state.get("run") != run:
+        problem = f"the state of device {state.get('device')!r} in run {state.get('run')!r}, not {device!r} in {run!r}"
+    elif saved_data is not None and saved_data != data:
+        problem = (f"progress made on other data (fingerprint {saved_data}; this device's data is now {data}: "
+                   "data.path, data.ids_file or the files changed)")
+    else:
+        return
+    raise StateMismatch(f"{path} holds {problem}. Start afresh with 'edge-agent --config ... --reset-state' "
+                        "(moves the state aside) or set another state_dir; to resume, restore the data or config "
+                        "it was made with")
+
+
 def state_problem(state: dict, *, device: str, run: str, recipe: str, model: torch.nn.Module,
-                  soft_logits: torch.Tensor) -> str | None:
-    """Why ``state`` cannot be resumed by this device, run, recipe (as JSON), model and data; None if it can."""
+                  soft_logits: torch.Tensor, instance: str | None = None) -> str | None:
+    """Why ``state`` cannot be resumed by this device, run, recipe (as JSON), model and data, in the
+    runtime's run ``instance`` (None: unknown); None if it can."""
     if state.get("device") != device or state.get("run") != run:
         return f"it is the state of device {state.get('device')!r} in run {state.get('run')!r}"
+    if instance and state.get("instance") and state.get("instance") != instance:
+        return (f"the runtime started run {run!r} afresh (instance {instance}; this state is from instance "
+                f"{state.get('instance')})")
     if state.get("recipe") != recipe:
         return "it was saved under another run recipe (model, trainer or codecs changed)"
     saved_logits = state.get("soft_logits")

@@ -10,6 +10,7 @@ from cloud_runtime import provision
 from cloud_runtime.config import load_runtime_config
 from cloud_runtime.store import CheckpointError
 from cloud_runtime.service import build_runtime
+from edgefl_core.files import move_aside
 from edgefl_cli.logs import setup_logging
 from edgefl_core.config import ConfigError
 
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", required=True, help="runtime YAML")
     serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--reset-state", action="store_true",
+                       help="start the run afresh: move state_dir aside (to <state_dir>.old-<time>) first")
     provision.add_parser(sub)
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "log_level", "INFO"))
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         cfg = load_runtime_config(args.config, args.overrides)
+        if args.reset_state and (aside := move_aside(cfg.state_dir)) is not None:
+            logger.info("--reset-state: moved the previous state to %s", aside)
         runtime = build_runtime(cfg)
         signal.signal(signal.SIGTERM, lambda *_: runtime.stop.set())
         runtime.serve()

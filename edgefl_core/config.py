@@ -121,6 +121,31 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def resolve_paths(data: dict, keys: tuple[str, ...], base: Path) -> dict:
+    """Make the dotted ``keys`` of ``data`` that hold relative paths relative to ``base`` (a config file's
+    directory), in place: a bundle of a config and its files can be copied anywhere as one folder.
+    ``~`` is expanded; absolute paths and absent or null keys are left alone."""
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(leaf), str) or not node[leaf]:
+            continue
+        path = Path(node[leaf]).expanduser()
+        node[leaf] = str(path if path.is_absolute() else (base / path))
+    return data
+
+
+def load_config_file(path: str | Path | None, overrides: list[str] | None, path_keys: tuple[str, ...]) -> dict:
+    """A config file's mapping with its relative ``path_keys`` resolved against the file's directory, then
+    ``--set`` overrides applied (a path given with ``--set`` is relative to the current directory)."""
+    data = {}
+    if path is not None:
+        data = resolve_paths(read_yaml(path), path_keys, Path(path).resolve().parent)
+    return apply_overrides(data, overrides)
+
+
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     """Apply ``dotted.key=value`` strings (values parsed as YAML) to a nested mapping, in place."""
     for item in overrides or []:

@@ -49,7 +49,7 @@ def run_fleet(tmp_path, npz_dir, provisioned, port, procs, attack=None):  # noqa
         data = yaml.safe_load(path.read_text())
         source = provisioned.runtime_config if path == deployment.runtime_path else \
             provisioned.agent_configs[data["device_id"]]
-        data["broker"] = yaml.safe_load(source.read_text())["broker"]
+        data["broker"] = {**yaml.safe_load(source.read_text())["broker"], "ca_file": str(provisioned.ca_file)}
         path.write_text(yaml.safe_dump(data))
     procs.append(spawn(["edgefl_cli.runtime", "serve", "--config", str(deployment.runtime_path)], tmp_path / "rt.log"))
     for i, path in enumerate(deployment.agent_paths):

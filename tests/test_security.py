@@ -218,7 +218,8 @@ def test_reprovisioning_keeps_credentials_and_adds_devices(tmp_path):
 
 def test_plaintext_to_a_remote_broker_is_refused_unless_explicitly_allowed(tmp_path):
     cfg = tmp_path / "agent.yaml"
-    cfg.write_text(yaml.safe_dump({"device_id": "dev0", "broker": {"url": "mqtt://broker.example.org:1883"}}))
+    cfg.write_text(yaml.safe_dump({"device_id": "dev0", "broker": {"url": "mqtt://broker.example.org:1883"},
+                                   "data": {"dataset": "fashion_mnist"}}))
     with pytest.raises(ConfigError, match="broker.url: plaintext mqtt:// to a non-loopback host"):
         load_agent_config(cfg)
     assert load_agent_config(cfg, ["broker.allow_insecure=true"]).broker.allow_insecure

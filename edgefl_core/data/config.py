@@ -39,6 +39,10 @@ class AgentDataConfig:
     dataset: str = "fashion_mnist"          # a registered dataset (edgefl_core.data.datasets.DATASETS)
     path: str | None = None
     ids_file: str | None = None   # JSON {"train": [...], "test": [...]} of sample ids; null = whole dataset
+    fingerprint: str | None = None  # sha256:<16 hex> (edge-agent data check): refuse to start on other data
 
     def check(self) -> None:
         check_dataset(self.dataset, self.path)
+        require(self.fingerprint is None or (self.fingerprint.startswith("sha256:") and len(self.fingerprint) == 23),
+                "fingerprint", f"expected sha256:<16 hex digits> as edge-agent data check prints it, got "
+                f"{self.fingerprint!r}")

@@ -31,6 +31,10 @@ class DatasetError(ValueError):
     """A dataset file is missing, corrupt, or not what its name promises."""
 
 
+class MissingSplit(DatasetError):
+    """A dataset that may lack a split (a device's own npz or image folder without test data) lacks it."""
+
+
 @dataclass(frozen=True)
 class ImageDataset:
     images: np.ndarray      # N x C x H x W, uint8
@@ -265,7 +269,74 @@ def _load_npz_split(split: str, path: str | None) -> ImageDataset:
         raise DatasetError("dataset npz needs data.path")
     p = Path(path)
     file = p / f"{split}.npz" if p.is_dir() else (p if split == "train" else p.with_name(f"{p.stem}_test.npz"))
+    if split == "test" and not file.exists():
+        raise MissingSplit(f"{file}: no test split")
     return load_npz(file, f"npz/{split}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@register_dataset("image_folder", needs_path=True)
+def load_image_folder(split: str, path: str | None) -> ImageDataset:
+    """A plain folder of images per class, read with Pillow: ``path/train/<class>/*.png`` (and optionally
+    ``path/test/<class>/...``), or ``path/<class>/...`` as the train split alone.
+
+    Labels: class folders named ``0``, ``1``, ... are those labels; otherwise ``path/classes.txt`` lists the
+    class folder names one per line in the run's label order (sorted folder names would give a device that
+    lacks a class shifted labels). Every image must have the same size; grayscale images give 1 channel,
+    others are converted to RGB. Sample ids are positions in the sorted list of relative paths (stable while
+    the folder does not change). Raises DatasetError naming the folder or file."""
+    if not path:
+        raise DatasetError("dataset image_folder needs data.path")
+    root = Path(path)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist")
+    split_dir = root / split
+    if not split_dir.is_dir():
+        if split == "test":
+            raise MissingSplit(f"{root}: no test/ folder")
+        split_dir = root  # path/<class>/... : the train split alone
+    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and d.name not in ("train", "test"))
+    if not class_dirs:
+        raise DatasetError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<image>)")
+    names_file = root / "classes.txt"
+    if names_file.exists():
+        classes = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        label_of = {name: i for i, name in enumerate(classes)}
+        num_classes = len(classes)
+    elif all(d.name.isdigit() for d in class_dirs):
+        label_of = {d.name: int(d.name) for d in class_dirs}
+        num_classes = max(label_of.values()) + 1
+    else:
+        raise DatasetError(f"{split_dir}: class folders {[d.name for d in class_dirs][:5]} are not label numbers; "
+                           f"list the class names in label order in {names_file}, one per line")
+    files = []
+    for d in class_dirs:
+        if d.name not in label_of:
+            raise DatasetError(f"{d}: class {d.name!r} is not in {names_file}")
+        files += [(f, label_of[d.name]) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DatasetError(f"{split_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
+    from PIL import Image, UnidentifiedImageError
+    images = []
+    mode = None
+    for f, _ in files:
+        try:
+            with Image.open(f) as im:
+                mode = mode or ("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+                array = np.asarray(im.convert(mode), dtype=np.uint8)
+        except (OSError, UnidentifiedImageError) as e:
+            raise DatasetError(f"{f}: not a readable image ({e})") from None
+        if images and array.shape != images[0].shape:
+            raise DatasetError(f"{f}: {array.shape[1]}x{array.shape[0]} pixels, the first image "
+                               f"({files[0][0]}) is {images[0].shape[1]}x{images[0].shape[0]}: resize them alike")
+        images.append(array)
+    stacked = np.stack(images)
+    stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)  # N x C x H x W
+    labels = np.asarray([label for _, label in files], dtype=np.int64)
+    return ImageDataset(np.ascontiguousarray(stacked), labels, np.arange(len(files), dtype=np.int64), num_classes,
+                        f"image_folder/{split}")
 
 
 def dataset_stats(name: str | None) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
