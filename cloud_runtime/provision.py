@@ -371,6 +371,9 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     run_id = run_id or existing_runtime.get("run_id") or "default"
     accounts[RUNTIME_USER] = existing_runtime.get("broker", {}).get("password") or new_password()
     agent_paths = {}
+    before = {p.parent.name for p in (out / "devices").glob("*/agent.yaml")}
+    if existing_runtime.get("expected_devices") == len(before):  # provision's own count: follows the fleet
+        existing_runtime.pop("expected_devices")
     for device in devices:
         bundle = out / "devices" / device
         path = bundle / "agent.yaml"

@@ -131,10 +131,12 @@ class EdgeAgent:
             try:
                 self.transport.connect()
                 break
+            except ConfigError:  # wrong credentials or a certificate that does not verify: no retry fixes it
+                raise
             except ConnectionError as e:
                 logger.warning("%s: waiting for the broker: %s; retrying in %.0fs", self.device, e, delay)
                 if self.stop.wait(delay):
-                    raise
+                    return  # stopped while waiting (SIGTERM): nothing to say goodbye to
                 delay = min(2 * delay, 60.0)
         self.transport.publish(self.topics.status(self.device),
                                P.control_frame(P.STATUS, run=self.cfg.run_id, device=self.device, round_=-1,
@@ -437,6 +439,9 @@ class EdgeAgent:
         return 0
 
     def shutdown(self) -> None:
+        if not self.transport.connected:  # stopped before the broker was ever reached
+            self.transport.close()
+            return
         try:
             self.transport.publish(self.topics.status(self.device), P.control_frame(
                 P.STATUS, run=self.cfg.run_id, device=self.device, round_=self.last_done, online=False), retain=True)

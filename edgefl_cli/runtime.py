@@ -21,9 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloud-runtime", description="edgefl cloud runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run FedGKT rounds over the broker")
-    serve.add_argument("--config", required=True, help="runtime YAML")
-    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--config", required=True, help="runtime YAML (paths in it are relative to its folder)")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value (dotted key, YAML value), e.g. --set rounds=2; repeatable")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="default: %(default)s")
     serve.add_argument("--reset-state", action="store_true",
                        help="start the run afresh: move state_dir aside (to <state_dir>.old-<time>) first")
     provision.add_parser(sub)

@@ -35,6 +35,11 @@ class BrokerConfig:
         except ValueError as e:
             raise ConfigError(f"url: {e}") from None
         require(5 <= self.keepalive <= 3600, "keepalive", "must be in [5, 3600] seconds")
+        from pathlib import Path
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, key)
+            require(value is None or Path(value).is_file(), key, f"{value} does not exist (paths in a config file "
+                    "are relative to its folder)")
         if not self.allow_insecure and not address.is_loopback:
             # Deployments use TLS and credentials (cloud-runtime provision); plaintext is for local simulation.
             require(address.tls, "url", f"plaintext mqtt:// to a non-loopback host ({address.host}) is refused; "

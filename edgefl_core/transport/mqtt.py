@@ -19,9 +19,19 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgefl_core.config import ConfigError
 from edgefl_core.transport.base import Handler, Transport, topic_matches
 
 logger = logging.getLogger(__name__)
+
+# CONNACK reason codes that no retry can fix: the client's credentials or identity are wrong
+_AUTH_FAILURES = ("Bad user name or password", "Not authorized", "Client identifier not valid", "Banned",
+                  "Bad authentication method")
+
+
+class BrokerConfigError(ConfigError, ConnectionError):
+    """The broker answers but will never accept this client as configured: wrong credentials, or a
+    certificate that does not verify against ``ca_file``. Waiting does not help; the config must change."""
 
 
 @dataclass
@@ -54,6 +64,23 @@ class BrokerAddress:
         except OSError as e:
             return f"{type(e).__name__}: {e}"
 
+    def tls_problem(self, ca_file: str | None, timeout: float = 5.0) -> tuple[bool, str] | None:
+        """A TLS handshake against the broker with the client's CA: None when it verifies, else (whether it
+        is a configuration error: the certificate does not verify, in words)."""
+        context = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout) as raw:
+                with context.wrap_socket(raw, server_hostname=self.host):
+                    return None
+        except ssl.SSLCertVerificationError as e:
+            return True, (f"the broker's TLS certificate does not verify against ca_file {ca_file or '(system CAs)'}: "
+                          f"{e.verify_message or e.reason} (the broker was provisioned with another CA, or host "
+                          f"{self.host!r} is not in its certificate)")
+        except ssl.SSLError as e:
+            return False, f"TLS handshake failed ({e.reason or e}): is port {self.port} a TLS listener?"
+        except OSError as e:
+            return False, f"{type(e).__name__}: {e}"
+
     @property
     def is_loopback(self) -> bool:
         if self.host == "localhost":
@@ -85,6 +112,9 @@ class MqttTransport(Transport):
         self.cleared_retained = 0  # retained messages dropped and cleared on retained=False subscriptions
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._refused = threading.Event()  # the broker answered the CONNECT with a failure reason code
+        self._ca_file = ca_file
+        self._username = username
         self._inflight: list[mqtt.MQTTMessageInfo] = []
         protocol = mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
@@ -119,6 +149,7 @@ class MqttTransport(Transport):
         if reason_code.is_failure:
             self.last_connect_error = str(reason_code)
             logger.warning("%s: broker refused the connection: %s", self.client_id, reason_code)
+            self._refused.set()
             return
         sock = client.socket()
         try:  # small control frames and PUBACKs must not wait out Nagle's algorithm against delayed ACKs (~40 ms)
@@ -166,12 +197,42 @@ class MqttTransport(Transport):
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = self._session_expiry_s
             kwargs = {"clean_start": False, "properties": props}
+        self._refused.clear()
+        reason = self.address.probe(timeout=min(timeout, 5.0))
+        if not reason.startswith("the port answers"):  # refused, unknown host, no answer: say so now
+            raise ConnectionError(f"{self.client_id}: no connection to {self.address.host}:{self.address.port} "
+                                  f"({reason})")
         self._client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive, **kwargs)
         self._client.loop_start()
-        if not self._connected.wait(timeout):
-            self._client.loop_stop()
-            raise ConnectionError(f"{self.client_id}: no connection to {self.address.host}:{self.address.port} "
-                                  f"within {timeout:.0f}s ({self.last_connect_error or self.address.probe()})")
+        deadline = time.monotonic() + timeout
+        tls_checked = not self.address.tls
+        while not self._connected.wait(0.1):
+            if self._refused.is_set() or time.monotonic() >= deadline:
+                break
+            if not tls_checked and time.monotonic() >= deadline - timeout + 2:  # slow: a certificate problem?
+                tls_checked = True
+                problem = self.address.tls_problem(self._ca_file)
+                if problem is not None and problem[0]:
+                    self._client.loop_stop()
+                    raise BrokerConfigError(f"{self.address.host}:{self.address.port}: {problem[1]}")
+        if self._connected.is_set():
+            return
+        self._client.loop_stop()
+        where = f"{self.address.host}:{self.address.port}"
+        error = self.last_connect_error if self._refused.is_set() else None
+        if error and any(error.startswith(code) for code in _AUTH_FAILURES):
+            raise BrokerConfigError(f"the broker at {where} refused user {self._username!r}: {error}. Check "
+                                    "broker.username and broker.password (cloud-runtime provision wrote them; the "
+                                    "broker's password file must be the same deployment's)")
+        if error:
+            raise ConnectionError(f"{self.client_id}: the broker at {where} refused the connection: {error}")
+        reason = self.address.probe()
+        if self.address.tls and reason.startswith("the port answers"):
+            problem = self.address.tls_problem(self._ca_file)
+            if problem is not None and problem[0]:
+                raise BrokerConfigError(f"{where}: {problem[1]}")
+            reason = problem[1] if problem is not None else "TLS verifies, but no MQTT session came up in time"
+        raise ConnectionError(f"{self.client_id}: no connection to {where} within {timeout:.0f}s ({reason})")
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
