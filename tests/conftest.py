@@ -62,3 +62,25 @@ def wait_until(condition, timeout=20.0, step=None):
             return
         time.sleep(0.02)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def wait_with_progress(proc, logs, *, stall_s: float = 300.0, limit_s: float = 3600.0) -> int:
+    """Wait for ``proc`` to exit while it (or the processes writing ``logs``) makes progress: fail only when
+    no log grew for ``stall_s`` seconds (a hang), not on a fixed budget sized for an idle machine; ``limit_s``
+    bounds the whole wait. Returns the exit status."""
+    import time
+    sizes: dict = {}
+    last_progress = start = time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=2)
+        except Exception:  # subprocess.TimeoutExpired
+            pass
+        now = time.monotonic()
+        current = {str(p): Path(p).stat().st_size for p in logs if Path(p).exists()}
+        if current != sizes:
+            sizes, last_progress = current, now
+        if now - last_progress > stall_s:
+            raise AssertionError(f"no progress for {stall_s:.0f}s (logs: {', '.join(map(str, logs))})")
+        if now - start > limit_s:
+            raise AssertionError(f"still running after {limit_s:.0f}s although making progress")
