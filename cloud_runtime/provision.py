@@ -201,6 +201,21 @@ def _hand_to_broker_user(broker_dir: Path, user: str) -> None:
         return
     for path in (broker_dir / "passwd", broker_dir / "broker.key", broker_dir / "acl", broker_dir / "data"):
         os.chown(path, entry.pw_uid, entry.pw_gid)
+    blocked = _first_blocked_parent(broker_dir.resolve(), entry.pw_uid, entry.pw_gid)
+    if blocked is not None:
+        logger.warning("mosquitto started as root drops to user %r, who cannot enter %s (mode %o): the broker will "
+                       "fail with 'Unable to open pwfile'. Provision into a directory %s can reach, or pass "
+                       "--broker-user root", user, blocked, blocked.stat().st_mode & 0o777, user)
+
+
+def _first_blocked_parent(path: Path, uid: int, gid: int) -> Path | None:
+    """The first directory on the way to ``path`` that user ``uid`` (group ``gid``) may not enter."""
+    for d in [*reversed(path.parents), path]:
+        st = d.stat()
+        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
+        if not st.st_mode & bit:
+            return d
+    return None
 
 
 @dataclass

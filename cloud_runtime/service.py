@@ -28,6 +28,7 @@ from edge_sdk import protocol as P
 from edge_sdk.messages import MessageError
 from edgefl_core.transport import Transport, create_transport
 from edgefl_core.transport.inbox import drain
+from edgefl_core.transport.retry import connect_patiently
 
 logger = logging.getLogger("edgefl.runtime")
 
@@ -73,7 +74,8 @@ class CloudRuntime:
         self.transport.subscribe(self.topics.all_up, self.enqueue, retained=False)
         self.transport.subscribe(self.topics.all_heartbeat, self.enqueue, retained=False)
         self.transport.subscribe(self.topics.all_status, self.enqueue)
-        self.transport.connect()
+        if not connect_patiently(self.transport, self.stop, f"runtime of run {self.cfg.run_id!r}"):
+            return  # stopped while waiting for the broker
         if self.strategy.next_round < self.cfg.rounds:  # devices that registered before we listened do so again
             self.downlink.broadcast(P.HELLO, self.strategy.next_round, session=self.session)
         logger.info("runtime (session %s, %s) serving run %r", self.session, strategy_name(self.cfg), self.cfg.run_id)

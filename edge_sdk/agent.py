@@ -35,6 +35,7 @@ from edgefl_core.data.datasets import DatasetError, ImageDataset, dataset_stats
 from edgefl_core.data.local import data_fingerprint, describe_data, load_local_data
 from edgefl_core.reliable import parse_progress
 from edgefl_core.transport import Transport, create_transport
+from edgefl_core.transport.retry import connect_patiently
 from edgefl_core.transport.inbox import drain
 from model_zoo import create_model, seeded
 
@@ -126,18 +127,8 @@ class EdgeAgent:
     def start(self) -> None:
         self.transport.subscribe(self.topics.down(self.device), self.enqueue)
         self.transport.subscribe(self.topics.control, self.enqueue)
-        delay = 1.0
-        while True:  # a daemon that boots before the network or the broker waits for them
-            try:
-                self.transport.connect()
-                break
-            except ConfigError:  # wrong credentials or a certificate that does not verify: no retry fixes it
-                raise
-            except ConnectionError as e:
-                logger.warning("%s: waiting for the broker: %s; retrying in %.0fs", self.device, e, delay)
-                if self.stop.wait(delay):
-                    return  # stopped while waiting (SIGTERM): nothing to say goodbye to
-                delay = min(2 * delay, 60.0)
+        if not connect_patiently(self.transport, self.stop, self.device):
+            return  # stopped while waiting (SIGTERM): nothing to say goodbye to
         self.transport.publish(self.topics.status(self.device),
                                P.control_frame(P.STATUS, run=self.cfg.run_id, device=self.device, round_=-1,
                                                online=True), retain=True)

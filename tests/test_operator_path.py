@@ -258,3 +258,27 @@ def test_an_agent_drops_progress_of_another_run_instance(tmp_path):
     third = build_agent(cfg, MemoryTransport(MemoryBus(), "d0"))
     third.configure({**recipe, "instance": "e" * 12})
     assert third.last_done == -1  # a saved state of another instance is not resumed at start either
+
+
+def test_a_runtime_started_before_its_broker_waits_for_it(tmp_path, caplog):
+    """The walkthrough once failed: a runtime started a second before mosquitto exited 2."""
+    import logging
+    import threading
+    from cloud_runtime.service import build_runtime
+    from edgefl_cli.mosquitto import EmbeddedMosquitto, free_port
+    from edgefl_core.transport.mqtt import MqttTransport
+    port = free_port()
+    cfg = load_runtime_config(None, ["run_id=r1", f"state_dir={tmp_path / 'rt'}", f"broker.url=mqtt://127.0.0.1:{port}"])
+    transport = MqttTransport(cfg.broker.url, "runtime")
+    runtime = build_runtime(cfg, transport)
+    broker = EmbeddedMosquitto(port=port)
+    starter = threading.Timer(2.5, broker.start)
+    starter.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            runtime.start()
+        assert transport.connected and "waiting for the broker" in caplog.text and "connection refused" in caplog.text
+    finally:
+        starter.join()
+        transport.close()
+        broker.stop()

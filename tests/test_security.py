@@ -224,3 +224,26 @@ def test_plaintext_to_a_remote_broker_is_refused_unless_explicitly_allowed(tmp_p
         load_agent_config(cfg)
     assert load_agent_config(cfg, ["broker.allow_insecure=true"]).broker.allow_insecure
     assert load_agent_config(None, ["device_id=dev0", "broker.url=mqtt://127.0.0.1:1883"])  # local simulation
+
+
+def test_wrong_credentials_and_a_foreign_ca_are_configuration_errors_said_at_once(deployment, tmp_path):
+    """A daemon retries what waiting can fix and exits 2 on what it cannot (issue 14, item 5)."""
+    from edgefl_core.transport.mqtt import BrokerConfigError
+    result, port = deployment
+    wrong = MqttTransport(f"mqtts://127.0.0.1:{port}", "dev0", username="dev0", password="not-it",
+                          ca_file=str(result.ca_file))
+    started = time.monotonic()
+    with pytest.raises(BrokerConfigError, match="refused user 'dev0'.*broker.password"):
+        wrong.connect(timeout=30)
+    assert time.monotonic() - started < 15
+    other = provision(tmp_path / "other", ["x"], host="127.0.0.1", port=port)
+    foreign = MqttTransport(f"mqtts://127.0.0.1:{port}", "dev0", username="dev0", password=_password(result, "dev0"),
+                            ca_file=str(other.ca_file))
+    started = time.monotonic()
+    with pytest.raises(BrokerConfigError, match="does not verify against ca_file"):
+        foreign.connect(timeout=30)
+    assert time.monotonic() - started < 15
+    plain = MqttTransport(f"mqtt://127.0.0.1:{free_port()}", "dev0")
+    with pytest.raises(ConnectionError, match="connection refused") as refused:
+        plain.connect(timeout=30)
+    assert not isinstance(refused.value, ConfigError)  # waiting can fix this one: the daemon retries

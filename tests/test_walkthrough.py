@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,13 +25,34 @@ def shell_blocks(text: str) -> list[str]:
     return [m.group(1).strip() for m in re.finditer(r"```sh\n(.*?)```", text, re.S)]
 
 
+def wait_for_the_run(background: dict) -> None:
+    """The runtime ends the run and exits 0; then every device exits 0."""
+    runtime, runtime_log = background["the cloud runtime"]
+    logs = [log for _, log in background.values()]
+    assert wait_with_progress(runtime, logs, stall_s=300, limit_s=2400) == 0, runtime_log.read_text()[-4000:]
+    for name, (proc, log) in background.items():
+        if name.startswith("device"):
+            assert wait_with_progress(proc, [log], stall_s=120, limit_s=300) == 0, log.read_text()[-3000:]
+
+
 def test_the_doc_has_the_walkthrough_blocks():
     blocks = shell_blocks(DOC.read_text())
     assert blocks[0].startswith("cloud-runtime provision")
     assert sum(b.startswith("# terminal") for b in blocks) == 4
 
 
-def test_the_deployment_walkthrough_runs_as_written(tmp_path):
+@pytest.fixture
+def workdir():
+    """An empty folder the broker's account can enter: as root, mosquitto drops to user mosquitto, and
+    pytest's own tmp folders are private to the user running the tests."""
+    path = Path(tempfile.mkdtemp(prefix="edgefl-walkthrough-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_deployment_walkthrough_runs_as_written(workdir):
+    tmp_path = workdir
     with socket.socket() as s:  # the doc's port
         if s.connect_ex(("127.0.0.1", 18883)) == 0:
             pytest.fail("port 18883 (docs/DEPLOYMENT.md's broker) is in use on this machine")
@@ -45,17 +68,14 @@ def test_the_deployment_walkthrough_runs_as_written(tmp_path):
                                                      stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                                      start_new_session=True), log)
                 continue
+            if background:  # a command after the terminals is for once the run has ended (the broker stays up)
+                wait_for_the_run(background)
             done = subprocess.run(["bash", "-ec", block], cwd=tmp_path, env=env, capture_output=True, text=True,
                                   timeout=600)
             assert done.returncode == 0, f"{block}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
             if "report.json" in block:
                 print(done.stdout)
-        runtime, runtime_log = background["the cloud runtime"]
-        logs = [log for _, log in background.values()]
-        assert wait_with_progress(runtime, logs, stall_s=300, limit_s=2400) == 0, runtime_log.read_text()[-4000:]
-        for name, (proc, log) in background.items():
-            if name.startswith("device"):
-                assert wait_with_progress(proc, [log], stall_s=120, limit_s=300) == 0, log.read_text()[-3000:]
+        wait_for_the_run(background)
     finally:
         for proc, _ in background.values():
             if proc.poll() is None:
