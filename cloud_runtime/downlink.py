@@ -47,9 +47,7 @@ class Downlink:
         frames = P.chunk_transfer(blob, run=self.topics.run, device=device, round_=round_, meta=meta)
         for frame in frames:
             self.transport.publish(self.topics.down(device), frame)
-        wire = sum(map(len, frames))
-        self.registry.devices[device]["bytes_down"] += wire
-        self.ingest.round_bytes[f"down:{device}"] += wire
+        self.ingest.count("down", device, sum(map(len, frames)))
 
     def send_arrays(self, devices: list[str], arrays: dict, round_: int, meta: dict) -> None:
         """Pack once, send to each of ``devices``."""

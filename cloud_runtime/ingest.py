@@ -1,6 +1,11 @@
 """Ingest: chunks -> transfers -> checked uploads. What a strategy accepts has passed everything here.
 
-Owns the reassembler, the per-round byte counters, and each device's sample ids. Sample ids are
+Owns the reassembler, the byte counters, and each device's sample ids. Uplink bytes are counted once
+each, as what became of them (per round and per device): ``up``, the wire bytes of accepted transfers,
+each chunk's first copy, counted at acceptance; ``resent``, copies of chunks already held (retransmissions,
+redeliveries) and accepted transfers that replace an upload of the same round the runtime already held;
+``rejected``, chunks refused and transfers rejected or dropped incomplete (expired, forgotten when their
+device re-registered). Sample ids are
 per-device names (the server keys every sample by (device, id) and answers soft labels per device),
 so no device can claim, block or overwrite another device's samples by construction: a device that
 uploads the ids of others' samples only names its own. Each split's ids are the same set every round.
@@ -15,6 +20,8 @@ from cloud_runtime.config import RuntimeConfig
 from cloud_runtime.registry import DeviceRegistry, Rejected
 from edge_sdk import protocol as P
 from edge_sdk.messages import FeatureUpload, MessageError
+
+BYTE_KINDS = ("up", "resent", "rejected", "down")  # see the module docstring
 
 
 def check_upload_meta(meta: dict) -> None:
@@ -40,32 +47,75 @@ class Ingest:
         self.registry = registry
         self.reassembler = P.Reassembler(cfg.max_transfer_bytes, cfg.transfer_timeout_s, max_chunk=cfg.max_chunk_bytes,
                                          max_pending_bytes_per_device=cfg.max_pending_bytes_per_device)
-        self.round_bytes: Counter = Counter()   # device -> uplink wire bytes this round ("down:<device>" downlink)
-        self.round_raw: Counter = Counter()     # device -> what the same uploads would cost as raw fp32
+        # this round's bytes by what became of them ("up", "resent", "rejected"; "down": the downlink), per device
+        self.round_bytes: dict[str, Counter] = {kind: Counter() for kind in BYTE_KINDS}
+        self.round_raw: Counter = Counter()     # device -> what this round's accepted uploads would cost as raw fp32
         self.device_ids: dict[str, dict[str, np.ndarray]] = {}                   # device -> split -> pinned ids
 
     def new_round(self) -> None:
-        self.round_bytes.clear()
+        for counter in self.round_bytes.values():
+            counter.clear()
         self.round_raw.clear()
 
+    def count(self, kind: str, device: str, wire: int) -> None:
+        """Charge ``wire`` bytes of ``kind`` (:data:`BYTE_KINDS`) to a registered device, this round and in total
+        (``devices[device]["bytes_<kind>"]``). Bytes of unregistered devices are not counted (their messages are
+        rejected as ``unknown_device``, and counting them would let anyone grow the report)."""
+        info = self.registry.devices.get(device)
+        if info is None or wire <= 0:
+            return
+        self.round_bytes[kind][device] += wire
+        info[f"bytes_{kind}"] = info.get(f"bytes_{kind}", 0) + wire
+
     def add_chunk(self, device: str, header: dict, body: bytes, wire: int) -> P.CompletedTransfer | None:
-        """Count the chunk's bytes and reassemble; the completed transfer once its last chunk is in."""
+        """Reassemble; the completed transfer once its last chunk is in. A copy of a chunk already held is
+        counted as re-sent, a refused chunk (and a transfer it made fail) as rejected; a first copy is counted
+        with its transfer, once that is judged (:meth:`count_accepted`, or rejected by the caller)."""
         if device not in self.registry.devices:
             raise Rejected("unknown_device", "upload before registration")
-        done = self.reassembler.add(header, body, wire)  # raises on a bad chunk: then nothing is counted
-        self.round_bytes[device] += wire
-        self.registry.devices[device]["bytes_up"] += wire
+        duplicates = self.reassembler.duplicates
+        try:
+            done = self.reassembler.add(header, body, wire)
+        except P.ProtocolError:
+            dropped = self.reassembler.take_dropped()  # a transfer failing its sha256 (this chunk included)
+            if not dropped:
+                self.count("rejected", device, wire)
+            for owner, held in dropped.items():
+                self.count("rejected", owner, held)
+            raise
+        if self.reassembler.duplicates > duplicates:
+            self.count("resent", device, wire)
         return done
 
-    def count_raw(self, device: str, meta: dict, replaced: bool) -> None:
-        """Credit the fp32-equivalent size of an accepted transfer once (a resend that replaces does not)."""
-        raw = meta.get("raw_fp32_bytes", 0)
+    def count_accepted(self, device: str, done: P.CompletedTransfer, replaced: bool) -> None:
+        """An accepted transfer: its wire bytes are upload, and its fp32-equivalent size is credited, once. One
+        that replaces an upload of the same round the runtime already held (a device re-sending what was not
+        lost) adds no raw size and its bytes count as re-sent."""
+        raw = done.meta.get("raw_fp32_bytes", 0)
         raw = raw if type(raw) is int and 0 <= raw < 1 << 50 and not replaced else 0
         self.round_raw[device] += raw
         self.registry.devices[device]["raw_fp32_bytes"] += raw
+        self.count("resent" if replaced else "up", device, done.wire_bytes)
 
-    def expired(self) -> list[tuple[str, str]]:
-        return self.reassembler.expire()
+    def count_rejected(self, device: str, wire: int) -> None:
+        self.count("rejected", device, wire)
+
+    def _collect_dropped(self) -> None:
+        for device, held in self.reassembler.take_dropped().items():
+            self.count("rejected", device, held)
+
+    def expired(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Transfers idle past the timeout, dropped: their bytes count as rejected."""
+        keys = self.reassembler.expire(now)
+        self._collect_dropped()
+        return keys
+
+    def forget(self, device: str) -> int:
+        """Drop ``device``'s open transfers (it re-registered: their senders are gone); their bytes count as
+        rejected. Returns how many."""
+        n = self.reassembler.forget(device)
+        self._collect_dropped()
+        return n
 
     # -- feature uploads ----------------------------------------------------------------------------
 

@@ -108,8 +108,8 @@ class DeviceRegistry:
         """Record a (re-)registration: checked device ``facts`` and the ``recipe`` fields the runtime sent it
         (model, trainer, batch_size, epochs, model_kwargs, optimizer, codec). Returns whether it was known."""
         known = device in self.devices
-        info = self.devices.setdefault(device, {"bytes_up": 0, "bytes_down": 0, "raw_fp32_bytes": 0, "rounds": [],
-                                                "rejected": 0})
+        info = self.devices.setdefault(device, {"bytes_up": 0, "bytes_resent": 0, "bytes_rejected": 0, "bytes_down": 0,
+                                                "raw_fp32_bytes": 0, "rounds": [], "rejected": 0})
         info.pop("offline_since", None)
         info.update(online=True, registered_at=time.time(), **facts, **recipe)
         logger.info("%s %sregistered: %s samples, model %s, trainer %s, profile %s", device, "re-" if known else "",
@@ -159,4 +159,6 @@ class DeviceRegistry:
         self.devices = state.get("devices", {})
         for info in self.devices.values():
             info["online"] = False  # until they say otherwise
+            info.setdefault("bytes_resent", 0)  # state from before re-sent and rejected bytes were told apart
+            info.setdefault("bytes_rejected", 0)
         self.rejections = Counter(state.get("rejections", {}))

@@ -28,7 +28,7 @@ def build_report(run: dict, rows: list[dict], registry: DeviceRegistry, messages
                  cost: CostEstimator) -> dict:
     evaluated = [r for r in rows if r.get("test_accuracy") is not None]
     devices = registry.devices
-    up = sum(d["bytes_up"] for d in devices.values())
+    up = sum(d["bytes_up"] for d in devices.values())  # accepted transfers only (cloud_runtime/ingest.py)
     raw = sum(d["raw_fp32_bytes"] for d in devices.values())
     final: dict = {}
     if evaluated:
@@ -36,7 +36,9 @@ def build_report(run: dict, rows: list[dict], registry: DeviceRegistry, messages
         final = {"test_accuracy": last["test_accuracy"], "mean_device_accuracy": last.get("mean_device_accuracy"),
                  "best_test_accuracy": max(r["test_accuracy"] for r in evaluated),
                  "test_samples": last.get("test_samples")}
-    final.update(rounds=len(rows), bytes_up=up, bytes_down=sum(d["bytes_down"] for d in devices.values()),
+    final.update(rounds=len(rows), bytes_up=up, bytes_resent=sum(d.get("bytes_resent", 0) for d in devices.values()),
+                 bytes_rejected=sum(d.get("bytes_rejected", 0) for d in devices.values()),
+                 bytes_down=sum(d["bytes_down"] for d in devices.values()),
                  upload_compression_ratio=raw / max(up, 1), rejections=dict(registry.rejections),
                  messages_in=messages_in,
                  accepted_samples=sum(sum(r.get("accepted_samples", {}).values()) for r in rows),

@@ -98,8 +98,11 @@ class CloudRuntime:
             # nothing to charge (the runtime's own clearing of a retained uplink frame comes back as one)
             self.empty_messages += 1
             return
+        chunk_wire = 0  # a chunk refused before the ingest has seen it: its bytes count as rejected
         try:
             header, body = P.decode_frame(payload, max_body=self.cfg.max_chunk_bytes)
+            if header["type"] == P.CHUNK and topic.endswith("/up"):
+                chunk_wire = len(payload)
             if header["run"] != self.cfg.run_id:
                 raise Rejected("wrong_run", f"run {header['run']!r}")
             if device is None or header["device"] != device:
@@ -121,18 +124,24 @@ class CloudRuntime:
             elif header["type"] == P.REGISTER:
                 self.register(device, data)
             elif header["type"] == P.CHUNK:
+                chunk_wire = 0  # from here the ingest counts it
                 self._on_chunk(device, header, body, len(payload))
             else:
                 raise Rejected("bad_type", f"unexpected {header['type']!r} on {topic}")
         except Rejected as e:
-            self.registry.reject(e.reason, device, e.detail)
+            self._reject(e.reason, device, e.detail, chunk_wire)
         except P.ProtocolError as e:
-            self.registry.reject(e.reason, device, str(e))
+            self._reject(e.reason, device, str(e), chunk_wire)
         except MessageError as e:
-            self.registry.reject("bad_payload", device, str(e))
+            self._reject("bad_payload", device, str(e), chunk_wire)
         except Exception as e:  # a handler bug must cost one message, never the service (the fuzz tests hunt these)
             logger.exception("internal error handling a message from %s on %s", device, topic)
-            self.registry.reject("internal_error", device, f"{type(e).__name__}: {e}")
+            self._reject("internal_error", device, f"{type(e).__name__}: {e}", chunk_wire)
+
+    def _reject(self, reason: str, device: str | None, detail: str, chunk_wire: int) -> None:
+        if chunk_wire and device is not None:
+            self.ingest.count_rejected(device, chunk_wire)
+        self.registry.reject(reason, device, detail)
 
     def register(self, device: str, data: dict) -> None:
         """A device's registration. The run's facts (classes, C x H x W, feature channels) come from the
@@ -163,7 +172,7 @@ class CloudRuntime:
                                                f"{expected_channels}")
         if strategy.num_classes is None:  # every check passed: this registration may fix the run's facts
             strategy.setup(run_classes, run_shape, channels)
-        if self.ingest.reassembler.forget(device):  # a new process: its old senders are gone
+        if self.ingest.forget(device):  # a new process: its old senders are gone
             logger.info("%s re-registered: its open transfers were dropped", device)
         old = self.registry.devices.get(device, {})
         if (old.get("train_samples"), old.get("test_samples")) != (facts["train_samples"], facts["test_samples"]):
@@ -176,7 +185,8 @@ class CloudRuntime:
 
     def _on_chunk(self, device: str, header: dict, body: bytes, wire: int) -> None:
         """A chunk: reassemble; judge a completed transfer (ACK with the verdict, remembered for resends);
-        answer a sender's ``ack`` request with what is held (:mod:`edgefl_core.reliable`)."""
+        answer a sender's ``ack`` request with what is held (:mod:`edgefl_core.reliable`). The ingest counts
+        the chunk's bytes; a rejected transfer's are counted here."""
         try:
             done = self.ingest.add_chunk(device, header, body, wire)
         except (Rejected, P.ProtocolError):
@@ -186,10 +196,14 @@ class CloudRuntime:
             self._answer(device, header)
             return
         try:
-            what = self.strategy.accept(device, done)
+            what = self.strategy.accept(device, done)  # accepted: the strategy counts it (Ingest.count_accepted)
         except Rejected as e:
+            self.ingest.count_rejected(device, done.wire_bytes)
             self.ingest.reassembler.settle(device, done.transfer, False, e.reason)
             self.downlink.ack(device, done, accepted=False, reason=e.reason)
+            raise
+        except Exception:
+            self.ingest.count_rejected(device, done.wire_bytes)
             raise
         self.ingest.reassembler.settle(device, done.transfer, True)
         self.registry.accepted(device)
@@ -285,9 +299,11 @@ class CloudRuntime:
         report = self.write_report()
         plot_accuracy(report, self.store.dir / "accuracy.png")
         if report["final"].get("test_accuracy") is not None:
-            logger.info("run finished: test accuracy %.4f, upload %.1f MB (%.1fx smaller than fp32), %d rejected",
-                        report["final"]["test_accuracy"], report["final"]["bytes_up"] / 1e6,
-                        report["final"]["upload_compression_ratio"], sum(self.registry.rejections.values()))
+            final = report["final"]
+            logger.info("run finished: test accuracy %.4f, upload %.1f MB (%.1fx smaller than fp32; %.2f MB re-sent, "
+                        "%.2f MB rejected), %d rejected messages", final["test_accuracy"], final["bytes_up"] / 1e6,
+                        final["upload_compression_ratio"], final["bytes_resent"] / 1e6, final["bytes_rejected"] / 1e6,
+                        sum(self.registry.rejections.values()))
         return report
 
     def wait_for_devices(self) -> None:

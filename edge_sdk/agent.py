@@ -62,6 +62,8 @@ class EdgeAgent:
         self.state_path = Path(cfg.state_dir) / STATE_FILE
         self.last_done = -1                  # last round whose upload this device finished
         self.trained_round = -1              # last round whose local training finished (upload may be pending)
+        # the splits of a round not done yet that the runtime (session) already accepted: never sent again
+        self.accepted: dict = {"session": None, "round": -1, "splits": []}
         saved = read_state(self.state_path) or {}  # the session it last finished a round for: its end is obeyed
         mine = saved.get("device") == self.device and saved.get("run") == cfg.run_id
         self.done_session: str | None = (saved.get("done_session") or None) if mine else None
@@ -90,7 +92,8 @@ class EdgeAgent:
             "soft_round": self.client.soft_labels.round, "last_done": self.last_done,
             "trained_round": self.trained_round, "done_session": self.done_session or "", "device": self.device,
             "run": self.cfg.run_id, "recipe": json.dumps(asdict(self.recipe), sort_keys=True),
-            "data": self.data_fingerprint, "instance": self.run_instance or ""})
+            "data": self.data_fingerprint, "instance": self.run_instance or "",
+            "accepted": json.dumps(self.accepted)})
 
     def load_state(self) -> bool:
         """Resume from the saved state when it is this device's, this run's and this recipe's, and fits the
@@ -116,6 +119,7 @@ class EdgeAgent:
         self.last_done = int(state["last_done"])
         self.trained_round = int(state.get("trained_round", self.last_done))
         self.done_session = state["done_session"] or None
+        self.accepted = _accepted_mark(state.get("accepted"))
         logger.info("%s resumed from %s: last finished round %d", self.device, self.state_path, self.last_done)
         return True
 
@@ -156,6 +160,7 @@ class EdgeAgent:
                            "afresh too", self.device, self.cfg.run_id, instance[:16], self.run_instance[:16])
             self.client = self.recipe = self.pending_round = self.global_state = self.done_session = None
             self.last_done = self.trained_round = self.soft_label_round = self.global_round = -1
+            self.accepted = {"session": None, "round": -1, "splits": []}
         self.run_instance = instance or self.run_instance
         if self.recipe is not None:
             if recipe != self.recipe:
@@ -254,6 +259,12 @@ class EdgeAgent:
                 self.rejected += 1
                 logger.warning("%s: dropped a round announcement: %s", self.device, problem)
                 return
+            pending = self.pending_round
+            if pending is not None and pending["round"] > header["round"] and \
+                    (pending.get("data") or {}).get("session") == data.get("session"):
+                logger.info("%s: ignoring an announcement of round %d (round %d is announced)", self.device,
+                            header["round"], pending["round"])
+                return  # an older announcement (redelivered) never displaces the newer one
             self.pending_round = header
         elif kind == P.ACK:
             progress = parse_progress(data)
@@ -302,6 +313,13 @@ class EdgeAgent:
             return True
         return waited > float(data.get("soft_labels_wait_s", 30.0))
 
+    def done_already(self, round_: int, session: str | None) -> bool:
+        """True when this runtime session already has this device's upload of ``round_``: it accepted it, or a
+        later round's (a session announces rounds in order, so an announcement of an earlier one is a repeat:
+        a redelivery, a reconnect's retained copy). Only a new session (a restarted runtime, which lost the
+        round in progress) is sent a finished round again."""
+        return session == self.done_session and round_ <= self.last_done
+
     def run_fedavg_round(self, round_: int, session: str | None) -> None:
         """FedAvg: start from the global model, train locally, send the weights back."""
         assert self.global_state is not None
@@ -330,13 +348,15 @@ class EdgeAgent:
     def run_round(self, header: dict) -> None:
         self.use_threads()
         round_, data = header["round"], header.get("data", {})
-        if self.recipe.algorithm == "fedavg":
-            if round_ != self.last_done or data.get("session") != self.done_session:
-                self.run_fedavg_round(round_, data.get("session"))
-            return
         session = data.get("session")
-        if round_ == self.last_done and session == self.done_session:
-            return  # already uploaded to this runtime incarnation
+        if self.done_already(round_, session):
+            if round_ < self.last_done:
+                logger.info("%s: ignoring an announcement of round %d: round %d is done", self.device, round_,
+                            self.last_done)
+            return  # already uploaded to this runtime session
+        if self.recipe.algorithm == "fedavg":
+            self.run_fedavg_round(round_, session)
+            return
         if round_ > self.trained_round:
             stats = self.client.train_round(round_)
             self.trained_round = round_
@@ -354,6 +374,10 @@ class EdgeAgent:
         # test first: the train upload is what lets the runtime move on (async: at once), and a transfer is sent
         # only after the previous one's verdict
         splits = (["test"] if data.get("eval") and self.client.test_set is not None else []) + ["train"]
+        if self.accepted["session"] == session and self.accepted["round"] == round_:
+            splits = [s for s in splits if s not in self.accepted["splits"]]  # the runtime has those
+        else:
+            self.accepted = {"session": session, "round": round_, "splits": []}
         share_extractor = bool(data.get("average_extractors"))
         for split in splits:
             upload = self.client.extract(split, round_)
@@ -361,6 +385,9 @@ class EdgeAgent:
             if not self.send_upload(upload, self.client.extractor_state() if share_extractor and split == "train"
                                     else None, session):
                 return  # stopped, a new runtime session, or rejected: the round is not done (a later ROUND resends)
+            self.accepted["splits"].append(split)
+            if split != splits[-1]:
+                self.save_state()  # a restart before the round is done re-sends only what the runtime lacks
         self.last_done, self.done_session = round_, session
         self.save_state()
 
@@ -372,8 +399,9 @@ class EdgeAgent:
             arrays.update({P.EXTRACTOR_PREFIX + k: v for k, v in ext_arrays.items()})
         done = self.send_transfer(P.pack_arrays(arrays), upload.round, meta, f"{upload.split} features", session)
         if done:
-            logger.info("%s: %s of %d samples done (%.1fx smaller than fp32)", self.device, upload.split,
-                        len(upload.sample_ids), meta["raw_fp32_bytes"] / max(self.uplink.last_transfer_bytes, 1))
+            logger.info("%s: %s of %d samples done: %d bytes on the wire (%.1fx smaller than fp32)", self.device,
+                        upload.split, len(upload.sample_ids), self.uplink.last_transfer_wire,
+                        meta["raw_fp32_bytes"] / max(self.uplink.last_transfer_bytes, 1))
         return done
 
     def send_transfer(self, blob: bytes, round_: int, meta: dict, what: str, session: str | None) -> bool:
@@ -404,7 +432,7 @@ class EdgeAgent:
             P.HEARTBEAT, run=self.cfg.run_id, device=self.device, round_=self.last_done, profile=self.cfg.profile,
             step_time_s=float(np.median(self.step_times)) if self.step_times else None,
             rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # peak RSS (Linux: KiB)
-            bytes_up=self.uplink.bytes_up, rejected=self.rejected), qos=0)
+            bytes_up=self.uplink.bytes_up, bytes_resent=self.uplink.bytes_resent, rejected=self.rejected), qos=0)
 
     def pump(self, timeout: float = 0.2) -> bool:
         """Handle every queued message (waiting up to ``timeout`` s for the first); True if any came."""
@@ -439,6 +467,21 @@ class EdgeAgent:
             self.transport.flush(5)
         finally:
             self.transport.close()
+
+
+def _accepted_mark(raw) -> dict:
+    """The saved ``accepted`` mark (JSON), checked field by field; an unreadable one is an empty mark (the
+    device then re-sends splits the runtime may already hold: costs bytes, never data)."""
+    empty = {"session": None, "round": -1, "splits": []}
+    try:
+        mark = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return empty
+    if not isinstance(mark, dict) or not isinstance(mark.get("session"), (str, type(None))) \
+            or type(mark.get("round")) is not int or not isinstance(mark.get("splits"), list) \
+            or not all(s in ("train", "test") for s in mark["splits"]):
+        return empty
+    return {"session": mark["session"], "round": mark["round"], "splits": list(mark["splits"])}
 
 
 def build_agent(cfg: AgentConfig, transport: Transport | None = None) -> EdgeAgent:

@@ -24,7 +24,9 @@ class Uplink:
         self.transport, self.topics, self.device, self.upload = transport, topics, device, upload
         self.sender: TransferSender | None = None
         self.bytes_up = 0              # bytes published (re-sent chunks included)
-        self.last_transfer_bytes = 0   # the last transfer's chunks, each once
+        self.bytes_resent = 0          # of those, the sends of a chunk after its first
+        self.last_transfer_bytes = 0   # the last transfer's chunk bodies, each once
+        self.last_transfer_wire = 0    # the last transfer's frames, each chunk's first send (what the runtime counts)
 
     def on_progress(self, progress: Progress) -> None:
         if self.sender is not None:
@@ -48,6 +50,8 @@ class Uplink:
         finally:
             self.sender = None
         self.last_transfer_bytes = sum(len(body) for _, body in chunks)
+        self.last_transfer_wire = sender.first_bytes
+        self.bytes_resent += sender.resent_bytes
         if verdict is not None and not verdict.accepted:
             logger.error("%s: the runtime rejected round %d %s: %s", self.device, round_, what, verdict.reason)
         if sender.resends or sender.timeouts:  # the broker dropped messages (queue limits?) or the runtime was slow

@@ -114,6 +114,11 @@ class Reassembler:
     whole at most ``max_pending`` transfers. Incomplete transfers expire after ``timeout_s``. A finished
     transfer is remembered with its verdict (:meth:`settle`) so late duplicates are dropped and a
     sender asking again learns the answer (:meth:`progress`).
+
+    Wire accounting (what the caller passes as ``wire_bytes``): a completed transfer carries the wire bytes
+    of the first copy of each of its chunks (``CompletedTransfer.wire_bytes``); :attr:`duplicates` counts
+    the copies dropped; the wire bytes held by a transfer dropped incomplete (expired, forgotten, failing
+    its sha256) are added to :attr:`dropped_wire` (per device) until :meth:`take_dropped` collects them.
     """
 
     def __init__(self, max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES, timeout_s: float = 300.0,
@@ -129,6 +134,7 @@ class Reassembler:
         self._done: OrderedDict[tuple[str, str], tuple[bool, str | None] | None] = OrderedDict()
         self._remember = remember
         self.duplicates = 0
+        self.dropped_wire: dict[str, int] = {}  # device -> wire bytes of transfers dropped incomplete
 
     def held_bytes(self, device: str) -> int:
         """What ``device``'s open transfers count against its quota (bodies, at least CHUNK_CHARGE a chunk)."""
@@ -200,11 +206,20 @@ class Reassembler:
         del self._pending[key]
         blob = b"".join(pending.parts[i] for i in range(count))
         if len(blob) != size or hashlib.sha256(blob).hexdigest() != digest:
+            self._dropped(device, pending)
             self._remember_done(key, (False, "bad_checksum"))
             raise ProtocolError("bad_checksum", f"transfer {transfer[:8]} from {device} fails its sha256")
         self._remember_done(key, None)
         assert pending.meta is not None
         return CompletedTransfer(device, round_, transfer, pending.meta, blob, pending.wire_bytes, count)
+
+    def _dropped(self, device: str, pending: _Pending) -> None:
+        self.dropped_wire[device] = self.dropped_wire.get(device, 0) + pending.wire_bytes
+
+    def take_dropped(self) -> dict[str, int]:
+        """Device -> wire bytes of the transfers dropped incomplete since the last call (then forgotten)."""
+        dropped, self.dropped_wire = self.dropped_wire, {}
+        return dropped
 
     def _remember_done(self, key: tuple[str, str], verdict: tuple[bool, str | None] | None) -> None:
         self._done[key] = verdict
@@ -237,7 +252,7 @@ class Reassembler:
         """Drop ``device``'s open transfers (it restarted: their senders are gone); returns how many."""
         keys = [k for k in self._pending if k[0] == device]
         for k in keys:
-            del self._pending[k]
+            self._dropped(device, self._pending.pop(k))
         return len(keys)
 
     def expire(self, now: float | None = None) -> list[tuple[str, str]]:
@@ -245,7 +260,7 @@ class Reassembler:
         now = time.monotonic() if now is None else now
         stale = [k for k, p in self._pending.items() if now - p.started > self.timeout_s]
         for k in stale:
-            del self._pending[k]
+            self._dropped(k[0], self._pending.pop(k))
         return stale
 
     @property

@@ -127,14 +127,20 @@ class TransferSender:
         self.sends = 0
         self.resends = 0
         self.timeouts = 0
+        self.first_bytes = 0    # wire bytes of each chunk's first send: what the runtime counts once accepted
+        self.resent_bytes = 0   # wire bytes of the sends after a chunk's first
 
     # -- sending ------------------------------------------------------------------------------------
 
     def _send(self, index: int, now: float) -> None:
         header, body = self.chunks[index]
-        self.publish(encode_frame({**header, "ack": self.seq}, body))
+        frame = encode_frame({**header, "ack": self.seq}, body)
+        self.publish(frame)
         if self.seq_of[index] >= 0:
             self.resends += 1
+            self.resent_bytes += len(frame)
+        else:
+            self.first_bytes += len(frame)
         self.seq_of[index] = self.seq
         self.sent_at[self.seq] = now
         self.seq += 1

@@ -97,5 +97,6 @@ def test_the_deployment_walkthrough_runs_as_written(workdir):
     assert report["final"]["test_accuracy"] > 0.5
     assert report["devices"]["pi-01"]["train_samples"] == report["devices"]["pi-02"]["train_samples"] == 1000
     for row in report["rounds"]:
-        assert row["bytes_up"] > 0
-        assert row.get("bytes_rejected", 0) == 0
+        assert set(row["bytes_up"]) == {"pi-01", "pi-02"} and min(row["bytes_up"].values()) > 0
+        assert sum(row["bytes_rejected"].values()) == 0  # a clean run: nothing refused
+    assert report["final"]["bytes_up"] == sum(sum(row["bytes_up"].values()) for row in report["rounds"])

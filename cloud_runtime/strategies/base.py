@@ -164,16 +164,19 @@ class Strategy(ABC):
         return False
 
     def finish_row(self, row: dict, start: float) -> None:
-        """Complete a round's report row (time, bytes, rejections) and keep it."""
+        """Complete a round's report row (time, bytes, rejections) and keep it. ``bytes_up`` is what the round's
+        accepted transfers took on the wire; re-sent and rejected bytes are reported beside it (``ingest.py``)."""
         ingest = self.ctx.ingest
-        up = {d: b for d, b in ingest.round_bytes.items() if not d.startswith("down:")}
+        up = dict(ingest.round_bytes["up"])
         raw = sum(ingest.round_raw.values())
-        row.update(seconds=time.monotonic() - start, bytes_up=up,
-                   bytes_down={d[5:]: b for d, b in ingest.round_bytes.items() if d.startswith("down:")},
+        row.update(seconds=time.monotonic() - start, bytes_up=up, bytes_resent=dict(ingest.round_bytes["resent"]),
+                   bytes_rejected=dict(ingest.round_bytes["rejected"]), bytes_down=dict(ingest.round_bytes["down"]),
                    upload_compression_ratio=raw / max(sum(up.values()), 1),
                    rejections=dict(self.ctx.registry.rejections))
         self.rows.append(row)
         acc = row.get("test_accuracy")
-        logger.info("round %d done in %.1fs: %s, upload %.1f MB (%.1fx smaller than fp32)", row["round"],
+        extra = {k: sum(row[f"bytes_{k}"].values()) for k in ("resent", "rejected")}
+        logger.info("round %d done in %.1fs: %s, upload %.1f MB (%.1fx smaller than fp32)%s", row["round"],
                     row["seconds"], f"test accuracy {acc:.4f}" if acc is not None else "no eval",
-                    sum(up.values()) / 1e6, row["upload_compression_ratio"])
+                    sum(up.values()) / 1e6, row["upload_compression_ratio"],
+                    "".join(f", {v / 1e6:.2f} MB {k}" for k, v in extra.items() if v))

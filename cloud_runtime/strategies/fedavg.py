@@ -63,7 +63,7 @@ class FedAvg(Strategy):
         metrics = done.meta.get("metrics") or {}
         replaced = device in self.model_updates
         self.model_updates[device] = (state, samples, dict(metrics) if isinstance(metrics, dict) else {})
-        self.ctx.ingest.count_raw(device, done.meta, replaced)
+        self.ctx.ingest.count_accepted(device, done, replaced)
         return f"model update of round {done.round} accepted: {samples} samples, {done.wire_bytes / 1e6:.2f} MB"
 
     def aggregate(self) -> dict:

@@ -99,7 +99,7 @@ class FedGKT(Strategy):
         store = self.train_uploads if upload.split == "train" else self.test_uploads
         replaced = device in store and store[device].round == upload.round
         store[device] = upload  # keyed by device: a re-sent transfer replaces, never double-counts
-        self.ctx.ingest.count_raw(device, done.meta, replaced)
+        self.ctx.ingest.count_accepted(device, done, replaced)
         if upload.split == "train":
             self.arrival_version[device] = self.server_version
             self.ctx.registry.devices[device]["last_metrics"] = upload.metrics

@@ -26,8 +26,14 @@ class FedGKTAsync(FedGKT):
                                **self.round_frame(round_, True, [device] if round_ > 0 else []))
 
     def on_register(self, device: str) -> None:
+        """A restarted device picks up where it was: its round is announced again, unless its upload of that
+        round is already here (it would only be sent again; the device's next round comes with the server
+        update that uses it)."""
         if device in self.device_round:
-            self.send_round(device, self.device_round[device])  # a restarted device picks up where it was
+            round_ = self.device_round[device]
+            held = self.train_uploads.get(device)
+            if held is None or held.round != round_:
+                self.send_round(device, round_)
 
     def start_newcomers(self) -> None:
         for device in self.ctx.registry.names():  # late registrants join at round 0
