@@ -8,7 +8,7 @@ import sys
 
 from edge_sdk.agent import build_agent
 from edge_sdk.config import load_agent_config
-from edgefl_cli.logs import setup_logging
+from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
 from edgefl_core.config import ConfigError
 from edgefl_core.data.datasets import DatasetError
 
@@ -16,10 +16,10 @@ logger = logging.getLogger("edgefl.agent")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-agent", description="edgefl edge agent (FedGKT device daemon)")
+    parser = argparse.ArgumentParser(prog="edge-agent", description="edgefl edge agent (FedGKT device daemon)",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="agent YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--log-level", default="INFO")
+    add_config_options(parser, "upload.max_bytes_per_s=500000")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:

@@ -10,7 +10,7 @@ from cloud_runtime import provision
 from cloud_runtime.config import load_runtime_config
 from cloud_runtime.store import CheckpointError
 from cloud_runtime.service import build_runtime
-from edgefl_cli.logs import setup_logging
+from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
 from edgefl_core.config import ConfigError
 
 logger = logging.getLogger("edgefl.runtime")
@@ -19,10 +19,12 @@ logger = logging.getLogger("edgefl.runtime")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloud-runtime", description="edgefl cloud runtime")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run FedGKT rounds over the broker")
+    serve = sub.add_parser("serve", help="run FedGKT rounds over the broker", formatter_class=HelpFormatter,
+                           description="Serve one run's cloud side over its broker: wait for devices, run the "
+                                       "rounds, write report.json (Ctrl-C: stop after saving the rounds done; "
+                                       "again: at once)")
     serve.add_argument("--config", required=True, help="runtime YAML")
-    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    serve.add_argument("--log-level", default="INFO")
+    add_config_options(serve, "server.epochs=2")
     provision.add_parser(sub)
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "log_level", "INFO"))

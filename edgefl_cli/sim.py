@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from cloud_runtime.config import load_config
-from edgefl_cli.logs import setup_logging
+from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
 from edgefl_cli.simulation import run_in_memory, run_over_mqtt
 from edgefl_core.config import ConfigError
 from edgefl_core.data.datasets import DatasetError
@@ -20,16 +20,15 @@ logger = logging.getLogger("edgefl.sim")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgefl-sim", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="edgefl-sim", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--config", required=True, help="experiment YAML (e.g. configs/quickstart.yaml)")
     parser.add_argument("--out", default="runs/latest", help="output directory for report.json and plots")
     parser.add_argument("--transport", choices=["mqtt", "memory"], default="mqtt",
-                        help="mqtt: real processes over mosquitto (default); memory: the same, as threads here")
+                        help="mqtt: real processes over mosquitto; memory: the same, as threads here")
     parser.add_argument("--broker", default=None, metavar="mqtt://host:port",
                         help="use this broker instead of starting a private mosquitto")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set edge.lr=0.05 (repeatable)")
-    parser.add_argument("--log-level", default="INFO")
+    add_config_options(parser, "server.epochs=2")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
