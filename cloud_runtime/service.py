@@ -132,7 +132,22 @@ class CloudRuntime:
         """A device's registration. The run's facts (classes, C x H x W, feature channels) come from the
         runtime's config where it sets them (``provision`` and ``edgefl-sim`` do), else from the first registration
         that passes every check; every later one must agree. Raises
-        Rejected("bad_registration") with nothing fixed or recorded."""
+        Rejected("bad_registration") with nothing fixed or recorded.
+
+        A registration names the runtime session it answers (the ``hello`` / ``round`` the agent saw). One for
+        an earlier session is ignored: the broker delivers it late (it held it for this runtime's persistent
+        session while no runtime ran: an agent that started before this runtime saw the previous runtime's
+        retained ``round``), and the same agent registers again for this session once it sees this session's
+        ``hello``; processing both logged every device as registered, then re-registered, at start."""
+        session = data.get("session")
+        if session is not None:
+            if not isinstance(session, str) or len(session) > 64:
+                raise Rejected("bad_registration", f"session must be a string of at most 64 characters, got "
+                                                   f"{str(session)[:40]!r}")
+            if session != self.session:
+                logger.debug("%s: ignored a registration for runtime session %s (an earlier runtime's, delivered late); "
+                             "it registers again for this session %s", device, session, self.session)
+                return
         num_classes, channels = data.get("num_classes"), data.get("feature_channels")
         if type(num_classes) is not int or type(channels) is not int or not (2 <= num_classes <= 100_000) \
                 or not (1 <= channels <= 65_536):
