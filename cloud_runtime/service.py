@@ -20,6 +20,7 @@ from cloud_runtime.config import RuntimeConfig
 from cloud_runtime.downlink import Downlink
 from cloud_runtime.ingest import Ingest
 from cloud_runtime.plots import plot_accuracy, write_json
+from cloud_runtime.progress import Interrupted
 from cloud_runtime.registry import DeviceRegistry, Rejected, device_facts
 from cloud_runtime.report import CostEstimator, build_report
 from cloud_runtime.store import DurableStore
@@ -253,6 +254,8 @@ class CloudRuntime:
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
                "checkpoint": {"generation": self.store.generation, "error": self.checkpoint_error,
                               "skipped_on_restore": self.store.skipped}}
+        if self.stop.is_set() and self.strategy.next_round < self.cfg.rounds:
+            run["stopped"] = True  # asked to stop (SIGTERM, Ctrl-C) before its last round: a partial report
         return build_report(run, self.strategy.rows, self.registry, self.messages_in, self.started, self._cost)
 
     def write_report(self) -> dict:
@@ -270,13 +273,15 @@ class CloudRuntime:
                            "run_id or an empty state_dir", self.cfg.run_id, self.strategy.next_round, self.store.dir)
             return self.write_report()
         self.start()
+        interrupted = None
         if self.strategy.next_round < self.cfg.rounds:
             self.wait_for_devices()
-            self.strategy.run()
+            try:
+                self.strategy.run()
+            except Interrupted as e:  # stop was set during the server's compute: that round is discarded
+                interrupted = str(e)
         if self.stop.is_set():
-            logger.info("stopping: state saved at round %d", self.strategy.next_round)
-            self.checkpoint()
-            return self.report()
+            return self.stopped(interrupted)
         self.downlink.broadcast(P.SHUTDOWN, self.strategy.next_round, session=self.session)
         self.transport.flush(30)
         report = self.write_report()
@@ -285,6 +290,28 @@ class CloudRuntime:
             logger.info("run finished: test accuracy %.4f, upload %.1f MB (%.1fx smaller than fp32), %d rejected",
                         report["final"]["test_accuracy"], report["final"]["bytes_up"] / 1e6,
                         report["final"]["upload_compression_ratio"], sum(self.registry.rejections.values()))
+        return report
+
+    def stopped(self, interrupted: str | None = None) -> dict:
+        """Asked to stop (SIGTERM, Ctrl-C): save the rounds done, write ``report.json`` and the accuracy plot of
+        those rounds. ``interrupted``: the compute that was cut short (its round's models are part-updated, so
+        nothing is committed: the last round's checkpoint stands and a restart redoes the round)."""
+        done = self.strategy.next_round
+        if interrupted:
+            logger.warning("stopped during %s: round %d is not saved; the checkpoint after %d rounds stands (a "
+                           "restart resumes from it)", interrupted, done, done)
+            try:
+                self.write_report()
+            except OSError as e:
+                logger.error("report.json not written: %s", e.strerror or e)
+        else:
+            logger.info("stopping: state saved at round %d", done)
+            self.checkpoint()
+        report = self.report()
+        try:
+            plot_accuracy(report, self.store.dir / "accuracy.png")
+        except Exception as e:  # a plot must not turn a clean stop into a crash
+            logger.warning("accuracy.png not written: %s: %s", type(e).__name__, e)
         return report
 
     def wait_for_devices(self) -> None:
