@@ -10,6 +10,7 @@ from cloud_runtime import provision
 from cloud_runtime.config import load_runtime_config
 from cloud_runtime.store import CheckpointError
 from cloud_runtime.service import build_runtime
+from edgefl_cli.interrupt import EXIT_INTERRUPTED, CtrlC
 from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
 from edgefl_core.config import ConfigError
 
@@ -35,14 +36,34 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("provision: %s", e)
             return 2
     try:
+        return serve_command(args)
+    except KeyboardInterrupt:  # before serving began, or a second Ctrl-C: stop at once
+        logger.warning("stopped at once: report.json and the checkpoint are those of the last round saved")
+        return EXIT_INTERRUPTED
+
+
+def serve_command(args) -> int:
+    """SIGTERM and a first Ctrl-C stop the runtime cleanly (the rounds done saved, report.json and the plot
+    written); Ctrl-C exits 130, a second one at once (KeyboardInterrupt, handled by the caller)."""
+    try:
         cfg = load_runtime_config(args.config, args.overrides)
         runtime = build_runtime(cfg)
-        signal.signal(signal.SIGTERM, lambda *_: runtime.stop.set())
-        runtime.serve()
-    except (ConfigError, ConnectionError, CheckpointError) as e:
+    except (ConfigError, ConnectionError) as e:
         logger.error("%s", e)
         return 2
-    runtime.close()
+    signal.signal(signal.SIGTERM, lambda *_: runtime.stop.set())
+    with CtrlC(runtime.stop.set, "saving the rounds done, writing report.json, then stopping") as ctrl_c:
+        try:
+            runtime.serve()
+        except (ConnectionError, CheckpointError) as e:
+            logger.error("%s", e)
+            return 2
+        finally:
+            runtime.close()
+    if ctrl_c.pressed:
+        logger.info("stopped (Ctrl-C): report of %d rounds in %s", runtime.strategy.next_round,
+                    runtime.store.dir / "report.json")
+        return EXIT_INTERRUPTED
     return 0
 
 
