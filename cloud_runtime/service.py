@@ -43,6 +43,10 @@ class CloudRuntime:
         self.stop = threading.Event()
         self.messages_in = 0
         self.empty_messages = 0   # zero-length messages (retained deletions): ignored
+        # device -> the earlier runtime session its last registration answered (delivered late: see register());
+        # until it registers for this session, what it sent after that registration belongs to that session too
+        self.late_sessions: dict[str, str] = {}
+        self.late_messages = 0    # ignored: registrations, uploads and heartbeats of a device for an earlier session
         self.started = time.time()
         self.registry = DeviceRegistry(cfg)
         self.ingest = Ingest(cfg, self.registry)
@@ -112,11 +116,13 @@ class CloudRuntime:
             elif topic.endswith("/hb"):
                 if header["type"] != P.HEARTBEAT:
                     raise Rejected("bad_type", f"{header['type'][:40]!r} on a heartbeat topic")
-                self.registry.on_heartbeat(device, data)
+                if not self._late(device, "heartbeat"):
+                    self.registry.on_heartbeat(device, data)
             elif header["type"] == P.REGISTER:
                 self.register(device, data)
             elif header["type"] == P.CHUNK:
-                self._on_chunk(device, header, body, len(payload))
+                if not self._late(device, "upload chunk"):
+                    self._on_chunk(device, header, body, len(payload))
             else:
                 raise Rejected("bad_type", f"unexpected {header['type']!r} on {topic}")
         except Rejected as e:
@@ -139,16 +145,12 @@ class CloudRuntime:
         an earlier session is ignored: the broker delivers it late (it held it for this runtime's persistent
         session while no runtime ran: an agent that started before this runtime saw the previous runtime's
         retained ``round``), and the same agent registers again for this session once it sees this session's
-        ``hello``; processing both logged every device as registered, then re-registered, at start."""
+        ``hello``; processing both logged every device as registered, then re-registered, at start. What the
+        device sent after that registration (its uploads for the earlier session) is ignored too (:meth:`_late`)."""
         session = data.get("session")
-        if session is not None:
-            if not isinstance(session, str) or len(session) > 64:
-                raise Rejected("bad_registration", f"session must be a string of at most 64 characters, got "
-                                                   f"{str(session)[:40]!r}")
-            if session != self.session:
-                logger.debug("%s: ignored a registration for runtime session %s (an earlier runtime's, delivered late); "
-                             "it registers again for this session %s", device, session, self.session)
-                return
+        if session is not None and (not isinstance(session, str) or len(session) > 64):
+            raise Rejected("bad_registration", f"session must be a string of at most 64 characters, got "
+                                               f"{str(session)[:40]!r}")
         num_classes, channels = data.get("num_classes"), data.get("feature_channels")
         if type(num_classes) is not int or type(channels) is not int or not (2 <= num_classes <= 100_000) \
                 or not (1 <= channels <= 65_536):
@@ -171,6 +173,13 @@ class CloudRuntime:
         if expected_channels is not None and channels != expected_channels and cfg.algorithm != "fedavg":
             raise Rejected("bad_registration", f"{channels} feature channels, the run's edge model has "
                                                f"{expected_channels}")
+        # well-formed, but for an earlier session (decided before this registration may fix the run's facts)
+        if session is not None and session != self.session:
+            logger.debug("%s: ignored a registration for runtime session %s (an earlier runtime's, delivered late); "
+                         "it registers again for this session %s", device, session, self.session)
+            self.late_sessions[device] = session
+            self.late_messages += 1
+            return
         if strategy.num_classes is None:  # every check passed: this registration may fix the run's facts
             strategy.setup(run_classes, run_shape, channels)
         if self.ingest.reassembler.forget(device):  # a new process: its old senders are gone
@@ -179,10 +188,21 @@ class CloudRuntime:
         if (old.get("train_samples"), old.get("test_samples")) != (facts["train_samples"], facts["test_samples"]):
             self.ingest.device_ids.pop(device, None)  # its data changed: the ids it uploads are pinned anew
         edge = self.recipes.get(device, self.recipes[None]).edge
+        self.late_sessions.pop(device, None)
         self.registry.register(device, facts, {
             "model": edge.model, "trainer": edge.trainer, "batch_size": edge.batch_size, "epochs": edge.epochs,
             "model_kwargs": edge.model_kwargs, "optimizer": edge.optimizer, "codec": self.cfg.codec})
         strategy.on_register(device)
+
+    def _late(self, device: str, what: str) -> bool:
+        """A message from a device not registered for this session whose last registration answered an earlier
+        one: sent for that session (one publisher's messages on a topic arrive in order), delivered late. Ignored
+        (it is not this device misbehaving: no rejection is charged); the device registers for this session next."""
+        if device in self.registry.devices or device not in self.late_sessions:
+            return False
+        self.late_messages += 1
+        logger.debug("%s: ignored a late %s for runtime session %s", device, what, self.late_sessions[device])
+        return True
 
     def _on_chunk(self, device: str, header: dict, body: bytes, wire: int) -> None:
         """A chunk: reassemble; judge a completed transfer (ACK with the verdict, remembered for resends);

@@ -42,6 +42,10 @@ def test_a_late_registration_for_the_previous_session_is_ignored(npz_dir, tmp_pa
     first = agent()
     assert first.registered_session == "old-session" and len(held) == 1
     assert P.decode_frame(held[0][1])[0]["data"]["session"] == "old-session"  # the agent names the session
+    # ... and it ran that session's round: its upload and a heartbeat were held as well
+    held += [(topics.up("devA"), frame) for frame in P.chunk_transfer(
+        b"x" * 3000, run=RUN, device="devA", round_=0, meta={"kind": P.KIND_UPLOAD}, max_chunk=1000)]
+    held.append((topics.heartbeat("devA"), P.control_frame(P.HEARTBEAT, run=RUN, device="devA", round_=0)))
 
     cfg = load_runtime_config(None, [f"run_id={RUN}", f"state_dir={tmp_path / 'rt'}", "rounds=1"])
     rt = CloudRuntime(cfg, bus.client("runtime"))
@@ -49,6 +53,8 @@ def test_a_late_registration_for_the_previous_session_is_ignored(npz_dir, tmp_pa
     for topic, payload in held:      # the broker delivers the held registration at connect
         rt.handle(topic, payload)
     assert "devA" not in rt.registry.devices and not rt.registry.rejections  # ignored, not charged
+    assert rt.late_messages == 1 + 3 + 1
+    assert rt.strategy.num_classes is None  # nor did the late registration fix the run's facts
     first.pump(0.05)                 # the agent sees the new session and registers for it
     rt.pump(0.05)
     assert first.registered_session == rt.session
