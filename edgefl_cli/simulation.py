@@ -167,8 +167,8 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path, stop: threading.Event | 
             try:
                 body()
             except BaseException as e:  # surfaced after join
-                if stop.is_set():  # stopping: what a thread hits on its way out is no failure of the run
-                    logger.debug("simulation thread stopped with %s: %s", type(e).__name__, e)
+                if stop.is_set():  # stopping (Ctrl-C): said in one line, the run's report is still written
+                    logger.warning("a simulation thread stopped with %s: %s", type(e).__name__, e)
                     return
                 logger.exception("simulation thread failed")
                 errors.append(e)
@@ -207,8 +207,8 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path, stop: threading.Event | 
     runtime.close()
     if errors and not interrupted:
         raise RuntimeError(f"a simulation thread failed: {type(errors[0]).__name__}: {errors[0]}")
-    return _finish_report(cfg, out_dir, deployment, start, broker="memory", **({"interrupted": True} if interrupted
-                                                                                 else {}))
+    run = {"interrupted": True} if interrupted else {}
+    return _finish_report(cfg, out_dir, deployment, start, broker="memory", **run)
 
 
 # ---------------------------------------------------------------------------------------------
