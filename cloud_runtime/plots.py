@@ -32,6 +32,24 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def _integer_x(ax) -> None:
+    """Integer ticks only on the x axis (rounds, layers): a run of 2 rounds must not show round 0.5, and
+    one of a single round shows that round's number (not -0.04 ... 0.04)."""
+    from matplotlib.ticker import MaxNLocator
+    lo, hi = ax.get_xlim()
+    if hi - lo < 1:
+        ax.set_xlim((lo + hi) / 2 - 0.5, (lo + hi) / 2 + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_accuracy(report: dict, path: str | Path) -> Path | None:
     """Test accuracy per round: pooled, plus each device's (extractor -> server) accuracy."""
     rounds = [r for r in report.get("rounds", []) if r.get("test_accuracy") is not None]
@@ -46,17 +64,16 @@ def plot_accuracy(report: dict, path: str | Path) -> Path | None:
     devices = sorted({d for r in rounds for d in (r.get("per_device") or {})})
     for device in devices:
         ys = [(r.get("per_device") or {}).get(device, {}).get("accuracy") for r in rounds]
-        ax.plot(xs, ys, lw=0.8, alpha=0.5, label=device if len(devices) <= 8 else None)
+        # markers: a run of one evaluated round is one point per line, invisible as a line alone
+        ax.plot(xs, ys, lw=0.8, alpha=0.5, marker="o", ms=3, label=device if len(devices) <= 8 else None)
     ax.plot(xs, [r["test_accuracy"] for r in rounds], "k-o", lw=2, label="all test samples")
+    _integer_x(ax)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_title(report.get("run", {}).get("name", "run"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_bytes(report: dict, path: str | Path) -> Path | None:
@@ -72,18 +89,17 @@ def plot_bytes(report: dict, path: str | Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     xs = np.array([r["round"] for r in rounds], dtype=float)
     width = 0.8 / max(len(devices), 1)
-    for i, device in enumerate(devices):
-        ax.bar(xs + i * width, [r["bytes_up"].get(device, 0) / 1e6 for r in rounds], width, label=device)
+    for i, device in enumerate(devices):  # each round's bars centred on its (integer) tick
+        ax.bar(xs + (i - (len(devices) - 1) / 2) * width, [r["bytes_up"].get(device, 0) / 1e6 for r in rounds],
+               width, label=device)
+    _integer_x(ax)
     ax.set_xlabel("round")
     ax.set_ylabel("upload MB")
     ratio = report.get("final", {}).get("upload_compression_ratio")
     ax.set_title(f"uploads per device ({ratio:.1f}x smaller than fp32)" if ratio else "uploads per device")
     ax.legend(fontsize=7, ncol=4, loc="lower center")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_divergence(report: dict, path: str | Path) -> Path | None:
@@ -98,13 +114,12 @@ def plot_divergence(report: dict, path: str | Path) -> Path | None:
     names = [n for n in rounds[0]["divergence"] if n.endswith("weight") and "bn" not in n and ".1.weight" not in n]
     fig, ax = plt.subplots(figsize=(7.0, 4.0), dpi=120)
     for r in rounds:
-        ax.plot(range(len(names)), [r["divergence"][n] for n in names], lw=1, label=f"round {r['round']}")
+        ax.plot(range(len(names)), [r["divergence"][n] for n in names], lw=1, marker="o", ms=3,
+                label=f"round {r['round']}")
+    _integer_x(ax)
     ax.set_xlabel("layer (conv/linear weights, input to output)")
     ax.set_ylabel("mean ||w_k - w_avg|| / ||w_avg||")
     ax.set_title("layer-wise client divergence")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

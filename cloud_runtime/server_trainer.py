@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from cloud_runtime.config import ServerConfig
+from cloud_runtime.progress import ProgressLog, check as check_stop
 from model_zoo.losses import gkt_loss
 from model_zoo.optim import make_optimizer
 from edge_sdk.messages import FeatureUpload, SoftLabels
@@ -112,8 +113,11 @@ class GKTServer:
         batch = features[index].to(self.device, non_blocking=True)
         return batch.float().contiguous(memory_format=torch.channels_last)
 
-    def train_round(self, round_: int, progress=None) -> tuple[dict[str, SoftLabels], ServerRoundStats]:
-        """Train on every stored device's features; return soft labels per device and stats."""
+    def train_round(self, round_: int, progress=None, stop=None) -> tuple[dict[str, SoftLabels], ServerRoundStats]:
+        """Train on every stored device's features; return soft labels per device and stats.
+
+        Logs progress (:mod:`cloud_runtime.progress`); ``stop`` (an Event): raise :class:`~cloud_runtime.progress.
+        Interrupted` between batches once it is set (the model is then part-trained: the caller discards it)."""
         if not self.train_store:
             raise RuntimeError("no training uploads to train on")
         devices = list(self.train_store)
@@ -126,13 +130,17 @@ class GKTServer:
         server_logits = torch.zeros(n, self.num_classes)
         use_kd = self.cfg.kd_beta > 0
         totals, seen, start = np.zeros(4), 0, time.perf_counter()
+        epochs = self.cfg.epochs
         self.model.train()
-        for epoch in range(self.cfg.epochs):
-            last = epoch == self.cfg.epochs - 1
+        for epoch in range(epochs):
+            last = epoch == epochs - 1
             totals[:] = 0
             seen = 0
             order = torch.from_numpy(self._rng.permutation(n))
+            label = f"server round {round_} epoch {epoch + 1}/{epochs}"
+            meter = ProgressLog(logger, label, n, after=(epochs - epoch - 1) * n)
             for index in _batches(order, self.cfg.batch_size):
+                check_stop(stop, f"{label} at {seen:,}/{n:,} samples")
                 out = self.model(self._gather(features, index))
                 batch_labels = labels[index].to(self.device)
                 loss, ce, kd = gkt_loss(out, batch_labels, teacher[index].to(self.device) if use_kd else None, None,
@@ -146,10 +154,14 @@ class GKTServer:
                 totals += (float(loss.detach()) * b, float(ce) * b, float(kd) * b,
                            int((out.argmax(1) == batch_labels).sum()))
                 seen += b
+                meter.update(b, totals[0] / seen)  # the loss is already on the host (float() above)
                 if progress is not None:
                     progress(b)
+            meter.finish(totals[0] / max(seen, 1))
         if self.cfg.soft_labels == "eval_pass":
-            server_logits = self._infer(features)
+            meter = ProgressLog(logger, f"server round {round_} soft labels", n, quiet=True)
+            server_logits = self._infer(features, meter=meter, stop=stop)
+            meter.finish()
         seconds = time.perf_counter() - start
         loss, ce, kd, correct = totals / max(seen, 1)
         self.scheduler.step(loss)
@@ -162,22 +174,33 @@ class GKTServer:
         return replies, stats
 
     @torch.inference_mode()
-    def _infer(self, features: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def _infer(self, features: torch.Tensor, batch_size: int = 256, meter: ProgressLog | None = None,
+               stop=None) -> torch.Tensor:
         self.model.eval()
-        out = [self.model(self._gather(features, torch.arange(i, min(i + batch_size, len(features))))).float().cpu()
-               for i in range(0, len(features), batch_size)]
-        self.model.train()
+        out = []
+        try:
+            for i in range(0, len(features), batch_size):
+                check_stop(stop, f"{meter.label if meter else 'inference'} at {i:,}/{len(features):,} samples")
+                out.append(self.model(self._gather(features, torch.arange(i, min(i + batch_size, len(features)))))
+                           .float().cpu())
+                if meter is not None:
+                    meter.update(len(out[-1]))
+        finally:
+            self.model.train()
         return torch.cat(out) if out else torch.zeros(0, self.num_classes)
 
     # -- evaluate --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def evaluate(self, uploads: list[FeatureUpload]) -> EvalResult:
-        """Accuracy of (device extractor -> server model) on each device's test features."""
+    def evaluate(self, uploads: list[FeatureUpload], round_: int | None = None, stop=None) -> EvalResult:
+        """Accuracy of (device extractor -> server model) on each device's test features. Logs progress when
+        it takes longer than :data:`~cloud_runtime.progress.QUIET_S`; ``stop``: as in :meth:`train_round`."""
         per_device, correct_total, loss_total, n_total = {}, 0, 0.0, 0
+        label = "server evaluation" if round_ is None else f"server round {round_} evaluation"
+        meter = ProgressLog(logger, label, sum(len(u.labels) for u in uploads), quiet=True)
         for upload in uploads:
             upload.validate(self.num_classes, self.feature_shape)
-            logits = self._infer(upload.features)
+            logits = self._infer(upload.features, meter=meter, stop=stop)
             correct = int((logits.argmax(1) == upload.labels).sum())
             loss_total += float(nn.functional.cross_entropy(logits, upload.labels, reduction="sum"))
             n = len(upload.labels)
@@ -186,6 +209,7 @@ class GKTServer:
                                             "edge_model_accuracy": edge_correct / max(n, 1)}
             correct_total += correct
             n_total += n
+        meter.finish(loss_total / max(n_total, 1))
         return EvalResult(correct_total / max(n_total, 1), loss_total / max(n_total, 1), n_total, per_device)
 
 

@@ -20,6 +20,7 @@ from cloud_runtime.config import RuntimeConfig
 from cloud_runtime.downlink import Downlink
 from cloud_runtime.ingest import Ingest
 from cloud_runtime.plots import plot_accuracy, write_json
+from cloud_runtime.progress import Interrupted
 from cloud_runtime.registry import DeviceRegistry, Rejected, device_facts
 from cloud_runtime.report import CostEstimator, build_report
 from cloud_runtime.store import CheckpointError, DurableStore
@@ -43,6 +44,10 @@ class CloudRuntime:
         self.stop = threading.Event()
         self.messages_in = 0
         self.empty_messages = 0   # zero-length messages (retained deletions): ignored
+        # device -> the earlier runtime session its last registration answered (delivered late: see register());
+        # until it registers for this session, what it sent after that registration belongs to that session too
+        self.late_sessions: dict[str, str] = {}
+        self.late_messages = 0    # ignored: registrations, uploads and heartbeats of a device for an earlier session
         self.started = time.time()
         self.registry = DeviceRegistry(cfg)
         self.ingest = Ingest(cfg, self.registry)
@@ -120,12 +125,18 @@ class CloudRuntime:
             elif topic.endswith("/hb"):
                 if header["type"] != P.HEARTBEAT:
                     raise Rejected("bad_type", f"{header['type'][:40]!r} on a heartbeat topic")
-                self.registry.on_heartbeat(device, data)
+                if not self._late(device, "heartbeat"):
+                    self.registry.on_heartbeat(device, data)
             elif header["type"] == P.REGISTER:
                 self.register(device, data)
             elif header["type"] == P.CHUNK:
+<<<<<<< HEAD
                 chunk_wire = 0  # from here the ingest counts it
                 self._on_chunk(device, header, body, len(payload))
+=======
+                if not self._late(device, "upload chunk"):
+                    self._on_chunk(device, header, body, len(payload))
+>>>>>>> issue14-progress
             else:
                 raise Rejected("bad_type", f"unexpected {header['type']!r} on {topic}")
         except Rejected as e:
@@ -147,7 +158,18 @@ class CloudRuntime:
         """A device's registration. The run's facts (classes, C x H x W, feature channels) come from the
         runtime's config where it sets them (``provision`` and ``edgefl-sim`` do), else from the first registration
         that passes every check; every later one must agree. Raises
-        Rejected("bad_registration") with nothing fixed or recorded."""
+        Rejected("bad_registration") with nothing fixed or recorded.
+
+        A registration names the runtime session it answers (the ``hello`` / ``round`` the agent saw). One for
+        an earlier session is ignored: the broker delivers it late (it held it for this runtime's persistent
+        session while no runtime ran: an agent that started before this runtime saw the previous runtime's
+        retained ``round``), and the same agent registers again for this session once it sees this session's
+        ``hello``; processing both logged every device as registered, then re-registered, at start. What the
+        device sent after that registration (its uploads for the earlier session) is ignored too (:meth:`_late`)."""
+        session = data.get("session")
+        if session is not None and (not isinstance(session, str) or len(session) > 64):
+            raise Rejected("bad_registration", f"session must be a string of at most 64 characters, got "
+                                               f"{str(session)[:40]!r}")
         num_classes, channels = data.get("num_classes"), data.get("feature_channels")
         if type(num_classes) is not int or type(channels) is not int or not (2 <= num_classes <= 100_000) \
                 or not (1 <= channels <= 65_536):
@@ -170,6 +192,13 @@ class CloudRuntime:
         if expected_channels is not None and channels != expected_channels and cfg.algorithm != "fedavg":
             raise Rejected("bad_registration", f"{channels} feature channels, the run's edge model has "
                                                f"{expected_channels}")
+        # well-formed, but for an earlier session (decided before this registration may fix the run's facts)
+        if session is not None and session != self.session:
+            logger.debug("%s: ignored a registration for runtime session %s (an earlier runtime's, delivered late); "
+                         "it registers again for this session %s", device, session, self.session)
+            self.late_sessions[device] = session
+            self.late_messages += 1
+            return
         if strategy.num_classes is None:  # every check passed: this registration may fix the run's facts
             strategy.setup(run_classes, run_shape, channels)
         if self.ingest.forget(device):  # a new process: its old senders are gone
@@ -178,10 +207,21 @@ class CloudRuntime:
         if (old.get("train_samples"), old.get("test_samples")) != (facts["train_samples"], facts["test_samples"]):
             self.ingest.device_ids.pop(device, None)  # its data changed: the ids it uploads are pinned anew
         edge = self.recipes.get(device, self.recipes[None]).edge
+        self.late_sessions.pop(device, None)
         self.registry.register(device, facts, {
             "model": edge.model, "trainer": edge.trainer, "batch_size": edge.batch_size, "epochs": edge.epochs,
             "model_kwargs": edge.model_kwargs, "optimizer": edge.optimizer, "codec": self.cfg.codec})
         strategy.on_register(device)
+
+    def _late(self, device: str, what: str) -> bool:
+        """A message from a device not registered for this session whose last registration answered an earlier
+        one: sent for that session (one publisher's messages on a topic arrive in order), delivered late. Ignored
+        (it is not this device misbehaving: no rejection is charged); the device registers for this session next."""
+        if device in self.registry.devices or device not in self.late_sessions:
+            return False
+        self.late_messages += 1
+        logger.debug("%s: ignored a late %s for runtime session %s", device, what, self.late_sessions[device])
+        return True
 
     def _on_chunk(self, device: str, header: dict, body: bytes, wire: int) -> None:
         """A chunk: reassemble; judge a completed transfer (ACK with the verdict, remembered for resends);
@@ -269,6 +309,8 @@ class CloudRuntime:
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
                "checkpoint": {"generation": self.store.generation, "error": self.checkpoint_error,
                               "skipped_on_restore": self.store.skipped}}
+        if self.stop.is_set() and self.strategy.next_round < self.cfg.rounds:
+            run["stopped"] = True  # asked to stop (SIGTERM, Ctrl-C) before its last round: a partial report
         return build_report(run, self.strategy.rows, self.registry, self.messages_in, self.started, self._cost)
 
     def write_report(self) -> dict:
@@ -287,13 +329,15 @@ class CloudRuntime:
                            self.cfg.run_id, self.strategy.next_round, self.store.dir)
             return self.write_report()
         self.start()
+        interrupted = None
         if self.strategy.next_round < self.cfg.rounds:
             self.wait_for_devices()
-            self.strategy.run()
+            try:
+                self.strategy.run()
+            except Interrupted as e:  # stop was set during the server's compute: that round is discarded
+                interrupted = str(e)
         if self.stop.is_set():
-            logger.info("stopping: state saved at round %d", self.strategy.next_round)
-            self.checkpoint()
-            return self.report()
+            return self.stopped(interrupted)
         self.downlink.broadcast(P.SHUTDOWN, self.strategy.next_round, session=self.session)
         self.transport.flush(30)
         report = self.write_report()
@@ -304,6 +348,28 @@ class CloudRuntime:
                         "%.2f MB rejected), %d rejected messages", final["test_accuracy"], final["bytes_up"] / 1e6,
                         final["upload_compression_ratio"], final["bytes_resent"] / 1e6, final["bytes_rejected"] / 1e6,
                         sum(self.registry.rejections.values()))
+        return report
+
+    def stopped(self, interrupted: str | None = None) -> dict:
+        """Asked to stop (SIGTERM, Ctrl-C): save the rounds done, write ``report.json`` and the accuracy plot of
+        those rounds. ``interrupted``: the compute that was cut short (its round's models are part-updated, so
+        nothing is committed: the last round's checkpoint stands and a restart redoes the round)."""
+        done = self.strategy.next_round
+        if interrupted:
+            logger.warning("stopped during %s: round %d is not saved; the checkpoint after %d rounds stands (a "
+                           "restart resumes from it)", interrupted, done, done)
+            try:
+                self.write_report()
+            except OSError as e:
+                logger.error("report.json not written: %s", e.strerror or e)
+        else:
+            logger.info("stopping: state saved at round %d", done)
+            self.checkpoint()
+        report = self.report()
+        try:
+            plot_accuracy(report, self.store.dir / "accuracy.png")
+        except Exception as e:  # a plot must not turn a clean stop into a crash
+            logger.warning("accuracy.png not written: %s: %s", type(e).__name__, e)
         return report
 
     def wait_for_devices(self) -> None:

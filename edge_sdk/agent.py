@@ -204,7 +204,7 @@ class EdgeAgent:
         model = self.client.model
         edge = self.recipe.edge
         self.transport.publish(self.topics.up(self.device), P.control_frame(
-            P.REGISTER, run=self.cfg.run_id, device=self.device, round_=self.last_done,
+            P.REGISTER, run=self.cfg.run_id, device=self.device, round_=self.last_done, session=session,
             profile=self.cfg.profile, model=edge.model, trainer=edge.trainer,
             feature_channels=getattr(model, "feature_channels", None),
             num_classes=self.client.train_set.num_classes, train_samples=len(self.client.train_set),

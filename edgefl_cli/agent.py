@@ -8,7 +8,8 @@ import logging
 import signal
 import sys
 
-from edgefl_cli.logs import setup_logging
+from edgefl_cli.interrupt import EXIT_INTERRUPTED, CtrlC
+from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
 from edgefl_core.config import ConfigError
 from edgefl_core.data.datasets import DATASETS, DatasetError
 from edgefl_core.files import move_aside
@@ -58,17 +59,24 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["data"]:
         return data_main(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="edge-agent", description="edgefl edge agent (FedGKT device daemon). 'edge-agent data check "
-        "--config agent.yaml' checks the device's data; 'edge-agent data export' writes demo shards.")
+        prog="edge-agent", formatter_class=HelpFormatter,
+        description="edgefl edge agent (FedGKT device daemon). 'edge-agent data check --config agent.yaml' "
+                    "checks the device's data; 'edge-agent data export' writes demo shards.")
     parser.add_argument("--config", required=True, help="agent YAML (paths in it are relative to its folder)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value (dotted key, YAML value), e.g. --set threads=2; repeatable")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="default: %(default)s")
+    add_config_options(parser, "upload.max_bytes_per_s=500000")
     parser.add_argument("--reset-state", action="store_true",
                         help="start afresh: move state_dir aside (to <state_dir>.old-<time>) first")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    try:
+        return run(args)
+    except KeyboardInterrupt:  # before it started, or a second Ctrl-C
+        logger.warning("stopped at once")
+        return EXIT_INTERRUPTED
+
+
+def run(args) -> int:
+    """SIGTERM and a first Ctrl-C stop the agent cleanly (state saved, offline status published)."""
     from edge_sdk.agent import build_agent
     from edge_sdk.config import load_agent_config
     try:
@@ -76,18 +84,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.reset_state and (aside := move_aside(cfg.state_dir)) is not None:
             logger.info("--reset-state: moved the previous state to %s", aside)
         agent = build_agent(cfg)
-        signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
-        agent.start()
-    except (ConfigError, DatasetError, ConnectionError) as e:
+    except (ConfigError, DatasetError) as e:
         logger.error("%s", e)
         return 2
-    try:
-        return agent.serve()
-    except Exception:  # a bug or a broken device: say so and exit non-zero (a supervisor restarts the daemon)
-        logger.exception("edge-agent failed")
-        return 1
-    finally:
-        agent.shutdown()
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop.set())
+    with CtrlC(agent.stop.set, "saving this device's state, then stopping") as ctrl_c:
+        try:
+            agent.start()
+        except ConnectionError as e:
+            logger.error("%s", e)
+            return EXIT_INTERRUPTED if ctrl_c.pressed else 2
+        try:
+            code = agent.serve()
+        except Exception:  # a bug or a broken device: say so and exit non-zero (a supervisor restarts the daemon)
+            logger.exception("edge-agent failed")
+            return 1
+        finally:
+            agent.shutdown()
+    return EXIT_INTERRUPTED if ctrl_c.pressed else code
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     device-profile resnet8_gkt --all-devices [--method backprop] [--batch 64] [--input 3x32x32] [--json] [--plot p.png]
     device-profile compare resnet8_gkt resnet56 resnet110 [--json]
     device-profile --measure [--save-profile host.yaml] [--json]
+
+Progress (which model, which measurement, i/n, elapsed) goes to stderr; results to stdout.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import yaml
 from device_profiles import DeviceProfile, Efficiency, detect_host, list_profiles, load_profile
 from device_profiles.profiler import (METHODS, cost_row, estimate_latency, measure_latency, measure_peak_rss,
                                      model_cost)
+from cloud_runtime.progress import duration
 from edgefl_core.config import ConfigError
 from model_zoo import list_models
 
@@ -41,12 +44,44 @@ def _input_for(model: str, shape: tuple) -> tuple:
     return (16, shape[1], shape[2]) if model.endswith("_server") else shape
 
 
+def _shape(shape: tuple) -> str:
+    return "x".join(map(str, shape))
+
+
 def _fmt_flops(f: float) -> str:
     return f"{f / 1e9:.2f} GFLOP" if f >= 1e8 else f"{f / 1e6:.1f} MFLOP"
 
 
+class Steps:
+    """Progress of a slow command on stderr (its stdout, JSON included, stays as it was)::
+
+        device-profile compare: [2/3] resnet56: FLOPs and memory of a backprop step, batch 64 (elapsed 12 s)
+    """
+
+    def __init__(self, command: str, total: int, stream=None):
+        self.command, self.total, self.stream = command, total, stream
+        self.done = 0
+        self.start = time.monotonic()
+
+    def _print(self, text: str) -> None:
+        print(f"{self.command}: {text}", file=self.stream or sys.stderr, flush=True)
+
+    def __call__(self, what: str) -> None:
+        """The next step starts: say which, i/n and the time so far."""
+        self.done += 1
+        self._print(f"[{self.done}/{self.total}] {what} (elapsed {duration(time.monotonic() - self.start)})")
+
+    def finish(self) -> None:
+        self._print(f"done: {self.done} steps in {duration(time.monotonic() - self.start)}")
+
+
 def cmd_compare(models: list[str], batch: int, shape: tuple, as_json: bool) -> int:
-    rows = [cost_row(model_cost(m, "backprop", batch, _input_for(m, shape))) for m in models]
+    steps = Steps("device-profile compare", len(models))
+    rows = []
+    for m in models:
+        steps(f"{m}: FLOPs and memory of a backprop step, batch {batch}, input {_shape(_input_for(m, shape))}")
+        rows.append(cost_row(model_cost(m, "backprop", batch, _input_for(m, shape))))
+    steps.finish()
     base = rows[0]
     for r in rows:
         r["train_flops_ratio"] = r["train_flops"] / base["train_flops"]
@@ -67,14 +102,21 @@ def cmd_profile(model: str, devices: list[str], methods: list[str], batch: int, 
                 plot: str | None, measure_here: bool = False) -> int:
     profiles = [load_profile(d) for d in devices]
     out = []
+    steps = Steps("device-profile", len(methods) * (3 if measure_here else 1))
+    on = f"{len(profiles)} device profiles" if len(profiles) > 1 else f"device profile {profiles[0].name}"
     for method in methods:
+        what = f"{model} {method}, batch {batch}, input {_shape(_input_for(model, shape))}"
+        steps(f"{what}: FLOPs, memory and latency estimates on {on}")
         cost = model_cost(model, method, batch, _input_for(model, shape))
         row = cost_row(cost)
         row["devices"] = {p.name: estimate_latency(cost, p) for p in profiles}
         if measure_here:  # this host: median step time and the peak RSS of a fresh process
+            steps(f"{what}: measuring the step time on this host")
             row["measured_here"] = measure_latency(model, method, batch, _input_for(model, shape))
+            steps(f"{what}: measuring the peak memory on this host (a fresh process)")
             row["measured_here"].update(measure_peak_rss(model, method, batch, _input_for(model, shape)))
         out.append(row)
+    steps.finish()
     if as_json:
         print(json.dumps(out, indent=2, default=list))
     else:
@@ -150,14 +192,20 @@ def fit_efficiency(profile: DeviceProfile, rows: list[dict]) -> Efficiency:
     return Efficiency(torch_cpu=round(float(best[1]), 4), memory=round(float(best[2]), 4))
 
 
-def calibrate_host(models: list[str], methods: list[str], batch: int, shape: tuple) -> tuple[DeviceProfile, list[dict]]:
-    """Measure every model x method here, fit the host's efficiency, and report errors before and after."""
+def calibrate_host(models: list[str], methods: list[str], batch: int, shape: tuple,
+                   steps: Steps | None = None) -> tuple[DeviceProfile, list[dict]]:
+    """Measure every model x method here, fit the host's efficiency, and report errors before and after
+    (``steps``: told each measurement as it starts)."""
+    steps = steps or (lambda what: None)
     host = detect_host()
+    steps(f"memory bandwidth of {host.display_name} (numpy copy of 256 MiB)")
     host.memory.bandwidth_gbs = round(measure_bandwidth_gbs(), 1)
     host.sources["bandwidth_gbs"] = "measured: numpy copy of 256 MiB (device-profile --measure)"
     rows = []
     for model in models:
         for method in methods:
+            steps(f"{model} {method}, batch {batch}, input {_shape(_input_for(model, shape))}: FLOPs, then the "
+                  f"step time on {host.display_name}")
             cost = model_cost(model, method, batch, _input_for(model, shape))
             measured = measure_latency(model, method, batch, _input_for(model, shape))["median_s"]
             rows.append({"model": model, "method": method, "flops": cost.total_flops, "measured_s": measured,
@@ -180,7 +228,9 @@ def calibrate_host(models: list[str], methods: list[str], batch: int, shape: tup
 
 def cmd_measure(batch: int, shape: tuple, methods: list[str], save: str | None, as_json: bool) -> int:
     models = [m for m in list_models()]
-    host, rows = calibrate_host(models, methods, batch, shape)
+    steps = Steps("device-profile --measure", 1 + len(models) * len(methods))
+    host, rows = calibrate_host(models, methods, batch, shape, steps)
+    steps.finish()
     if save:
         Path(save).write_text(yaml.safe_dump(asdict(host), sort_keys=False))
     if as_json:

@@ -10,8 +10,9 @@ from cloud_runtime import provision
 from cloud_runtime.config import load_runtime_config
 from cloud_runtime.store import CheckpointError
 from cloud_runtime.service import build_runtime
+from edgefl_cli.interrupt import EXIT_INTERRUPTED, CtrlC
+from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
 from edgefl_core.files import move_aside
-from edgefl_cli.logs import setup_logging
 from edgefl_core.config import ConfigError
 
 logger = logging.getLogger("edgefl.runtime")
@@ -20,12 +21,12 @@ logger = logging.getLogger("edgefl.runtime")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloud-runtime", description="edgefl cloud runtime")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run FedGKT rounds over the broker")
+    serve = sub.add_parser("serve", help="run FedGKT rounds over the broker", formatter_class=HelpFormatter,
+                           description="Serve one run's cloud side over its broker: wait for devices, run the "
+                                       "rounds, write report.json (Ctrl-C: stop after saving the rounds done; "
+                                       "again: at once)")
     serve.add_argument("--config", required=True, help="runtime YAML (paths in it are relative to its folder)")
-    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value (dotted key, YAML value), e.g. --set rounds=2; repeatable")
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                       help="default: %(default)s")
+    add_config_options(serve, "server.epochs=2")
     serve.add_argument("--reset-state", action="store_true",
                        help="start the run afresh: move state_dir aside (to <state_dir>.old-<time>) first")
     provision.add_parser(sub)
@@ -38,16 +39,36 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("provision: %s", e)
             return 2
     try:
+        return serve_command(args)
+    except KeyboardInterrupt:  # before serving began, or a second Ctrl-C: stop at once
+        logger.warning("stopped at once: report.json and the checkpoint are those of the last round saved")
+        return EXIT_INTERRUPTED
+
+
+def serve_command(args) -> int:
+    """SIGTERM and a first Ctrl-C stop the runtime cleanly (the rounds done saved, report.json and the plot
+    written); Ctrl-C exits 130, a second one at once (KeyboardInterrupt, handled by the caller)."""
+    try:
         cfg = load_runtime_config(args.config, args.overrides)
         if args.reset_state and (aside := move_aside(cfg.state_dir)) is not None:
             logger.info("--reset-state: moved the previous state to %s", aside)
         runtime = build_runtime(cfg)
-        signal.signal(signal.SIGTERM, lambda *_: runtime.stop.set())
-        runtime.serve()
-    except (ConfigError, ConnectionError, CheckpointError) as e:
+    except (ConfigError, ConnectionError) as e:
         logger.error("%s", e)
         return 2
-    runtime.close()
+    signal.signal(signal.SIGTERM, lambda *_: runtime.stop.set())
+    with CtrlC(runtime.stop.set, "saving the rounds done, writing report.json, then stopping") as ctrl_c:
+        try:
+            runtime.serve()
+        except (ConnectionError, CheckpointError) as e:
+            logger.error("%s", e)
+            return 2
+        finally:
+            runtime.close()
+    if ctrl_c.pressed:
+        logger.info("stopped (Ctrl-C): report of %d rounds in %s", runtime.strategy.next_round,
+                    runtime.store.dir / "report.json")
+        return EXIT_INTERRUPTED
     return 0
 
 

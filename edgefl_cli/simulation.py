@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -25,12 +26,15 @@ import yaml
 from cloud_runtime.config import ExperimentConfig, RuntimeConfig
 from cloud_runtime.plots import plot_accuracy, plot_bytes, plot_divergence, write_json
 from edge_sdk.config import AgentConfig, UploadConfig
+from edgefl_cli.interrupt import EXIT_INTERRUPTED
 from edgefl_cli.mosquitto import EmbeddedMosquitto
 from edgefl_core.data import federated
 from edgefl_core.data.config import AgentDataConfig
 from edgefl_core.transport.config import BrokerConfig
 
 logger = logging.getLogger("edgefl.sim")
+
+STOP_GRACE_S = 60.0  # interrupted: how long the runtime may take to save the rounds done and write its report
 
 
 @dataclass
@@ -108,9 +112,14 @@ def _fresh_out_dir(cfg: ExperimentConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def _finish_report(cfg: ExperimentConfig, out_dir: Path, deployment: Deployment, start: float, **run) -> dict:
-    """The runtime's report, plus what only the simulator knows (class counts, wall time); plots."""
-    report = json.loads((out_dir / "runtime" / "report.json").read_text())
+def _finish_report(cfg: ExperimentConfig, out_dir: Path, deployment: Deployment, start: float, **run) -> dict | None:
+    """The runtime's report, plus what only the simulator knows (class counts, wall time); plots. Interrupted
+    (``run["interrupted"]``): the same of the rounds done, or None when the runtime wrote no report."""
+    runtime_report = out_dir / "runtime" / "report.json"
+    if run.get("interrupted") and not runtime_report.exists():
+        logger.warning("interrupted before the runtime wrote a report: no report.json")
+        return None
+    report = json.loads(runtime_report.read_text())
     report["run"].update(name=cfg.run.name, codec=cfg.deployment.codec, edge_model=cfg.edge.model,
                          agents=len(deployment.agents), **run)
     for device, counts in deployment.class_counts.items():
@@ -121,6 +130,10 @@ def _finish_report(cfg: ExperimentConfig, out_dir: Path, deployment: Deployment,
     plot_bytes(report, out_dir / "uploads.png")
     plot_divergence(report, out_dir / "divergence.png")
     final = report["final"]
+    if run.get("interrupted"):
+        logger.warning("interrupted after %d of %d rounds: partial report %s (test accuracy %s)", final["rounds"],
+                       cfg.run.rounds, out_dir / "report.json", final.get("test_accuracy"))
+        return report
     logger.info("final test accuracy %s over %s in %.0fs; upload %.1f MB, %.1fx smaller than fp32; report: %s",
                 final.get("test_accuracy"), report["run"]["transport"], final["wall_seconds"],
                 final["bytes_up"] / 1e6, final["upload_compression_ratio"], out_dir / "report.json")
@@ -131,14 +144,20 @@ def _finish_report(cfg: ExperimentConfig, out_dir: Path, deployment: Deployment,
 # memory: the real runtime and agents as threads of this process
 
 
-def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
-    """The same runtime and agents as over MQTT, in threads, over a private ``memory://`` bus."""
+def run_in_memory(cfg: ExperimentConfig, out_dir: Path, stop: threading.Event | None = None) -> dict | None:
+    """The same runtime and agents as over MQTT, in threads, over a private ``memory://`` bus.
+
+    ``stop`` (Ctrl-C): the runtime stops cleanly (saves the rounds done), the agents stop, and the report of
+    the rounds done is written and returned with ``run.interrupted`` (None when there is none yet)."""
     from cloud_runtime.service import build_runtime
     from edge_sdk.agent import build_agent
 
+    stop = stop or threading.Event()
     out_dir = _fresh_out_dir(cfg, out_dir)
     start = time.perf_counter()
     deployment = write_deployment(cfg, out_dir, f"memory://{uuid.uuid4().hex[:8]}")
+    if stop.is_set():
+        return None
     runtime = build_runtime(deployment.runtime)
     agents = [build_agent(a) for a in deployment.agents]  # built in order: seeded initial models
     errors: list[BaseException] = []
@@ -148,6 +167,9 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
             try:
                 body()
             except BaseException as e:  # surfaced after join
+                if stop.is_set():  # stopping (Ctrl-C): said in one line, the run's report is still written
+                    logger.warning("a simulation thread stopped with %s: %s", type(e).__name__, e)
+                    return
                 logger.exception("simulation thread failed")
                 errors.append(e)
                 runtime.stop.set()
@@ -166,18 +188,27 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path) -> dict:
     logger.info("in memory: 1 runtime + %d agents as threads over %s", len(agents), deployment.runtime.broker.url)
     for t in threads:
         t.start()
-    threads[0].join(cfg.deployment.timeout_s)
-    if threads[0].is_alive():
+    deadline = time.monotonic() + cfg.deployment.timeout_s
+    while threads[0].is_alive() and not stop.is_set() and time.monotonic() < deadline:
+        threads[0].join(0.2)
+    interrupted = stop.is_set()
+    if interrupted:  # the runtime saves the rounds done, writes its report.json, and returns
+        runtime.stop.set()
+        threads[0].join(STOP_GRACE_S)
+        if threads[0].is_alive():
+            logger.warning("the runtime did not stop within %.0fs: reporting its last saved round", STOP_GRACE_S)
+    elif threads[0].is_alive():
         runtime.stop.set()
         raise RuntimeError(f"the run did not finish within {cfg.deployment.timeout_s:.0f}s")
     for agent in agents:
         agent.stop.set()
     for t in threads[1:]:
-        t.join(60)
+        t.join(10 if interrupted else 60)
     runtime.close()
-    if errors:
+    if errors and not interrupted:
         raise RuntimeError(f"a simulation thread failed: {type(errors[0]).__name__}: {errors[0]}")
-    return _finish_report(cfg, out_dir, deployment, start, broker="memory")
+    run = {"interrupted": True} if interrupted else {}
+    return _finish_report(cfg, out_dir, deployment, start, broker="memory", **run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,17 +245,34 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
             proc.wait()
 
 
+def _kill(procs: list[subprocess.Popen], broker: EmbeddedMosquitto | None) -> None:
+    """Stop at once (a second Ctrl-C): SIGKILL every child still running, by its PID."""
+    for proc in procs + ([broker.process] if broker is not None and broker.process is not None else []):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def run_over_mqtt(cfg: ExperimentConfig, out_dir: Path, broker_url: str | None = None,
-                  log_level: str = "INFO") -> dict:
-    """Real processes over a real broker: one cloud-runtime, one edge-agent per device."""
+                  log_level: str = "INFO", stop: threading.Event | None = None) -> dict | None:
+    """Real processes over a real broker: one cloud-runtime, one edge-agent per device.
+
+    ``stop`` (Ctrl-C): the runtime and the agents get SIGTERM (the runtime saves the rounds done and writes
+    its report.json), then the broker this started is stopped, each by PID; the report of the rounds done is
+    written and returned with ``run.interrupted`` (None when there is none yet). A KeyboardInterrupt (a
+    second Ctrl-C) while waiting for them kills them all."""
+    stop = stop or threading.Event()
     out_dir = _fresh_out_dir(cfg, out_dir)
     logs = out_dir / "logs"
     broker = None if broker_url else EmbeddedMosquitto(workdir=out_dir / "broker").start()
     url = broker_url or broker.url  # type: ignore[union-attr]
     procs: list[subprocess.Popen] = []
     start = time.perf_counter()
+    interrupted = False
     try:
         deployment = write_deployment(cfg, out_dir, url)
+        if stop.is_set():
+            return None
         logger.info("deploying over %s: 1 cloud-runtime + %d edge-agent processes (logs in %s)", url,
                     len(deployment.agent_paths), logs)
         runtime = _spawn([sys.executable, "-m", "edgefl_cli.runtime", "serve", "--config",
@@ -233,24 +281,48 @@ def run_over_mqtt(cfg: ExperimentConfig, out_dir: Path, broker_url: str | None =
         for path in deployment.agent_paths:
             procs.append(_spawn([sys.executable, "-m", "edgefl_cli.agent", "--config", str(path),
                                  "--log-level", log_level], logs / f"{path.parent.name}.log"))
-        try:
-            code = runtime.wait(cfg.deployment.timeout_s)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"the run did not finish within {cfg.deployment.timeout_s:.0f}s (see {logs})") from None
-        if code != 0:
+        deadline = time.monotonic() + cfg.deployment.timeout_s
+        code = None
+        while code is None and not stop.is_set():
+            try:
+                code = runtime.wait(0.2)
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"the run did not finish within {cfg.deployment.timeout_s:.0f}s "
+                                       f"(see {logs})") from None
+        # a Ctrl-C in a terminal reaches the runtime too (one process group): it may exit 130 before stop is set
+        interrupted = stop.is_set() or code in (EXIT_INTERRUPTED, -signal.SIGINT)
+        if interrupted:  # SIGTERM to each, by PID: the runtime saves the rounds done, writes report.json and exits;
+            for proc in procs:  # the agents save their state and exit
+                if proc.poll() is None:
+                    proc.terminate()
+            try:
+                runtime.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                logger.warning("cloud-runtime did not stop within %.0fs: reporting its last saved round",
+                               STOP_GRACE_S)
+        elif code != 0:
             raise RuntimeError(f"cloud-runtime exited with {code} (see {logs / 'runtime.log'})")
         for proc in procs[1:]:
-            _stop(proc, grace=30)
+            _stop(proc, grace=10 if interrupted else 30)
+    except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+        _kill(procs, broker)
+        raise
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            _stop(proc, grace=10)
-        if broker is not None:
-            broker.stop()
+        try:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in procs:
+                _stop(proc, grace=10)
+            if broker is not None:
+                broker.stop()
+        except KeyboardInterrupt:
+            _kill(procs, broker)
+            raise
+    run = {"interrupted": True} if interrupted else {}
     return _finish_report(cfg, out_dir, deployment, start, broker=url if broker_url else "embedded",
-                          agent_exit_codes=[p.returncode for p in procs[1:]])
+                          agent_exit_codes=[p.returncode for p in procs[1:]], **run)
 
 
 __all__ = ["Deployment", "run_in_memory", "run_over_mqtt", "write_deployment"]

@@ -143,3 +143,40 @@ def test_cli_measures_latency_and_peak_memory_here(capsys):
     row = json.loads(capsys.readouterr().out)[0]
     here = row["measured_here"]
     assert here["median_s"] > 0 and here["peak_rss_mb"] >= here["baseline_rss_mb"] > 0 and here["step_rss_mb"] >= 0
+
+
+def test_compare_shows_progress_on_stderr_and_keeps_stdout_json(capsys):
+    assert cli_main(["compare", "resnet8_gkt", "resnet8", "--batch", "2", "--input", "1x8x8", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["model"] for r in json.loads(out)] == ["resnet8_gkt", "resnet8"]  # stdout: the JSON alone
+    lines = err.splitlines()
+    assert lines[0].startswith("device-profile compare: [1/2] resnet8_gkt: FLOPs and memory of a backprop step, "
+                               "batch 2, input 1x8x8 (elapsed ")
+    assert lines[1].startswith("device-profile compare: [2/2] resnet8: ")
+    assert lines[2].startswith("device-profile compare: done: 2 steps in ")
+
+
+def test_measure_shows_each_measurement_on_stderr(capsys, monkeypatch):
+    import edgefl_cli.profile as cli
+    monkeypatch.setattr(cli, "list_models", lambda: ["resnet8_gkt", "resnet8"])
+    monkeypatch.setattr(cli, "measure_bandwidth_gbs", lambda: 10.0)
+    assert cli_main(["--measure", "--method", "inference", "--batch", "2", "--input", "1x8x8", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["model"] for r in json.loads(out)["rows"]] == ["resnet8_gkt", "resnet8"]
+    steps = [line for line in err.splitlines() if line.startswith("device-profile --measure: ")]
+    host = detect_host().display_name
+    assert steps[0].startswith(f"device-profile --measure: [1/3] memory bandwidth of {host}")
+    assert steps[1].startswith("device-profile --measure: [2/3] resnet8_gkt inference, batch 2, input 1x8x8: "
+                               f"FLOPs, then the step time on {host} (elapsed ")
+    assert steps[2].startswith("device-profile --measure: [3/3] resnet8 inference")
+    assert steps[3].startswith("device-profile --measure: done: 3 steps in ")
+
+
+def test_profile_with_measure_shows_each_measurement_on_stderr(capsys):
+    assert cli_main(["resnet8_gkt", "--method", "inference", "--batch", "2", "--input", "1x8x8", "--measure",
+                     "--device", "raspberry_pi_4", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["measured_here"]["median_s"] > 0
+    what = "resnet8_gkt inference, batch 2, input 1x8x8"
+    assert [line.split(": ", 2)[1] for line in err.splitlines()] == [f"[{i}/3] {what}" for i in (1, 2, 3)] + ["done"]
+    assert "on device profile raspberry_pi_4" in err and "peak memory on this host" in err

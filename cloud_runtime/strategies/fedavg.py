@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from cloud_runtime import aggregation as A
+from cloud_runtime.progress import ProgressLog, check as check_stop
 from cloud_runtime.registry import Rejected
 from cloud_runtime.strategies.base import STRATEGIES, Strategy
 from edge_sdk import protocol as P
@@ -104,11 +105,16 @@ class FedAvg(Strategy):
         stats = self.cfg.eval_data.dataset if dataset_stats(self.cfg.eval_data.dataset) else None
         model = self.global_model.eval()
         correct = loss = 0.0
+        n = len(self._eval_set)
+        label = f"round {row.get('round')} evaluation of the global model"
+        meter = ProgressLog(logger, label, n, quiet=True)  # a line only when it takes more than a few seconds
         for batch in ArrayLoader(self._eval_set, 500, stats_name=stats, channels_last=False):
+            check_stop(self.ctx.stop, f"{label} at {meter.done:,}/{n:,} samples")
             logits = model(batch.images)
             correct += int((logits.argmax(1) == batch.labels).sum())
             loss += float(torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum"))
-        n = len(self._eval_set)
+            meter.update(len(batch.labels), loss / max(meter.done + len(batch.labels), 1))
+        meter.finish(loss / max(n, 1))
         row.update(test_accuracy=correct / n, test_loss=loss / n, test_samples=n)
 
     def run(self) -> None:

@@ -122,7 +122,7 @@ class FedGKT(Strategy):
         for device in devices:
             self.server.ingest(self.train_uploads[device])
         self.drop_stale(round_)
-        replies, stats = self.server.train_round(round_)
+        replies, stats = self.server.train_round(round_, stop=self.ctx.stop)  # logs progress; stops on stop
         replies = {d: m for d, m in replies.items() if d in devices}
         if self.cfg.fedgkt.average_extractors:
             self.average_extractors(round_, devices)
@@ -157,7 +157,7 @@ class FedGKT(Strategy):
             row["test_accuracy"] = None
             return
         self.use_threads()
-        result = self.server.evaluate(list(self.test_uploads.values()))
+        result = self.server.evaluate(list(self.test_uploads.values()), round_=row.get("round"), stop=self.ctx.stop)
         row.update(test_accuracy=result.accuracy, test_loss=result.loss, test_samples=result.samples,
                    mean_device_accuracy=result.mean_device_accuracy, per_device=result.per_device)
 
