@@ -130,13 +130,9 @@ class CloudRuntime:
             elif header["type"] == P.REGISTER:
                 self.register(device, data)
             elif header["type"] == P.CHUNK:
-<<<<<<< HEAD
-                chunk_wire = 0  # from here the ingest counts it
-                self._on_chunk(device, header, body, len(payload))
-=======
                 if not self._late(device, "upload chunk"):
+                    chunk_wire = 0  # from here the ingest counts it
                     self._on_chunk(device, header, body, len(payload))
->>>>>>> issue14-progress
             else:
                 raise Rejected("bad_type", f"unexpected {header['type']!r} on {topic}")
         except Rejected as e:
