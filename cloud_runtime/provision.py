@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,10 +231,38 @@ class Provisioned:
 
 
 def _read_yaml(path: Path) -> dict:
-    return yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+    """A config provisioned before (the operator may have edited it): a mapping, or a ValueError naming it."""
+    if not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: invalid YAML ({e}); fix it or move it away to provision it anew") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a mapping; fix it or move it away to provision it anew")
+    if not isinstance(data.get("broker") or {}, dict):
+        raise ValueError(f"{path}: broker is not a mapping; fix it or move it away to provision it anew")
+    return data
+
+
+def _password_of(data: dict) -> str | None:
+    password = (data.get("broker") or {}).get("password")
+    return password if isinstance(password, str) and password else None
+
+
+_PROVISIONED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def _url_host(host: str) -> str:
+    """``host`` as it goes into a URL: an IPv6 address in brackets."""
+    try:
+        return f"[{host}]" if ipaddress.ip_address(host).version == 6 else host
+    except ValueError:
+        return host
 
 
 def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:
@@ -245,7 +274,8 @@ def _is_loopback(host: str) -> bool:
 def default_bind(host: str) -> str:
     """Where the broker listens when the operator did not say: loopback for a loopback ``host`` (a broker
     for this machine only is not exposed to the network), every interface otherwise."""
-    return "127.0.0.1" if _is_loopback(host) else "0.0.0.0"
+    ipv6 = ":" in host
+    return ("::1" if ipv6 else "127.0.0.1") if _is_loopback(host) else ("::" if ipv6 else "0.0.0.0")
 
 
 # the run facts a provisioned runtime starts with (the runtime never takes them from a device's registration)
@@ -341,6 +371,7 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     ``data/`` for its own data), 0700 with its config 0600; the runtime gets ``runtime/`` likewise. The broker
     listens on ``bind`` (default: :func:`default_bind` of ``host``). Raises ValueError on a bad argument."""
     out = Path(out)
+    host = host.strip("[]")  # [::1] and ::1 alike
     bind = bind or default_bind(host)
     if dataset not in RUN_FACTS:
         raise ValueError(f"dataset {dataset!r}: one of {', '.join(RUN_FACTS)}")
@@ -348,6 +379,9 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
         raise ValueError("provision needs at least one device id")
     for device in devices:
         check_device_id(device)
+        if not _PROVISIONED_ID.fullmatch(device):
+            raise ValueError(f"device id {device!r}: provisioned ids are 1-128 of A-Z a-z 0-9 _ . - starting with a "
+                             "letter or digit (they name folders, broker accounts and ACL lines)")
         if device == RUNTIME_USER:
             raise ValueError(f"device id {device!r} is reserved for the runtime's broker account")
     if len(set(devices)) != len(devices):
@@ -379,12 +413,12 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     _write_secret(broker_dir / "broker.key", _pem_key(key))
     (broker_dir / "broker.crt").write_bytes(_pem_cert(cert))
 
-    scheme_url = f"mqtts://{host}:{port}"
+    scheme_url = f"mqtts://{_url_host(host)}:{port}"
     runtime_path = out / "runtime" / "runtime.yaml"
     accounts: dict[str, str] = {}
     existing_runtime = _read_yaml(runtime_path) if not force else {}
     run_id = run_id or existing_runtime.get("run_id") or "default"
-    accounts[RUNTIME_USER] = existing_runtime.get("broker", {}).get("password") or new_password()
+    accounts[RUNTIME_USER] = _password_of(existing_runtime) or new_password()
     agent_paths = {}
     before = {p.parent.name for p in (out / "devices").glob("*/agent.yaml")}
     if existing_runtime.get("expected_devices") == len(before):  # provision's own count: follows the fleet
@@ -393,7 +427,7 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
         bundle = out / "devices" / device
         path = bundle / "agent.yaml"
         existing = _read_yaml(path) if not force else {}
-        accounts[device] = existing.get("broker", {}).get("password") or new_password()
+        accounts[device] = _password_of(existing) or new_password()
         existing.pop("broker", None)  # the deployment's: url, credentials and CA are provision's to write
         existing.pop("run_id", None)
         bundle.mkdir(parents=True, exist_ok=True)
@@ -414,7 +448,10 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     for path in sorted((out / "devices").glob("*/agent.yaml")):
         device = path.parent.name
         if device not in accounts:
-            accounts[device] = _read_yaml(path)["broker"]["password"]
+            password = _password_of(_read_yaml(path))
+            if password is None:
+                raise ValueError(f"{path}: no broker.password; name {device} in --devices to give it a new one")
+            accounts[device] = password
     _write_secret(broker_dir / "passwd",
                   "".join(f"{user}:{mosquitto_password_hash(pw)}\n" for user, pw in accounts.items()).encode())
     (broker_dir / "acl").write_text(acl_text([u for u in accounts if u != RUNTIME_USER], None if any_run else run_id))

@@ -34,6 +34,10 @@ from edgefl_core.transport.retry import connect_patiently
 logger = logging.getLogger("edgefl.runtime")
 
 
+# what one device's earlier runtime session can have left in flight (a whole upload's chunks and heartbeats)
+LATE_MESSAGES_PER_DEVICE = 2048
+
+
 class CloudRuntime:
     def __init__(self, cfg: RuntimeConfig, transport: Transport):
         self.cfg = cfg
@@ -47,6 +51,7 @@ class CloudRuntime:
         # device -> the earlier runtime session its last registration answered (delivered late: see register());
         # until it registers for this session, what it sent after that registration belongs to that session too
         self.late_sessions: dict[str, str] = {}
+        self.late_counts: dict[str, int] = {}   # late messages ignored per device (bounded: a forged session buys little)
         self.late_messages = 0    # ignored: registrations, uploads and heartbeats of a device for an earlier session
         self.started = time.time()
         self.registry = DeviceRegistry(cfg)
@@ -190,9 +195,13 @@ class CloudRuntime:
                                                f"{expected_channels}")
         # well-formed, but for an earlier session (decided before this registration may fix the run's facts)
         if session is not None and session != self.session:
+            if self.late_counts.get(device, 0) >= LATE_MESSAGES_PER_DEVICE:
+                raise Rejected("bad_registration", f"registration for runtime session {session[:40]!r}, not this "
+                               f"runtime's ({self.session}), after {LATE_MESSAGES_PER_DEVICE} late messages")
             logger.debug("%s: ignored a registration for runtime session %s (an earlier runtime's, delivered late); "
                          "it registers again for this session %s", device, session, self.session)
             self.late_sessions[device] = session
+            self.late_counts[device] = self.late_counts.get(device, 0) + 1
             self.late_messages += 1
             return
         if strategy.num_classes is None:  # every check passed: this registration may fix the run's facts
@@ -215,6 +224,11 @@ class CloudRuntime:
         (it is not this device misbehaving: no rejection is charged); the device registers for this session next."""
         if device in self.registry.devices or device not in self.late_sessions:
             return False
+        if self.late_counts.get(device, 0) >= LATE_MESSAGES_PER_DEVICE:
+            # more than an old session can have left in flight: judged (and charged) like any message from
+            # a device that has not registered
+            return False
+        self.late_counts[device] = self.late_counts.get(device, 0) + 1
         self.late_messages += 1
         logger.debug("%s: ignored a late %s for runtime session %s", device, what, self.late_sessions[device])
         return True
@@ -300,6 +314,7 @@ class CloudRuntime:
 
     def report(self) -> dict:
         run = {"name": self.cfg.run_id, "transport": self.cfg.broker.scheme, "algorithm": self.cfg.algorithm,
+               "late_messages": self.late_messages,
                "mode": self.cfg.mode, "strategy": strategy_name(self.cfg), "server_model": self.cfg.server.model,
                "server_params": self.strategy.parameter_count(), "session": self.session,
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
@@ -410,8 +425,9 @@ def identity_problem(saved, current: dict) -> str | None:
     identities were recorded carries none and is taken as this run's."""
     if saved is None:
         return None
-    if not isinstance(saved, dict) or not isinstance(saved.get("instance"), str):
-        return "state with an unreadable identity"
+    if (not isinstance(saved, dict) or not isinstance(saved.get("instance"), str) or not saved["instance"]
+            or not isinstance(saved.get("definition", {}), dict)):
+        return "state with an unreadable identity (not made by this version: move it aside)"
     if saved.get("run_id") != current["run_id"]:
         return f"the state of run {saved.get('run_id')!r}, and this config is run {current['run_id']!r}"
     old, new = saved.get("definition") or {}, current["definition"]

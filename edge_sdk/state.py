@@ -87,4 +87,12 @@ def state_problem(state: dict, *, device: str, run: str, recipe: str, model: tor
     for key in ("soft_present", "soft_round", "last_done", "done_session", "trainer"):
         if key not in state:
             return f"it lacks {key!r}"
+    present = state.get("soft_present")
+    if not isinstance(present, torch.Tensor) or tuple(present.shape) != (soft_logits.shape[0],):
+        return "its soft-label mask does not fit this device's samples"
+    for key in ("soft_round", "last_done", "trained_round"):
+        if key in state and (type(state[key]) is not int or not -1 <= state[key] < 2**31):
+            return f"its {key} is not a round number"
+    if not isinstance(state.get("done_session"), str):
+        return "its done_session is not a session id"
     return None

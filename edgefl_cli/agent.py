@@ -81,7 +81,8 @@ def run(args) -> int:
     from edge_sdk.config import load_agent_config
     try:
         cfg = load_agent_config(args.config, args.overrides)
-        if args.reset_state and (aside := move_aside(cfg.state_dir)) is not None:
+        keep = (args.config, cfg.data.path, cfg.data.ids_file)  # never the bundle with the state
+        if args.reset_state and (aside := move_aside(cfg.state_dir, keep)) is not None:
             logger.info("--reset-state: moved the previous state to %s", aside)
         agent = build_agent(cfg)
     except (ConfigError, DatasetError) as e:

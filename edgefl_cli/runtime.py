@@ -50,7 +50,8 @@ def serve_command(args) -> int:
     written); Ctrl-C exits 130, a second one at once (KeyboardInterrupt, handled by the caller)."""
     try:
         cfg = load_runtime_config(args.config, args.overrides)
-        if args.reset_state and (aside := move_aside(cfg.state_dir)) is not None:
+        keep = (args.config, cfg.eval_data.path if cfg.eval_data else None)
+        if args.reset_state and (aside := move_aside(cfg.state_dir, keep)) is not None:
             logger.info("--reset-state: moved the previous state to %s", aside)
         runtime = build_runtime(cfg)
     except (ConfigError, ConnectionError) as e:

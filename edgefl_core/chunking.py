@@ -155,9 +155,8 @@ class Reassembler:
             raise ProtocolError("bad_header", f"crc32 {crc} out of range")
         device, round_ = header["device"], header["round"]
         key = (device, transfer)
-        if key in self._done:
-            self.duplicates += 1
-            return None
+        # every chunk is checked, also one of a finished transfer: a copy that is not one is charged, never
+        # waved through as a retransmission
         if size < 0 or not (0 <= index < count) or count > size + 1:
             raise ProtocolError("bad_header", f"chunk {str(index)[:20]} of {str(count)[:20]} for {str(size)[:20]} bytes")
         if size > self.max_transfer_bytes:
@@ -166,6 +165,12 @@ class Reassembler:
             raise ProtocolError("oversized", f"chunk of {len(body)} bytes > limit {self.max_chunk}")
         if zlib.crc32(body) != crc:
             raise ProtocolError("bad_checksum", f"chunk {index} of transfer {transfer[:8]} fails its crc32")
+        if key in self._done:
+            if len(body) > size:  # no chunk of this transfer was ever larger than all of it
+                raise ProtocolError("bad_header", f"chunk {index} of finished transfer {transfer[:8]} holds "
+                                    f"{len(body)} bytes, the transfer {size}")
+            self.duplicates += 1
+            return None
         pending = self._pending.get(key)
         if pending is not None and (pending.count, pending.size, pending.sha256, pending.round) != (count, size, digest, round_):
             raise ProtocolError("bad_header", f"chunk {index} disagrees with earlier chunks of transfer {transfer[:8]}")

@@ -147,7 +147,7 @@ def test_a_plain_folder_of_images_per_class(tmp_path):
     train, test = load_local_data(AgentDataConfig("image_folder", str(rgb)))
     assert test is None  # no test/ folder: nothing to evaluate locally, not an error
     _write_png(rgb / "dog" / "b.png", rng.integers(0, 255, (9, 8, 3), dtype=np.uint8))
-    with pytest.raises(DatasetError, match="b.png: 8x9 pixels"):
+    with pytest.raises(DatasetError, match="b.png: colour 8x9 pixels"):
         load_dataset("image_folder", "train", str(rgb))
 
 

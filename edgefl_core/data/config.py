@@ -40,9 +40,11 @@ class AgentDataConfig:
     path: str | None = None
     ids_file: str | None = None   # JSON {"train": [...], "test": [...]} of sample ids; null = whole dataset
     fingerprint: str | None = None  # sha256:<16 hex> (edge-agent data check): refuse to start on other data
+    num_classes: int | None = None  # the run's class count when this device's labels do not reach the top class
 
     def check(self) -> None:
         check_dataset(self.dataset, self.path)
+        require(self.num_classes is None or 2 <= self.num_classes <= 100_000, "num_classes", "must be in [2, 100000]")
         require(self.fingerprint is None or (self.fingerprint.startswith("sha256:") and len(self.fingerprint) == 23),
                 "fingerprint", f"expected sha256:<16 hex digits> as edge-agent data check prints it, got "
                 f"{self.fingerprint!r}")

@@ -277,6 +277,23 @@ def _load_npz_split(split: str, path: str | None) -> ImageDataset:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
+_GRAY_MODES = ("1", "L", "LA", "I;16", "I;16B", "I;16L")
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One image as uint8 H x W (grayscale) or H x W x 3 (colour); 16-bit grayscale is scaled, not clipped."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I;16"):
+                return (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
+            if im.mode in ("I", "F"):
+                raise DatasetError(f"{path}: {im.mode} (32-bit) pixels; save it as 8- or 16-bit")
+            return np.asarray(im.convert("L" if im.mode in _GRAY_MODES else "RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError) as e:
+        raise DatasetError(f"{path}: not a readable image ({e})") from None
+
+
 @register_dataset("image_folder", needs_path=True)
 def load_image_folder(split: str, path: str | None) -> ImageDataset:
     """A plain folder of images per class, read with Pillow: ``path/train/<class>/*.png`` (and optionally
@@ -297,17 +314,21 @@ def load_image_folder(split: str, path: str | None) -> ImageDataset:
         if split == "test":
             raise MissingSplit(f"{root}: no test/ folder")
         split_dir = root  # path/<class>/... : the train split alone
-    class_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and d.name not in ("train", "test"))
+    class_dirs = sorted(d for d in split_dir.iterdir()
+                        if d.is_dir() and d.name not in ("train", "test") and not d.name.startswith("."))
     if not class_dirs:
         raise DatasetError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<image>)")
     names_file = root / "classes.txt"
     if names_file.exists():
         classes = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        duplicated = sorted({c for c in classes if classes.count(c) > 1})
+        if duplicated:
+            raise DatasetError(f"{names_file}: class {duplicated[0]!r} is listed twice")
         label_of = {name: i for i, name in enumerate(classes)}
         num_classes = len(classes)
-    elif all(d.name.isdigit() for d in class_dirs):
+    elif all(d.name.isascii() and d.name.isdigit() and int(d.name) < 100_000 for d in class_dirs):
         label_of = {d.name: int(d.name) for d in class_dirs}
-        num_classes = max(label_of.values()) + 1
+        num_classes = max(label_of.values()) + 1  # a device may lack the top classes: data.num_classes says
     else:
         raise DatasetError(f"{split_dir}: class folders {[d.name for d in class_dirs][:5]} are not label numbers; "
                            f"list the class names in label order in {names_file}, one per line")
@@ -315,23 +336,17 @@ def load_image_folder(split: str, path: str | None) -> ImageDataset:
     for d in class_dirs:
         if d.name not in label_of:
             raise DatasetError(f"{d}: class {d.name!r} is not in {names_file}")
-        files += [(f, label_of[d.name]) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+        files += [(f, label_of[d.name]) for f in sorted(d.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in f.relative_to(d).parts)]
     if not files:
         raise DatasetError(f"{split_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
-    from PIL import Image, UnidentifiedImageError
-    images = []
-    mode = None
-    for f, _ in files:
-        try:
-            with Image.open(f) as im:
-                mode = mode or ("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
-                array = np.asarray(im.convert(mode), dtype=np.uint8)
-        except (OSError, UnidentifiedImageError) as e:
-            raise DatasetError(f"{f}: not a readable image ({e})") from None
-        if images and array.shape != images[0].shape:
-            raise DatasetError(f"{f}: {array.shape[1]}x{array.shape[0]} pixels, the first image "
-                               f"({files[0][0]}) is {images[0].shape[1]}x{images[0].shape[0]}: resize them alike")
-        images.append(array)
+    images = [_read_image(f) for f, _ in files]
+    for (f, _), array in zip(files, images):
+        if array.shape != images[0].shape:
+            kind = {2: "grayscale", 3: "colour"}
+            raise DatasetError(f"{f}: {kind[array.ndim]} {array.shape[1]}x{array.shape[0]} pixels, the first image "
+                               f"({files[0][0]}) is {kind[images[0].ndim]} {images[0].shape[1]}x{images[0].shape[0]}: "
+                               "make them alike (one size, all grayscale or all colour)")
     stacked = np.stack(images)
     stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)  # N x C x H x W
     labels = np.asarray([label for _, label in files], dtype=np.int64)

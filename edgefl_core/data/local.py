@@ -2,6 +2,7 @@
 fingerprint that ties saved progress to the data it was made on."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,6 +39,13 @@ def load_local_data(cfg: AgentDataConfig) -> tuple[ImageDataset, ImageDataset | 
             test = test.subset(test.rows_of(test_ids)) if len(test_ids) and test is not None else None
         except KeyError as e:
             raise DatasetError(f"{cfg.ids_file}: {e.args[0]}") from None
+    if cfg.num_classes is not None:  # labels 0..k of a device that lacks the run's top classes
+        for split in (train, test):
+            if split is not None and len(split) and int(split.labels.max()) >= cfg.num_classes:
+                raise DatasetError(f"{cfg.path or cfg.dataset}: labels reach {int(split.labels.max())}, "
+                                   f"data.num_classes is {cfg.num_classes}")
+        train = dataclasses.replace(train, num_classes=cfg.num_classes)
+        test = dataclasses.replace(test, num_classes=cfg.num_classes) if test is not None else None
     check_splits(train, test, cfg.path or cfg.dataset)
     if cfg.fingerprint and data_fingerprint(train, test) != cfg.fingerprint:
         raise DatasetError(f"{cfg.path or cfg.dataset}: the data changed: its fingerprint is "
@@ -74,11 +82,19 @@ def export_shard(dataset: str, path: str | None, out: str | Path, shard: int, sh
     ids kept. For demos and tests that need devices with their own data files."""
     if not 1 <= shard <= shards:
         raise ValueError(f"shard {shard}/{shards}: must be in 1..{shards}")
+    for name, limit in (("train", train), ("test", test)):
+        if limit is not None and limit < 1:
+            raise ValueError(f"--{name} {limit}: must be >= 1 (or left out: all of the shard)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for split, limit in (("train", train), ("test", test)):
-        ds = load_dataset(dataset, split, path)
+        try:
+            ds = load_dataset(dataset, split, path)
+        except MissingSplit:
+            continue  # a source without test data gives a shard without one
+        if len(ds) < shards:
+            raise ValueError(f"{split}: {len(ds)} samples cannot make {shards} shards")
         order = np.random.default_rng(seed + (split == "test")).permutation(len(ds))
         rows = np.array_split(order, shards)[shard - 1][:limit]
         part = ds.subset(np.sort(rows))

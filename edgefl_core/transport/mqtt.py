@@ -73,6 +73,12 @@ class BrokerAddress:
                 with context.wrap_socket(raw, server_hostname=self.host):
                     return None
         except ssl.SSLCertVerificationError as e:
+            message = str(e.verify_message or e.reason)
+            if "not yet valid" in message or "expired" in message:
+                # a clock that has not synced yet (a Pi without a real-time clock at boot) heals: keep waiting
+                return False, (f"the broker's TLS certificate is {message} by this device's clock "
+                               f"({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}): is the clock synced "
+                               "(NTP)? Or the deployment's certificates expired: re-provision")
             return True, (f"the broker's TLS certificate does not verify against ca_file {ca_file or '(system CAs)'}: "
                           f"{e.verify_message or e.reason} (the broker was provisioned with another CA, or host "
                           f"{self.host!r} is not in its certificate)")
