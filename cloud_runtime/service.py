@@ -70,6 +70,9 @@ class CloudRuntime:
         # run starts from empty state, kept across restarts: devices discard progress of another instance)
         self.identity = {"run_id": cfg.run_id, "definition": run_definition(cfg), "instance": uuid.uuid4().hex[:12]}
         self.downlink.recipe["instance"] = self.identity["instance"]
+        # the run's data facts ride with the recipe: a device checks its data against them before registering
+        # (and a device that lacks the top classes takes the run's class count)
+        self.downlink.recipe["run_facts"] = {"num_classes": cfg.num_classes, "input_shape": cfg.input_shape}
 
     # -- messages -----------------------------------------------------------------------------------
 

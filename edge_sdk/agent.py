@@ -10,6 +10,7 @@ All network callbacks only enqueue; training and encoding happen on the main thr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -79,6 +80,7 @@ class EdgeAgent:
         self.step_times: list[float] = []
         self.rejected = 0
         self.internal_errors = 0
+        self.exit_code = 0   # 2: stopped because this device cannot take part as configured
         self._last_heartbeat = 0.0
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -162,6 +164,8 @@ class EdgeAgent:
             self.last_done = self.trained_round = self.soft_label_round = self.global_round = -1
             self.accepted = {"session": None, "round": -1, "splits": []}
         self.run_instance = instance or self.run_instance
+        if self.recipe is None and not self.fit_run_facts(data.get("run_facts")):
+            return False
         if self.recipe is not None:
             if recipe != self.recipe:
                 logger.error("%s: the runtime changed the run recipe mid-run; keeping the one this device "
@@ -185,11 +189,43 @@ class EdgeAgent:
         self.load_state()
         return True
 
+    def fit_run_facts(self, facts) -> bool:
+        """Check this device's data against the run's classes and image shape (sent with the recipe). A device
+        whose labels stop short of the run's classes takes the run's count; data of another shape or with
+        more classes cannot take part: say so and stop with exit status 2 (a configuration error)."""
+        if not isinstance(facts, dict):
+            return True  # a runtime that does not state them judges the registration itself
+        classes, shape = facts.get("num_classes"), facts.get("input_shape")
+        train = self.train_set
+        problem = None
+        if isinstance(shape, list) and shape != list(train.image_shape):
+            problem = (f"this device's images are {'x'.join(map(str, train.image_shape))} (C x H x W); the run's are "
+                       f"{'x'.join(map(str, shape))}")
+        elif type(classes) is int and classes < train.num_classes:
+            problem = f"this device's data has {train.num_classes} classes; the run has {classes}"
+        if problem:
+            logger.error("%s: %s. Point data at images the run can use (edge-agent data check; docs/DEPLOYMENT.md, "
+                         "'A device's own data')", self.device, problem)
+            self.exit_code = 2
+            self.stop.set()
+            return False
+        if type(classes) is int and classes > train.num_classes:
+            logger.info("%s: labels of this device's data stop at %d; the run has %d classes", self.device,
+                        train.num_classes - 1, classes)
+            self.train_set = dataclasses.replace(train, num_classes=classes)
+            if self.test_set is not None:
+                self.test_set = dataclasses.replace(self.test_set, num_classes=classes)
+        return True
+
     def on_shutdown(self, data: dict) -> None:
         """The end of the run, from the runtime session this device took part in. Any other (a retained one a
         previous run left on the control topic, or one without a session) is stale: the device keeps waiting."""
         session = data.get("session")
         if isinstance(session, str) and session in (self.registered_session, self.done_session):
+            if self.cfg.after_run == "wait":  # a service: the runtime's next run (a new instance) finds it here
+                logger.info("%s: the run is over (runtime session %s); waiting for the next run (after_run: wait)",
+                            self.device, session)
+                return
             logger.info("%s: the run is over (runtime session %s)", self.device, session)
             self.stop.set()
         else:
@@ -455,7 +491,7 @@ class EdgeAgent:
                     self.run_round(header)
                     self.heartbeat(force=True)
         self.save_state()
-        return 0
+        return self.exit_code
 
     def shutdown(self) -> None:
         if not self.transport.connected:  # stopped before the broker was ever reached

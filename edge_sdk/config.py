@@ -121,6 +121,7 @@ class AgentConfig:
     heartbeat_s: float = 10.0
     threads: int | None = 1        # torch intra-op threads on the device
     seed: int = 0
+    after_run: Literal["exit", "wait"] = "exit"  # wait: a service stays up for the runtime's next run
 
     def check(self) -> None:
         from edgefl_core.wire import check_device_id

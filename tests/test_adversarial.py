@@ -65,7 +65,7 @@ def run_fleet(tmp_path, npz_dir, provisioned, port, procs, attack=None):  # noqa
 def attacker(provisioned, port):
     broker = yaml.safe_load(provisioned.agent_configs["mal"].read_text())["broker"]
     mal = MqttTransport(f"mqtts://127.0.0.1:{port}", "mal", username="mal", password=broker["password"],
-                        ca_file=broker["ca_file"])
+                        ca_file=str(provisioned.agent_configs["mal"].parent / broker["ca_file"]))
     mal.connect(timeout=10)
     return mal
 

@@ -150,7 +150,9 @@ def test_async_mode_finishes_with_a_slow_device(npz_dir, tmp_path, broker, procs
     rows = report["rounds"]
     assert len(rows) == 6 and report["final"]["test_accuracy"] is not None
     fresh = [d for r in rows for d in r["fresh"]]
-    assert fresh.count("dev0") > fresh.count("dev1") >= 1  # the fast device did not wait for the slow one
+    # the server did not wait for the slow device: it trained without its features in some updates (how many
+    # depends on the machine's load: when the server is the bottleneck both devices keep up with it)
+    assert fresh.count("dev0") >= fresh.count("dev1") >= 1 and fresh.count("dev1") < len(rows)
     assert all(s <= 3 for r in rows for s in r["staleness"].values())
 
 

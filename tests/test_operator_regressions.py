@@ -161,3 +161,43 @@ def test_provision_writes_ipv6_hosts_as_urls_and_binds_ipv6(tmp_path):
     assert BrokerAddress.parse(agent["broker"]["url"]).host == "::1"
     remote = provision(tmp_path / "r", ["a"], host="fd00::5", port=8883)
     assert "listener 8883 ::" in remote.broker_conf.read_text()
+
+
+def _agent(tmp_path, data_dir, **cfg):
+    from edge_sdk.agent import build_agent
+    from edge_sdk.config import AgentConfig
+    return build_agent(AgentConfig(device_id="d0", run_id="r", data=AgentDataConfig("npz", str(data_dir)),
+                                   state_dir=str(tmp_path / "state"), **cfg), transport=MemoryBus().client("d0"))
+
+
+def _hello(tmp_path, *extra):
+    cfg = load_runtime_config(None, ["run_id=r", f"state_dir={tmp_path / 'rt'}", "rounds=1", *extra])
+    rt = CloudRuntime(cfg, MemoryBus().client("runtime"))
+    return {**rt.downlink.recipe, "session": "s1"}
+
+
+def test_a_device_whose_data_the_run_cannot_use_says_so_and_exits_2(tmp_path):
+    """It once registered, was rejected at the runtime, and waited forever without a word."""
+    from conftest import make_npz_dataset
+    agent = _agent(tmp_path, make_npz_dataset(tmp_path / "d", size=12))
+    assert not agent.configure(_hello(tmp_path, "num_classes=4", "input_shape=[1, 28, 28]"))
+    assert agent.stop.is_set() and agent.exit_code == 2 and agent.client is None
+
+
+def test_a_device_lacking_the_runs_top_classes_takes_the_runs_class_count(tmp_path):
+    from conftest import make_npz_dataset
+    agent = _agent(tmp_path, make_npz_dataset(tmp_path / "d", size=12, classes=4))
+    assert agent.train_set.num_classes == 4
+    assert agent.configure(_hello(tmp_path, "num_classes=10", "input_shape=[1, 12, 12]"))
+    assert agent.client is not None and agent.train_set.num_classes == 10 and not agent.stop.is_set()
+
+
+def test_an_agent_run_as_a_service_waits_for_the_next_run(tmp_path, npz_dir):
+    agent = _agent(tmp_path, npz_dir, after_run="wait")
+    agent.registered_session = "s1"
+    agent.on_shutdown({"session": "s1"})
+    assert not agent.stop.is_set()
+    leaving = _agent(tmp_path, npz_dir)
+    leaving.registered_session = "s1"
+    leaving.on_shutdown({"session": "s1"})
+    assert leaving.stop.is_set()
