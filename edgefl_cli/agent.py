@@ -26,7 +26,8 @@ def data_main(argv: list[str]) -> int:
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value (dotted key, YAML value); repeatable")
     export = sub.add_parser("export", help="write one shard of a dataset as train.npz / test.npz (demo devices)")
-    export.add_argument("--dataset", default="fashion_mnist", choices=DATASETS.names())
+    export.add_argument("--dataset", default="fashion_mnist", choices=DATASETS.names(),
+                        help="the source dataset (default: %(default)s)")
     export.add_argument("--path", default=None, help="where the dataset is (default: its installed place)")
     export.add_argument("--shard", required=True, help="which of how many disjoint random shards, e.g. 1/2")
     export.add_argument("--train", type=int, default=None, help="at most this many train samples (default: all)")

@@ -200,7 +200,8 @@ def load_npz(path: str | Path, name: str = "npz") -> ImageDataset:
     """Any labelled image set: ``images`` (N x H x W or N x C x H x W, uint8) and ``labels``; optional ``sample_ids``."""
     path = Path(path)
     if not path.exists():
-        raise DatasetError(f"npz dataset {path} does not exist")
+        raise DatasetError(f"npz dataset {path} does not exist (a device's data: images and labels in "
+                           "train.npz [+ test.npz]; see docs/DEPLOYMENT.md, 'A device's own data')")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

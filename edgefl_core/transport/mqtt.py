@@ -229,7 +229,8 @@ class MqttTransport(Transport):
         if error and any(error.startswith(code) for code in _AUTH_FAILURES):
             raise BrokerConfigError(f"the broker at {where} refused user {self._username!r}: {error}. Check "
                                     "broker.username and broker.password (cloud-runtime provision wrote them; the "
-                                    "broker's password file must be the same deployment's)")
+                                    "broker's password file must be the same deployment's: after re-provisioning, "
+                                    "restart mosquitto)")
         if error:
             raise ConnectionError(f"{self.client_id}: the broker at {where} refused the connection: {error}")
         reason = self.address.probe()
