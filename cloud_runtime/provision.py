@@ -262,13 +262,8 @@ def _url_host(host: str) -> str:
 
 
 def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    from edgefl_core.transport.mqtt import BrokerAddress
+    return BrokerAddress(host.strip("[]"), 0, True).is_loopback
 
 
 def default_bind(host: str) -> str:

@@ -48,7 +48,8 @@ STATE_FILE = "agent_state.pt"
 class EdgeAgent:
     """The device daemon. ``client`` and ``recipe`` stay None until the runtime has said what to train."""
 
-    def __init__(self, cfg: AgentConfig, transport: Transport, train: ImageDataset, test: ImageDataset | None):
+    def __init__(self, cfg: AgentConfig, transport: Transport, train: ImageDataset, test: ImageDataset | None,
+                 fingerprint: str | None = None):
         self.cfg = cfg
         self.transport = transport
         self.train_set, self.test_set = train, test
@@ -69,7 +70,7 @@ class EdgeAgent:
         mine = saved.get("device") == self.device and saved.get("run") == cfg.run_id
         self.done_session: str | None = (saved.get("done_session") or None) if mine else None
         self.soft_label_round = -1
-        self.data_fingerprint = data_fingerprint(train, test)
+        self.data_fingerprint = fingerprint or data_fingerprint(train, test)  # build_agent has it already
         self.run_instance: str | None = None  # the runtime's run instance (HELLO / ROUND): a new one is a new run
         self.pending_round: dict | None = None
         self.uplink = Uplink(transport, self.topics, self.device, cfg.upload)  # acknowledged transfers
@@ -538,4 +539,4 @@ def build_agent(cfg: AgentConfig, transport: Transport | None = None) -> EdgeAge
         offline = P.control_frame(P.STATUS, run=cfg.run_id, device=cfg.device_id, round_=-1, online=False)
         transport = create_transport(cfg.broker, f"edgefl-{cfg.run_id}-{cfg.device_id}",
                                      will=(P.Topics(cfg.run_id).status(cfg.device_id), offline))
-    return EdgeAgent(cfg, transport, train, test)
+    return EdgeAgent(cfg, transport, train, test, about["fingerprint"])
