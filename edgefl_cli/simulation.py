@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -84,7 +84,11 @@ def _dump(path: Path, config) -> Path:
 
 
 def write_deployment(cfg: ExperimentConfig, out_dir: Path, broker_url: str) -> Deployment:
-    """Partition the data; write ``runtime.yaml`` and ``agents/<dev>/agent.yaml`` (+ sample-id files)."""
+    """Partition the data; write ``runtime.yaml`` and ``agents/<dev>/agent.yaml`` (+ sample-id files). Paths
+    in them are absolute: a config's relative paths are read against its own folder, not the current one."""
+    out_dir = Path(out_dir).resolve()
+    if cfg.data.path:
+        cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
     data = federated.prepare(cfg.data, cfg.run.devices, cfg.run.seed, out_dir)
     eval_ids = out_dir / "eval_sample_ids.json"
     eval_ids.write_text(json.dumps({"train": [], "test": data.test_all.sample_ids.tolist()}))

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,21 @@ def test_a_runtime_started_before_its_broker_waits_for_it(tmp_path, caplog):
         starter.join()
         transport.close()
         broker.stop()
+
+
+def test_edgefl_sim_configs_written_under_a_relative_out_dir_load_from_anywhere(tmp_path, monkeypatch, npz_dir):
+    """`make quickstart` (--out runs/quickstart) once wrote cwd-relative paths that the agents then read
+    against their own folder: every agent exited 2 and round 0 never opened."""
+    from cloud_runtime.config import load_config
+    from edgefl_cli.simulation import write_deployment
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(npz_dir, tmp_path / "mydata")
+    cfg = load_config(None, ["data.dataset=npz", "data.path=mydata", "run.devices=2"])
+    Path("runs/x").mkdir(parents=True)
+    deployment = write_deployment(cfg, Path("runs/x"), "mqtt://127.0.0.1:1883")
+    monkeypatch.chdir("/")
+    agent = load_agent_config(tmp_path / "runs/x" / deployment.agent_paths[0].relative_to(tmp_path / "runs/x"))
+    assert Path(agent.data.ids_file).is_file() and Path(agent.data.path).is_dir()
+    assert load_local_data(agent.data)[0] is not None
+    runtime = load_runtime_config(deployment.runtime_path)
+    assert Path(runtime.eval_data.ids_file).is_file() and Path(runtime.state_dir).is_absolute()
