@@ -1,0 +1,169 @@
+"""The edge program: what the cloud compiles and a torch-free device executes (``edge.engine: onnxruntime``).
+
+An :class:`EdgeProgram` is a manifest (JSON), ONNX graphs (a train step per trainer, feature/logit
+extraction) and the initial model state, packed as one safetensors blob (graphs as uint8 arrays, the
+manifest as metadata). Its identity is the SHA-256 of that blob: the runtime announces the digest in its
+run recipe (on the ACL-protected control topic) and sends the blob on the device's downlink; a device
+accepts a blob only if it hashes to the announced digest and every graph passes :func:`check_graph`.
+
+A graph is code to a device, so :func:`check_graph` admits only the standard ONNX operator domains (no
+custom or vendor operators, no model-local functions), no external-data references, no sparse or
+subgraph tricks it does not understand, and bounded sizes. See ``docs/EDGE_RUNTIME.md``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import safetensors.numpy
+
+PROGRAM_FORMAT = "edgefl-edge-program/1"
+MAX_PROGRAM_BYTES = 64 << 20          # a whole program (graphs + initial state)
+MAX_GRAPH_BYTES = 32 << 20
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+GRAPH_PREFIX, STATE_PREFIX = "graph.", "state."
+
+
+class ProgramError(ValueError):
+    """An edge program is malformed, not the one announced, or uses what a device must not run."""
+
+
+@dataclass
+class EdgeProgram:
+    """``manifest``: trainer, optimizer, tensor names/shapes and each graph's inputs/outputs (see
+    :mod:`edge_sdk.program.compile`); ``graphs``: name -> serialized ONNX ModelProto; ``state``: the initial
+    parameters and buffers (name -> array, the edge model's ``state_dict`` names)."""
+
+    manifest: dict
+    graphs: dict[str, bytes]
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def pack_program(program: EdgeProgram) -> bytes:
+    """One safetensors blob (deterministic: sorted keys), whose SHA-256 is the program's identity."""
+    arrays = {GRAPH_PREFIX + k: np.frombuffer(v, dtype=np.uint8) for k, v in program.graphs.items()}
+    arrays.update({STATE_PREFIX + k: np.ascontiguousarray(v) for k, v in program.state.items()})
+    meta = {"format": PROGRAM_FORMAT, "manifest": json.dumps(program.manifest, sort_keys=True)}
+    return safetensors.numpy.save(dict(sorted(arrays.items())), metadata=meta)
+
+
+def program_digest(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def unpack_program(blob: bytes, digest: str | None = None) -> EdgeProgram:
+    """Parse and check a program blob; ``digest`` (hex SHA-256) is the one the runtime announced.
+
+    Raises ProgramError naming what is wrong (size, digest, layout, manifest, or a graph's operator)."""
+    if len(blob) > MAX_PROGRAM_BYTES:
+        raise ProgramError(f"edge program of {len(blob)} bytes exceeds {MAX_PROGRAM_BYTES}")
+    if digest is not None and program_digest(blob) != digest:
+        raise ProgramError("edge program does not match the digest the runtime announced")
+    try:
+        meta = _safetensors_metadata(blob)
+        arrays = safetensors.numpy.load(blob)
+    except Exception as e:  # malformed header, bad offsets, unknown dtypes
+        raise ProgramError(f"edge program is not a safetensors blob ({type(e).__name__}: {str(e)[:120]})") from None
+    if (meta or {}).get("format") != PROGRAM_FORMAT:
+        raise ProgramError(f"edge program format {(meta or {}).get('format')!r}, expected {PROGRAM_FORMAT!r}")
+    try:
+        manifest = json.loads(meta["manifest"])
+    except (KeyError, ValueError):
+        raise ProgramError("edge program has no readable manifest") from None
+    graphs, state = {}, {}
+    for key, value in arrays.items():
+        if key.startswith(GRAPH_PREFIX) and value.dtype == np.uint8 and value.ndim == 1:
+            graphs[key[len(GRAPH_PREFIX):]] = value.tobytes()
+        elif key.startswith(STATE_PREFIX):
+            state[key[len(STATE_PREFIX):]] = value
+        else:
+            raise ProgramError(f"edge program holds an unexpected tensor {key[:60]!r}")
+    check_manifest(manifest, graphs, state)
+    for name, graph in graphs.items():
+        check_graph(graph, name)
+    return EdgeProgram(manifest, graphs, state)
+
+
+def _safetensors_metadata(blob: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors header (8-byte little-endian length + JSON)."""
+    if len(blob) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(blob[:8], "little")
+    if n > min(len(blob) - 8, 16 << 20):
+        raise ValueError("header length out of range")
+    header = json.loads(blob[8:8 + n])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _names(spec, what: str) -> list[str]:
+    if not isinstance(spec, list) or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in spec):
+        raise ProgramError(f"edge program manifest: {what} must be a list of names")
+    return spec
+
+
+def check_manifest(manifest, graphs: dict[str, bytes], state: dict[str, np.ndarray]) -> None:
+    """The manifest names every tensor the device feeds and reads, with shapes matching the state."""
+    if not isinstance(manifest, dict):
+        raise ProgramError("edge program manifest must be an object")
+    for key in ("trainer", "optimizer", "params", "buffers", "graphs", "num_classes", "input_shape"):
+        if key not in manifest:
+            raise ProgramError(f"edge program manifest lacks {key!r}")
+    params, buffers = _names(manifest["params"], "params"), _names(manifest["buffers"], "buffers")
+    if set(state) != set(params) | set(buffers):
+        raise ProgramError("edge program's initial state does not hold exactly its params and buffers")
+    if not isinstance(manifest["graphs"], dict) or set(manifest["graphs"]) != set(graphs):
+        raise ProgramError("edge program manifest does not describe exactly its graphs")
+    for name, spec in manifest["graphs"].items():
+        if not isinstance(spec, dict):
+            raise ProgramError(f"edge program graph {name!r}: spec must be an object")
+        _names(spec.get("inputs"), f"graph {name} inputs")
+        _names(spec.get("outputs"), f"graph {name} outputs")
+        batch = spec.get("batch")
+        if batch is not None and (type(batch) is not int or not 1 <= batch <= 65536):
+            raise ProgramError(f"edge program graph {name!r}: batch must be null or an integer in [1, 65536]")
+    for key in ("extract", "train_step"):
+        if key not in graphs:
+            raise ProgramError(f"edge program has no {key!r} graph")
+    for arr_name, arr in state.items():
+        if arr.dtype not in (np.float32, np.int64):
+            raise ProgramError(f"edge program state {arr_name!r} has dtype {arr.dtype}")
+
+
+def check_graph(blob: bytes, name: str = "graph") -> None:
+    """Admit only a self-contained, standard-domain ONNX graph; raises ProgramError naming the offence."""
+    import onnx  # the reference parser: a graph is checked with the library that defines the format
+
+    if len(blob) > MAX_GRAPH_BYTES:
+        raise ProgramError(f"graph {name!r} of {len(blob)} bytes exceeds {MAX_GRAPH_BYTES}")
+    try:
+        model = onnx.ModelProto.FromString(blob)
+    except Exception as e:
+        raise ProgramError(f"graph {name!r} is not an ONNX model ({type(e).__name__})") from None
+    for opset in model.opset_import:
+        if opset.domain not in STANDARD_DOMAINS:
+            raise ProgramError(f"graph {name!r} imports operator domain {opset.domain!r}; only the standard "
+                               "ONNX domain is accepted")
+    if len(model.functions):
+        raise ProgramError(f"graph {name!r} defines model-local functions; only standard operators are accepted")
+
+    def walk(graph, depth: int = 0) -> None:
+        if depth > 4:
+            raise ProgramError(f"graph {name!r} nests subgraphs deeper than 4")
+        for init in list(graph.initializer) + [s.values for s in graph.sparse_initializer]:
+            if init.data_location == onnx.TensorProto.EXTERNAL or len(init.external_data):
+                raise ProgramError(f"graph {name!r}: tensor {init.name[:60]!r} refers to external data")
+        for node in graph.node:
+            if node.domain not in STANDARD_DOMAINS:
+                raise ProgramError(f"graph {name!r}: node {node.op_type!r} of domain {node.domain!r} is not a "
+                                   "standard ONNX operator")
+            for attr in node.attribute:
+                if attr.HasField("t") and (attr.t.data_location == onnx.TensorProto.EXTERNAL or
+                                           len(attr.t.external_data)):
+                    raise ProgramError(f"graph {name!r}: an attribute of {node.op_type!r} refers to external data")
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    walk(sub, depth + 1)
+
+    walk(model.graph)

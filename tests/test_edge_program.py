@@ -1,0 +1,206 @@
+"""Edge programs: graphs compiled from torch and run by onnxruntime + numpy agree with the torch trainers.
+
+One step per trainer from the same state and batch: loss, gradients or jvp, updated parameters and BN
+statistics within 1e-5; extraction within 1e-5; an export without the batch-norm fix must disagree.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from edge_sdk.config import EdgeConfig
+from edge_sdk.program.compile import build_model, compile_program, onnx_trainer_problem
+from edge_sdk.program.format import (EdgeProgram, ProgramError, check_graph, pack_program, program_digest,
+                                     unpack_program)
+from edge_sdk.program.optim import NumpyOptimizer
+from edge_sdk.program.runner import ProgramRunner
+from edge_sdk.trainers import create_trainer
+from edge_sdk.trainers.forward_grad import gaussian_like
+
+SHAPE, CLASSES, BATCH = (1, 12, 12), 4, 16
+TOL = 1e-5
+
+
+def edge_config(trainer: str, optimizer: str = "sgd", **kwargs) -> EdgeConfig:
+    return EdgeConfig(model="resnet8_gkt", trainer=trainer, optimizer=optimizer, lr=0.05, batch_size=BATCH,
+                      kd_alpha=0.7, temperature=2.0, trainer_kwargs=kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def program_blob(trainer: str, optimizer: str, fix: bool = True, exact: bool = True) -> bytes:
+    kwargs = {"exact_classifier": exact, "tangents": 2} if trainer == "fg_weight" else {}
+    return pack_program(compile_program(edge_config(trainer, optimizer, **kwargs), CLASSES, SHAPE, seed=0,
+                                        batch_norm_fix=fix))
+
+
+def batches(n_steps=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for size in [BATCH] * (n_steps - 1) + [BATCH - 5]:  # the last batch is short
+        yield (torch.randn(size, *SHAPE, generator=g), torch.randint(0, CLASSES, (size,), generator=g),
+               torch.randn(size, CLASSES, generator=g), torch.rand(size, generator=g) > 0.4)
+
+
+def max_state_error(runner: ProgramRunner, model: torch.nn.Module) -> float:
+    ours = runner.model_state()
+    return max(float(np.abs(ours[k].astype(np.float64) - v.numpy()).max()) for k, v in model.state_dict().items())
+
+
+def torch_gradients(model, images, labels, teacher, mask, cfg):
+    from model_zoo.losses import gkt_loss
+    model.train()
+    logits, _ = model(images)
+    loss, _, _ = gkt_loss(logits, labels, teacher, mask, cfg.kd_alpha, cfg.temperature)
+    return dict(zip([n for n, _ in model.named_parameters()],
+                    torch.autograd.grad(loss, list(model.parameters()))))
+
+
+@pytest.mark.parametrize("optimizer", ["adam"])  # SGD: the numpy optimizer test; each compile costs ~25 s
+def test_backprop_step_matches_torch(optimizer):
+    blob = program_blob("backprop", optimizer)
+    runner = ProgramRunner(unpack_program(blob, program_digest(blob)))
+    cfg = edge_config("backprop", optimizer)
+    model = build_model(cfg, CLASSES, SHAPE, 0)
+    trainer = create_trainer("backprop", model, cfg)
+    assert max_state_error(runner, model) == 0.0  # the program ships the model's initial state
+    for images, labels, teacher, mask in batches():
+        # gradients: the graph's own outputs against autograd, from the same state
+        feed, _ = runner._batch_feed(images.numpy(), labels.numpy(), teacher.numpy(), mask.numpy().astype(np.float32))
+        out = runner._run("train_step", {**feed, **runner._state_feed()})
+        snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+        grads = torch_gradients(model, images, labels, teacher, mask, cfg)
+        model.load_state_dict(snapshot)  # that forward pass moved BN statistics: undo before the real step
+        for name, g in grads.items():
+            np.testing.assert_allclose(out[f"grad.{name}"], g.numpy(), atol=TOL, rtol=0, err_msg=name)
+        result = trainer.train_step(images, labels, teacher, mask)
+        ours = runner.train_step(images.numpy(), labels.numpy(), teacher.numpy(), mask.numpy().astype(np.float32))
+        assert abs(ours.loss - result.loss) < TOL and abs(ours.ce - result.ce) < TOL and abs(ours.kd - result.kd) < TOL
+        assert ours.correct == result.correct and ours.samples == result.samples == len(labels)
+        assert max_state_error(runner, model) < TOL  # parameters after the optimizer step, and BN statistics
+
+
+@pytest.mark.parametrize("exact", [True])
+def test_fg_weight_step_matches_torch(exact):
+    blob = program_blob("fg_weight", "adam", exact=exact)
+    runner = ProgramRunner(unpack_program(blob))
+    cfg = edge_config("fg_weight", "adam", exact_classifier=exact, tangents=2)
+    model = build_model(cfg, CLASSES, SHAPE, 0)
+    trainer = create_trainer("fg_weight", model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert runner.step_batch == BATCH  # forward mode: a fixed batch, short batches padded
+    for images, labels, teacher, mask in batches():
+        state = trainer.generator.get_state()  # replay the torch trainer's tangents
+        params = {key: p for sel, keys in zip(trainer.perturbed, trainer._keys) for n, p in sel.items()
+                  for key in (keys[n],)}
+        tangents = []
+        for _ in range(2):
+            v = gaussian_like(params, trainer.generator)
+            tangents.append({names[id(params[k])]: v[k].numpy() for k in params})
+        trainer.generator.set_state(state)
+        # the directional derivative against torch's forward-mode pass on the same state
+        from edge_sdk.trainers.forward_grad import directional_derivative
+        keyed = [{n: torch.from_numpy(tangents[0][names[id(p)]]) for n, p in sel.items()} for sel in trainer.perturbed]
+        snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+        model.train()
+        _, _, _, _, d, _ = directional_derivative(trainer.chain, images, keyed, labels, teacher, mask, cfg)
+        model.load_state_dict(snapshot)
+        feed, _ = runner._batch_feed(images.numpy(), labels.numpy(), teacher.numpy(), mask.numpy().astype(np.float32))
+        out = runner._run("train_step", {**feed, **runner._state_feed(),
+                                         **{f"tangent.{n}": tangents[0][n] for n in runner.perturbed}})
+        assert abs(float(out["jvp"]) - d) < TOL * max(1.0, abs(d))
+        result = trainer.train_step(images, labels, teacher, mask)
+        ours = runner.train_step(images.numpy(), labels.numpy(), teacher.numpy(), mask.numpy().astype(np.float32),
+                                 tangents=tangents)
+        assert abs(ours.loss - result.loss) < TOL and abs(ours.ce - result.ce) < TOL and abs(ours.kd - result.kd) < TOL
+        assert ours.correct == result.correct
+        assert max_state_error(runner, model) < TOL
+
+
+@pytest.mark.parametrize("trainer", ["backprop", "fg_weight"])
+def test_extraction_matches_torch(trainer):
+    blob = program_blob(trainer, "adam")
+    runner = ProgramRunner(unpack_program(blob))
+    model = build_model(edge_config(trainer, "adam"), CLASSES, SHAPE, 0).eval()
+    images = torch.randn(37, *SHAPE)
+    with torch.no_grad():
+        logits, features = model(images)
+    ours_logits, ours_features = runner.extract(images.numpy())
+    np.testing.assert_allclose(ours_logits, logits.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours_features, features.numpy(), atol=TOL, rtol=0)
+
+
+def test_export_without_the_batch_norm_fix_is_wrong():
+    """torchlib lowers train-mode batch norm as inference: without our batch norm the step graph silently
+    computes other numbers. This is the guard that the fix is what makes parity hold."""
+    cfg = edge_config("backprop", "sgd")
+    broken = ProgramRunner(unpack_program(program_blob("backprop", "sgd", fix=False)))
+    model = build_model(cfg, CLASSES, SHAPE, 0)
+    trainer = create_trainer("backprop", model, cfg)
+    images, labels, teacher, mask = next(batches())
+    result = trainer.train_step(images, labels, teacher, mask)
+    ours = broken.train_step(images.numpy(), labels.numpy(), teacher.numpy(), mask.numpy().astype(np.float32))
+    assert abs(ours.loss - result.loss) > 1e-3 or max_state_error(broken, model) > 1e-3
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_numpy_optimizer_matches_torch(optimizer):
+    rng = np.random.default_rng(0)
+    shapes = {"a": (3, 4), "b": (5,)}
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    settings = {"name": optimizer, "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-3}
+    ours = NumpyOptimizer(settings)
+    ref = {n: torch.nn.Parameter(torch.from_numpy(p.copy())) for n, p in params.items()}
+    opt = (torch.optim.SGD(ref.values(), lr=0.03, momentum=0.9, weight_decay=1e-3) if optimizer == "sgd" else
+           torch.optim.Adam(ref.values(), lr=0.03, weight_decay=1e-3))
+    for _ in range(5):
+        grads = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+        for n, p in ref.items():
+            p.grad = torch.from_numpy(grads[n].copy())
+        opt.step()
+        ours.step(params, grads)
+        for n in shapes:
+            np.testing.assert_allclose(params[n], ref[n].detach().numpy(), atol=1e-6)
+    again = NumpyOptimizer(settings)  # its state round-trips through the portable arrays
+    again.load_state_arrays(ours.state_arrays(), shapes)
+    assert again.state_arrays().keys() == ours.state_arrays().keys()
+    with pytest.raises(ValueError, match="not"):
+        again.load_state_arrays({"zz.momentum_buffer": np.zeros(1, np.float32)}, shapes)
+
+
+def test_program_blob_is_checked():
+    blob = program_blob("backprop", "sgd")
+    with pytest.raises(ProgramError, match="digest"):
+        unpack_program(blob, "0" * 64)
+    with pytest.raises(ProgramError, match="safetensors"):
+        unpack_program(b"\x00" * 64)
+    program = unpack_program(blob)
+    import onnx
+    model = onnx.ModelProto.FromString(program.graphs["extract"])
+    node = model.graph.node[0]
+    node.domain = "com.microsoft"
+    with pytest.raises(ProgramError, match="com.microsoft"):
+        check_graph(model.SerializeToString())
+    model = onnx.ModelProto.FromString(program.graphs["extract"])
+    model.opset_import.add(domain="evil.ops", version=1)
+    with pytest.raises(ProgramError, match="evil.ops"):
+        check_graph(model.SerializeToString())
+    model = onnx.ModelProto.FromString(program.graphs["extract"])
+    tensor = model.graph.initializer.add()
+    tensor.name, tensor.data_type, tensor.data_location = "w", onnx.TensorProto.FLOAT, onnx.TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "/etc/passwd"
+    with pytest.raises(ProgramError, match="external data"):
+        check_graph(model.SerializeToString())
+    tampered = EdgeProgram({**program.manifest, "params": program.manifest["params"][1:]}, program.graphs, program.state)
+    with pytest.raises(ProgramError, match="params and buffers"):
+        unpack_program(pack_program(tampered))
+
+
+def test_trainers_without_a_graph_say_why():
+    assert onnx_trainer_problem("backprop") is None and onnx_trainer_problem("fg_weight") is None
+    for name in ("forward", "fg_local_guess", "async_fgd"):
+        assert onnx_trainer_problem(name)
+    with pytest.raises(ValueError, match="async_fgd"):
+        compile_program(edge_config("async_fgd"), CLASSES, SHAPE)
