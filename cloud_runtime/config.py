@@ -144,7 +144,10 @@ class DeploymentConfig:
     round_deadline_s: float = 600.0
     quorum: float = 1.0
     max_staleness: int = 2
-    agent_threads: int = 1        # torch threads per edge-agent process
+    agent_threads: int = 1        # engine threads per edge-agent process
+    # each device's engine: torch | onnxruntime (the runtime's compiled graphs, no torch on the device) |
+    # mixed (even devices torch, odd onnxruntime)
+    agent_engine: Literal["torch", "onnxruntime", "mixed"] = "torch"
     device_profiles: list[str] = field(default_factory=list)  # per device, round-robin; empty: "host"
     timeout_s: float = 3600.0     # the whole run
 

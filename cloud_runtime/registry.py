@@ -43,7 +43,10 @@ def device_facts(data: dict) -> dict:
     for name in ("pid", "edge_params"):
         if data.get(name) is not None:
             facts[name] = _count(data[name], name, 1 << 62)
-    return {**facts, "profile": profile, "input_shape": shape}
+    engine = data.get("engine", "torch")
+    if engine not in ("torch", "onnxruntime"):
+        raise Rejected("bad_registration", f"engine must be torch or onnxruntime, got {str(engine)[:20]!r}")
+    return {**facts, "profile": profile, "input_shape": shape, "engine": engine}
 
 
 class Rejected(Exception):

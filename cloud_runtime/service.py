@@ -18,6 +18,7 @@ import torch
 
 from cloud_runtime.config import RuntimeConfig
 from cloud_runtime.downlink import Downlink
+from cloud_runtime.edge_programs import EdgePrograms
 from cloud_runtime.ingest import Ingest
 from cloud_runtime.plots import plot_accuracy, write_json
 from cloud_runtime.progress import Interrupted
@@ -64,6 +65,8 @@ class CloudRuntime:
         self.strategy: Strategy = STRATEGIES.get(strategy_name(cfg))(RunContext(
             cfg, self.registry, self.ingest, self.downlink, self.store, self.stop, self.pump, self.checkpoint,
             cfg.threads or torch.get_num_threads()))
+        self.programs = EdgePrograms(cfg.state_dir, self.recipes, self.downlink, lambda: self.strategy.next_round,
+                                     self.session, cfg.seed)  # compiled graphs for devices on onnxruntime
         self._cost = CostEstimator()
         self.checkpoint_error: dict | None = None   # the last failed commit (None once one succeeds again)
         # what this state belongs to: the run id, what defines the run, and this run's instance (new when a
@@ -99,6 +102,7 @@ class CloudRuntime:
     def pump(self, timeout: float = 0.2) -> None:
         """Handle everything queued (waiting up to ``timeout`` s for the first message); expire transfers."""
         drain(self.inbox, self.handle, timeout)
+        self.programs.poll()
         for device, transfer in self.ingest.expired():
             self.registry.reject("transfer_timeout", device, f"transfer {transfer[:8]} incomplete after "
                                                              f"{self.cfg.transfer_timeout_s:.0f}s")
@@ -175,8 +179,10 @@ class CloudRuntime:
             raise Rejected("bad_registration", f"session must be a string of at most 64 characters, got "
                                                f"{str(session)[:40]!r}")
         num_classes, channels = data.get("num_classes"), data.get("feature_channels")
-        if type(num_classes) is not int or type(channels) is not int or not (2 <= num_classes <= 100_000) \
-                or not (1 <= channels <= 65_536):
+        EdgePrograms.check(device, data, self.recipes.get(device, self.recipes[None]))
+        awaits_program = data.get("engine") == "onnxruntime" and channels is None  # the program says, once sent
+        if type(num_classes) is not int or not (2 <= num_classes <= 100_000) or not awaits_program and (
+                type(channels) is not int or not (1 <= channels <= 65_536)):
             raise Rejected("bad_registration", f"num_classes {str(num_classes)[:20]}, feature_channels "
                                                f"{str(channels)[:20]}")
         facts = device_facts(data)
@@ -193,6 +199,9 @@ class CloudRuntime:
             raise Rejected("bad_registration", f"input shape {facts['input_shape']}, the run's is {run_shape}")
         expected_channels = strategy.feature_channels if strategy.num_classes is not None else \
             strategy.run_feature_channels(run_classes, run_shape) if run_shape is not None else None
+        if awaits_program:
+            channels = expected_channels if expected_channels is not None else \
+                strategy.run_feature_channels(run_classes, run_shape)
         if expected_channels is not None and channels != expected_channels and cfg.algorithm != "fedavg":
             raise Rejected("bad_registration", f"{channels} feature channels, the run's edge model has "
                                                f"{expected_channels}")
@@ -220,6 +229,7 @@ class CloudRuntime:
             "model": edge.model, "trainer": edge.trainer, "batch_size": edge.batch_size, "epochs": edge.epochs,
             "model_kwargs": edge.model_kwargs, "optimizer": edge.optimizer, "codec": self.cfg.codec})
         strategy.on_register(device)
+        self.programs.on_register(device, data, run_classes, run_shape)
 
     def _late(self, device: str, what: str) -> bool:
         """A message from a device not registered for this session whose last registration answered an earlier
@@ -317,7 +327,7 @@ class CloudRuntime:
 
     def report(self) -> dict:
         run = {"name": self.cfg.run_id, "transport": self.cfg.broker.scheme, "algorithm": self.cfg.algorithm,
-               "late_messages": self.late_messages,
+               "late_messages": self.late_messages, "edge_programs": self.programs.report(),
                "mode": self.cfg.mode, "strategy": strategy_name(self.cfg), "server_model": self.cfg.server.model,
                "server_params": self.strategy.parameter_count(), "session": self.session,
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),

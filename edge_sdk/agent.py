@@ -1,12 +1,14 @@
 """``edge-agent``: the daemon on each device.
 
 Connects to the broker (Last Will = offline), learns the run from the runtime (a :class:`RunRecipe` on
-every HELLO and round announcement), builds its model, registers, and follows the cloud's rounds: train
+every HELLO and round announcement), builds its engine (``engine``: torch, or onnxruntime running the edge
+program the runtime compiled and announced by digest), registers, and follows the cloud's rounds: train
 the extractor locally, upload features/logits/labels of every local sample (compressed, chunked, until
 the runtime accepts them: ``uplink.py``), take the server's soft labels by sample id, repeat. State is
 checkpointed atomically (``state.py``) so a restart resumes without redoing or losing work.
 
-All network callbacks only enqueue; training and encoding happen on the main thread.
+All network callbacks only enqueue; training and encoding happen on the main thread. Torch-free: the
+torch engine is imported only when a device chooses it.
 """
 from __future__ import annotations
 
@@ -22,15 +24,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from edge_sdk import protocol as P
-from edge_sdk.client import EdgeClient
-from edge_sdk.config import AgentConfig, RunRecipe
-from edge_sdk.messages import MessageError, round_frame_problem
-from edge_sdk.trainers import create_trainer
+from edge_sdk import wire as P
+from edge_sdk.config import AgentConfig, RunRecipe, without_code_checks
+from edge_sdk.engine import EdgeEngine
+from edge_sdk.program.cache import ProgramCache, is_digest
+from edge_sdk.program.format import MAX_PROGRAM_BYTES, ProgramError, program_digest, unpack_program
 from edge_sdk.state import check_state_identity, read_state, state_problem, write_state
 from edge_sdk.uplink import Uplink
+from edge_sdk.wire import MessageError, round_frame_problem
 from edgefl_core.config import ConfigError, build_dataclass
 from edgefl_core.data.datasets import DatasetError, ImageDataset, dataset_stats
 from edgefl_core.data.local import data_fingerprint, describe_data, load_local_data
@@ -38,22 +40,24 @@ from edgefl_core.reliable import parse_progress
 from edgefl_core.transport import Transport, create_transport
 from edgefl_core.transport.retry import connect_patiently
 from edgefl_core.transport.inbox import drain
-from model_zoo import create_model, seeded
 
 logger = logging.getLogger("edgefl.agent")
 
-STATE_FILE = "agent_state.pt"
+STATE_FILE = "agent_state.safetensors"
+OLD_STATE_FILE = "agent_state.pt"   # torch.save states of earlier versions: not read (never unpickled)
+MAX_ANNOUNCED_PROGRAMS = 16
 
 
 class EdgeAgent:
-    """The device daemon. ``client`` and ``recipe`` stay None until the runtime has said what to train."""
+    """The device daemon. ``recipe`` stays None until the runtime has said what to train; ``client`` (the
+    :class:`~edge_sdk.engine.EdgeEngine`) until it is built (onnxruntime: once the edge program is here)."""
 
     def __init__(self, cfg: AgentConfig, transport: Transport, train: ImageDataset, test: ImageDataset | None,
                  fingerprint: str | None = None):
         self.cfg = cfg
         self.transport = transport
         self.train_set, self.test_set = train, test
-        self.client: EdgeClient | None = None
+        self.client: EdgeEngine | None = None
         self.recipe: RunRecipe | None = None
         self.device = cfg.device_id
         self.topics = P.Topics(cfg.run_id)
@@ -76,6 +80,10 @@ class EdgeAgent:
         self.uplink = Uplink(transport, self.topics, self.device, cfg.upload)  # acknowledged transfers
         self.registered_session: str | None = None
         self.global_state: dict | None = None   # FedAvg: the latest global model and its round
+        self.programs = ProgramCache(Path(cfg.state_dir) / "programs")
+        self.announced_programs: list[str] = []  # digests the runtime announced (HELLO / ROUND recipe)
+        self.received_program: bytes | None = None  # a program transfer whose digest is not announced yet
+        self.program_digest: str | None = None
         self.global_round = -1
         self.stop = threading.Event()
         self.step_times: list[float] = []
@@ -89,41 +97,46 @@ class EdgeAgent:
     def save_state(self) -> None:
         if self.client is None:
             return
-        write_state(self.state_path, {
-            "model": self.client.model.state_dict(), "trainer": self.client.trainer.state_dict(),
-            "soft_logits": self.client.soft_labels.logits, "soft_present": self.client.soft_labels.present,
-            "soft_round": self.client.soft_labels.round, "last_done": self.last_done,
-            "trained_round": self.trained_round, "done_session": self.done_session or "", "device": self.device,
-            "run": self.cfg.run_id, "recipe": json.dumps(asdict(self.recipe), sort_keys=True),
-            "data": self.data_fingerprint, "instance": self.run_instance or "",
-            "accepted": json.dumps(self.accepted)})
+        engine = self.client
+        write_state(self.state_path, meta={
+            "soft_round": engine.soft_labels.round, "last_done": self.last_done, "trained_round": self.trained_round,
+            "done_session": self.done_session or "", "device": self.device, "run": self.cfg.run_id,
+            "recipe": json.dumps(asdict(self.recipe), sort_keys=True), "data": self.data_fingerprint,
+            "instance": self.run_instance or "", "accepted": json.dumps(self.accepted), "engine": engine.name,
+            "program": self.program_digest or ""},
+            model=engine.model_state(), optimizer=engine.optimizer_state(), soft_logits=engine.soft_labels.logits,
+            soft_present=engine.soft_labels.present)
 
     def load_state(self) -> bool:
         """Resume from the saved state when it is this device's, this run's and this recipe's, and fits the
-        current data; otherwise start fresh (with a warning naming why), never crash."""
+        current data; otherwise start fresh (with a warning naming why), never crash. Either engine resumes
+        the other's state (model, optimizer, soft labels are saved under portable names)."""
         state = read_state(self.state_path) if self.client is not None else None
         if state is None:
             return False
+        engine = self.client
         problem = state_problem(state, device=self.device, run=self.cfg.run_id,
-                                recipe=json.dumps(asdict(self.recipe), sort_keys=True), model=self.client.model,
-                                soft_logits=self.client.soft_labels.logits, instance=self.run_instance)
+                                recipe=json.dumps(asdict(self.recipe), sort_keys=True),
+                                model={k: v.shape for k, v in engine.model_state().items()},
+                                soft_shape=engine.soft_labels.logits.shape, instance=self.run_instance)
         if problem is None:
             try:
-                self.client.trainer.load_state_dict(state["trainer"])
-            except (KeyError, ValueError, RuntimeError, TypeError) as e:
+                engine.load_optimizer_state(state["optimizer"])
+            except (KeyError, ValueError, TypeError) as e:
                 problem = f"its optimizer state does not fit ({e})"
         if problem is not None:
             logger.warning("%s: ignoring the saved state: %s", self.state_path, problem)
             return False
-        self.client.model.load_state_dict(state["model"])
-        self.client.soft_labels.logits.copy_(state["soft_logits"])
-        self.client.soft_labels.present.copy_(state["soft_present"])
-        self.client.soft_labels.round = self.soft_label_round = int(state["soft_round"])
+        engine.load_model_state(state["model"])
+        engine.soft_labels.load(state["soft_logits"], state["soft_present"], int(state["soft_round"]))
+        self.soft_label_round = int(state["soft_round"])
         self.last_done = int(state["last_done"])
         self.trained_round = int(state.get("trained_round", self.last_done))
         self.done_session = state["done_session"] or None
         self.accepted = _accepted_mark(state.get("accepted"))
-        logger.info("%s resumed from %s: last finished round %d", self.device, self.state_path, self.last_done)
+        logger.info("%s resumed from %s%s: last finished round %d", self.device, self.state_path,
+                    f" (saved by the {state.get('engine')} engine)" if state.get("engine") not in (None, engine.name)
+                    else "", self.last_done)
         return True
 
     # -- network (callbacks run on the network thread: enqueue only) --------------------------------
@@ -142,7 +155,8 @@ class EdgeAgent:
         logger.info("%s: connected; waiting for the runtime's run recipe", self.device)
 
     def configure(self, data: dict) -> bool:
-        """Build the model and trainer from the run recipe in a HELLO / ROUND frame (once per process).
+        """Build the engine from the run recipe in a HELLO / ROUND frame (once per process; onnxruntime: once
+        the announced edge program is here too).
 
         Returns False (and logs what was wrong) when the frame carries no valid recipe."""
         raw = data.get("recipe")
@@ -153,7 +167,11 @@ class EdgeAgent:
         if isinstance(mine, dict) and isinstance(raw.get("edge"), dict):
             raw = {**raw, "edge": {**raw["edge"], **mine}}
         try:
-            recipe = build_dataclass(RunRecipe, raw, "recipe")
+            if self.cfg.engine == "torch":
+                recipe = build_dataclass(RunRecipe, raw, "recipe")
+            else:  # the compiled program is the code: model and trainer names are not this device's to check
+                with without_code_checks():
+                    recipe = build_dataclass(RunRecipe, raw, "recipe")
         except ConfigError as e:
             logger.error("%s: the runtime's run recipe is not usable here: %s", self.device, e)
             return False
@@ -164,22 +182,31 @@ class EdgeAgent:
             self.client = self.recipe = self.pending_round = self.global_state = self.done_session = None
             self.last_done = self.trained_round = self.soft_label_round = self.global_round = -1
             self.accepted = {"session": None, "round": -1, "splits": []}
+            self.program_digest = None
         self.run_instance = instance or self.run_instance
+        self.note_programs(data.get("edge_programs"))
         if self.recipe is None and not self.fit_run_facts(data.get("run_facts")):
             return False
         if self.recipe is not None:
             if recipe != self.recipe:
                 logger.error("%s: the runtime changed the run recipe mid-run; keeping the one this device "
                              "started with (restart the agent to take the new one)", self.device)
+            if self.client is None:
+                self.try_program()
             return True
         edge = recipe.edge
+        if self.cfg.engine == "onnxruntime":
+            self.recipe = recipe
+            logger.info("%s: run recipe: %s, model %s, trainer %s, codec %s (engine onnxruntime)", self.device,
+                        recipe.algorithm, edge.model, edge.trainer, recipe.codec)
+            if not self.try_program():
+                logger.info("%s: waiting for the runtime's edge program (compiled graphs for %s + %s)", self.device,
+                            edge.model, edge.trainer)
+            return True
         try:
-            with seeded(self.cfg.seed):
-                model = create_model(edge.model, num_classes=self.train_set.num_classes,
-                                     in_channels=self.train_set.image_shape[0], **edge.model_kwargs)
-                stats = self.cfg.data.dataset if dataset_stats(self.cfg.data.dataset) else None
-                client = EdgeClient(self.device, model, self.train_set, self.test_set, edge, stats_name=stats,
-                                    seed=self.cfg.seed)
+            from edge_sdk.engines.torch_engine import TorchEngine
+            client = TorchEngine(self.device, edge, self.train_set, self.test_set, stats_name=self._stats_name(),
+                                 seed=self.cfg.seed, threads=self.cfg.threads)
         except Exception as e:  # the recipe came over the wire: whatever it breaks, the agent keeps running
             logger.error("%s: cannot build %s from the runtime's recipe: %s: %s", self.device, edge.model,
                          type(e).__name__, e)
@@ -189,6 +216,54 @@ class EdgeAgent:
                     edge.trainer, recipe.codec)
         self.load_state()
         return True
+
+    def _stats_name(self) -> str | None:
+        return self.cfg.data.dataset if dataset_stats(self.cfg.data.dataset) else None
+
+    def note_programs(self, digests) -> None:
+        """The edge programs the runtime announced (``edge_programs``: hex SHA-256 digests) in a recipe frame,
+        which only the runtime may publish (broker ACLs)."""
+        if isinstance(digests, list):
+            fresh = [d for d in digests[:MAX_ANNOUNCED_PROGRAMS] if is_digest(d) and d not in self.announced_programs]
+            self.announced_programs = (self.announced_programs + fresh)[-MAX_ANNOUNCED_PROGRAMS:]
+
+    def try_program(self) -> bool:
+        """onnxruntime: build the engine from an announced program (received, or cached from an earlier
+        transfer or ``edge-agent program install``) that is this recipe's. True once the engine is built."""
+        if self.cfg.engine != "onnxruntime" or self.client is not None or self.recipe is None:
+            return self.client is not None
+        candidates = []
+        if self.received_program is not None and program_digest(self.received_program) in self.announced_programs:
+            candidates.append(self.received_program)
+        candidates += [blob for d in reversed(self.announced_programs) for blob in [self.programs.load(d)] if blob]
+        for blob in candidates:
+            digest = program_digest(blob)
+            try:
+                program = unpack_program(blob, digest)
+                if program.manifest.get("edge") != asdict(self.recipe.edge):
+                    continue  # another device's (an edge override) or another recipe's program
+                from edge_sdk.engines.onnx_engine import OnnxEngine
+                engine = OnnxEngine(self.device, program, self.train_set, self.test_set, stats_name=self._stats_name(),
+                                    seed=self.cfg.seed, threads=self.cfg.threads)
+            except (ProgramError, ValueError, KeyError, TypeError) as e:
+                self.rejected += 1
+                logger.error("%s: edge program %s refused: %s", self.device, digest[:12], e)
+                continue
+            except Exception as e:  # onnxruntime refusing a graph: the device keeps running, without it
+                self.rejected += 1
+                logger.error("%s: edge program %s does not run here: %s: %s", self.device, digest[:12],
+                             type(e).__name__, str(e)[:300])
+                continue
+            self.programs.save(blob)
+            self.received_program = None
+            self.client, self.program_digest = engine, digest
+            logger.info("%s: edge program %s (%s, %d graphs, %.0f KB) loaded; engine onnxruntime", self.device,
+                        digest[:12], program.manifest["trainer"], len(program.graphs), len(blob) / 1024)
+            self.load_state()
+            if self.registered_session is not None:  # tell the runtime what this device now runs
+                self.register(self.registered_session)
+            return True
+        return False
 
     def fit_run_facts(self, facts) -> bool:
         """Check this device's data against the run's classes and image shape (sent with the recipe). A device
@@ -236,22 +311,22 @@ class EdgeAgent:
     def register(self, session: str | None = None) -> None:
         """Announce this device; repeated for every new runtime session (a runtime that started later
         or restarted has not seen the first registration)."""
-        assert self.client is not None and self.recipe is not None
+        assert self.recipe is not None
         self.registered_session = session
-        model = self.client.model
+        engine = self.client  # None: onnxruntime, waiting for the edge program (the runtime sends it)
         edge = self.recipe.edge
         self.transport.publish(self.topics.up(self.device), P.control_frame(
             P.REGISTER, run=self.cfg.run_id, device=self.device, round_=self.last_done, session=session,
             profile=self.cfg.profile, model=edge.model, trainer=edge.trainer,
-            feature_channels=getattr(model, "feature_channels", None),
-            num_classes=self.client.train_set.num_classes, train_samples=len(self.client.train_set),
-            test_samples=len(self.client.test_set) if self.client.test_set is not None else 0,
+            feature_channels=engine.feature_channels if engine else None,
+            num_classes=self.train_set.num_classes, train_samples=len(self.train_set),
+            test_samples=len(self.test_set) if self.test_set is not None else 0,
             codec=self.recipe.codec, pid=os.getpid(), algorithm=self.recipe.algorithm, batch_size=edge.batch_size,
-            epochs=edge.epochs, input_shape=list(self.client.train_set.image_shape),
-            model_kwargs=edge.model_kwargs, optimizer=edge.optimizer,
-            edge_params=sum(p.numel() for p in model.parameters() if p.requires_grad)))
-        logger.info("%s registered with run %s (%d train samples)%s", self.device, self.cfg.run_id,
-                    len(self.client.train_set), f" for runtime session {session}" if session else "")
+            epochs=edge.epochs, input_shape=list(self.train_set.image_shape),
+            model_kwargs=edge.model_kwargs, optimizer=edge.optimizer, engine=self.cfg.engine,
+            program=self.program_digest, edge_params=engine.trainable_params if engine else None))
+        logger.info("%s registered with run %s (%d train samples, engine %s)%s", self.device, self.cfg.run_id,
+                    len(self.train_set), self.cfg.engine, f" for runtime session {session}" if session else "")
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One downlink or control message; never raises (a handler bug costs the message, not the daemon)."""
@@ -285,7 +360,7 @@ class EdgeAgent:
             return
         if kind in (P.HELLO, P.ROUND):
             self.configure(data)  # the first valid recipe builds the model; later ones must agree
-        if self.client is None:
+        if self.recipe is None:
             return  # nothing to train with yet: the runtime's next HELLO or ROUND carries the recipe
         session = data.get("session")
         if kind in (P.HELLO, P.ROUND) and session and session != self.registered_session:
@@ -313,30 +388,50 @@ class EdgeAgent:
         elif kind == P.CHUNK:
             try:
                 done = self.reassembler.add(header, body, len(payload))
-                if done is not None:  # decoded at most what this device's model or samples can need
-                    limit = (1 << 16) + 2 * (len(self.train_set) * (8 + 4 * self.train_set.num_classes)
-                                             if done.meta.get("kind") == P.KIND_SOFT_LABELS else
-                                             sum(v.numel() * v.element_size() for v in self.client.model.state_dict().values()))
-                if done is not None and done.meta.get("kind") == P.KIND_MODEL:
-                    self.global_state = P.arrays_to_state(P.unpack_arrays(done.blob, limit), self.client.model.state_dict())
-                    self.global_round = max(self.global_round, done.round)
-                    logger.info("%s: global model of round %d (%.2f MB)", self.device, done.round, len(done.blob) / 1e6)
-                elif done is not None and done.meta.get("kind") == P.KIND_EXTRACTOR:
-                    state = P.arrays_to_state(P.unpack_arrays(done.blob, limit), self.client.extractor_state())
-                    self.client.load_extractor(state)
-                    logger.info("%s: averaged extractor of round %d loaded", self.device, done.round)
-                elif done is not None and done.meta.get("kind") == P.KIND_SOFT_LABELS:
-                    message = P.arrays_to_soft_labels(P.unpack_arrays(done.blob, limit), self.device, done.round)
-                    self.client.receive(message)
-                    self.soft_label_round = max(self.soft_label_round, done.round)
-                    logger.info("%s: soft labels for %d samples (round %d)", self.device, len(message.sample_ids),
-                                done.round)
-            except (P.ProtocolError, MessageError, KeyError, ValueError) as e:
+                if done is not None:
+                    self.on_transfer(done)
+            except (P.ProtocolError, MessageError, ProgramError, KeyError, ValueError) as e:
                 self.rejected += 1
                 logger.warning("%s: dropped a downlink transfer: %s", self.device, e)
         elif kind != P.HELLO:
             self.rejected += 1
             logger.warning("%s: dropped a %r frame on %s", self.device, kind[:40], topic)
+
+    def on_transfer(self, done: P.CompletedTransfer) -> None:
+        """A completed downlink transfer: a global model, an averaged extractor, soft labels or an edge program.
+        Raises ProtocolError / MessageError / ProgramError / KeyError / ValueError with nothing applied."""
+        kind = done.meta.get("kind")
+        if kind == P.KIND_EDGE_PROGRAM:
+            if self.cfg.engine != "onnxruntime":
+                raise ProgramError("an edge program for a device on the torch engine")
+            if len(done.blob) > MAX_PROGRAM_BYTES:
+                raise ProgramError(f"edge program of {len(done.blob)} bytes")
+            if self.client is None:
+                self.received_program = done.blob  # checked against an announced digest before it runs
+                logger.info("%s: edge program received (%.0f KB)", self.device, len(done.blob) / 1024)
+                self.try_program()
+            return
+        if self.client is None:
+            raise ProgramError(f"a {str(kind)[:20]} transfer before this device has an engine")
+        engine = self.client
+        model = engine.model_state()
+        # decoded at most what this device's model or samples can need
+        limit = (1 << 16) + 2 * (len(self.train_set) * (8 + 4 * self.train_set.num_classes)
+                                 if kind == P.KIND_SOFT_LABELS else sum(v.nbytes for v in model.values()))
+        if kind == P.KIND_MODEL:
+            self.global_state = P.decode_state(P.unpack_arrays(done.blob, limit), {k: v.shape for k, v in model.items()})
+            self.global_round = max(self.global_round, done.round)
+            logger.info("%s: global model of round %d (%.2f MB)", self.device, done.round, len(done.blob) / 1e6)
+        elif kind == P.KIND_EXTRACTOR:
+            shapes = {k: v.shape for k, v in engine.extractor_state().items()}
+            engine.load_extractor(P.decode_state(P.unpack_arrays(done.blob, limit), shapes))
+            logger.info("%s: averaged extractor of round %d loaded", self.device, done.round)
+        elif kind == P.KIND_SOFT_LABELS:
+            ids, logits = P.soft_labels_from_arrays(P.unpack_arrays(done.blob, limit),
+                                                    f"soft labels for {self.device!r} (round {done.round})")
+            engine.receive_soft_labels(ids, logits, done.round)
+            self.soft_label_round = max(self.soft_label_round, done.round)
+            logger.info("%s: soft labels for %d samples (round %d)", self.device, len(ids), done.round)
 
     # -- rounds -------------------------------------------------------------------------------------
 
@@ -360,14 +455,13 @@ class EdgeAgent:
     def run_fedavg_round(self, round_: int, session: str | None) -> None:
         """FedAvg: start from the global model, train locally, send the weights back."""
         assert self.global_state is not None
-        self.client.model.load_state_dict(self.global_state)
-        edge = self.recipe.edge
-        self.client.trainer = create_trainer(edge.trainer, self.client.model, edge)  # fresh optimizer state
+        self.client.load_model_state(self.global_state)
+        self.client.reset_optimizer()  # fresh optimizer state
         stats = self.client.train_round(round_)
         self.step_times.append(stats.seconds / max(1, -(-stats.samples // self.recipe.edge.batch_size)))
         logger.info("%s fedavg round %d: loss %.3f acc %.3f, %d samples at %.0f/s", self.device, round_, stats.loss,
                     stats.train_accuracy, stats.samples, stats.samples_per_s)
-        arrays, meta = P.state_to_arrays(self.client.model.state_dict(), self.recipe.model_codec)
+        arrays, meta = P.encode_state(self.client.model_state(), self.recipe.model_codec)
         meta.update(kind=P.KIND_MODEL_UPDATE, samples=len(self.client.train_set),
                     metrics={"train_loss": stats.loss, "train_accuracy": stats.train_accuracy,
                              "train_seconds": stats.seconds, "samples_per_s": stats.samples_per_s})
@@ -378,9 +472,9 @@ class EdgeAgent:
         self.save_state()
 
     def use_threads(self) -> None:
-        """Set torch's threads for this device's compute (the process's one pool may be shared in memory mode)."""
-        if self.cfg.threads and torch.get_num_threads() != self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
+        """Set the engine's threads for this device's compute (one pool may be shared in memory mode)."""
+        if self.client is not None:
+            self.client.set_threads()
 
     def run_round(self, header: dict) -> None:
         self.use_threads()
@@ -418,7 +512,7 @@ class EdgeAgent:
         share_extractor = bool(data.get("average_extractors"))
         for split in splits:
             upload = self.client.extract(split, round_)
-            upload.metrics = metrics if split == "train" else {}
+            upload.round, upload.metrics = round_, (metrics if split == "train" else {})
             if not self.send_upload(upload, self.client.extractor_state() if share_extractor and split == "train"
                                     else None, session):
                 return  # stopped, a new runtime session, or rejected: the round is not done (a later ROUND resends)
@@ -430,9 +524,9 @@ class EdgeAgent:
 
     def send_upload(self, upload, extractor: dict | None = None, session: str | None = None) -> bool:
         """Encode one split's features and send them until the runtime's verdict (see :meth:`send_transfer`)."""
-        arrays, meta = P.upload_to_arrays(upload, self.recipe.codec)
+        arrays, meta = P.encode_upload(upload, self.recipe.codec)
         if extractor is not None:  # the runtime averages extractors across devices
-            ext_arrays, _ = P.state_to_arrays(extractor, "fp32")
+            ext_arrays, _ = P.encode_state(extractor, "fp32")
             arrays.update({P.EXTRACTOR_PREFIX + k: v for k, v in ext_arrays.items()})
         done = self.send_transfer(P.pack_arrays(arrays), upload.round, meta, f"{upload.split} features", session)
         if done:
@@ -469,6 +563,7 @@ class EdgeAgent:
             P.HEARTBEAT, run=self.cfg.run_id, device=self.device, round_=self.last_done, profile=self.cfg.profile,
             step_time_s=float(np.median(self.step_times)) if self.step_times else None,
             rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # peak RSS (Linux: KiB)
+            engine=self.cfg.engine,
             bytes_up=self.uplink.bytes_up, bytes_resent=self.uplink.bytes_resent, rejected=self.rejected), qos=0)
 
     def pump(self, timeout: float = 0.2) -> bool:
@@ -524,8 +619,10 @@ def _accepted_mark(raw) -> dict:
 def build_agent(cfg: AgentConfig, transport: Transport | None = None) -> EdgeAgent:
     """An agent for ``cfg`` with its local data loaded; its model is built when the runtime's recipe arrives.
     Raises DatasetError (data) or ConnectionError (broker, on ``start``)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    old = Path(cfg.state_dir) / OLD_STATE_FILE
+    if old.exists() and not (Path(cfg.state_dir) / STATE_FILE).exists():
+        logger.warning("%s: a state file of an earlier version (torch.save) is not read; this device starts its "
+                       "progress afresh (delete the file to silence this)", old)
     train, test = load_local_data(cfg.data)
     if not len(train):
         raise DatasetError(f"{cfg.data.path or cfg.data.dataset}: this device has no training samples")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -20,6 +19,7 @@ from edge_sdk.config import EdgeConfig
 from edge_sdk.data.batching import ArrayLoader
 from edgefl_core.data.datasets import ImageDataset
 from edge_sdk.data.transforms import Augment
+from edge_sdk.engine import RoundStats
 from edge_sdk.messages import FeatureUpload, MessageError, SoftLabels
 from edge_sdk.soft_labels import SoftLabelStore
 from edge_sdk.trainers import StepResult, create_trainer
@@ -29,18 +29,6 @@ logger = logging.getLogger(__name__)
 
 class StepCallback(Protocol):
     def __call__(self, device_id: str, round_: int, step: int, result: StepResult) -> None: ...
-
-
-@dataclass
-class RoundStats:
-    loss: float
-    ce: float
-    kd: float
-    train_accuracy: float
-    samples: int
-    seconds: float
-    samples_per_s: float
-    kd_coverage: float  # fraction of local samples that had a server soft label this round
 
 
 class EdgeClient:
@@ -78,7 +66,9 @@ class EdgeClient:
         for _ in range(self.cfg.epochs):
             for batch in self.train_loader:
                 teacher, has_teacher = self.soft_labels.lookup(batch.sample_ids)
-                if not has_teacher.any():
+                if has_teacher.any():
+                    teacher, has_teacher = torch.from_numpy(teacher), torch.from_numpy(has_teacher)
+                else:
                     teacher = has_teacher = None
                 record(self.trainer.train_step(batch.images, batch.labels, teacher, has_teacher))
         for result in self.trainer.finish_round():  # pipelined trainers still hold the last batches

@@ -3,6 +3,8 @@ config file (``AgentConfig``). The loader itself is :mod:`edgefl_core.config`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -11,6 +13,21 @@ from edgefl_core.codecs import FEATURE_CODECS, MODEL_CODECS
 from edgefl_core.config import ConfigError, build_dataclass, load_config_file, require
 from edgefl_core.data.config import AgentDataConfig
 from edgefl_core.transport.config import BrokerConfig
+
+
+# A device on edge.engine=onnxruntime checks a recipe's values but not its model and trainer names: those
+# live in the model zoo and trainers (torch), and the compiled edge program is what it runs.
+_CODE_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("edge_code_checks", default=True)
+
+
+@contextlib.contextmanager
+def without_code_checks():
+    """Validate EdgeConfig values without importing the model zoo or trainers (torch)."""
+    token = _CODE_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _CODE_CHECKS.reset(token)
 
 
 def check_profile_name(name: str, key: str) -> None:
@@ -58,6 +75,8 @@ class EdgeConfig:
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(0 <= self.kd_alpha <= 1000, "kd_alpha", f"must be in [0, 1000], got {self.kd_alpha}")
         require(0 < self.temperature <= 1000, "temperature", f"must be in (0, 1000], got {self.temperature}")
+        if not _CODE_CHECKS.get():
+            return
         from model_zoo import is_model, list_models
         require(is_model(self.model), "model", f"unknown model {self.model!r}; known: {', '.join(list_models())}")
         from edge_sdk.trainers import check_trainer_options
@@ -108,7 +127,8 @@ class UploadConfig:
 
 @dataclass
 class AgentConfig:
-    """One device: identity, broker, its data, its link, its engine (threads) and profile. How it trains
+    """One device: identity, broker, its data, its link, its engine (``torch`` or ``onnxruntime``, and
+    threads) and profile. How it trains
     (model, trainer, codecs) is the runtime's decision, received as a :class:`RunRecipe`."""
 
     device_id: str
@@ -119,7 +139,8 @@ class AgentConfig:
     state_dir: str = "agent-state"  # relative to the config file's folder
     profile: str | None = None     # device profile name, reported at registration
     heartbeat_s: float = 10.0
-    threads: int | None = 1        # torch intra-op threads on the device
+    engine: Literal["torch", "onnxruntime"] = "torch"  # onnxruntime: the runtime's compiled graphs, no torch
+    threads: int | None = 1        # intra-op threads of the device's engine
     seed: int = 0
     after_run: Literal["exit", "wait"] = "exit"  # wait: a service stays up for the runtime's next run
 

@@ -10,18 +10,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
-class MessageError(ValueError):
-    """A message is inconsistent (shapes, dtypes, non-finite values, duplicate ids)."""
+from edge_sdk.wire import MessageError, check_sample_ids, round_frame_problem  # noqa: F401  (one namespace)
 
 
 def _check_ids(sample_ids: np.ndarray, n: int, what: str) -> None:
-    if not isinstance(sample_ids, np.ndarray) or sample_ids.ndim != 1 or sample_ids.dtype != np.int64:
-        raise MessageError(f"{what}: sample_ids must be a 1-D int64 array")
-    if len(sample_ids) != n:
-        raise MessageError(f"{what}: {len(sample_ids)} sample ids for {n} rows")
-    if len(np.unique(sample_ids)) != n:
-        raise MessageError(f"{what}: duplicate sample ids")
+    check_sample_ids(sample_ids, n, what)
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
@@ -84,18 +77,3 @@ class SoftLabels:
         if self.logits.dim() != 2 or self.logits.shape[0] != len(self.sample_ids):
             raise MessageError(f"{what}: logits must be {len(self.sample_ids)} x K, got {tuple(self.logits.shape)}")
         _check_finite(self.logits, f"{what}: logits")
-
-
-def round_frame_problem(header: dict) -> str | None:
-    """What is wrong with a ROUND frame's fields (None when it can be followed)."""
-    data = header.get("data") or {}
-    if header["round"] < 0:
-        return f"round {header['round']} < 0"
-    to, wait, needs = data.get("soft_labels_to", []), data.get("soft_labels_wait_s", 30.0), data.get("soft_labels_round")
-    if not isinstance(to, list) or not all(isinstance(d, str) for d in to):
-        return "soft_labels_to must be a list of device ids"
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 86400:
-        return "soft_labels_wait_s must be a number of seconds in [0, 86400]"
-    if needs is not None and type(needs) is not int:
-        return "soft_labels_round must be an integer or null"
-    return None

@@ -11,12 +11,9 @@ import numpy as np
 import torch
 
 from edge_sdk.messages import FeatureUpload, MessageError, SoftLabels
-from edgefl_core.chunking import CompletedTransfer, Reassembler, chunk_transfer, new_transfer_id, transfer_chunks  # noqa: F401,E501
-from edgefl_core.codecs import (FEATURE_CODECS, MODEL_CODECS, UploadArrays, decode_features,  # noqa: F401
-                                decode_state, decode_upload, encode_features, encode_state, encode_upload,
-                                pack_arrays, unpack_arrays)
-from edgefl_core.wire import *  # noqa: F401,F403  (the wire API, one namespace)
-from edgefl_core.wire import KIND_SOFT_LABELS, ProtocolError
+from edge_sdk.wire import *  # noqa: F401,F403  (the torch-free wire API, one namespace)
+from edge_sdk.wire import (FEATURE_CODECS, KIND_SOFT_LABELS, ProtocolError, UploadArrays, decode_state,  # noqa: F401
+                           decode_upload, encode_state, encode_upload, soft_labels_from_arrays)
 
 CODECS = tuple(FEATURE_CODECS.names())
 
@@ -49,16 +46,11 @@ def soft_labels_to_arrays(message: SoftLabels) -> tuple[dict[str, np.ndarray], d
 
 
 def arrays_to_soft_labels(arrays: dict[str, np.ndarray], device: str, round_: int) -> SoftLabels:
-    if "sample_ids" not in arrays or "logits" not in arrays:
-        raise ProtocolError("bad_payload", "soft labels need sample_ids and logits")
-    if arrays["sample_ids"].dtype != np.int64 or arrays["logits"].dtype != np.float32:
-        raise ProtocolError("bad_dtype", "soft labels: sample_ids int64, logits float32")
-    message = SoftLabels(device, round_, arrays["sample_ids"].copy(), torch.from_numpy(arrays["logits"].copy()))
     try:
-        message.validate()
+        ids, logits = soft_labels_from_arrays(arrays, f"soft labels for {device!r} (round {round_})")
     except MessageError as e:
         raise _as_protocol_error(e) from None
-    return message
+    return SoftLabels(device, round_, ids, torch.from_numpy(logits))
 
 
 def state_to_arrays(state: dict[str, torch.Tensor], codec: str = "fp32") -> tuple[dict[str, np.ndarray], dict]:

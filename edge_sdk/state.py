@@ -1,43 +1,67 @@
-"""The agent's durable state: one ``torch.save`` file, written atomically, read defensively.
+"""The agent's durable state: one safetensors file, written atomically, read defensively.
 
-What a state holds: the model, the trainer's (optimizer's) state, the soft labels, and the round
-bookkeeping (``last_done``, ``trained_round``, ``done_session``), tagged with device, run and the run
-recipe so a state of anything else is never resumed.
+Both engines read and write it (a device can switch between torch and onnxruntime without losing its
+model, optimizer or soft labels). Tensors: ``model.<state_dict name>``, ``optim.<param>.<key>`` (the portable
+optimizer state, :meth:`edge_sdk.engine.EdgeEngine.optimizer_state`), ``soft.logits`` (N x K float32) and
+``soft.present`` (N uint8). Metadata ``agent`` (JSON): the round bookkeeping (``last_done``,
+``trained_round``, ``done_session``, ``soft_round``, ``accepted``) tagged with device, run, run instance, run
+recipe and data fingerprint, so a state of anything else is never resumed. Nothing is unpickled.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
-import torch
+import numpy as np
+import safetensors.numpy
 
 from edgefl_core.config import ConfigError
 
 logger = logging.getLogger("edgefl.agent")
 
+MAX_STATE_BYTES = 1 << 30
 
-def write_state(path: Path, state: dict) -> None:
+
+def write_state(path: Path, *, meta: dict, model: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
+                soft_logits: np.ndarray, soft_present: np.ndarray) -> None:
     """Atomic: a crash leaves the old or the new state, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": np.asarray(v, order="C") for k, v in model.items()}  # (ascontiguousarray makes 0-d 1-d)
+    tensors.update({f"optim.{k}": np.asarray(v, order="C") for k, v in optimizer.items()})
+    tensors["soft.logits"] = np.ascontiguousarray(soft_logits, dtype=np.float32)
+    tensors["soft.present"] = np.ascontiguousarray(soft_present, dtype=np.uint8)
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    tmp.write_bytes(safetensors.numpy.save(tensors, metadata={"agent": json.dumps(meta, sort_keys=True)}))
     os.replace(tmp, path)
 
 
 def read_state(path: Path) -> dict | None:
-    """The saved state, or None (with a warning naming the file) when there is none or it cannot be read:
-    a damaged state file costs the device its progress, never the daemon."""
+    """The saved state as ``{**bookkeeping, "model": {...}, "optimizer": {...}, "soft_logits", "soft_present"}``,
+    or None (with a warning naming the file) when there is none or it cannot be read: a damaged state file
+    costs the device its progress, never the daemon."""
     if not path.exists():
         return None
     try:
-        state = torch.load(path, weights_only=True)  # no pickle execution
-    except Exception as e:  # truncated zip, foreign pickle, ...
+        if path.stat().st_size > MAX_STATE_BYTES:
+            raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
+        blob = path.read_bytes()
+        tensors = safetensors.numpy.load(blob)
+        n = int.from_bytes(blob[:8], "little")
+        meta = json.loads(json.loads(blob[8:8 + n]).get("__metadata__", {}).get("agent", "null"))
+    except Exception as e:  # truncated file, foreign format, bad JSON
         logger.warning("%s: ignoring an unreadable state file (%s: %s)", path, type(e).__name__, str(e)[:200])
         return None
-    if not isinstance(state, dict):
-        logger.warning("%s: ignoring a state file that holds a %s", path, type(state).__name__)
+    if not isinstance(meta, dict):
+        logger.warning("%s: ignoring a state file without the agent's bookkeeping", path)
         return None
+    state = dict(meta)
+    state["model"] = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    state["optimizer"] = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
+    state["soft_logits"] = tensors.get("soft.logits")
+    present = tensors.get("soft.present")
+    state["soft_present"] = present.astype(bool) if present is not None else None
     return state
 
 
@@ -65,10 +89,10 @@ def check_state_identity(path: Path, *, device: str, run: str, data: str) -> Non
                         "it was made with")
 
 
-def state_problem(state: dict, *, device: str, run: str, recipe: str, model: torch.nn.Module,
-                  soft_logits: torch.Tensor, instance: str | None = None) -> str | None:
-    """Why ``state`` cannot be resumed by this device, run, recipe (as JSON), model and data, in the
-    runtime's run ``instance`` (None: unknown); None if it can."""
+def state_problem(state: dict, *, device: str, run: str, recipe: str, model: dict[str, tuple],
+                  soft_shape: tuple[int, int], instance: str | None = None) -> str | None:
+    """Why ``state`` cannot be resumed by this device, run, recipe (as JSON), model (name -> shape) and
+    soft-label store (N x K), in the runtime's run ``instance`` (None: unknown); None if it can."""
     if state.get("device") != device or state.get("run") != run:
         return f"it is the state of device {state.get('device')!r} in run {state.get('run')!r}"
     if instance and state.get("instance") and state.get("instance") != instance:
@@ -77,18 +101,18 @@ def state_problem(state: dict, *, device: str, run: str, recipe: str, model: tor
     if state.get("recipe") != recipe:
         return "it was saved under another run recipe (model, trainer or codecs changed)"
     saved_logits = state.get("soft_logits")
-    if not isinstance(saved_logits, torch.Tensor) or tuple(saved_logits.shape) != tuple(soft_logits.shape):
+    if not isinstance(saved_logits, np.ndarray) or tuple(saved_logits.shape) != tuple(soft_shape):
         return (f"it was saved for {getattr(saved_logits, 'shape', ['?'])[0]} local samples; this device now has "
-                f"{soft_logits.shape[0]}")
-    saved, current = state.get("model"), model.state_dict()
-    if not isinstance(saved, dict) or set(saved) != set(current) or any(
-            tuple(saved[k].shape) != tuple(v.shape) for k, v in current.items()):
+                f"{soft_shape[0]}")
+    saved = state.get("model")
+    if not isinstance(saved, dict) or set(saved) != set(model) or any(
+            tuple(saved[k].shape) != tuple(shape) for k, shape in model.items()):
         return "it was saved for a model of other shapes (the data's channels or classes changed)"
-    for key in ("soft_present", "soft_round", "last_done", "done_session", "trainer"):
+    for key in ("soft_present", "soft_round", "last_done", "done_session", "optimizer"):
         if key not in state:
             return f"it lacks {key!r}"
     present = state.get("soft_present")
-    if not isinstance(present, torch.Tensor) or tuple(present.shape) != (soft_logits.shape[0],):
+    if not isinstance(present, np.ndarray) or tuple(present.shape) != (soft_shape[0],):
         return "its soft-label mask does not fit this device's samples"
     for key in ("soft_round", "last_done", "trained_round"):
         if key in state and (type(state[key]) is not int or not -1 <= state[key] < 2**31):

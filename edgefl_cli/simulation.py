@@ -75,6 +75,7 @@ def agent_config(cfg: ExperimentConfig, index: int, broker_url: str, ids_file: P
         data=AgentDataConfig(cfg.data.dataset, cfg.data.path, str(ids_file)),
         upload=UploadConfig(chunk_bytes=dep.chunk_bytes),
         state_dir=str(state_dir), threads=dep.agent_threads, seed=cfg.run.seed + index,
+        engine=dep.agent_engine if dep.agent_engine != "mixed" else ("torch", "onnxruntime")[index % 2],
         profile=profiles[index % len(profiles)] if profiles else "host")
 
 

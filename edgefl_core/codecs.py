@@ -162,6 +162,7 @@ class UploadArrays:
     logits: np.ndarray
     labels: np.ndarray
     metrics: dict
+    round: int = -1
 
 
 def encode_upload(up: UploadArrays, codec: str) -> tuple[dict[str, np.ndarray], dict]:

@@ -37,6 +37,7 @@ KIND_SOFT_LABELS = "soft_labels"
 KIND_MODEL = "model"                # cloud -> device: the global model of a FedAvg round
 KIND_MODEL_UPDATE = "model_update"  # device -> cloud: locally trained weights
 KIND_EXTRACTOR = "extractor"        # cloud -> device: averaged FedGKT feature extractor
+KIND_EDGE_PROGRAM = "edge_program"  # cloud -> device: compiled ONNX graphs (engine onnxruntime), announced by digest
 EXTRACTOR_PREFIX = "extractor."     # upload arrays carrying the device's extractor (when averaging)
 
 
@@ -182,4 +183,4 @@ def control_frame(type_: str, *, run: str, device: str, round_: int, **data: Any
     return encode_frame({"type": type_, "run": run, "device": device, "round": round_, "data": data})
 
 
-__all__ = ['PROTOCOL_VERSION', 'MAGIC', 'MAX_HEADER_BYTES', 'MAX_HEADER_DEPTH', 'MAX_ROUND', 'DEFAULT_CHUNK_BYTES', 'DEFAULT_MAX_TRANSFER_BYTES', 'REGISTER', 'STATUS', 'HEARTBEAT', 'CHUNK', 'ROUND', 'SHUTDOWN', 'ACK', 'HELLO', 'CONTROL_TYPES', 'KIND_UPLOAD', 'KIND_SOFT_LABELS', 'KIND_MODEL', 'KIND_MODEL_UPDATE', 'KIND_EXTRACTOR', 'EXTRACTOR_PREFIX', 'ProtocolError', 'Topics', 'check_device_id', 'encode_frame', 'decode_frame', 'control_frame']
+__all__ = ['PROTOCOL_VERSION', 'MAGIC', 'MAX_HEADER_BYTES', 'MAX_HEADER_DEPTH', 'MAX_ROUND', 'DEFAULT_CHUNK_BYTES', 'DEFAULT_MAX_TRANSFER_BYTES', 'REGISTER', 'STATUS', 'HEARTBEAT', 'CHUNK', 'ROUND', 'SHUTDOWN', 'ACK', 'HELLO', 'CONTROL_TYPES', 'KIND_UPLOAD', 'KIND_SOFT_LABELS', 'KIND_MODEL', 'KIND_MODEL_UPDATE', 'KIND_EXTRACTOR', 'KIND_EDGE_PROGRAM', 'EXTRACTOR_PREFIX', 'ProtocolError', 'Topics', 'check_device_id', 'encode_frame', 'decode_frame', 'control_frame']

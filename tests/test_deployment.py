@@ -50,10 +50,12 @@ def test_full_run_over_mosquitto(npz_dir, tmp_path):
     assert sim_main(args + ["--set", "run.rounds=1", "--set", "fedgkt.average_extractors=true"]) == 0
     again = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in again["rounds"]] == [0] and again["run"]["session"] != report["run"]["session"]
-    import torch
-    stems = [torch.load(out / "agents" / d / "state" / "agent_state.pt", weights_only=True)["model"]["stem.0.weight"]
+    import numpy as np
+    from edge_sdk.agent import STATE_FILE
+    from edge_sdk.state import read_state
+    stems = [read_state(out / "agents" / d / "state" / STATE_FILE)["model"]["stem.0.weight"]
              for d in ("dev0", "dev1", "dev2")]
-    assert torch.equal(stems[0], stems[1]) and torch.equal(stems[0], stems[2])
+    assert np.array_equal(stems[0], stems[1]) and np.array_equal(stems[0], stems[2])
 
 
 # -- process-level helpers ---------------------------------------------------------------------

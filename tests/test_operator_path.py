@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from cloud_runtime.config import load_runtime_config
 from cloud_runtime.provision import default_bind, provision
 from conftest import make_npz_dataset
 from edge_sdk.config import load_agent_config
-from edge_sdk.state import StateMismatch, check_state_identity
+from edge_sdk.agent import STATE_FILE
+from edge_sdk.state import StateMismatch, check_state_identity, write_state
 from edgefl_core.config import ConfigError
 from edgefl_core.data.config import AgentDataConfig
 from edgefl_core.data.datasets import DatasetError, load_dataset
@@ -190,16 +190,16 @@ def test_agent_state_made_on_other_data_is_a_clear_error_not_a_traceback(tmp_pat
     first, second = make_npz_dataset(tmp_path / "a"), make_npz_dataset(tmp_path / "b", n_train=300)
     (tmp_path / "state").mkdir()
     fingerprint = data_fingerprint(*load_local_data(AgentDataConfig("npz", str(first))))
-    torch.save({"device": "d0", "run": "r1", "data": fingerprint, "soft_logits": torch.zeros(400, 4)},
-               tmp_path / "state" / "agent_state.pt")
-    check_state_identity(tmp_path / "state" / "agent_state.pt", device="d0", run="r1", data=fingerprint)
+    write_state(tmp_path / "state" / STATE_FILE, meta={"device": "d0", "run": "r1", "data": fingerprint}, model={},
+                optimizer={}, soft_logits=np.zeros((400, 4), np.float32), soft_present=np.zeros(400, bool))
+    check_state_identity(tmp_path / "state" / STATE_FILE, device="d0", run="r1", data=fingerprint)
     proc = subprocess.run([sys.executable, "-m", "edgefl_cli.agent", "--config", str(_agent_yaml(tmp_path, second))],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "progress made on other data" in proc.stderr and "--reset-state" in proc.stderr
     with pytest.raises(StateMismatch, match="in run 'r1', not 'd0' in 'r2'"):
-        check_state_identity(tmp_path / "state" / "agent_state.pt", device="d0", run="r2", data=fingerprint)
+        check_state_identity(tmp_path / "state" / STATE_FILE, device="d0", run="r2", data=fingerprint)
 
 
 def test_reset_state_moves_the_old_state_aside(tmp_path):

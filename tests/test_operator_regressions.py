@@ -5,7 +5,6 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from cloud_runtime.config import load_runtime_config
@@ -81,16 +80,16 @@ def test_a_runtime_identity_of_odd_shape_is_a_mismatch_not_a_crash(saved):
 
 
 def test_an_agent_state_with_odd_values_is_not_half_resumed():
-    model = torch.nn.Linear(2, 2)
-    logits = torch.zeros(5, 2)
-    good = {"device": "d", "run": "r", "recipe": "x", "soft_logits": logits, "model": model.state_dict(),
-            "soft_present": torch.zeros(5, dtype=torch.bool), "soft_round": -1, "last_done": 2, "trained_round": 2,
-            "done_session": "", "trainer": {}}
-    assert state_problem(good, device="d", run="r", recipe="x", model=model, soft_logits=logits) is None
-    for key, value in (("last_done", "x"), ("soft_round", None), ("soft_present", torch.zeros(4)),
-                       ("done_session", 5), ("trained_round", 2.5)):
-        assert state_problem({**good, key: value}, device="d", run="r", recipe="x", model=model,
-                             soft_logits=logits) is not None, key
+    model = {"weight": np.zeros((2, 2), np.float32), "bias": np.zeros(2, np.float32)}
+    shapes = {k: v.shape for k, v in model.items()}
+    good = {"device": "d", "run": "r", "recipe": "x", "soft_logits": np.zeros((5, 2), np.float32), "model": model,
+            "soft_present": np.zeros(5, bool), "soft_round": -1, "last_done": 2, "trained_round": 2,
+            "done_session": "", "optimizer": {}}
+    assert state_problem(good, device="d", run="r", recipe="x", model=shapes, soft_shape=(5, 2)) is None
+    for key, value in (("last_done", "x"), ("soft_round", None), ("soft_present", np.zeros(4)),
+                       ("done_session", 5), ("trained_round", 2.5), ("model", {"weight": model["weight"]})):
+        assert state_problem({**good, key: value}, device="d", run="r", recipe="x", model=shapes,
+                             soft_shape=(5, 2)) is not None, key
 
 
 def _png(path, array, mode=None):

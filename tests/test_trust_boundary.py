@@ -15,7 +15,8 @@ from cloud_runtime.server_trainer import _batches
 from cloud_runtime.service import CloudRuntime
 from cloud_runtime.store import CheckpointError, DurableStore
 from edge_sdk import protocol as P
-from edge_sdk.agent import build_agent
+from edge_sdk.agent import STATE_FILE, build_agent
+from edge_sdk.state import read_state
 from edge_sdk.config import AgentConfig
 from edge_sdk.data.batching import ArrayLoader
 from edge_sdk.messages import FeatureUpload
@@ -194,7 +195,7 @@ def test_a_round_whose_upload_was_never_acknowledged_is_not_done(npz_dir, tmp_pa
     agent._poll = poll
     agent.run_round({"round": 0, "data": {"session": "s1"}})
     assert chunks and agent.trained_round == 0 and agent.last_done == -1  # trained, sent, not done
-    saved = torch.load(tmp_path / "s" / "agent_state.pt", weights_only=True)
+    saved = read_state(tmp_path / "s" / STATE_FILE)
     assert saved["last_done"] == -1 and saved["trained_round"] == 0  # a restart re-sends without retraining
 
 
@@ -324,7 +325,7 @@ def test_a_damaged_agent_state_file_costs_progress_never_the_daemon(npz_dir, tmp
     cfg = AgentConfig(device_id="devA", run_id=RUN, data=AgentDataConfig("npz", str(npz_dir)),
                       state_dir=str(tmp_path / "s"))
     (tmp_path / "s").mkdir()
-    (tmp_path / "s" / "agent_state.pt").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "s" / STATE_FILE).write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{truncated")
     agent = build_agent(cfg, transport=MemoryBus().client("devA"))
     agent.handle(P.Topics(RUN).control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="s1",
                                                         recipe=GOOD_RECIPE))

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -53,29 +52,12 @@ from torch.func import functional_call, grad, grad_and_value, jvp
 
 from edge_sdk.config import EdgeConfig
 from edge_sdk.program.format import PROGRAM_FORMAT, EdgeProgram, pack_program
+from edge_sdk.program.spec import COMPILER_VERSION, onnx_trainer_problem, program_spec, spec_key  # noqa: F401
 from edgefl_core.config import build_dataclass
 from model_zoo import create_model, seeded
 
 aten = torch.ops.aten
 OPSET = 18
-COMPILER_VERSION = 1
-ONNX_TRAINERS = ("backprop", "fg_weight")
-WHY_NOT = {  # trainers the onnxruntime engine does not run, and why (docs/EDGE_RUNTIME.md)
-    "fg_local_guess": "its auxiliary heads are created on the first batch and trained beside the model: a "
-                      "step is several module-local backward passes plus projections, not one graph yet",
-    "forward": "edge.trainer=forward is fg_local_guess with a joint projection (same reason)",
-    "async_fgd": "AsyncFGD keeps a pipeline of in-flight batches across steps (module k updates K-1-k steps "
-                 "late); a step is not a pure function of (state, batch)",
-}
-
-
-def onnx_trainer_problem(trainer: str) -> str | None:
-    """Why ``trainer`` cannot run on the onnxruntime engine (None when it can)."""
-    if trainer in ONNX_TRAINERS:
-        return None
-    return WHY_NOT.get(trainer, f"trainer {trainer!r} has no graph export")
-
-
 # ---------------------------------------------------------------------------------------------
 # the decompositions that make exported graphs correct
 
@@ -439,17 +421,6 @@ def compile_program(edge: EdgeConfig, num_classes: int, input_shape, seed: int =
 
 # ---------------------------------------------------------------------------------------------
 # the spec a runtime compiles from, and the command that compiles it in a fresh process
-
-
-def program_spec(edge: EdgeConfig, num_classes: int, input_shape, seed: int = 0) -> dict:
-    """What determines a program (its cache key is :func:`spec_key`)."""
-    return {"edge": dataclasses.asdict(edge), "num_classes": int(num_classes),
-            "input_shape": [int(s) for s in input_shape], "seed": int(seed), "compiler": COMPILER_VERSION,
-            "torch": torch.__version__}
-
-
-def spec_key(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ class EdgeProgram:
 def pack_program(program: EdgeProgram) -> bytes:
     """One safetensors blob (deterministic: sorted keys), whose SHA-256 is the program's identity."""
     arrays = {GRAPH_PREFIX + k: np.frombuffer(v, dtype=np.uint8) for k, v in program.graphs.items()}
-    arrays.update({STATE_PREFIX + k: np.ascontiguousarray(v) for k, v in program.state.items()})
+    arrays.update({STATE_PREFIX + k: np.asarray(v, order="C") for k, v in program.state.items()})
     meta = {"format": PROGRAM_FORMAT, "manifest": json.dumps(program.manifest, sort_keys=True)}
     return safetensors.numpy.save(dict(sorted(arrays.items())), metadata=meta)
 

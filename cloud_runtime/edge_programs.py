@@ -1,0 +1,161 @@
+"""Edge programs for devices on ``engine: onnxruntime``: the cloud compiles, devices execute.
+
+A device that registers with ``engine: onnxruntime`` gets the program of its recipe (edge model, trainer,
+FedGKT loss, for the run's classes and image shape). The first such registration starts a compile in a
+fresh process (``python -m edge_sdk.program.compile``: the export patches torch globally and a failed
+forward-mode trace poisons later ones), off the runtime's thread; the program is cached under
+``<state_dir>/edge_programs/<spec key>.edgeprog``, so a restart or the next run of the same configuration
+compiles nothing. Delivery: the digest joins ``edge_programs`` in the recipe every HELLO / ROUND carries
+(the control topic and a device's downlink are the runtime's alone, by broker ACL), a HELLO with it goes to
+the device's downlink, then the program as a chunked transfer (``kind: edge_program``). The device accepts
+only a blob that hashes to an announced digest and passes :func:`edge_sdk.program.format.check_graph`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cloud_runtime.registry import Rejected
+from edge_sdk import protocol as P
+from edge_sdk.program.format import program_digest
+from edge_sdk.program.spec import onnx_trainer_problem, program_spec, spec_key
+
+logger = logging.getLogger("edgefl.runtime")
+COMPILE_TIMEOUT_S = 1800
+
+
+@dataclass
+class Build:
+    key: str
+    trainer: str
+    blob: bytes | None = None
+    digest: str | None = None
+    seconds: float = 0.0
+    cached: bool = False
+    error: str | None = None
+    thread: threading.Thread | None = None
+    waiting: set = field(default_factory=set)   # devices to send it to once built
+
+    @property
+    def done(self) -> bool:
+        return self.blob is not None or self.error is not None
+
+
+class EdgePrograms:
+    """``recipes``: device (None: the default) -> RunRecipe; ``downlink``: the runtime's; ``round_now()``: the
+    round a HELLO names; ``session``: this runtime session."""
+
+    def __init__(self, state_dir: str | Path, recipes: dict, downlink, round_now, session: str, seed: int = 0):
+        self.cache = Path(state_dir) / "edge_programs"
+        self.recipes, self.downlink, self.round_now, self.session, self.seed = recipes, downlink, round_now, session, seed
+        self.builds: dict[str, Build] = {}
+        self.announced: list[str] = downlink.recipe.setdefault("edge_programs", [])
+
+    def on_register(self, device: str, data: dict, num_classes: int, input_shape) -> None:
+        """A registration that passed every check. Devices on onnxruntime get their program (compiled first
+        if need be). Raises Rejected when the recipe's trainer has no graph (before anything is recorded)."""
+        if data.get("engine") != "onnxruntime":
+            return
+        edge = self.recipes.get(device, self.recipes[None]).edge
+        import torch  # the compiler's version is part of what a program is
+        spec = program_spec(edge, num_classes, input_shape, self.seed, torch.__version__)
+        key = spec_key(spec)
+        build = self.builds.get(key)
+        if build is None:
+            build = self.builds[key] = Build(key, edge.trainer)
+            self._start(build, spec)
+        if build.error:
+            return
+        if build.blob is None:
+            build.waiting.add(device)
+        elif data.get("program") != build.digest:
+            self._deliver(device, build)
+
+    @staticmethod
+    def check(device: str, data: dict, recipe) -> None:
+        """Refuse an onnxruntime registration whose recipe trainer has no graph. Raises Rejected."""
+        if data.get("engine") not in (None, "torch", "onnxruntime"):
+            raise Rejected("bad_registration", f"engine must be torch or onnxruntime, got {str(data.get('engine'))[:20]!r}")
+        problem = onnx_trainer_problem(recipe.edge.trainer) if data.get("engine") == "onnxruntime" else None
+        if problem:
+            raise Rejected("bad_registration", f"engine onnxruntime cannot run edge.trainer={recipe.edge.trainer}: "
+                                               f"{problem}; use backprop or fg_weight, or engine torch on {device}")
+
+    def _start(self, build: Build, spec: dict) -> None:
+        path = self.cache / f"{build.key}.edgeprog"
+        if path.exists():
+            build.blob, build.cached = path.read_bytes(), True
+            build.digest = program_digest(build.blob)
+            self._announce(build)
+            return
+        logger.info("compiling the edge program for %s + %s (engine onnxruntime) in a separate process",
+                    spec["edge"]["model"], build.trainer)
+        build.thread = threading.Thread(target=self._compile, args=(build, spec, path), daemon=True,
+                                        name=f"edge-program-{build.key[:8]}")
+        build.thread.start()
+
+    def _compile(self, build: Build, spec: dict, path: Path) -> None:
+        """Runs on its own thread: only waits for the compiler process; the result is picked up by :meth:`poll`."""
+        start = time.perf_counter()
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=self.cache) as tmp:
+                spec_file = Path(tmp) / "spec.json"
+                spec_file.write_text(json.dumps(spec))
+                out = Path(tmp) / "program.edgeprog"
+                proc = subprocess.run([sys.executable, "-m", "edge_sdk.program.compile", str(spec_file), str(out)],
+                                      capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
+                                      env=_single_threaded_env())
+                if proc.returncode != 0:
+                    raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else
+                                       f"exit status {proc.returncode}")
+                blob = out.read_bytes()
+                out.replace(path)
+            build.seconds = time.perf_counter() - start
+            build.digest = program_digest(blob)
+            build.blob = blob  # last: poll() takes a build as done once blob is set
+        except Exception as e:
+            build.error = f"{type(e).__name__}: {str(e)[:300]}"
+
+    def poll(self) -> None:
+        """On the runtime's thread: announce finished builds and send them to the devices waiting."""
+        for build in self.builds.values():
+            if build.thread is not None and build.done:
+                build.thread = None
+                if build.error:
+                    logger.error("edge program for %s: compile failed (%s); devices on onnxruntime cannot train",
+                                 build.trainer, build.error)
+                    continue
+                logger.info("edge program %s compiled in %.1f s (%.0f KB)", build.digest[:12], build.seconds,
+                            len(build.blob) / 1024)
+                self._announce(build)
+                for device in sorted(build.waiting):
+                    self._deliver(device, build)
+                build.waiting.clear()
+
+    def _announce(self, build: Build) -> None:
+        if build.digest not in self.announced:
+            self.announced.append(build.digest)
+
+    def _deliver(self, device: str, build: Build) -> None:
+        round_ = self.round_now()
+        self.downlink.send(device, P.HELLO, round_, session=self.session)  # carries the digest (recipe)
+        self.downlink.send_transfer(device, build.blob, round_, {"kind": P.KIND_EDGE_PROGRAM, "digest": build.digest})
+        logger.info("%s: edge program %s sent (%.0f KB)", device, build.digest[:12], len(build.blob) / 1024)
+
+    def report(self) -> list[dict]:
+        return [{"digest": b.digest, "trainer": b.trainer, "bytes": len(b.blob) if b.blob else None,
+                 "compile_seconds": round(b.seconds, 2), "cached": b.cached, "error": b.error}
+                for b in self.builds.values()]
+
+
+def _single_threaded_env() -> dict:
+    import os
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
