@@ -204,3 +204,106 @@ def test_trainers_without_a_graph_say_why():
         assert onnx_trainer_problem(name)
     with pytest.raises(ValueError, match="async_fgd"):
         compile_program(edge_config("async_fgd"), CLASSES, SHAPE)
+
+
+# -- engines: a device switches engines without losing its state ---------------------------------------------
+
+
+def _dataset(tmp_path, n=48):
+    from conftest import make_npz_dataset
+    from edgefl_core.data.datasets import load_npz
+    return load_npz(make_npz_dataset(tmp_path / "d", n_train=n, n_test=8) / "train.npz", "train")
+
+
+def test_a_device_switches_engines_without_losing_model_optimizer_or_soft_labels(tmp_path):
+    from edge_sdk.engines.onnx_engine import OnnxEngine
+    from edge_sdk.engines.torch_engine import TorchEngine
+    from edge_sdk.state import read_state, write_state
+    train = _dataset(tmp_path)
+    cfg = edge_config("backprop", "adam")
+    program = unpack_program(program_blob("backprop", "adam"))
+    pt = TorchEngine("d0", cfg, train, None, stats_name=None, seed=0, threads=1)
+    pt.train_round(0)
+    pt.receive_soft_labels(train.sample_ids[:10].copy(), np.ones((10, CLASSES), np.float32), 0)
+    write_state(tmp_path / "s.safetensors", meta={"round": 0}, model=pt.model_state(), optimizer=pt.optimizer_state(),
+                soft_logits=pt.soft_labels.logits, soft_present=pt.soft_labels.present)
+    saved = read_state(tmp_path / "s.safetensors")
+    ort = OnnxEngine("d0", program, train, None, stats_name=None, seed=0, threads=1)
+    ort.load_model_state(saved["model"])
+    ort.load_optimizer_state(saved["optimizer"])
+    ort.soft_labels.load(saved["soft_logits"], saved["soft_present"], 0)
+    assert len(ort.soft_labels) == 10
+    images, labels, teacher, mask = next(batches(seed=5))
+    pt.client.trainer.train_step(images, labels, teacher, mask)   # one more step on each, from the same state
+    ort.runner.train_step(images.numpy(), labels.numpy(), teacher.numpy(), mask.numpy().astype(np.float32))
+    ours, theirs = ort.model_state(), pt.model_state()
+    # Adam's moments carried over: a lost state would move weights by ~lr (0.05); the state after a round of
+    # torch steps (channels-last kernels) differs from a graph's in the last bits, which Adam's m/sqrt(v) grows
+    assert max(float(np.abs(ours[k] - theirs[k]).max()) for k in theirs) < 1e-4
+    back = TorchEngine("d0", cfg, train, None, stats_name=None, seed=1, threads=1)  # and back to torch
+    back.load_model_state(ort.model_state())
+    back.load_optimizer_state(ort.optimizer_state())
+    assert back.optimizer_state().keys() == ort.optimizer_state().keys()
+
+
+# -- the agent accepts a program only against an announced digest, and only standard graphs --------------------
+
+
+def _ort_agent(tmp_path, engine="onnxruntime"):
+    from conftest import make_npz_dataset
+    from edge_sdk.agent import build_agent
+    from edge_sdk.config import AgentConfig
+    from edgefl_core.data.config import AgentDataConfig
+    from edgefl_core.transport import MemoryBus
+    data = make_npz_dataset(tmp_path / "dev", n_train=64, n_test=16)
+    cfg = AgentConfig(device_id="devA", run_id="r", engine=engine, data=AgentDataConfig("npz", str(data)),
+                      state_dir=str(tmp_path / "state"))
+    return build_agent(cfg, transport=MemoryBus().client("devA"))
+
+
+def _hello(agent, digests):
+    import dataclasses
+    from edge_sdk import protocol as P
+    from edge_sdk.config import RunRecipe
+    recipe = dataclasses.asdict(RunRecipe(edge=edge_config("backprop", "adam")))
+    agent.handle(P.Topics("r").control, P.control_frame(P.HELLO, run="r", device="*", round_=0, session="s1",
+                                                        recipe=recipe, edge_programs=digests))
+
+
+def _send_program(agent, blob):
+    from edge_sdk import protocol as P
+    for frame in P.chunk_transfer(blob, run="r", device="devA", round_=0, meta={"kind": P.KIND_EDGE_PROGRAM}):
+        agent.handle(P.Topics("r").down("devA"), frame)
+
+
+def test_an_agent_runs_a_program_only_once_its_digest_is_announced(tmp_path):
+    agent = _ort_agent(tmp_path)
+    blob = program_blob("backprop", "adam")
+    _hello(agent, [])
+    assert agent.recipe is not None and agent.client is None  # registered, waiting for the program
+    _send_program(agent, blob)
+    assert agent.client is None  # not announced (yet): held, not run
+    _hello(agent, ["f" * 64, program_digest(blob)])
+    assert agent.client is not None and agent.client.name == "onnxruntime" and agent.rejected == 0
+    assert (tmp_path / "state" / "programs" / f"{program_digest(blob)}.edgeprog").exists()
+    agent.save_state()
+    again = _ort_agent(tmp_path)  # a restart: the cached program is used at once, and the state resumed
+    _hello(again, [program_digest(blob)])
+    assert again.client is not None and again.internal_errors == 0
+
+
+def test_an_announced_program_with_a_custom_operator_is_refused(tmp_path):
+    import onnx
+    program = unpack_program(program_blob("backprop", "adam"))
+    model = onnx.ModelProto.FromString(program.graphs["train_step"])
+    model.graph.node[0].domain = "com.microsoft"  # e.g. a contrib op a compromised build slipped in
+    evil = pack_program(EdgeProgram(program.manifest, {**program.graphs, "train_step": model.SerializeToString()},
+                                    program.state))
+    agent = _ort_agent(tmp_path)
+    _hello(agent, [program_digest(evil)])
+    _send_program(agent, evil)
+    assert agent.client is None and agent.rejected == 1 and agent.internal_errors == 0 and not agent.stop.is_set()
+    torch_agent = _ort_agent(tmp_path / "t", engine="torch")  # a torch device never takes a program
+    _hello(torch_agent, [program_digest(evil)])
+    _send_program(torch_agent, program_blob("backprop", "adam"))
+    assert torch_agent.rejected == 1 and torch_agent.client.name == "torch"
