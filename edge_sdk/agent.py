@@ -205,6 +205,13 @@ class EdgeAgent:
             return True
         try:
             from edge_sdk.engines.torch_engine import TorchEngine
+        except ImportError as e:  # a device installed without torch (the base install is onnxruntime's)
+            logger.error("%s: engine: torch needs torch (%s): install it (pip install torch==2.13.0 'edgefl[torch]') "
+                         "or set engine: onnxruntime in the agent config", self.device, e)
+            self.exit_code = 2
+            self.stop.set()
+            return False
+        try:
             client = TorchEngine(self.device, edge, self.train_set, self.test_set, stats_name=self._stats_name(),
                                  seed=self.cfg.seed, threads=self.cfg.threads)
         except Exception as e:  # the recipe came over the wire: whatever it breaks, the agent keeps running
