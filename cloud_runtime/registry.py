@@ -46,7 +46,10 @@ def device_facts(data: dict) -> dict:
     engine = data.get("engine", "torch")
     if engine not in ("torch", "onnxruntime"):
         raise Rejected("bad_registration", f"engine must be torch or onnxruntime, got {str(engine)[:20]!r}")
-    return {**facts, "profile": profile, "input_shape": shape, "engine": engine}
+    program = data.get("program")
+    if program is not None and (not isinstance(program, str) or not re.fullmatch(r"[0-9a-f]{64}", program)):
+        raise Rejected("bad_registration", f"program must be a SHA-256 hex digest, got {str(program)[:40]!r}")
+    return {**facts, "profile": profile, "input_shape": shape, "engine": engine, "program": program}
 
 
 class Rejected(Exception):
@@ -111,6 +114,10 @@ class DeviceRegistry:
         """Record a (re-)registration: checked device ``facts`` and the ``recipe`` fields the runtime sent it
         (model, trainer, batch_size, epochs, model_kwargs, optimizer, codec). Returns whether it was known."""
         known = device in self.devices
+        if known and facts.get("program") and not self.devices[device].get("program"):
+            self.devices[device].update(facts)  # the same process, now running the edge program it was sent
+            logger.info("%s runs edge program %s (engine onnxruntime)", device, facts["program"][:12])
+            return True
         info = self.devices.setdefault(device, {"bytes_up": 0, "bytes_resent": 0, "bytes_rejected": 0, "bytes_down": 0,
                                                 "raw_fp32_bytes": 0, "rounds": [], "rejected": 0})
         info.pop("offline_since", None)

@@ -24,7 +24,7 @@ from cloud_runtime.plots import plot_accuracy, write_json
 from cloud_runtime.progress import Interrupted
 from cloud_runtime.registry import DeviceRegistry, Rejected, device_facts
 from cloud_runtime.report import CostEstimator, build_report
-from cloud_runtime.store import CheckpointError, DurableStore
+from cloud_runtime.store import CheckpointError, DurableStore, identity_problem, run_definition  # noqa: F401
 from cloud_runtime.strategies import STRATEGIES, RunContext, Strategy, strategy_name
 from edge_sdk import protocol as P
 from edge_sdk.messages import MessageError
@@ -75,7 +75,9 @@ class CloudRuntime:
         self.downlink.recipe["instance"] = self.identity["instance"]
         # the run's data facts ride with the recipe: a device checks its data against them before registering
         # (and a device that lacks the top classes takes the run's class count)
-        self.downlink.recipe["run_facts"] = {"num_classes": cfg.num_classes, "input_shape": cfg.input_shape}
+        # and the seed of the initial edge model: every device starts from the same one, whichever its engine
+        self.downlink.recipe["run_facts"] = {"num_classes": cfg.num_classes, "input_shape": cfg.input_shape,
+                                             "seed": cfg.seed}
 
     # -- messages -----------------------------------------------------------------------------------
 
@@ -422,32 +424,6 @@ class CloudRuntime:
 
 class StateMismatch(CheckpointError):
     """The state directory holds another run's state."""
-
-
-def run_definition(cfg: RuntimeConfig) -> dict:
-    """The settings that make a run this run: resuming state made under others would mix two runs (a
-    change of rounds, epochs or learning rates is a change within a run and is allowed)."""
-    return {"algorithm": cfg.algorithm, "mode": cfg.mode, "edge_model": cfg.edge.model,
-            "edge_model_kwargs": cfg.edge.model_kwargs, "server_model": cfg.server.model,
-            "server_model_kwargs": cfg.server.model_kwargs, "num_classes": cfg.num_classes,
-            "input_shape": cfg.input_shape, "codec": cfg.codec}
-
-
-def identity_problem(saved, current: dict) -> str | None:
-    """Why state saved under identity ``saved`` is not this run's (None when it is). State from before
-    identities were recorded carries none and is taken as this run's."""
-    if saved is None:
-        return None
-    if (not isinstance(saved, dict) or not isinstance(saved.get("instance"), str) or not saved["instance"]
-            or not isinstance(saved.get("definition", {}), dict)):
-        return "state with an unreadable identity (not made by this version: move it aside)"
-    if saved.get("run_id") != current["run_id"]:
-        return f"the state of run {saved.get('run_id')!r}, and this config is run {current['run_id']!r}"
-    old, new = saved.get("definition") or {}, current["definition"]
-    changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
-    if changed:
-        return f"run {current['run_id']!r} made with other settings ({'; '.join(changed)})"
-    return None
 
 
 def _free_mb(store: DurableStore) -> float | None:

@@ -18,8 +18,12 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from cloud_runtime.config import RuntimeConfig
 
 from cloud_runtime.plots import jsonable
 
@@ -216,4 +220,33 @@ def _schema_problem(state: dict) -> str | None:
     if any(not isinstance(v, dict) or any(not isinstance(ids, list) for ids in v.values())
            for v in state.get("device_ids", {}).values()):
         return "device_ids must map devices to splits to id lists"
+    return None
+
+
+# -- what a state belongs to ---------------------------------------------------------------
+
+
+def run_definition(cfg: RuntimeConfig) -> dict:
+    """The settings that make a run this run: resuming state made under others would mix two runs (a
+    change of rounds, epochs or learning rates is a change within a run and is allowed)."""
+    return {"algorithm": cfg.algorithm, "mode": cfg.mode, "edge_model": cfg.edge.model,
+            "edge_model_kwargs": cfg.edge.model_kwargs, "server_model": cfg.server.model,
+            "server_model_kwargs": cfg.server.model_kwargs, "num_classes": cfg.num_classes,
+            "input_shape": cfg.input_shape, "codec": cfg.codec}
+
+
+def identity_problem(saved, current: dict) -> str | None:
+    """Why state saved under identity ``saved`` is not this run's (None when it is). State from before
+    identities were recorded carries none and is taken as this run's."""
+    if saved is None:
+        return None
+    if (not isinstance(saved, dict) or not isinstance(saved.get("instance"), str) or not saved["instance"]
+            or not isinstance(saved.get("definition", {}), dict)):
+        return "state with an unreadable identity (not made by this version: move it aside)"
+    if saved.get("run_id") != current["run_id"]:
+        return f"the state of run {saved.get('run_id')!r}, and this config is run {current['run_id']!r}"
+    old, new = saved.get("definition") or {}, current["definition"]
+    changed = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+    if changed:
+        return f"run {current['run_id']!r} made with other settings ({'; '.join(changed)})"
     return None

@@ -28,6 +28,7 @@ import numpy as np
 from edge_sdk import wire as P
 from edge_sdk.config import AgentConfig, RunRecipe, without_code_checks
 from edge_sdk.engine import EdgeEngine
+from edge_sdk.engines import engine_class
 from edge_sdk.program.cache import ProgramCache, is_digest
 from edge_sdk.program.format import MAX_PROGRAM_BYTES, ProgramError, program_digest, unpack_program
 from edge_sdk.state import check_state_identity, read_state, state_problem, write_state
@@ -84,6 +85,7 @@ class EdgeAgent:
         self.announced_programs: list[str] = []  # digests the runtime announced (HELLO / ROUND recipe)
         self.received_program: bytes | None = None  # a program transfer whose digest is not announced yet
         self.program_digest: str | None = None
+        self.run_seed: int | None = None  # the runtime's seed of the initial edge model (run_facts)
         self.global_round = -1
         self.stop = threading.Event()
         self.step_times: list[float] = []
@@ -204,7 +206,7 @@ class EdgeAgent:
                             edge.model, edge.trainer)
             return True
         try:
-            from edge_sdk.engines.torch_engine import TorchEngine
+            TorchEngine = engine_class("torch")
         except ImportError as e:  # a device installed without torch (the base install is onnxruntime's)
             logger.error("%s: engine: torch needs torch (%s): install it (pip install torch==2.13.0 'edgefl[torch]') "
                          "or set engine: onnxruntime in the agent config", self.device, e)
@@ -213,7 +215,7 @@ class EdgeAgent:
             return False
         try:
             client = TorchEngine(self.device, edge, self.train_set, self.test_set, stats_name=self._stats_name(),
-                                 seed=self.cfg.seed, threads=self.cfg.threads)
+                                 seed=self.cfg.seed, threads=self.cfg.threads, init_seed=self.run_seed)
         except Exception as e:  # the recipe came over the wire: whatever it breaks, the agent keeps running
             logger.error("%s: cannot build %s from the runtime's recipe: %s: %s", self.device, edge.model,
                          type(e).__name__, e)
@@ -249,8 +251,7 @@ class EdgeAgent:
                 program = unpack_program(blob, digest)
                 if program.manifest.get("edge") != asdict(self.recipe.edge):
                     continue  # another device's (an edge override) or another recipe's program
-                from edge_sdk.engines.onnx_engine import OnnxEngine
-                engine = OnnxEngine(self.device, program, self.train_set, self.test_set, stats_name=self._stats_name(),
+                engine = engine_class("onnxruntime")(self.device, program, self.train_set, self.test_set, stats_name=self._stats_name(),
                                     seed=self.cfg.seed, threads=self.cfg.threads)
             except (ProgramError, ValueError, KeyError, TypeError) as e:
                 self.rejected += 1
@@ -278,6 +279,8 @@ class EdgeAgent:
         more classes cannot take part: say so and stop with exit status 2 (a configuration error)."""
         if not isinstance(facts, dict):
             return True  # a runtime that does not state them judges the registration itself
+        seed = facts.get("seed")
+        self.run_seed = seed if type(seed) is int and 0 <= seed < 2**32 else None
         classes, shape = facts.get("num_classes"), facts.get("input_shape")
         train = self.train_set
         problem = None

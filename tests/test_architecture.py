@@ -26,6 +26,21 @@ def test_the_shared_core_imports_without_torch():
     assert result.returncode == 0, result.stderr
 
 
+def test_a_device_on_onnxruntime_imports_without_torch():
+    """The agent, its CLI, the onnxruntime engine and a recipe validated as such a device validates it."""
+    code = ("import sys, dataclasses; import edge_sdk.agent, edgefl_cli.agent, edge_sdk.engines.onnx_engine, "
+            "edge_sdk.program.runner, edge_sdk.program.cache; "
+            "from edge_sdk.config import RunRecipe, without_code_checks; "
+            "from edgefl_core.config import build_dataclass; "
+            "from edge_sdk.engines import engine_class; engine_class('onnxruntime'); "
+            "ctx = without_code_checks(); ctx.__enter__(); "
+            "build_dataclass(RunRecipe, {'edge': {'model': 'resnet8_gkt', 'trainer': 'fg_weight', "
+            "'trainer_kwargs': {'exact_classifier': True}}}); ctx.__exit__(None, None, None); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_installed_packages_do_not_ship_dev_tooling():
     text = (ROOT / "pyproject.toml").read_text()
     include = text.split("[tool.setuptools.packages.find]")[1].split("\n")[1]

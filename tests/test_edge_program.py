@@ -222,7 +222,9 @@ def test_a_device_switches_engines_without_losing_model_optimizer_or_soft_labels
     train = _dataset(tmp_path)
     cfg = edge_config("backprop", "adam")
     program = unpack_program(program_blob("backprop", "adam"))
-    pt = TorchEngine("d0", cfg, train, None, stats_name=None, seed=0, threads=1)
+    pt = TorchEngine("d0", cfg, train, None, stats_name=None, seed=7, threads=1, init_seed=0)
+    initial = pt.model_state()  # a run's devices start from the run seed's model, whichever their engine
+    assert all(np.array_equal(initial[k], program.state[k]) for k in program.state)
     pt.train_round(0)
     pt.receive_soft_labels(train.sample_ids[:10].copy(), np.ones((10, CLASSES), np.float32), 0)
     write_state(tmp_path / "s.safetensors", meta={"round": 0}, model=pt.model_state(), optimizer=pt.optimizer_state(),

@@ -21,12 +21,15 @@ class TorchEngine(EdgeEngine):
     name = "torch"
 
     def __init__(self, device: str, edge: EdgeConfig, train: ImageDataset, test: ImageDataset | None, *,
-                 stats_name: str | None, seed: int, threads: int | None):
+                 stats_name: str | None, seed: int, threads: int | None, init_seed: int | None = None):
+        """``init_seed``: the run's seed of the initial model (the runtime's, so every device of a run starts
+        from the same model whichever its engine); ``seed``: this device's shuffling and augmentation."""
         self.threads = threads
         self.set_threads()
-        with seeded(seed):
+        with seeded(seed if init_seed is None else init_seed):
             model = create_model(edge.model, num_classes=train.num_classes, in_channels=train.image_shape[0],
                                  **edge.model_kwargs)
+        with seeded(seed):
             self.client = EdgeClient(device, model, train, test, edge, stats_name=stats_name, seed=seed)
         self.edge = edge
         self.train_set, self.test_set = train, test
