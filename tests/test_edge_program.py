@@ -309,3 +309,50 @@ def test_an_announced_program_with_a_custom_operator_is_refused(tmp_path):
     _hello(torch_agent, [program_digest(evil)])
     _send_program(torch_agent, program_blob("backprop", "adam"))
     assert torch_agent.rejected == 1 and torch_agent.client.name == "torch"
+
+
+# -- fuzzing: whatever program the runtime's downlink carries, the agent never crashes ---------------------------
+
+
+def _mutations():
+    from hypothesis import strategies as st
+    json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() |
+                               st.text(max_size=20), lambda inner: st.lists(inner, max_size=4) |
+                               st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+    keys = st.sampled_from(["trainer", "optimizer", "params", "buffers", "graphs", "num_classes", "input_shape",
+                            "batch_size", "edge", "trainable", "perturbed", "trainer_options", "feature_shape",
+                            "classifier"])
+    return st.one_of(
+        st.tuples(st.just("manifest"), keys, json_values),
+        st.tuples(st.just("flip"), st.integers(0, 10**9), st.integers(1, 255)),
+        st.tuples(st.just("truncate"), st.integers(0, 10**9), st.none()),
+        st.tuples(st.just("drop_graph"), st.sampled_from(["extract", "train_step"]), st.none()))
+
+
+def test_fuzzed_programs_never_crash_an_agent(tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    program = unpack_program(program_blob("backprop", "adam"))
+    blob = program_blob("backprop", "adam")
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(_mutations())
+    def run(mutation):
+        kind, a, b = mutation
+        if kind == "manifest":
+            evil = pack_program(EdgeProgram({**program.manifest, a: b}, program.graphs, program.state))
+        elif kind == "flip":
+            raw = bytearray(blob)
+            raw[a % len(raw)] ^= b
+            evil = bytes(raw)
+        elif kind == "truncate":
+            evil = blob[:a % len(blob)]
+        else:
+            evil = pack_program(EdgeProgram(program.manifest, {k: v for k, v in program.graphs.items() if k != a},
+                                            program.state))
+        agent = _ort_agent(tmp_path_factory.mktemp("fuzz"))
+        _hello(agent, [program_digest(evil)])
+        _send_program(agent, evil)
+        assert agent.internal_errors == 0 and not agent.stop.is_set()
+        if agent.client is not None:  # only a program that passed every check runs
+            unpack_program(evil, program_digest(evil))
+    run()

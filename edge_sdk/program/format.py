@@ -111,6 +111,7 @@ def check_manifest(manifest, graphs: dict[str, bytes], state: dict[str, np.ndarr
     for key in ("trainer", "optimizer", "params", "buffers", "graphs", "num_classes", "input_shape"):
         if key not in manifest:
             raise ProgramError(f"edge program manifest lacks {key!r}")
+    _check_numbers(manifest)
     params, buffers = _names(manifest["params"], "params"), _names(manifest["buffers"], "buffers")
     if set(state) != set(params) | set(buffers):
         raise ProgramError("edge program's initial state does not hold exactly its params and buffers")
@@ -130,6 +131,40 @@ def check_manifest(manifest, graphs: dict[str, bytes], state: dict[str, np.ndarr
     for arr_name, arr in state.items():
         if arr.dtype not in (np.float32, np.int64):
             raise ProgramError(f"edge program state {arr_name!r} has dtype {arr.dtype}")
+
+
+def _check_numbers(m: dict) -> None:
+    """The manifest's numbers a device acts on: typed and in range (a program must not make a device train
+    forever or allocate without bound)."""
+    def integer(key, lo, hi, value=None):
+        value = m.get(key) if value is None else value
+        if type(value) is not int or not lo <= value <= hi:
+            raise ProgramError(f"edge program manifest: {key} must be an integer in [{lo}, {hi}]")
+    integer("num_classes", 2, 100_000)
+    integer("batch_size", 1, 65_536)
+    shape = m.get("input_shape")
+    if not isinstance(shape, list) or len(shape) != 3:
+        raise ProgramError("edge program manifest: input_shape must be [C, H, W]")
+    for v in shape:
+        integer("input_shape", 1, 4096, v)
+    opt = m.get("optimizer")
+    if not isinstance(opt, dict) or opt.get("name") not in ("sgd", "adam"):
+        raise ProgramError("edge program manifest: optimizer must name sgd or adam")
+    for key in ("lr", "momentum", "weight_decay", "eps"):
+        value = opt.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1e3:
+            raise ProgramError(f"edge program manifest: optimizer.{key} must be a number in [0, 1000]")
+    edge = m.get("edge")
+    if not isinstance(edge, dict):
+        raise ProgramError("edge program manifest: edge must be the recipe's edge section")
+    integer("edge.epochs", 1, 1000, edge.get("epochs"))
+    options = m.get("trainer_options", {})
+    if not isinstance(options, dict) or ("tangents" in options and (type(options["tangents"]) is not int or
+                                                                   not 1 <= options["tangents"] <= 1024)):
+        raise ProgramError("edge program manifest: trainer_options.tangents must be an integer in [1, 1024]")
+    for key in ("trainable", "perturbed", "classifier"):
+        if key in m:
+            _names(m[key], key)
 
 
 def check_graph(blob: bytes, name: str = "graph") -> None:
