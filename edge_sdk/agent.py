@@ -523,8 +523,10 @@ class EdgeAgent:
         for split in splits:
             upload = self.client.extract(split, round_)
             upload.round, upload.metrics = round_, (metrics if split == "train" else {})
-            if not self.send_upload(upload, self.client.extractor_state() if share_extractor and split == "train"
-                                    else None, session):
+            sent = self.send_upload(upload, self.client.extractor_state() if share_extractor and split == "train"
+                                    else None, session)
+            upload = None  # one split's features in memory at a time (a small device's peak)
+            if not sent:
                 return  # stopped, a new runtime session, or rejected: the round is not done (a later ROUND resends)
             self.accepted["splits"].append(split)
             if split != splits[-1]:
@@ -535,13 +537,17 @@ class EdgeAgent:
     def send_upload(self, upload, extractor: dict | None = None, session: str | None = None) -> bool:
         """Encode one split's features and send them until the runtime's verdict (see :meth:`send_transfer`)."""
         arrays, meta = P.encode_upload(upload, self.recipe.codec)
+        split, samples, round_ = upload.split, len(upload.sample_ids), upload.round
+        upload.features = upload.logits = None  # encoded: the float copies go before the (long) send
         if extractor is not None:  # the runtime averages extractors across devices
             ext_arrays, _ = P.encode_state(extractor, "fp32")
             arrays.update({P.EXTRACTOR_PREFIX + k: v for k, v in ext_arrays.items()})
-        done = self.send_transfer(P.pack_arrays(arrays), upload.round, meta, f"{upload.split} features", session)
+        blob = P.pack_arrays(arrays)
+        arrays = None
+        done = self.send_transfer(blob, round_, meta, f"{split} features", session)
         if done:
             logger.info("%s: %s of %d samples done: %d bytes on the wire (%.1fx smaller than fp32)", self.device,
-                        upload.split, len(upload.sample_ids), self.uplink.last_transfer_wire,
+                        split, samples, self.uplink.last_transfer_wire,
                         meta["raw_fp32_bytes"] / max(self.uplink.last_transfer_bytes, 1))
         return done
 

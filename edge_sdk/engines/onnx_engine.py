@@ -24,7 +24,7 @@ class OnnxEngine(EdgeEngine):
     name = "onnxruntime"
 
     def __init__(self, device: str, program: EdgeProgram, train: ImageDataset, test: ImageDataset | None, *,
-                 stats_name: str | None, seed: int, threads: int | None, extract_batch: int = 256):
+                 stats_name: str | None, seed: int, threads: int | None, extract_batch: int = 128):
         m = program.manifest
         if list(m["input_shape"]) != list(train.image_shape) or m["num_classes"] != train.num_classes:
             raise ProgramError(f"the edge program is for {m['num_classes']} classes of {m['input_shape']} images; "
@@ -64,13 +64,17 @@ class OnnxEngine(EdgeEngine):
         dataset = self.train_set if split == "train" else self.test_set
         if dataset is None:
             raise ValueError(f"device {self.device} has no {split} data")
-        logits, features = [], []
+        logits = features = None
+        start = 0
         for batch in NumpyLoader(dataset, self.extract_batch, stats_name=self.stats_name):
             batch_logits, batch_features = self.runner.extract(batch.images)
-            logits.append(batch_logits)
-            features.append(batch_features)
-        return UploadArrays(split, dataset.sample_ids.copy(), np.concatenate(features), np.concatenate(logits),
-                            dataset.labels.astype(np.int64), {})
+            if features is None:  # filled in place: the features are held once, not as batches plus a copy
+                features = np.empty((len(dataset), *batch_features.shape[1:]), np.float32)
+                logits = np.empty((len(dataset), batch_logits.shape[1]), np.float32)
+            end = start + len(batch_logits)
+            features[start:end], logits[start:end] = batch_features, batch_logits
+            start = end
+        return UploadArrays(split, dataset.sample_ids.copy(), features, logits, dataset.labels.astype(np.int64), {})
 
     def model_state(self) -> dict[str, np.ndarray]:
         return {k: v.copy() for k, v in self.runner.model_state().items()}

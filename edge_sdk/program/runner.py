@@ -35,6 +35,9 @@ def make_session(graph: bytes, threads: int | None = 1):
     options.intra_op_num_threads = int(threads or 1)
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # a device's memory is scarce: allocate per run instead of keeping an arena and pre-planned patterns
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     options.log_severity_level = 3
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 

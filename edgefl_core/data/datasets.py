@@ -86,28 +86,35 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Parse an IDX file (optionally gzipped), checking the magic number and that sizes agree."""
+    """Parse an IDX file (optionally gzipped), checking the magic number and that sizes agree. Streamed into
+    one writable buffer: a device holds the data once, never the compressed and raw copies beside it."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        with open(path, "rb") as probe:
+            gzipped = probe.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                raise DatasetError(f"{path}: not an IDX file (bad magic number {head[:4].hex()})")
+            dtype, ndim = np.dtype(_IDX_DTYPES[head[2]]), head[3]
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise DatasetError(f"{path}: truncated IDX header")
+            shape = struct.unpack(f">{ndim}I", dims)
+            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if expected > 1 << 34:
+                raise DatasetError(f"{path}: IDX header says shape {shape}: more than 16 GiB")
+            data = bytearray(expected)
+            got = f.readinto(data)
+            extra = len(f.read(1))
     except FileNotFoundError:
         raise
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DatasetError(f"{path}: cannot read IDX file ({e})") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DatasetError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
-    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetError(f"{path}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
+    if got != expected or extra:
         raise DatasetError(f"{path}: IDX header says shape {shape} ({expected} bytes) but the file holds "
-                           f"{len(raw) - header} bytes of data")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+                           f"{'more' if extra else got} bytes of data")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _find(directory: Path, stem: str) -> Path:
@@ -130,7 +137,7 @@ def load_fashion_mnist(split: str, directory: str | Path | None = None) -> Image
                            f"{images.dtype} and {labels.shape}")
     if len(images) != len(labels):
         raise DatasetError(f"{directory}: {len(images)} images but {len(labels)} labels in the {split} split")
-    return ImageDataset(images[:, None].copy(), labels.astype(np.int64), np.arange(len(images), dtype=np.int64),
+    return ImageDataset(images[:, None], labels.astype(np.int64), np.arange(len(images), dtype=np.int64),
                         10, f"fashion_mnist/{split}")
 
 
