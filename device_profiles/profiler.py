@@ -29,6 +29,8 @@ from device_profiles import DeviceProfile
 from model_zoo import create_model
 
 METHODS = ("inference", "backprop")
+# the efficiency (DeviceProfile.efficiency field) that estimates a step of each edge engine
+ENGINE_RUNTIMES = {"torch": "torch_cpu", "onnxruntime": "onnxruntime_cpu"}
 OPTIMIZER_STATE_FACTOR = {"sgd": 1, "adam": 2, "none": 0}  # state tensors per parameter
 
 
@@ -186,18 +188,34 @@ def measure_latency(model_name: str, method: str = "backprop", batch: int = 64, 
             "threads": torch.get_num_threads()}
 
 
+# The peak RSS (KB) of this process image, for code run in a fresh process: /proc's VmHWM. Not getrusage's
+# ru_maxrss: Linux carries it across fork and execve, so a child would report its parent's peak when larger.
+PEAK_RSS_KB_CODE = """
+def peak_rss_kb():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
+
+
 def measure_peak_rss(model_name: str, method: str, batch: int, input_shape: tuple, num_classes: int = 10) -> dict:
     """Peak RSS (MB) of a fresh process running three steps, and its baseline after importing torch and
     building the model (the step's own peak is the difference)."""
     code = (
-        "import json, resource, sys, torch\n"
+        "import json, sys, torch\n" + PEAK_RSS_KB_CODE +
         "from device_profiles.profiler import _build, _run\n"
         f"m = _build({model_name!r}, {tuple(input_shape)!r}, {num_classes})\n"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "base = peak_rss_kb()\n"
         f"x = torch.randn({batch}, *{tuple(input_shape)!r}); y = torch.randint(0, {num_classes}, ({batch},))\n"
         f"opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) if {method!r} != 'inference' else None\n"
         f"[_run(m, x, y, {method!r}, opt) for _ in range(3)]\n"
-        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "peak = peak_rss_kb()\n"
         "print(json.dumps({'peak_rss_mb': peak / 1024, 'baseline_rss_mb': base / 1024, 'step_rss_mb': (peak - base) / 1024}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,5 +1,7 @@
-"""``edge-agent``: the daemon on each device (``--config agent.yaml``), and ``edge-agent data``: check a
-device's data or write demo shards."""
+"""``edge-agent``: the daemon on each device (``--config agent.yaml``), ``edge-agent data``: check a
+device's data or write demo shards, and ``edge-agent program``: install an edge program offline (air-gapped
+devices on engine onnxruntime) or list the cached ones. Torch-free at import: the daemon on onnxruntime and
+``data`` / ``program`` never load torch."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from edgefl_cli.interrupt import EXIT_INTERRUPTED, CtrlC
 from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
@@ -55,14 +58,96 @@ def data_main(argv: list[str]) -> int:
         return 2
 
 
+def program_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="edge-agent program",
+                                     description="edge programs in this device's cache (engine onnxruntime)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    install = sub.add_parser(
+        "install", formatter_class=HelpFormatter,
+        help="check an edge program file and put it in this device's cache (air-gapped devices)",
+        description="Check an edge program file as a transfer from the runtime would be checked (format, manifest, "
+                    "standard ONNX operators only) and store it in <state_dir>/programs/ by digest. The agent runs "
+                    "it once the runtime announces that digest (the runtime whose cache holds it: 'cloud-runtime "
+                    "program build'). Prints digest, trainer, graphs and size as JSON; exit 2 if the file is refused.")
+    install.add_argument("file", help="the program file ('cloud-runtime program build --out FILE')")
+    lister = sub.add_parser("list", formatter_class=HelpFormatter, help="the edge programs in this device's cache",
+                            description="One line per cached program: digest, trainer, model, classes, input shape, "
+                                        "size; a file that no longer checks is listed as refused, with why")
+    lister.add_argument("--json", action="store_true", help="print a JSON list instead")
+    for p in (install, lister):
+        p.add_argument("--config", required=True, help="agent YAML (its state_dir holds the cache)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value (dotted key, YAML value); repeatable")
+    args = parser.parse_args(argv)
+    setup_logging("WARNING")
+    from edge_sdk.config import load_agent_config
+    from edge_sdk.program.cache import ProgramCache
+    from edge_sdk.program.format import ProgramError
+    try:
+        cfg = load_agent_config(args.config, args.overrides)
+        cache = ProgramCache(Path(cfg.state_dir) / "programs")
+        if args.command == "install":
+            from edge_sdk.program.format import MAX_PROGRAM_BYTES
+            if Path(args.file).stat().st_size > MAX_PROGRAM_BYTES:  # before reading it all
+                raise ProgramError(f"{args.file}: larger than an edge program may be ({MAX_PROGRAM_BYTES} bytes)")
+            digest, program = cache.install(args.file)
+            about = {"digest": digest, **_program_facts(program), "bytes": cache.path(digest).stat().st_size,
+                     "path": str(cache.path(digest))}
+            print("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in about.items()) + "\n}")
+            if cfg.engine != "onnxruntime":
+                print(f"edge-agent program install: note: {args.config} has engine {cfg.engine}; the agent runs "
+                      "edge programs only with engine: onnxruntime", file=sys.stderr)
+            return 0
+        return _list_programs(cache, args.json)
+    except (ConfigError, ProgramError, OSError) as e:
+        print(f"edge-agent program {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _program_facts(program) -> dict:
+    m = program.manifest
+    return {"trainer": m.get("trainer"), "model": (m.get("edge") or {}).get("model"),
+            "num_classes": m.get("num_classes"), "input_shape": m.get("input_shape"), "graphs": sorted(program.graphs)}
+
+
+def _list_programs(cache, as_json: bool) -> int:
+    from edge_sdk.program.cache import SUFFIX, is_digest
+    from edge_sdk.program.format import ProgramError, program_digest, unpack_program
+    rows = []
+    for path in sorted(cache.directory.glob(f"*{SUFFIX}")):
+        row = {"digest": path.stem, "bytes": path.stat().st_size}
+        try:
+            blob = path.read_bytes()
+            if not is_digest(path.stem) or program_digest(blob) != path.stem:
+                raise ProgramError("the file does not hash to its name (damaged)")
+            row.update(_program_facts(unpack_program(blob)))
+        except (ProgramError, OSError) as e:
+            row["refused"] = str(e)
+        rows.append(row)
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no edge programs in {cache.directory}", file=sys.stderr)
+    for r in rows:
+        what = f"refused: {r['refused']}" if "refused" in r else (
+            f"{r['trainer']:<10} {r['model']:<14} {r['num_classes']:>4} classes "
+            f"{'x'.join(map(str, r['input_shape'])):>9}")
+        print(f"{r['digest']}  {what}  {r['bytes'] / 1024:.0f} KB")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["data"]:
         return data_main(argv[1:])
+    if argv[:1] == ["program"]:
+        return program_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="edge-agent", formatter_class=HelpFormatter,
         description="edgefl edge agent (FedGKT device daemon). 'edge-agent data check --config agent.yaml' "
-                    "checks the device's data; 'edge-agent data export' writes demo shards.")
+                    "checks the device's data; 'edge-agent data export' writes demo shards; 'edge-agent program "
+                    "install FILE --config agent.yaml' installs an edge program offline (engine onnxruntime).")
     parser.add_argument("--config", required=True, help="agent YAML (paths in it are relative to its folder)")
     add_config_options(parser, "upload.max_bytes_per_s=500000")
     parser.add_argument("--reset-state", action="store_true",

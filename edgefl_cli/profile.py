@@ -2,7 +2,13 @@
 
     device-profile resnet8_gkt --all-devices [--method backprop] [--batch 64] [--input 3x32x32] [--json] [--plot p.png]
     device-profile compare resnet8_gkt resnet56 resnet110 [--json]
-    device-profile --measure [--save-profile host.yaml] [--json]
+    device-profile --measure [--engine torch|onnxruntime|both] [--save-profile host.yaml] [--json]
+
+Every latency row names its engine: ``torch`` (the torch engine's step) or ``onnxruntime`` (a device on
+``engine: onnxruntime``: the model compiled into an edge program, run by onnxruntime and numpy in a fresh
+torch-free process, :mod:`edgefl_cli.onnx_measure`; per-device estimates use the profile's
+``efficiency.onnxruntime_cpu``). ``--engine`` defaults to torch: measuring onnxruntime compiles each edge
+model first (tens of seconds to minutes each).
 
 Progress (which model, which measurement, i/n, elapsed) goes to stderr; results to stdout.
 """
@@ -12,21 +18,24 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from device_profiles import DeviceProfile, Efficiency, detect_host, list_profiles, load_profile
-from device_profiles.profiler import (METHODS, cost_row, estimate_latency, measure_latency, measure_peak_rss,
-                                     model_cost)
+from device_profiles.profiler import (ENGINE_RUNTIMES, METHODS, cost_row, estimate_latency, measure_latency,
+                                     measure_peak_rss, model_cost)
 from cloud_runtime.progress import duration
+from edgefl_cli.onnx_measure import compile_for_profile, measure_program, onnx_problem
 from edgefl_core.config import ConfigError
 from model_zoo import list_models
 
 logger = logging.getLogger("edgefl.device_profile")
+ENGINES = tuple(ENGINE_RUNTIMES)   # torch, onnxruntime
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -98,43 +107,87 @@ def cmd_compare(models: list[str], batch: int, shape: tuple, as_json: bool) -> i
     return 0
 
 
+def _estimates(cost, profiles: list[DeviceProfile], engine: str) -> dict:
+    """Per-profile latency estimates of ``engine``'s step (an entry with ``error`` where a profile has no
+    efficiency for it)."""
+    out = {}
+    for p in profiles:
+        try:
+            out[p.name] = estimate_latency(cost, p, ENGINE_RUNTIMES[engine])
+        except ValueError as e:
+            out[p.name] = {"device": p.name, "runtime": ENGINE_RUNTIMES[engine],
+                           "error": f"{e} (calibrate it: device-profile --measure --engine {engine})"}
+    return out
+
+
+def _threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
 def cmd_profile(model: str, devices: list[str], methods: list[str], batch: int, shape: tuple, as_json: bool,
-                plot: str | None, measure_here: bool = False) -> int:
+                plot: str | None, measure_here: bool = False, engines: tuple[str, ...] = ("torch",)) -> int:
     profiles = [load_profile(d) for d in devices]
+    onnx = "onnxruntime" in engines
+    if onnx and (why := onnx_problem(model)):
+        raise ConfigError(f"--engine {'both' if len(engines) > 1 else 'onnxruntime'}: {model} {why}")
     out = []
-    steps = Steps("device-profile", len(methods) * (3 if measure_here else 1))
+    per_method = 1 + (2 * ("torch" in engines) + onnx if measure_here else 0)
+    steps = Steps("device-profile", len(methods) * per_method + (onnx and measure_here))
     on = f"{len(profiles)} device profiles" if len(profiles) > 1 else f"device profile {profiles[0].name}"
-    for method in methods:
-        what = f"{model} {method}, batch {batch}, input {_shape(_input_for(model, shape))}"
-        steps(f"{what}: FLOPs, memory and latency estimates on {on}")
-        cost = model_cost(model, method, batch, _input_for(model, shape))
-        row = cost_row(cost)
-        row["devices"] = {p.name: estimate_latency(cost, p) for p in profiles}
-        if measure_here:  # this host: median step time and the peak RSS of a fresh process
-            steps(f"{what}: measuring the step time on this host")
-            row["measured_here"] = measure_latency(model, method, batch, _input_for(model, shape))
-            steps(f"{what}: measuring the peak memory on this host (a fresh process)")
-            row["measured_here"].update(measure_peak_rss(model, method, batch, _input_for(model, shape)))
-        out.append(row)
+    with tempfile.TemporaryDirectory(prefix="device-profile-") as tmp:
+        program = None
+        if onnx and measure_here:
+            steps(f"{model}, batch {batch}, input {_shape(shape)}: compiling its edge program for onnxruntime "
+                  "(a separate process)")
+            program = compile_for_profile(model, batch, shape, tmp)
+        for method in methods:
+            what = f"{model} {method}, batch {batch}, input {_shape(_input_for(model, shape))}"
+            steps(f"{what}: FLOPs, memory and latency estimates on {on}")
+            cost = model_cost(model, method, batch, _input_for(model, shape))
+            for engine in engines:
+                row = cost_row(cost)
+                row["engine"] = engine
+                row["devices"] = _estimates(cost, profiles, engine)
+                if measure_here and engine == "torch":  # this host: median step time and the peak RSS of a fresh process
+                    steps(f"{what}: measuring the step time on this host")
+                    row["measured_here"] = measure_latency(model, method, batch, _input_for(model, shape))
+                    steps(f"{what}: measuring the peak memory on this host (a fresh process)")
+                    row["measured_here"].update(measure_peak_rss(model, method, batch, _input_for(model, shape)))
+                elif measure_here:  # the compiled program, in a fresh torch-free process: step time and peak RSS
+                    steps(f"{what}: measuring the onnxruntime step time and peak memory on this host (a fresh "
+                          "process, no torch)")
+                    row["measured_here"] = measure_program(program[0], method, batch, threads=_threads())
+                    row["measured_here"]["compile_seconds"] = round(program[1], 2)
+                out.append(row)
     steps.finish()
     if as_json:
         print(json.dumps(out, indent=2, default=list))
     else:
+        method = None
         for row in out:
-            print(f"{row['model']} {row['method']} batch {row['batch']} input {'x'.join(map(str, row['input_shape']))}: "
-                  f"{row['params']:,} params, {_fmt_flops(row['total_flops'])} (fwd {_fmt_flops(row['forward_flops'])}, "
-                  f"bwd {_fmt_flops(row['backward_flops'])}), memory {row['memory_bytes'] / 2**20:.1f} MiB "
-                  f"(activations {row['activation_bytes'] / 2**20:.1f} MiB)")
-            if row["upload_bytes_per_sample"]:
-                print("  FedGKT upload bytes/sample before zstd: " + ", ".join(
-                    f"{k} {v:,}" for k, v in row["upload_bytes_per_sample"].items())
-                    + f"; FedAvg model {row['fedavg_model_bytes'] / 1e6:.2f} MB per direction")
+            if row["method"] != method:
+                method = row["method"]
+                print(f"{row['model']} {row['method']} batch {row['batch']} input {'x'.join(map(str, row['input_shape']))}: "
+                      f"{row['params']:,} params, {_fmt_flops(row['total_flops'])} (fwd {_fmt_flops(row['forward_flops'])}, "
+                      f"bwd {_fmt_flops(row['backward_flops'])}), memory {row['memory_bytes'] / 2**20:.1f} MiB "
+                      f"(activations {row['activation_bytes'] / 2**20:.1f} MiB)")
+                if row["upload_bytes_per_sample"]:
+                    print("  FedGKT upload bytes/sample before zstd: " + ", ".join(
+                        f"{k} {v:,}" for k, v in row["upload_bytes_per_sample"].items())
+                        + f"; FedAvg model {row['fedavg_model_bytes'] / 1e6:.2f} MB per direction")
+                print(f"  {'engine':<12} {'where':<20} {'ms/step':>9}")
+            engine = row["engine"]
             if "measured_here" in row:
                 m = row["measured_here"]
-                print(f"  measured here: {m['median_s'] * 1e3:.1f} ms/step (median of {m['repeats']}), "
-                      f"peak RSS {m['peak_rss_mb']:.0f} MB (+{m['step_rss_mb']:.1f} MB over the process baseline)")
+                print(f"  {engine:<12} {'measured here':<20} {m['median_s'] * 1e3:9.1f} ms/step (median of "
+                      f"{m['repeats']}, {m['threads']} threads), peak RSS {m['peak_rss_mb']:.0f} MB "
+                      f"(+{m['step_rss_mb']:.1f} MB over the process baseline)")
             for name, est in row["devices"].items():
-                print(f"  {name:<20} {est['estimate_s'] * 1e3:9.1f} ms/step  [{est['low_s'] * 1e3:.1f} - "
+                if "error" in est:
+                    print(f"  {engine:<12} {name:<20} no estimate: {est['error']}")
+                    continue
+                print(f"  {engine:<12} {name:<20} {est['estimate_s'] * 1e3:9.1f} ms/step  [{est['low_s'] * 1e3:.1f} - "
                       f"{est['high_s'] * 1e3:.1f}]  {est['bound']}-bound{'' if est['fits_in_ram'] else '  DOES NOT FIT'}")
     if plot:
         plot_devices(out, plot)
@@ -149,11 +202,14 @@ def plot_devices(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.0), dpi=120)
     names = list(rows[0]["devices"])
     width = 0.8 / len(rows)
+    engines = {row.get("engine", "torch") for row in rows}
     for i, row in enumerate(rows):
-        est = [row["devices"][n]["estimate_s"] * 1e3 for n in names]
-        low = [e - row["devices"][n]["low_s"] * 1e3 for e, n in zip(est, names)]
-        high = [row["devices"][n]["high_s"] * 1e3 - e for e, n in zip(est, names)]
-        ax.bar(np.arange(len(names)) + i * width, est, width, yerr=[low, high], capsize=2, label=row["method"])
+        dev = [row["devices"][n] for n in names]
+        est = [d.get("estimate_s", np.nan) * 1e3 for d in dev]
+        low = [e - d.get("low_s", np.nan) * 1e3 for e, d in zip(est, dev)]
+        high = [d.get("high_s", np.nan) * 1e3 - e for e, d in zip(est, dev)]
+        label = row["method"] + (f" ({row['engine']})" if len(engines) > 1 else "")
+        ax.bar(np.arange(len(names)) + i * width, est, width, yerr=[low, high], capsize=2, label=label)
     ax.set_xticks(np.arange(len(names)) + width * (len(rows) - 1) / 2, names, rotation=30, ha="right", fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("ms per step (estimate, band)")
@@ -178,70 +234,112 @@ def measure_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
 
 def fit_efficiency(profile: DeviceProfile, rows: list[dict]) -> Efficiency:
     """Grid-search the compute and memory efficiencies that minimise the RMS of log(estimate / measured)."""
+    compute, memory = _fit(profile, rows)
+    return Efficiency(torch_cpu=compute, memory=memory)
+
+
+def _fit(profile: DeviceProfile, rows: list[dict], memory: float | None = None) -> tuple[float, float]:
+    """(compute, memory) efficiency minimising the RMS log error of ``rows``; ``memory`` given: only the
+    compute efficiency is fitted (one memory efficiency per host, shared by its engines)."""
     flops = np.array([r["cost"].total_flops for r in rows], dtype=np.float64)
     moved = np.array([r["cost"].moved_bytes() for r in rows], dtype=np.float64)
     measured = np.array([r["measured_s"] for r in rows])
     best = (np.inf, 0.15, 0.5)
     for eff in np.geomspace(0.01, 1.0, 120):
         compute = flops / (profile.cpu.peak_gflops * 1e9 * eff)
-        for mem in np.geomspace(0.02, 8.0, 120):
+        for mem in np.geomspace(0.02, 8.0, 120) if memory is None else (memory,):
             estimate = compute + moved / (profile.memory.bandwidth_gbs * 1e9 * mem)
             rms = float(np.sqrt(np.mean(np.log(estimate / measured) ** 2)))
             if rms < best[0]:
                 best = (rms, eff, mem)
-    return Efficiency(torch_cpu=round(float(best[1]), 4), memory=round(float(best[2]), 4))
+    return round(float(best[1]), 4), round(float(best[2]), 4)
 
 
 def calibrate_host(models: list[str], methods: list[str], batch: int, shape: tuple,
-                   steps: Steps | None = None) -> tuple[DeviceProfile, list[dict]]:
-    """Measure every model x method here, fit the host's efficiency, and report errors before and after
-    (``steps``: told each measurement as it starts)."""
+                   steps: Steps | None = None, engines: tuple[str, ...] = ("torch",)) -> tuple[DeviceProfile, list[dict]]:
+    """Measure every model x method (x engine: onnxruntime for edge models only) here, fit the host's
+    efficiency per engine (``torch_cpu`` with the memory efficiency, then ``onnxruntime_cpu`` sharing it), and
+    report errors before and after (``steps``: told each measurement as it starts)."""
     steps = steps or (lambda what: None)
     host = detect_host()
+    prior = host.efficiency
     steps(f"memory bandwidth of {host.display_name} (numpy copy of 256 MiB)")
     host.memory.bandwidth_gbs = round(measure_bandwidth_gbs(), 1)
     host.sources["bandwidth_gbs"] = "measured: numpy copy of 256 MiB (device-profile --measure)"
     rows = []
-    for model in models:
-        for method in methods:
-            steps(f"{model} {method}, batch {batch}, input {_shape(_input_for(model, shape))}: FLOPs, then the "
-                  f"step time on {host.display_name}")
-            cost = model_cost(model, method, batch, _input_for(model, shape))
-            measured = measure_latency(model, method, batch, _input_for(model, shape))["median_s"]
-            rows.append({"model": model, "method": method, "flops": cost.total_flops, "measured_s": measured,
-                         "uncalibrated_s": estimate_latency(cost, host)["estimate_s"], "cost": cost})
-            logger.info("%s %s: %.1f ms measured", model, method, measured * 1e3)
-    host.efficiency = fit_efficiency(host, rows)
+    with tempfile.TemporaryDirectory(prefix="device-profile-") as tmp:
+        for model in models:
+            program = None
+            for engine in engines:
+                if engine == "onnxruntime":
+                    if onnx_problem(model):
+                        continue
+                    steps(f"{model}, batch {batch}, input {_shape(shape)}: compiling its edge program for "
+                          "onnxruntime (a separate process)")
+                    program, _ = compile_for_profile(model, batch, shape, tmp)
+                for method in methods:
+                    steps(f"{model} {method}, batch {batch}, input {_shape(_input_for(model, shape))}: FLOPs, then the "
+                          f"step time on {host.display_name}" + ("" if engine == "torch" else " (onnxruntime)"))
+                    cost = model_cost(model, method, batch, _input_for(model, shape))
+                    if engine == "torch":
+                        measured = measure_latency(model, method, batch, _input_for(model, shape))["median_s"]
+                    else:
+                        measured = measure_program(program, method, batch, threads=_threads())["median_s"]
+                    rows.append({"model": model, "method": method, "engine": engine, "flops": cost.total_flops,
+                                 "measured_s": measured, "cost": cost,
+                                 "uncalibrated_s": estimate_latency(cost, host, ENGINE_RUNTIMES[engine])["estimate_s"]})
+                    logger.info("%s %s (%s): %.1f ms measured", model, method, engine, measured * 1e3)
+    by_engine = {e: [r for r in rows if r["engine"] == e] for e in engines}
+    torch_cpu, memory, onnx_cpu, fitted = prior.torch_cpu, None, None, []
+    if by_engine.get("torch"):
+        torch_cpu, memory = _fit(host, by_engine["torch"])
+        fitted.append(f"torch_cpu and memory over {len(by_engine['torch'])} torch steps")
+    if by_engine.get("onnxruntime"):
+        onnx_cpu, memory = _fit(host, by_engine["onnxruntime"], memory)
+        fitted.append(f"onnxruntime_cpu over {len(by_engine['onnxruntime'])} onnxruntime steps"
+                      + (" (memory: the torch fit's)" if by_engine.get("torch") else " and memory"))
+    if not rows:
+        raise ConfigError(f"nothing to measure: no edge model among {', '.join(models)} for --engine onnxruntime")
+    host.efficiency = replace(prior, torch_cpu=torch_cpu, onnxruntime_cpu=onnx_cpu,
+                              memory=prior.memory if memory is None else memory)
     host.calibrated = True
     errors = []
     for r in rows:
-        calibrated = estimate_latency(r.pop("cost"), host)["estimate_s"]
+        calibrated = estimate_latency(r.pop("cost"), host, ENGINE_RUNTIMES[r["engine"]])["estimate_s"]
         r.update(calibrated_s=calibrated, uncalibrated_error=r["uncalibrated_s"] / r["measured_s"] - 1,
                  calibrated_error=calibrated / r["measured_s"] - 1)
         errors.append(abs(r["calibrated_error"]))
     host.uncertainty = round(max(errors), 3)
     host.sources["efficiency"] = (f"fitted: compute and memory efficiency minimising the RMS log error "
-                                  f"over {len(rows)} model x method steps (batch {batch}, input "
-                                  f"{'x'.join(map(str, shape))})")
+                                  f"({'; '.join(fitted)}; batch {batch}, input {'x'.join(map(str, shape))})"
+                                  + ("" if by_engine.get("torch") else "; torch_cpu: prior, not measured"))
     return host, rows
 
 
-def cmd_measure(batch: int, shape: tuple, methods: list[str], save: str | None, as_json: bool) -> int:
+def cmd_measure(batch: int, shape: tuple, methods: list[str], save: str | None, as_json: bool,
+                engines: tuple[str, ...] = ("torch",)) -> int:
     models = [m for m in list_models()]
-    steps = Steps("device-profile --measure", 1 + len(models) * len(methods))
-    host, rows = calibrate_host(models, methods, batch, shape, steps)
+    edge_models = [m for m in models if not onnx_problem(m)] if "onnxruntime" in engines else []
+    total = 1 + len(models) * len(methods) * ("torch" in engines) + len(edge_models) * (1 + len(methods))
+    steps = Steps("device-profile --measure", total)
+    host, rows = calibrate_host(models, methods, batch, shape, steps, engines)
     steps.finish()
     if save:
         Path(save).write_text(yaml.safe_dump(asdict(host), sort_keys=False))
     if as_json:
         print(json.dumps({"profile": asdict(host), "rows": rows}, indent=2))
         return 0
+    eff = host.efficiency
     print(f"{host.display_name}: peak {host.cpu.peak_gflops:.0f} GFLOP/s, bandwidth {host.memory.bandwidth_gbs} GB/s, "
-          f"fitted efficiency: compute {host.efficiency.torch_cpu:.3f}, memory {host.efficiency.memory:.3f}")
-    print(f"{'model':<18} {'method':<10} {'measured ms':>12} {'uncal. ms':>10} {'err':>7} {'calib. ms':>10} {'err':>7}")
+          f"fitted efficiency: compute {eff.torch_cpu:.3f} (torch)"
+          + (f", {eff.onnxruntime_cpu:.3f} (onnxruntime)" if eff.onnxruntime_cpu is not None else "")
+          + f", memory {eff.memory:.3f}")
+    print(f"{'model':<18} {'method':<10} {'engine':<12} {'measured ms':>12} {'uncal. ms':>10} {'err':>7} "
+          f"{'calib. ms':>10} {'err':>7}")
     for r in rows:
-        print(f"{r['model']:<18} {r['method']:<10} {r['measured_s'] * 1e3:>12.1f} {r['uncalibrated_s'] * 1e3:>10.1f} "
-              f"{100 * r['uncalibrated_error']:>6.0f}% {r['calibrated_s'] * 1e3:>10.1f} {100 * r['calibrated_error']:>6.0f}%")
+        print(f"{r['model']:<18} {r['method']:<10} {r['engine']:<12} {r['measured_s'] * 1e3:>12.1f} "
+              f"{r['uncalibrated_s'] * 1e3:>10.1f} {100 * r['uncalibrated_error']:>6.0f}% {r['calibrated_s'] * 1e3:>10.1f} "
+              f"{100 * r['calibrated_error']:>6.0f}%")
     return 0
 
 
@@ -272,20 +370,28 @@ def main(argv: list[str] | None = None) -> int:
                             help="with MODEL: also measure step time and peak memory here; alone: measure every "
                                  "zoo model here and calibrate this host's profile")
         parser.add_argument("--save-profile", default=None, help="with --measure: write the calibrated host profile")
+        parser.add_argument("--engine", choices=(*ENGINES, "both"), default="torch",
+                            help="whose step: torch, onnxruntime (a device on engine: onnxruntime; --measure compiles "
+                                 "each edge model first, tens of seconds each) or both (default: torch)")
         args = parser.parse_args(argv)
         setup_logging(args.log_level if not args.measure else "INFO")
         methods = args.method or list(METHODS)
+        engines = ENGINES if args.engine == "both" else (args.engine,)
         if args.measure and not args.model:
-            return cmd_measure(args.batch, args.input, methods, args.save_profile, args.json)
+            return cmd_measure(args.batch, args.input, methods, args.save_profile, args.json, engines)
         if not args.model:
             parser.error("give a MODEL, 'compare MODEL ...', or --measure")
         if args.model not in list_models():
             raise ConfigError(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
         devices = list_profiles() if args.all_devices else (args.device or ["host"])
-        return cmd_profile(args.model, devices, methods, args.batch, args.input, args.json, args.plot, args.measure)
+        return cmd_profile(args.model, devices, methods, args.batch, args.input, args.json, args.plot, args.measure,
+                           engines)
     except (ConfigError, ValueError) as e:
         print(f"device-profile: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # the edge program's compile or its onnxruntime measurement failed
+        print(f"device-profile: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

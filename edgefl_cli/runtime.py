@@ -1,10 +1,15 @@
-"""``cloud-runtime``: ``serve`` runs one run's cloud side over a broker; ``provision`` writes a deployment."""
+"""``cloud-runtime``: ``serve`` runs one run's cloud side over a broker; ``provision`` writes a deployment;
+``program build`` compiles the edge program of a run's recipe ahead of time (air-gapped devices on onnxruntime)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 from cloud_runtime import provision
 from cloud_runtime.config import load_runtime_config
@@ -30,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--reset-state", action="store_true",
                        help="start the run afresh: move state_dir aside (to <state_dir>.old-<time>) first")
     provision.add_parser(sub)
+    add_program_parser(sub)
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "log_level", "INFO"))
     if args.command == "provision":
@@ -38,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             logger.error("provision: %s", e)
             return 2
+    if args.command == "program":
+        return program_build_command(args)
     try:
         return serve_command(args)
     except KeyboardInterrupt:  # before serving began, or a second Ctrl-C: stop at once
@@ -70,6 +78,77 @@ def serve_command(args) -> int:
         logger.info("stopped (Ctrl-C): report of %d rounds in %s", runtime.strategy.next_round,
                     runtime.store.dir / "report.json")
         return EXIT_INTERRUPTED
+    return 0
+
+
+def add_program_parser(sub) -> None:
+    program = sub.add_parser("program", help="edge programs for devices on engine onnxruntime",
+                             description="Edge programs: the ONNX graphs, manifest and initial state a device on "
+                                         "engine onnxruntime runs (docs/EDGE_RUNTIME.md)")
+    psub = program.add_subparsers(dest="program_command", required=True)
+    build = psub.add_parser(
+        "build", formatter_class=HelpFormatter,
+        help="compile the edge program of a runtime config's recipe into its cache and a file (air-gapped devices)",
+        description="Compile the edge program of the runtime config's recipe (for --device: with its edge_overrides) "
+                    "in a separate process, write it into the runtime's cache (<state_dir>/edge_programs/, where "
+                    "'cloud-runtime serve' with this config finds it and announces its digest) and copy it to --out. "
+                    "On each device: 'edge-agent program install FILE --config agent.yaml'. Prints digest, size and "
+                    "compile time as JSON. num_classes and input_shape must be set in the runtime config.")
+    build.add_argument("--config", required=True, help="runtime YAML (paths in it are relative to its folder)")
+    add_config_options(build, "edge.batch_size=32")
+    build.add_argument("--device", default=None,
+                       help="the program of this device's recipe (edge_overrides.<device>); default: the run's recipe")
+    build.add_argument("--out", required=True,
+                       help="where to copy the program: a file, or an existing folder (<folder>/<digest>.edgeprog)")
+    build.add_argument("--rebuild", action="store_true",
+                       help="compile even if the runtime's cache already holds this program (a new digest then)")
+
+
+def program_build_command(args) -> int:
+    """``cloud-runtime program build``: exit 2 for a config that has no program (unset run data, a trainer the
+    onnxruntime engine does not run), 1 when the compile fails."""
+    from cloud_runtime.program_build import CompileError, build_cached, cached_program_path, run_program_spec
+    from edge_sdk.program.format import ProgramError, unpack_program
+    try:
+        cfg = load_runtime_config(args.config, args.overrides)
+        spec = run_program_spec(cfg, args.device)
+    except ConfigError as e:
+        logger.error("program build: %s", e)
+        return 2
+    if args.device and args.device not in cfg.edge_overrides:
+        logger.info("%s has no edge_overrides entry: building the run's recipe", args.device)
+    edge = spec["edge"]
+    cached = cached_program_path(cfg.state_dir, spec)
+    logger.info("edge program for %s + %s, %d classes of %s images: %s", edge["model"], edge["trainer"],
+                spec["num_classes"], "x".join(map(str, spec["input_shape"])),
+                f"in the runtime's cache ({cached})" if cached.exists() and not args.rebuild else
+                "compiling in a separate process (a minute or more)")
+    try:
+        built = build_cached(cfg.state_dir, spec, rebuild=args.rebuild)
+        program = unpack_program(built["blob"], built["digest"])  # what a device will check
+    except (CompileError, ProgramError, OSError) as e:
+        logger.error("program build: %s", e)
+        return 1
+    out = Path(args.out)
+    if out.is_dir():
+        out = out / f"{built['digest']}.edgeprog"
+    try:
+        if not out.exists() or not out.samefile(built["path"]):
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.copyfile(built["path"], tmp)
+            os.replace(tmp, out)
+    except OSError as e:
+        logger.error("program build: --out %s: %s", args.out, e)
+        return 2
+    about = {"digest": built["digest"], "bytes": len(built["blob"]), "compile_seconds": round(built["seconds"], 2),
+             "cached": built["cached"], "trainer": program.manifest["trainer"], "model": edge["model"],
+             "num_classes": spec["num_classes"], "input_shape": spec["input_shape"],
+             "graphs": sorted(program.graphs), "torch": spec["torch"], "runtime_cache": str(built["path"]),
+             "out": str(out)}
+    print("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in about.items()) + "\n}")
+    logger.info("next: copy %s to each device on engine onnxruntime and run 'edge-agent program install %s --config "
+                "agent.yaml' there; serve this config with this installation (torch %s) so the runtime announces "
+                "%s", out, out.name, spec["torch"], built["digest"][:12])
     return 0
 
 

@@ -1,3 +1,4 @@
+import functools
 import json
 
 import pytest
@@ -121,6 +122,54 @@ def test_runtime_device_cost_line():
     assert cost["profile"] == "raspberry_pi_4" and cost["measured_step_s"] == 0.05
     assert cost["prediction_error"] == pytest.approx(cost["predicted_step_s"] / 0.05 - 1)
     assert len(cache) == 1 and device_cost({"model": None}, 1, cache) is None
+    assert cost["engine"] == "torch" and cost["predicted_runtime"] == "torch_cpu"  # no engine registered: torch
+    assert cost["predicted_step_s"] == pytest.approx(
+        estimate_latency(train, load_profile("raspberry_pi_4"), "torch_cpu")["estimate_s"])
+
+
+def test_runtime_device_cost_line_names_the_engine_and_predicts_with_its_efficiency(tmp_path):
+    from device_profiles.cost_report import device_cost
+    info = {"model": "resnet8_gkt", "batch_size": 8, "input_shape": [1, 12, 12], "engine": "onnxruntime",
+            "profile": "raspberry_pi_4", "train_samples": 100, "heartbeat": {"step_time_s": 0.05}}
+    cache = {}
+    cost = device_cost(info, 1, cache)
+    train = model_cost("resnet8_gkt", "backprop", 8, (1, 12, 12))
+    pi = load_profile("raspberry_pi_4")
+    assert cost["engine"] == "onnxruntime" and cost["predicted_runtime"] == "onnxruntime_cpu"
+    assert cost["predicted_step_s"] == pytest.approx(estimate_latency(train, pi, "onnxruntime_cpu")["estimate_s"])
+    assert cost["predicted_step_s"] < device_cost({**info, "engine": "torch"}, 1, cache)["predicted_step_s"]
+    # a profile without an onnxruntime efficiency: the torch one, and the line says so
+    bare = _write_profile(tmp_path, lambda d: d["efficiency"].pop("onnxruntime_cpu"))
+    cost = device_cost({**info, "profile": str(bare)}, 1, cache)
+    assert cost["engine"] == "onnxruntime" and cost["predicted_runtime"] == "torch_cpu"
+    assert cost["predicted_step_s"] == pytest.approx(estimate_latency(train, pi, "torch_cpu")["estimate_s"])
+
+
+def test_cli_estimates_both_engines_per_device(capsys):
+    assert cli_main(["resnet8_gkt", "--device", "raspberry_pi_4", "--device", "jetson_nano", "--batch", "4",
+                     "--input", "1x8x8", "--engine", "both", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["method"], r["engine"]) for r in rows] == [("inference", "torch"), ("inference", "onnxruntime"),
+                                                          ("backprop", "torch"), ("backprop", "onnxruntime")]
+    torch_row, onnx_row = rows[2], rows[3]
+    assert torch_row["total_flops"] == onnx_row["total_flops"]
+    pi = load_profile("raspberry_pi_4")
+    cost = model_cost("resnet8_gkt", "backprop", 4, (1, 8, 8))
+    assert onnx_row["devices"]["raspberry_pi_4"]["runtime"] == "onnxruntime_cpu"
+    assert onnx_row["devices"]["raspberry_pi_4"]["estimate_s"] == pytest.approx(
+        estimate_latency(cost, pi, "onnxruntime_cpu")["estimate_s"])
+    assert torch_row["devices"]["raspberry_pi_4"]["runtime"] == "torch_cpu"
+    # the text output has an engine column
+    assert cli_main(["resnet8_gkt", "--device", "raspberry_pi_4", "--batch", "4", "--input", "1x8x8", "--method",
+                     "backprop", "--engine", "both"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["engine", "where", "ms/step"]
+    assert lines[3].split()[:2] == ["torch", "raspberry_pi_4"] and lines[4].split()[:2] == ["onnxruntime", "raspberry_pi_4"]
+
+
+def test_onnxruntime_rows_only_for_edge_models(capsys):
+    assert cli_main(["resnet55_server", "--engine", "onnxruntime", "--batch", "2", "--input", "1x8x8"]) == 2
+    assert "resnet55_server is a server model" in capsys.readouterr().err
 
 
 def test_calibration_recovers_known_efficiencies():
@@ -180,3 +229,74 @@ def test_profile_with_measure_shows_each_measurement_on_stderr(capsys):
     what = "resnet8_gkt inference, batch 2, input 1x8x8"
     assert [line.split(": ", 2)[1] for line in err.splitlines()] == [f"[{i}/3] {what}" for i in (1, 2, 3)] + ["done"]
     assert "on device profile raspberry_pi_4" in err and "peak memory on this host" in err
+
+
+def test_calibration_fits_the_onnxruntime_efficiency_sharing_the_memory_one(capsys, monkeypatch, tmp_path):
+    """--measure --engine both: torch rows for every model, onnxruntime rows for edge models only; the saved
+    profile gains a fitted onnxruntime_cpu (measurements stubbed by a host whose efficiencies are known)."""
+    import edgefl_cli.profile as cli
+    from device_profiles import Efficiency
+    truth = detect_host()
+    truth.memory.bandwidth_gbs = 10.0
+    truth.efficiency = Efficiency(torch_cpu=0.2, onnxruntime_cpu=0.5, memory=1.5)
+    compiled = []
+    costs = functools.lru_cache(model_cost)
+
+    def measured(model, method, batch, shape, engine):
+        cost = costs(model, method, batch, cli._input_for(model, shape))
+        return estimate_latency(cost, truth, f"{engine}_cpu")["estimate_s"]
+
+    monkeypatch.setattr(cli, "list_models", lambda: ["resnet8_gkt", "resnet56", "resnet55_server"])
+    monkeypatch.setattr(cli, "model_cost", costs)
+    monkeypatch.setattr(cli, "measure_bandwidth_gbs", lambda: 10.0)
+    monkeypatch.setattr(cli, "measure_latency", lambda model, method, batch, shape: {
+        "median_s": measured(model, method, batch, shape, "torch")})
+    monkeypatch.setattr(cli, "compile_for_profile", lambda model, batch, shape, tmp: compiled.append(model) or (
+        (model, shape), 1.0))
+    monkeypatch.setattr(cli, "measure_program", lambda program, method, batch, threads: {
+        "median_s": measured(program[0], method, batch, program[1], "onnxruntime")})
+    saved = tmp_path / "host.yaml"
+    assert cli_main(["--measure", "--engine", "both", "--batch", "4", "--input", "3x16x16", "--save-profile",
+                     str(saved), "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert compiled == ["resnet8_gkt", "resnet56"]  # no edge program of a server model
+    assert [(r["model"], r["engine"]) for r in result["rows"] if r["method"] == "backprop"] == [
+        ("resnet8_gkt", "torch"), ("resnet8_gkt", "onnxruntime"), ("resnet56", "torch"), ("resnet56", "onnxruntime"),
+        ("resnet55_server", "torch")]
+    profile = load_profile(saved)
+    assert profile.efficiency.torch_cpu == pytest.approx(0.2, rel=0.05)
+    assert profile.efficiency.onnxruntime_cpu == pytest.approx(0.5, rel=0.05)
+    assert profile.efficiency.memory == pytest.approx(1.5, rel=0.1) and "onnxruntime steps" in profile.sources["efficiency"]
+    assert "done: 13 steps in" in err  # bandwidth + 3 models x 2 methods (torch) + 2 compiles + 2 x 2 (onnxruntime)
+    assert "resnet8_gkt, batch 4, input 3x16x16: compiling its edge program for onnxruntime" in err
+
+
+def test_measured_peak_rss_is_the_fresh_process_not_its_parent():
+    """getrusage's ru_maxrss of a child carries its parent's peak across fork + exec; VmHWM does not."""
+    from device_profiles.profiler import measure_peak_rss
+    ballast = bytearray(1200 << 20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # touch every page: the parent's peak grows by 1.2 GB
+    parent = int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM:")).split()[1]) / 1024
+    child = measure_peak_rss("resnet8_gkt", "inference", 2, (1, 8, 8))
+    del ballast
+    assert child["peak_rss_mb"] < parent - 800, (child, parent)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("onnxruntime"), reason="needs onnxruntime")
+def test_cli_measures_both_engines_here(capsys):
+    """The onnxruntime row really compiles the model and runs ProgramRunner, in a fresh process without torch."""
+    assert cli_main(["resnet8_gkt", "--method", "backprop", "--batch", "8", "--input", "1x8x8", "--measure",
+                     "--engine", "both", "--device", "raspberry_pi_4", "--json"]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    assert [r["engine"] for r in rows] == ["torch", "onnxruntime"]
+    here = {r["engine"]: r["measured_here"] for r in rows}
+    for m in here.values():
+        assert m["median_s"] > 0 and m["peak_rss_mb"] >= m["baseline_rss_mb"] > 0 and m["repeats"] == 15
+    assert here["onnxruntime"]["compile_seconds"] > 0 and here["onnxruntime"]["threads"] == here["torch"]["threads"]
+    # no torch in the device-side process: its whole footprint is well below torch's
+    assert here["onnxruntime"]["peak_rss_mb"] < here["torch"]["peak_rss_mb"] - 100, here
+    assert rows[1]["devices"]["raspberry_pi_4"]["runtime"] == "onnxruntime_cpu"
+    steps = [line.split(": ", 2)[1].split()[0] for line in err.splitlines()]
+    assert steps == [f"[{i}/5]" for i in range(1, 6)] + ["done"] and "(a fresh process, no torch)" in err
