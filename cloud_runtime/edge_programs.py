@@ -12,23 +12,18 @@ only a blob that hashes to an announced digest and passes :func:`edge_sdk.progra
 """
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cloud_runtime.program_build import cached_program_path, compile_spec, torch_version
 from cloud_runtime.registry import Rejected
 from edge_sdk import protocol as P
 from edge_sdk.program.format import program_digest
 from edge_sdk.program.spec import onnx_trainer_problem, program_spec, spec_key
 
 logger = logging.getLogger("edgefl.runtime")
-COMPILE_TIMEOUT_S = 1800
 
 
 @dataclass
@@ -53,7 +48,7 @@ class EdgePrograms:
     round a HELLO names; ``session``: this runtime session."""
 
     def __init__(self, state_dir: str | Path, recipes: dict, downlink, round_now, session: str, seed: int = 0):
-        self.cache = Path(state_dir) / "edge_programs"
+        self.state_dir = state_dir
         self.recipes, self.downlink, self.round_now, self.session, self.seed = recipes, downlink, round_now, session, seed
         self.builds: dict[str, Build] = {}
         self.announced: list[str] = downlink.recipe.setdefault("edge_programs", [])
@@ -64,8 +59,7 @@ class EdgePrograms:
         if data.get("engine") != "onnxruntime":
             return
         edge = self.recipes.get(device, self.recipes[None]).edge
-        import torch  # the compiler's version is part of what a program is
-        spec = program_spec(edge, num_classes, input_shape, self.seed, torch.__version__)
+        spec = program_spec(edge, num_classes, input_shape, self.seed, torch_version())
         key = spec_key(spec)
         build = self.builds.get(key)
         if build is None:
@@ -89,7 +83,7 @@ class EdgePrograms:
                                                f"{problem}; use backprop or fg_weight, or engine torch on {device}")
 
     def _start(self, build: Build, spec: dict) -> None:
-        path = self.cache / f"{build.key}.edgeprog"
+        path = cached_program_path(self.state_dir, spec)
         if path.exists():
             build.blob, build.cached = path.read_bytes(), True
             build.digest = program_digest(build.blob)
@@ -103,26 +97,25 @@ class EdgePrograms:
 
     def _compile(self, build: Build, spec: dict, path: Path) -> None:
         """Runs on its own thread: only waits for the compiler process; the result is picked up by :meth:`poll`."""
-        start = time.perf_counter()
         try:
-            self.cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=self.cache) as tmp:
-                spec_file = Path(tmp) / "spec.json"
-                spec_file.write_text(json.dumps(spec))
-                out = Path(tmp) / "program.edgeprog"
-                proc = subprocess.run([sys.executable, "-m", "edge_sdk.program.compile", str(spec_file), str(out)],
-                                      capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
-                                      env=_single_threaded_env())
-                if proc.returncode != 0:
-                    raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else
-                                       f"exit status {proc.returncode}")
-                blob = out.read_bytes()
-                out.replace(path)
-            build.seconds = time.perf_counter() - start
+            blob, build.seconds = compile_spec(spec, path)
             build.digest = program_digest(blob)
             build.blob = blob  # last: poll() takes a build as done once blob is set
         except Exception as e:
             build.error = f"{type(e).__name__}: {str(e)[:300]}"
+
+    def announce_cached(self, num_classes: int, input_shape) -> None:
+        """At start, with the run's data configured: announce every recipe's program already in the cache
+        (``cloud-runtime program build``, an earlier run), so the first HELLO carries its digest and a device
+        that has it installed needs no transfer."""
+        for recipe in self.recipes.values():
+            if onnx_trainer_problem(recipe.edge.trainer):
+                continue
+            spec = program_spec(recipe.edge, num_classes, input_shape, self.seed, torch_version())
+            key = spec_key(spec)
+            if key not in self.builds and cached_program_path(self.state_dir, spec).exists():
+                self.builds[key] = Build(key, recipe.edge.trainer)
+                self._start(self.builds[key], spec)
 
     def poll(self) -> None:
         """On the runtime's thread: announce finished builds and send them to the devices waiting."""
@@ -154,8 +147,3 @@ class EdgePrograms:
         return [{"digest": b.digest, "trainer": b.trainer, "bytes": len(b.blob) if b.blob else None,
                  "compile_seconds": round(b.seconds, 2), "cached": b.cached, "error": b.error}
                 for b in self.builds.values()]
-
-
-def _single_threaded_env() -> dict:
-    import os
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

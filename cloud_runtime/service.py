@@ -67,6 +67,8 @@ class CloudRuntime:
             cfg.threads or torch.get_num_threads()))
         self.programs = EdgePrograms(cfg.state_dir, self.recipes, self.downlink, lambda: self.strategy.next_round,
                                      self.session, cfg.seed)  # compiled graphs for devices on onnxruntime
+        if cfg.num_classes and cfg.input_shape:  # programs built ahead (program build) are announced at once
+            self.programs.announce_cached(cfg.num_classes, cfg.input_shape)
         self._cost = CostEstimator()
         self.checkpoint_error: dict | None = None   # the last failed commit (None once one succeeds again)
         # what this state belongs to: the run id, what defines the run, and this run's instance (new when a

@@ -356,3 +356,21 @@ def test_fuzzed_programs_never_crash_an_agent(tmp_path_factory):
         if agent.client is not None:  # only a program that passed every check runs
             unpack_program(evil, program_digest(evil))
     run()
+
+
+def test_both_engines_draw_the_same_batches_and_augmentations():
+    """Same seed, same data order and the same crops and flips in the torch and numpy data paths: the
+    engines' runs differ only in floating-point rounding."""
+    from edge_sdk.data.batching import ArrayLoader
+    from edge_sdk.data.np_loader import NumpyLoader
+    from edge_sdk.data.transforms import Augment
+    from edgefl_core.data.datasets import ImageDataset
+    rng = np.random.default_rng(0)
+    ds = ImageDataset(rng.integers(0, 255, (50, 1, 8, 8), dtype=np.uint8), rng.integers(0, 3, 50),
+                      np.arange(50) + 100, 3, "toy")
+    ours = NumpyLoader(ds, 16, shuffle=True, crop_padding=2, hflip=True, seed=4)
+    theirs = ArrayLoader(ds, 16, shuffle=True, augment=Augment(2, True), seed=4, channels_last=False)
+    for _ in range(2):  # two epochs
+        for a, b in zip(theirs, ours):
+            assert np.array_equal(a.sample_ids, b.sample_ids) and np.array_equal(a.labels.numpy(), b.labels)
+            np.testing.assert_allclose(a.images.numpy(), b.images, atol=1e-6)

@@ -43,8 +43,10 @@ class ArrayLoader:
         if len(mean) != dataset.image_shape[0]:
             mean, std = (mean[0],) * dataset.image_shape[0], (std[0],) * dataset.image_shape[0]
         self._mean, self._std = torch.tensor(mean), torch.tensor(std)
-        self._generator = torch.Generator().manual_seed(seed)
+        # shuffling and augmentation draw from two numpy streams, as NumpyLoader's: same seed, same batches and
+        # crops in either engine
         self._rng = np.random.default_rng(seed)
+        self._augment_rng = np.random.default_rng([seed, 1])
 
     def _bounds(self) -> list[int]:
         """Batch boundaries; a last batch of a single sample joins the one before it (BatchNorm cannot train
@@ -68,7 +70,7 @@ class ArrayLoader:
             index = torch.from_numpy(rows)
             images = to_float(self._images[index], self._mean, self._std)
             if self.augment is not None:
-                images = self.augment(images, self._generator)
+                images = self.augment(images, self._augment_rng)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             yield Batch(images, self._labels[index], self.dataset.sample_ids[rows], rows)

@@ -57,7 +57,8 @@ class NumpyLoader:
             mean, std = (mean[0],) * channels, (std[0],) * channels
         self._mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
         self._std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(seed)                  # shuffling: as ArrayLoader's
+        self._augment_rng = np.random.default_rng([seed, 1])     # crops and flips: as ArrayLoader's
 
     def _bounds(self) -> list[int]:
         n = len(self.dataset)
@@ -77,8 +78,8 @@ class NumpyLoader:
             rows = order[start:end]
             images = (self.dataset.images[rows].astype(np.float32) / 255.0 - self._mean) / self._std
             if self.shuffle:  # training batches are augmented; extraction sees the images as they are
-                images = random_crop(images, self.crop_padding, self._rng)
+                images = random_crop(images, self.crop_padding, self._augment_rng)
                 if self.hflip:
-                    images = random_hflip(images, self._rng)
+                    images = random_hflip(images, self._augment_rng)
             yield NumpyBatch(np.ascontiguousarray(images, dtype=np.float32),
                              self.dataset.labels[rows].astype(np.int64), self.dataset.sample_ids[rows])
