@@ -9,7 +9,7 @@ quickstart round, and the installed size of a device's environment.
   alternating engines step by step so a noisy neighbour hits both alike.
 * RSS (``--rss``): ``edgefl-sim`` runs one quickstart round (configs/quickstart.yaml, ``run.rounds=1``) with a
   mixed fleet (even devices torch, odd onnxruntime); each agent's peak RSS is what its heartbeats report
-  (``ru_maxrss``), read from the runtime's report.
+  (VmHWM: this process image's own peak), read from the runtime's report.
 * installed size (``--sizes``): two fresh virtual environments, ``pip install .`` (a device on onnxruntime:
   the base install) and ``pip install torch==2.13.0 '.[torch]'`` (a device on torch), site-packages measured
   with ``du``.

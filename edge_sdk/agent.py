@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import queue
-import resource
 import threading
 import time
 from dataclasses import asdict
@@ -37,6 +36,7 @@ from edge_sdk.wire import MessageError, round_frame_problem
 from edgefl_core.config import ConfigError, build_dataclass
 from edgefl_core.data.datasets import DatasetError, ImageDataset, dataset_stats
 from edgefl_core.data.local import data_fingerprint, describe_data, load_local_data
+from edgefl_core.proc import peak_rss_mb
 from edgefl_core.reliable import parse_progress
 from edgefl_core.transport import Transport, create_transport
 from edgefl_core.transport.retry import connect_patiently
@@ -578,7 +578,7 @@ class EdgeAgent:
         self.transport.publish(self.topics.heartbeat(self.device), P.control_frame(
             P.HEARTBEAT, run=self.cfg.run_id, device=self.device, round_=self.last_done, profile=self.cfg.profile,
             step_time_s=float(np.median(self.step_times)) if self.step_times else None,
-            rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # peak RSS (Linux: KiB)
+            rss_mb=peak_rss_mb(),
             engine=self.cfg.engine,
             bytes_up=self.uplink.bytes_up, bytes_resent=self.uplink.bytes_resent, rejected=self.rejected), qos=0)
 
