@@ -11,8 +11,8 @@ quickstart round, and the installed size of a device's environment.
   mixed fleet (even devices torch, odd onnxruntime); each agent's peak RSS is what its heartbeats report
   (VmHWM: this process image's own peak), read from the runtime's report.
 * installed size (``--sizes``): two fresh virtual environments, ``pip install .`` (a device on onnxruntime:
-  the base install) and ``pip install torch==2.13.0 '.[torch]'`` (a device on torch), site-packages measured
-  with ``du``.
+  the base install) and ``pip install torch==2.13.0 '.[torch]'`` (a device on torch): what the install added
+  to site-packages (``du``, less the fresh venv's own pip).
 """
 from __future__ import annotations
 
@@ -111,10 +111,10 @@ def install_sizes(work: Path) -> dict:
         venv = work / f"venv-{name}"
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        empty = site_packages_mb(venv)  # pip (and setuptools) of a fresh venv: not what the install adds
         subprocess.run([str(venv / "bin/pip"), "install", "-q", *packages], check=True)
-        sizes[name] = round(site_packages_mb(venv), 1)
-        print(json.dumps({name: sizes[name]}), flush=True)
-        shutil.rmtree(venv / "lib" / "python3.11" / "site-packages" / "pip", ignore_errors=True)
+        sizes[name] = round(site_packages_mb(venv) - empty, 1)
+        print(json.dumps({name: sizes[name], "fresh_venv_mb": round(empty, 1)}), flush=True)
     result = {"site_packages_mb": sizes, "ratio_torch_over_onnxruntime": round(sizes["torch"] / sizes["onnxruntime"], 2)}
     print(json.dumps(result), flush=True)
     return result

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cloud_runtime.program_build import cached_program_path, compile_spec, torch_version
 from cloud_runtime.registry import Rejected
 from edge_sdk import protocol as P
-from edge_sdk.program.format import program_digest
+from edge_sdk.program.format import ProgramError, program_digest, unpack_program
 from edge_sdk.program.spec import onnx_trainer_problem, program_spec, spec_key
 
 logger = logging.getLogger("edgefl.runtime")
+RESEND_AFTER_S = 120.0       # a device's program again only after this (or from a new process: another pid)
+RETRY_COMPILE_AFTER_S = 300.0
 
 
 @dataclass
@@ -35,8 +38,9 @@ class Build:
     seconds: float = 0.0
     cached: bool = False
     error: str | None = None
+    failed_at: float = 0.0
     thread: threading.Thread | None = None
-    waiting: set = field(default_factory=set)   # devices to send it to once built
+    waiting: dict = field(default_factory=dict)   # device -> its pid: to send it to once built
 
     @property
     def done(self) -> bool:
@@ -51,6 +55,7 @@ class EdgePrograms:
         self.state_dir = state_dir
         self.recipes, self.downlink, self.round_now, self.session, self.seed = recipes, downlink, round_now, session, seed
         self.builds: dict[str, Build] = {}
+        self.delivered: dict[str, tuple[str, float, object]] = {}  # device -> (digest, when, its pid)
         self.announced: list[str] = downlink.recipe.setdefault("edge_programs", [])
 
     def on_register(self, device: str, data: dict, num_classes: int, input_shape) -> None:
@@ -62,15 +67,23 @@ class EdgePrograms:
         spec = program_spec(edge, num_classes, input_shape, self.seed, torch_version())
         key = spec_key(spec)
         build = self.builds.get(key)
+        if build is not None and build.error and time.monotonic() - build.failed_at > RETRY_COMPILE_AFTER_S:
+            build = None  # try the compile again (a full disk, a killed compiler)
         if build is None:
             build = self.builds[key] = Build(key, edge.trainer)
             self._start(build, spec)
         if build.error:
+            logger.warning("%s: engine onnxruntime, but its edge program failed to compile (%s): it cannot train",
+                           device, build.error)
             return
         if build.blob is None:
-            build.waiting.add(device)
+            build.waiting[device] = data.get("pid")
         elif data.get("program") != build.digest:
-            self._deliver(device, build)
+            last = self.delivered.get(device)
+            if last is None or last[0] != build.digest or last[2] != data.get("pid") or \
+                    time.monotonic() - last[1] > RESEND_AFTER_S:
+                self._deliver(device, build, data.get("pid"))
+            # else: sent moments ago to this same process (registrations repeat; each copy is ~1 MB down)
 
     @staticmethod
     def check(device: str, data: dict, recipe) -> None:
@@ -85,10 +98,16 @@ class EdgePrograms:
     def _start(self, build: Build, spec: dict) -> None:
         path = cached_program_path(self.state_dir, spec)
         if path.exists():
-            build.blob, build.cached = path.read_bytes(), True
-            build.digest = program_digest(build.blob)
-            self._announce(build)
-            return
+            try:  # the cache is checked as a device checks it: a file changed on disk is not announced
+                blob = path.read_bytes()
+                unpack_program(blob)
+            except (OSError, ProgramError) as e:
+                logger.warning("%s: cached edge program refused (%s): compiling anew", path, e)
+                path.unlink(missing_ok=True)
+            else:
+                build.blob, build.cached, build.digest = blob, True, program_digest(blob)
+                self._announce(build)
+                return
         logger.info("compiling the edge program for %s + %s (engine onnxruntime) in a separate process",
                     spec["edge"]["model"], build.trainer)
         build.thread = threading.Thread(target=self._compile, args=(build, spec, path), daemon=True,
@@ -102,6 +121,7 @@ class EdgePrograms:
             build.digest = program_digest(blob)
             build.blob = blob  # last: poll() takes a build as done once blob is set
         except Exception as e:
+            build.failed_at = time.monotonic()
             build.error = f"{type(e).__name__}: {str(e)[:300]}"
 
     def announce_cached(self, num_classes: int, input_shape) -> None:
@@ -129,15 +149,16 @@ class EdgePrograms:
                 logger.info("edge program %s compiled in %.1f s (%.0f KB)", build.digest[:12], build.seconds,
                             len(build.blob) / 1024)
                 self._announce(build)
-                for device in sorted(build.waiting):
-                    self._deliver(device, build)
+                for device, pid in sorted(build.waiting.items()):
+                    self._deliver(device, build, pid)
                 build.waiting.clear()
 
     def _announce(self, build: Build) -> None:
         if build.digest not in self.announced:
             self.announced.append(build.digest)
 
-    def _deliver(self, device: str, build: Build) -> None:
+    def _deliver(self, device: str, build: Build, pid) -> None:
+        self.delivered[device] = (build.digest, time.monotonic(), pid)
         round_ = self.round_now()
         self.downlink.send(device, P.HELLO, round_, session=self.session)  # carries the digest (recipe)
         self.downlink.send_transfer(device, build.blob, round_, {"kind": P.KIND_EDGE_PROGRAM, "digest": build.digest})

@@ -203,6 +203,9 @@ class CloudRuntime:
             raise Rejected("bad_registration", f"input shape {facts['input_shape']}, the run's is {run_shape}")
         expected_channels = strategy.feature_channels if strategy.num_classes is not None else \
             strategy.run_feature_channels(run_classes, run_shape) if run_shape is not None else None
+        if awaits_program and run_shape is None:
+            raise Rejected("bad_registration", "engine onnxruntime: the registration names no input_shape and the "
+                                               "runtime config sets none")
         if awaits_program:
             channels = expected_channels if expected_channels is not None else \
                 strategy.run_feature_channels(run_classes, run_shape)

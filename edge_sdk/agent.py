@@ -46,7 +46,8 @@ logger = logging.getLogger("edgefl.agent")
 
 STATE_FILE = "agent_state.safetensors"
 OLD_STATE_FILE = "agent_state.pt"   # torch.save states of earlier versions: not read (never unpickled)
-MAX_ANNOUNCED_PROGRAMS = 16
+MAX_ANNOUNCED_PROGRAMS = 256  # one per distinct edge recipe of a run (edge_overrides)
+PROGRAM_REQUEST_S = (150.0, 1200.0)  # no engine yet: register again (the runtime re-sends) after this, doubling
 
 
 class EdgeAgent:
@@ -84,6 +85,8 @@ class EdgeAgent:
         self.programs = ProgramCache(Path(cfg.state_dir) / "programs")
         self.announced_programs: list[str] = []  # digests the runtime announced (HELLO / ROUND recipe)
         self.received_program: bytes | None = None  # a program transfer whose digest is not announced yet
+        self.refused_programs: set[str] = set()      # digests refused here (never tried again this run)
+        self._program_request = (0.0, PROGRAM_REQUEST_S[0])  # (last registration without an engine, wait)
         self.program_digest: str | None = None
         self.run_seed: int | None = None  # the runtime's seed of the initial edge model (run_facts)
         self.global_round = -1
@@ -184,7 +187,8 @@ class EdgeAgent:
             self.client = self.recipe = self.pending_round = self.global_state = self.done_session = None
             self.last_done = self.trained_round = self.soft_label_round = self.global_round = -1
             self.accepted = {"session": None, "round": -1, "splits": []}
-            self.program_digest = None
+            self.program_digest = self.received_program = None
+            self.announced_programs, self.refused_programs = [], set()  # the new instance announces its own
         self.run_instance = instance or self.run_instance
         self.note_programs(data.get("edge_programs"))
         if self.recipe is None and not self.fit_run_facts(data.get("run_facts")):
@@ -233,7 +237,8 @@ class EdgeAgent:
         """The edge programs the runtime announced (``edge_programs``: hex SHA-256 digests) in a recipe frame,
         which only the runtime may publish (broker ACLs)."""
         if isinstance(digests, list):
-            fresh = [d for d in digests[:MAX_ANNOUNCED_PROGRAMS] if is_digest(d) and d not in self.announced_programs]
+            fresh = [d for d in digests[:MAX_ANNOUNCED_PROGRAMS] if is_digest(d) and d not in self.announced_programs
+                     and d not in self.refused_programs]
             self.announced_programs = (self.announced_programs + fresh)[-MAX_ANNOUNCED_PROGRAMS:]
 
     def try_program(self) -> bool:
@@ -244,26 +249,23 @@ class EdgeAgent:
         candidates = []
         if self.received_program is not None and program_digest(self.received_program) in self.announced_programs:
             candidates.append(self.received_program)
+            self.received_program = None  # judged once
         candidates += [blob for d in reversed(self.announced_programs) for blob in [self.programs.load(d)] if blob]
         for blob in candidates:
             digest = program_digest(blob)
+            if digest in self.refused_programs:
+                continue
             try:
                 program = unpack_program(blob, digest)
                 if program.manifest.get("edge") != asdict(self.recipe.edge):
                     continue  # another device's (an edge override) or another recipe's program
-                engine = engine_class("onnxruntime")(self.device, program, self.train_set, self.test_set, stats_name=self._stats_name(),
-                                    seed=self.cfg.seed, threads=self.cfg.threads)
-            except (ProgramError, ValueError, KeyError, TypeError) as e:
-                self.rejected += 1
-                logger.error("%s: edge program %s refused: %s", self.device, digest[:12], e)
-                continue
-            except Exception as e:  # onnxruntime refusing a graph: the device keeps running, without it
-                self.rejected += 1
-                logger.error("%s: edge program %s does not run here: %s: %s", self.device, digest[:12],
-                             type(e).__name__, str(e)[:300])
+                engine = engine_class("onnxruntime")(self.device, program, self.train_set, self.test_set,
+                                                     stats_name=self._stats_name(), seed=self.cfg.seed,
+                                                     threads=self.cfg.threads)
+            except Exception as e:  # ProgramError, onnxruntime refusing a graph, ...: the device keeps running
+                self.refuse_program(digest, f"{type(e).__name__}: {str(e)[:300]}")
                 continue
             self.programs.save(blob)
-            self.received_program = None
             self.client, self.program_digest = engine, digest
             logger.info("%s: edge program %s (%s, %d graphs, %.0f KB) loaded; engine onnxruntime", self.device,
                         digest[:12], program.manifest["trainer"], len(program.graphs), len(blob) / 1024)
@@ -589,6 +591,36 @@ class EdgeAgent:
             logger.warning("%s: downlink transfer %s expired incomplete", self.device, transfer[:8])
         return handled > 0
 
+    def refuse_program(self, digest: str, why: str) -> None:
+        """Never run ``digest`` again in this run: drop it from the cache and the engine built from it, and
+        tell the runtime this device has no program (it keeps waiting for a good one, never crashes)."""
+        self.rejected += 1
+        self.refused_programs.add(digest)
+        self.announced_programs = [d for d in self.announced_programs if d != digest]
+        logger.error("%s: edge program %s refused: %s", self.device, digest[:12], why)
+        try:
+            self.programs.path(digest).unlink(missing_ok=True)
+        except (OSError, ProgramError):
+            pass
+        if self.program_digest == digest:
+            self.client = self.program_digest = None
+            if self.registered_session is not None:
+                self.register(self.registered_session)
+
+    def request_program(self) -> None:
+        """onnxruntime without an engine: a program transfer may have been lost (a broker restart, an expired
+        transfer); registering again (with no program named) makes the runtime send it again, with backoff."""
+        if self.cfg.engine != "onnxruntime" or self.client is not None or self.registered_session is None:
+            return
+        last, wait = self._program_request
+        now = time.monotonic()
+        if not last:
+            self._program_request = (now, wait)
+        elif now - last > wait:
+            logger.info("%s: still no edge program after %.0f s: registering again", self.device, now - last)
+            self._program_request = (now, min(2 * wait, PROGRAM_REQUEST_S[1]))
+            self.register(self.registered_session)
+
     def serve(self) -> int:
         """Main loop until SHUTDOWN or SIGTERM."""
         waiting_since = None
@@ -596,11 +628,20 @@ class EdgeAgent:
             if self.pump():
                 continue  # drain the inbox before starting work
             self.heartbeat()
+            self.request_program()
             if self.pending_round is not None and self.client is not None:
                 waiting_since = waiting_since or time.monotonic()
                 if self._ready(self.pending_round, time.monotonic() - waiting_since):
                     header, self.pending_round, waiting_since = self.pending_round, None, None
-                    self.run_round(header)
+                    try:
+                        self.run_round(header)
+                    except Exception as e:
+                        if self.program_digest is None:
+                            raise  # the torch engine: a bug here is the agent's own (exit 1, the supervisor restarts)
+                        # onnxruntime: the program the runtime sent broke the round: refuse it, keep serving
+                        self.refuse_program(self.program_digest, f"a round failed in it: {type(e).__name__}: "
+                                                                 f"{str(e)[:300]}")
+                        self.pending_round = self.pending_round or header
                     self.heartbeat(force=True)
         self.save_state()
         return self.exit_code

@@ -33,7 +33,10 @@ def write_state(path: Path, *, meta: dict, model: dict[str, np.ndarray], optimiz
     tensors["soft.logits"] = np.ascontiguousarray(soft_logits, dtype=np.float32)
     tensors["soft.present"] = np.ascontiguousarray(soft_present, dtype=np.uint8)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(safetensors.numpy.save(tensors, metadata={"agent": json.dumps(meta, sort_keys=True)}))
+    with open(tmp, "wb") as f:
+        f.write(safetensors.numpy.save(tensors, metadata={"agent": json.dumps(meta, sort_keys=True)}))
+        f.flush()
+        os.fsync(f.fileno())  # power loss on an SD card: the old state or the whole new one
     os.replace(tmp, path)
 
 
@@ -114,6 +117,16 @@ def state_problem(state: dict, *, device: str, run: str, recipe: str, model: dic
     present = state.get("soft_present")
     if not isinstance(present, np.ndarray) or tuple(present.shape) != (soft_shape[0],):
         return "its soft-label mask does not fit this device's samples"
+    for what, arrays in (("model", saved), ("optimizer state", state.get("optimizer") or {}),
+                         ("soft labels", {"logits": saved_logits})):
+        if not isinstance(arrays, dict):
+            return f"its {what} is not a set of tensors"
+        for name, value in arrays.items():
+            if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                return f"its {what} {name!r} holds NaN or Inf"
+            if name.endswith(".step") and (value.size != 1 or float(value.reshape(-1)[0]) < 0
+                                          or float(value.reshape(-1)[0]) % 1):
+                return f"its optimizer state {name!r} is not a step count"
     for key in ("soft_round", "last_done", "trained_round"):
         if key in state and (type(state[key]) is not int or not -1 <= state[key] < 2**31):
             return f"its {key} is not a round number"

@@ -87,9 +87,6 @@ def program_main(argv: list[str]) -> int:
         cfg = load_agent_config(args.config, args.overrides)
         cache = ProgramCache(Path(cfg.state_dir) / "programs")
         if args.command == "install":
-            from edge_sdk.program.format import MAX_PROGRAM_BYTES
-            if Path(args.file).stat().st_size > MAX_PROGRAM_BYTES:  # before reading it all
-                raise ProgramError(f"{args.file}: larger than an edge program may be ({MAX_PROGRAM_BYTES} bytes)")
             digest, program = cache.install(args.file)
             about = {"digest": digest, **_program_facts(program), "bytes": cache.path(digest).stat().st_size,
                      "path": str(cache.path(digest))}
@@ -115,8 +112,9 @@ def _list_programs(cache, as_json: bool) -> int:
     from edge_sdk.program.format import ProgramError, program_digest, unpack_program
     rows = []
     for path in sorted(cache.directory.glob(f"*{SUFFIX}")):
-        row = {"digest": path.stem, "bytes": path.stat().st_size}
+        row = {"digest": path.stem, "bytes": None}
         try:
+            row["bytes"] = path.stat().st_size
             blob = path.read_bytes()
             if not is_digest(path.stem) or program_digest(blob) != path.stem:
                 raise ProgramError("the file does not hash to its name (damaged)")

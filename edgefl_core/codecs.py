@@ -65,18 +65,22 @@ class Int8Codec(FeatureCodec):
 
     name = "int8"
     keys = ("features_q", "features_scale", "features_low")
+    BLOCK = 256  # samples quantized at a time
 
     def encode(self, features: np.ndarray) -> dict[str, np.ndarray]:
         x = features.astype(np.float32, copy=False)
         c = x.shape[1]
-        per_channel = np.moveaxis(x, 1, 0).reshape(c, -1)            # C x (N*H*W)
-        low = per_channel.min(axis=1) if per_channel.size else np.zeros(c, np.float32)
-        high = per_channel.max(axis=1) if per_channel.size else np.zeros(c, np.float32)
+        axes = (0,) + tuple(range(2, x.ndim))                          # all but the channel axis
+        low = x.min(axis=axes) if x.size else np.zeros(c, np.float32)
+        high = x.max(axis=axes) if x.size else np.zeros(c, np.float32)
         scale = np.where(high > low, (high - low) / 255.0, 1.0).astype(np.float32)
         shape = (1, c) + (1,) * (x.ndim - 2)                           # broadcast over N, H, W
-        q = np.rint((x - low.reshape(shape)) / scale.reshape(shape))
-        return {"features_q": np.clip(q, 0, 255).astype(np.uint8), "features_scale": scale,
-                "features_low": low.astype(np.float32)}
+        q = np.empty(x.shape, np.uint8)
+        for start in range(0, len(x), self.BLOCK):  # in blocks: a small device holds no full-size float temporaries
+            block = (x[start:start + self.BLOCK] - low.reshape(shape)) / scale.reshape(shape)
+            np.rint(block, out=block)
+            q[start:start + self.BLOCK] = np.clip(block, 0, 255, out=block)
+        return {"features_q": q, "features_scale": scale, "features_low": low.astype(np.float32)}
 
     def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
         if any(k not in arrays for k in self.keys):

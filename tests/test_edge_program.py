@@ -374,3 +374,113 @@ def test_both_engines_draw_the_same_batches_and_augmentations():
         for a, b in zip(theirs, ours):
             assert np.array_equal(a.sample_ids, b.sample_ids) and np.array_equal(a.labels.numpy(), b.labels)
             np.testing.assert_allclose(a.images.numpy(), b.images, atol=1e-6)
+
+
+# -- what the security review found (each test fails without its fix) ------------------------------------------
+
+
+def test_graphs_with_control_flow_sparse_or_external_attribute_tensors_are_refused():
+    import onnx
+    from onnx import helper
+    program = unpack_program(program_blob("backprop", "adam"))
+    base = onnx.ModelProto.FromString(program.graphs["extract"])
+
+    def with_node(node):
+        model = onnx.ModelProto()
+        model.CopyFrom(base)
+        model.graph.node.append(node)
+        return model.SerializeToString()
+
+    body = helper.make_graph([], "body", [], [])
+    with pytest.raises(ProgramError, match="Loop"):
+        check_graph(with_node(helper.make_node("Loop", ["", ""], ["o"], body=body)))
+    sparse = onnx.SparseTensorProto()
+    sparse.dims.extend([4])
+    sparse.values.name, sparse.values.data_type = "v", onnx.TensorProto.FLOAT
+    sparse.values.data_location = onnx.TensorProto.EXTERNAL
+    entry = sparse.values.external_data.add()
+    entry.key, entry.value = "location", "pi-02/agent.yaml"  # a file beside the agent (docs/DEPLOYMENT.md layout)
+    with pytest.raises(ProgramError, match="sparse"):
+        check_graph(with_node(helper.make_node("Constant", [], ["leak"], sparse_value=sparse)))
+    dense = helper.make_tensor("t", onnx.TensorProto.FLOAT, [1], [0.0])
+    dense.data_location = onnx.TensorProto.EXTERNAL
+    attr = helper.make_attribute("value", dense)
+    node = helper.make_node("Constant", [], ["leak2"])
+    node.attribute.append(attr)
+    with pytest.raises(ProgramError, match="external data"):
+        check_graph(with_node(node))
+
+
+def test_a_manifest_whose_trainer_or_outputs_do_not_fit_is_refused():
+    program = unpack_program(program_blob("backprop", "adam"))
+    for change in ({"trainer": "whatever"}, {"trainable": ["not.a.param"]},
+                   {"graphs": {**program.manifest["graphs"], "extract": {**program.manifest["graphs"]["extract"],
+                                                                           "outputs": ["features", "logits"]}}}):
+        with pytest.raises(ProgramError):
+            unpack_program(pack_program(EdgeProgram({**program.manifest, **change}, program.graphs, program.state)))
+
+
+def test_repeated_registrations_do_not_make_the_runtime_resend_its_program(tmp_path):
+    """200 registrations of one device process: one program transfer (was 200: ~3000x amplification)."""
+    from cloud_runtime.config import load_runtime_config
+    from cloud_runtime.program_build import cached_program_path, run_program_spec
+    from cloud_runtime.service import CloudRuntime
+    from edge_sdk import protocol as P
+    from edgefl_core.transport import MemoryBus
+    cfg = load_runtime_config(None, ["run_id=r", f"state_dir={tmp_path / 'rt'}", "num_classes=4",
+                                     "input_shape=[1,12,12]", "edge.batch_size=16", "edge.optimizer=adam",
+                                     "edge.lr=0.05", "edge.kd_alpha=0.7", "edge.temperature=2.0"])
+    path = cached_program_path(cfg.state_dir, run_program_spec(cfg))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(program_blob("backprop", "adam"))  # as `cloud-runtime program build` leaves it
+    bus = MemoryBus()
+    runtime = CloudRuntime(cfg, bus.client("runtime"))
+    assert runtime.downlink.recipe["edge_programs"] == [program_digest(program_blob("backprop", "adam"))]
+    frames = []
+    bus.client("sniff").subscribe(P.Topics("r").down("mal"), lambda t, p: frames.append(p))
+    register = P.control_frame(P.REGISTER, run="r", device="mal", round_=-1, session=runtime.session, num_classes=4,
+                               train_samples=100, input_shape=[1, 12, 12], engine="onnxruntime", program=None,
+                               pid=4242)
+    for _ in range(200):
+        runtime.handle(P.Topics("r").up("mal"), register)
+    chunks = [f for f in frames if P.decode_frame(f)[0]["type"] == P.CHUNK]
+    assert 0 < len(chunks) <= 8  # one transfer of a ~0.7 MB program (256 KiB chunks)
+    assert runtime.registry.rejections.get("internal_error", 0) == 0
+
+
+def test_a_program_that_breaks_a_round_is_refused_and_the_agent_keeps_serving(tmp_path):
+    import threading
+    from edge_sdk import protocol as P
+    agent = _ort_agent(tmp_path)
+    blob = program_blob("backprop", "adam")
+    _hello(agent, [program_digest(blob)])
+    _send_program(agent, blob)
+    assert agent.client is not None
+
+    def broken(*a, **k):
+        raise RuntimeError("an onnxruntime kernel failed")
+    agent.client.runner.train_step = broken
+    agent.handle(P.Topics("r").control, P.control_frame(P.ROUND, run="r", device="*", round_=0, session="s1"))
+    serving = threading.Thread(target=agent.serve, daemon=True)
+    serving.start()
+    deadline = __import__("time").monotonic() + 30
+    while agent.client is not None and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.05)
+    agent.stop.set()
+    serving.join(10)
+    assert agent.client is None and program_digest(blob) in agent.refused_programs and agent.exit_code == 0
+    assert not (tmp_path / "state" / "programs" / f"{program_digest(blob)}.edgeprog").exists()
+    _hello(agent, [program_digest(blob)])  # announced again: not run again
+    assert agent.client is None
+
+
+def test_a_state_with_a_negative_step_or_nan_weights_is_not_resumed():
+    from edge_sdk.state import state_problem
+    model = {"w": np.zeros(3, np.float32)}
+    good = {"device": "d", "run": "r", "recipe": "x", "soft_logits": np.zeros((2, 2), np.float32), "model": model,
+            "soft_present": np.zeros(2, bool), "soft_round": -1, "last_done": 0, "trained_round": 0,
+            "done_session": "", "optimizer": {"w.step": np.array(3.0, np.float32)}}
+    kwargs = dict(device="d", run="r", recipe="x", model={"w": (3,)}, soft_shape=(2, 2))
+    assert state_problem(good, **kwargs) is None
+    assert "step count" in state_problem({**good, "optimizer": {"w.step": np.array(-1.0, np.float32)}}, **kwargs)
+    assert "NaN" in state_problem({**good, "model": {"w": np.full(3, np.nan, np.float32)}}, **kwargs)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 
-from edge_sdk.program.format import EdgeProgram, ProgramError, program_digest, unpack_program
+from edge_sdk.program.format import MAX_PROGRAM_BYTES, EdgeProgram, ProgramError, program_digest, unpack_program
 
 logger = logging.getLogger("edgefl.agent")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -43,16 +44,24 @@ class ProgramCache:
     def save(self, blob: bytes) -> str:
         digest = program_digest(blob)
         path = self.path(digest)
-        if not path.exists():
+        if self.load(digest) is None:  # absent, or damaged (load removed it): write it
             self.directory.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(blob)
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())  # an SD card that loses power keeps the old file or the whole new one
             os.replace(tmp, path)
         return digest
 
     def install(self, file: str | Path) -> tuple[str, EdgeProgram]:
         """Check a program file (as a transfer would be checked) and cache it; returns (digest, program).
         Raises ProgramError or OSError."""
-        blob = Path(file).read_bytes()
+        with open(file, "rb") as f:  # a regular file, read at most one byte past the limit
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ProgramError(f"{file}: not a regular file")
+            blob = f.read(MAX_PROGRAM_BYTES + 1)
+        if len(blob) > MAX_PROGRAM_BYTES:
+            raise ProgramError(f"{file}: larger than an edge program may be ({MAX_PROGRAM_BYTES} bytes)")
         program = unpack_program(blob)
         return self.save(blob), program

@@ -128,9 +128,38 @@ def check_manifest(manifest, graphs: dict[str, bytes], state: dict[str, np.ndarr
     for key in ("extract", "train_step"):
         if key not in graphs:
             raise ProgramError(f"edge program has no {key!r} graph")
+    _check_graph_names(manifest, params, buffers)
     for arr_name, arr in state.items():
         if arr.dtype not in (np.float32, np.int64):
             raise ProgramError(f"edge program state {arr_name!r} has dtype {arr.dtype}")
+
+
+def _check_graph_names(m: dict, params: list[str], buffers: list[str]) -> None:
+    """Each graph reads and writes exactly the tensors a device feeds and uses (a program must not make a
+    device look up a name it does not have halfway through a round)."""
+    from edge_sdk.program.spec import ONNX_TRAINERS
+    if m["trainer"] not in ONNX_TRAINERS:
+        raise ProgramError(f"edge program trainer {str(m['trainer'])[:40]!r} is not one the onnxruntime engine runs")
+    for key in ("trainable", "perturbed", "classifier"):
+        if not set(m.get(key, [])) <= set(params):
+            raise ProgramError(f"edge program manifest: {key} names tensors that are not parameters")
+    state = [f"param.{n}" for n in params] + [f"buffer.{n}" for n in buffers]
+    perturbed = m.get("perturbed", [])
+    step, extract = m["graphs"]["train_step"], m["graphs"]["extract"]
+    feeds = set(state) | {"images", "labels", "teacher", "teacher_mask", "valid"} | {f"tangent.{n}" for n in perturbed}
+    if not set(step["inputs"]) <= feeds or not set(extract["inputs"]) <= set(state) | {"images"}:
+        raise ProgramError("edge program graph inputs must be the state, the batch and the tangents")
+    needed = {"loss", "ce", "kd", "logits"} | {f"buffer_out.{n}" for n in buffers}
+    if m["trainer"] == "backprop":
+        needed |= {f"grad.{n}" for n in m.get("trainable", params)}
+    else:
+        if not perturbed:
+            raise ProgramError("edge program manifest: fg_weight perturbs no parameters")
+        needed |= {"jvp"}
+    if not needed <= set(step["outputs"]) or len(step["outputs"]) != len(set(step["outputs"])):
+        raise ProgramError("edge program train_step outputs lack what a step needs (or repeat a name)")
+    if extract["outputs"] != ["logits", "features"]:
+        raise ProgramError("edge program extract outputs must be [logits, features]")
 
 
 def _check_numbers(m: dict) -> None:
@@ -165,10 +194,27 @@ def _check_numbers(m: dict) -> None:
     for key in ("trainable", "perturbed", "classifier"):
         if key in m:
             _names(m[key], key)
+    if not isinstance(m.get("trainer"), str) or not isinstance(edge.get("model"), str):
+        raise ProgramError("edge program manifest: trainer and edge.model must be names")
+
+
+# The operators the compiler emits for the trainers it supports (edge_sdk/program/compile.py): a graph with
+# any other (control flow above all: a Loop can run for ever) is not one of ours.
+ALLOWED_OPS = frozenset({
+    "Abs", "Add", "And", "ArgMax", "Cast", "CastLike", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv",
+    "ConvTranspose", "Div", "Equal", "Exp", "Expand", "Flatten", "Gather", "GatherElements", "Gemm", "Greater",
+    "GreaterOrEqual", "Identity", "Less", "LessOrEqual", "Log", "LogSoftmax", "MatMul", "Max", "MaxPool",
+    "AveragePool", "GlobalAveragePool", "Min", "Mul", "Neg", "Not", "Or", "Pad", "Pow", "Range", "Reciprocal",
+    "ReduceMax", "ReduceMean", "ReduceSum", "Relu", "Reshape", "ScatterElements", "ScatterND", "Shape", "Sigmoid",
+    "Sign", "Size", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tile", "Transpose", "Trilu",
+    "Unsqueeze", "Where"})
+MAX_NODES = 50_000
 
 
 def check_graph(blob: bytes, name: str = "graph") -> None:
-    """Admit only a self-contained, standard-domain ONNX graph; raises ProgramError naming the offence."""
+    """Admit only a self-contained graph of the operators the compiler emits (standard ONNX domain, no control
+    flow, no local functions, no sparse or external-data tensors anywhere); raises ProgramError naming the
+    offence."""
     import onnx  # the reference parser: a graph is checked with the library that defines the format
 
     if len(blob) > MAX_GRAPH_BYTES:
@@ -183,22 +229,28 @@ def check_graph(blob: bytes, name: str = "graph") -> None:
                                "ONNX domain is accepted")
     if len(model.functions):
         raise ProgramError(f"graph {name!r} defines model-local functions; only standard operators are accepted")
+    graph = model.graph
+    if len(graph.node) > MAX_NODES:
+        raise ProgramError(f"graph {name!r} has {len(graph.node)} nodes (at most {MAX_NODES})")
+    if len(graph.sparse_initializer):
+        raise ProgramError(f"graph {name!r} holds sparse tensors; an edge program has none")
 
-    def walk(graph, depth: int = 0) -> None:
-        if depth > 4:
-            raise ProgramError(f"graph {name!r} nests subgraphs deeper than 4")
-        for init in list(graph.initializer) + [s.values for s in graph.sparse_initializer]:
-            if init.data_location == onnx.TensorProto.EXTERNAL or len(init.external_data):
-                raise ProgramError(f"graph {name!r}: tensor {init.name[:60]!r} refers to external data")
-        for node in graph.node:
-            if node.domain not in STANDARD_DOMAINS:
-                raise ProgramError(f"graph {name!r}: node {node.op_type!r} of domain {node.domain!r} is not a "
-                                   "standard ONNX operator")
-            for attr in node.attribute:
-                if attr.HasField("t") and (attr.t.data_location == onnx.TensorProto.EXTERNAL or
-                                           len(attr.t.external_data)):
-                    raise ProgramError(f"graph {name!r}: an attribute of {node.op_type!r} refers to external data")
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    walk(sub, depth + 1)
+    def dense(tensor, where: str) -> None:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+            raise ProgramError(f"graph {name!r}: {where} refers to external data")
 
-    walk(model.graph)
+    for init in graph.initializer:
+        dense(init, f"tensor {init.name[:60]!r}")
+    for node in graph.node:
+        if node.domain not in STANDARD_DOMAINS:
+            raise ProgramError(f"graph {name!r}: node {node.op_type!r} of domain {node.domain!r} is not a "
+                               "standard ONNX operator")
+        if node.op_type not in ALLOWED_OPS:
+            raise ProgramError(f"graph {name!r}: operator {node.op_type[:40]!r} is not one an edge program uses")
+        for attr in node.attribute:
+            if attr.HasField("g") or len(attr.graphs):
+                raise ProgramError(f"graph {name!r}: {node.op_type!r} carries a subgraph")
+            if attr.HasField("sparse_tensor") or len(attr.sparse_tensors):
+                raise ProgramError(f"graph {name!r}: {node.op_type!r} carries a sparse tensor")
+            for tensor in ([attr.t] if attr.HasField("t") else []) + list(attr.tensors):
+                dense(tensor, f"an attribute of {node.op_type!r}")

@@ -79,5 +79,7 @@ class NumpyOptimizer:
             expected = () if key == "step" else tuple(shapes[name])
             if tuple(value.shape) != expected:
                 raise ValueError(f"optimizer state {flat!r} has shape {tuple(value.shape)}, expected {expected}")
+            if not np.isfinite(value).all() or (key == "step" and (float(value) < 0 or float(value) % 1)):
+                raise ValueError(f"optimizer state {flat!r} is not finite (or not a step count)")
             state.setdefault(name, {})[key] = np.array(value, dtype=np.float32)
         self.state = state
