@@ -32,6 +32,16 @@ class StepOutcome:
 _EMPTY_DIR = os.path.join(tempfile.gettempdir(), "edgefl-no-external-data")
 
 
+_ARENA: list = []
+
+
+def _shared_arena(ort) -> None:
+    if not _ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # extend by what is asked
+        _ARENA.append(info)
+
+
 def make_session(graph: bytes, threads: int | None = 1):
     """An onnxruntime CPU session; ``threads`` intra-op threads, no spinning (steadier on shared cores)."""
     import onnxruntime as ort
@@ -44,6 +54,10 @@ def make_session(graph: bytes, threads: int | None = 1):
     # (resnet8_gkt, batch 64: 169 ms against 79 ms; docs/EDGE_RUNTIME.md)
     # no graph of ours has external data; should one slip past check_graph, it finds an empty folder
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", _EMPTY_DIR)
+    # one memory arena for the process (train step and extraction take turns): peak is the larger of the two
+    # graphs' working sets, not their sum
+    _shared_arena(ort)
+    options.add_session_config_entry("session.use_env_allocators", "1")
     options.log_severity_level = 3
     return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
