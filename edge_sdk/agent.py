@@ -212,7 +212,7 @@ class EdgeAgent:
         try:
             TorchEngine = engine_class("torch")
         except ImportError as e:  # a device installed without torch (the base install is onnxruntime's)
-            logger.error("%s: engine: torch needs torch (%s): install it (pip install torch==2.13.0 'edgefl[torch]') "
+            logger.error("%s: engine: torch needs torch (%s): install it (pip install torch==2.13.0, then this package with its torch extra) "
                          "or set engine: onnxruntime in the agent config", self.device, e)
             self.exit_code = 2
             self.stop.set()

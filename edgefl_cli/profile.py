@@ -23,6 +23,10 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from edgefl_cli.needs import require_torch
+
+require_torch("device-profile")  # before the imports that need it
+
 import numpy as np
 import yaml
 

@@ -11,6 +11,10 @@ import signal
 import sys
 from pathlib import Path
 
+from edgefl_cli.needs import require_torch
+
+require_torch("cloud-runtime")  # before the imports that need it
+
 from cloud_runtime import provision
 from cloud_runtime.config import load_runtime_config
 from cloud_runtime.store import CheckpointError
@@ -130,7 +134,8 @@ def program_build_command(args) -> int:
         logger.error("program build: %s", e)
         return 1
     out = Path(args.out)
-    if out.is_dir():
+    if out.is_dir() or args.out.endswith(("/", os.sep)) or (not out.exists() and out.suffix != ".edgeprog"):
+        out.mkdir(parents=True, exist_ok=True)  # a folder (programs/): the file is named by its digest
         out = out / f"{built['digest']}.edgeprog"
     try:
         if not out.exists() or not out.samefile(built["path"]):

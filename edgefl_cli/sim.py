@@ -12,6 +12,10 @@ import sys
 import threading
 from pathlib import Path
 
+from edgefl_cli.needs import require_torch
+
+require_torch("edgefl-sim")  # before the imports that need it
+
 from cloud_runtime.config import load_config
 from edgefl_cli.interrupt import EXIT_INTERRUPTED, CtrlC
 from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
