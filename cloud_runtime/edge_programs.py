@@ -87,9 +87,8 @@ class EdgePrograms:
 
     @staticmethod
     def check(device: str, data: dict, recipe) -> None:
-        """Refuse an onnxruntime registration whose recipe trainer has no graph. Raises Rejected."""
-        if data.get("engine") not in (None, "torch", "onnxruntime"):
-            raise Rejected("bad_registration", f"engine must be torch or onnxruntime, got {str(data.get('engine'))[:20]!r}")
+        """Refuse an onnxruntime registration whose recipe trainer has no graph (the engine's value itself is
+        checked with the other device facts, ``registry.device_facts``). Raises Rejected."""
         problem = onnx_trainer_problem(recipe.edge.trainer) if data.get("engine") == "onnxruntime" else None
         if problem:
             raise Rejected("bad_registration", f"engine onnxruntime cannot run edge.trainer={recipe.edge.trainer}: "

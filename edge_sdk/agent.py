@@ -246,13 +246,14 @@ class EdgeAgent:
         transfer or ``edge-agent program install``) that is this recipe's. True once the engine is built."""
         if self.cfg.engine != "onnxruntime" or self.client is not None or self.recipe is None:
             return self.client is not None
-        candidates = []
-        if self.received_program is not None and program_digest(self.received_program) in self.announced_programs:
-            candidates.append(self.received_program)
-            self.received_program = None  # judged once
-        candidates += [blob for d in reversed(self.announced_programs) for blob in [self.programs.load(d)] if blob]
-        for blob in candidates:
-            digest = program_digest(blob)
+        candidates = []  # (digest, blob): each blob hashed once
+        if self.received_program is not None:
+            digest = program_digest(self.received_program)
+            if digest in self.announced_programs:
+                candidates.append((digest, self.received_program))
+                self.received_program = None  # judged once
+        candidates += [(d, blob) for d in reversed(self.announced_programs) for blob in [self.programs.load(d)] if blob]
+        for digest, blob in candidates:
             if digest in self.refused_programs:
                 continue
             try:

@@ -30,8 +30,9 @@ class OnnxEngine(EdgeEngine):
             raise ProgramError(f"the edge program is for {m['num_classes']} classes of {m['input_shape']} images; "
                                f"this device has {train.num_classes} of {list(train.image_shape)}")
         self.device, self.program = device, program
-        self.runner = ProgramRunner(program, threads=threads, tangent_seed=None if (m.get("trainer_options") or {})
-                                    .get("seed") is not None else seed)
+        # forward-gradient tangents: the recipe's trainer_kwargs.seed when it sets one, else this device's seed
+        options_seed = (m.get("trainer_options") or {}).get("seed")
+        self.runner = ProgramRunner(program, threads=threads, tangent_seed=seed if options_seed is None else options_seed)
         self.train_set, self.test_set = train, test
         edge = m.get("edge") or {}
         augment = edge.get("augment") or {}

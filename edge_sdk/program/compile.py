@@ -51,7 +51,7 @@ from torch.func import functional_call, grad, grad_and_value, jvp
 
 from edge_sdk.config import EdgeConfig
 from edge_sdk.program.format import PROGRAM_FORMAT, EdgeProgram, pack_program
-from edge_sdk.program.spec import COMPILER_VERSION, onnx_trainer_problem, program_spec, spec_key  # noqa: F401
+from edge_sdk.program.spec import COMPILER_VERSION, onnx_trainer_problem
 from edgefl_core.config import build_dataclass
 from model_zoo import create_model, seeded
 
