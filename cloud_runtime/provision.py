@@ -20,203 +20,20 @@ credentials and the CA unless ``--force`` is given, so adding a device does not 
 """
 from __future__ import annotations
 
-import base64
-import datetime as dt
-import hashlib
 import ipaddress
 import logging
-import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from cloud_runtime.broker_files import (RUNTIME_USER, acl_text, hand_to_broker_user, make_ca, make_server_cert,
+                                        mosquitto_conf, mosquitto_password_hash, new_password, pem_cert, pem_key,
+                                        write_secret)
 from edge_sdk.protocol import check_device_id
 
 logger = logging.getLogger(__name__)
-
-RUNTIME_USER = "cloud-runtime"
-TOPIC_ROOT = "edgefl/v1"
-
-
-# ---------------------------------------------------------------------------------------------
-# credentials
-
-
-def mosquitto_password_hash(password: str, salt: bytes | None = None, iterations: int = 101) -> str:
-    """The ``$7$`` PBKDF2-SHA512 hash mosquitto 2.x reads from a password file (mosquitto_passwd's format)."""
-    salt = salt if salt is not None else secrets.token_bytes(12)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
-    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def new_password() -> str:
-    return secrets.token_urlsafe(24)
-
-
-# ---------------------------------------------------------------------------------------------
-# certificates
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def make_ca(common_name: str, days: int):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
-    return key, cert
-
-
-def make_server_cert(ca_key, ca_cert, hosts: list[str], days: int):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for host in dict.fromkeys(hosts):  # ordered, unique
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    return key, cert
-
-
-def _pem_key(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _pem_cert(cert) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-# ---------------------------------------------------------------------------------------------
-# broker files
-
-
-def acl_text(devices: list[str], run_id: str | None = None) -> str:
-    """mosquitto ACL: the runtime may do anything under the root; each device only its own topics.
-
-    One explicit block per device (no %u patterns) so an auditor reads exactly who may do what.
-    """
-    base = f"{TOPIC_ROOT}/{run_id or '+'}"
-    lines = ["# Generated by cloud-runtime provision. A device authenticates as its device id.",
-             f"user {RUNTIME_USER}", f"topic readwrite {TOPIC_ROOT}/#", ""]
-    for device in devices:
-        lines += [f"user {device}",
-                  f"topic write {base}/dev/{device}/up",
-                  f"topic write {base}/dev/{device}/status",
-                  f"topic write {base}/dev/{device}/hb",
-                  f"topic read {base}/dev/{device}/down",
-                  f"topic read {base}/control", ""]
-    return "\n".join(lines)
-
-
-def mosquitto_conf(broker_dir: Path, ca_file: Path, port: int, bind: str, max_message_bytes: int,
-                   broker_user: str) -> str:
-    d = broker_dir.resolve()
-    return "\n".join([
-        "# Generated by cloud-runtime provision: TLS + per-device credentials + topic ACLs.",
-        f"user {broker_user}",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"password_file {d / 'passwd'}",
-        f"acl_file {d / 'acl'}",
-        "",
-        f"listener {port} {bind}",
-        f"cafile {ca_file.resolve()}",
-        f"certfile {d / 'broker.crt'}",
-        f"keyfile {d / 'broker.key'}",
-        "tls_version tlsv1.2",
-        "require_certificate false",
-        "# a device cannot take over another device's session by reusing its client id",
-        "use_username_as_clientid true",
-        "",
-        "persistence true",
-        f"persistence_location {d / 'data'}/",
-        "autosave_interval 30",
-        "# queues sized for bursts of upload chunks (a drop costs a re-send, never data: see docs/PROTOCOL.md)",
-        "max_queued_messages 1000000",
-        "max_inflight_messages 100",
-        "# small control frames and acknowledgements are not held back by Nagle's algorithm",
-        "set_tcp_nodelay true",
-        f"max_packet_size {max_message_bytes}",
-        "max_keepalive 300",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_dest stderr",
-        ""])
-
-
-# ---------------------------------------------------------------------------------------------
-# provisioning
-
-
-def _hand_to_broker_user(broker_dir: Path, user: str) -> None:
-    """mosquitto started as root drops to ``user``: its secrets and data dir must be that user's (0600)."""
-    if os.geteuid() != 0:
-        return  # a non-root broker runs as whoever provisioned, who owns the files already
-    import pwd
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        logger.warning("broker user %r does not exist: chown %s/{passwd,broker.key,data} to the broker's user",
-                       user, broker_dir)
-        return
-    for path in (broker_dir / "passwd", broker_dir / "broker.key", broker_dir / "acl", broker_dir / "data"):
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    blocked = _first_blocked_parent(broker_dir.resolve(), entry.pw_uid, entry.pw_gid)
-    if blocked is not None:
-        logger.warning("mosquitto started as root drops to user %r, who cannot enter %s (mode %o): the broker will "
-                       "fail with 'Unable to open pwfile'. Provision into a directory %s can reach, or pass "
-                       "--broker-user root", user, blocked, blocked.stat().st_mode & 0o777, user)
-
-
-def _first_blocked_parent(path: Path, uid: int, gid: int) -> Path | None:
-    """The first directory on the way to ``path`` that user ``uid`` (group ``gid``) may not enter."""
-    for d in [*reversed(path.parents), path]:
-        st = d.stat()
-        bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
-        if not st.st_mode & bit:
-            return d
-    return None
 
 
 @dataclass
@@ -400,8 +217,8 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
 
     if force or not ca_crt.exists():
         ca_key, ca_cert = make_ca(f"edgefl CA ({out.resolve().name})", days)
-        _write_secret(ca_key_path, _pem_key(ca_key))
-        ca_crt.write_bytes(_pem_cert(ca_cert))
+        write_secret(ca_key_path, pem_key(ca_key))
+        ca_crt.write_bytes(pem_cert(ca_cert))
         force = True  # a new CA invalidates every certificate and is a fresh deployment
     else:
         ca_key = load_pem_private_key(ca_key_path.read_bytes(), password=None)
@@ -409,8 +226,8 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     broker_dir.mkdir(parents=True, exist_ok=True)
     (broker_dir / "data").mkdir(exist_ok=True)
     key, cert = make_server_cert(ca_key, ca_cert, [host, "localhost", "127.0.0.1"], days)
-    _write_secret(broker_dir / "broker.key", _pem_key(key))
-    (broker_dir / "broker.crt").write_bytes(_pem_cert(cert))
+    write_secret(broker_dir / "broker.key", pem_key(key))
+    (broker_dir / "broker.crt").write_bytes(pem_cert(cert))
 
     scheme_url = f"mqtts://{_url_host(host)}:{port}"
     runtime_path = out / "runtime" / "runtime.yaml"
@@ -433,7 +250,7 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
         bundle.chmod(0o700)  # the bundle holds the device's password
         (bundle / "data").mkdir(exist_ok=True)
         (bundle / "ca.crt").write_bytes(ca_crt.read_bytes())
-        _write_secret(path, agent_yaml(device, run_id, scheme_url, accounts[device], existing).encode())
+        write_secret(path, agent_yaml(device, run_id, scheme_url, accounts[device], existing).encode())
         agent_paths[device] = path
     existing_runtime.pop("broker", None)
     existing_runtime.pop("run_id", None)
@@ -441,7 +258,7 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     runtime_path.parent.chmod(0o700)
     (runtime_path.parent / "ca.crt").write_bytes(ca_crt.read_bytes())
     n_devices = len(set(devices) | {p.parent.name for p in (out / "devices").glob("*/agent.yaml")})
-    _write_secret(runtime_path, runtime_yaml(run_id, scheme_url, accounts[RUNTIME_USER], dataset, n_devices,
+    write_secret(runtime_path, runtime_yaml(run_id, scheme_url, accounts[RUNTIME_USER], dataset, n_devices,
                                              existing_runtime).encode())
     # Devices provisioned earlier but not named now keep their accounts: removing a device is explicit.
     for path in sorted((out / "devices").glob("*/agent.yaml")):
@@ -451,12 +268,12 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
             if password is None:
                 raise ValueError(f"{path}: no broker.password; name {device} in --devices to give it a new one")
             accounts[device] = password
-    _write_secret(broker_dir / "passwd",
+    write_secret(broker_dir / "passwd",
                   "".join(f"{user}:{mosquitto_password_hash(pw)}\n" for user, pw in accounts.items()).encode())
     (broker_dir / "acl").write_text(acl_text([u for u in accounts if u != RUNTIME_USER], None if any_run else run_id))
     conf = broker_dir / "mosquitto.conf"
     conf.write_text(mosquitto_conf(broker_dir, ca_crt, port, bind, max_message_bytes, broker_user))
-    _hand_to_broker_user(broker_dir, broker_user)
+    hand_to_broker_user(broker_dir, broker_user)
     logger.info("provisioned %d devices in %s (broker %s, listening on %s:%d)", len(devices), out, scheme_url,
                 bind, port)
     return Provisioned(out, conf, ca_crt, runtime_path, agent_paths, scheme_url, bind)

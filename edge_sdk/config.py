@@ -105,6 +105,22 @@ class RunRecipe:
                 f"known: {', '.join(MODEL_CODECS.names())}")
 
 
+def recipe_from_frame(data: dict, device: str, *, check_code: bool = True) -> RunRecipe | None:
+    """The :class:`RunRecipe` in a HELLO / ROUND frame's ``data`` with ``device``'s ``edge_overrides`` entry
+    applied; None when the frame carries none. ``check_code=False`` (a device running a compiled edge program:
+    the program is the code) skips checking model and trainer names against this install's registries.
+    Raises ConfigError naming the bad key."""
+    raw = data.get("recipe")
+    if not isinstance(raw, dict):
+        return None
+    overrides = data.get("edge_overrides") or {}
+    mine = overrides.get(device) if isinstance(overrides, dict) else None
+    if isinstance(mine, dict) and isinstance(raw.get("edge"), dict):
+        raw = {**raw, "edge": {**raw["edge"], **mine}}
+    with (contextlib.nullcontext() if check_code else without_code_checks()):
+        return build_dataclass(RunRecipe, raw, "recipe")
+
+
 # ---------------------------------------------------------------------------------------------
 # the device's own facts (edge-agent's config file)
 

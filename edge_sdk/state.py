@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from edgefl_core.config import ConfigError
 logger = logging.getLogger("edgefl.agent")
 
 MAX_STATE_BYTES = 1 << 30
+STATE_FILE = "agent_state.safetensors"   # in the agent's state_dir
+OLD_STATE_FILE = "agent_state.pt"        # torch.save states of earlier versions: not read (never unpickled)
 
 
 def write_state(path: Path, *, meta: dict, model: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
@@ -68,6 +71,20 @@ def read_state(path: Path) -> dict | None:
     return state
 
 
+def read_state_meta(path: Path) -> dict | None:
+    """The saved bookkeeping only (the safetensors header's ``agent`` metadata; no tensor is read), or None
+    when there is no readable one."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= 100_000_000:
+                return None
+            meta = json.loads(json.loads(f.read(n)).get("__metadata__", {}).get("agent", "null"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 class StateMismatch(ConfigError):
     """The state directory holds another device's, run's or data's progress."""
 
@@ -76,6 +93,10 @@ def check_state_identity(path: Path, *, device: str, run: str, data: str) -> Non
     """At start, before anything is trained: the saved state (if any) must be this device's, in this run, on
     this data (``data``: its fingerprint). Raises StateMismatch naming the difference and the remedy; never
     resumes progress made on other data or in another run."""
+    old = path.parent / OLD_STATE_FILE
+    if old.exists() and not path.exists():
+        logger.warning("%s: a state file of an earlier version (torch.save) is not read; this device starts its "
+                       "progress afresh (delete the file to silence this)", old)
     state = read_state(path)
     if state is None:
         return
@@ -133,3 +154,98 @@ def state_problem(state: dict, *, device: str, run: str, recipe: str, model: dic
     if not isinstance(state.get("done_session"), str):
         return "its done_session is not a session id"
     return None
+
+
+def empty_accepted_mark() -> dict:
+    return {"session": None, "round": -1, "splits": []}
+
+
+@dataclass
+class RoundProgress:
+    """The round bookkeeping saved with the engine's state; rounds are ints >= -1."""
+
+    last_done: int = -1               # last round whose upload this device finished
+    trained_round: int = -1           # last round whose local training finished (its upload may be pending)
+    done_session: str | None = None   # the runtime session ``last_done`` was finished for
+    # the splits of a round not done yet that the runtime session already accepted: never sent again
+    accepted: dict = field(default_factory=empty_accepted_mark)
+    soft_label_round: int = -1        # newest round whose soft labels arrived
+
+    def done_already(self, round_: int, session: str | None) -> bool:
+        """True when this runtime session already has this device's upload of ``round_``: it accepted it, or a
+        later round's (a session announces rounds in order, so an announcement of an earlier one is a repeat:
+        a redelivery, a reconnect's retained copy). Only a new session (a restarted runtime, which lost the
+        round in progress) is sent a finished round again."""
+        return session == self.done_session and round_ <= self.last_done
+
+
+class AgentStateFile:
+    """One device's state file, tagged with its identity: ``device``, ``run`` and ``data`` (the fingerprint of
+    its local data). Saves and resumes an engine (:class:`~edge_sdk.engine.EdgeEngine`) with its
+    :class:`RoundProgress`; either engine resumes the other's state (portable names)."""
+
+    def __init__(self, path: Path, *, device: str, run: str, data: str):
+        self.path, self.device, self.run, self.data = Path(path), device, run, data
+
+    def saved_session(self) -> str | None:
+        """The runtime session of the last finished round in this device's saved state (its end is obeyed
+        before any engine exists); read from the header only."""
+        meta = read_state_meta(self.path) or {}
+        mine = meta.get("device") == self.device and meta.get("run") == self.run
+        return (meta.get("done_session") or None) if mine else None
+
+    def save(self, engine, progress: RoundProgress, *, recipe: str, instance: str | None,
+             program: str | None) -> None:
+        """Atomic (:func:`write_state`). ``recipe``: the run recipe as JSON; ``program``: the edge program's
+        digest (onnxruntime)."""
+        write_state(self.path, meta={
+            "soft_round": engine.soft_labels.round, "last_done": progress.last_done,
+            "trained_round": progress.trained_round, "done_session": progress.done_session or "",
+            "device": self.device, "run": self.run, "recipe": recipe, "data": self.data, "instance": instance or "",
+            "accepted": json.dumps(progress.accepted), "engine": engine.name, "program": program or ""},
+            model=engine.model_state(), optimizer=engine.optimizer_state(), soft_logits=engine.soft_labels.logits,
+            soft_present=engine.soft_labels.present)
+
+    def resume(self, engine, *, recipe: str, instance: str | None) -> RoundProgress | None:
+        """Load the saved state into ``engine`` when it is this device's, run's (``instance``) and ``recipe``'s
+        and fits the engine's model and samples; returns its progress. None (with a warning naming why) when it
+        cannot be resumed: a state that does not fit costs progress, never the daemon."""
+        state = read_state(self.path)
+        if state is None:
+            return None
+        problem = state_problem(state, device=self.device, run=self.run, recipe=recipe,
+                                model={k: v.shape for k, v in engine.model_state().items()},
+                                soft_shape=engine.soft_labels.logits.shape, instance=instance)
+        if problem is None:
+            try:
+                engine.load_optimizer_state(state["optimizer"])
+            except (KeyError, ValueError, TypeError) as e:
+                problem = f"its optimizer state does not fit ({e})"
+        if problem is not None:
+            logger.warning("%s: ignoring the saved state: %s", self.path, problem)
+            return None
+        engine.load_model_state(state["model"])
+        engine.soft_labels.load(state["soft_logits"], state["soft_present"], int(state["soft_round"]))
+        progress = RoundProgress(last_done=int(state["last_done"]), done_session=state["done_session"] or None,
+                                 trained_round=int(state.get("trained_round", state["last_done"])),
+                                 accepted=accepted_mark(state.get("accepted")), soft_label_round=int(state["soft_round"]))
+        saved_by = state.get("engine")
+        logger.info("%s resumed from %s%s: last finished round %d", self.device, self.path,
+                    f" (saved by the {saved_by} engine)" if saved_by not in (None, engine.name) else "",
+                    progress.last_done)
+        return progress
+
+
+def accepted_mark(raw) -> dict:
+    """The saved ``accepted`` mark (JSON: the splits of an unfinished round that a runtime session already
+    accepted), checked field by field; an unreadable one is an empty mark (the device then re-sends splits the
+    runtime may already hold: costs bytes, never data)."""
+    try:
+        mark = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return empty_accepted_mark()
+    if not isinstance(mark, dict) or not isinstance(mark.get("session"), (str, type(None))) \
+            or type(mark.get("round")) is not int or not isinstance(mark.get("splits"), list) \
+            or not all(s in ("train", "test") for s in mark["splits"]):
+        return empty_accepted_mark()
+    return {"session": mark["session"], "round": mark["round"], "splits": list(mark["splits"])}

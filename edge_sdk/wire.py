@@ -13,7 +13,7 @@ from edgefl_core.codecs import (FEATURE_CODECS, MODEL_CODECS, UploadArrays, deco
                                 decode_state, decode_upload, encode_features, encode_state, encode_upload,
                                 pack_arrays, unpack_arrays)
 from edgefl_core.wire import *  # noqa: F401,F403  (the wire API, one namespace)
-from edgefl_core.wire import ProtocolError
+from edgefl_core.wire import EXTRACTOR_PREFIX, ProtocolError
 
 
 class MessageError(ValueError):
@@ -61,3 +61,17 @@ def round_frame_problem(header: dict) -> str | None:
     if needs is not None and type(needs) is not int:
         return "soft_labels_round must be an integer or null"
     return None
+
+
+def upload_blob(upload: UploadArrays, codec: str, extractor: dict[str, np.ndarray] | None = None
+                ) -> tuple[bytes, dict]:
+    """(blob, meta) of one split's upload for the uplink: features, logits, labels and sample ids encoded
+    with the feature ``codec`` (docs/CODECS.md), plus the extractor's weights in fp32 under
+    ``EXTRACTOR_PREFIX`` when the runtime averages extractors. The upload's float copies are dropped once
+    encoded (a small device's peak holds one copy of the features, not two)."""
+    arrays, meta = encode_upload(upload, codec)
+    upload.features = upload.logits = None
+    if extractor is not None:
+        ext_arrays, _ = encode_state(extractor, "fp32")
+        arrays.update({EXTRACTOR_PREFIX + k: v for k, v in ext_arrays.items()})
+    return pack_arrays(arrays), meta

@@ -476,7 +476,7 @@ def test_a_program_that_breaks_a_round_is_refused_and_the_agent_keeps_serving(tm
         __import__("time").sleep(0.05)
     agent.stop.set()
     serving.join(10)
-    assert agent.client is None and program_digest(blob) in agent.refused_programs and agent.exit_code == 0
+    assert agent.client is None and program_digest(blob) in agent.programs.refused and agent.exit_code == 0
     assert not (tmp_path / "state" / "programs" / f"{program_digest(blob)}.edgeprog").exists()
     _hello(agent, [program_digest(blob)])  # announced again: not run again
     assert agent.client is None

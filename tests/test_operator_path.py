@@ -249,16 +249,16 @@ def test_an_agent_drops_progress_of_another_run_instance(tmp_path):
     recipe = dict(runtime.downlink.recipe)
     agent = build_agent(cfg, MemoryTransport(MemoryBus(), "d0"))
     assert agent.configure(recipe)
-    agent.last_done = agent.trained_round = 4
+    agent.progress.last_done = agent.progress.trained_round = 4
     agent.save_state()
     again = build_agent(cfg, MemoryTransport(MemoryBus(), "d0"))
     again.configure(recipe)
-    assert again.last_done == 4  # the same instance resumes
+    assert again.progress.last_done == 4  # the same instance resumes
     again.configure({**recipe, "instance": "f" * 12})  # the runtime started the run afresh
-    assert again.last_done == -1 and again.run_instance == "f" * 12 and again.client is not None
+    assert again.progress.last_done == -1 and again.run_instance == "f" * 12 and again.client is not None
     third = build_agent(cfg, MemoryTransport(MemoryBus(), "d0"))
     third.configure({**recipe, "instance": "e" * 12})
-    assert third.last_done == -1  # a saved state of another instance is not resumed at start either
+    assert third.progress.last_done == -1  # a saved state of another instance is not resumed at start either
 
 
 def test_a_runtime_started_before_its_broker_waits_for_it(tmp_path, caplog):

@@ -209,14 +209,14 @@ def test_announcements_repeated_or_redelivered_are_not_uploads(deployed, caplog)
     caplog.set_level(logging.INFO, logger="edgefl.agent")
     round0 = announce(runtime, 0)
     follow(agent, runtime, round0)
-    assert sniffer.transfers() == [(0, "test"), (0, "train")] and agent.last_done == 0
+    assert sniffer.transfers() == [(0, "test"), (0, "train")] and agent.progress.last_done == 0
     follow(agent, runtime, round0)              # the same announcement again (a retained copy on reconnect)
     round1 = announce(runtime, 1)
     agent.handle(runtime.topics.control, round1)
     agent.handle(runtime.topics.control, round0)  # redelivered after the newer one: it must not displace it
     assert agent.pending_round["round"] == 1
     follow(agent, runtime, round1)
-    assert agent.last_done == 1
+    assert agent.progress.last_done == 1
     follow(agent, runtime, round0)              # redelivered once round 1 is done: nothing to send
     assert sniffer.transfers() == [(0, "test"), (0, "train"), (1, "test"), (1, "train")]
     assert len(sniffer.chunks) == len(set(sniffer.chunks))  # (no chunk sent twice either)
@@ -228,16 +228,16 @@ def test_a_restart_between_splits_resends_only_what_the_runtime_lacks(deployed, 
     runtime, agent, sniffer, deployment = deployed
     caplog.set_level(logging.INFO, logger="edgefl.agent")
     round0 = announce(runtime, 0)
-    original = agent.send_upload
+    original = agent.rounds.send_upload
 
-    def dies_before_train(upload, extractor=None, session=None):
+    def dies_before_train(upload, codec, extractor, session):
         if upload.split == "train":
             return False  # killed before the train features were sent
-        return original(upload, extractor, session)
-    agent.send_upload = dies_before_train
+        return original(upload, codec, extractor, session)
+    agent.rounds.send_upload = dies_before_train
     follow(agent, runtime, round0)
     assert sniffer.transfers() == [(0, "test")] and "dev0" not in runtime.strategy.train_uploads
-    assert agent.trained_round == 0 and agent.last_done == -1
+    assert agent.progress.trained_round == 0 and agent.progress.last_done == -1
     agent.shutdown()
     restarted = build_agent(deployment.agents[0])  # same state directory
     restarted.start()
@@ -245,7 +245,7 @@ def test_a_restart_between_splits_resends_only_what_the_runtime_lacks(deployed, 
     try:
         assert "re-sending round 0 without retraining" in caplog.text  # train was never accepted: needed
         assert sniffer.transfers() == [(0, "test"), (0, "train")]      # ... but test is not sent again
-        assert restarted.last_done == 0 and "dev0" in runtime.strategy.train_uploads
+        assert restarted.progress.last_done == 0 and "dev0" in runtime.strategy.train_uploads
         assert runtime.registry.devices["dev0"]["bytes_resent"] == 0 and not runtime.registry.rejections
     finally:
         restarted.stop.set()

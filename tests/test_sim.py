@@ -108,7 +108,7 @@ def test_memory_mode_validates_uploads_like_mqtt(npz_dir, tmp_path):
         serving.set()
         server.join()
     assert runtime.registry.rejections["implausible_values"] >= 1
-    assert not runtime.strategy.train_uploads and agent.last_done == -1  # rejected: the round is not done
+    assert not runtime.strategy.train_uploads and agent.progress.last_done == -1  # rejected: the round is not done
     for a in agents:
         a.shutdown()
     runtime.close()

@@ -194,7 +194,7 @@ def test_a_round_whose_upload_was_never_acknowledged_is_not_done(npz_dir, tmp_pa
         original(0)
     agent._poll = poll
     agent.run_round({"round": 0, "data": {"session": "s1"}})
-    assert chunks and agent.trained_round == 0 and agent.last_done == -1  # trained, sent, not done
+    assert chunks and agent.progress.trained_round == 0 and agent.progress.last_done == -1  # trained, sent, not done
     saved = read_state(tmp_path / "s" / STATE_FILE)
     assert saved["last_done"] == -1 and saved["trained_round"] == 0  # a restart re-sends without retraining
 
@@ -329,7 +329,7 @@ def test_a_damaged_agent_state_file_costs_progress_never_the_daemon(npz_dir, tmp
     agent = build_agent(cfg, transport=MemoryBus().client("devA"))
     agent.handle(P.Topics(RUN).control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="s1",
                                                         recipe=GOOD_RECIPE))
-    assert agent.client is not None and agent.last_done == -1 and agent.internal_errors == 0
+    assert agent.client is not None and agent.progress.last_done == -1 and agent.internal_errors == 0
 
 
 # -- found by breaking the fixes (an attacker's review) ----------------------------------------------------------

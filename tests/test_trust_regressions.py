@@ -236,11 +236,11 @@ def test_the_agent_frees_half_sent_downlink_transfers_and_survives_old_state(npz
     wider = {**good, "edge": {"model": "resnet8_gkt", "model_kwargs": {"width": 2}}}
     again.handle(P.Topics(RUN).control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="s",
                                                         recipe=wider))
-    assert again.client is not None and again.last_done == -1
+    assert again.client is not None and again.progress.last_done == -1
     for i in range(80):  # half-sent transfers: the first chunk of two, never completed
         frame = P.chunk_transfer(b"x" * 2048, run=RUN, device="devA", round_=0, meta={"kind": "soft_labels"},
                                  max_chunk=1024)[0]
         again.handle(P.Topics(RUN).down("devA"), frame)
-    assert again.reassembler.open_transfers == 64
-    expired = again.reassembler.expire(now=1e12)
-    assert len(expired) == 64 and again.reassembler.open_transfers == 0
+    assert again.downlink.reassembler.open_transfers == 64
+    expired = again.downlink.reassembler.expire(now=1e12)
+    assert len(expired) == 64 and again.downlink.reassembler.open_transfers == 0

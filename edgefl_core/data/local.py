@@ -53,6 +53,27 @@ def load_local_data(cfg: AgentDataConfig) -> tuple[ImageDataset, ImageDataset | 
     return train, test
 
 
+def fit_to_run(train: ImageDataset, test: ImageDataset | None, num_classes, input_shape
+               ) -> tuple[ImageDataset, ImageDataset | None]:
+    """A device's splits fitted to the run's ``num_classes`` (int) and ``input_shape`` ([C, H, W]), as the
+    runtime states them in ``run_facts`` (either may be absent: not checked). Labels that stop short of the
+    run's classes take the run's count. Raises DatasetError when the images have another shape or the labels
+    more classes than the run: such data cannot take part."""
+    if isinstance(input_shape, list) and input_shape != list(train.image_shape):
+        raise DatasetError(f"this device's images are {'x'.join(map(str, train.image_shape))} (C x H x W); the "
+                           f"run's are {'x'.join(map(str, input_shape))}")
+    if type(num_classes) is not int:
+        return train, test
+    if num_classes < train.num_classes:
+        raise DatasetError(f"this device's data has {train.num_classes} classes; the run has {num_classes}")
+    if num_classes > train.num_classes:
+        logger.info("labels of this device's data stop at %d; the run has %d classes", train.num_classes - 1,
+                    num_classes)
+        train = dataclasses.replace(train, num_classes=num_classes)
+        test = dataclasses.replace(test, num_classes=num_classes) if test is not None else None
+    return train, test
+
+
 def data_fingerprint(train: ImageDataset, test: ImageDataset | None) -> str:
     """``sha256:<16 hex>`` of both splits' shapes, images, labels and sample ids: the same data gives the
     same fingerprint on any machine; any changed pixel, label, id or order gives another."""
