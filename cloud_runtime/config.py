@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from edge_sdk.config import EdgeConfig, RunRecipe, check_profile_name
+from edge_sdk.config import EdgeConfig, FeaturePrivacy, RunRecipe, check_profile_name
 from edgefl_core.codecs import FEATURE_CODECS, MODEL_CODECS
 from edgefl_core.config import ConfigError, apply_overrides, build_dataclass, load_config_file, read_yaml, require
 from edgefl_core.data.config import AgentDataConfig, DataConfig
@@ -104,6 +104,40 @@ class FedGKTConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Feature privacy (docs/PRIVACY.md): devices clip each sample's features to L2 norm ``clip_norm`` and add
+    Gaussian noise of σ · clip_norm per element before upload. σ is ``noise_multiplier``, or calibrated so the
+    run's ``rounds`` releases of a sample stay within (``epsilon``, ``delta``) by ``dp-accounting``. The
+    ε covers the features as released, not labels, edge logits or the extractor's training. ``clip_norm``
+    null: off."""
+
+    clip_norm: float | None = None
+    noise_multiplier: float | None = None
+    epsilon: float | None = None
+    delta: float = 1e-5
+
+    def check(self) -> None:
+        require(self.clip_norm is None or 0 < self.clip_norm <= 1e6, "clip_norm", "must be in (0, 1e6] or null")
+        require(0 < self.delta < 1e-2, "delta", "must be in (0, 0.01) (well below 1 / samples per device)")
+        require(self.noise_multiplier is None or 0 <= self.noise_multiplier <= 1e4, "noise_multiplier",
+                "must be in [0, 1e4] or null")
+        require(self.epsilon is None or 0 < self.epsilon <= 1e4, "epsilon", "must be in (0, 1e4] or null")
+        require(self.noise_multiplier is None or self.epsilon is None, "epsilon",
+                "give noise_multiplier or epsilon, not both")
+        require(self.clip_norm is not None or (self.noise_multiplier is None and self.epsilon is None),
+                "clip_norm", "noise_multiplier / epsilon need clip_norm (the noise is scaled to it)")
+
+    def recipe(self, rounds: int) -> FeaturePrivacy:
+        """What devices apply: σ as given, or calibrated for ``rounds`` releases per sample."""
+        if self.clip_norm is None:
+            return FeaturePrivacy()
+        if self.epsilon is not None:
+            from cloud_runtime.privacy import calibrate_noise
+            return FeaturePrivacy(self.clip_norm, calibrate_noise(self.epsilon, self.delta, rounds))
+        return FeaturePrivacy(self.clip_norm, self.noise_multiplier or 0.0)
+
+
+@dataclass
 class FedAvgConfig:
     """FedAvg rounds: devices train the whole model and the runtime aggregates weights."""
 
@@ -170,6 +204,7 @@ class ExperimentConfig:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -238,6 +273,7 @@ class RuntimeConfig:
     max_chunk_bytes: int = 16 << 20
     transfer_timeout_s: float = 300.0
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # applied by devices to uploaded features
     seed: int = 0
 
     def check(self) -> None:
@@ -250,6 +286,8 @@ class RuntimeConfig:
         require(self.expected_devices is None or self.expected_devices >= self.min_devices, "expected_devices",
                  "must be >= min_devices")
         require(self.algorithm == "fedgkt" or self.mode == "sync", "mode", "fedavg runs in sync mode")
+        require(self.algorithm == "fedgkt" or self.privacy.clip_norm is None, "privacy",
+                "feature privacy protects FedGKT's feature uploads; FedAvg uploads weights")
         require(self.codec in FEATURE_CODECS, "codec", f"unknown codec {self.codec!r}; "
                 f"known: {', '.join(FEATURE_CODECS.names())}")
         for device, override in self.edge_overrides.items():
@@ -275,7 +313,7 @@ class RuntimeConfig:
         if not isinstance(override, dict):
             raise ConfigError(f"edge_overrides.{device}: expected a mapping of edge settings, got {override!r}")
         edge = build_dataclass(EdgeConfig, {**asdict(self.edge), **override}, f"edge_overrides.{device}")
-        return RunRecipe(self.algorithm, edge, self.codec, self.fedavg.model_codec)
+        return RunRecipe(self.algorithm, edge, self.codec, self.fedavg.model_codec, self.privacy.recipe(self.rounds))
 
 
 # paths in a runtime.yaml are relative to the file: its state lives beside it unless it says otherwise

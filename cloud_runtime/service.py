@@ -21,6 +21,7 @@ from cloud_runtime.downlink import Downlink
 from cloud_runtime.edge_programs import EdgePrograms
 from cloud_runtime.ingest import Ingest
 from cloud_runtime.plots import plot_accuracy, write_json
+from cloud_runtime.privacy import run_privacy
 from cloud_runtime.progress import Interrupted
 from cloud_runtime.registry import DeviceRegistry, Rejected, device_facts
 from cloud_runtime.report import CostEstimator, build_report
@@ -334,9 +335,9 @@ class CloudRuntime:
 
     def report(self) -> dict:
         run = {"name": self.cfg.run_id, "transport": self.cfg.broker.scheme, "algorithm": self.cfg.algorithm,
-               "late_messages": self.late_messages, "edge_programs": self.programs.report(),
-               "mode": self.cfg.mode, "strategy": strategy_name(self.cfg), "server_model": self.cfg.server.model,
-               "server_params": self.strategy.parameter_count(), "session": self.session,
+               "late_messages": self.late_messages, "edge_programs": self.programs.report(), "mode": self.cfg.mode,
+               "privacy": run_privacy(self.cfg, self.strategy.rows), "strategy": strategy_name(self.cfg),
+               "server_model": self.cfg.server.model, "server_params": self.strategy.parameter_count(), "session": self.session,
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
                "checkpoint": {"generation": self.store.generation, "error": self.checkpoint_error,
                               "skipped_on_restore": self.store.skipped}}

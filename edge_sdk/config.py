@@ -88,6 +88,22 @@ class EdgeConfig:
 
 
 @dataclass
+class FeaturePrivacy:
+    """What devices do to each sample's features before upload (``edge_sdk/privacy.py``, docs/PRIVACY.md):
+    clip to L2 norm ``clip_norm`` and add N(0, (noise_multiplier · clip_norm)²) per element. ``clip_norm``
+    null: off (features go up as extracted)."""
+
+    clip_norm: float | None = None
+    noise_multiplier: float = 0.0
+
+    def check(self) -> None:
+        require(self.clip_norm is None or 0 < self.clip_norm <= 1e6, "clip_norm", "must be in (0, 1e6] or null")
+        require(0 <= self.noise_multiplier <= 1e4, "noise_multiplier", "must be in [0, 1e4]")
+        require(self.clip_norm is not None or self.noise_multiplier == 0, "noise_multiplier",
+                "needs clip_norm (noise is scaled to the clipping bound)")
+
+
+@dataclass
 class RunRecipe:
     """The run as the runtime decides it and tells every device (in HELLO and round announcements):
     the algorithm, how the device trains (``edge``, with any per-device override already applied), and
@@ -97,6 +113,7 @@ class RunRecipe:
     edge: EdgeConfig = field(default_factory=EdgeConfig)
     codec: str = "int8"          # feature codec (+ zstd); see docs/CODECS.md
     model_codec: str = "fp16"    # FedAvg weights (+ zstd)
+    privacy: FeaturePrivacy = field(default_factory=FeaturePrivacy)  # applied to features before upload
 
     def check(self) -> None:
         require(self.codec in FEATURE_CODECS, "codec", f"unknown codec {self.codec!r}; "

@@ -16,6 +16,7 @@ from typing import Callable
 from edge_sdk import wire as P
 from edge_sdk.config import RunRecipe
 from edge_sdk.engine import EdgeEngine, RoundStats
+from edge_sdk.privacy import privatize_features
 from edge_sdk.state import RoundProgress
 
 logger = logging.getLogger("edgefl.agent")
@@ -99,6 +100,8 @@ class RoundRunner:
         share_extractor = bool(data.get("average_extractors"))
         for split in splits:
             upload = engine.extract(split, round_)
+            upload.features = privatize_features(upload.features, recipe.privacy.clip_norm,
+                                                 recipe.privacy.noise_multiplier)  # off unless the run sets it
             upload.round, upload.metrics = round_, (metrics if split == "train" else {})
             sent = self.send_upload(upload, recipe.codec, engine.extractor_state()
                                     if share_extractor and split == "train" else None, session)

@@ -63,7 +63,7 @@ def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval
         min_devices=cfg.run.devices, expected_devices=cfg.run.devices, registration_timeout_s=300.0,
         round_deadline_s=dep.round_deadline_s, quorum=dep.quorum, eval_every=cfg.run.eval_every,
         max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=cfg.run.threads, seed=cfg.run.seed,
-        num_classes=data.num_classes, input_shape=list(data.image_shape))
+        num_classes=data.num_classes, input_shape=list(data.image_shape), privacy=cfg.privacy)
 
 
 def agent_config(cfg: ExperimentConfig, index: int, broker_url: str, ids_file: Path, state_dir: Path) -> AgentConfig:
