@@ -120,7 +120,7 @@ class GKTServer:
         Interrupted` between batches once it is set (the model is then part-trained: the caller discards it)."""
         if not self.train_store:
             raise RuntimeError("no training uploads to train on")
-        devices = list(self.train_store)
+        devices = sorted(self.train_store)  # not arrival order: the same seed gives the same run, whoever uploads first
         parts = [self.train_store[d] for d in devices]
         features = torch.cat([p.features for p in parts])          # N x C x H x W
         teacher = torch.cat([p.client_logits for p in parts])       # N x K
