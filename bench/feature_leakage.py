@@ -11,8 +11,8 @@ split; the victims are a device's private training images). Per ``--setting`` it
 uploads: features of the extractor, clipped and noised as configured, through the run's feature codec.
 
 Attacks (each reconstruction is compared with the victim image in [0, 1]: PSNR in dB and SSIM):
-- ``learned``: an inverse network (features -> image) trained on the public split's features released
-  through the same mechanism (fresh noise every epoch, so it learns to denoise);
+- ``learned``: an inverse network ((features, label) -> image) trained on the public split's features
+  released through the same mechanism (fresh noise every epoch, so it learns to denoise);
 - ``analytic``: the stem's exact inverse where it has one (conv + BatchNorm + ReLU, no pooling): least
   squares of the convolution on the active (positive) units, BatchNorm undone;
 - ``class mean``: the baseline any server has from the labels alone: the public split's mean image of the
@@ -99,40 +99,47 @@ def release(features: np.ndarray, setting: dict, codec: str, rng: np.random.Gene
 # -- the attacks ---------------------------------------------------------------------------------------------------
 
 class Inverse(nn.Module):
-    """features (B x C x h x w) -> image (B x 1 x H x W) in [0, 1]; upsamples by ``scale``."""
+    """(features B x C x h x w, labels B) -> image (B x 1 x H x W) in [0, 1]; upsamples by ``scale``. The
+    label (which the server receives with every sample) enters as one-hot planes: with features that carry
+    nothing, the best this can learn is the class mean, the baseline."""
 
-    def __init__(self, channels: int, scale: int, width: int = 64):
+    def __init__(self, channels: int, scale: int, classes: int = 10, width: int = 64):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+        self.classes = classes
+        layers: list[nn.Module] = [nn.Conv2d(channels + classes, width, 3, padding=1), nn.ReLU()]
         for _ in range(int(np.log2(scale))):
             layers += [nn.ConvTranspose2d(width, width, 4, stride=2, padding=1), nn.ReLU()]
         layers += [nn.Conv2d(width, width // 2, 3, padding=1), nn.ReLU(), nn.Conv2d(width // 2, 1, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(f))
+    def forward(self, f: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        planes = F.one_hot(labels, self.classes).float()[:, :, None, None].expand(-1, -1, *f.shape[2:])
+        return torch.sigmoid(self.net(torch.cat([f, planes], 1)))
 
 
-def learned_attack(public_feats: np.ndarray, public_u8: np.ndarray, victim_feats: np.ndarray, args) -> np.ndarray:
-    """Train :class:`Inverse` on (released public features -> public image) and apply it to the victims'
-    released features. ``public_feats`` are raw (unreleased) features: each epoch releases them afresh."""
+def learned_attack(public_feats: np.ndarray, public_u8: np.ndarray, public_labels: np.ndarray,
+                   victim_feats: np.ndarray, victim_labels: np.ndarray, args) -> np.ndarray:
+    """Train :class:`Inverse` on (released public features, label -> public image) and apply it to the
+    victims' released features and labels. ``public_feats`` are raw (unreleased): each epoch releases them
+    afresh."""
     scale = public_u8.shape[-1] // public_feats.shape[-1]
     with seeded(args.seed):
         net = Inverse(public_feats.shape[1], scale)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     target = torch.from_numpy(public_u8).float() / 255.0
+    labels = torch.from_numpy(public_labels)
     rng = np.random.default_rng(args.seed + 1)
     for epoch in range(args.attack_epochs):
         x = torch.from_numpy(args.release(public_feats, rng))
         order = torch.from_numpy(rng.permutation(len(x)))
         for i in range(0, len(x), 128):
             b = order[i:i + 128]
-            loss = F.mse_loss(net(x[b]), target[b])
+            loss = F.mse_loss(net(x[b], labels[b]), target[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
-        return net(torch.from_numpy(victim_feats)).numpy()[:, 0]
+        return net(torch.from_numpy(victim_feats), torch.from_numpy(victim_labels)).numpy()[:, 0]
 
 
 def analytic_attack(model: nn.Module, victim_feats: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray | None:
@@ -239,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         args.release = lambda f, r, s=setting: release(f, s, args.codec, r)
         victim_feats = args.release(victim_raw, np.random.default_rng())  # the device's noise: unknown to the server
-        learned = learned_attack(public_feats, public_u8, victim_feats, args)
+        learned = learned_attack(public_feats, public_u8, public.labels[:args.public], victim_feats, victim_labels,
+                                 args)
         analytic = analytic_attack(model, victim_feats, victim_u8.shape[1:])
         row = {**setting, "learned": quality(learned, truth),
                "analytic": quality(analytic, truth) if analytic is not None else None,

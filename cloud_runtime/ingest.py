@@ -12,6 +12,8 @@ uploads the ids of others' samples only names its own. Each split's ids are the 
 """
 from __future__ import annotations
 
+import hashlib
+
 from collections import Counter
 
 import numpy as np
@@ -85,7 +87,18 @@ class Ingest:
             raise
         if self.reassembler.duplicates > duplicates:
             self.count("resent", device, wire)
+        if done is not None and done.meta.get("kind") == P.KIND_UPLOAD and done.meta.get("split") == "train":
+            self.note_release(device, done.blob)
         return done
+
+    def note_release(self, device: str, blob: bytes) -> None:
+        """A training-feature upload the runtime has seen (accepted or not): each distinct payload released
+        every sample of ``device`` once (a device re-sends a round bit for bit: its noise is a function of the
+        features, so a copy is no new release). Counted for feature privacy's ε (``cloud_runtime/privacy.py``)."""
+        seen = self.registry.devices[device].setdefault("feature_releases", [])
+        digest = hashlib.sha256(blob).hexdigest()[:16]
+        if digest not in seen and len(seen) < 100_000:
+            seen.append(digest)
 
     def count_accepted(self, device: str, done: P.CompletedTransfer, replaced: bool) -> None:
         """An accepted transfer: its wire bytes are upload, and its fp32-equivalent size is credited, once. One

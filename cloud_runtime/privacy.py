@@ -1,10 +1,12 @@
 """Differential-privacy accounting of the features devices release (``edge_sdk/privacy.py``).
 
-Each round a device uploads the features of every local training sample once: for one sample, R rounds are
-R adaptive compositions of the Gaussian mechanism with noise multiplier σ (L2 sensitivity = the clipping
-bound under add/remove-one-sample adjacency; no subsampling, every sample goes up every round). ε at δ comes
-from Google's ``dp-accounting`` library (privacy-loss-distribution accountant: Meiser & Mohammadi, CCS 2018;
-Koskela et al., AISTATS 2020), not from a formula of ours.
+Each round a device uploads the features of every local training sample once: for one sample, R distinct
+uploads are R adaptive compositions of the Gaussian mechanism (no subsampling: every sample goes up every
+time). Adjacency is *replace one sample* (its image swapped for any other): sample ids and labels go up in
+the clear, so membership is no secret, and what the noise must hide is the image. Two clipped feature maps
+differ by at most 2·clip_norm in L2, so the noise N(0, (σ·clip_norm)²) is a Gaussian mechanism of effective
+multiplier σ/2. ε at δ comes from Google's ``dp-accounting`` library (privacy-loss-distribution accountant:
+Meiser & Mohammadi, CCS 2018; Koskela et al., AISTATS 2020), not from a formula of ours.
 
 The guarantee is a *feature-release* ε for the extractor as it is: the extractor's own training on the
 sample, the labels and the edge logits are not covered (docs/PRIVACY.md says what each reveals).
@@ -25,8 +27,9 @@ def _accountant():
 
 @functools.lru_cache(maxsize=256)
 def epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
-    """ε at ``delta`` after ``releases`` Gaussian releases of one sample with noise multiplier σ; inf when σ = 0
-    or the accountant cannot bound it. Raises ValueError for releases < 0 or delta outside (0, 1)."""
+    """ε at ``delta`` after ``releases`` releases of one sample's features, each clipped to clip_norm with
+    noise σ·clip_norm (``noise_multiplier`` = σ), under replace-one adjacency (sensitivity 2·clip_norm); inf
+    when σ = 0. Raises ValueError for releases < 0 or delta outside (0, 1)."""
     if releases < 0 or not 0 < delta < 1:
         raise ValueError(f"releases must be >= 0 and delta in (0, 1), got {releases}, {delta}")
     if releases == 0:
@@ -35,7 +38,7 @@ def epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
         return float("inf")
     dp, pld = _accountant()
     accountant = pld.PLDAccountant(value_discretization_interval=1e-3)  # pessimistic rounding; 5x faster
-    accountant.compose(dp.GaussianDpEvent(noise_multiplier), releases)
+    accountant.compose(dp.GaussianDpEvent(noise_multiplier / 2), releases)  # sensitivity 2·clip_norm
     return float(accountant.get_epsilon(delta))
 
 
@@ -67,16 +70,14 @@ def privacy_report(clip_norm: float | None, noise_multiplier: float, delta: floa
     return {"enabled": True, "clip_norm": clip_norm, "noise_multiplier": noise_multiplier, "delta": delta,
             "epsilon_per_round": finite(epsilon(noise_multiplier, 1, delta)), "releases": most,
             "epsilon_run": finite(epsilon(noise_multiplier, most, delta)),
-            "covers": "features as released (Gaussian mechanism, add/remove one sample); not labels, edge "
-                      "logits or the extractor's training"}
+            "covers": "features as released (Gaussian mechanism, replace-one-sample adjacency); not labels, "
+                      "edge logits or the extractor's training"}
 
 
-def run_privacy(cfg, rows: list[dict]) -> dict:
-    """:func:`privacy_report` of a :class:`~cloud_runtime.config.RuntimeConfig` after the round ``rows`` of
-    ``report.json`` (a device's samples go up once per round it took part in)."""
+def run_privacy(cfg, devices: dict[str, dict]) -> dict:
+    """:func:`privacy_report` of a :class:`~cloud_runtime.config.RuntimeConfig` whose registry holds ``devices``:
+    a device's releases are the distinct training-feature payloads the runtime saw from it, accepted or not
+    (``feature_releases``, kept by ingest; an identical re-send is no new release)."""
     mechanism = cfg.recipe_for().privacy
-    releases: dict[str, int] = {}
-    for row in rows:
-        for device in row.get("participants", []):
-            releases[device] = releases.get(device, 0) + 1
+    releases = {d: len(info.get("feature_releases", [])) for d, info in devices.items()}
     return privacy_report(mechanism.clip_norm, mechanism.noise_multiplier, cfg.privacy.delta, releases)

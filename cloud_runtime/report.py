@@ -46,7 +46,9 @@ def build_report(run: dict, rows: list[dict], registry: DeviceRegistry, messages
                  total_seconds=time.time() - started)
     per_device = {}
     for name, info in devices.items():
-        entry = per_device[name] = {k: v for k, v in info.items() if k != "rounds"}
+        entry = per_device[name] = {k: v for k, v in info.items() if k not in ("rounds", "feature_releases")}
+        if "feature_releases" in info:
+            entry["feature_releases"] = len(info["feature_releases"])  # distinct training-feature payloads seen
         entry["cost"] = cost(info, sum(name in r.get("participants", []) for r in rows))
         last = (evaluated[-1].get("per_device") or {}).get(name) if evaluated else None
         if last:

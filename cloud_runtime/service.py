@@ -336,7 +336,7 @@ class CloudRuntime:
     def report(self) -> dict:
         run = {"name": self.cfg.run_id, "transport": self.cfg.broker.scheme, "algorithm": self.cfg.algorithm,
                "late_messages": self.late_messages, "edge_programs": self.programs.report(), "mode": self.cfg.mode,
-               "privacy": run_privacy(self.cfg, self.strategy.rows), "strategy": strategy_name(self.cfg),
+               "privacy": run_privacy(self.cfg, self.registry.devices), "strategy": strategy_name(self.cfg),
                "server_model": self.cfg.server.model, "server_params": self.strategy.parameter_count(), "session": self.session,
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
                "checkpoint": {"generation": self.store.generation, "error": self.checkpoint_error,

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -232,7 +233,8 @@ def run_definition(cfg: RuntimeConfig) -> dict:
     return {"algorithm": cfg.algorithm, "mode": cfg.mode, "edge_model": cfg.edge.model,
             "edge_model_kwargs": cfg.edge.model_kwargs, "server_model": cfg.server.model,
             "server_model_kwargs": cfg.server.model_kwargs, "num_classes": cfg.num_classes,
-            "input_shape": cfg.input_shape, "codec": cfg.codec}
+            "input_shape": cfg.input_shape, "codec": cfg.codec,
+            "privacy": asdict(cfg.recipe_for().privacy)}  # with epsilon, σ depends on rounds: a change is a new run
 
 
 def identity_problem(saved, current: dict) -> str | None:

@@ -28,7 +28,7 @@ from edge_sdk.config import AgentConfig, RunRecipe, recipe_from_frame
 from edge_sdk.engine import EdgeEngine
 from edge_sdk.downlink import Downlink, Dropped, decode_transfer
 from edge_sdk.engines import engine_class
-from edge_sdk.program.delivery import ProgramInbox
+from edge_sdk.program.delivery import ProgramInbox, check_program_size
 from edge_sdk.program.format import ProgramError
 from edge_sdk.rounds import RoundRunner
 from edge_sdk.state import STATE_FILE, AgentStateFile, RoundProgress, check_state_identity
@@ -65,7 +65,8 @@ class EdgeAgent:
         self.state = AgentStateFile(Path(cfg.state_dir) / STATE_FILE, device=self.device, run=cfg.run_id,
                                     data=fingerprint or data_fingerprint(train, test))  # build_agent has it already
         self.rounds = RoundRunner(self.device, send=lambda *a: self.send_transfer(*a), save=lambda: self.save_state(),
-                                  progress=RoundProgress(done_session=self.state.saved_session()))
+                                  progress=RoundProgress(done_session=self.state.saved_session()),
+                                  state_dir=cfg.state_dir)
         self.run_instance: str | None = None  # the runtime's run instance (HELLO / ROUND): a new one is a new run
         self.pending_round: dict | None = None
         self.uplink = Uplink(transport, self.topics, self.device, cfg.upload)  # acknowledged transfers
@@ -134,7 +135,7 @@ class EdgeAgent:
             self.client = self.recipe = self.pending_round = None
             self.rounds.reset()
             self.programs.reset()  # the new instance announces its own programs
-        self.run_instance = instance or self.run_instance
+        self.run_instance = self.rounds.instance = instance or self.run_instance or ""
         self.programs.note(data.get("edge_programs"))
         if self.recipe is None and not self.fit_run_facts(data.get("run_facts")):
             return False
@@ -155,8 +156,9 @@ class EdgeAgent:
                             edge.model, edge.trainer)
             return True
         try:  # (build_agent checked that torch is installed)
-            client = engine_class("torch")(self.device, edge, self.train_set, self.test_set, stats_name=self._stats_name(),
-                                 seed=self.cfg.seed, threads=self.cfg.threads, init_seed=self.run_seed)
+            client = engine_class("torch")(self.device, edge, self.train_set, self.test_set, seed=self.cfg.seed,
+                                           stats_name=self._stats_name(), threads=self.cfg.threads,
+                                           init_seed=self.run_seed)
         except Exception as e:  # the recipe came over the wire: whatever it breaks, the agent keeps running
             logger.error("%s: cannot build %s from the runtime's recipe: %s: %s", self.device, edge.model,
                          type(e).__name__, e)
@@ -321,6 +323,7 @@ class EdgeAgent:
         if kind == P.KIND_EDGE_PROGRAM:
             if self.cfg.engine != "onnxruntime":
                 raise ProgramError("an edge program for a device on the torch engine")
+            check_program_size(done.blob)
             if self.client is None:
                 self.programs.receive(done.blob)  # checked against an announced digest before it runs
                 logger.info("%s: edge program received (%.0f KB)", self.device, len(done.blob) / 1024)
@@ -332,36 +335,32 @@ class EdgeAgent:
         part = engine.extractor_state() if kind == P.KIND_EXTRACTOR else engine.model_state()
         payload = decode_transfer(done, {k: v.shape for k, v in part.items()}, len(self.train_set),
                                   self.train_set.num_classes)
-        self.rounds.take(engine, kind, payload, done.round)
+        try:  # soft labels for ids this device does not hold, of another class count, ...: nothing applied
+            self.rounds.take(engine, kind, payload, done.round)
+        except (KeyError, ValueError) as e:
+            raise Dropped(f"a {kind} transfer: {type(e).__name__}: {e}") from None
 
     # -- rounds -------------------------------------------------------------------------------------
 
-    def use_threads(self) -> None:
-        """Set the engine's threads for this device's compute (one pool may be shared in memory mode)."""
-        if self.client is not None:
-            self.client.set_threads()
-
     def run_round(self, header: dict) -> None:
         """One announced round (:meth:`RoundRunner.run`) on this device's engine and recipe."""
-        self.use_threads()
+        self.client.set_threads()  # this device's threads (in memory mode one pool serves several agents)
         self.rounds.run(self.client, self.recipe, header)
 
     def send_transfer(self, blob: bytes, round_: int, meta: dict, what: str, session: str | None) -> bool:
         """Send on the uplink until the runtime's verdict (:meth:`Uplink.send`). True when the runtime accepted it,
         or refused it as ``stale_round`` (it has moved past this round: nothing left to do). False when the agent
         stops, a new runtime session starts first, or the runtime rejected it: the round is then not done."""
-        verdict = self.uplink.send(blob, round_, meta, what, poll=self._poll, abort=lambda: self.stop.is_set() or (
-            session is not None and self.registered_session != session))
+        verdict = self.uplink.send(blob, round_, meta, what, poll=self.poll_during_transfer,
+                                   abort=lambda: self.stop.is_set() or (session is not None
+                                                                       and self.registered_session != session))
         if verdict is None:
             logger.warning("%s: round %d %s not finished (%s)", self.device, round_, what,
                            "stopping" if self.stop.is_set() else "a new runtime session started")
             return False
-        if verdict.accepted and "raw_fp32_bytes" in meta:
-            logger.info("%s: round %d %s done: %d bytes on the wire (%.1fx smaller than fp32)", self.device, round_,
-                        what, self.uplink.last_transfer_wire, meta["raw_fp32_bytes"] / max(self.uplink.last_transfer_bytes, 1))
         return verdict.accepted or verdict.reason == "stale_round"
 
-    def _poll(self, timeout: float) -> None:
+    def poll_during_transfer(self, timeout: float) -> None:
         """While a transfer is in flight: handle incoming messages (its acknowledgements) and keep heartbeating."""
         self.pump(timeout)
         self.heartbeat()
@@ -374,9 +373,10 @@ class EdgeAgent:
             return
         self._last_heartbeat = now
         self.transport.publish(self.topics.heartbeat(self.device), P.control_frame(
-            P.HEARTBEAT, run=self.cfg.run_id, device=self.device, round_=self.progress.last_done, profile=self.cfg.profile,
+            P.HEARTBEAT, run=self.cfg.run_id, device=self.device, round_=self.progress.last_done,
+            profile=self.cfg.profile, rss_mb=peak_rss_mb(), engine=self.cfg.engine,
             step_time_s=float(np.median(self.rounds.step_times)) if self.rounds.step_times else None,
-            rss_mb=peak_rss_mb(), engine=self.cfg.engine, bytes_up=self.uplink.bytes_up, bytes_resent=self.uplink.bytes_resent, rejected=self.rejected), qos=0)
+            bytes_up=self.uplink.bytes_up, bytes_resent=self.uplink.bytes_resent, rejected=self.rejected), qos=0)
 
     def pump(self, timeout: float = 0.2) -> bool:
         """Handle every queued message (waiting up to ``timeout`` s for the first); True if any came."""
@@ -415,7 +415,8 @@ class EdgeAgent:
             return
         try:
             self.transport.publish(self.topics.status(self.device), P.control_frame(
-                P.STATUS, run=self.cfg.run_id, device=self.device, round_=self.progress.last_done, online=False), retain=True)
+                P.STATUS, run=self.cfg.run_id, device=self.device, round_=self.progress.last_done, online=False),
+                retain=True)
             self.transport.flush(5)
         finally:
             self.transport.close()

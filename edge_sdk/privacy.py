@@ -3,36 +3,80 @@
 The Gaussian mechanism (Dwork & Roth, "The Algorithmic Foundations of Differential Privacy", 2014, Thm. A.1;
 its Rényi accounting: Mironov, "Rényi Differential Privacy", CSF 2017): every sample's feature map f (C x H x W)
 is clipped to L2 norm at most ``clip_norm`` (f · min(1, clip_norm / ‖f‖₂)), then each element gets independent
-N(0, (noise_multiplier · clip_norm)²) noise. Under add/remove-one-sample adjacency one release of one sample
-has L2 sensitivity ``clip_norm``, so ``noise_multiplier`` is the mechanism's σ; the runtime's accountant
-(``cloud_runtime/privacy.py``) turns it into ε at δ for the rounds a sample is released in.
+N(0, (noise_multiplier · clip_norm)²) noise. Replacing one sample's image changes its clipped features by at
+most 2 · clip_norm in L2; the runtime's accountant (``cloud_runtime/privacy.py``) turns that into ε at δ for
+the times a sample is released.
 
 What it covers, and what not (docs/PRIVACY.md): the features as released by a fixed extractor. Labels and
 edge logits go up unprotected, and the extractor's own training on the sample is not privatized.
 
-Torch-free (numpy), so both edge engines apply the same mechanism. The noise comes from the operating
-system's entropy, never from the run's seed: a server that could replay the noise could remove it.
+Torch-free (numpy), so both edge engines apply the same mechanism. The noise is never drawn from the run's
+seed (a server that could replay it could remove it): it comes from a device secret (``privacy.key`` in the
+state directory, 32 bytes of OS entropy) hashed with the features themselves, so re-sending a round (a
+restart, a new runtime session, a rejection) sends the very same release, while different features always
+get fresh noise. Without a key, the operating system's entropy.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
+
+KEY_FILE = "privacy.key"
+_BLOCK = 256  # samples per block: the noise is drawn block by block (a small device's peak holds one block)
+
+
+def device_key(state_dir: str | Path) -> bytes:
+    """This device's secret for drawing noise: ``<state_dir>/privacy.key`` (32 bytes, created from OS entropy
+    with mode 0600 on first use). Raises OSError when it can be neither read nor created."""
+    path = Path(state_dir) / KEY_FILE
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+    except FileNotFoundError:
+        pass
+    key = os.urandom(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return key
+
+
+def noise_rng(key: bytes | None, features: np.ndarray, *context) -> np.random.Generator:
+    """The generator for one release: seeded by SHA-256 of ``key``, ``context`` (run instance, round, split)
+    and the features' bytes; OS entropy when ``key`` is None."""
+    if key is None:
+        return np.random.default_rng()
+    h = hashlib.sha256(key)
+    h.update(repr(context).encode())
+    h.update(np.ascontiguousarray(features).view(np.uint8).reshape(-1))
+    return np.random.default_rng(np.frombuffer(h.digest(), dtype=np.uint32))
 
 
 def clip_per_sample(features: np.ndarray, clip_norm: float) -> np.ndarray:
     """``features`` (N x ...) with each row scaled to L2 norm <= ``clip_norm`` (rows below it unchanged);
     float32, a new array."""
-    flat = features.reshape(len(features), -1).astype(np.float32)                    # N x (C H W)
+    out = np.array(features, dtype=np.float32, copy=True)
+    flat = out.reshape(len(out), -1)                                                  # N x (C H W), a view
     norms = np.sqrt(np.einsum("ij,ij->i", flat, flat, dtype=np.float64))          # N
-    scale = np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12)).astype(np.float32)
-    return (flat * scale[:, None]).reshape(features.shape)
+    flat *= np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12)).astype(np.float32)[:, None]
+    return out
 
 
 def privatize_features(features: np.ndarray, clip_norm: float | None, noise_multiplier: float,
                        rng: np.random.Generator | None = None) -> np.ndarray:
     """The Gaussian mechanism on ``features`` (N x C x H x W float32): per-sample clipping to ``clip_norm`` and
     N(0, (noise_multiplier · clip_norm)²) noise per element. ``clip_norm`` None returns ``features``
-    unchanged. ``rng``: tests only (the default draws from OS entropy). Raises ValueError for a clip norm
-    <= 0 or a negative noise multiplier."""
+    unchanged. ``rng``: :func:`noise_rng` (default: OS entropy). Raises ValueError for a clip norm <= 0 or a
+    negative noise multiplier."""
     if clip_norm is None:
         return features
     if not clip_norm > 0 or not noise_multiplier >= 0:
@@ -40,6 +84,9 @@ def privatize_features(features: np.ndarray, clip_norm: float | None, noise_mult
                          f"{noise_multiplier}")
     out = clip_per_sample(features, clip_norm)
     if noise_multiplier > 0:
-        rng = rng if rng is not None else np.random.default_rng()  # seeded from OS entropy
-        out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(noise_multiplier * clip_norm)
+        rng = rng if rng is not None else np.random.default_rng()
+        scale = np.float32(noise_multiplier * clip_norm)
+        for i in range(0, len(out), _BLOCK):
+            block = out[i:i + _BLOCK]
+            block += rng.standard_normal(block.shape, dtype=np.float32) * scale
     return out

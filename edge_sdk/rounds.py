@@ -16,7 +16,7 @@ from typing import Callable
 from edge_sdk import wire as P
 from edge_sdk.config import RunRecipe
 from edge_sdk.engine import EdgeEngine, RoundStats
-from edge_sdk.privacy import privatize_features
+from edge_sdk.privacy import device_key, noise_rng, privatize_features
 from edge_sdk.state import RoundProgress
 
 logger = logging.getLogger("edgefl.agent")
@@ -26,11 +26,14 @@ Send = Callable[[bytes, int, dict, str, "str | None"], bool]
 
 
 class RoundRunner:
-    """Runs announced rounds for ``device``. ``send`` and ``save`` are the agent's (uplink, state file)."""
+    """Runs announced rounds for ``device``. ``send`` and ``save`` are the agent's (uplink, state file);
+    ``state_dir`` holds the device's feature-privacy key; ``instance`` is the runtime's run instance."""
 
-    def __init__(self, device: str, send: Send, save: Callable[[], None], progress: RoundProgress | None = None):
-        self.device, self.send, self.save = device, send, save
+    def __init__(self, device: str, send: Send, save: Callable[[], None], progress: RoundProgress | None = None,
+                 state_dir: str | None = None):
+        self.device, self.send, self.save, self.state_dir = device, send, save, state_dir
         self.progress = progress or RoundProgress()
+        self.instance = ""
         self.global_state: dict | None = None  # FedAvg: the latest global model ...
         self.global_round = -1                 # ... and its round
         self.step_times: list[float] = []      # seconds per training step, one entry per round
@@ -100,8 +103,7 @@ class RoundRunner:
         share_extractor = bool(data.get("average_extractors"))
         for split in splits:
             upload = engine.extract(split, round_)
-            upload.features = privatize_features(upload.features, recipe.privacy.clip_norm,
-                                                 recipe.privacy.noise_multiplier)  # off unless the run sets it
+            upload.features = self.privatize(upload.features, recipe, round_, split)
             upload.round, upload.metrics = round_, (metrics if split == "train" else {})
             sent = self.send_upload(upload, recipe.codec, engine.extractor_state()
                                     if share_extractor and split == "train" else None, session)
@@ -113,6 +115,16 @@ class RoundRunner:
                 self.save()  # a restart before the round is done re-sends only what the runtime lacks
         progress.last_done, progress.done_session = round_, session
         self.save()
+
+    def privatize(self, features, recipe: RunRecipe, round_: int, split: str):
+        """The run's feature privacy (off unless the recipe sets it); a re-send of the same features is the
+        same release (:func:`edge_sdk.privacy.noise_rng`)."""
+        mechanism = recipe.privacy
+        if mechanism.clip_norm is None:
+            return features
+        key = device_key(self.state_dir) if self.state_dir is not None else None
+        rng = noise_rng(key, features, self.instance, round_, split)
+        return privatize_features(features, mechanism.clip_norm, mechanism.noise_multiplier, rng)
 
     def run_fedavg(self, engine: EdgeEngine, recipe: RunRecipe, round_: int, session: str | None) -> None:
         """FedAvg: start from the global model with a fresh optimizer, train locally, send the weights back."""

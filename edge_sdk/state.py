@@ -80,7 +80,7 @@ def read_state_meta(path: Path) -> dict | None:
             if not 0 < n <= 100_000_000:
                 return None
             meta = json.loads(json.loads(f.read(n)).get("__metadata__", {}).get("agent", "null"))
-    except (OSError, ValueError, AttributeError):
+    except Exception:  # unreadable, foreign, non-string or absurdly nested metadata: no saved session
         return None
     return meta if isinstance(meta, dict) else None
 
@@ -228,7 +228,8 @@ class AgentStateFile:
         engine.soft_labels.load(state["soft_logits"], state["soft_present"], int(state["soft_round"]))
         progress = RoundProgress(last_done=int(state["last_done"]), done_session=state["done_session"] or None,
                                  trained_round=int(state.get("trained_round", state["last_done"])),
-                                 accepted=accepted_mark(state.get("accepted")), soft_label_round=int(state["soft_round"]))
+                                 accepted=accepted_mark(state.get("accepted")),
+                                 soft_label_round=int(state["soft_round"]))
         saved_by = state.get("engine")
         logger.info("%s resumed from %s%s: last finished round %d", self.device, self.path,
                     f" (saved by the {saved_by} engine)" if saved_by not in (None, engine.name) else "",

@@ -54,6 +54,9 @@ class Uplink:
         self.bytes_resent += sender.resent_bytes
         if verdict is not None and not verdict.accepted:
             logger.error("%s: the runtime rejected round %d %s: %s", self.device, round_, what, verdict.reason)
+        elif verdict is not None and "raw_fp32_bytes" in meta:
+            logger.info("%s: round %d %s done: %d bytes on the wire (%.1fx smaller than fp32)", self.device, round_,
+                        what, self.last_transfer_wire, meta["raw_fp32_bytes"] / max(self.last_transfer_bytes, 1))
         if sender.resends or sender.timeouts:  # the broker dropped messages (queue limits?) or the runtime was slow
             logger.warning("%s: %s of %d chunks needed %d re-sent chunks and %d timeouts", self.device, what,
                            len(chunks), sender.resends, sender.timeouts)

@@ -46,17 +46,17 @@ def test_noise_has_the_configured_scale_and_comes_from_os_entropy():
 
 
 def _exact_delta(eps: float, mu: float) -> float:
-    """The Gaussian mechanism's exact privacy curve (Balle & Wang, ICML 2018, Thm. 8): R releases with noise
-    multiplier σ are one Gaussian mechanism of μ = √R / σ."""
+    """The Gaussian mechanism's exact privacy curve (Balle & Wang, ICML 2018, Thm. 8): R releases of noise
+    σ·C with sensitivity 2C (replace one sample, both clipped to C) are one Gaussian mechanism of μ = 2√R / σ."""
     from scipy.stats import norm
     return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2)
 
 
-@pytest.mark.parametrize("sigma, releases", [(0.8, 1), (1.0, 6), (2.0, 6), (4.0, 20)])
+@pytest.mark.parametrize("sigma, releases", [(1.6, 1), (2.0, 6), (4.0, 6), (8.0, 20)])
 def test_accountant_epsilon_matches_the_exact_gaussian_curve(sigma, releases):
     from scipy.optimize import brentq
     delta = 1e-5
-    mu = math.sqrt(releases) / sigma
+    mu = 2 * math.sqrt(releases) / sigma
     exact = brentq(lambda e: _exact_delta(e, mu) - delta, 1e-6, 500)
     got = epsilon(sigma, releases, delta)
     assert exact <= got <= exact * 1.02 + 1e-3  # sound (never below the truth) and tight
@@ -87,11 +87,11 @@ def test_the_recipe_carries_the_calibrated_noise_and_the_report_its_epsilon():
     cfg = build_dataclass(RuntimeConfig, {"rounds": 6, "privacy": {"clip_norm": 3.0, "epsilon": 8.0}})
     mechanism = cfg.recipe_for("dev0").privacy
     assert mechanism.clip_norm == 3.0 and mechanism.noise_multiplier == calibrate_noise(8.0, 1e-5, 6)
-    rows = [{"participants": ["dev0", "dev1"]} for _ in range(6)] + [{"participants": ["dev0"]}]
-    report = run_privacy(cfg, rows)
+    devices = {"dev0": {"feature_releases": [f"{i:016x}" for i in range(7)]}, "dev1": {"feature_releases": ["a"]}}
+    report = run_privacy(cfg, devices)
     assert report["enabled"] and report["releases"] == 7  # dev0 went up 7 times: more than planned, reported
     assert report["epsilon_run"] == epsilon(mechanism.noise_multiplier, 7, 1e-5) > 8.0
-    assert run_privacy(build_dataclass(RuntimeConfig, {}), rows) == {"enabled": False}
+    assert run_privacy(build_dataclass(RuntimeConfig, {}), devices) == {"enabled": False}
     with pytest.raises(ConfigError, match="FedGKT"):
         build_dataclass(RuntimeConfig, {"algorithm": "fedavg", "privacy": {"clip_norm": 1.0}})
     assert PrivacyConfig().recipe(6).clip_norm is None
@@ -112,6 +112,42 @@ def test_devices_upload_clipped_features_and_the_report_says_so(npz_dir, tmp_pat
     out = tmp_path / "run"
     assert main(sim_args(npz_dir, out, "--set", "run.rounds=2", "--set", "privacy.clip_norm=0.5")) == 0
     assert len(sent) >= 6 and all((n <= 0.5 * (1 + 1e-5)).all() for n in sent)
-    privacy = json.loads((out / "report.json").read_text())["run"]["privacy"]
+    report = json.loads((out / "report.json").read_text())
+    privacy = report["run"]["privacy"]
     assert privacy["enabled"] and privacy["clip_norm"] == 0.5 and privacy["releases"] == 2
     assert privacy["epsilon_run"] is None and "not labels" in privacy["covers"]
+    assert all(d["feature_releases"] == 2 for d in report["devices"].values())
+
+
+def test_a_resend_is_the_same_release_and_new_features_get_fresh_noise(tmp_path):
+    """Re-sending a round (restart, new runtime session, rejection) must not hand the server a second,
+    independently noised copy of the same features: averaging copies would remove the noise."""
+    from edge_sdk.privacy import device_key, noise_rng
+    key = device_key(tmp_path)
+    assert len(key) == 32 and device_key(tmp_path) == key and (tmp_path / "privacy.key").stat().st_mode & 0o777 == 0o600
+    f = features()
+    once = privatize_features(f, 2.0, 1.0, noise_rng(key, f, "inst", 3, "train"))
+    again = privatize_features(f, 2.0, 1.0, noise_rng(key, f, "inst", 3, "train"))
+    assert np.array_equal(once, again)
+    other = f.copy()
+    other[0, 0, 0, 0] += 1e-3  # retrained features: a new release with noise independent of the first
+    noise_a = once - clip_per_sample(f, 2.0)
+    noise_b = (privatize_features(other, 2.0, 1.0, noise_rng(key, other, "inst", 3, "train"))
+               - clip_per_sample(other, 2.0))
+    assert abs(np.corrcoef(noise_a.ravel(), noise_b.ravel())[0, 1]) < 0.05
+    for ctx in (("inst", 4, "train"), ("inst", 3, "test"), ("other", 3, "train")):
+        assert not np.array_equal(once, privatize_features(f, 2.0, 1.0, noise_rng(key, f, *ctx)))
+    assert not np.array_equal(once, privatize_features(f, 2.0, 1.0, noise_rng(device_key(tmp_path / "b"), f, "inst", 3,
+                                                                               "train")))
+
+
+def test_the_runtime_counts_distinct_payloads_as_releases(tmp_path):
+    from cloud_runtime.ingest import Ingest
+    from cloud_runtime.registry import DeviceRegistry
+    cfg = RuntimeConfig()
+    registry = DeviceRegistry(cfg)
+    registry.devices["dev0"] = {}
+    ingest = Ingest(cfg, registry)
+    for blob in (b"round0", b"round0", b"round1"):  # a re-send of round 0 is no new release
+        ingest.note_release("dev0", blob)
+    assert len(registry.devices["dev0"]["feature_releases"]) == 2

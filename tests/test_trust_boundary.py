@@ -185,14 +185,14 @@ def test_a_round_whose_upload_was_never_acknowledged_is_not_done(npz_dir, tmp_pa
     chunks = []
     bus.client("sniffer").subscribe(P.Topics(RUN).up("devA"), lambda t, p: chunks.append(p))
     polls = [0]
-    original = agent._poll
+    original = agent.poll_during_transfer
 
     def poll(timeout):  # nobody answers: after a while the agent is told to stop
         polls[0] += 1
         if polls[0] > 40:
             agent.stop.set()
         original(0)
-    agent._poll = poll
+    agent.poll_during_transfer = poll
     agent.run_round({"round": 0, "data": {"session": "s1"}})
     assert chunks and agent.progress.trained_round == 0 and agent.progress.last_done == -1  # trained, sent, not done
     saved = read_state(tmp_path / "s" / STATE_FILE)

@@ -47,8 +47,7 @@ class ProgramInbox:
 
     def receive(self, blob: bytes) -> None:
         """A completed ``edge_program`` transfer, kept until judged. Raises ProgramError when oversized."""
-        if len(blob) > MAX_PROGRAM_BYTES:
-            raise ProgramError(f"edge program of {len(blob)} bytes (at most {MAX_PROGRAM_BYTES})")
+        check_program_size(blob)
         self.received = blob
 
     def candidates(self) -> Iterator[tuple[str, bytes]]:
@@ -116,3 +115,9 @@ class ProgramInbox:
             return False
         self._request = (now, min(2 * wait, PROGRAM_REQUEST_S[1]))
         return True
+
+
+def check_program_size(blob: bytes) -> None:
+    """Raises ProgramError for a program larger than :data:`MAX_PROGRAM_BYTES`."""
+    if len(blob) > MAX_PROGRAM_BYTES:
+        raise ProgramError(f"edge program of {len(blob)} bytes (at most {MAX_PROGRAM_BYTES})")
