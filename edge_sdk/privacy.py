@@ -64,7 +64,7 @@ def noise_rng(key: bytes | None, features: np.ndarray, *context) -> np.random.Ge
 def clip_per_sample(features: np.ndarray, clip_norm: float) -> np.ndarray:
     """``features`` (N x ...) with each row scaled to L2 norm <= ``clip_norm`` (rows below it unchanged);
     float32, a new array."""
-    out = np.array(features, dtype=np.float32, copy=True)
+    out = np.array(features, dtype=np.float32, order="C", copy=True)  # C order: the row view below is a view
     flat = out.reshape(len(out), -1)                                                  # N x (C H W), a view
     norms = np.sqrt(np.einsum("ij,ij->i", flat, flat, dtype=np.float64))          # N
     flat *= np.minimum(1.0, clip_norm / np.maximum(norms, 1e-12)).astype(np.float32)[:, None]

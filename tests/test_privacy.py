@@ -32,6 +32,16 @@ def test_clipping_bounds_every_sample_and_leaves_small_ones_alone():
                        f[~small] / norms[~small, None, None, None], atol=1e-6)
 
 
+def test_clipping_holds_for_arrays_in_any_memory_layout():
+    """Features in channels-last layout (a torch extractor's output) were once left unclipped: the per-row view
+    of a non-C-contiguous copy is itself a copy, so scaling it changed nothing."""
+    f = features()
+    channels_last = np.ascontiguousarray(f.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)   # N x C x H x W view
+    assert not channels_last.flags.c_contiguous and np.array_equal(channels_last, f)
+    out = privatize_features(channels_last, 1.0, 0.0)
+    assert np.allclose(np.linalg.norm(out.reshape(len(out), -1), axis=1), 1.0, rtol=1e-5)
+
+
 def test_noise_has_the_configured_scale_and_comes_from_os_entropy():
     f = features(n=256)
     clip, sigma = 2.0, 0.75
