@@ -126,6 +126,12 @@ class PrivacyConfig:
                 "give noise_multiplier or epsilon, not both")
         require(self.clip_norm is not None or (self.noise_multiplier is None and self.epsilon is None),
                 "clip_norm", "noise_multiplier / epsilon need clip_norm (the noise is scaled to it)")
+        if self.clip_norm is not None and (self.epsilon is not None or self.noise_multiplier):
+            try:  # the accountant: fail now, not at the first report
+                import dp_accounting  # noqa: F401
+            except ImportError:
+                raise ConfigError("privacy: accounting the noise needs dp-accounting (the cloud extra: "
+                                  "pip install dp-accounting)") from None
 
     def recipe(self, rounds: int) -> FeaturePrivacy:
         """What devices apply: σ as given, or calibrated for ``rounds`` releases per sample."""
@@ -205,6 +211,11 @@ class ExperimentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def check(self) -> None:
+        require(self.algorithm == "fedgkt" or self.privacy.clip_norm is None, "privacy",
+                "feature privacy protects FedGKT's feature uploads; FedAvg uploads weights (set privacy.clip_norm: "
+                "null, or algorithm: fedgkt)")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -287,7 +298,8 @@ class RuntimeConfig:
                  "must be >= min_devices")
         require(self.algorithm == "fedgkt" or self.mode == "sync", "mode", "fedavg runs in sync mode")
         require(self.algorithm == "fedgkt" or self.privacy.clip_norm is None, "privacy",
-                "feature privacy protects FedGKT's feature uploads; FedAvg uploads weights")
+                "feature privacy protects FedGKT's feature uploads; FedAvg uploads weights (set privacy.clip_norm: "
+                "null, or algorithm: fedgkt)")
         require(self.codec in FEATURE_CODECS, "codec", f"unknown codec {self.codec!r}; "
                 f"known: {', '.join(FEATURE_CODECS.names())}")
         for device, override in self.edge_overrides.items():

@@ -60,7 +60,7 @@ def calibrate_noise(target_epsilon: float, delta: float, releases: int) -> float
 
 
 def privacy_report(clip_norm: float | None, noise_multiplier: float, delta: float,
-                   releases_per_device: dict[str, int]) -> dict:
+                   releases_per_device: dict[str, int], target_epsilon: float | None = None) -> dict:
     """``report.json``'s ``run.privacy``: the mechanism's settings, ε of one round's release and of the run
     (the device whose samples went up most often; null: no bound, σ = 0), and what the guarantee covers."""
     if clip_norm is None:
@@ -68,6 +68,7 @@ def privacy_report(clip_norm: float | None, noise_multiplier: float, delta: floa
     most = max(releases_per_device.values(), default=0)
     finite = lambda e: e if e != float("inf") else None  # noqa: E731  (JSON has no infinity: null = unbounded)
     return {"enabled": True, "clip_norm": clip_norm, "noise_multiplier": noise_multiplier, "delta": delta,
+            "epsilon_target": target_epsilon,
             "epsilon_per_round": finite(epsilon(noise_multiplier, 1, delta)), "releases": most,
             "epsilon_run": finite(epsilon(noise_multiplier, most, delta)),
             "covers": "features as released (Gaussian mechanism, replace-one-sample adjacency); not labels, "
@@ -80,4 +81,5 @@ def run_privacy(cfg, devices: dict[str, dict]) -> dict:
     (``feature_releases``, kept by ingest; an identical re-send is no new release)."""
     mechanism = cfg.recipe_for().privacy
     releases = {d: len(info.get("feature_releases", [])) for d, info in devices.items()}
-    return privacy_report(mechanism.clip_norm, mechanism.noise_multiplier, cfg.privacy.delta, releases)
+    return privacy_report(mechanism.clip_norm, mechanism.noise_multiplier, cfg.privacy.delta, releases,
+                          cfg.privacy.epsilon)

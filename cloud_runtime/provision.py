@@ -169,8 +169,9 @@ def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: in
         ("codec", "feature upload codec: int8 | fp16 | fp32 (+ zstd)", "int8"),
         ("server", "the large server CNN trained on the devices' features", {
             "model": "resnet55_server", "epochs": 1, "batch_size": 64, "lr": 0.05}),
-        ("privacy", "features clipped to clip_norm and noised on the device; noise_multiplier or epsilon "
-         "(docs/PRIVACY.md: what it costs, what it leaves open)", {"clip_norm": None, "epsilon": None, "delta": 1e-5}),
+        ("privacy", "features clipped to clip_norm (L2 per sample) and noised on the device: set noise_multiplier "
+         "or epsilon (clip_norm alone clips without noise); docs/PRIVACY.md", {
+             "clip_norm": None, "noise_multiplier": None, "epsilon": None, "delta": 1e-5}),
         ("# the runtime's machine", "", None),
         ("state_dir", "checkpoints, report.json and plots (serve --reset-state starts the run afresh)", "state"),
         ("threads", "torch threads for server training; null: torch's default", None),

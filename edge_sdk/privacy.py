@@ -1,7 +1,7 @@
 """Feature privacy on the device: what happens to each sample's feature map before it leaves.
 
-The Gaussian mechanism (Dwork & Roth, "The Algorithmic Foundations of Differential Privacy", 2014, Thm. A.1;
-its Rényi accounting: Mironov, "Rényi Differential Privacy", CSF 2017): every sample's feature map f (C x H x W)
+The Gaussian mechanism (Dwork & Roth, "The Algorithmic Foundations of Differential Privacy", 2014, Thm. A.1):
+every sample's feature map f (C x H x W)
 is clipped to L2 norm at most ``clip_norm`` (f · min(1, clip_norm / ‖f‖₂)), then each element gets independent
 N(0, (noise_multiplier · clip_norm)²) noise. Replacing one sample's image changes its clipped features by at
 most 2 · clip_norm in L2; the runtime's accountant (``cloud_runtime/privacy.py``) turns that into ε at δ for
