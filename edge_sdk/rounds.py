@@ -34,6 +34,7 @@ class RoundRunner:
         self.device, self.send, self.save, self.state_dir = device, send, save, state_dir
         self.progress = progress or RoundProgress()
         self.instance = ""
+        self._key: bytes | None = None  # the device's privacy key, read once
         self.global_state: dict | None = None  # FedAvg: the latest global model ...
         self.global_round = -1                 # ... and its round
         self.step_times: list[float] = []      # seconds per training step, one entry per round
@@ -122,8 +123,9 @@ class RoundRunner:
         mechanism = recipe.privacy
         if mechanism.clip_norm is None:
             return features
-        key = device_key(self.state_dir) if self.state_dir is not None else None
-        rng = noise_rng(key, features, self.instance, round_, split)
+        if self._key is None and self.state_dir is not None:
+            self._key = device_key(self.state_dir)
+        rng = noise_rng(self._key, features, self.instance, round_, split)
         return privatize_features(features, mechanism.clip_norm, mechanism.noise_multiplier, rng)
 
     def run_fedavg(self, engine: EdgeEngine, recipe: RunRecipe, round_: int, session: str | None) -> None:

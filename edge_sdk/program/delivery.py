@@ -28,7 +28,7 @@ class ProgramInbox:
     def __init__(self, cache_dir: str | Path, device: str = ""):
         self.cache, self.device = ProgramCache(cache_dir), device  # (device: for the logs)
         self.announced: list[str] = []
-        self.received: bytes | None = None
+        self.received: tuple[str, bytes] | None = None  # (digest, blob): hashed once, on arrival
         self.refused: set[str] = set()
         self.current: str | None = None  # the digest of the program the engine runs
         self.refusals = 0                # programs refused in this process
@@ -48,15 +48,14 @@ class ProgramInbox:
     def receive(self, blob: bytes) -> None:
         """A completed ``edge_program`` transfer, kept until judged. Raises ProgramError when oversized."""
         check_program_size(blob)
-        self.received = blob
+        self.received = (program_digest(blob), blob)
 
     def candidates(self) -> Iterator[tuple[str, bytes]]:
         """(digest, blob) of each announced, unrefused program at hand: the received one first (judged once it
         is announced; until then it is held), then cached ones, newest announcement first. Each blob is hashed
         once."""
         if self.received is not None:
-            blob = self.received
-            digest = program_digest(blob)
+            digest, blob = self.received
             if digest in self.announced:
                 self.received = None
                 if digest not in self.refused:
