@@ -103,6 +103,10 @@ class FedGKTConfig:
     average_extractors: bool = False
 
 
+PRIVACY_NEEDS_FEDGKT = ("feature privacy protects FedGKT's feature uploads; FedAvg uploads weights (set "
+                        "privacy.clip_norm: null, or algorithm: fedgkt)")
+
+
 @dataclass
 class PrivacyConfig:
     """Feature privacy (docs/PRIVACY.md): devices clip each sample's features to L2 norm ``clip_norm`` and add
@@ -214,8 +218,7 @@ class ExperimentConfig:
 
     def check(self) -> None:
         require(self.algorithm == "fedgkt" or self.privacy.clip_norm is None, "privacy",
-                "feature privacy protects FedGKT's feature uploads; FedAvg uploads weights (set privacy.clip_norm: "
-                "null, or algorithm: fedgkt)")
+                PRIVACY_NEEDS_FEDGKT)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -298,8 +301,7 @@ class RuntimeConfig:
                  "must be >= min_devices")
         require(self.algorithm == "fedgkt" or self.mode == "sync", "mode", "fedavg runs in sync mode")
         require(self.algorithm == "fedgkt" or self.privacy.clip_norm is None, "privacy",
-                "feature privacy protects FedGKT's feature uploads; FedAvg uploads weights (set privacy.clip_norm: "
-                "null, or algorithm: fedgkt)")
+                PRIVACY_NEEDS_FEDGKT)
         require(self.codec in FEATURE_CODECS, "codec", f"unknown codec {self.codec!r}; "
                 f"known: {', '.join(FEATURE_CODECS.names())}")
         for device, override in self.edge_overrides.items():
