@@ -135,7 +135,7 @@ class EdgeAgent:
             self.client = self.recipe = self.pending_round = None
             self.rounds.reset()
             self.programs.reset()  # the new instance announces its own programs
-        self.run_instance = self.rounds.instance = instance or self.run_instance or ""
+        self.run_instance = instance or self.run_instance
         self.programs.note(data.get("edge_programs"))
         if self.recipe is None and not self.fit_run_facts(data.get("run_facts")):
             return False

@@ -12,9 +12,9 @@ edge logits go up unprotected, and the extractor's own training on the sample is
 
 Torch-free (numpy), so both edge engines apply the same mechanism. The noise is never drawn from the run's
 seed (a server that could replay it could remove it): it comes from a device secret (``privacy.key`` in the
-state directory, 32 bytes of OS entropy) hashed with the features themselves, so re-sending a round (a
-restart, a new runtime session, a rejection) sends the very same release, while different features always
-get fresh noise. Without a key, the operating system's entropy.
+state directory, 32 bytes of OS entropy) hashed with the features themselves, so the same features always
+go up as the very same release (a re-send, a new runtime session, a new run instance announcing the round
+again), while different features always get fresh noise. Without a key, the operating system's entropy.
 """
 from __future__ import annotations
 
@@ -50,13 +50,13 @@ def device_key(state_dir: str | Path) -> bytes:
     return key
 
 
-def noise_rng(key: bytes | None, features: np.ndarray, *context) -> np.random.Generator:
-    """The generator for one release: seeded by SHA-256 of ``key``, ``context`` (run instance, round, split)
-    and the features' bytes; OS entropy when ``key`` is None."""
+def noise_rng(key: bytes | None, features: np.ndarray) -> np.random.Generator:
+    """The generator for one release: seeded by SHA-256 of ``key`` and the features' bytes only, so the same
+    features get the same noise whatever round, split or run instance they are announced under (a runtime
+    cannot collect independently noised copies to average); OS entropy when ``key`` is None."""
     if key is None:
         return np.random.default_rng()
     h = hashlib.sha256(key)
-    h.update(repr(context).encode())
     h.update(np.ascontiguousarray(features).view(np.uint8).reshape(-1))
     return np.random.default_rng(np.frombuffer(h.digest(), dtype=np.uint32))
 

@@ -27,13 +27,12 @@ Send = Callable[[bytes, int, dict, str, "str | None"], bool]
 
 class RoundRunner:
     """Runs announced rounds for ``device``. ``send`` and ``save`` are the agent's (uplink, state file);
-    ``state_dir`` holds the device's feature-privacy key; ``instance`` is the runtime's run instance."""
+    ``state_dir`` holds the device's feature-privacy key."""
 
     def __init__(self, device: str, send: Send, save: Callable[[], None], progress: RoundProgress | None = None,
                  state_dir: str | None = None):
         self.device, self.send, self.save, self.state_dir = device, send, save, state_dir
         self.progress = progress or RoundProgress()
-        self.instance = ""
         self._key: bytes | None = None  # the device's privacy key, read once
         self.global_state: dict | None = None  # FedAvg: the latest global model ...
         self.global_round = -1                 # ... and its round
@@ -104,7 +103,7 @@ class RoundRunner:
         share_extractor = bool(data.get("average_extractors"))
         for split in splits:
             upload = engine.extract(split, round_)
-            upload.features = self.privatize(upload.features, recipe, round_, split)
+            upload.features = self.privatize(upload.features, recipe)
             upload.round, upload.metrics = round_, (metrics if split == "train" else {})
             sent = self.send_upload(upload, recipe.codec, engine.extractor_state()
                                     if share_extractor and split == "train" else None, session)
@@ -117,7 +116,7 @@ class RoundRunner:
         progress.last_done, progress.done_session = round_, session
         self.save()
 
-    def privatize(self, features, recipe: RunRecipe, round_: int, split: str):
+    def privatize(self, features, recipe: RunRecipe):
         """The run's feature privacy (off unless the recipe sets it); a re-send of the same features is the
         same release (:func:`edge_sdk.privacy.noise_rng`)."""
         mechanism = recipe.privacy
@@ -125,7 +124,7 @@ class RoundRunner:
             return features
         if self._key is None and self.state_dir is not None:
             self._key = device_key(self.state_dir)
-        rng = noise_rng(self._key, features, self.instance, round_, split)
+        rng = noise_rng(self._key, features)
         return privatize_features(features, mechanism.clip_norm, mechanism.noise_multiplier, rng)
 
     def run_fedavg(self, engine: EdgeEngine, recipe: RunRecipe, round_: int, session: str | None) -> None:
