@@ -1,6 +1,8 @@
 """The cloud side's schema and the whole run configuration (what ``configs/*.yaml`` hold)."""
 from __future__ import annotations
 
+import ipaddress
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -163,6 +165,67 @@ class FedAvgConfig:
         require(0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
 
 
+CONSOLE_TOKEN_ENV = "EDGEFL_CONSOLE_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, treat it as reachable from outside
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:8470`` for IPv6) -> (host, port). Raises ConfigError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"console.address: expected host:port (e.g. 127.0.0.1:8470), got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class ConsoleConfig:
+    """The operator's console (docs/CONSOLE.md): a live page, ``/metrics`` (Prometheus) and a JSON status API,
+    read-only, served by ``cloud-runtime serve`` and ``edgefl-sim`` on their own thread."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1:8470"   # host:port (port 0: any free port, printed at start). Loopback by default:
+    # any other address needs a token, and TLS in front of it (a reverse proxy: docs/CONSOLE.md)
+    token_file: str | None = None     # a file holding the bearer token (or the EDGEFL_CONSOLE_TOKEN environment)
+    max_device_series: int = 100      # per-device Prometheus series; further devices aggregated as device="_other"
+    refresh_s: float = 1.0            # the views are rebuilt at most this often, and only while someone reads them
+    linger_s: float = 0.0             # after the run ends, keep serving the final state this long (Ctrl-C ends it)
+
+    def token(self) -> str | None:
+        """The bearer token: ``EDGEFL_CONSOLE_TOKEN``, else the first line of ``token_file``, else None."""
+        if os.environ.get(CONSOLE_TOKEN_ENV):
+            return os.environ[CONSOLE_TOKEN_ENV].strip()
+        if self.token_file:
+            try:
+                return Path(self.token_file).read_text().strip().splitlines()[0].strip()
+            except (OSError, IndexError, UnicodeDecodeError) as e:
+                raise ConfigError(f"console.token_file: cannot read a token from {self.token_file}: {e}") from None
+        return None
+
+    def check(self) -> None:
+        host, _ = split_address(self.address)
+        require(1 <= self.max_device_series <= 100_000, "max_device_series", "must be in [1, 100000]")
+        require(0.1 <= self.refresh_s <= 3600, "refresh_s", "must be in [0.1, 3600]")
+        require(self.linger_s >= 0, "linger_s", "must be >= 0")
+        if not self.enabled:
+            return
+        token = self.token()
+        require(token is None or len(token) >= 16, "token_file", "the console token must be at least 16 characters "
+                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        require(token is not None or is_loopback(host), "address",
+                f"{self.address} is not a loopback address and no token is set: anyone who reaches it would see "
+                f"the fleet. Set console.token_file (or {CONSOLE_TOKEN_ENV}) and put TLS in front of it "
+                "(docs/CONSOLE.md), or bind 127.0.0.1")
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -215,6 +278,8 @@ class ExperimentConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    # a simulation's console takes any free port (several simulations may run at once); it prints the address
+    console: ConsoleConfig = field(default_factory=lambda: ConsoleConfig(address="127.0.0.1:0"))
 
     def check(self) -> None:
         require(self.algorithm == "fedgkt" or self.privacy.clip_norm is None, "privacy",
@@ -288,6 +353,7 @@ class RuntimeConfig:
     transfer_timeout_s: float = 300.0
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # applied by devices to uploaded features
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)  # the operator's page, /metrics, JSON API
     seed: int = 0
 
     def check(self) -> None:
@@ -332,7 +398,7 @@ class RuntimeConfig:
 
 # paths in a runtime.yaml are relative to the file: its state lives beside it unless it says otherwise
 RUNTIME_PATH_KEYS = ("broker.ca_file", "broker.cert_file", "broker.key_file", "state_dir", "eval_data.path",
-                     "eval_data.ids_file")
+                     "eval_data.ids_file", "console.token_file")
 
 
 def load_runtime_config(path: str | Path | None, overrides: list[str] | None = None) -> RuntimeConfig:

@@ -68,6 +68,7 @@ class Ingest:
             return
         self.round_bytes[kind][device] += wire
         info[f"bytes_{kind}"] = info.get(f"bytes_{kind}", 0) + wire
+        self.registry.telemetry.counters.bytes(kind, wire)
 
     def add_chunk(self, device: str, header: dict, body: bytes, wire: int) -> P.CompletedTransfer | None:
         """Reassemble; the completed transfer once its last chunk is in. A copy of a chunk already held is

@@ -11,10 +11,12 @@ import time
 from collections import Counter
 
 from cloud_runtime.config import RuntimeConfig
+from cloud_runtime.telemetry import Telemetry, label_value
 
 logger = logging.getLogger("edgefl.runtime")
 
 MAX_SAMPLES = 10**9
+REJECTION_EVENT_EVERY_S = 5.0   # a device's rejections become at most one console event per this many seconds
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -64,18 +66,27 @@ class Rejected(Exception):
 class DeviceRegistry:
     """``devices[name]`` is a JSON-able dict: registration fields, online state, byte counters, rejections."""
 
-    def __init__(self, cfg: RuntimeConfig):
+    def __init__(self, cfg: RuntimeConfig, telemetry: Telemetry | None = None):
         self.cfg = cfg
+        self.telemetry = telemetry or Telemetry()
         self.devices: dict[str, dict] = {}
         self.rejections: Counter = Counter()
         self.reject_streak: Counter = Counter()   # consecutive rejections per device
+        self._last_rejection_event: dict[str | None, float] = {}
 
     # -- rejections and quarantine ------------------------------------------------------------------
 
     def reject(self, reason: str, device: str | None, detail: str) -> None:
         """Count and log a rejection; quarantine a device after ``validation.quarantine_after`` in a row."""
         self.rejections[reason] += 1
+        self.telemetry.counters.rejections.labels(reason=label_value(reason)).inc()
         logger.warning("rejected message from %s: %s: %s", device or "?", reason, detail)
+        now = time.time()
+        if now - self._last_rejection_event.get(device, 0.0) >= REJECTION_EVENT_EVERY_S:  # a flood is one line
+            if len(self._last_rejection_event) > 10_000:
+                self._last_rejection_event.clear()
+            self._last_rejection_event[device] = now
+            self.telemetry.event("rejected", device, f"{reason}: {detail}")
         info = self.devices.get(device) if device else None
         if info is None:
             return
@@ -90,7 +101,12 @@ class DeviceRegistry:
         if self.reject_streak[device] >= v.quarantine_after and not self.quarantined(device):
             info["quarantined_until"] = time.time() + v.quarantine_s
             info["quarantines"] = info.get("quarantines", 0) + 1
+            info["quarantine_cause"] = {"reason": reason, "detail": detail[:300], "time": time.time(),
+                                        "after": v.quarantine_after}
             self.reject_streak[device] = 0
+            self.telemetry.counters.quarantines.inc()
+            self.telemetry.event("quarantined", device, f"for {v.quarantine_s:.0f} s after {v.quarantine_after} "
+                                                        f"rejected messages in a row (last: {reason}: {detail})")
             logger.error("%s quarantined for %.0fs after %d consecutive rejected messages (last: %s)", device,
                          v.quarantine_s, v.quarantine_after, reason)
 
@@ -106,6 +122,7 @@ class DeviceRegistry:
             return True
         self.devices[device].pop("quarantined_until", None)
         logger.warning("%s released from quarantine", device)
+        self.telemetry.event("released", device, "quarantine over")
         return False
 
     # -- presence -----------------------------------------------------------------------------------
@@ -124,18 +141,24 @@ class DeviceRegistry:
         info.update(online=True, registered_at=time.time(), **facts, **recipe)
         logger.info("%s %sregistered: %s samples, model %s, trainer %s, profile %s", device, "re-" if known else "",
                     facts["train_samples"], recipe.get("model"), recipe.get("trainer"), facts.get("profile"))
+        self.telemetry.event("re-registered" if known else "registered", device,
+                             f"{facts['train_samples']} train samples, engine {facts.get('engine')}, "
+                             f"profile {facts.get('profile')}")
         return known
 
     def on_status(self, device: str, data: dict) -> None:
         if device not in self.devices:
             return
         info = self.devices[device]
+        was = info.get("online")
         info["online"] = bool(data.get("online"))
         if info["online"]:
             info.pop("offline_since", None)
         else:
             info["offline_since"] = time.time()
         logger.info("%s is %s", device, "online" if info["online"] else "offline")
+        if was != info["online"]:
+            self.telemetry.event("online" if info["online"] else "offline", device)
 
     def on_heartbeat(self, device: str, data: dict) -> None:
         if device not in self.devices:
@@ -159,6 +182,27 @@ class DeviceRegistry:
     def in_good_standing(self) -> list[str]:
         """Registered devices that are not quarantined (what a round's quorum counts)."""
         return [d for d in self.names() if not self.quarantined(d)]
+
+    def wait_for_devices(self, pump, stop) -> None:
+        """Until ``expected_devices`` are online, or ``min_devices`` are and ``registration_timeout_s`` passed
+        (``pump()``: handle queued messages; ``stop``: an Event). Online: registered (or heard from) since this
+        start; a resumed run waits for its devices to come back rather than opening a round nobody hears."""
+        cfg = self.cfg
+        start, want = time.monotonic(), cfg.expected_devices
+        last_said = start
+        while not stop.is_set():
+            pump()
+            online = [d for d in self.in_good_standing() if self.devices[d].get("online")]
+            n, elapsed = len(online), time.monotonic() - start
+            if (want is not None and n >= want) or (n >= cfg.min_devices and elapsed >= cfg.registration_timeout_s):
+                logger.info("%d devices online: %s", n, ", ".join(online))
+                return
+            if time.monotonic() - last_said >= 30:
+                last_said = time.monotonic()
+                wait = f"{want} expected" if want else f"{cfg.min_devices} needed"
+                logger.info("waiting for devices: %d online (%s) of %s; %s", n, ", ".join(online) or "none", wait,
+                            f"starting with {cfg.min_devices} or more after registration_timeout_s="
+                            f"{cfg.registration_timeout_s:g} s ({max(0, cfg.registration_timeout_s - elapsed):.0f} s left)")
 
     # -- durable state ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from dataclasses import asdict
 import torch
 
 from cloud_runtime.config import RuntimeConfig
+from cloud_runtime.console.views import StatusBoard
 from cloud_runtime.downlink import Downlink
 from cloud_runtime.edge_programs import EdgePrograms
 from cloud_runtime.ingest import Ingest
@@ -27,6 +28,7 @@ from cloud_runtime.registry import DeviceRegistry, Rejected, device_facts
 from cloud_runtime.report import CostEstimator, build_report
 from cloud_runtime.store import CheckpointError, DurableStore, identity_problem, run_definition  # noqa: F401
 from cloud_runtime.strategies import STRATEGIES, RunContext, Strategy, strategy_name
+from cloud_runtime.telemetry import Telemetry
 from edge_sdk import protocol as P
 from edge_sdk.messages import MessageError
 from edgefl_core.transport import Transport, create_transport
@@ -56,7 +58,9 @@ class CloudRuntime:
         self.late_counts: dict[str, int] = {}   # late messages ignored per device (bounded: a forged session buys little)
         self.late_messages = 0    # ignored: registrations, uploads and heartbeats of a device for an earlier session
         self.started = time.time()
-        self.registry = DeviceRegistry(cfg)
+        self.telemetry, self.board = Telemetry(), StatusBoard(cfg.console.refresh_s)  # the operator's console
+        self.console_info: dict | None = None  # where it serves (cloud_runtime.console.start_console)
+        self.registry = DeviceRegistry(cfg, self.telemetry)
         self.ingest = Ingest(cfg, self.registry)
         self.store = DurableStore(cfg.state_dir)
         # each device's recipe, built and validated once (devices without an override share the run's)
@@ -108,6 +112,7 @@ class CloudRuntime:
         """Handle everything queued (waiting up to ``timeout`` s for the first message); expire transfers."""
         drain(self.inbox, self.handle, timeout)
         self.programs.poll()
+        self.board.refresh(self)  # the console's views, when due and someone is watching
         for device, transfer in self.ingest.expired():
             self.registry.reject("transfer_timeout", device, f"transfer {transfer[:8]} incomplete after "
                                                              f"{self.cfg.transfer_timeout_s:.0f}s")
@@ -115,6 +120,7 @@ class CloudRuntime:
     def handle(self, topic: str, payload: bytes) -> None:
         """One message; never raises. Rejections are charged to the topic's (authenticated) device."""
         self.messages_in += 1
+        self.telemetry.counters.messages.inc()
         device = self.topics.device_of(topic)
         if not payload:  # a zero-length publish deletes a retained message (MQTT 3.3.1.3): nothing to handle and
             # nothing to charge (the runtime's own clearing of a retained uplink frame comes back as one)
@@ -338,6 +344,7 @@ class CloudRuntime:
                "late_messages": self.late_messages, "edge_programs": self.programs.report(), "mode": self.cfg.mode,
                "privacy": run_privacy(self.cfg, self.registry.devices), "strategy": strategy_name(self.cfg),
                "server_model": self.cfg.server.model, "server_params": self.strategy.parameter_count(), "session": self.session,
+               "console": self.console_info,
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
                "checkpoint": {"generation": self.store.generation, "error": self.checkpoint_error,
                               "skipped_on_restore": self.store.skipped}}
@@ -346,6 +353,7 @@ class CloudRuntime:
         return build_report(run, self.strategy.rows, self.registry, self.messages_in, self.started, self._cost)
 
     def write_report(self) -> dict:
+        self.board.refresh(self, force=True)  # the console shows what the report says
         report = self.report()
         write_json(self.store.dir / "report.json", report)
         return report
@@ -363,6 +371,7 @@ class CloudRuntime:
         self.start()
         interrupted = None
         if self.strategy.next_round < self.cfg.rounds:
+            self.telemetry.set_phase("waiting for devices", self.strategy.next_round)
             self.wait_for_devices()
             try:
                 self.strategy.run()
@@ -372,6 +381,7 @@ class CloudRuntime:
             return self.stopped(interrupted)
         self.downlink.broadcast(P.SHUTDOWN, self.strategy.next_round, session=self.session)
         self.transport.flush(30)
+        self.telemetry.set_phase("finished", self.strategy.next_round)
         report = self.write_report()
         plot_accuracy(report, self.store.dir / "accuracy.png")
         if report["final"].get("test_accuracy") is not None:
@@ -387,6 +397,7 @@ class CloudRuntime:
         those rounds. ``interrupted``: the compute that was cut short (its round's models are part-updated, so
         nothing is committed: the last round's checkpoint stands and a restart redoes the round)."""
         done = self.strategy.next_round
+        self.telemetry.set_phase("stopped", done)
         if interrupted:
             logger.warning("stopped during %s: round %d is not saved; the checkpoint after %d rounds stands (a "
                            "restart resumes from it)", interrupted, done, done)
@@ -405,24 +416,7 @@ class CloudRuntime:
         return report
 
     def wait_for_devices(self) -> None:
-        """Until ``expected_devices`` are online, or ``min_devices`` are and ``registration_timeout_s`` passed.
-        Online: registered (or heard from) since this start; a resumed run waits for its devices to come
-        back rather than opening a round nobody hears."""
-        start, want = time.monotonic(), self.cfg.expected_devices
-        last_said = start
-        while not self.stop.is_set():
-            self.pump()
-            online = [d for d in self.registry.in_good_standing() if self.registry.devices[d].get("online")]
-            n, elapsed = len(online), time.monotonic() - start
-            if (want is not None and n >= want) or (n >= self.cfg.min_devices and elapsed >= self.cfg.registration_timeout_s):
-                logger.info("%d devices online: %s", n, ", ".join(online))
-                return
-            if time.monotonic() - last_said >= 30:
-                last_said = time.monotonic()
-                wait = f"{want} expected" if want else f"{self.cfg.min_devices} needed"
-                logger.info("waiting for devices: %d online (%s) of %s; %s", n, ", ".join(online) or "none", wait,
-                            f"starting with {self.cfg.min_devices} or more after registration_timeout_s="
-                            f"{self.cfg.registration_timeout_s:g} s ({max(0, self.cfg.registration_timeout_s - elapsed):.0f} s left)")
+        self.registry.wait_for_devices(self.pump, self.stop)
 
     def close(self) -> None:
         self.transport.close()

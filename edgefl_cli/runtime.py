@@ -17,6 +17,7 @@ require_torch("cloud-runtime")  # before the imports that need it
 
 from cloud_runtime import provision
 from cloud_runtime.config import load_runtime_config
+from cloud_runtime.console import start_console
 from cloud_runtime.store import CheckpointError
 from cloud_runtime.service import build_runtime
 from edgefl_cli.interrupt import EXIT_INTERRUPTED, CtrlC
@@ -70,15 +71,23 @@ def serve_command(args) -> int:
         logger.error("%s", e)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop.set())
+    console = start_console(runtime)
     with CtrlC(runtime.stop.set, "saving the rounds done, writing report.json, then stopping") as ctrl_c:
         try:
             runtime.serve()
+            finished = not runtime.stop.is_set()
+            if console is not None and cfg.console.linger_s > 0 and finished:
+                logger.info("run over: the console stays up for %.0f s (console.linger_s; Ctrl-C ends it)",
+                            cfg.console.linger_s)
+                runtime.stop.wait(cfg.console.linger_s)
         except (ConnectionError, CheckpointError) as e:
             logger.error("%s", e)
             return 2
         finally:
+            if console is not None:
+                console.stop()
             runtime.close()
-    if ctrl_c.pressed:
+    if ctrl_c.pressed and not finished:
         logger.info("stopped (Ctrl-C): report of %d rounds in %s", runtime.strategy.next_round,
                     runtime.store.dir / "report.json")
         return EXIT_INTERRUPTED

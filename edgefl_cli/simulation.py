@@ -63,7 +63,9 @@ def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval
         min_devices=cfg.run.devices, expected_devices=cfg.run.devices, registration_timeout_s=300.0,
         round_deadline_s=dep.round_deadline_s, quorum=dep.quorum, eval_every=cfg.run.eval_every,
         max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=cfg.run.threads, seed=cfg.run.seed,
-        num_classes=data.num_classes, input_shape=list(data.image_shape), privacy=cfg.privacy)
+        num_classes=data.num_classes, input_shape=list(data.image_shape), privacy=cfg.privacy,
+        console=replace(cfg.console, token_file=str(Path(cfg.console.token_file).resolve()) if cfg.console.token_file
+                        else None))
 
 
 def agent_config(cfg: ExperimentConfig, index: int, broker_url: str, ids_file: Path, state_dir: Path) -> AgentConfig:
@@ -154,6 +156,7 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path, stop: threading.Event | 
 
     ``stop`` (Ctrl-C): the runtime stops cleanly (saves the rounds done), the agents stop, and the report of
     the rounds done is written and returned with ``run.interrupted`` (None when there is none yet)."""
+    from cloud_runtime.console import start_console
     from cloud_runtime.service import build_runtime
     from edge_sdk.agent import build_agent
 
@@ -164,6 +167,7 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path, stop: threading.Event | 
     if stop.is_set():
         return None
     runtime = build_runtime(deployment.runtime)
+    console = start_console(runtime)  # logs its address
     agents = [build_agent(a) for a in deployment.agents]  # built in order: seeded initial models
     errors: list[BaseException] = []
 
@@ -209,6 +213,11 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path, stop: threading.Event | 
         agent.stop.set()
     for t in threads[1:]:
         t.join(10 if interrupted else 60)
+    if console is not None:
+        if cfg.console.linger_s > 0 and not interrupted:
+            logger.info("run over: the console stays up for %.0f s (console.linger_s)", cfg.console.linger_s)
+            stop.wait(cfg.console.linger_s)
+        console.stop()
     runtime.close()
     if errors and not interrupted:
         raise RuntimeError(f"a simulation thread failed: {type(errors[0]).__name__}: {errors[0]}")

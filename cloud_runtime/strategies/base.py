@@ -132,6 +132,10 @@ class Strategy(ABC):
 
     # -- helpers for round loops --------------------------------------------------------------------
 
+    def phase(self, name: str, round_: int | None = None, total: int = 0) -> None:
+        """What the run is doing now, for the operator's console (``cloud_runtime/telemetry.py``)."""
+        self.ctx.registry.telemetry.set_phase(name, round_, total)
+
     def use_threads(self) -> None:
         """Set torch's threads for the cloud's compute phase. One process has one torch thread pool: when
         agents share it (``--transport memory``) each side sets its own count before it computes."""
@@ -156,10 +160,14 @@ class Strategy(ABC):
                     missing = sorted(set(registry.names()) - finished)
                     logger.warning("round %d deadline: closing with %d/%d devices (missing %s)", round_,
                                    len(finished), len(registry.devices), ", ".join(missing))
+                    registry.telemetry.event("deadline", None, f"round {round_} closed at its deadline with "
+                                             f"{len(finished)}/{len(registry.devices)} devices")
                     return True
                 if not warned:
                     logger.warning("round %d deadline passed with %d uploads, quorum needs %d: waiting", round_,
                                    len(finished), need)
+                    registry.telemetry.event("deadline", None, f"round {round_} deadline passed with "
+                                             f"{len(finished)} uploads, quorum needs {need}: waiting")
                     warned = True
         return False
 
@@ -175,6 +183,11 @@ class Strategy(ABC):
                    rejections=dict(self.ctx.registry.rejections))
         self.rows.append(row)
         acc = row.get("test_accuracy")
+        telemetry = self.ctx.registry.telemetry
+        telemetry.counters.rounds.inc()
+        telemetry.counters.accepted_samples.inc(sum(row.get("accepted_samples", {}).values()))
+        telemetry.event("round", None, f"round {row['round']} done in {row['seconds']:.1f} s" +
+                        (f", test accuracy {acc:.4f}" if acc is not None else ""))
         extra = {k: sum(row[f"bytes_{k}"].values()) for k in ("resent", "rejected")}
         logger.info("round %d done in %.1fs: %s, upload %.1f MB (%.1fx smaller than fp32)%s", row["round"],
                     row["seconds"], f"test accuracy {acc:.4f}" if acc is not None else "no eval",

@@ -134,10 +134,13 @@ class FedAvg(Strategy):
             meta["kind"] = P.KIND_MODEL
             ctx.downlink.send_arrays(ctx.registry.names(), arrays, round_, meta)
             logger.info("round %d open: global model sent to %d devices", round_, len(ctx.registry.devices))
+            self.phase("devices training", round_)
             if not self.collect(round_, lambda: set(self.model_updates)):
                 return
+            self.phase("aggregating", round_)
             row: dict = {"round": round_, "participants": sorted(self.model_updates),
                          "upload_seconds": time.monotonic() - start, **self.aggregate()}
+            self.phase("evaluating", round_)
             self.evaluate(row)
             row["edge"] = {d: self.model_updates[d][2] for d in row["participants"]}
             row["accepted_samples"] = {d: self.model_updates[d][1] for d in row["participants"]}

@@ -122,7 +122,11 @@ class FedGKT(Strategy):
         for device in devices:
             self.server.ingest(self.train_uploads[device])
         self.drop_stale(round_)
-        replies, stats = self.server.train_round(round_, stop=self.ctx.stop)  # logs progress; stops on stop
+        self.phase("server training", round_,
+                   sum(len(u.sample_ids) for u in self.server.train_store.values()) * self.cfg.server.epochs)
+        replies, stats = self.server.train_round(round_, progress=self.ctx.registry.telemetry.progress,
+                                                 stop=self.ctx.stop)  # logs progress; stops on stop
+        self.phase("sending soft labels", round_)
         replies = {d: m for d, m in replies.items() if d in devices}
         if self.cfg.fedgkt.average_extractors:
             self.average_extractors(round_, devices)
@@ -157,6 +161,7 @@ class FedGKT(Strategy):
             row["test_accuracy"] = None
             return
         self.use_threads()
+        self.phase("evaluating", row.get("round"))
         result = self.server.evaluate(list(self.test_uploads.values()), round_=row.get("round"), stop=self.ctx.stop)
         row.update(test_accuracy=result.accuracy, test_loss=result.loss, test_samples=result.samples,
                    mean_device_accuracy=result.mean_device_accuracy, per_device=result.per_device)
@@ -187,6 +192,7 @@ class FedGKTSync(FedGKT):
             start = time.monotonic()
             ctx.downlink.broadcast(P.ROUND, round_, **self.round_frame(round_, eval_, previous))
             logger.info("round %d open (deadline %.0fs, eval %s)", round_, self.cfg.round_deadline_s, eval_)
+            self.phase("devices training", round_)
             if eval_:
                 done = lambda: set(self.train_uploads) & set(self.test_uploads)  # noqa: E731
             else:
@@ -204,6 +210,7 @@ class FedGKTSync(FedGKT):
             self.finish_row(row, start)
             previous = participants
             self.next_round = round_ + 1
+            self.phase("checkpoint", round_)
             ctx.checkpoint()
 
     def drop_stale(self, round_: int) -> None:

@@ -53,6 +53,8 @@ class FedGKTAsync(FedGKT):
         self.start_newcomers()
         last_update = time.monotonic()
         while self.server_version < self.cfg.rounds and not ctx.stop.is_set():
+            if self.ctx.registry.telemetry.phase["name"] != "devices training":
+                self.phase("devices training", self.server_version)
             ctx.pump()
             self.start_newcomers()
             fresh = [d for d, up in self.train_uploads.items() if up.round == self.device_round.get(d)]
