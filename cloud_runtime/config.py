@@ -182,7 +182,7 @@ def split_address(address: str) -> tuple[str, int]:
     """``host:port`` (``[::1]:8470`` for IPv6) -> (host, port). Raises ConfigError."""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"console.address: expected host:port (e.g. 127.0.0.1:8470), got {address!r}")
+        raise ConfigError(f"address: expected host:port (e.g. 127.0.0.1:8470), got {address!r}")
     return host.strip("[]"), int(port)
 
 

@@ -23,6 +23,7 @@ def start_console(runtime):
         runtime.console_info = {"enabled": False}
         return None
     host, port = split_address(cfg.address)
+    runtime.board.refresh(runtime, force=True)  # the first views, before anyone asks (called before serving)
     server = ConsoleServer(runtime.board, runtime.telemetry,
                            metrics_registry(runtime.board, runtime.telemetry, cfg.max_device_series), host, port,
                            cfg.token())

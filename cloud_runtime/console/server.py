@@ -97,7 +97,7 @@ class ConsoleServer:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=1024)  # nothing is ever uploaded
         app.router.add_get("/", self.index)
-        app.router.add_get("/healthz", lambda request: web.Response(text="ok\n"))
+        app.router.add_get("/healthz", _healthz)
         app.router.add_get("/api/status", self.api_status)
         app.router.add_get("/api/devices", self.api_devices)
         app.router.add_get("/api/rounds", self.api_rounds)
@@ -114,7 +114,7 @@ class ConsoleServer:
         supplied = header[7:].strip() if header.startswith("Bearer ") else request.cookies.get(COOKIE)
         query = request.query.get("token")
         if query is not None and _same(query, self.token):  # a browser opens /?token=...: remembered in a cookie,
-            response = web.HTTPFound(request.rel_url.without_query("token"))  # and dropped from the address bar
+            response = web.HTTPFound(request.rel_url.with_query({k: v for k, v in request.query.items() if k != "token"}))  # and dropped from the address bar
             response.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict", path="/",
                                 secure=request.secure or request.headers.get("X-Forwarded-Proto") == "https")
             raise response
@@ -161,6 +161,10 @@ class ConsoleServer:
         await self.views()
         encoder, content_type = choose_encoder(request.headers.get("Accept"))
         return web.Response(body=encoder(self.metrics), headers={"Content-Type": content_type})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
 
 
 async def _secure_headers(request: web.Request, response: web.StreamResponse) -> None:
