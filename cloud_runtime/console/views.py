@@ -181,7 +181,7 @@ def query_devices(rows: list[dict], params) -> dict:
     if order not in ("asc", "desc"):
         raise QueryError(f"order must be asc or desc, got {order[:40]!r}")
     offset, limit = _int_param(params, "offset", 0, 0, 10**9), _int_param(params, "limit", 50, 1, MAX_PAGE)
-    needle = params.get("q", "")[:200].lower()
+    needle = params.get("q", "")[:200].strip().lower()
     matched = [r for r in rows
                if (state == "all" or (state == "quarantined" and r["quarantined"])
                    or (state == "online" and r["online"]) or (state == "offline" and not r["online"]))
