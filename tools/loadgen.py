@@ -113,9 +113,36 @@ def _worker(url: str, run: str, first: int, count: int, heartbeats: int, ready, 
     results.put({"held": held, "agents": count, "acked": len(acks), "latencies": latencies})
 
 
+def _watch_console(url: str, stop, results, every_s: float = 1.0) -> None:
+    """What an operator's open console page does (``console.js``: ``/api/status`` and a page of
+    ``/api/devices`` every 2 s), twice as often, plus the page itself and a Prometheus scrape every 5 s;
+    records each answer's latency. Runs in its own process, as a browser would."""
+    import urllib.request
+
+    latencies: dict[str, list[float]] = {"page": [], "status": [], "devices": [], "metrics": []}
+    errors, tick = 0, 0
+    paths = {"status": "api/status", "devices": "api/devices?sort=bytes_up&order=desc&limit=50", "page": "",
+             "metrics": "metrics"}
+    while not stop.is_set():
+        for name in ("status", "devices") + (("page", "metrics") if tick % 5 == 0 else ()):
+            start = time.perf_counter()
+            try:
+                with urllib.request.urlopen(url + paths[name], timeout=30) as r:
+                    r.read()
+                latencies[name].append(time.perf_counter() - start)
+            except OSError:
+                errors += 1
+        tick += 1
+        stop.wait(every_s)
+    results.put({"latencies": latencies, "errors": errors})
+
+
 def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | None = None,
-             state_dir: str | Path = "/tmp/edgefl-load", timeout_s: float = 300.0) -> dict:
+             state_dir: str | Path = "/tmp/edgefl-load", timeout_s: float = 300.0, console: bool = False) -> dict:
+    """``console``: serve the runtime's console (``cloud_runtime/console``) and keep it open in another process
+    for the whole load, like an operator's browser tab; the result then has ``console`` (answer latencies)."""
     from cloud_runtime.config import load_runtime_config
+    from cloud_runtime.console import start_console
     from cloud_runtime.service import build_runtime
     from edgefl_cli.mosquitto import EmbeddedMosquitto
 
@@ -124,8 +151,10 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
     run = "load"
     try:
         cfg = load_runtime_config(None, [f"run_id={run}", f"broker.url={url}", f"state_dir={state_dir}",
-                                         f"expected_devices={agents}", "validation.quarantine_after=1000000"])
+                                         f"expected_devices={agents}", "validation.quarantine_after=1000000",
+                                         "console.address=127.0.0.1:0", f"console.enabled={str(console).lower()}"])
         runtime = build_runtime(cfg)
+        server = start_console(runtime) if console else None
         runtime.start()
         stop = threading.Event()
         pump = threading.Thread(target=lambda: [runtime.pump(0.05) for _ in iter(stop.is_set, True)], daemon=True)
@@ -138,6 +167,10 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
             time.sleep(0.05)
         ctx = mp.get_context("spawn")
         ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        watching, watch_results = ctx.Event(), ctx.Queue()
+        watcher = ctx.Process(target=_watch_console, args=(server.url, watching, watch_results)) if server else None
+        if watcher is not None:
+            watcher.start()
         per = [agents // workers + (1 if w < agents % workers else 0) for w in range(workers)]
         procs, first = [], 0
         for n in per:
@@ -155,6 +188,11 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
         elapsed = time.perf_counter() - start
         for p in procs:
             p.join(30)
+        watched = None
+        if watcher is not None:
+            watching.set()
+            watched = watch_results.get(timeout=60)
+            watcher.join(30)
         stop.set()
         pump.join(10)
         latencies = sorted(x for r in reports for x in r["latencies"])
@@ -172,6 +210,11 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
                               "max": latencies[-1] if latencies else None,
                               "mean": statistics.mean(latencies) if latencies else None},
         }
+        if watched is not None:
+            result["console"] = {"errors": watched["errors"], **{
+                name: {"answers": len(v), "p50_s": _pct(sorted(v), 50), "p99_s": _pct(sorted(v), 99),
+                       "max_s": max(v) if v else None} for name, v in watched["latencies"].items()}}
+            server.stop()
         runtime.close()
         return result
     finally:
