@@ -172,6 +172,9 @@ def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: in
         ("privacy", "features clipped to clip_norm (L2 per sample) and noised on the device: set noise_multiplier "
          "or epsilon (clip_norm alone clips without noise); docs/PRIVACY.md", {
              "clip_norm": None, "noise_multiplier": None, "epsilon": None, "delta": 1e-5}),
+        ("console", "the operator's page, /metrics and /api/* (docs/CONSOLE.md): loopback only unless token_file "
+         "is set (then put TLS in front of it)", {
+             "enabled": True, "address": "127.0.0.1:8470", "token_file": None, "max_device_series": 100}),
         ("# the runtime's machine", "", None),
         ("state_dir", "checkpoints, report.json and plots (serve --reset-state starts the run afresh)", "state"),
         ("threads", "torch threads for server training; null: torch's default", None),
