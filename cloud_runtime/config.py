@@ -218,12 +218,23 @@ class ConsoleConfig:
         if not self.enabled:
             return
         token = self.token()
-        require(token is None or len(token) >= 16, "token_file", "the console token must be at least 16 characters "
+        require(token is None or (len(token) >= 16 and token.isascii() and token.isprintable() and " " not in token),
+                "token_file", "the console token must be at least 16 printable ASCII characters without spaces "
                 "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         require(token is not None or is_loopback(host), "address",
                 f"{self.address} is not a loopback address and no token is set: anyone who reaches it would see "
                 f"the fleet. Set console.token_file (or {CONSOLE_TOKEN_ENV}) and put TLS in front of it "
                 "(docs/CONSOLE.md), or bind 127.0.0.1")
+
+
+def check_console(console: ConsoleConfig) -> None:
+    """The console's check, also when the config has no ``console`` section (the token may come from the
+    environment)."""
+    try:
+        console.check()
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith("console.") else f"console.{message}") from None
 
 
 @dataclass
@@ -282,6 +293,7 @@ class ExperimentConfig:
     console: ConsoleConfig = field(default_factory=lambda: ConsoleConfig(address="127.0.0.1:0"))
 
     def check(self) -> None:
+        check_console(self.console)
         require(self.algorithm == "fedgkt" or self.privacy.clip_norm is None, "privacy",
                 PRIVACY_NEEDS_FEDGKT)
 
@@ -357,6 +369,7 @@ class RuntimeConfig:
     seed: int = 0
 
     def check(self) -> None:
+        check_console(self.console)
         require(self.rounds >= 1, "rounds", "must be >= 1")
         require(self.min_devices >= 1, "min_devices", "must be >= 1")
         require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")

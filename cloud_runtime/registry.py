@@ -54,6 +54,24 @@ def device_facts(data: dict) -> dict:
     return {**facts, "profile": profile, "input_shape": shape, "engine": engine, "program": program}
 
 
+HEARTBEAT_FIELDS = 32   # a heartbeat's fields kept (what a device reports about itself: step time, memory, ...)
+
+
+def heartbeat_fields(data: dict) -> dict:
+    """The scalar fields of a heartbeat, bounded: at most :data:`HEARTBEAT_FIELDS` names of at most 64
+    characters, numbers that fit a float64 (bool, huge integers and nested values dropped), strings cut to 200
+    characters. A heartbeat is the device's claim: it is shown and reported, never trusted further."""
+    kept = {}
+    for key, value in data.items():
+        if len(kept) >= HEARTBEAT_FIELDS or not isinstance(key, str) or len(key) > 64:
+            continue
+        if value is None or (isinstance(value, float)) or (type(value) is int and abs(value) < 1 << 63):
+            kept[key] = value
+        elif isinstance(value, str):
+            kept[key] = value[:200]
+    return kept
+
+
 class Rejected(Exception):
     """A message the runtime refuses; ``reason`` is the counter's tag, the message says what was wrong."""
 
@@ -166,7 +184,7 @@ class DeviceRegistry:
         info = self.devices[device]
         info["online"] = True
         info["last_heartbeat"] = time.time()
-        info["heartbeat"] = {k: v for k, v in data.items() if isinstance(v, (int, float, str, type(None)))}
+        info["heartbeat"] = heartbeat_fields(data)
 
     def names(self) -> list[str]:
         return sorted(self.devices)

@@ -13,12 +13,12 @@ class CostEstimator:
     """Predicted vs measured step time, FLOPs spent and bytes moved per device (cached per model shape)."""
 
     def __init__(self):
-        self._cache: dict = {}
+        self.cache: dict = {}   # model costs by (model, batch, shape, options, optimizer): FLOP counting, once
 
     def __call__(self, info: dict, rounds_done: int) -> dict | None:
         from device_profiles.cost_report import device_cost  # torch + FlopCounterMode: only when reporting
         try:
-            return device_cost(info, rounds_done, self._cache)
+            return device_cost(info, rounds_done, self.cache)
         except Exception as e:  # a profile we cannot evaluate must not break the report
             logger.warning("no cost estimate for %s: %s", info.get("model"), e)
             return None

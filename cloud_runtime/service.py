@@ -74,7 +74,7 @@ class CloudRuntime:
                                      self.session, cfg.seed)  # compiled graphs for devices on onnxruntime
         if cfg.num_classes and cfg.input_shape:  # programs built ahead (program build) are announced at once
             self.programs.announce_cached(cfg.num_classes, cfg.input_shape)
-        self._cost = CostEstimator()
+        self.costs = CostEstimator()  # the report's and the console's (models' FLOPs counted once)
         self.checkpoint_error: dict | None = None   # the last failed commit (None once one succeeds again)
         # what this state belongs to: the run id, what defines the run, and this run's instance (new when a
         # run starts from empty state, kept across restarts: devices discard progress of another instance)
@@ -350,7 +350,7 @@ class CloudRuntime:
                               "skipped_on_restore": self.store.skipped}}
         if self.stop.is_set() and self.strategy.next_round < self.cfg.rounds:
             run["stopped"] = True  # asked to stop (SIGTERM, Ctrl-C) before its last round: a partial report
-        return build_report(run, self.strategy.rows, self.registry, self.messages_in, self.started, self._cost)
+        return build_report(run, self.strategy.rows, self.registry, self.messages_in, self.started, self.costs)
 
     def write_report(self) -> dict:
         self.board.refresh(self, force=True)  # the console shows what the report says

@@ -13,17 +13,28 @@ import itertools
 import os
 import re
 import time
+import unicodedata
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter
 
+from edgefl_core.config import ConfigError
+
 EVENTS_KEPT = 500          # the console shows the most recent of these
+DEVICE_EVENTS_PER_MINUTE = 6   # more from one device in a minute are counted, not kept (one device cannot
+ALWAYS_KEPT = ("quarantined", "released")   # flush the feed); these are kept whatever the rate
 _LABEL = re.compile(r"[a-z0-9_]{1,40}")
 
 
 def multiprocess_dir() -> str | None:
     """The library's multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``), or None for one process."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None
+
+
+def printable(text: str) -> str:
+    """``text`` with control and format characters (newlines, bidi overrides, zero-width) shown as U+FFFD:
+    what a sender wrote cannot rearrange or hide a line of the console."""
+    return "".join("\ufffd" if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
 
 
 def label_value(value: str) -> str:
@@ -40,7 +51,11 @@ class RuntimeCounters:
 
     def __init__(self):
         self.registry = CollectorRegistry(auto_describe=True)
-        into = None if multiprocess_dir() else self.registry   # multiprocess: the library's files hold them
+        path = multiprocess_dir()
+        if path and not os.path.isdir(path):
+            raise ConfigError(f"PROMETHEUS_MULTIPROC_DIR={path} is not a directory: create it (empty, before the "
+                              "processes start: prometheus_client's multiprocess mode) or unset it")
+        into = None if path else self.registry   # multiprocess: the library's files hold them
         self.messages = Counter("edgefl_messages_received", "MQTT messages the runtime handled", registry=into)
         self.uplink_bytes = Counter(
             "edgefl_uplink_bytes", "Uplink wire bytes by what became of them (accepted: an accepted transfer's "
@@ -71,13 +86,28 @@ class Telemetry:
 
     def __init__(self):
         self.events: deque = deque(maxlen=EVENTS_KEPT)
+        self.events_suppressed = 0                 # device events over DEVICE_EVENTS_PER_MINUTE, not kept
+        self._device_events: dict = {}             # device -> times of its recent events
         self._seq = itertools.count(1)
         self.counters = RuntimeCounters()
         self.phase: dict = {"name": "starting", "round": None, "since": time.time(), "done": 0, "total": 0}
 
     def event(self, kind: str, device: str | None = None, detail: str = "") -> None:
-        self.events.append({"seq": next(self._seq), "time": time.time(), "kind": kind, "device": device,
-                            "detail": str(detail)[:300]})
+        """Keep an event (``detail``: cut to 300 characters, control characters shown as U+FFFD). A device's
+        events beyond :data:`DEVICE_EVENTS_PER_MINUTE` are only counted (``events_suppressed``), except
+        :data:`ALWAYS_KEPT`."""
+        now = time.time()
+        if device is not None and kind not in ALWAYS_KEPT:
+            if len(self._device_events) > 10_000:
+                self._device_events.clear()
+            recent = [t for t in self._device_events.get(device, ()) if now - t < 60.0]
+            if len(recent) >= DEVICE_EVENTS_PER_MINUTE:
+                self.events_suppressed += 1
+                self._device_events[device] = recent
+                return
+            self._device_events[device] = recent + [now]
+        self.events.append({"seq": next(self._seq), "time": now, "kind": kind, "device": device,
+                            "detail": printable(str(detail)[:300])})
 
     def set_phase(self, name: str, round_: int | None = None, total: int = 0) -> None:
         self.phase = {"name": name, "round": round_, "since": time.time(), "done": 0, "total": int(total)}

@@ -208,6 +208,8 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path, stop: threading.Event | 
             logger.warning("the runtime did not stop within %.0fs: reporting its last saved round", STOP_GRACE_S)
     elif threads[0].is_alive():
         runtime.stop.set()
+        if console is not None:
+            console.stop()
         raise RuntimeError(f"the run did not finish within {cfg.deployment.timeout_s:.0f}s")
     for agent in agents:
         agent.stop.set()

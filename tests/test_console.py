@@ -126,6 +126,7 @@ def test_metrics_parse_and_the_counters_match_the_report(live):
     rt.enqueue(rt.topics.up("a3"), b"not a frame")
     rt.enqueue(rt.topics.up("nobody"), P.control_frame(P.HEARTBEAT, run=RUN, device="x", round_=0))
     wait_until(lambda: sum(rt.registry.rejections.values()) == 2, timeout=60)
+    wait_until(lambda: api(console, "/api/status")["devices"]["online"] == 4, timeout=20)  # the views caught up
     status, headers, body = get(console.url + "metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     m = metrics(body.decode())
@@ -134,12 +135,17 @@ def test_metrics_parse_and_the_counters_match_the_report(live):
     for reason, n in report["rejections"].items():
         assert m[("edgefl_rejected_messages_total", frozenset({("reason", reason)}))] == n
     assert m[("edgefl_devices", frozenset({("state", "online")}))] == 4
-    # per-device series are capped: two devices by name, the rest under device="_other"
+    # per-device series are capped: two devices by name, the rest in the series with an empty device label
     devices = {dict(labels)["device"] for (name, labels) in m if name == "edgefl_device_online"}
-    assert devices == {"a0", "a1", "_other"}
-    assert m[("edgefl_device_online", frozenset({("device", "_other")}))] == 2
+    assert devices == {"a0", "a1", ""}
+    assert m[("edgefl_device_online", frozenset({("device", "")}))] == 2
     assert m[("edgefl_device_series_aggregated", frozenset())] == 2
-    assert m[("edgefl_device_rejected_messages_total", frozenset({("device", "_other")}))] == 1
+    assert m[("edgefl_device_rejected_messages_total", frozenset({("device", "")}))] == 1
+    # the OpenMetrics page (what Prometheus asks for) parses too
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+    status, headers, body = get(console.url + "metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    assert sum(1 for _ in openmetrics(body.decode())) > 10
 
 
 def test_the_page_and_its_files_are_served_read_only_with_a_strict_policy(live):
@@ -308,3 +314,118 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- what an attacker with a valid credential, or an unlucky fleet, tried (review of the console) -----------
+
+
+def heartbeat(rt, device: str, raw_data: str) -> None:
+    """A heartbeat frame with ``raw_data`` as its JSON data, verbatim (huge integers, odd types)."""
+    header = ('{"v":1,"type":"heartbeat","run":"%s","device":"%s","round":0,"data":%s}' % (RUN, device, raw_data)).encode()
+    rt.enqueue(rt.topics.heartbeat(device), P.MAGIC + len(header).to_bytes(4, "big") + header)
+
+
+def test_a_heartbeat_with_a_huge_integer_or_odd_types_does_not_freeze_the_views(live):
+    rt, console = live()
+    register(rt, "dev0")
+    wait_until(lambda: api(console, "/api/status")["devices"]["registered"] == 1, timeout=60)
+    heartbeat(rt, "dev0", '{"step_time_s": 1%s, "rss_mb": true, "x": {"deep": [1]}}' % ("0" * 400))
+    wait_until(lambda: "heartbeat" in rt.registry.devices["dev0"], timeout=20)
+    assert rt.registry.devices["dev0"]["heartbeat"] == {}  # nothing kept: not a float64, a bool, a nested value
+    register(rt, "dev1")  # the views go on being rebuilt
+    wait_until(lambda: api(console, "/api/status")["devices"]["registered"] == 2, timeout=20)
+    heartbeat(rt, "dev1", '{"step_time_s": "slow", "rss_mb": 1e308}')  # one device's claims: its row only
+    wait_until(lambda: rt.registry.devices["dev1"].get("heartbeat"), timeout=20)
+    time.sleep(0.5)
+    rows = {d["device"]: d for d in api(console, "/api/devices")["devices"]}
+    assert rows["dev1"]["step_time_s"] is None and rows["dev1"]["peak_rss_mb"] == 1e308
+    assert rows["dev0"]["predicted_step_s"] > 0 and rows["dev1"]["predicted_step_s"] == rows["dev0"]["predicted_step_s"]
+    assert metrics(get(console.url + "metrics")[2].decode())  # +Inf bytes still parse
+
+
+def test_the_model_is_costed_once_whatever_the_profiles_devices_claim(live, monkeypatch):
+    """Predictions for many profiles (or profile names a device makes up) count the model's FLOPs once: the
+    serve thread is never held by FLOP counting per profile."""
+    import device_profiles.cost_report as cost_report
+    calls = []
+    real = cost_report.model_cost
+    monkeypatch.setattr(cost_report, "model_cost", lambda *a, **k: calls.append(a) or real(*a, **k))
+    rt, console = live()
+    profiles = ["raspberry_pi_4", "raspberry_pi_5", "jetson_nano", "host", "made_up_1", "made_up_2", "made_up_3"]
+    for i, profile in enumerate(profiles):
+        rt.enqueue(rt.topics.up(f"d{i}"), P.control_frame(
+            P.REGISTER, run=RUN, device=f"d{i}", round_=-1, num_classes=10, feature_channels=16, train_samples=10,
+            test_samples=0, input_shape=[1, 28, 28], model="resnet8_gkt", profile=profile))
+    wait_until(lambda: api(console, "/api/status")["devices"]["registered"] == len(profiles), timeout=60)
+    rows = {d["device"]: d for d in api(console, "/api/devices")["devices"]}
+    assert rows["d0"]["predicted_step_s"] > 0 and rows["d4"]["predicted_step_s"] is None  # an unknown profile
+    assert len(calls) == 2  # backprop and inference, once
+
+
+def test_one_device_cannot_flush_the_event_feed(live):
+    rt, console = live()
+    register(rt, "mallory")
+    for _ in range(rt.cfg.validation.quarantine_after):
+        rt.enqueue(rt.topics.up("mallory"), b"junk")
+    for i in range(600):  # a quarantined device may still publish its status (the Last Will): flap it
+        rt.enqueue(rt.topics.status("mallory"), P.control_frame(P.STATUS, run=RUN, device="mallory", round_=0,
+                                                                  online=i % 2 == 0))
+    wait_until(lambda: rt.inbox.empty() and rt.telemetry.events_suppressed > 500, timeout=30)
+    kinds = [e["kind"] for e in api(console, "/api/status")["events"]]
+    assert "quarantined" in kinds and "registered" in kinds
+
+
+def test_odd_device_names_keep_metrics_parseable_and_apart_from_the_aggregate(live):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+    rt, console = live("console.max_device_series=2")
+    names = ["_other", 'a"b\\c', "é\u2028x", "zz", "zz2"]
+    for name in names:
+        register(rt, name)
+    wait_until(lambda: api(console, "/api/status")["devices"]["registered"] == len(names), timeout=60)
+    for accept in ({}, {"Accept": "application/openmetrics-text; version=1.0.0"}):
+        text = get(console.url + "metrics", accept)[2].decode()
+        parse = openmetrics if accept else text_string_to_metric_families
+        online = [s for f in parse(text) for s in f.samples if s.name == "edgefl_device_online"]
+        assert sorted(s.labels["device"] for s in online) == sorted(["", *sorted(names)[:2]])
+
+
+def test_hostile_requests_get_a_4xx_and_never_a_redirect_elsewhere(live):
+    rt, console = live(token=TOKEN)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    for query in ("limit=%C2%B2", "offset=%D9%A3", "limit=%F0%9D%9F%97", "limit=1&limit=x", "sort=", "q=" + "x" * 5000):
+        status, _, body = get(console.url + "api/devices?" + query, bearer)
+        assert status in (200, 400), (query, status, body)
+        assert status == 400 or query.startswith(("q=", "limit=1&"))
+    assert get(console.url + "static/" + "a" * 400, bearer)[0] == 404
+    assert get(console.url + "static/console.js", bearer, method="HEAD")[0] == 405
+    status, headers, _ = get(console.url.rstrip("/") + f"//evil.example/?token={TOKEN}")
+    assert status == 302 and headers["Location"].startswith("/") and not headers["Location"].startswith("//")
+    with pytest.raises(ConfigError, match="printable ASCII"):
+        os.environ["EDGEFL_CONSOLE_TOKEN"] = "tøken-with-ümlauts-0123456789"
+        load_runtime_config(None, [])
+
+
+def test_slow_or_piled_up_connections_are_closed(live, monkeypatch):
+    from cloud_runtime.console import server as console_server
+    monkeypatch.setattr(console_server, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(console_server, "MAX_CONNECTIONS", 3)
+    rt, console = live()
+    host, port = console.url.removeprefix("http://").rstrip("/").split(":")
+    slow = socket.create_connection((host, int(port)))
+    slow.sendall(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    slow.settimeout(5)
+    assert slow.recv(100) == b""  # closed after HEADER_TIMEOUT_S
+    held = [socket.create_connection((host, int(port))) for _ in range(3)]
+    extra = socket.create_connection((host, int(port)))
+    extra.settimeout(5)
+    assert extra.recv(100) == b""  # over MAX_CONNECTIONS: closed on arrival
+    for s in held + [extra, slow]:
+        s.close()
+    wait_until(lambda: get(console.url + "healthz")[0] == 200, timeout=10)
+
+
+def test_a_missing_multiprocess_directory_is_a_clear_configuration_error(monkeypatch, tmp_path):
+    from cloud_runtime.telemetry import Telemetry
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match="PROMETHEUS_MULTIPROC_DIR=.* is not a directory"):
+        Telemetry()

@@ -9,8 +9,9 @@ Two sources, one page:
 - gauges of the run's state, from the console's published views (:class:`FleetCollector`): round,
   accuracy, devices by state, ingest rate, and per-device series (step time measured and predicted,
   peak memory, bytes, accepted samples, rejections) for at most ``max_device_series`` devices; the
-  rest are aggregated under ``device="_other"`` (a sum for counts and bytes, the mean step time, the
-  largest peak memory), so the number of series stays bounded whatever the fleet size.
+  rest are aggregated in one series with an empty ``device`` label (no device id is empty, so no device
+  can pass itself off as the aggregate): a sum for counts and bytes, the mean step time, the largest peak
+  memory. The number of series stays bounded whatever the fleet size.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from cloud_runtime.console.views import StatusBoard
 from cloud_runtime.telemetry import Telemetry, multiprocess_dir
 
-OTHER = "_other"   # the device label of the devices past max_device_series
+OTHER = ""   # the device label of the aggregate of the devices past max_device_series (no device id is empty)
 
 
 class FleetCollector:
@@ -95,8 +96,8 @@ class FleetCollector:
                 "accepted_samples": sum(d["accepted_samples"] for d in rest),
                 "rejected": sum(d["rejected"] for d in rest)})
         yield from families.values()
-        yield GaugeMetricFamily("edgefl_device_series_aggregated", f"Devices aggregated under device=\"{OTHER}\" "
-                                "(past console.max_device_series)", value=len(rest))
+        yield GaugeMetricFamily("edgefl_device_series_aggregated", "Devices aggregated in the series with an empty "
+                                "device label (past console.max_device_series)", value=len(rest))
 
     @staticmethod
     def _add(families: dict, device: str, d: dict) -> None:

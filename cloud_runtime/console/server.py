@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+from yarl import URL
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
@@ -43,6 +44,8 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
 }
 EVENTS_SHOWN = 50
+MAX_CONNECTIONS = 64      # open at once; more are closed on arrival
+HEADER_TIMEOUT_S = 10.0   # a request's headers must be complete this soon after its first byte
 
 
 class ConsoleServer:
@@ -76,14 +79,19 @@ class ConsoleServer:
     def _serve(self, sock: socket.socket, ready: threading.Event) -> None:
         loop = self._loop
         asyncio.set_event_loop(loop)
-        runner = web.AppRunner(self.app(), access_log=None)  # a page polling every 2 s must not flood the log
+        # a page polling every 2 s must not flood the log (access_log=None); a stop waits for requests briefly
+        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=2.0, keepalive_timeout=15.0)
+        server = None
         try:
             loop.run_until_complete(runner.setup())
-            loop.run_until_complete(web.SockSite(runner, sock).start())
+            gate = _Gate(loop)
+            server = loop.run_until_complete(loop.create_server(lambda: _Guarded(runner.server(), gate), sock=sock))
             ready.set()
             loop.run_forever()
         finally:
             ready.set()
+            if server is not None:
+                server.close()
             loop.run_until_complete(runner.cleanup())
             loop.close()
 
@@ -96,13 +104,10 @@ class ConsoleServer:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth], client_max_size=1024)  # nothing is ever uploaded
-        app.router.add_get("/", self.index)
-        app.router.add_get("/healthz", _healthz)
-        app.router.add_get("/api/status", self.api_status)
-        app.router.add_get("/api/devices", self.api_devices)
-        app.router.add_get("/api/rounds", self.api_rounds)
-        app.router.add_get("/metrics", self.metrics_page)
-        app.router.add_static("/static", STATIC, show_index=False, follow_symlinks=False)
+        for path, handler in (("/", self.index), ("/healthz", _healthz), ("/api/status", self.api_status),
+                              ("/api/devices", self.api_devices), ("/api/rounds", self.api_rounds),
+                              ("/metrics", self.metrics_page), ("/static/{name:.+}", _static)):
+            app.router.add_get(path, handler, allow_head=False)
         app.on_response_prepare.append(_secure_headers)
         return app
 
@@ -114,7 +119,8 @@ class ConsoleServer:
         supplied = header[7:].strip() if header.startswith("Bearer ") else request.cookies.get(COOKIE)
         query = request.query.get("token")
         if query is not None and _same(query, self.token):  # a browser opens /?token=...: remembered in a cookie,
-            response = web.HTTPFound(request.rel_url.with_query({k: v for k, v in request.query.items() if k != "token"}))  # and dropped from the address bar
+            rest = {k: v for k, v in request.query.items() if k != "token"}  # and dropped from the address bar
+            response = web.HTTPFound(URL.build(path="/" + request.path.lstrip("/"), query=rest))  # never //host
             response.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict", path="/",
                                 secure=request.secure or request.headers.get("X-Forwarded-Proto") == "https")
             raise response
@@ -163,6 +169,78 @@ class ConsoleServer:
         return web.Response(body=encoder(self.metrics), headers={"Content-Type": content_type})
 
 
+# the page's files, listed once: a request names one of them or gets 404 (no paths are joined, so nothing
+# outside static/ can be named, however the name is written)
+STATIC_FILES = {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*") if p.is_file()}
+STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
+
+
+async def _static(request: web.Request) -> web.StreamResponse:
+    path = STATIC_FILES.get(request.match_info["name"])
+    if path is None or path.suffix not in STATIC_TYPES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path, headers={"Content-Type": STATIC_TYPES[path.suffix], "Cache-Control": "no-cache"})
+
+
+class _Gate:
+    """How many connections are open (one event loop: no lock)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.open = loop, 0
+
+
+class _Guarded(asyncio.Protocol):
+    """aiohttp's protocol behind two limits, so that slow or idle clients cannot hold the runtime's sockets and
+    file descriptors: at most :data:`MAX_CONNECTIONS` at once (more are closed at once), and a request's
+    headers must be complete within :data:`HEADER_TIMEOUT_S` of its first byte (aiohttp has no such timeout;
+    idle keep-alive connections are closed by its ``keepalive_timeout``)."""
+
+    def __init__(self, inner: asyncio.Protocol, gate: _Gate):
+        self.inner, self.gate = inner, gate
+        self.transport = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.tail = b""
+        self.counted = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if self.gate.open >= MAX_CONNECTIONS:
+            transport.abort()
+            return
+        self.gate.open += 1
+        self.counted = True
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.tail + data
+        end = buffer.rfind(b"\r\n\r\n")
+        rest = buffer if end < 0 else buffer[end + 4:]
+        if end >= 0 and self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if rest and self.timer is None:  # a request has begun: its headers must follow in time
+            self.timer = self.gate.loop.call_later(HEADER_TIMEOUT_S, self.transport.abort)
+        self.tail = rest[-3:]
+        self.inner.data_received(data)
+
+    def connection_lost(self, exc) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.counted:
+            self.gate.open -= 1
+            self.counted = False
+            self.inner.connection_lost(exc)
+
+    def eof_received(self):
+        return self.inner.eof_received() if self.counted else None
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
@@ -174,7 +252,8 @@ async def _secure_headers(request: web.Request, response: web.StreamResponse) ->
 
 
 def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode("utf-8", "replace"), b.encode("utf-8", "replace"))
+    """Constant-time comparison (the configured token is printable ASCII: ``ConsoleConfig.check``)."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
 def _json(value) -> web.Response:

@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections import Counter, deque
 
 from cloud_runtime.strategies import strategy_name
+from cloud_runtime.telemetry import printable
 
 logger = logging.getLogger("edgefl.runtime")
 
 WATCHED_S = 30.0          # a read keeps the views fresh for this long (Prometheus scrapes every 15 s by default)
 RATE_WINDOW_S = 10.0      # the ingest rate is measured over about this long
+PREDICTIONS_KEPT = 256    # step-time predictions cached by (recipe, profile, engine)
 
 
 class StatusBoard:
@@ -88,6 +91,7 @@ class StatusBoard:
             "accepted_samples": sum(d["accepted_samples"] for d in devices),
             "ingest_bytes_per_s": (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0,
             "checkpoint": {"generation": runtime.store.generation, "error": runtime.checkpoint_error},
+            "events_suppressed": runtime.telemetry.events_suppressed,
         }
 
     def device_rows(self, runtime) -> list[dict]:
@@ -110,34 +114,38 @@ class StatusBoard:
                 "online": bool(info.get("online")), "last_heartbeat": info.get("last_heartbeat"),
                 "registered_at": info.get("registered_at"), "offline_since": info.get("offline_since"),
                 "step_time_s": _number(beat.get("step_time_s")), "peak_rss_mb": _number(beat.get("rss_mb")),
-                "predicted_step_s": self.predicted_step(info),
+                "predicted_step_s": self.predicted_step(info, runtime.costs),
                 "bytes_up": up, "bytes_down": info.get("bytes_down", 0), "bytes_resent": info.get("bytes_resent", 0),
                 "bytes_rejected": info.get("bytes_rejected", 0),
                 "compression": info.get("raw_fp32_bytes", 0) / up if up else None,
                 "train_samples": info.get("train_samples"), "accepted_samples": self._accepted.get(name, 0),
                 "rejected": info.get("rejected", 0), "rejection_reasons": dict(info.get("rejection_reasons", {})),
-                "last_rejection": info.get("last_rejection"), "quarantined": quarantined,
+                "last_rejection": _printable_detail(info.get("last_rejection")), "quarantined": quarantined,
                 "quarantined_until": info.get("quarantined_until") if quarantined else None,
-                "quarantines": info.get("quarantines", 0), "quarantine_cause": info.get("quarantine_cause"),
+                "quarantines": info.get("quarantines", 0), "quarantine_cause": _printable_detail(info.get("quarantine_cause")),
             })
         return out
 
-    def predicted_step(self, info: dict) -> float | None:
-        """The profile's roofline estimate of one training step (``device_profiles``), computed once per
-        (model, batch, shape, options, profile, engine)."""
+    def predicted_step(self, info: dict, costs) -> float | None:
+        """The profile's roofline estimate of one training step (``device_profiles``). The model's FLOPs are
+        counted once per run recipe in ``costs`` (the report's :class:`~cloud_runtime.report.CostEstimator`
+        cache, which the runtime computes anyway); per (recipe, profile, engine) only the profile is read and the
+        estimate taken. The device's heartbeat is left out: its claims must not decide anyone's prediction."""
         key = (info.get("model"), info.get("batch_size"), str(info.get("input_shape")), str(info.get("model_kwargs")),
                info.get("optimizer"), info.get("profile"), info.get("engine"))
-        if key not in self._predicted:
-            if len(self._predicted) > 256:
-                self._predicted.clear()
-            try:
-                from device_profiles.cost_report import device_cost  # torch: once per distinct key
-                cost = device_cost(info, 0, {})
-                self._predicted[key] = cost["predicted_step_s"] if cost else None
-            except Exception as e:  # an unknown profile or model must not break the view
-                logger.debug("no step-time prediction for %s: %s", key, e)
-                self._predicted[key] = None
-        return self._predicted[key]
+        if key in self._predicted:
+            return self._predicted[key]
+        facts = {k: v for k, v in info.items() if k != "heartbeat"}
+        try:
+            from device_profiles.cost_report import device_cost  # torch, imported once
+            cost = device_cost(facts, 0, costs.cache)
+            predicted = cost["predicted_step_s"] if cost else None
+        except Exception as e:  # an unknown profile name (a device's claim) or model: no prediction
+            logger.debug("no step-time prediction for %s: %s", key, e)
+            predicted = None
+        if len(self._predicted) < PREDICTIONS_KEPT:  # beyond it (many odd profile names): computed each time
+            self._predicted[key] = predicted
+        return predicted
 
 
 def round_rows(rows: list[dict]) -> list[dict]:
@@ -162,6 +170,9 @@ SORT_KEYS = ("device", "profile", "engine", "online", "last_heartbeat", "step_ti
              "predicted_step_s", "bytes_up", "bytes_down", "compression", "accepted_samples", "rejected", "quarantined")
 STATES = ("all", "online", "offline", "quarantined")
 MAX_PAGE = 1000
+
+
+_DIGITS = re.compile(r"[0-9]{1,10}")
 
 
 class QueryError(ValueError):
@@ -197,13 +208,24 @@ def _int_param(params, name: str, default: int, low: int, high: int) -> int:
     raw = params.get(name)
     if raw is None or raw == "":
         return default
-    if not (isinstance(raw, str) and raw.isdigit() and len(raw) <= 10 and low <= int(raw) <= high):
+    if not (isinstance(raw, str) and _DIGITS.fullmatch(raw) and low <= int(raw) <= high):  # ASCII digits only
         raise QueryError(f"{name} must be an integer in [{low}, {high}], got {str(raw)[:40]!r}")
     return int(raw)
 
 
 def _number(value) -> float | None:
     """A finite number a device reported, else None (heartbeats are the device's claim)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past float64
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _printable_detail(entry: dict | None) -> dict | None:
+    """A rejection record with its detail (a sender's words) free of control and format characters."""
+    if not isinstance(entry, dict):
+        return None
+    return {**entry, "detail": printable(str(entry.get("detail", "")))}
