@@ -2,7 +2,9 @@
 
 FedAvg weighted by sample count, robust aggregators for untrusted devices (coordinate-wise median,
 trimmed mean, norm clipping of updates), FedBuff-style staleness weighting for async rounds, and
-the layer-wise client divergence of the deeper-models FL study. Inputs are validated first: empty
+the layer-wise client divergence of the deeper-models FL study (Wang et al., arXiv:2306.02701, eq. 1).
+Results keep each tensor's dtype, exactly where they can (identical states come back bit for bit; integer
+tensors are rounded half to even, never truncated). Inputs are validated first: empty
 rounds, weights that do not sum to a positive number, mismatched names/shapes and non-finite
 values are errors that say which client and which tensor.
 """
@@ -47,22 +49,50 @@ def validate_states(states: Sequence[State], weights: Sequence[float] | None = N
     return w / w.sum()
 
 
-def _cast_like(mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Back to the clients' dtype; integer tensors (e.g. num_batches_tracked) are rounded, not truncated."""
-    return np.asarray(np.rint(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
+def _cast_like(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Back to the clients' dtype: integer and boolean tensors (e.g. num_batches_tracked) rounded half to even,
+    never truncated (a truncating cast turns 6.999999999999999 into 6)."""
+    value = np.asarray(value)
+    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        value = np.rint(value)
+    return np.asarray(value.astype(dtype))
+
+
+def weighted_mean(tensors: Sequence[np.ndarray], w: np.ndarray) -> np.ndarray:
+    """Weighted mean of same-shaped tensors (``w``: normalised weights), in their dtype, exact where it can be.
+
+    Computed as the first tensor plus the weighted mean of the others' deviations from it, in float64, so that
+    identical tensors come back bit for bit whatever the dtype (``x/3 + 2x/3`` is not ``x`` in floating point,
+    and an int64 past 2**53 is not even representable in float64), and integers are rounded (:func:`_cast_like`)."""
+    first = np.asarray(tensors[0])
+    dtype = first.dtype
+    base = first.astype(np.float64)
+    deviation = np.zeros_like(base)
+    for wi, t in zip(w[1:], tensors[1:]):
+        deviation += wi * (np.asarray(t).astype(np.float64) - base)
+    if not deviation.any():
+        return first.copy()
+    if np.issubdtype(dtype, np.integer) and dtype.itemsize == 8:  # int64 / uint64: the step added in integers,
+        step = np.floor(deviation)                                 # the total rounded half to even
+        low = first.astype(np.int64) + step.astype(np.int64)
+        frac = deviation - step
+        return np.asarray(low + ((frac > 0.5) | ((frac == 0.5) & (low % 2 == 1)))).astype(dtype)
+    return _cast_like(base + deviation, dtype)
 
 
 def fedavg(states: Sequence[State], weights: Sequence[float] | None = None) -> dict[str, np.ndarray]:
-    """Weighted mean of each tensor (weights = local sample counts in FedAvg; McMahan et al. 2017, eq. in Alg. 1)."""
+    """Weighted mean of each tensor (weights = local sample counts in FedAvg; McMahan et al. 2017, Alg. 1),
+    in each tensor's dtype (:func:`weighted_mean`: identical states are returned unchanged, integers rounded)."""
     w = validate_states(states, weights)
-    return {name: _cast_like(sum(wi * np.asarray(s[name], dtype=np.float64) for wi, s in zip(w, states)),
-                             np.asarray(states[0][name]).dtype) for name in states[0]}
+    return {name: weighted_mean([s[name] for s in states], w) for name in states[0]}
 
 
 def coordinate_median(states: Sequence[State]) -> dict[str, np.ndarray]:
     """Element-wise median: robust to fewer than half of the clients being arbitrary."""
     validate_states(states)
-    return {name: np.median(np.stack([s[name] for s in states]), axis=0).astype(np.asarray(states[0][name]).dtype)
+    return {name: _cast_like(np.median(np.stack([s[name] for s in states]).astype(np.float64)
+                                       if np.asarray(states[0][name]).dtype.itemsize < 8 else
+                                       np.stack([s[name] for s in states]), axis=0), np.asarray(states[0][name]).dtype)
             for name in states[0]}
 
 
@@ -72,10 +102,11 @@ def trimmed_mean(states: Sequence[State], trim_fraction: float = 0.1) -> dict[st
     if not 0 <= trim_fraction < 0.5:
         raise AggregationError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
     k = int(np.floor(trim_fraction * len(states)))
+    kept = len(states) - 2 * k
     out = {}
     for name in states[0]:
         stacked = np.sort(np.stack([s[name] for s in states]), axis=0)
-        out[name] = stacked[k:len(states) - k].mean(axis=0).astype(np.asarray(states[0][name]).dtype)
+        out[name] = weighted_mean(list(stacked[k:len(states) - k]), np.full(kept, 1.0 / kept))
     return out
 
 
@@ -86,9 +117,12 @@ def update_norm(state: State, reference: State) -> float:
 def clip_update(state: State, reference: State, max_norm: float) -> dict[str, np.ndarray]:
     """Scale the update (state - reference) down to ``max_norm`` if it is longer."""
     norm = update_norm(state, reference)
-    scale = 1.0 if norm <= max_norm or norm == 0 else max_norm / norm
-    return {n: (reference[n] + scale * (np.asarray(state[n]) - reference[n])).astype(np.asarray(state[n]).dtype)
-            for n in reference}
+    if norm <= max_norm or norm == 0:
+        return {n: np.asarray(state[n]).copy() for n in reference}  # unchanged: exactly the state
+    scale = max_norm / norm
+    return {n: _cast_like(np.asarray(reference[n], np.float64)
+                          + scale * (np.asarray(state[n], np.float64) - np.asarray(reference[n], np.float64)),
+                          np.asarray(state[n]).dtype) for n in reference}
 
 
 def clip_to_median(states: Sequence[State], reference: State, clip_multiplier: float
@@ -125,14 +159,37 @@ def staleness_weights(staleness: Sequence[int], exponent: float = 0.5) -> np.nda
 
 
 def layer_divergence(states: Sequence[State], average: State | None = None) -> dict[str, float]:
-    """Per tensor: mean over clients of ||w_k - w_avg|| / ||w_avg|| (the deeper-FL study's divergence)."""
+    """Per floating-point tensor, the layer divergence of the deeper-models FL study (Wang et al., "Unlocking the
+    Potential of Federated Learning for Deeper Models", arXiv:2306.02701, eq. 1): the mean over
+    the K clients of the root-mean-square difference between client k's tensor and the average,
+
+        div(l) = (1/K) * sum_k sqrt( ||w_k(l) - w_avg(l)||^2 / d(l) ),   d(l) = number of elements of tensor l,
+
+    so it is in the weights' own units and comparable with the study's figures. ``average``: the aggregated
+    state (default: the unweighted FedAvg of ``states``). Integer tensors (counters) are skipped."""
     validate_states(states)
     average = average if average is not None else fedavg(states)
     out = {}
     for name, avg in average.items():
-        if np.issubdtype(np.asarray(avg).dtype, np.integer):
+        avg = np.asarray(avg)
+        if not np.issubdtype(avg.dtype, np.floating):
             continue  # counters such as num_batches_tracked
-        denom = float(np.linalg.norm(avg)) or 1.0
+        ref, d = avg.astype(np.float64), max(avg.size, 1)
+        out[name] = float(np.mean([np.sqrt(np.sum((np.asarray(s[name], np.float64) - ref) ** 2) / d) for s in states]))
+    return out
+
+
+def relative_layer_divergence(states: Sequence[State], average: State | None = None) -> dict[str, float]:
+    """Per floating-point tensor: mean over clients of ||w_k - w_avg|| / ||w_avg|| (scale-free; the form this
+    project reported before it used eq. 1 of the deeper-models study: :func:`layer_divergence`)."""
+    validate_states(states)
+    average = average if average is not None else fedavg(states)
+    out = {}
+    for name, avg in average.items():
+        avg = np.asarray(avg)
+        if not np.issubdtype(avg.dtype, np.floating):
+            continue
+        denom = float(np.linalg.norm(avg.astype(np.float64))) or 1.0
         out[name] = float(np.mean([np.linalg.norm(np.asarray(s[name], np.float64) - avg) for s in states]) / denom)
     return out
 

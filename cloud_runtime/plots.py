@@ -103,7 +103,9 @@ def plot_bytes(report: dict, path: str | Path) -> Path | None:
 
 
 def plot_divergence(report: dict, path: str | Path) -> Path | None:
-    """FedAvg: mean client divergence per layer (weight tensors in model order), one line per round."""
+    """Layer-wise client divergence (eq. 1 of Wang et al., "Unlocking the Potential of Federated Learning for
+    Deeper Models", arXiv:2306.02701: mean over clients of the RMS difference to the average) per weight tensor
+    in model order, one line per round: FedAvg's models, or FedGKT's extractors when they are averaged."""
     rounds = [r for r in report.get("rounds", []) if r.get("divergence")]
     if not rounds:
         return None
@@ -118,8 +120,8 @@ def plot_divergence(report: dict, path: str | Path) -> Path | None:
                 label=f"round {r['round']}")
     _integer_x(ax)
     ax.set_xlabel("layer (conv/linear weights, input to output)")
-    ax.set_ylabel("mean ||w_k - w_avg|| / ||w_avg||")
-    ax.set_title("layer-wise client divergence")
+    ax.set_ylabel("mean_k sqrt(||w_k - w_avg||^2 / d)")
+    ax.set_title("layer-wise client divergence (eq. 1, deeper-models FL study)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)

@@ -2,8 +2,12 @@
 import numpy as np
 import pytest
 
-from cloud_runtime.aggregation import (AggregationError, clip_update, clipped_fedavg, coordinate_median, fedavg,
-                                       layer_divergence, staleness_weights, trimmed_mean, update_norm)
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from cloud_runtime.aggregation import (AGGREGATORS, AggregationError, clip_update, clipped_fedavg, coordinate_median,
+                                       fedavg, layer_divergence, relative_layer_divergence, staleness_weights,
+                                       trimmed_mean, update_norm)
 
 
 def states(n=5, seed=0):
@@ -56,14 +60,71 @@ def test_staleness_weights():
         staleness_weights([-1])
 
 
-def test_layer_divergence_reference():
+def test_layer_divergence_is_eq_1_of_the_deeper_models_study_by_hand():
+    """div(l) = (1/K) sum_k sqrt(||w_k(l) - w_avg(l)||^2 / d(l)), worked by hand for two clients."""
+    a = {"w": np.array([1.0, 2.0, 3.0, 4.0]), "n": np.array(3)}
+    b = {"w": np.array([3.0, 2.0, 1.0, 0.0]), "n": np.array(5)}
+    # average (2, 2, 2, 2); a - avg = (-1, 0, 1, 2): ||.||^2 = 6; b - avg = (1, 0, -1, -2): 6; d = 4
+    got = layer_divergence([a, b])
+    assert got == {"w": pytest.approx(np.sqrt(6 / 4))}  # (sqrt(1.5) + sqrt(1.5)) / 2; the counter is skipped
+    # against a given average (the aggregate a round actually produced), and weighted FedAvg as the default's kin
+    assert layer_divergence([a, b], {"w": np.zeros(4), "n": np.array(0)})["w"] == pytest.approx(
+        (np.sqrt(30 / 4) + np.sqrt(14 / 4)) / 2)
+    assert layer_divergence([a, a])["w"] == 0
+
+
+def test_relative_layer_divergence_keeps_the_earlier_scale_free_form():
     s = states(4)
     avg = fedavg(s)
-    got = layer_divergence(s)
+    got = relative_layer_divergence(s)
     for name in s[0]:
         expected = np.mean([np.linalg.norm(x[name] - avg[name]) for x in s]) / np.linalg.norm(avg[name])
         assert got[name] == pytest.approx(expected, rel=1e-5)
-    assert layer_divergence([s[0], s[0]])["fc.bias"] == 0
+
+
+def test_the_peer_frameworks_vector_two_clients_weights_1_and_2_identical_integers():
+    """Flower's aggregate test (flwr/server/strategy/aggregate_test.py): identical int arrays from two clients
+    weighted 1 and 2 must come back unchanged; with normalised weights 7/3 + 14/3 is 6.999999999999999 in
+    float64, which a truncating cast turns into 6."""
+    layers = [np.array([[1, 2, 3], [4, 5, 6]]), np.array([7, 8, 9, 10])]
+    states_ = [{"l0": layers[0], "l1": layers[1]}, {"l0": layers[0].copy(), "l1": layers[1].copy()}]
+    got = fedavg(states_, [1, 2])
+    for name, expected in zip(("l0", "l1"), layers):
+        assert got[name].dtype == expected.dtype
+        np.testing.assert_array_equal(got[name], expected)
+    assert int(7 * (1 / 3) + 7 * (2 / 3)) == 6  # the float64 sum a truncating cast got wrong (one element)
+
+
+def test_integer_tensors_are_rounded_by_every_aggregator():
+    a, b = {"n": np.array([10, 11], dtype=np.int64)}, {"n": np.array([11, 14], dtype=np.int64)}
+    np.testing.assert_array_equal(fedavg([a, b], [1, 1])["n"], [10, 12])  # 10.5 and 12.5: half to even
+    np.testing.assert_array_equal(coordinate_median([a, b])["n"], [10, 12])
+    np.testing.assert_array_equal(trimmed_mean([a, b, a], 0.0)["n"], [10, 12])  # 10.33 -> 10, 12 -> 12
+    assert fedavg([a, b], [1, 3])["n"].dtype == np.int64
+    big = {"n": np.array([2**62 + 1, -(2**61) - 3], dtype=np.int64)}
+    np.testing.assert_array_equal(fedavg([big, big], [1, 2])["n"], big["n"])  # past 2**53: still exact
+
+
+DTYPES = [np.float16, np.float32, np.float64, np.int8, np.uint8, np.int32, np.int64, np.bool_]
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(DTYPES), data=st.data(), clients=st.integers(1, 5),
+       weights=st.lists(st.floats(0.01, 1e6), min_size=5, max_size=5))
+def test_averaging_identical_states_returns_them_unchanged(dtype, data, clients, weights):
+    """Every aggregator, every dtype: n copies of one state come back bit for bit (dtype included)."""
+    shape = data.draw(hnp.array_shapes(max_dims=3, max_side=4))
+    elements = None
+    if np.issubdtype(dtype, np.floating):
+        elements = st.floats(-1e4, 1e4, width=np.finfo(dtype).bits, allow_nan=False, allow_infinity=False)
+    state = {"t": data.draw(hnp.arrays(dtype, shape, elements=elements))}
+    copies = [{"t": state["t"].copy()} for _ in range(clients)]
+    results = {"clipped_fedavg": clipped_fedavg(copies, state, weights[:clients])[0]}
+    for name in AGGREGATORS.names():
+        results[name] = AGGREGATORS.get(name)(copies, weights[:clients], {"trim_fraction": 0.2})
+    for name, got in results.items():
+        assert got["t"].dtype == state["t"].dtype, name
+        np.testing.assert_array_equal(got["t"], state["t"], err_msg=name)
 
 
 @pytest.mark.parametrize("call, message", [

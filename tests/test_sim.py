@@ -121,3 +121,6 @@ def test_extractor_averaging_uses_the_runs_own_extractor_form(npz_dir, tmp_path)
     assert main(sim_args(npz_dir, out, "--set", "run.rounds=1", "--set", "fedgkt.average_extractors=true")) == 0
     report = json.loads((out / "report.json").read_text())
     assert not report["final"]["rejections"] and report["final"]["accepted_samples"] == 400
+    # the extractors' layer divergence (eq. 1) before they were averaged, and its plot
+    divergence = report["rounds"][0]["divergence"]
+    assert divergence and all(v >= 0 for v in divergence.values()) and (out / "divergence.png").exists()

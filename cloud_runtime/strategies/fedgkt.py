@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from cloud_runtime.aggregation import average_torch_states, staleness_weights
+from cloud_runtime.aggregation import average_torch_states, layer_divergence, staleness_weights
 from cloud_runtime.server_trainer import GKTServer
 from cloud_runtime.registry import Rejected
 from cloud_runtime.strategies.base import STRATEGIES, Strategy
@@ -37,6 +37,7 @@ class FedGKT(Strategy):
         self.arrival_version: dict[str, int] = {}            # device -> server_version when its upload arrived
         self.extractor_reference: dict | None = None         # the run's extractor (names, shapes, dtypes)
         self._channels: dict[tuple, int] = {}                # (classes, C x H x W) -> the edge model's channels
+        self.round_divergence: dict | None = None            # extractor averaging: this round's layer divergence
 
     def build(self) -> None:
         feature_shape = None
@@ -150,6 +151,9 @@ class FedGKT(Strategy):
             stale = [self.server_version - self.arrival_version.get(d, self.server_version) for d in names]
             weights = [w * s for w, s in zip(weights, staleness_weights(stale))]
         average = average_torch_states([self.extractors[d][0] for d in names], weights)
+        self.round_divergence = layer_divergence(  # eq. 1 of the deeper-models study, per extractor tensor
+            [{k: v.detach().cpu().numpy() for k, v in self.extractors[d][0].items()} for d in names],
+            {k: v.numpy() for k, v in average.items()})
         arrays, meta = P.state_to_arrays(average, "fp32")
         meta["kind"] = P.KIND_EXTRACTOR
         self.ctx.downlink.send_arrays(devices, arrays, round_, meta)
@@ -171,6 +175,9 @@ class FedGKT(Strategy):
         # what this round trained on: the invariant the fault drills check
         row.setdefault("accepted_samples", {d: int(len(self.train_uploads[d].sample_ids))
                                             for d in row["participants"] if d in self.train_uploads})
+        if self.round_divergence:  # the extractors' divergence before this round's average (eq. 1)
+            row.setdefault("divergence", self.round_divergence)
+            self.round_divergence = None
         super().finish_row(row, start)
 
 
