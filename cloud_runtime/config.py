@@ -166,6 +166,7 @@ class FedAvgConfig:
 
 
 CONSOLE_TOKEN_ENV = "EDGEFL_CONSOLE_TOKEN"
+SIMULATION_CONSOLE_ADDRESS = "127.0.0.1:0"   # edgefl-sim: any free port (several simulations may run at once)
 
 
 def is_loopback(host: str) -> bool:
@@ -194,20 +195,25 @@ class ConsoleConfig:
     enabled: bool = True
     address: str = "127.0.0.1:8470"   # host:port (port 0: any free port, printed at start). Loopback by default:
     # any other address needs a token, and TLS in front of it (a reverse proxy: docs/CONSOLE.md)
-    token_file: str | None = None     # a file holding the bearer token (or the EDGEFL_CONSOLE_TOKEN environment)
-    max_device_series: int = 100      # per-device Prometheus series; further devices aggregated as device="_other"
+    token_file: str | None = None     # a file holding the bearer token (EDGEFL_CONSOLE_TOKEN, when set, wins)
+    max_device_series: int = 100      # per-device Prometheus series; further devices in one series, device=""
     refresh_s: float = 1.0            # the views are rebuilt at most this often, and only while someone reads them
     linger_s: float = 0.0             # after the run ends, keep serving the final state this long (Ctrl-C ends it)
 
     def token(self) -> str | None:
-        """The bearer token: ``EDGEFL_CONSOLE_TOKEN``, else the first line of ``token_file``, else None."""
+        """The bearer token: ``EDGEFL_CONSOLE_TOKEN`` when set (it wins over the file), else the first line of
+        ``token_file``, else None. Raises ConfigError for a file that cannot be read or holds no token."""
         if os.environ.get(CONSOLE_TOKEN_ENV):
             return os.environ[CONSOLE_TOKEN_ENV].strip()
         if self.token_file:
             try:
-                return Path(self.token_file).read_text().strip().splitlines()[0].strip()
-            except (OSError, IndexError, UnicodeDecodeError) as e:
-                raise ConfigError(f"console.token_file: cannot read a token from {self.token_file}: {e}") from None
+                lines = Path(self.token_file).read_text().strip().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"token_file: cannot read a token from {self.token_file}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+            if not lines or not lines[0].strip():
+                raise ConfigError(f"token_file: {self.token_file} is empty: its first line must be the token")
+            return lines[0].strip()
         return None
 
     def check(self) -> None:
@@ -218,9 +224,10 @@ class ConsoleConfig:
         if not self.enabled:
             return
         token = self.token()
-        require(token is None or (len(token) >= 16 and token.isascii() and token.isprintable() and " " not in token),
-                "token_file", "the console token must be at least 16 printable ASCII characters without spaces "
-                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        source = f"{CONSOLE_TOKEN_ENV} (environment)" if os.environ.get(CONSOLE_TOKEN_ENV) else "token_file"
+        if token is not None and not (len(token) >= 16 and token.isascii() and token.isprintable() and " " not in token):
+            raise ConfigError(f"{source}: the console token must be at least 16 printable ASCII characters without "
+                              "spaces (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
         require(token is not None or is_loopback(host), "address",
                 f"{self.address} is not a loopback address and no token is set: anyone who reaches it would see "
                 f"the fleet. Set console.token_file (or {CONSOLE_TOKEN_ENV}) and put TLS in front of it "
@@ -234,7 +241,8 @@ def check_console(console: ConsoleConfig) -> None:
         console.check()
     except ConfigError as e:
         message = str(e)
-        raise ConfigError(message if message.startswith("console.") else f"console.{message}") from None
+        raise ConfigError(message if message.startswith(("console.", CONSOLE_TOKEN_ENV)) else f"console.{message}") \
+            from None
 
 
 @dataclass
@@ -290,7 +298,7 @@ class ExperimentConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # a simulation's console takes any free port (several simulations may run at once); it prints the address
-    console: ConsoleConfig = field(default_factory=lambda: ConsoleConfig(address="127.0.0.1:0"))
+    console: ConsoleConfig = field(default_factory=lambda: ConsoleConfig(address=SIMULATION_CONSOLE_ADDRESS))
 
     def check(self) -> None:
         check_console(self.console)
@@ -302,6 +310,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """YAML file (or defaults) + ``--set`` overrides -> validated :class:`ExperimentConfig`."""
     data = read_yaml(path) if path is not None else {}
     apply_overrides(data, overrides)
+    if isinstance(data.get("console"), dict):  # a partial console section keeps the simulation's any-free-port
+        data["console"].setdefault("address", SIMULATION_CONSOLE_ADDRESS)
     return build_dataclass(ExperimentConfig, data)
 
 

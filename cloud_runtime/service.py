@@ -60,6 +60,7 @@ class CloudRuntime:
         self.started = time.time()
         self.telemetry, self.board = Telemetry(), StatusBoard(cfg.console.refresh_s)  # the operator's console
         self.console_info: dict | None = None  # where it serves (cloud_runtime.console.start_console)
+        self.telemetry.on_phase = lambda: self.board.refresh(self, force=True)  # the fleet as each phase begins
         self.registry = DeviceRegistry(cfg, self.telemetry)
         self.ingest = Ingest(cfg, self.registry)
         self.store = DurableStore(cfg.state_dir)

@@ -69,6 +69,8 @@ class RuntimeCounters:
         self.rounds = Counter("edgefl_rounds_completed", "Rounds completed (async: server updates)", registry=into)
         self.accepted_samples = Counter("edgefl_accepted_samples", "Training samples of the uploads each "
                                         "completed round trained on", registry=into)
+        for outcome in ("accepted", "resent", "rejected"):  # every outcome's series exists from the start, at 0
+            self.uplink_bytes.labels(outcome=outcome)
 
     def bytes(self, kind: str, wire: int) -> None:
         """``kind``: ``up`` | ``resent`` | ``rejected`` | ``down`` (``cloud_runtime/ingest.py``'s BYTE_KINDS)."""
@@ -91,6 +93,7 @@ class Telemetry:
         self._seq = itertools.count(1)
         self.counters = RuntimeCounters()
         self.phase: dict = {"name": "starting", "round": None, "since": time.time(), "done": 0, "total": 0}
+        self.on_phase = None   # called (serve thread) after each phase change: the runtime rebuilds the views
 
     def event(self, kind: str, device: str | None = None, detail: str = "") -> None:
         """Keep an event (``detail``: cut to 300 characters, control characters shown as U+FFFD). A device's
@@ -111,6 +114,8 @@ class Telemetry:
 
     def set_phase(self, name: str, round_: int | None = None, total: int = 0) -> None:
         self.phase = {"name": name, "round": round_, "since": time.time(), "done": 0, "total": int(total)}
+        if self.on_phase is not None:
+            self.on_phase()
 
     def progress(self, samples: int) -> None:
         """``samples`` more of the current phase's compute are done."""

@@ -119,9 +119,11 @@ def _fresh_out_dir(cfg: ExperimentConfig, out_dir: Path) -> Path:
     return out_dir
 
 
-def _finish_report(cfg: ExperimentConfig, out_dir: Path, deployment: Deployment, start: float, **run) -> dict | None:
-    """The runtime's report, plus what only the simulator knows (class counts, wall time); plots. Interrupted
-    (``run["interrupted"]``): the same of the rounds done, or None when the runtime wrote no report."""
+def _finish_report(cfg: ExperimentConfig, out_dir: Path, deployment: Deployment, start: float, lingered_s: float = 0.0,
+                   **run) -> dict | None:
+    """The runtime's report, plus what only the simulator knows (class counts, wall time: without the
+    ``lingered_s`` the console stayed up after the run); plots. Interrupted (``run["interrupted"]``): the same
+    of the rounds done, or None when the runtime wrote no report."""
     runtime_report = out_dir / "runtime" / "report.json"
     if run.get("interrupted") and not runtime_report.exists():
         logger.warning("interrupted before the runtime wrote a report: no report.json")
@@ -131,7 +133,7 @@ def _finish_report(cfg: ExperimentConfig, out_dir: Path, deployment: Deployment,
                          agents=len(deployment.agents), **run)
     for device, counts in deployment.class_counts.items():
         report["devices"].setdefault(device, {})["class_counts"] = counts
-    report["final"]["wall_seconds"] = time.perf_counter() - start
+    report["final"]["wall_seconds"] = time.perf_counter() - start - lingered_s
     write_json(out_dir / "report.json", report)
     plot_accuracy(report, out_dir / "accuracy.png")
     plot_bytes(report, out_dir / "uploads.png")
@@ -215,16 +217,19 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path, stop: threading.Event | 
         agent.stop.set()
     for t in threads[1:]:
         t.join(10 if interrupted else 60)
-    if console is not None:
-        if cfg.console.linger_s > 0 and not interrupted:
+    try:
+        if errors and not interrupted:
+            raise RuntimeError(f"a simulation thread failed: {type(errors[0]).__name__}: {errors[0]}")
+        run = {"interrupted": True} if interrupted else {}
+        report = _finish_report(cfg, out_dir, deployment, start, broker="memory", **run)
+        if console is not None and cfg.console.linger_s > 0 and not interrupted:  # after the report: not its time
             logger.info("run over: the console stays up for %.0f s (console.linger_s)", cfg.console.linger_s)
             stop.wait(cfg.console.linger_s)
-        console.stop()
-    runtime.close()
-    if errors and not interrupted:
-        raise RuntimeError(f"a simulation thread failed: {type(errors[0]).__name__}: {errors[0]}")
-    run = {"interrupted": True} if interrupted else {}
-    return _finish_report(cfg, out_dir, deployment, start, broker="memory", **run)
+        return report
+    finally:
+        if console is not None:
+            console.stop()
+        runtime.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +342,8 @@ def run_over_mqtt(cfg: ExperimentConfig, out_dir: Path, broker_url: str | None =
             _kill(procs, broker)
             raise
     run = {"interrupted": True} if interrupted else {}
-    return _finish_report(cfg, out_dir, deployment, start, broker=url if broker_url else "embedded",
+    lingered = cfg.console.linger_s if cfg.console.enabled and not interrupted else 0.0  # the runtime's, after its run
+    return _finish_report(cfg, out_dir, deployment, start, lingered, broker=url if broker_url else "embedded",
                           agent_exit_codes=[p.returncode for p in procs[1:]], **run)
 
 

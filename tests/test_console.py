@@ -170,6 +170,7 @@ def test_with_a_token_every_route_but_healthz_needs_it(live):
         assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
         assert get(console.url + path, {"Authorization": "Bearer wrong-token-of-some-length"})[0] == 401
     assert get(console.url + "api/status", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    assert get(console.url + "api/status", {"Authorization": f"bearer {TOKEN}"})[0] == 200  # RFC 7235: any case
     # a browser opens /?token=... once: the token moves into an HttpOnly cookie and out of the address bar
     status, headers, _ = get(console.url + f"?token={TOKEN}")
     assert status == 302 and headers["Location"] == "/"
@@ -198,6 +199,21 @@ def test_a_non_loopback_console_without_a_token_is_refused_with_a_clear_message(
                           capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={k: v for k, v in os.environ.items() if k != "EDGEFL_CONSOLE_TOKEN"})
     assert proc.returncode == 2 and "192.0.2.1:8470 is not a loopback address" in proc.stderr
+
+
+def test_a_simulation_keeps_any_free_port_when_it_sets_other_console_keys(tmp_path, monkeypatch):
+    assert load_config(None).console.address == "127.0.0.1:0"
+    assert load_config(None, ["console.linger_s=60"]).console.address == "127.0.0.1:0"
+    assert load_config(None, ["console.address=127.0.0.1:9999"]).console.address == "127.0.0.1:9999"
+    assert load_runtime_config(None, ["console.linger_s=1"]).console.address == "127.0.0.1:8470"  # a service's
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match=r"^console.token_file: .*empty: its first line must be the token$"):
+        load_runtime_config(None, [f"console.token_file={tmp_path / 'empty'}"])
+    with pytest.raises(ConfigError, match=r"^console.token_file: cannot read a token from .*absent"):
+        load_runtime_config(None, [f"console.token_file={tmp_path / 'absent'}"])
+    monkeypatch.setenv("EDGEFL_CONSOLE_TOKEN", "short")
+    with pytest.raises(ConfigError, match=r"^EDGEFL_CONSOLE_TOKEN \(environment\): the console token must"):
+        load_runtime_config(None, [])
 
 
 def test_a_taken_address_leaves_the_run_without_a_console_and_says_so(live):
@@ -336,11 +352,15 @@ def test_a_heartbeat_with_a_huge_integer_or_odd_types_does_not_freeze_the_views(
     wait_until(lambda: api(console, "/api/status")["devices"]["registered"] == 2, timeout=20)
     heartbeat(rt, "dev1", '{"step_time_s": "slow", "rss_mb": 1e308}')  # one device's claims: its row only
     wait_until(lambda: rt.registry.devices["dev1"].get("heartbeat"), timeout=20)
+    heartbeat(rt, "dev0", '{"step_time_s": -1000, "rss_mb": 512}')
+    wait_until(lambda: rt.registry.devices["dev0"]["heartbeat"].get("rss_mb") == 512, timeout=20)
     time.sleep(0.5)
     rows = {d["device"]: d for d in api(console, "/api/devices")["devices"]}
-    assert rows["dev1"]["step_time_s"] is None and rows["dev1"]["peak_rss_mb"] == 1e308
+    assert rows["dev1"]["step_time_s"] is None and rows["dev1"]["peak_rss_mb"] is None  # not a step time, absurd
+    assert rows["dev0"]["step_time_s"] is None and rows["dev0"]["peak_rss_mb"] == 512  # negative: missing
+    m = metrics(get(console.url + "metrics")[2].decode())
+    assert m[("edgefl_device_peak_rss_bytes", frozenset({("device", "dev0")}))] == 512 * 2**20  # MiB -> bytes
     assert rows["dev0"]["predicted_step_s"] > 0 and rows["dev1"]["predicted_step_s"] == rows["dev0"]["predicted_step_s"]
-    assert metrics(get(console.url + "metrics")[2].decode())  # +Inf bytes still parse
 
 
 def test_the_model_is_costed_once_whatever_the_profiles_devices_claim(live, monkeypatch):

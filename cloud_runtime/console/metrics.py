@@ -104,7 +104,7 @@ class FleetCollector:
         families["online"].add_metric([device], float(d["online"]))
         families["quarantined"].add_metric([device], float(d["quarantined"]))
         for key, field, scale in (("step", "step_time_s", 1.0), ("predicted", "predicted_step_s", 1.0),
-                                  ("rss", "peak_rss_mb", 1e6)):
+                                  ("rss", "peak_rss_mb", 2.0 ** 20)):  # the device reports MiB (VmHWM / 1024)
             if d[field] is not None:
                 families[key].add_metric([device], d[field] * scale)
         families["up"].add_metric([device], d["bytes_up"])

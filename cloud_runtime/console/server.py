@@ -116,7 +116,7 @@ class ConsoleServer:
         if self.token is None or request.path == "/healthz":
             return await handler(request)
         header = request.headers.get("Authorization", "")
-        supplied = header[7:].strip() if header.startswith("Bearer ") else request.cookies.get(COOKIE)
+        supplied = header[7:].strip() if header[:7].lower() == "bearer " else request.cookies.get(COOKIE)
         query = request.query.get("token")
         if query is not None and _same(query, self.token):  # a browser opens /?token=...: remembered in a cookie,
             rest = {k: v for k, v in request.query.items() if k != "token"}  # and dropped from the address bar

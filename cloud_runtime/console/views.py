@@ -214,14 +214,15 @@ def _int_param(params, name: str, default: int, low: int, high: int) -> int:
 
 
 def _number(value) -> float | None:
-    """A finite number a device reported, else None (heartbeats are the device's claim)."""
+    """A finite, non-negative number a device reported (a time, a size), else None: heartbeats are the device's
+    claim, and one device's -1000 or 1e308 must not move the fleet's figures."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     try:
         number = float(value)
     except OverflowError:  # an integer past float64
         return None
-    return number if math.isfinite(number) else None
+    return number if math.isfinite(number) and 0 <= number <= 1e12 else None
 
 
 def _printable_detail(entry: dict | None) -> dict | None:

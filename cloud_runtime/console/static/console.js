@@ -9,7 +9,11 @@ let charts = null;
 
 const $ = (id) => document.getElementById(id);
 
-function text(el, value) { el.textContent = value == null ? "–" : String(value); }
+// control and format characters (newlines, bidi overrides, zero-width) shown as U+FFFD: a device name or a
+// sender's words cannot rearrange or hide what the operator reads
+const HIDDEN = /[\p{Cc}\p{Cf}]/gu;
+function shown(value) { return value == null ? "–" : String(value).replace(HIDDEN, "\uFFFD"); }
+function text(el, value) { el.textContent = shown(value); }
 
 function fmtBytes(n) {
   if (n == null) return "–";
@@ -80,7 +84,7 @@ function renderEvents(events) {
     const time = document.createElement("span"); time.className = "time"; time.textContent = fmtTime(e.time);
     const kind = document.createElement("span"); kind.className = `kind ${e.kind}`; kind.textContent = e.kind;
     const what = document.createElement("span");
-    what.textContent = [e.device, e.detail].filter(Boolean).join(": ");
+    what.textContent = shown([e.device, e.detail].filter(Boolean).join(": "));
     li.append(time, kind, what);
     return li;
   }));
@@ -88,7 +92,7 @@ function renderEvents(events) {
 
 function cell(row, value, cls) {
   const td = document.createElement("td");
-  td.textContent = value == null ? "–" : String(value);
+  td.textContent = shown(value);
   if (cls) td.className = cls;
   row.append(td);
   return td;
@@ -108,7 +112,7 @@ function renderDevices(page) {
     const slow = d.step_time_s != null && d.predicted_step_s != null && d.step_time_s > 2 * d.predicted_step_s;
     cell(tr, fmtSeconds(d.step_time_s), `num step${slow ? " slow" : ""}`);
     cell(tr, fmtSeconds(d.predicted_step_s), "num");
-    cell(tr, d.peak_rss_mb == null ? null : `${d.peak_rss_mb.toFixed(0)} MB`, "num");
+    cell(tr, d.peak_rss_mb == null ? null : `${d.peak_rss_mb.toFixed(0)} MiB`, "num");
     cell(tr, fmtBytes(d.bytes_up), "num");
     cell(tr, fmtBytes(d.bytes_down), "num");
     cell(tr, d.compression == null ? null : `${d.compression.toFixed(1)}×`, "num");
@@ -136,7 +140,7 @@ function chartOf(el, title, series) {
   return new uPlot({
     width: Math.max(320, el.clientWidth || 480), height: 200, title: "",
     scales: { x: { time: false } },
-    axes: [{ label: "round" }, {}],
+    axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500] }, {}],
     series: [{ label: "round" }, ...series.map(([label, stroke]) => ({ label, stroke, width: 2, points: { size: 5 } }))],
   }, [[], ...series.map(() => [])], el);
 }
