@@ -449,3 +449,18 @@ def test_a_missing_multiprocess_directory_is_a_clear_configuration_error(monkeyp
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "absent"))
     with pytest.raises(ConfigError, match="PROMETHEUS_MULTIPROC_DIR=.* is not a directory"):
         Telemetry()
+
+
+def test_predicting_step_times_leaves_the_runs_random_stream_alone():
+    """The views count FLOPs by building the model (which draws initial weights): in a simulation the agents
+    share the process's torch generator, so a console must not shift it (same seed, same run)."""
+    import torch
+
+    from cloud_runtime.report import CostEstimator
+    info = {"model": "resnet8_gkt", "batch_size": 8, "input_shape": [1, 28, 28], "model_kwargs": {},
+            "optimizer": "sgd", "profile": "raspberry_pi_4", "engine": "torch"}
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    assert StatusBoard().predicted_step(info, CostEstimator()) > 0
+    assert torch.equal(torch.rand(3), expected)

@@ -137,8 +137,11 @@ class StatusBoard:
             return self._predicted[key]
         facts = {k: v for k, v in info.items() if k != "heartbeat"}
         try:
+            import torch
+
             from device_profiles.cost_report import device_cost  # torch, imported once
-            cost = device_cost(facts, 0, costs.cache)
+            with torch.random.fork_rng(devices=[]):  # building the model to count FLOPs draws weights: the run's
+                cost = device_cost(facts, 0, costs.cache)  # random stream (shared with in-memory agents) is untouched
             predicted = cost["predicted_step_s"] if cost else None
         except Exception as e:  # an unknown profile name (a device's claim) or model: no prediction
             logger.debug("no step-time prediction for %s: %s", key, e)
