@@ -158,6 +158,18 @@ def staleness_weights(staleness: Sequence[int], exponent: float = 0.5) -> np.nda
     return 1.0 / (1.0 + s) ** exponent
 
 
+def _distances(states: Sequence[State], average: State | None):
+    """(name, the average's tensor in float64, each client's L2 distance to it) per floating-point tensor
+    (integer tensors, counters such as num_batches_tracked, are skipped); ``average`` defaults to FedAvg."""
+    validate_states(states)
+    average = average if average is not None else fedavg(states)
+    for name, avg in average.items():
+        avg = np.asarray(avg)
+        if np.issubdtype(avg.dtype, np.floating):
+            ref = avg.astype(np.float64)
+            yield name, ref, [float(np.linalg.norm(np.asarray(s[name], np.float64) - ref)) for s in states]
+
+
 def layer_divergence(states: Sequence[State], average: State | None = None) -> dict[str, float]:
     """Per floating-point tensor, the layer divergence of the deeper-models FL study (Wang et al., "Unlocking the
     Potential of Federated Learning for Deeper Models", arXiv:2306.02701, eq. 1): the mean over
@@ -167,31 +179,15 @@ def layer_divergence(states: Sequence[State], average: State | None = None) -> d
 
     so it is in the weights' own units and comparable with the study's figures. ``average``: the aggregated
     state (default: the unweighted FedAvg of ``states``). Integer tensors (counters) are skipped."""
-    validate_states(states)
-    average = average if average is not None else fedavg(states)
-    out = {}
-    for name, avg in average.items():
-        avg = np.asarray(avg)
-        if not np.issubdtype(avg.dtype, np.floating):
-            continue  # counters such as num_batches_tracked
-        ref, d = avg.astype(np.float64), max(avg.size, 1)
-        out[name] = float(np.mean([np.sqrt(np.sum((np.asarray(s[name], np.float64) - ref) ** 2) / d) for s in states]))
-    return out
+    return {name: float(np.mean(distances) / np.sqrt(max(ref.size, 1)))
+            for name, ref, distances in _distances(states, average)}
 
 
 def relative_layer_divergence(states: Sequence[State], average: State | None = None) -> dict[str, float]:
     """Per floating-point tensor: mean over clients of ||w_k - w_avg|| / ||w_avg|| (scale-free; the form this
     project reported before it used eq. 1 of the deeper-models study: :func:`layer_divergence`)."""
-    validate_states(states)
-    average = average if average is not None else fedavg(states)
-    out = {}
-    for name, avg in average.items():
-        avg = np.asarray(avg)
-        if not np.issubdtype(avg.dtype, np.floating):
-            continue
-        denom = float(np.linalg.norm(avg.astype(np.float64))) or 1.0
-        out[name] = float(np.mean([np.linalg.norm(np.asarray(s[name], np.float64) - avg) for s in states]) / denom)
-    return out
+    return {name: float(np.mean(distances) / (float(np.linalg.norm(ref)) or 1.0))
+            for name, ref, distances in _distances(states, average)}
 
 
 def average_torch_states(states, weights):
