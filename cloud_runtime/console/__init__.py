@@ -23,10 +23,11 @@ def start_console(runtime):
         runtime.console_info = {"enabled": False}
         return None
     host, port = split_address(cfg.address)
+    token = cfg.token()  # read once (a file, or the environment)
     runtime.board.refresh(runtime, force=True)  # the first views, before anyone asks (called before serving)
     server = ConsoleServer(runtime.board, runtime.telemetry,
                            metrics_registry(runtime.board, runtime.telemetry, cfg.max_device_series), host, port,
-                           cfg.token())
+                           token)
     try:
         url = server.start()
     except OSError as e:
@@ -34,6 +35,6 @@ def start_console(runtime):
         logger.error("console not started on %s: %s. The run goes on without it; set console.address (port 0: any "
                      "free port) or console.enabled: false", cfg.address, e.strerror or e)
         return None
-    runtime.console_info = {"enabled": True, "address": cfg.address, "url": url, "token": cfg.token() is not None}
+    runtime.console_info = {"enabled": True, "address": cfg.address, "url": url, "token": token is not None}
     logger.info("console: %s  (Prometheus: %smetrics; JSON: %sapi/status)", url, url, url)
     return server
