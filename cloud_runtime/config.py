@@ -81,7 +81,10 @@ class ServerConfig:
     # last_epoch: soft labels are the outputs of the last training epoch (no extra pass);
     # eval_pass: one more inference pass in eval mode after training.
     soft_labels: Literal["last_epoch", "eval_pass"] = "last_epoch"
-    feature_storage: Literal["float32", "float16"] = "float16"  # halves server RAM
+    feature_storage: Literal["float32", "float16"] = "float16"  # how fp32 uploads are held (int8 and fp16 stay)
+    # bytes of features held in RAM; beyond it, devices' features are memory-mapped files under
+    # <state_dir>/features (cloud_runtime/features.py). null: no limit
+    feature_memory_bytes: int | None = 4 << 30
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when available
 
     def check(self) -> None:
@@ -91,6 +94,9 @@ class ServerConfig:
         require(self.kd_beta >= 0, "kd_beta", "must be >= 0")
         require(self.temperature > 0, "temperature", "must be > 0")
         require(0 < self.plateau_factor < 1, "plateau_factor", "must be in (0, 1)")
+        require(self.feature_memory_bytes is None or (type(self.feature_memory_bytes) is int
+                                                      and self.feature_memory_bytes >= 0),
+                "feature_memory_bytes", f"must be null or bytes >= 0, got {self.feature_memory_bytes!r}")
         from model_zoo import is_model, list_models
         require(is_model(self.model), "model", f"unknown model {self.model!r}; known: {', '.join(list_models())}")
 

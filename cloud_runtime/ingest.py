@@ -21,7 +21,8 @@ import numpy as np
 from cloud_runtime.config import RuntimeConfig
 from cloud_runtime.registry import DeviceRegistry, Rejected
 from edge_sdk import protocol as P
-from edge_sdk.messages import FeatureUpload, MessageError
+from cloud_runtime.features import HeldUpload
+from edge_sdk.messages import MessageError
 
 BYTE_KINDS = ("up", "resent", "rejected", "down")  # see the module docstring
 
@@ -146,39 +147,40 @@ class Ingest:
 
     def decode_upload(self, device: str, done: P.CompletedTransfer, num_classes: int | None,
                       feature_shape: tuple | None, extractor_bytes: int | None = None
-                      ) -> tuple[FeatureUpload, dict[str, np.ndarray]]:
-        """Decode and check an upload: shapes, classes, finiteness, plausible magnitudes, id ownership.
-        Returns the upload and the device's extractor arrays (empty unless extractor averaging is on).
-        Nothing is recorded: the caller claims the ids (:meth:`claim`) once it has accepted the upload."""
+                      ) -> tuple[HeldUpload, dict[str, np.ndarray]]:
+        """Decode and check an upload once, on its compact form (``features.py``): shapes, classes, finiteness,
+        plausible magnitudes, id ownership. Returns the upload and the device's extractor arrays (empty unless
+        extractor averaging is on). Nothing is recorded: the caller claims the ids (:meth:`claim`) once it has
+        accepted the upload. Raises ProtocolError or Rejected naming what is wrong."""
         check_upload_meta(done.meta)
         split = done.meta.get("split")
         arrays = P.unpack_arrays(done.blob, self.decoded_limit(device, split if split in ("train", "test") else "train",
                                                                num_classes, feature_shape, extractor_bytes))
-        upload = P.arrays_to_upload(arrays, done.meta, device, done.round)
+        upload = HeldUpload.from_arrays(arrays, done.meta, device, done.round, self.cfg.server.feature_storage)
         try:
-            upload.validate(num_classes, feature_shape)
+            peak = upload.validate(num_classes, feature_shape)
         except MessageError as e:
             raise Rejected("non_finite" if "NaN" in str(e) else "bad_shape", str(e)) from None
         meta = done.meta
         if "samples" in meta and meta["samples"] != len(upload.sample_ids):
             raise Rejected("bad_payload", f"meta.samples {meta['samples']}, the arrays hold {len(upload.sample_ids)}")
-        if "feature_shape" in meta and tuple(meta["feature_shape"]) != tuple(upload.features.shape[1:]):
+        if "feature_shape" in meta and tuple(meta["feature_shape"]) != upload.features.shape[1:]:
             raise Rejected("bad_shape", f"meta.feature_shape {meta['feature_shape']}, the features are "
                                         f"{list(upload.features.shape[1:])}")
-        self._check_plausible(upload)
+        self._check_plausible(upload, peak)
         self._check_ownership(device, upload)
         extractor = {k[len(P.EXTRACTOR_PREFIX):]: v for k, v in arrays.items() if k.startswith(P.EXTRACTOR_PREFIX)}
         return upload, extractor
 
-    def _check_plausible(self, upload: FeatureUpload) -> None:
+    def _check_plausible(self, upload: HeldUpload, feature_peak: float) -> None:
         v = self.cfg.validation
-        for name, tensor, bound in (("features", upload.features, v.max_abs_feature),
-                                    ("logits", upload.logits, v.max_abs_logit)):
-            peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+        logit_peak = float(np.abs(upload.logits).max()) if upload.logits.size else 0.0
+        for name, peak, bound in (("features", feature_peak, v.max_abs_feature),
+                                  ("logits", logit_peak, v.max_abs_logit)):
             if peak > bound:
                 raise Rejected("implausible_values", f"{upload.split} {name}: max |value| {peak:.3g} > {bound:g}")
 
-    def _check_ownership(self, device: str, upload: FeatureUpload) -> None:
+    def _check_ownership(self, device: str, upload: HeldUpload) -> None:
         """The upload has as many samples as the device registered for the split, with unique ids, and the same
         ids it uploaded before. Checks only; :meth:`claim` records."""
         ids = upload.sample_ids
@@ -192,7 +194,7 @@ class Ingest:
             raise Rejected("sample_ids", f"{upload.split} sample ids differ from the {len(pinned)} this device "
                                          "uploaded before")
 
-    def claim(self, device: str, upload: FeatureUpload) -> None:
+    def claim(self, device: str, upload: HeldUpload) -> None:
         """Pin an accepted upload's ids for ``device`` (later rounds must upload the same set)."""
         self.device_ids.setdefault(device, {}).setdefault(upload.split, np.sort(upload.sample_ids))
 

@@ -181,8 +181,9 @@ def encode_upload(up: UploadArrays, codec: str) -> tuple[dict[str, np.ndarray], 
     return arrays, meta
 
 
-def decode_upload(arrays: dict[str, np.ndarray], meta: dict) -> UploadArrays:
-    """Inverse of :func:`encode_upload` (dtypes and split checked; shapes are the message's job)."""
+def decode_upload_meta(arrays: dict[str, np.ndarray], meta: dict) -> tuple[str, str, dict]:
+    """(split, codec, metrics) of an upload, its ids, labels and logits dtypes checked (shapes are the
+    message's job); raises ProtocolError (``bad_payload`` / ``bad_dtype``)."""
     for key in ("sample_ids", "labels", "logits"):
         if key not in arrays:
             raise ProtocolError("bad_payload", f"upload lacks {key!r}")
@@ -190,15 +191,22 @@ def decode_upload(arrays: dict[str, np.ndarray], meta: dict) -> UploadArrays:
         raise ProtocolError("bad_dtype", "sample_ids and labels must be int64")
     if arrays["logits"].dtype not in (np.float16, np.float32):
         raise ProtocolError("bad_dtype", f"logits must be float16/32, got {arrays['logits'].dtype}")
-    features = decode_features(arrays, str(meta.get("codec")))
     split = meta.get("split")
     if split not in ("train", "test"):
         raise ProtocolError("bad_payload", f"unknown split {split!r}")
     metrics = meta.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise ProtocolError("bad_payload", f"metrics must be an object, got {type(metrics).__name__}")
+    return split, str(meta.get("codec")), dict(metrics)
+
+
+def decode_upload(arrays: dict[str, np.ndarray], meta: dict) -> UploadArrays:
+    """Inverse of :func:`encode_upload`, features dequantized to float32 (dtypes and split checked; shapes
+    are the message's job)."""
+    split, codec, metrics = decode_upload_meta(arrays, meta)
+    features = decode_features(arrays, codec)
     return UploadArrays(split, arrays["sample_ids"].copy(), features, arrays["logits"].astype(np.float32),
-                        arrays["labels"].copy(), dict(metrics))
+                        arrays["labels"].copy(), metrics)
 
 
 def encode_state(state: dict[str, np.ndarray], codec: str = "fp32") -> tuple[dict[str, np.ndarray], dict]:

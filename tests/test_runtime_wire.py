@@ -116,12 +116,12 @@ def test_bad_input_is_dropped_with_a_reason_and_accepted_data_stays(runtime, dev
     send(device, runtime.topics.up("devA"), good)
     wait_until(lambda: "devA" in runtime.strategy.train_uploads, step=runtime.pump)
     accepted = runtime.strategy.train_uploads["devA"]
-    features = accepted.features.clone()
+    features = accepted.features.tensor()
     for reason, make, topic_device in BAD_INPUTS:
         before = runtime.registry.rejections[reason]
         send(device, runtime.topics.up(topic_device), make())
         wait_until(lambda: runtime.registry.rejections[reason] > before, step=runtime.pump, timeout=10)
-    assert runtime.strategy.train_uploads["devA"] is accepted and torch.equal(accepted.features, features)
+    assert runtime.strategy.train_uploads["devA"] is accepted and torch.equal(accepted.features.tensor(), features)
     # and it still serves: a new valid registration and upload go through
     register(device, runtime, name="devB")
     wait_until(lambda: "devB" in runtime.registry.devices, step=runtime.pump)

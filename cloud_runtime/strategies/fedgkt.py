@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -18,7 +19,7 @@ from cloud_runtime.server_trainer import GKTServer
 from cloud_runtime.registry import Rejected
 from cloud_runtime.strategies.base import STRATEGIES, Strategy
 from edge_sdk import protocol as P
-from edge_sdk.messages import FeatureUpload
+from cloud_runtime.features import HeldUpload
 from model_zoo import create_model, seeded
 
 logger = logging.getLogger("edgefl.runtime")
@@ -30,8 +31,8 @@ class FedGKT(Strategy):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.server: GKTServer | None = None
-        self.train_uploads: dict[str, FeatureUpload] = {}   # device -> its latest accepted train upload
-        self.test_uploads: dict[str, FeatureUpload] = {}
+        self.train_uploads: dict[str, HeldUpload] = {}   # device -> its latest accepted train upload
+        self.test_uploads: dict[str, HeldUpload] = {}
         self.extractors: dict[str, tuple[dict, int]] = {}   # fedgkt.average_extractors: latest per device
         self.server_version = 0                              # server updates so far (async staleness clock)
         self.arrival_version: dict[str, int] = {}            # device -> server_version when its upload arrived
@@ -53,7 +54,8 @@ class FedGKT(Strategy):
                 self.extractor_reference = {k: v.detach().clone() for k, v in stem.state_dict().items()}
         model = create_model(self.cfg.server.model, num_classes=self.num_classes,
                              feature_channels=self.feature_channels, **self.cfg.server.model_kwargs)
-        self.server = GKTServer(model, self.cfg.server, self.num_classes, seed=self.cfg.seed)
+        self.server = GKTServer(model, self.cfg.server, self.num_classes, seed=self.cfg.seed,
+                                spill_dir=str(Path(self.cfg.state_dir) / "features"))
         self.server.feature_shape = feature_shape
         state = self.ctx.store.load_model("server")
         if state is not None:
@@ -94,11 +96,13 @@ class FedGKT(Strategy):
             if peak > bound:  # every device loads the average: one device's huge weights would break them all
                 raise Rejected("implausible_values", f"extractor: max |weight| {peak:.3g} > {bound:g}")
             self.extractors[device] = (state, len(upload.sample_ids))
+        store = self.train_uploads if upload.split == "train" else self.test_uploads
+        replaced = device in store and store[device].round == upload.round
+        if upload.split == "train" and server is not None:  # held once: the server's store is the upload
+            upload = server.ingest(upload)                  # (what it replaces is freed now, not at training)
         self.ctx.ingest.claim(device, upload)
         if server is not None and server.feature_shape is None:  # no run input shape: the first upload's pins it
             server.feature_shape = tuple(upload.features.shape[1:])
-        store = self.train_uploads if upload.split == "train" else self.test_uploads
-        replaced = device in store and store[device].round == upload.round
         store[device] = upload  # keyed by device: a re-sent transfer replaces, never double-counts
         self.ctx.ingest.count_accepted(device, done, replaced)
         if upload.split == "train":
@@ -120,11 +124,13 @@ class FedGKT(Strategy):
         """Train the server on the devices' features; send each of ``devices`` its soft labels."""
         assert self.server is not None
         self.use_threads()
-        for device in devices:
-            self.server.ingest(self.train_uploads[device])
+        for device in devices:  # accepted uploads are held already (take); these are set by other means
+            upload, held = self.train_uploads[device], self.server.train_store.get(device)
+            if held is None or held.round != upload.round or held.sample_ids is not upload.sample_ids:
+                self.train_uploads[device] = self.server.ingest(upload)
         self.drop_stale(round_)
         self.phase("server training", round_,
-                   sum(len(u.sample_ids) for u in self.server.train_store.values()) * self.cfg.server.epochs)
+                   len(self.server.train_store) * self.cfg.server.epochs)
         replies, stats = self.server.train_round(round_, progress=self.ctx.registry.telemetry.progress,
                                                  stop=self.ctx.stop)  # logs progress; stops on stop
         self.phase("sending soft labels", round_)
@@ -223,7 +229,7 @@ class FedGKTSync(FedGKT):
     def drop_stale(self, round_: int) -> None:
         """A device that stopped uploading: its features age out after ``max_staleness`` rounds."""
         assert self.server is not None
-        for device, stored in list(self.server.train_store.items()):
+        for device, stored in list(self.server.train_store.segments.items()):
             if round_ - stored.round > self.cfg.max_staleness:
                 self.server.drop_device(device)
                 logger.info("%s: features of round %d dropped from server training (stale)", device, stored.round)

@@ -1,0 +1,157 @@
+"""Server training against this host's roofline: samples per CPU-second of FedGKT's server step, variants
+side by side, and the fp32 matmul peak measured in the same run.
+
+The roofline is ``peak FLOP/s per core / FLOPs per sample`` with the peak measured here (a large fp32
+sgemm on one thread, the best of several) and the FLOPs of one training sample (forward + backward)
+counted by torch's ``FlopCounterMode``. Each variant trains the configured server model on synthetic
+features held as the runtime holds them (int8 with per-channel scale, dequantized per batch); trials are
+interleaved, so load from other processes hits every variant alike. CPU-seconds are this process's.
+
+    python -m bench.server_step --threads 1 2 --trials 5 --out docs/bench/server_step
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cloud_runtime.config import ServerConfig
+from cloud_runtime.features import CompactFeatures, FeatureStore, HeldUpload
+from model_zoo import create_model
+from model_zoo.losses import gkt_loss
+from model_zoo.optim import make_optimizer
+
+
+def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 7) -> float:
+    """Best fp32 GFLOP/s of an ``n x n`` sgemm on ``threads`` threads (2 n^3 FLOPs each)."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up (allocation, oneDNN / BLAS dispatch)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def flops_per_sample(model: torch.nn.Module, shape: tuple, num_classes: int, batch: int = 64) -> float:
+    """Forward + backward FLOPs of one training sample (FlopCounterMode over one batch)."""
+    x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (batch,))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def synthetic_store(samples: int, shape: tuple, num_classes: int, devices: int = 4) -> FeatureStore:
+    rng = np.random.default_rng(0)
+    store = FeatureStore()
+    per = samples // devices
+    for d in range(devices):
+        q = rng.integers(0, 256, (per, *shape), dtype=np.uint8)
+        features = CompactFeatures(q, np.full(shape[0], 0.02, np.float32), np.zeros(shape[0], np.float32))
+        store.put(HeldUpload(f"dev{d}", 0, "train", np.arange(per, dtype=np.int64), features,
+                             rng.standard_normal((per, num_classes)).astype(np.float16),
+                             rng.integers(0, num_classes, per)))
+    return store
+
+
+VARIANTS = {
+    # name: (fused optimizer, flush denormals)
+    "loop Adam (before)": (None, False),
+    "fused Adam": (True, False),
+    "fused Adam + flush denormals": (True, True),
+}
+
+
+def train_steps(variant: str, store: FeatureStore, model_name: str, num_classes: int, channels: int, steps: int,
+                batch: int, threads: int) -> float:
+    """Samples per CPU-second of ``steps`` server training steps (after 3 warm-up steps)."""
+    fused, flush = VARIANTS[variant]
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(flush)
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=num_classes, feature_channels=channels).to(
+        memory_format=torch.channels_last).train()
+    cfg = ServerConfig(optimizer="adam", lr=1e-3, weight_decay=0.0)
+    optimizer = make_optimizer(model.parameters(), cfg, fused=fused)
+    devices, offsets = store.layout()
+    order = np.random.default_rng(0).permutation(int(offsets[-1]))
+    cpu = 0.0
+    for step in range(steps + 3):
+        if step == 3:
+            cpu = time.process_time()
+        index = order[(step * batch) % (len(order) - batch):][:batch]
+        features, _, labels = store.batch(index, devices, offsets)
+        out = model(torch.from_numpy(features).contiguous(memory_format=torch.channels_last))
+        loss, _, _ = gkt_loss(out, torch.from_numpy(labels), None, None, 0.0, 3.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    torch.set_flush_denormal(False)
+    return steps * batch / (time.process_time() - cpu)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet55_server")
+    parser.add_argument("--feature-shape", type=int, nargs=3, default=[16, 14, 14])
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--out", default="docs/bench/server_step")
+    args = parser.parse_args()
+    shape = tuple(args.feature_shape)
+    peak = {t: matmul_peak_gflops(t) for t in args.threads}
+    torch.set_num_threads(1)
+    model = create_model(args.model, num_classes=args.classes, feature_channels=shape[0]).to(
+        memory_format=torch.channels_last)
+    flops = flops_per_sample(model, shape, args.classes)
+    per_core = peak[min(args.threads)] / min(args.threads)
+    roofline = per_core * 1e9 / flops  # samples per CPU-second at the measured peak
+    print(f"{args.model} on {shape}: {flops / 1e6:.1f} MFLOP per training sample; fp32 matmul peak "
+          + ", ".join(f"{peak[t]:.1f} GFLOP/s on {t} thread(s)" for t in args.threads)
+          + f"; roofline {roofline:.0f} samples per CPU-second", flush=True)
+    store = synthetic_store(max(4 * args.batch * (args.steps + 3), 4096), shape, args.classes)
+    results: dict[str, dict[int, list[float]]] = {v: {t: [] for t in args.threads} for v in VARIANTS}
+    for trial in range(args.trials):
+        for threads in args.threads:
+            for variant in VARIANTS:  # interleaved: other load hits every variant alike
+                rate = train_steps(variant, store, args.model, args.classes, shape[0], args.steps, args.batch, threads)
+                results[variant][threads].append(rate)
+                print(f"trial {trial + 1}/{args.trials} {threads} thread(s) {variant}: {rate:.0f} samples/CPU-s "
+                      f"({rate / roofline:.0%} of roofline)", flush=True)
+    base = "loop Adam (before)"
+    table = []
+    for variant in VARIANTS:
+        for threads in args.threads:
+            median = statistics.median(results[variant][threads])
+            table.append({"variant": variant, "threads": threads, "samples_per_cpu_s": median,
+                          "roofline_fraction": median / roofline,
+                          "vs_before": median / statistics.median(results[base][threads]),
+                          "trials": results[variant][threads]})
+    print(f"\n{'variant':32s} {'threads':>7s} {'samples/CPU-s':>14s} {'of roofline':>12s} {'vs before':>10s}")
+    for row in table:
+        print(f"{row['variant']:32s} {row['threads']:7d} {row['samples_per_cpu_s']:14.0f} "
+              f"{row['roofline_fraction']:12.0%} {row['vs_before']:10.2f}x")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({
+        "args": vars(args), "model_mflops_per_sample": flops / 1e6, "matmul_peak_gflops": peak,
+        "roofline_samples_per_cpu_s": roofline, "torch": torch.__version__, "results": table}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

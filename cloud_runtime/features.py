@@ -1,0 +1,275 @@
+"""Features as the cloud holds them: in the compact dtype they travelled in, checked once, on that form.
+
+An ``int8`` upload stays uint8 with its per-channel scale and offset (``x ~= q * scale[c] + low[c]``, the
+codec of ``edgefl_core/codecs.py``): 1 byte per value instead of the 4 of fp32. ``fp16`` uploads stay fp16;
+``fp32`` uploads are kept as ``server.feature_storage`` says. Rows are dequantized to float32 only when a
+batch needs them (:meth:`CompactFeatures.rows`).
+
+Validation needs no pass over dequantized floats: an int8 value is ``q * scale + low`` with ``0 <= q <= 255``,
+so every value is finite when the C scales and offsets are, and ``|x| <= max(|low|, |low + 255 scale|)``
+per channel (exact for what the codec writes: ``low`` is the channel's minimum and ``low + 255 scale`` its
+maximum). Float features take one pass in their wire dtype (NaN and Inf propagate through ``max |x|``).
+
+:class:`FeatureStore` keeps each device's latest training upload once, by reference (no per-round
+concatenation: a batch is gathered from the devices' segments), and moves segments beyond a byte budget
+to memory-mapped files.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_sdk.messages import FeatureUpload, MessageError
+from edge_sdk.wire import ProtocolError, check_sample_ids, decode_upload_meta
+
+logger = logging.getLogger("edgefl.runtime")
+
+FLOAT_STORAGE = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class CompactFeatures:
+    """``N x C x H x W`` features: ``data`` uint8 with per-channel ``scale`` and ``low`` (float32, length C),
+    or float16 / float32 ``data`` with no scale."""
+
+    data: np.ndarray
+    scale: np.ndarray | None = None
+    low: np.ndarray | None = None
+
+    @property
+    def kind(self) -> str:
+        return "int8" if self.data.dtype == np.uint8 else str(self.data.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes + (self.scale.nbytes + self.low.nbytes if self.scale is not None else 0))
+
+    def rows(self, index) -> np.ndarray:
+        """float32 ``B x C x H x W`` of the rows ``index`` (an int array or a slice); dequantized here."""
+        block = self.data[index]
+        if self.scale is None:
+            return block.astype(np.float32)
+        shape = (1, -1) + (1,) * (block.ndim - 2)  # broadcast the C scales over N, H, W
+        out = block.astype(np.float32)
+        out *= self.scale.reshape(shape)
+        out += self.low.reshape(shape)
+        return out
+
+    def tensor(self) -> torch.Tensor:
+        """Every row as a float32 tensor (small sets and tests; training gathers batches instead)."""
+        return torch.from_numpy(self.rows(slice(None)))
+
+    def peak_abs(self) -> float:
+        """``max |x|`` over every value (NaN when a value is NaN, inf when one is infinite); see the module
+        docstring for why int8 needs only its C scales and offsets."""
+        if self.data.size == 0:
+            return 0.0
+        if self.scale is not None:
+            low, scale = self.low.astype(np.float64), self.scale.astype(np.float64)  # no overflow to inf here
+            if not (np.isfinite(low).all() and np.isfinite(scale).all()):
+                return float("nan")
+            return float(np.maximum(np.abs(low), np.abs(low + 255.0 * scale)).max())
+        return float(np.max(np.abs(self.data)))
+
+    @classmethod
+    def from_float(cls, features: np.ndarray, storage: str = "float16") -> "CompactFeatures":
+        return cls(np.ascontiguousarray(features, dtype=FLOAT_STORAGE[storage]))
+
+
+def features_from_arrays(arrays: dict[str, np.ndarray], codec: str, storage: str = "float16") -> CompactFeatures:
+    """The compact features of a decoded transfer (codec ``int8``, ``fp16`` or ``fp32``); dtypes and the scale
+    and offset shapes checked. Raises ProtocolError (``bad_codec`` / ``bad_payload`` / ``bad_dtype`` /
+    ``bad_shape``)."""
+    if codec == "int8":
+        keys = ("features_q", "features_scale", "features_low")
+        if any(k not in arrays for k in keys):
+            raise ProtocolError("bad_payload", "int8 features need features_q, features_scale, features_low")
+        q, scale, low = (arrays[k] for k in keys)
+        if q.dtype != np.uint8 or scale.dtype != np.float32 or low.dtype != np.float32:
+            raise ProtocolError("bad_dtype", "features_q must be uint8, features_scale and features_low float32")
+        if q.ndim < 2 or scale.shape != (q.shape[1],) or low.shape != (q.shape[1],):
+            raise ProtocolError("bad_shape", "int8 features need per-channel scale and low of length C")
+        return CompactFeatures(q, scale.copy(), low.copy())
+    if codec in ("fp16", "fp32"):
+        features = arrays.get("features")
+        dtype = np.float16 if codec == "fp16" else np.float32
+        if features is None or features.dtype != dtype:
+            raise ProtocolError("bad_dtype", f"{codec} features must be {np.dtype(dtype)}")
+        return CompactFeatures(features) if codec == "fp16" else CompactFeatures.from_float(features, storage)
+    raise ProtocolError("bad_codec", f"unknown codec {codec!r}; known: fp16, fp32, int8")
+
+
+@dataclass
+class HeldUpload:
+    """A feature upload as the cloud holds it (compact features, logits in their wire dtype)."""
+
+    device_id: str
+    round: int
+    split: str                  # "train" | "test"
+    sample_ids: np.ndarray      # N int64
+    features: CompactFeatures   # N x C x H x W
+    logits: np.ndarray          # N x K float16 or float32: the edge model's logits (the server's KD teacher)
+    labels: np.ndarray          # N int64
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.nbytes + self.logits.nbytes + self.labels.nbytes + self.sample_ids.nbytes
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict, device: str, round_: int,
+                    storage: str = "float16") -> "HeldUpload":
+        """Decode a transfer's arrays without dequantizing; raises ProtocolError naming what is wrong."""
+        split, codec, metrics = decode_upload_meta(arrays, meta)
+        features = features_from_arrays(arrays, codec, storage)
+        return cls(device, round_, split, arrays["sample_ids"], features, arrays["logits"], arrays["labels"],
+                   metrics)
+
+    @classmethod
+    def from_message(cls, upload: FeatureUpload, storage: str = "float16") -> "HeldUpload":
+        """A torch :class:`FeatureUpload` (tests, the in-process API) in the held form."""
+        return cls(upload.device_id, upload.round, upload.split, np.asarray(upload.sample_ids),
+                   CompactFeatures.from_float(upload.features.detach().float().numpy(), storage),
+                   upload.logits.detach().float().numpy(), upload.labels.numpy(), dict(upload.metrics))
+
+    def validate(self, num_classes: int | None = None, feature_shape: tuple | None = None) -> float:
+        """Shapes, classes, labels, ids and finiteness, on the compact form; returns the features' ``max |x|``.
+        Raises MessageError naming what is wrong (its text says "NaN or Inf" for non-finite values)."""
+        what = f"upload from {self.device_id!r} (round {self.round}, {self.split})"
+        if self.split not in ("train", "test"):
+            raise MessageError(f"{what}: unknown split {self.split!r}")
+        n = len(self.sample_ids) if np.ndim(self.sample_ids) == 1 else -1
+        if n < 0:
+            raise MessageError(f"{what}: sample_ids must be a vector, got shape {np.shape(self.sample_ids)}")
+        check_sample_ids(self.sample_ids, n, what)
+        shape = self.features.shape
+        if len(shape) != 4 or shape[0] != n or min(shape[1:]) < 1:
+            raise MessageError(f"{what}: features must be {n} x C x H x W (C, H, W >= 1), got {shape}")
+        if feature_shape is not None and shape[1:] != tuple(feature_shape):
+            raise MessageError(f"{what}: feature shape {shape[1:]}, expected {tuple(feature_shape)}")
+        if self.logits.ndim != 2 or self.logits.shape[0] != n:
+            raise MessageError(f"{what}: logits must be {n} x K, got {tuple(self.logits.shape)}")
+        k = self.logits.shape[1]
+        if num_classes is not None and k != num_classes:
+            raise MessageError(f"{what}: logits have {k} classes, expected {num_classes}")
+        if self.labels.shape != (n,) or self.labels.dtype != np.int64:
+            raise MessageError(f"{what}: labels must be {n} int64, got {self.labels.dtype} {tuple(self.labels.shape)}")
+        if n and (self.labels.min() < 0 or self.labels.max() >= k):
+            raise MessageError(f"{what}: labels outside [0, {k})")
+        peak = self.features.peak_abs()
+        if not np.isfinite(peak):
+            raise MessageError(f"{what}: features contains NaN or Inf")
+        if self.logits.size and not np.isfinite(self.logits).all():
+            raise MessageError(f"{what}: logits contains NaN or Inf")
+        return peak
+
+
+class FeatureStore:
+    """Each device's latest training upload, held once (by reference, in its compact dtype).
+
+    ``memory_bytes``: the features held in RAM; a segment that would pass it is written to a memory-mapped
+    ``.npy`` file under ``spill_dir`` (the page cache then decides what stays resident). None: no limit."""
+
+    def __init__(self, memory_bytes: int | None = None, spill_dir: str | Path | None = None):
+        self.memory_bytes = memory_bytes
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self.segments: dict[str, HeldUpload] = {}
+        self._files: dict[str, Path] = {}
+        self._serial = 0
+
+    # -- holding ------------------------------------------------------------------------------------
+
+    def __contains__(self, device: str) -> bool:
+        return device in self.segments
+
+    def __len__(self) -> int:
+        """Samples held (every device's)."""
+        return sum(len(s.sample_ids) for s in self.segments.values())
+
+    def __iter__(self):
+        return iter(self.devices())
+
+    def get(self, device: str) -> HeldUpload | None:
+        return self.segments.get(device)
+
+    def devices(self) -> list[str]:
+        return sorted(self.segments)  # not arrival order: the same seed gives the same run
+
+    def resident_bytes(self) -> int:
+        return sum(s.nbytes for d, s in self.segments.items() if d not in self._files)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segments.values())
+
+    def put(self, upload: HeldUpload) -> HeldUpload:
+        """Hold ``upload`` as its device's segment (replacing the one before); returns what is held (``upload``
+        itself, or the same with its features in a memory-mapped file)."""
+        device = upload.device_id
+        self.drop(device)
+        if (self.memory_bytes is not None and self.resident_bytes() + upload.nbytes > self.memory_bytes
+                and self.spill_dir is not None):
+            upload = self._spill(upload)
+        self.segments[device] = upload
+        return upload
+
+    def drop(self, device: str) -> None:
+        self.segments.pop(device, None)
+        path = self._files.pop(device, None)
+        if path is not None:
+            path.unlink(missing_ok=True)  # an open memmap keeps its pages until its last reference goes
+
+    def _spill(self, upload: HeldUpload) -> HeldUpload:
+        """The same upload with its feature values in a memory-mapped file (named by a hash: device names are
+        not file names)."""
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self._serial += 1
+        name = hashlib.sha256(upload.device_id.encode()).hexdigest()[:16]
+        path = self.spill_dir / f"{name}.{self._serial}.npy"
+        mapped = np.lib.format.open_memmap(path, mode="w+", dtype=upload.features.data.dtype,
+                                           shape=upload.features.data.shape)
+        mapped[:] = upload.features.data
+        mapped.flush()
+        self._files[upload.device_id] = path
+        features = CompactFeatures(mapped, upload.features.scale, upload.features.low)
+        logger.info("%s: %.1f MB of features memory-mapped to %s (server.feature_memory_bytes reached)",
+                    upload.device_id, upload.features.nbytes / 1e6, path)
+        return HeldUpload(upload.device_id, upload.round, upload.split, upload.sample_ids, features,
+                          upload.logits, upload.labels, upload.metrics)
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def layout(self) -> tuple[list[str], np.ndarray]:
+        """Devices in order and the offsets of their rows in the store's global row order (length D + 1)."""
+        devices = self.devices()
+        sizes = [len(self.segments[d].sample_ids) for d in devices]
+        return devices, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+
+    def batch(self, index: np.ndarray, devices: list[str], offsets: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(features float32 ``B x C x H x W``, teacher logits float32 ``B x K``, labels int64 ``B``) of the
+        global rows ``index``, gathered from the segments without copying anything else."""
+        part = np.searchsorted(offsets, index, side="right") - 1   # which device's segment holds each row
+        first = self.segments[devices[0]]
+        features = np.empty((len(index),) + first.features.shape[1:], np.float32)
+        logits = np.empty((len(index), first.logits.shape[1]), np.float32)
+        labels = np.empty(len(index), np.int64)
+        for p in np.unique(part):
+            where = np.nonzero(part == p)[0]
+            rows = index[where] - offsets[p]
+            segment = self.segments[devices[p]]
+            features[where] = segment.features.rows(rows)
+            logits[where] = segment.logits[rows]
+            labels[where] = segment.labels[rows]
+        return features, logits, labels
