@@ -56,6 +56,7 @@ class CompletedTransfer:
     blob: bytes
     wire_bytes: int
     chunks: int
+    sha256: str = ""     # of ``blob``, verified by the reassembler (hex)
 
 
 @dataclass
@@ -216,7 +217,7 @@ class Reassembler:
             raise ProtocolError("bad_checksum", f"transfer {transfer[:8]} from {device} fails its sha256")
         self._remember_done(key, None)
         assert pending.meta is not None
-        return CompletedTransfer(device, round_, transfer, pending.meta, blob, pending.wire_bytes, count)
+        return CompletedTransfer(device, round_, transfer, pending.meta, blob, pending.wire_bytes, count, pending.sha256)
 
     def _dropped(self, device: str, pending: _Pending) -> None:
         self.dropped_wire[device] = self.dropped_wire.get(device, 0) + pending.wire_bytes
