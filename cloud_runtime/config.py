@@ -258,9 +258,11 @@ class RunConfig:
     rounds: int = 5
     devices: int = 4
     eval_every: int = 1           # evaluate every N rounds (the last round always)
-    threads: int | None = None    # torch intra-op threads (None: torch's default)
+    threads: int | None = None    # the runtime's torch intra-op threads (None: from the cores, see thread_plan)
 
     def check(self) -> None:
+        require(self.threads is None or (type(self.threads) is int and self.threads >= 1), "threads",
+                f"must be null or >= 1, got {self.threads!r}")
         require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
         require(self.devices >= 1, "devices", f"must be >= 1, got {self.devices}")
         require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
@@ -276,7 +278,7 @@ class DeploymentConfig:
     round_deadline_s: float = 600.0
     quorum: float = 1.0
     max_staleness: int = 2
-    agent_threads: int = 1        # engine threads per edge-agent process
+    agent_threads: int | None = None  # engine threads per edge-agent process (None: from the cores, see thread_plan)
     # each device's engine: torch | onnxruntime (the runtime's compiled graphs, no torch on the device) |
     # mixed (even devices torch, odd onnxruntime)
     agent_engine: Literal["torch", "onnxruntime", "mixed"] = "torch"
@@ -287,7 +289,8 @@ class DeploymentConfig:
         require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
         require(self.codec in FEATURE_CODECS, "codec", f"unknown codec {self.codec!r}; "
                 f"known: {', '.join(FEATURE_CODECS.names())}")
-        require(self.agent_threads >= 1, "agent_threads", "must be >= 1")
+        require(self.agent_threads is None or (type(self.agent_threads) is int and self.agent_threads >= 1),
+                "agent_threads", f"must be null or >= 1, got {self.agent_threads!r}")
         for name in self.device_profiles:
             check_profile_name(name, "device_profiles")
 

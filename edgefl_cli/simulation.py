@@ -30,6 +30,7 @@ from edgefl_cli.interrupt import EXIT_INTERRUPTED
 from edgefl_cli.mosquitto import EmbeddedMosquitto
 from edgefl_core.data import federated
 from edgefl_core.data.config import AgentDataConfig
+from edgefl_core.proc import thread_plan, usable_cores
 from edgefl_core.transport.config import BrokerConfig
 
 logger = logging.getLogger("edgefl.sim")
@@ -52,6 +53,26 @@ def run_id_of(cfg: ExperimentConfig) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.run.name) or "run"
 
 
+def threads_of(cfg: ExperimentConfig) -> tuple[int, int]:
+    """(runtime, per agent) torch threads: ``run.threads`` / ``deployment.agent_threads`` where set, else from the
+    cores this process may use and the processes sharing them (:func:`edgefl_core.proc.thread_plan`)."""
+    return thread_plan(usable_cores(), cfg.run.devices, cfg.deployment.mode, cfg.run.threads,
+                       cfg.deployment.agent_threads)
+
+
+def log_thread_plan(cfg: ExperimentConfig) -> None:
+    """Say how the cores are shared, and warn where explicit settings oversubscribe them."""
+    cores, (runtime, agent) = usable_cores(), threads_of(cfg)
+    n = cfg.run.devices
+    logger.info("threads: runtime %d, each of %d agents %d, on %d cores (%s rounds)", runtime, n, agent, cores,
+                cfg.deployment.mode)
+    busy = runtime + n * agent if cfg.deployment.mode == "async" else max(runtime, n * agent)
+    if busy > cores and (runtime > 1 or agent > 1):
+        logger.warning("threads: %d busy threads on %d cores (run.threads=%s, deployment.agent_threads=%s): thread "
+                       "pools that share cores with other busy processes slow down many times over; leave both null "
+                       "to derive them from the cores", busy, cores, cfg.run.threads, cfg.deployment.agent_threads)
+
+
 def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval_ids: Path,
                    data: federated.FederatedData) -> RuntimeConfig:
     """The runtime's side of an experiment (the run's algorithm, rounds, server and deployment settings)."""
@@ -62,7 +83,7 @@ def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval
         broker=BrokerConfig(url=broker_url), server=cfg.server, mode=dep.mode, rounds=cfg.run.rounds,
         min_devices=cfg.run.devices, expected_devices=cfg.run.devices, registration_timeout_s=300.0,
         round_deadline_s=dep.round_deadline_s, quorum=dep.quorum, eval_every=cfg.run.eval_every,
-        max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=cfg.run.threads, seed=cfg.run.seed,
+        max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=threads_of(cfg)[0], seed=cfg.run.seed,
         num_classes=data.num_classes, input_shape=list(data.image_shape), privacy=cfg.privacy,
         console=replace(cfg.console, token_file=str(Path(cfg.console.token_file).resolve()) if cfg.console.token_file
                         else None))
@@ -76,7 +97,7 @@ def agent_config(cfg: ExperimentConfig, index: int, broker_url: str, ids_file: P
         device_id=f"dev{index}", run_id=run_id_of(cfg), broker=BrokerConfig(url=broker_url),
         data=AgentDataConfig(cfg.data.dataset, cfg.data.path, str(ids_file)),
         upload=UploadConfig(chunk_bytes=dep.chunk_bytes),
-        state_dir=str(state_dir), threads=dep.agent_threads, seed=cfg.run.seed + index,
+        state_dir=str(state_dir), threads=threads_of(cfg)[1], seed=cfg.run.seed + index,
         engine=dep.agent_engine if dep.agent_engine != "mixed" else ("torch", "onnxruntime")[index % 2],
         profile=profiles[index % len(profiles)] if profiles else "host")
 
@@ -93,6 +114,7 @@ def write_deployment(cfg: ExperimentConfig, out_dir: Path, broker_url: str) -> D
     if cfg.data.path:
         cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
     data = federated.prepare(cfg.data, cfg.run.devices, cfg.run.seed, out_dir)
+    log_thread_plan(cfg)
     eval_ids = out_dir / "eval_sample_ids.json"
     eval_ids.write_text(json.dumps({"train": [], "test": data.test_all.sample_ids.tolist()}))
     runtime = runtime_config(cfg, broker_url, out_dir / "runtime", eval_ids, data)

@@ -190,6 +190,7 @@ class Strategy(ABC):
                         (f", test accuracy {acc:.4f}" if acc is not None else ""))
         extra = {k: sum(row[f"bytes_{k}"].values()) for k in ("resent", "rejected")}
         logger.info("round %d done in %.1fs: %s, upload %.1f MB (%.1fx smaller than fp32)%s", row["round"],
-                    row["seconds"], f"test accuracy {acc:.4f}" if acc is not None else "no eval",
+                    row["seconds"], f"test accuracy {acc:.4f}" if acc is not None else
+                    "evaluating while devices train the next round" if row.get("evaluation") else "no eval",
                     sum(up.values()) / 1e6, row["upload_compression_ratio"],
                     "".join(f", {v / 1e6:.2f} MB {k}" for k, v in extra.items() if v))

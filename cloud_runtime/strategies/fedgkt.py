@@ -8,6 +8,7 @@ every device run at its own pace (``fedgkt_async.py``).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cloud_runtime.aggregation import average_torch_states, layer_divergence, staleness_weights
+from cloud_runtime.progress import Interrupted
 from cloud_runtime.server_trainer import GKTServer
 from cloud_runtime.registry import Rejected
 from cloud_runtime.strategies.base import STRATEGIES, Strategy
@@ -166,15 +168,49 @@ class FedGKT(Strategy):
         logger.info("round %d: extractors of %d devices averaged", round_, len(names))
 
     def evaluate(self, row: dict) -> None:
-        """Each device's test features through the server model (FedGKT's evaluation)."""
+        """Each device's test features through the server model (FedGKT's evaluation), on this thread."""
         if not self.test_uploads or self.server is None:
             row["test_accuracy"] = None
             return
         self.use_threads()
         self.phase("evaluating", row.get("round"))
         result = self.server.evaluate(list(self.test_uploads.values()), round_=row.get("round"), stop=self.ctx.stop)
+        self.record_evaluation(row, result)
+
+    @staticmethod
+    def record_evaluation(row: dict, result) -> None:
         row.update(test_accuracy=result.accuracy, test_loss=result.loss, test_samples=result.samples,
                    mean_device_accuracy=result.mean_device_accuracy, per_device=result.per_device)
+
+    def start_evaluation(self, row: dict) -> "Evaluation | None":
+        """Evaluate this round's test features on a thread of one torch thread while the devices train the next
+        round (they have the cores). The result is the same as :meth:`evaluate`'s: nothing changes the model
+        until :meth:`finish_evaluation` has joined it, which comes before the next server training."""
+        if not self.test_uploads or self.server is None:
+            row["test_accuracy"] = None
+            return None
+        row.update(test_accuracy=None, evaluation="overlapped with the next round")
+        pending = Evaluation(self.server, list(self.test_uploads.values()), row, self.ctx.stop)
+        pending.start()
+        return pending
+
+    def finish_evaluation(self, pending: "Evaluation | None") -> None:
+        """Join an overlapped evaluation and record it in its round's row (on the serve thread: the console reads
+        rows there). One that failed or was stopped leaves the row without accuracy, named in the log."""
+        if pending is None:
+            return
+        pending.join()
+        row = pending.row
+        row.pop("evaluation", None)
+        if pending.result is None:
+            logger.warning("round %d evaluation did not finish (%s): no test accuracy for that round", row["round"],
+                           pending.error or "stopped")
+            return
+        self.record_evaluation(row, pending.result)
+        logger.info("round %d test accuracy %.4f (evaluated while devices trained the next round)", row["round"],
+                    pending.result.accuracy)
+        self.ctx.registry.telemetry.event("round", None, f"round {row['round']} test accuracy "
+                                                         f"{pending.result.accuracy:.4f}")
 
     def finish_row(self, row: dict, start: float) -> None:
         row.setdefault("edge", {d: dict(self.train_uploads[d].metrics) for d in row["participants"]})
@@ -187,44 +223,76 @@ class FedGKT(Strategy):
         super().finish_row(row, start)
 
 
+class Evaluation(threading.Thread):
+    """:meth:`GKTServer.evaluate` on its own thread with one torch thread; ``result`` (None if it failed or was
+    stopped: then ``error`` says why)."""
+
+    def __init__(self, server: GKTServer, uploads: list, row: dict, stop: threading.Event):
+        super().__init__(name=f"evaluation-{row['round']}", daemon=True)
+        self.server, self.uploads, self.row, self.stop = server, uploads, row, stop
+        self.result, self.error = None, None
+
+    def run(self) -> None:
+        torch.set_num_threads(1)  # this thread's pool: the serve thread sets its own before training
+        try:
+            self.result = self.server.evaluate(self.uploads, round_=self.row["round"], stop=self.stop)
+        except Interrupted:
+            self.error = "stopped"
+        except Exception as e:  # a failed evaluation costs its accuracy, never the run
+            logger.exception("round %d evaluation failed", self.row["round"])
+            self.error = f"{type(e).__name__}: {e}"
+
+
 @STRATEGIES.register("fedgkt_sync")
 class FedGKTSync(FedGKT):
     """Rounds: announce (retained) -> collect uploads until all reachable devices or deadline + quorum ->
-    train the server -> soft labels -> evaluate -> checkpoint."""
+    train the server -> soft labels -> checkpoint -> announce the next round, evaluating this one meanwhile."""
 
     def run(self) -> None:
+        """Rounds as the class docstring says. A round's evaluation overlaps the next round's device training
+        (it is joined before the server trains again, so every round's figures are those of a serial run); the
+        last round evaluates before its checkpoint."""
         ctx = self.ctx
         previous: list[str] = list(self.rows[-1].get("participants", [])) if self.rows else []
-        for round_ in range(self.next_round, self.cfg.rounds):
-            if ctx.stop.is_set():
-                return
-            eval_ = (round_ + 1) % self.cfg.eval_every == 0 or round_ == self.cfg.rounds - 1
-            self.train_uploads.clear()
-            self.test_uploads.clear()
-            ctx.ingest.new_round()
-            start = time.monotonic()
-            ctx.downlink.broadcast(P.ROUND, round_, **self.round_frame(round_, eval_, previous))
-            logger.info("round %d open (deadline %.0fs, eval %s)", round_, self.cfg.round_deadline_s, eval_)
-            self.phase("devices training", round_)
-            if eval_:
-                done = lambda: set(self.train_uploads) & set(self.test_uploads)  # noqa: E731
-            else:
-                done = lambda: set(self.train_uploads)  # noqa: E731
-            if not self.collect(round_, done):
-                return
-            participants = sorted(self.train_uploads)
-            row: dict = {"round": round_, "participants": participants,
-                         "upload_seconds": time.monotonic() - start}
-            row["server"] = self.train_and_answer(round_, participants)
-            if eval_:
-                self.evaluate(row)
-            else:
-                row["test_accuracy"] = None
-            self.finish_row(row, start)
-            previous = participants
-            self.next_round = round_ + 1
-            self.phase("checkpoint", round_)
-            ctx.checkpoint()
+        pending: Evaluation | None = None
+        try:
+            for round_ in range(self.next_round, self.cfg.rounds):
+                if ctx.stop.is_set():
+                    return
+                last = round_ == self.cfg.rounds - 1
+                eval_ = (round_ + 1) % self.cfg.eval_every == 0 or last
+                self.train_uploads.clear()
+                self.test_uploads.clear()
+                ctx.ingest.new_round()
+                start = time.monotonic()
+                ctx.downlink.broadcast(P.ROUND, round_, **self.round_frame(round_, eval_, previous))
+                logger.info("round %d open (deadline %.0fs, eval %s)", round_, self.cfg.round_deadline_s, eval_)
+                self.phase("devices training", round_)
+                if eval_:
+                    done = lambda: set(self.train_uploads) & set(self.test_uploads)  # noqa: E731
+                else:
+                    done = lambda: set(self.train_uploads)  # noqa: E731
+                if not self.collect(round_, done):
+                    return
+                participants = sorted(self.train_uploads)
+                row: dict = {"round": round_, "participants": participants,
+                             "upload_seconds": time.monotonic() - start}
+                self.finish_evaluation(pending)  # the model trains next: the last round's evaluation is done first
+                pending = None
+                row["server"] = self.train_and_answer(round_, participants)
+                if eval_ and last:
+                    self.evaluate(row)
+                elif eval_:
+                    pending = self.start_evaluation(row)
+                else:
+                    row["test_accuracy"] = None
+                self.finish_row(row, start)
+                previous = participants
+                self.next_round = round_ + 1
+                self.phase("checkpoint", round_)
+                ctx.checkpoint()  # a round's accuracy evaluated while the next runs is committed with that one
+        finally:
+            self.finish_evaluation(pending)
 
     def drop_stale(self, round_: int) -> None:
         """A device that stopped uploading: its features age out after ``max_staleness`` rounds."""
