@@ -3,7 +3,7 @@ side by side, and the fp32 matmul peak measured in the same run.
 
 The roofline is ``peak FLOP/s per core / FLOPs per sample`` with the peak measured here (a large fp32
 sgemm on one thread, the best of several) and the FLOPs of one training sample (forward + backward)
-counted by torch's ``FlopCounterMode``. Each variant trains the configured server model on synthetic
+counted by torch's ``FlopCounterMode``. The bf16 variant is held to the same fp32 roofline. Each variant trains the configured server model on synthetic
 features held as the runtime holds them (int8 with per-channel scale, dequantized per batch); trials are
 interleaved, so load from other processes hits every variant alike. CPU-seconds are this process's.
 
@@ -66,17 +66,18 @@ def synthetic_store(samples: int, shape: tuple, num_classes: int, devices: int =
 
 
 VARIANTS = {
-    # name: (fused optimizer, flush denormals)
-    "loop Adam (before)": (None, False),
-    "fused Adam": (True, False),
-    "fused Adam + flush denormals": (True, True),
+    # name: (fused optimizer, flush denormals, bf16 autocast)
+    "loop Adam (before)": (None, False, False),
+    "fused Adam": (True, False, False),
+    "fused Adam + flush denormals": (True, True, False),
+    "fused Adam + bf16 autocast": (True, False, True),
 }
 
 
 def train_steps(variant: str, store: FeatureStore, model_name: str, num_classes: int, channels: int, steps: int,
                 batch: int, threads: int) -> float:
     """Samples per CPU-second of ``steps`` server training steps (after 3 warm-up steps)."""
-    fused, flush = VARIANTS[variant]
+    fused, flush, bf16 = VARIANTS[variant]
     torch.set_num_threads(threads)
     torch.set_flush_denormal(flush)
     torch.manual_seed(0)
@@ -92,7 +93,8 @@ def train_steps(variant: str, store: FeatureStore, model_name: str, num_classes:
             cpu = time.process_time()
         index = order[(step * batch) % (len(order) - batch):][:batch]
         features, _, labels = store.batch(index, devices, offsets)
-        out = model(torch.from_numpy(features).contiguous(memory_format=torch.channels_last))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # server.precision: bf16
+            out = model(torch.from_numpy(features).contiguous(memory_format=torch.channels_last)).float()
         loss, _, _ = gkt_loss(out, torch.from_numpy(labels), None, None, 0.0, 3.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

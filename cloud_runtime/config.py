@@ -86,9 +86,13 @@ class ServerConfig:
     # <state_dir>/features (cloud_runtime/features.py). null: no limit
     feature_memory_bytes: int | None = 4 << 30
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when available
+    # fp32, or bf16 autocast for the server model's forward (weights, optimizer and loss stay fp32): ~1.4x
+    # samples per CPU-second on CPUs with native bf16 (avx512_bf16 / AMX) and on GPUs; docs/BENCHMARKS.md
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def check(self) -> None:
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.precision in ("fp32", "bf16"), "precision", f"must be fp32 or bf16, got {self.precision!r}")
         require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.kd_beta >= 0, "kd_beta", "must be >= 0")

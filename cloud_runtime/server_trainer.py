@@ -64,6 +64,10 @@ class GKTServer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
         self._rng = np.random.default_rng(seed)
+        self.autocast = cfg.precision == "bf16"
+        if self.autocast and self.device.type == "cpu" and not cpu_has_native_bf16():
+            logger.warning("server.precision bf16 on a CPU without native bf16 (avx512_bf16 / amx_bf16): emulated, "
+                           "likely slower than fp32")
         self.train_store = FeatureStore(cfg.feature_memory_bytes, spill_dir)
         self.feature_shape: tuple | None = None
 
@@ -104,6 +108,10 @@ class GKTServer:
 
     # -- train -----------------------------------------------------------------------------------
 
+    def _precision(self):
+        """bf16 autocast of the forward when ``server.precision`` is bf16 (backward follows it); else nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
     def _to_device(self, features: np.ndarray) -> torch.Tensor:
         batch = torch.from_numpy(features).to(self.device, non_blocking=True)
         return batch.contiguous(memory_format=torch.channels_last)
@@ -133,7 +141,8 @@ class GKTServer:
             for index in _batches(order, self.cfg.batch_size):
                 check_stop(stop, f"{label} at {seen:,}/{n:,} samples")
                 features, teacher, labels = store.batch(index, devices, offsets)   # B x C x H x W, B x K, B
-                out = self.model(self._to_device(features))
+                with self._precision():
+                    out = self.model(self._to_device(features)).float()
                 batch_labels = torch.from_numpy(labels).to(self.device)
                 loss, ce, kd = gkt_loss(out, batch_labels, torch.from_numpy(teacher).to(self.device) if use_kd else None,
                                         None, self.cfg.kd_beta, self.cfg.temperature)
@@ -175,7 +184,8 @@ class GKTServer:
             for i in range(0, n, batch_size):
                 check_stop(stop, f"{meter.label if meter else 'inference'} at {i:,}/{n:,} samples")
                 rows = slice(i, min(i + batch_size, n))
-                out.append(self.model(self._to_device(upload.features.rows(rows))).float().cpu())
+                with self._precision():
+                    out.append(self.model(self._to_device(upload.features.rows(rows))).float().cpu())
                 if meter is not None:
                     meter.update(len(out[-1]))
         finally:
@@ -206,6 +216,16 @@ class GKTServer:
             n_total += n
         meter.finish(loss_total / max(n_total, 1))
         return EvalResult(correct_total / max(n_total, 1), loss_total / max(n_total, 1), n_total, per_device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo's flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -107,3 +107,23 @@ def test_the_server_trains_on_held_uploads_and_a_torch_upload_alike(tmp_path):
     assert replies["devB"].logits.shape == (24, 10) and torch.isfinite(replies["devB"].logits).all()
     result = server.evaluate([upload])
     assert result.samples == 40 and 0 <= result.accuracy <= 1
+
+
+def test_bf16_precision_trains_with_fp32_weights_and_answers_fp32_soft_labels():
+    from cloud_runtime.config import ServerConfig
+    from cloud_runtime.server_trainer import GKTServer
+    from model_zoo import create_model
+    model = create_model("resnet55_server", num_classes=10, feature_channels=4)
+    server = GKTServer(model, ServerConfig(batch_size=16, precision="bf16"), 10)
+    upload = _held("devA", 40, 1)[0]
+    server.ingest(upload)
+    replies, stats = server.train_round(0)
+    assert np.isfinite(stats.loss) and replies["devA"].logits.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in server.model.parameters())
+    assert 0 <= server.evaluate([upload]).accuracy <= 1
+
+
+def test_precision_must_be_fp32_or_bf16():
+    from cloud_runtime.config import ConfigError, load_runtime_config
+    with pytest.raises(ConfigError, match="precision"):
+        load_runtime_config(None, ["server.precision=fp8"])
