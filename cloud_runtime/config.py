@@ -113,6 +113,9 @@ class FedGKTConfig:
     # (async: also discounted by staleness, FedBuff-style). Off by default: FedGKT lets every device
     # keep its own extractor; averaging helps when labels are skewed across devices.
     average_extractors: bool = False
+    # sync rounds: evaluate round r on one thread while devices train round r+1 (same figures: it is joined
+    # before the server trains again); false evaluates before the next round opens
+    overlap_evaluation: bool = True
 
 
 PRIVACY_NEEDS_FEDGKT = ("feature privacy protects FedGKT's feature uploads; FedAvg uploads weights (set "

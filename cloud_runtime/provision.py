@@ -167,8 +167,11 @@ def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: in
             "model": "resnet8_gkt", "trainer": "backprop", "epochs": 1, "batch_size": 64, "lr": 0.01}),
         ("edge_overrides", "per-device training settings, e.g. {pi-02: {epochs: 1}}", {}),
         ("codec", "feature upload codec: int8 | fp16 | fp32 (+ zstd)", "int8"),
-        ("server", "the large server CNN trained on the devices' features", {
-            "model": "resnet55_server", "epochs": 1, "batch_size": 64, "lr": 0.05}),
+        ("server", "the large server CNN trained on the devices' features; feature_memory_bytes: features held in "
+         "RAM, the rest memory-mapped under state_dir/features; precision bf16: faster on CPUs with native bf16 "
+         "and on GPUs", {
+            "model": "resnet55_server", "epochs": 1, "batch_size": 64, "lr": 0.05,
+            "feature_memory_bytes": 4 << 30, "precision": "fp32"}),
         ("privacy", "features clipped to clip_norm (L2 per sample) and noised on the device: set noise_multiplier "
          "or epsilon (clip_norm alone clips without noise); docs/PRIVACY.md", {
              "clip_norm": None, "noise_multiplier": None, "epsilon": None, "delta": 1e-5}),
@@ -177,7 +180,8 @@ def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: in
              "enabled": True, "address": "127.0.0.1:8470", "token_file": None, "max_device_series": 100}),
         ("# the runtime's machine", "", None),
         ("state_dir", "checkpoints, report.json and plots (serve --reset-state starts the run afresh)", "state"),
-        ("threads", "torch threads for server training; null: torch's default", None),
+        ("threads", "torch threads for server training; null: every core (set it when agents share this machine)",
+         None),
     ], existing)
 
 

@@ -69,9 +69,12 @@ class ModelCost:
 
 
 def _build(model_name: str, input_shape: tuple, num_classes: int, **kwargs) -> nn.Module:
-    if model_name.endswith("_server"):
-        return create_model(model_name, num_classes=num_classes, feature_channels=input_shape[0], **kwargs)
-    return create_model(model_name, num_classes=num_classes, in_channels=input_shape[0], **kwargs)
+    """The zoo model with its model options; raises ValueError naming an option the model does not take."""
+    channels = {"feature_channels" if model_name.endswith("_server") else "in_channels": input_shape[0]}
+    try:
+        return create_model(model_name, num_classes=num_classes, **channels, **kwargs)
+    except TypeError as e:  # an unknown or mistyped model option
+        raise ValueError(f"{model_name} with options {kwargs}: {e}") from None
 
 
 def _logits(out):
@@ -204,13 +207,14 @@ def peak_rss_kb():
 """
 
 
-def measure_peak_rss(model_name: str, method: str, batch: int, input_shape: tuple, num_classes: int = 10) -> dict:
+def measure_peak_rss(model_name: str, method: str, batch: int, input_shape: tuple, num_classes: int = 10,
+                     **model_kwargs) -> dict:
     """Peak RSS (MB) of a fresh process running three steps, and its baseline after importing torch and
     building the model (the step's own peak is the difference)."""
     code = (
         "import json, sys, torch\n" + PEAK_RSS_KB_CODE +
         "from device_profiles.profiler import _build, _run\n"
-        f"m = _build({model_name!r}, {tuple(input_shape)!r}, {num_classes})\n"
+        f"m = _build({model_name!r}, {tuple(input_shape)!r}, {num_classes}, **{model_kwargs!r})\n"
         "base = peak_rss_kb()\n"
         f"x = torch.randn({batch}, *{tuple(input_shape)!r}); y = torch.randint(0, {num_classes}, ({batch},))\n"
         f"opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) if {method!r} != 'inference' else None\n"
@@ -219,6 +223,26 @@ def measure_peak_rss(model_name: str, method: str, batch: int, input_shape: tupl
         "print(json.dumps({'peak_rss_mb': peak / 1024, 'baseline_rss_mb': base / 1024, 'step_rss_mb': (peak - base) / 1024}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_peak_gflops(threads: int | None = None, n: int = 2048, repeats: int = 5) -> float:
+    """This host's fp32 peak in GFLOP/s: the best of ``repeats`` ``n x n`` sgemms (2 n^3 FLOPs each) on
+    ``threads`` torch threads (None: the current setting). What a roofline's compute roof is measured as,
+    instead of assumed from the CPU's vector flags (which cannot tell one FMA port from two)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up: allocation and the BLAS kernel's dispatch
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * n ** 3 / best / 1e9
 
 
 def estimate_latency(cost: ModelCost, profile: DeviceProfile, runtime: str = "torch_cpu") -> dict:

@@ -1,6 +1,7 @@
 """``device-profile``: FLOPs, memory, latency and bytes of a model on each device profile.
 
     device-profile resnet8_gkt --all-devices [--method backprop] [--batch 64] [--input 3x32x32] [--json] [--plot p.png]
+    device-profile resnet8_gkt --model-kwargs '{stem_stride: 2}' --input 1x28x28 --measure
     device-profile compare resnet8_gkt resnet56 resnet110 [--json]
     device-profile --measure [--engine torch|onnxruntime|both] [--save-profile host.yaml] [--json]
 
@@ -9,6 +10,12 @@ Every latency row names its engine: ``torch`` (the torch engine's step) or ``onn
 torch-free process, :mod:`edgefl_cli.onnx_measure`; per-device estimates use the profile's
 ``efficiency.onnxruntime_cpu``). ``--engine`` defaults to torch: measuring onnxruntime compiles each edge
 model first (tens of seconds to minutes each).
+
+``--model-kwargs`` (a YAML mapping) builds the model as a run's ``edge.model_kwargs`` /
+``server.model_kwargs`` do, so the figures describe the configured model. ``--measure`` measures this
+host's fp32 peak (a sgemm on every thread, :func:`~device_profiles.profiler.measure_peak_gflops`) instead of
+deriving it from the CPU flags, and prints each measured step's roofline efficiency (its FLOP/s over
+that peak) next to the estimates.
 
 Progress (which model, which measurement, i/n, elapsed) goes to stderr; results to stdout.
 """
@@ -32,7 +39,7 @@ import yaml
 
 from device_profiles import DeviceProfile, Efficiency, detect_host, list_profiles, load_profile
 from device_profiles.profiler import (ENGINE_RUNTIMES, METHODS, cost_row, estimate_latency, measure_latency,
-                                     measure_peak_rss, model_cost)
+                                     measure_peak_gflops, measure_peak_rss, model_cost)
 from cloud_runtime.progress import duration
 from edgefl_cli.onnx_measure import compile_for_profile, measure_program, onnx_problem
 from edgefl_core.config import ConfigError
@@ -50,6 +57,19 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if len(shape) != 3 or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"--input {text!r}: expected three positive sizes CxHxW")
     return shape
+
+
+def parse_model_kwargs(text: str) -> dict:
+    """``--model-kwargs '{stem_stride: 2}'``: a YAML mapping of model options."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"--model-kwargs {text!r}: not YAML ({str(e).splitlines()[0]})") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise argparse.ArgumentTypeError(f"--model-kwargs {text!r}: expected a mapping, e.g. '{{stem_stride: 2}}'")
+    return value
 
 
 def _input_for(model: str, shape: tuple) -> tuple:
@@ -88,12 +108,12 @@ class Steps:
         self._print(f"done: {self.done} steps in {duration(time.monotonic() - self.start)}")
 
 
-def cmd_compare(models: list[str], batch: int, shape: tuple, as_json: bool) -> int:
+def cmd_compare(models: list[str], batch: int, shape: tuple, as_json: bool, model_kwargs: dict | None = None) -> int:
     steps = Steps("device-profile compare", len(models))
     rows = []
     for m in models:
         steps(f"{m}: FLOPs and memory of a backprop step, batch {batch}, input {_shape(_input_for(m, shape))}")
-        rows.append(cost_row(model_cost(m, "backprop", batch, _input_for(m, shape))))
+        rows.append(cost_row(model_cost(m, "backprop", batch, _input_for(m, shape), **(model_kwargs or {}))))
     steps.finish()
     base = rows[0]
     for r in rows:
@@ -130,9 +150,14 @@ def _threads() -> int:
 
 
 def cmd_profile(model: str, devices: list[str], methods: list[str], batch: int, shape: tuple, as_json: bool,
-                plot: str | None, measure_here: bool = False, engines: tuple[str, ...] = ("torch",)) -> int:
+                plot: str | None, measure_here: bool = False, engines: tuple[str, ...] = ("torch",),
+                model_kwargs: dict | None = None) -> int:
     profiles = [load_profile(d) for d in devices]
+    kwargs = model_kwargs or {}
     onnx = "onnxruntime" in engines
+    if onnx and kwargs:
+        raise ConfigError("--model-kwargs: the onnxruntime engine compiles the zoo's default model; use --engine torch")
+    peak = measure_peak_gflops() if measure_here else None  # this host's compute roof, measured
     if onnx and (why := onnx_problem(model)):
         raise ConfigError(f"--engine {'both' if len(engines) > 1 else 'onnxruntime'}: {model} {why}")
     out = []
@@ -148,21 +173,26 @@ def cmd_profile(model: str, devices: list[str], methods: list[str], batch: int, 
         for method in methods:
             what = f"{model} {method}, batch {batch}, input {_shape(_input_for(model, shape))}"
             steps(f"{what}: FLOPs, memory and latency estimates on {on}")
-            cost = model_cost(model, method, batch, _input_for(model, shape))
+            cost = model_cost(model, method, batch, _input_for(model, shape), **kwargs)
             for engine in engines:
                 row = cost_row(cost)
                 row["engine"] = engine
                 row["devices"] = _estimates(cost, profiles, engine)
                 if measure_here and engine == "torch":  # this host: median step time and the peak RSS of a fresh process
                     steps(f"{what}: measuring the step time on this host")
-                    row["measured_here"] = measure_latency(model, method, batch, _input_for(model, shape))
+                    row["measured_here"] = measure_latency(model, method, batch, _input_for(model, shape), **kwargs)
                     steps(f"{what}: measuring the peak memory on this host (a fresh process)")
-                    row["measured_here"].update(measure_peak_rss(model, method, batch, _input_for(model, shape)))
+                    row["measured_here"].update(measure_peak_rss(model, method, batch, _input_for(model, shape),
+                                                                 **kwargs))
                 elif measure_here:  # the compiled program, in a fresh torch-free process: step time and peak RSS
                     steps(f"{what}: measuring the onnxruntime step time and peak memory on this host (a fresh "
                           "process, no torch)")
                     row["measured_here"] = measure_program(program[0], method, batch, threads=_threads())
                     row["measured_here"]["compile_seconds"] = round(program[1], 2)
+                if measure_here:  # achieved FLOP/s over the measured peak: how far from the compute roof
+                    m = row["measured_here"]
+                    m.update(peak_gflops=round(peak, 1), achieved_gflops=round(cost.total_flops / m["median_s"] / 1e9, 2),
+                             roofline_efficiency=cost.total_flops / m["median_s"] / (peak * 1e9))
                 out.append(row)
     steps.finish()
     if as_json:
@@ -186,7 +216,8 @@ def cmd_profile(model: str, devices: list[str], methods: list[str], batch: int, 
                 m = row["measured_here"]
                 print(f"  {engine:<12} {'measured here':<20} {m['median_s'] * 1e3:9.1f} ms/step (median of "
                       f"{m['repeats']}, {m['threads']} threads), peak RSS {m['peak_rss_mb']:.0f} MB "
-                      f"(+{m['step_rss_mb']:.1f} MB over the process baseline)")
+                      f"(+{m['step_rss_mb']:.1f} MB over the process baseline); {m['achieved_gflops']:.1f} GFLOP/s = "
+                      f"{m['roofline_efficiency']:.0%} of this host's measured {m['peak_gflops']:.0f} GFLOP/s fp32 peak")
             for name, est in row["devices"].items():
                 if "error" in est:
                     print(f"  {engine:<12} {name:<20} no estimate: {est['error']}")
@@ -270,6 +301,10 @@ def calibrate_host(models: list[str], methods: list[str], batch: int, shape: tup
     steps(f"memory bandwidth of {host.display_name} (numpy copy of 256 MiB)")
     host.memory.bandwidth_gbs = round(measure_bandwidth_gbs(), 1)
     host.sources["bandwidth_gbs"] = "measured: numpy copy of 256 MiB (device-profile --measure)"
+    steps(f"fp32 peak of {host.display_name} (2048x2048 sgemm on every thread)")
+    host.cpu.peak_gflops = round(measure_peak_gflops(host.cpu.cores), 1)
+    host.sources["peak_gflops"] = (f"measured: best 2048x2048 fp32 sgemm on {host.cpu.cores} threads "
+                                   "(device-profile --measure)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="device-profile-") as tmp:
         for model in models:
@@ -324,7 +359,7 @@ def cmd_measure(batch: int, shape: tuple, methods: list[str], save: str | None, 
                 engines: tuple[str, ...] = ("torch",)) -> int:
     models = [m for m in list_models()]
     edge_models = [m for m in models if not onnx_problem(m)] if "onnxruntime" in engines else []
-    total = 1 + len(models) * len(methods) * ("torch" in engines) + len(edge_models) * (1 + len(methods))
+    total = 2 + len(models) * len(methods) * ("torch" in engines) + len(edge_models) * (1 + len(methods))
     steps = Steps("device-profile --measure", total)
     host, rows = calibrate_host(models, methods, batch, shape, steps, engines)
     steps.finish()
@@ -355,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--batch", type=int, default=64)
     common.add_argument("--input", type=parse_shape, default=(3, 32, 32), help="CxHxW (default 3x32x32)")
     common.add_argument("--json", action="store_true")
+    common.add_argument("--model-kwargs", type=parse_model_kwargs, default={},
+                        help="model options as a YAML mapping, as in a run's model_kwargs, e.g. '{stem_stride: 2}'")
     common.add_argument("--log-level", default="WARNING")
     try:
         if argv[:1] == ["compare"]:
@@ -362,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.add_argument("models", nargs="+")
             args = parser.parse_args(argv[1:])
             setup_logging(args.log_level)
-            return cmd_compare(args.models, args.batch, args.input, args.json)
+            return cmd_compare(args.models, args.batch, args.input, args.json, args.model_kwargs)
         parser = argparse.ArgumentParser(prog="device-profile", parents=[common], description=__doc__.splitlines()[0])
         parser.add_argument("model", nargs="?", help=f"one of: {', '.join(list_models())}")
         parser.add_argument("--device", action="append", default=[], help=f"profile name or YAML path; known: "
@@ -389,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
         devices = list_profiles() if args.all_devices else (args.device or ["host"])
         return cmd_profile(args.model, devices, methods, args.batch, args.input, args.json, args.plot, args.measure,
-                           engines)
+                           engines, args.model_kwargs)
     except (ConfigError, ValueError) as e:
         print(f"device-profile: error: {e}", file=sys.stderr)
         return 2

@@ -192,6 +192,23 @@ def test_cli_measures_latency_and_peak_memory_here(capsys):
     row = json.loads(capsys.readouterr().out)[0]
     here = row["measured_here"]
     assert here["median_s"] > 0 and here["peak_rss_mb"] >= here["baseline_rss_mb"] > 0 and here["step_rss_mb"] >= 0
+    # next to the estimates: the measured step's FLOP/s against this host's measured fp32 peak
+    assert here["peak_gflops"] > 0 and 0 < here["roofline_efficiency"] < 1.5
+    assert here["achieved_gflops"] == pytest.approx(row["total_flops"] / here["median_s"] / 1e9, rel=0.01)
+
+
+def test_model_kwargs_describe_the_configured_model(capsys):
+    assert cli_main(["compare", "resnet8_gkt", "--batch", "2", "--input", "1x28x28", "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)[0]
+    assert cli_main(["compare", "resnet8_gkt", "--batch", "2", "--input", "1x28x28", "--json",
+                     "--model-kwargs", "{stem_stride: 2}"]) == 0
+    strided = json.loads(capsys.readouterr().out)[0]  # the quickstart's edge model: a quarter of the work after the stem
+    assert strided["train_flops"] < 0.35 * default["train_flops"]
+    assert cli_main(["resnet8_gkt", "--batch", "2", "--input", "1x8x8", "--model-kwargs", "{stem_strid: 2}"]) == 2
+    assert "stem_strid" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["resnet8_gkt", "--model-kwargs", "[1, 2]"])
+    assert "expected a mapping" in capsys.readouterr().err
 
 
 def test_compare_shows_progress_on_stderr_and_keeps_stdout_json(capsys):
@@ -214,11 +231,14 @@ def test_measure_shows_each_measurement_on_stderr(capsys, monkeypatch):
     assert [r["model"] for r in json.loads(out)["rows"]] == ["resnet8_gkt", "resnet8"]
     steps = [line for line in err.splitlines() if line.startswith("device-profile --measure: ")]
     host = detect_host().display_name
-    assert steps[0].startswith(f"device-profile --measure: [1/3] memory bandwidth of {host}")
-    assert steps[1].startswith("device-profile --measure: [2/3] resnet8_gkt inference, batch 2, input 1x8x8: "
+    assert steps[0].startswith(f"device-profile --measure: [1/4] memory bandwidth of {host}")
+    assert steps[1].startswith(f"device-profile --measure: [2/4] fp32 peak of {host}")
+    assert steps[2].startswith("device-profile --measure: [3/4] resnet8_gkt inference, batch 2, input 1x8x8: "
                                f"FLOPs, then the step time on {host} (elapsed ")
-    assert steps[2].startswith("device-profile --measure: [3/3] resnet8 inference")
-    assert steps[3].startswith("device-profile --measure: done: 3 steps in ")
+    assert steps[3].startswith("device-profile --measure: [4/4] resnet8 inference")
+    assert steps[4].startswith("device-profile --measure: done: 4 steps in ")
+    profile = json.loads(out)["profile"]  # the compute roof is measured, not derived from the CPU flags
+    assert profile["sources"]["peak_gflops"].startswith("measured: ") and profile["cpu"]["peak_gflops"] > 0
 
 
 def test_profile_with_measure_shows_each_measurement_on_stderr(capsys):
@@ -249,6 +269,7 @@ def test_calibration_fits_the_onnxruntime_efficiency_sharing_the_memory_one(caps
     monkeypatch.setattr(cli, "list_models", lambda: ["resnet8_gkt", "resnet56", "resnet55_server"])
     monkeypatch.setattr(cli, "model_cost", costs)
     monkeypatch.setattr(cli, "measure_bandwidth_gbs", lambda: 10.0)
+    monkeypatch.setattr(cli, "measure_peak_gflops", lambda threads=None: truth.cpu.peak_gflops)
     monkeypatch.setattr(cli, "measure_latency", lambda model, method, batch, shape: {
         "median_s": measured(model, method, batch, shape, "torch")})
     monkeypatch.setattr(cli, "compile_for_profile", lambda model, batch, shape, tmp: compiled.append(model) or (
@@ -268,7 +289,7 @@ def test_calibration_fits_the_onnxruntime_efficiency_sharing_the_memory_one(caps
     assert profile.efficiency.torch_cpu == pytest.approx(0.2, rel=0.05)
     assert profile.efficiency.onnxruntime_cpu == pytest.approx(0.5, rel=0.05)
     assert profile.efficiency.memory == pytest.approx(1.5, rel=0.1) and "onnxruntime steps" in profile.sources["efficiency"]
-    assert "done: 13 steps in" in err  # bandwidth + 3 models x 2 methods (torch) + 2 compiles + 2 x 2 (onnxruntime)
+    assert "done: 14 steps in" in err  # bandwidth + 3 models x 2 methods (torch) + 2 compiles + 2 x 2 (onnxruntime)
     assert "resnet8_gkt, batch 4, input 3x16x16: compiling its edge program for onnxruntime" in err
 
 

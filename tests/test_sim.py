@@ -33,6 +33,18 @@ def test_fedgkt_in_memory_learns_and_reports(npz_dir, tmp_path, capsys):
     assert "final test accuracy" in capsys.readouterr().out
 
 
+def test_an_overlapped_evaluation_gives_the_figures_of_a_serial_one(npz_dir, tmp_path):
+    rows = {}
+    for overlap in (True, False):
+        out = tmp_path / f"overlap-{overlap}"
+        assert main(sim_args(npz_dir, out, "--set", f"fedgkt.overlap_evaluation={str(overlap).lower()}",
+                             "--set", "run.threads=1")) == 0
+        rows[overlap] = json.loads((out / "report.json").read_text())["rounds"]
+    for key in ("test_accuracy", "test_loss", "per_device"):  # every round evaluated on the model after that round
+        assert [r[key] for r in rows[True]] == [r[key] for r in rows[False]], key
+    assert all(r["test_accuracy"] is not None and "evaluation" not in r for r in rows[True])
+
+
 def test_full_test_split_evaluates_every_device_on_everything(npz_dir, tmp_path):
     out = tmp_path / "run"
     assert main(sim_args(npz_dir, out, "--set", "run.rounds=1", "--set", "data.test_split=full")) == 0

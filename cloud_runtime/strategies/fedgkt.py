@@ -280,7 +280,7 @@ class FedGKTSync(FedGKT):
                 self.finish_evaluation(pending)  # the model trains next: the last round's evaluation is done first
                 pending = None
                 row["server"] = self.train_and_answer(round_, participants)
-                if eval_ and last:
+                if eval_ and (last or not self.cfg.fedgkt.overlap_evaluation):
                     self.evaluate(row)
                 elif eval_:
                     pending = self.start_evaluation(row)
