@@ -103,6 +103,30 @@ def train_steps(variant: str, store: FeatureStore, model_name: str, num_classes:
     return steps * batch / (time.process_time() - cpu)
 
 
+def plot(result: dict, path: Path) -> None:
+    """Bars: median samples per CPU-second per variant and thread count, the measured roofline as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows, threads = result["results"], sorted({r["threads"] for r in result["results"]})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(threads)
+    for i, t in enumerate(threads):
+        values = [next(r["samples_per_cpu_s"] for r in rows if r["variant"] == v and r["threads"] == t)
+                  for v in variants]
+        ax.bar([x + i * width for x in range(len(variants))], values, width, label=f"{t} thread(s)")
+    ax.axhline(result["roofline_samples_per_cpu_s"], color="k", ls="--", label="roofline (measured fp32 peak)")
+    ax.axhline(result["roofline_samples_per_cpu_s"] / 2, color="gray", ls=":", label="50% of roofline")
+    ax.set_xticks([x + width * (len(threads) - 1) / 2 for x in range(len(variants))], variants, fontsize=8)
+    ax.set_ylabel("samples per CPU-second")
+    ax.set_title(f"{result['args']['model']} server step, batch {result['args']['batch']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet55_server")
@@ -149,9 +173,10 @@ def main() -> int:
               f"{row['roofline_fraction']:12.0%} {row['vs_before']:10.2f}x")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({
-        "args": vars(args), "model_mflops_per_sample": flops / 1e6, "matmul_peak_gflops": peak,
-        "roofline_samples_per_cpu_s": roofline, "torch": torch.__version__, "results": table}, indent=2))
+    result = {"args": vars(args), "model_mflops_per_sample": flops / 1e6, "matmul_peak_gflops": peak,
+              "roofline_samples_per_cpu_s": roofline, "torch": torch.__version__, "results": table}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "server_step.png")
     return 0
 
 
