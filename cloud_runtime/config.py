@@ -396,6 +396,8 @@ class RuntimeConfig:
 
     def check(self) -> None:
         check_console(self.console)
+        require(self.threads is None or (type(self.threads) is int and self.threads >= 1), "threads",
+                f"must be null or >= 1, got {self.threads!r}")
         require(self.rounds >= 1, "rounds", "must be >= 1")
         require(self.min_devices >= 1, "min_devices", "must be >= 1")
         require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")

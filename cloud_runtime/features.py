@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,24 +72,35 @@ class CompactFeatures:
         """Every row as a float32 tensor (small sets and tests; training gathers batches instead)."""
         return torch.from_numpy(self.rows(slice(None)))
 
-    def peak_abs(self) -> float:
-        """``max |x|`` over every value (NaN when a value is NaN, inf when one is infinite); see the module
-        docstring for why int8 needs only its C scales and offsets."""
+    def peak_abs(self, limit: float = float("inf")) -> float:
+        """``max |x|`` over every value, as float32 rows hold it: NaN when a value is NaN, inf when one is
+        infinite or overflows float32. For int8 the per-channel bound of the module docstring, made exact (from
+        the channel's q range) for the channels whose bound passes ``limit``: a constant channel is written with
+        scale 1, so its bound ``|low| + 255`` says nothing about its values."""
         if self.data.size == 0:
             return 0.0
-        if self.scale is not None:
-            low, scale = self.low.astype(np.float64), self.scale.astype(np.float64)  # no overflow to inf here
-            if not (np.isfinite(low).all() and np.isfinite(scale).all()):
-                return float("nan")
-            return float(np.maximum(np.abs(low), np.abs(low + 255.0 * scale)).max())
-        return float(np.max(np.abs(self.data)))
+        if self.scale is None:
+            return float(np.max(np.abs(self.data)))
+        low, scale = self.low.astype(np.float64), self.scale.astype(np.float64)  # no overflow to inf here
+        if not (np.isfinite(low).all() and np.isfinite(scale).all()):
+            return float("nan")
+        bound = np.maximum(np.abs(low), np.abs(low + 255.0 * scale))
+        for c in np.nonzero(bound > limit)[0]:  # rare: one pass over those channels' bytes
+            q = self.data[:, c]
+            bound[c] = max(abs(low[c] + float(q.min()) * scale[c]), abs(low[c] + float(q.max()) * scale[c]))
+        peak = float(bound.max())
+        # rows() computes q * scale + low in float32: a product or sum past float32's range is inf there
+        float32_max = float(np.finfo(np.float32).max)
+        if peak > float32_max or float(np.abs(scale).max()) * 255.0 > float32_max:
+            return float("inf")
+        return peak
 
     @classmethod
     def from_float(cls, features: np.ndarray, storage: str = "float16") -> "CompactFeatures":
         return cls(np.ascontiguousarray(features, dtype=FLOAT_STORAGE[storage]))
 
 
-def features_from_arrays(arrays: dict[str, np.ndarray], codec: str, storage: str = "float16") -> CompactFeatures:
+def features_from_arrays(arrays: dict[str, np.ndarray], codec: str) -> CompactFeatures:
     """The compact features of a decoded transfer (codec ``int8``, ``fp16`` or ``fp32``); dtypes and the scale
     and offset shapes checked. Raises ProtocolError (``bad_codec`` / ``bad_payload`` / ``bad_dtype`` /
     ``bad_shape``)."""
@@ -107,7 +119,7 @@ def features_from_arrays(arrays: dict[str, np.ndarray], codec: str, storage: str
         dtype = np.float16 if codec == "fp16" else np.float32
         if features is None or features.dtype != dtype:
             raise ProtocolError("bad_dtype", f"{codec} features must be {np.dtype(dtype)}")
-        return CompactFeatures(features) if codec == "fp16" else CompactFeatures.from_float(features, storage)
+        return CompactFeatures(features)  # fp32 is checked as sent, then held as storage says (HeldUpload.stored)
     raise ProtocolError("bad_codec", f"unknown codec {codec!r}; known: fp16, fp32, int8")
 
 
@@ -129,11 +141,10 @@ class HeldUpload:
         return self.features.nbytes + self.logits.nbytes + self.labels.nbytes + self.sample_ids.nbytes
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict, device: str, round_: int,
-                    storage: str = "float16") -> "HeldUpload":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict, device: str, round_: int) -> "HeldUpload":
         """Decode a transfer's arrays without dequantizing; raises ProtocolError naming what is wrong."""
         split, codec, metrics = decode_upload_meta(arrays, meta)
-        features = features_from_arrays(arrays, codec, storage)
+        features = features_from_arrays(arrays, codec)
         return cls(device, round_, split, arrays["sample_ids"], features, arrays["logits"], arrays["labels"],
                    metrics)
 
@@ -144,9 +155,20 @@ class HeldUpload:
                    CompactFeatures.from_float(upload.features.detach().float().numpy(), storage),
                    upload.logits.detach().float().numpy(), upload.labels.numpy(), dict(upload.metrics))
 
-    def validate(self, num_classes: int | None = None, feature_shape: tuple | None = None) -> float:
-        """Shapes, classes, labels, ids and finiteness, on the compact form; returns the features' ``max |x|``.
-        Raises MessageError naming what is wrong (its text says "NaN or Inf" for non-finite values)."""
+    def stored(self, storage: str) -> "HeldUpload":
+        """This upload with fp32 features held as ``storage`` (``server.feature_storage``; call it once the values
+        are checked). int8 and fp16 stay as they are, and so do fp32 values past float16's range."""
+        f = self.features
+        if f.data.dtype != np.float32 or storage == "float32" or f.peak_abs() > float(np.finfo(np.float16).max):
+            return self
+        return HeldUpload(self.device_id, self.round, self.split, self.sample_ids,
+                          CompactFeatures.from_float(f.data, storage), self.logits, self.labels, self.metrics)
+
+    def validate(self, num_classes: int | None = None, feature_shape: tuple | None = None,
+                 limit: float = float("inf")) -> float:
+        """Shapes, classes, labels, ids and finiteness, on the compact form; returns the features' ``max |x|``
+        (exact for int8 channels whose bound passes ``limit``: :meth:`CompactFeatures.peak_abs`). Raises
+        MessageError naming what is wrong (its text says "NaN or Inf" for non-finite values)."""
         what = f"upload from {self.device_id!r} (round {self.round}, {self.split})"
         if self.split not in ("train", "test"):
             raise MessageError(f"{what}: unknown split {self.split!r}")
@@ -168,7 +190,7 @@ class HeldUpload:
             raise MessageError(f"{what}: labels must be {n} int64, got {self.labels.dtype} {tuple(self.labels.shape)}")
         if n and (self.labels.min() < 0 or self.labels.max() >= k):
             raise MessageError(f"{what}: labels outside [0, {k})")
-        peak = self.features.peak_abs()
+        peak = self.features.peak_abs(limit)
         if not np.isfinite(peak):
             raise MessageError(f"{what}: features contains NaN or Inf")
         if self.logits.size and not np.isfinite(self.logits).all():
@@ -215,13 +237,23 @@ class FeatureStore:
 
     def put(self, upload: HeldUpload) -> HeldUpload:
         """Hold ``upload`` as its device's segment (replacing the one before); returns what is held (``upload``
-        itself, or the same with its features in a memory-mapped file)."""
+        itself, or the same with its features in a memory-mapped file). Never raises for the disk: a spill that
+        fails (disk full, I/O error) is logged and the upload is held in RAM past the budget."""
         device = upload.device_id
+        previous = self.segments.get(device)
+        resident = self.resident_bytes() - (previous.nbytes if previous is not None and device not in self._files
+                                            else 0)
+        path = None
+        if self.memory_bytes is not None and self.spill_dir is not None and resident + upload.nbytes > self.memory_bytes:
+            try:
+                upload, path = self._spill(upload)
+            except OSError as e:
+                logger.error("%s: features could not be memory-mapped under %s (%s): held in RAM, past "
+                             "server.feature_memory_bytes", device, self.spill_dir, e.strerror or e)
         self.drop(device)
-        if (self.memory_bytes is not None and self.resident_bytes() + upload.nbytes > self.memory_bytes
-                and self.spill_dir is not None):
-            upload = self._spill(upload)
         self.segments[device] = upload
+        if path is not None:
+            self._files[device] = path
         return upload
 
     def drop(self, device: str) -> None:
@@ -230,23 +262,42 @@ class FeatureStore:
         if path is not None:
             path.unlink(missing_ok=True)  # an open memmap keeps its pages until its last reference goes
 
-    def _spill(self, upload: HeldUpload) -> HeldUpload:
+    def clear(self) -> None:
+        """Drop every segment and its file (the run is over: nothing reads them again)."""
+        for device in list(self.segments):
+            self.drop(device)
+
+    def remove_leftovers(self) -> int:
+        """Delete spill files an earlier process left (the store is rebuilt from uploads, never reloaded)."""
+        if self.spill_dir is None or not self.spill_dir.is_dir():
+            return 0
+        old = [p for p in self.spill_dir.glob("*.npy") if p not in self._files.values()]
+        for p in old:
+            p.unlink(missing_ok=True)
+        return len(old)
+
+    def _spill(self, upload: HeldUpload) -> tuple[HeldUpload, Path]:
         """The same upload with its feature values in a memory-mapped file (named by a hash: device names are
-        not file names)."""
+        not file names). Written with plain writes, then mapped read-only: a full disk is an OSError here, not a
+        SIGBUS when a write through a mapping finds no block."""
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         self._serial += 1
         name = hashlib.sha256(upload.device_id.encode()).hexdigest()[:16]
         path = self.spill_dir / f"{name}.{self._serial}.npy"
-        mapped = np.lib.format.open_memmap(path, mode="w+", dtype=upload.features.data.dtype,
-                                           shape=upload.features.data.shape)
-        mapped[:] = upload.features.data
-        mapped.flush()
-        self._files[upload.device_id] = path
+        try:
+            with open(path, "wb") as f:
+                np.save(f, np.ascontiguousarray(upload.features.data))
+                f.flush()
+                os.fsync(f.fileno())
+            mapped = np.load(path, mmap_mode="r")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         features = CompactFeatures(mapped, upload.features.scale, upload.features.low)
         logger.info("%s: %.1f MB of features memory-mapped to %s (server.feature_memory_bytes reached)",
                     upload.device_id, upload.features.nbytes / 1e6, path)
         return HeldUpload(upload.device_id, upload.round, upload.split, upload.sample_ids, features,
-                          upload.logits, upload.labels, upload.metrics)
+                          upload.logits, upload.labels, upload.metrics), path
 
     # -- reading ------------------------------------------------------------------------------------
 

@@ -156,9 +156,9 @@ class Ingest:
         split = done.meta.get("split")
         arrays = P.unpack_arrays(done.blob, self.decoded_limit(device, split if split in ("train", "test") else "train",
                                                                num_classes, feature_shape, extractor_bytes))
-        upload = HeldUpload.from_arrays(arrays, done.meta, device, done.round, self.cfg.server.feature_storage)
+        upload = HeldUpload.from_arrays(arrays, done.meta, device, done.round)
         try:
-            peak = upload.validate(num_classes, feature_shape)
+            peak = upload.validate(num_classes, feature_shape, limit=self.cfg.validation.max_abs_feature)
         except MessageError as e:
             raise Rejected("non_finite" if "NaN" in str(e) else "bad_shape", str(e)) from None
         meta = done.meta
@@ -170,6 +170,8 @@ class Ingest:
         self._check_plausible(upload, peak)
         self._check_ownership(device, upload)
         extractor = {k[len(P.EXTRACTOR_PREFIX):]: v for k, v in arrays.items() if k.startswith(P.EXTRACTOR_PREFIX)}
+        if upload.split == "train":  # training features are held as server.feature_storage says; test ones as sent
+            upload = upload.stored(self.cfg.server.feature_storage)
         return upload, extractor
 
     def _check_plausible(self, upload: HeldUpload, feature_peak: float) -> None:

@@ -69,6 +69,8 @@ class GKTServer:
             logger.warning("server.precision bf16 on a CPU without native bf16 (avx512_bf16 / amx_bf16): emulated, "
                            "likely slower than fp32")
         self.train_store = FeatureStore(cfg.feature_memory_bytes, spill_dir)
+        if self.train_store.remove_leftovers():  # an earlier process's spilled features: never read again
+            logger.info("removed feature files an earlier runtime left in %s", spill_dir)
         self.feature_shape: tuple | None = None
 
     # -- checkpoint --------------------------------------------------------------------------------

@@ -420,7 +420,9 @@ class CloudRuntime:
         self.registry.wait_for_devices(self.pump, self.stop)
 
     def close(self) -> None:
+        """Disconnect, and let the strategy release what it holds (memory-mapped feature files)."""
         self.transport.close()
+        self.strategy.close()
 
 
 class StateMismatch(CheckpointError):

@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--model-kwargs", type=parse_model_kwargs, default={},
                         help="model options as a YAML mapping, as in a run's model_kwargs, e.g. '{stem_stride: 2}'")
     common.add_argument("--log-level", default="WARNING")
+    args = None
     try:
         if argv[:1] == ["compare"]:
             parser = argparse.ArgumentParser(prog="device-profile compare", parents=[common])
@@ -429,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
                            engines, args.model_kwargs)
     except (ConfigError, ValueError) as e:
         print(f"device-profile: error: {e}", file=sys.stderr)
+        return 2
+    except TypeError as e:
+        if args is None or not args.model_kwargs:  # only a model option's type error is the user's
+            raise
+        print(f"device-profile: error: --model-kwargs {args.model_kwargs}: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # the edge program's compile or its onnxruntime measurement failed
         print(f"device-profile: error: {e}", file=sys.stderr)

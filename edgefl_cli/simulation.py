@@ -66,8 +66,13 @@ def log_thread_plan(cfg: ExperimentConfig) -> None:
     n = cfg.run.devices
     logger.info("threads: runtime %d, each of %d agents %d, on %d cores (%s rounds)", runtime, n, agent, cores,
                 cfg.deployment.mode)
-    busy = runtime + n * agent if cfg.deployment.mode == "async" else max(runtime, n * agent)
-    if busy > cores and (runtime > 1 or agent > 1):
+    # a pool of more than one thread collapses when other busy threads share its cores; single-thread processes
+    # only take turns. Sync rounds: the runtime computes while the agents wait, and the other way round
+    if cfg.deployment.mode == "async":
+        busy, pooled = runtime + n * agent, runtime > 1 or agent > 1
+    else:
+        busy, pooled = max(runtime, n * agent), runtime > cores or (agent > 1 and n * agent > cores)
+    if busy > cores and pooled:
         logger.warning("threads: %d busy threads on %d cores (run.threads=%s, deployment.agent_threads=%s): thread "
                        "pools that share cores with other busy processes slow down many times over; leave both null "
                        "to derive them from the cores", busy, cores, cfg.run.threads, cfg.deployment.agent_threads)

@@ -321,3 +321,8 @@ def test_cli_measures_both_engines_here(capsys):
     assert rows[1]["devices"]["raspberry_pi_4"]["runtime"] == "onnxruntime_cpu"
     steps = [line.split(": ", 2)[1].split()[0] for line in err.splitlines()]
     assert steps == [f"[{i}/5]" for i in range(1, 6)] + ["done"] and "(a fresh process, no torch)" in err
+
+
+def test_a_model_option_of_the_wrong_type_is_a_named_error(capsys):
+    assert cli_main(["resnet8_gkt", "--batch", "2", "--input", "1x8x8", "--model-kwargs", "{stem_stride: x}"]) == 2
+    assert "--model-kwargs" in capsys.readouterr().err

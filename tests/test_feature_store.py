@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cloud_runtime.features import CompactFeatures, FeatureStore, HeldUpload, features_from_arrays
+from cloud_runtime.features import FeatureStore, HeldUpload, features_from_arrays
 from edge_sdk.messages import MessageError
 from edgefl_core.codecs import decode_features, encode_features
 
@@ -45,9 +45,9 @@ def test_non_finite_scales_or_values_are_refused_without_dequantizing():
     upload.features.data[5, 0, 0, 0] = np.nan
     with pytest.raises(MessageError, match="NaN or Inf"):
         upload.validate()
-    huge, _ = _held("d", 20, 2)  # finite but enormous: its bound is computed in float64, never inf
-    huge.features.scale[:] = np.float32(3e38)
-    assert np.isfinite(huge.validate()) and huge.validate() > 1e38
+    huge, _ = _held("d", 20, 2)  # finite but enormous: its bound is computed in float64 (the magnitude check's job)
+    huge.features.scale[:] = np.float32(1e30)
+    assert np.isfinite(huge.validate()) and huge.validate() > 1e32
 
 
 def test_a_batch_from_the_segments_equals_indexing_their_concatenation(tmp_path):
@@ -127,3 +127,64 @@ def test_precision_must_be_fp32_or_bf16():
     from cloud_runtime.config import ConfigError, load_runtime_config
     with pytest.raises(ConfigError, match="precision"):
         load_runtime_config(None, ["server.precision=fp8"])
+
+
+# -- what the review of the store found (each would have caught its defect) ----------------------------------
+
+
+def test_a_spill_that_fails_keeps_the_upload_in_ram_and_the_previous_one_until_then(tmp_path, monkeypatch, caplog):
+    import errno
+    import cloud_runtime.features as F
+    store = FeatureStore(memory_bytes=0, spill_dir=tmp_path / "features")
+    first = store.put(_held("devA", 30, 1)[0])
+    assert isinstance(first.features.data, np.memmap)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(F.np, "save", full_disk)
+    second = _held("devA", 30, 2)[0]
+    assert store.put(second) is second            # held in RAM past the budget, never an error for the device
+    assert store.get("devA") is second and "could not be memory-mapped" in caplog.text
+    assert list((tmp_path / "features").iterdir()) == []  # the first file went with the segment it held
+
+
+def test_spill_files_of_an_earlier_process_are_removed_and_a_closed_run_leaves_none(tmp_path):
+    from cloud_runtime.config import ServerConfig
+    from cloud_runtime.server_trainer import GKTServer
+    from model_zoo import create_model
+    spill = tmp_path / "features"
+    spill.mkdir()
+    (spill / "0123456789abcdef.1.npy").write_bytes(b"left by a crash")
+    server = GKTServer(create_model("resnet55_server", num_classes=10, feature_channels=4),
+                       ServerConfig(feature_memory_bytes=0), 10, spill_dir=str(spill))
+    assert list(spill.iterdir()) == []
+    server.ingest(_held("devA", 20, 1)[0])
+    assert len(list(spill.iterdir())) == 1
+    server.train_store.clear()
+    assert list(spill.iterdir()) == []
+
+
+def test_a_constant_int8_channel_is_bounded_by_its_values_not_by_scale_one():
+    x = np.zeros((20, 3, 2, 2), np.float32)
+    x[:, 1] = np.random.default_rng(0).random((20, 2, 2)) * 5   # channels 0 and 2 are constant: scale 1.0
+    x[:, 2] = 7.0
+    upload = HeldUpload("d", 0, "train", np.arange(20, dtype=np.int64), features_from_arrays(encode_features(x, "int8"),
+                        "int8"), np.zeros((20, 4), np.float16), np.zeros(20, np.int64))
+    assert upload.validate(limit=100) == pytest.approx(7.0)   # not |low| + 255
+
+
+def test_int8_values_past_float32_are_non_finite_whatever_the_magnitude_bound():
+    upload, _ = _held("d", 10, 1)
+    upload.features.low[:] = np.float32(-3e38)
+    upload.features.scale[:] = np.float32(2.3e36)  # 255 * scale overflows float32 in rows()
+    with pytest.raises(MessageError, match="NaN or Inf"):
+        upload.validate(limit=float("inf"))
+
+
+def test_fp32_uploads_are_checked_as_sent_and_kept_fp32_past_float16s_range():
+    upload, _ = _held("d", 10, 1, codec="fp32")
+    upload.features.data[0, 0, 0, 0] = 7e4
+    assert upload.validate() == pytest.approx(7e4)        # a magnitude to judge, not an fp16 overflow to inf
+    assert upload.stored("float16").features.data.dtype == np.float32
+    upload.features.data[0, 0, 0, 0] = 1.0
+    assert upload.stored("float16").features.data.dtype == np.float16

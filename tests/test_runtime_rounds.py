@@ -79,3 +79,21 @@ def test_a_tampered_checkpoint_is_refused_never_executed(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="server.1.pt: UnpicklingError"):
         runtime.restore()  # torch.load(weights_only=True) refuses the os.system global; the error names the file
     assert not (tmp_path / "pwned-by-checkpoint").exists()
+
+
+def test_an_overlapped_evaluation_finishes_on_stop_and_a_lost_one_is_named_on_restore(tmp_path):
+    from cloud_runtime.strategies.fedgkt import OVERLAPPED
+    runtime = make_runtime(tmp_path)
+    strategy = runtime.strategy
+    strategy.train_uploads = {"devA": upload("devA", 0, 1), "devB": upload("devB", 0, 2)}
+    strategy.train_and_answer(0, ["devA", "devB"])
+    test = upload("devA", 0, 3)
+    test.split = "test"
+    strategy.test_uploads = {"devA": test}
+    row = {"round": 0}
+    runtime.stop.set()                      # Ctrl-C while devices train the next round
+    pending = strategy.start_evaluation(row)
+    strategy.finish_evaluation(pending)     # what run()'s finally does: the round keeps its accuracy
+    assert row["test_accuracy"] is not None and "evaluation" not in row
+    strategy.restore({"next_round": 1, "rows": [{"round": 0, "test_accuracy": None, "evaluation": OVERLAPPED}]})
+    assert strategy.rows[0]["evaluation"].startswith("lost: ")   # killed before it finished: said so, not pending

@@ -136,3 +136,18 @@ def test_extractor_averaging_uses_the_runs_own_extractor_form(npz_dir, tmp_path)
     # the extractors' layer divergence (eq. 1) before they were averaged, and its plot
     divergence = report["rounds"][0]["divergence"]
     assert divergence and all(v >= 0 for v in divergence.values()) and (out / "divergence.png").exists()
+
+
+def test_the_thread_plan_shares_the_cores_and_warns_only_of_real_oversubscription(monkeypatch, caplog):
+    import logging
+    from cloud_runtime.config import load_config
+    import edgefl_cli.simulation as sim
+    from edgefl_core.proc import thread_plan
+    assert thread_plan(2, 4, "sync") == (2, 1) and thread_plan(8, 2, "sync") == (8, 4)
+    assert thread_plan(8, 3, "async") == (2, 2) and thread_plan(2, 4, "async", runtime_threads=3) == (3, 1)
+    monkeypatch.setattr(sim, "usable_cores", lambda: 2)
+    caplog.set_level(logging.INFO, "edgefl.sim")
+    sim.log_thread_plan(load_config("configs/quickstart.yaml"))
+    assert "runtime 2, each of 4 agents 1, on 2 cores" in caplog.text and "busy threads" not in caplog.text
+    sim.log_thread_plan(load_config("configs/quickstart.yaml", ["deployment.agent_threads=2"]))
+    assert "8 busy threads on 2 cores" in caplog.text

@@ -108,6 +108,9 @@ class Strategy(ABC):
     def run(self) -> None:
         """Run rounds from ``next_round`` to ``cfg.rounds`` (returns early when ``ctx.stop`` is set)."""
 
+    def close(self) -> None:
+        """The runtime is done with this strategy: release what it holds outside the checkpoint."""
+
     # -- durable state ------------------------------------------------------------------------------
 
     def models(self) -> dict[str, torch.nn.Module]:

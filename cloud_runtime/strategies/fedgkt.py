@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from cloud_runtime.aggregation import average_torch_states, layer_divergence, staleness_weights
-from cloud_runtime.progress import Interrupted
 from cloud_runtime.server_trainer import GKTServer
 from cloud_runtime.registry import Rejected
 from cloud_runtime.strategies.base import STRATEGIES, Strategy
@@ -25,6 +24,8 @@ from cloud_runtime.features import HeldUpload
 from model_zoo import create_model, seeded
 
 logger = logging.getLogger("edgefl.runtime")
+
+OVERLAPPED = "overlapped with the next round"  # a row's evaluation while it runs (committed with the next round)
 
 
 class FedGKT(Strategy):
@@ -67,6 +68,19 @@ class FedGKT(Strategy):
     def models(self) -> dict[str, torch.nn.Module]:
         return {"server": self.server} if self.server is not None else {}
 
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.train_store.clear()  # memory-mapped feature files go with the run
+
+    def restore(self, state: dict) -> None:
+        super().restore(state)
+        for row in self.rows:  # committed while its evaluation ran, which the runtime did not live to finish
+            if row.get("evaluation") == OVERLAPPED:
+                row["evaluation"] = ("lost: the runtime stopped before this round's evaluation, which overlapped "
+                                     "the next round, finished (fedgkt.overlap_evaluation: false evaluates first)")
+                logger.warning("round %d has no test accuracy: its overlapped evaluation did not finish before the "
+                               "runtime stopped", row["round"])
+
     def run_feature_channels(self, num_classes: int, input_shape: list[int]) -> int:
         key = (num_classes, tuple(input_shape))
         if key not in self._channels:
@@ -97,11 +111,12 @@ class FedGKT(Strategy):
                        default=0.0)
             if peak > bound:  # every device loads the average: one device's huge weights would break them all
                 raise Rejected("implausible_values", f"extractor: max |weight| {peak:.3g} > {bound:g}")
-            self.extractors[device] = (state, len(upload.sample_ids))
         store = self.train_uploads if upload.split == "train" else self.test_uploads
         replaced = device in store and store[device].round == upload.round
         if upload.split == "train" and server is not None:  # held once: the server's store is the upload
             upload = server.ingest(upload)                  # (what it replaces is freed now, not at training)
+        if extractor and upload.split == "train":           # accepted from here on: nothing below can refuse it
+            self.extractors[device] = (state, len(upload.sample_ids))
         self.ctx.ingest.claim(device, upload)
         if server is not None and server.feature_shape is None:  # no run input shape: the first upload's pins it
             server.feature_shape = tuple(upload.features.shape[1:])
@@ -189,8 +204,8 @@ class FedGKT(Strategy):
         if not self.test_uploads or self.server is None:
             row["test_accuracy"] = None
             return None
-        row.update(test_accuracy=None, evaluation="overlapped with the next round")
-        pending = Evaluation(self.server, list(self.test_uploads.values()), row, self.ctx.stop)
+        row.update(test_accuracy=None, evaluation=OVERLAPPED)
+        pending = Evaluation(self.server, list(self.test_uploads.values()), row)
         pending.start()
         return pending
 
@@ -203,8 +218,9 @@ class FedGKT(Strategy):
         row = pending.row
         row.pop("evaluation", None)
         if pending.result is None:
-            logger.warning("round %d evaluation did not finish (%s): no test accuracy for that round", row["round"],
-                           pending.error or "stopped")
+            row["evaluation"] = f"failed: {pending.error}"
+            logger.warning("round %d evaluation failed (%s): no test accuracy for that round", row["round"],
+                           pending.error)
             return
         self.record_evaluation(row, pending.result)
         logger.info("round %d test accuracy %.4f (evaluated while devices trained the next round)", row["round"],
@@ -224,20 +240,19 @@ class FedGKT(Strategy):
 
 
 class Evaluation(threading.Thread):
-    """:meth:`GKTServer.evaluate` on its own thread with one torch thread; ``result`` (None if it failed or was
-    stopped: then ``error`` says why)."""
+    """:meth:`GKTServer.evaluate` on its own thread with one torch thread; ``result`` (None if it failed: then
+    ``error`` says why). It is not cut short by a stop: the runtime joins it and commits the round with its
+    accuracy (a few seconds), as a serial run would have."""
 
-    def __init__(self, server: GKTServer, uploads: list, row: dict, stop: threading.Event):
+    def __init__(self, server: GKTServer, uploads: list, row: dict):
         super().__init__(name=f"evaluation-{row['round']}", daemon=True)
-        self.server, self.uploads, self.row, self.stop = server, uploads, row, stop
+        self.server, self.uploads, self.row = server, uploads, row
         self.result, self.error = None, None
 
     def run(self) -> None:
-        torch.set_num_threads(1)  # this thread's pool: the serve thread sets its own before training
+        torch.set_num_threads(1)  # the serve thread sets its own count again before the server trains
         try:
-            self.result = self.server.evaluate(self.uploads, round_=self.row["round"], stop=self.stop)
-        except Interrupted:
-            self.error = "stopped"
+            self.result = self.server.evaluate(self.uploads, round_=self.row["round"])
         except Exception as e:  # a failed evaluation costs its accuracy, never the run
             logger.exception("round %d evaluation failed", self.row["round"])
             self.error = f"{type(e).__name__}: {e}"
