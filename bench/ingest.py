@@ -117,7 +117,7 @@ def raw_trial(url: str, run: str, args) -> dict:
 def runtime_trial(url: str, run: str, args, state_dir: Path) -> dict:
     """The cloud runtime receiving the same uploads (reassembly, sha256, zstd, checks, the feature store)."""
     cfg = load_runtime_config(None, [f"run_id={run}", f"broker.url={url}", f"state_dir={state_dir}",
-                                     f"expected_devices={args.devices}"])
+                                     f"expected_devices={args.devices}", "num_classes=10"])
     runtime = build_runtime(cfg)
     runtime.start()
     start_at = time.time() + 8.0

@@ -1,13 +1,15 @@
 """Server training against this host's roofline: samples per CPU-second of FedGKT's server step, variants
 side by side, and the fp32 matmul peak measured in the same run.
 
-The roofline is ``peak FLOP/s per core / FLOPs per sample`` with the peak measured here (a large fp32
-sgemm on one thread, the best of several) and the FLOPs of one training sample (forward + backward)
+The roofline is ``peak FLOP per CPU-second / FLOPs per sample`` with the peak measured here (a large fp32
+sgemm on the fewest threads asked for, the best of several, in CPU time like the steps) and the FLOPs of one training sample (forward + backward)
 counted by torch's ``FlopCounterMode``. The bf16 variant is held to the same fp32 roofline. Each variant trains the configured server model on synthetic
 features held as the runtime holds them (int8 with per-channel scale, dequantized per batch); trials are
 interleaved, so load from other processes hits every variant alike. CPU-seconds are this process's.
 
-    python -m bench.server_step --threads 1 2 --trials 5 --out docs/bench/server_step
+    python -m bench.server_step --threads 1 2 --trials 3 --steps 40 --out docs/bench/server_step
+
+``--breakdown`` also prints where one step's time goes (torch.profiler, self CPU time by operator).
 """
 from __future__ import annotations
 
@@ -29,15 +31,16 @@ from model_zoo.optim import make_optimizer
 
 
 def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 7) -> float:
-    """Best fp32 GFLOP/s of an ``n x n`` sgemm on ``threads`` threads (2 n^3 FLOPs each)."""
+    """Best fp32 GFLOP per CPU-second of an ``n x n`` sgemm on ``threads`` threads (2 n^3 FLOPs each): CPU time,
+    like the training steps, so load from other processes lowers neither (wall time would count their turns)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm-up (allocation, oneDNN / BLAS dispatch)
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.process_time() - start)
     return 2 * n ** 3 / best / 1e9
 
 
@@ -103,6 +106,31 @@ def train_steps(variant: str, store: FeatureStore, model_name: str, num_classes:
     return steps * batch / (time.process_time() - cpu)
 
 
+def breakdown(store: FeatureStore, model_name: str, num_classes: int, channels: int, batch: int, steps: int = 5) -> str:
+    """torch.profiler's table (self CPU time by operator) of ``steps`` fused-Adam fp32 steps on 1 thread."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.set_num_threads(1)
+    model = create_model(model_name, num_classes=num_classes, feature_channels=channels).to(
+        memory_format=torch.channels_last).train()
+    optimizer = make_optimizer(model.parameters(), ServerConfig(optimizer="adam", lr=1e-3), fused=True)
+    devices, offsets = store.layout()
+    index = np.arange(batch)
+    features, _, labels = store.batch(index, devices, offsets)
+    x, y = torch.from_numpy(features).contiguous(memory_format=torch.channels_last), torch.from_numpy(labels)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
 def plot(result: dict, path: Path) -> None:
     """Bars: median samples per CPU-second per variant and thread count, the measured roofline as a line."""
     import matplotlib
@@ -136,6 +164,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--breakdown", action="store_true", help="print torch.profiler's operator table of a step")
     parser.add_argument("--out", default="docs/bench/server_step")
     args = parser.parse_args()
     shape = tuple(args.feature_shape)
@@ -144,12 +173,14 @@ def main() -> int:
     model = create_model(args.model, num_classes=args.classes, feature_channels=shape[0]).to(
         memory_format=torch.channels_last)
     flops = flops_per_sample(model, shape, args.classes)
-    per_core = peak[min(args.threads)] / min(args.threads)
+    per_core = peak[min(args.threads)]  # per CPU-second already
     roofline = per_core * 1e9 / flops  # samples per CPU-second at the measured peak
     print(f"{args.model} on {shape}: {flops / 1e6:.1f} MFLOP per training sample; fp32 matmul peak "
-          + ", ".join(f"{peak[t]:.1f} GFLOP/s on {t} thread(s)" for t in args.threads)
+          + ", ".join(f"{peak[t]:.1f} GFLOP per CPU-second on {t} thread(s)" for t in args.threads)
           + f"; roofline {roofline:.0f} samples per CPU-second", flush=True)
     store = synthetic_store(max(4 * args.batch * (args.steps + 3), 4096), shape, args.classes)
+    if args.breakdown:
+        print(breakdown(store, args.model, args.classes, shape[0], args.batch), flush=True)
     results: dict[str, dict[int, list[float]]] = {v: {t: [] for t in args.threads} for v in VARIANTS}
     for trial in range(args.trials):
         for threads in args.threads:

@@ -86,8 +86,9 @@ class ServerConfig:
     # <state_dir>/features (cloud_runtime/features.py). null: no limit
     feature_memory_bytes: int | None = 4 << 30
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when available
-    # fp32, or bf16 autocast for the server model's forward (weights, optimizer and loss stay fp32): ~1.4x
-    # samples per CPU-second on CPUs with native bf16 (avx512_bf16 / AMX) and on GPUs; docs/BENCHMARKS.md
+    # fp32, or bf16 autocast for the server model's forward (weights, optimizer and loss stay fp32): for CPUs
+    # with native bf16 (avx512_bf16 / AMX) and GPUs; 1.6x samples per CPU-second at 1 thread here
+    # (docs/BENCHMARKS.md)
     precision: Literal["fp32", "bf16"] = "fp32"
 
     def check(self) -> None:

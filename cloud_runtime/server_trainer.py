@@ -65,6 +65,9 @@ class GKTServer:
             self.optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
         self._rng = np.random.default_rng(seed)
         self.autocast = cfg.precision == "bf16"
+        if self.autocast:
+            logger.info("server model: bf16 autocast on %s (server.precision: bf16; weights, optimizer, loss and soft "
+                        "labels fp32)", self.device.type)
         if self.autocast and self.device.type == "cpu" and not cpu_has_native_bf16():
             logger.warning("server.precision bf16 on a CPU without native bf16 (avx512_bf16 / amx_bf16): emulated, "
                            "likely slower than fp32")

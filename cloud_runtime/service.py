@@ -345,7 +345,8 @@ class CloudRuntime:
                "late_messages": self.late_messages, "edge_programs": self.programs.report(), "mode": self.cfg.mode,
                "privacy": run_privacy(self.cfg, self.registry.devices), "strategy": strategy_name(self.cfg),
                "server_model": self.cfg.server.model, "server_params": self.strategy.parameter_count(), "session": self.session,
-               "console": self.console_info,
+               "console": self.console_info, "threads": self.strategy.ctx.threads,
+               "server_precision": self.cfg.server.precision,
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
                "checkpoint": {"generation": self.store.generation, "error": self.checkpoint_error,
                               "skipped_on_restore": self.store.skipped}}
@@ -356,6 +357,7 @@ class CloudRuntime:
     def write_report(self) -> dict:
         self.board.refresh(self, force=True)  # the console shows what the report says
         report = self.report()
+        self.store.dir.mkdir(parents=True, exist_ok=True)  # a stop before the first checkpoint has made no state dir
         write_json(self.store.dir / "report.json", report)
         return report
 

@@ -59,6 +59,16 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_model_kwargs(text: str) -> dict:
     """``--model-kwargs '{stem_stride: 2}'``: a YAML mapping of model options."""
     try:
@@ -387,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--batch", type=int, default=64)
+    common.add_argument("--batch", type=positive_int, default=64)
     common.add_argument("--input", type=parse_shape, default=(3, 32, 32), help="CxHxW (default 3x32x32)")
     common.add_argument("--json", action="store_true")
     common.add_argument("--model-kwargs", type=parse_model_kwargs, default={},
@@ -434,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     except TypeError as e:
         if args is None or not args.model_kwargs:  # only a model option's type error is the user's
             raise
-        print(f"device-profile: error: --model-kwargs {args.model_kwargs}: {e}", file=sys.stderr)
+        print(f"device-profile: error: --model-kwargs {args.model_kwargs}: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # the edge program's compile or its onnxruntime measurement failed
         print(f"device-profile: error: {e}", file=sys.stderr)

@@ -57,7 +57,7 @@ def threads_of(cfg: ExperimentConfig) -> tuple[int, int]:
     """(runtime, per agent) torch threads: ``run.threads`` / ``deployment.agent_threads`` where set, else from the
     cores this process may use and the processes sharing them (:func:`edgefl_core.proc.thread_plan`)."""
     return thread_plan(usable_cores(), cfg.run.devices, cfg.deployment.mode, cfg.run.threads,
-                       cfg.deployment.agent_threads)
+                       cfg.deployment.agent_threads, cfg.fedgkt.overlap_evaluation and cfg.algorithm == "fedgkt")
 
 
 def log_thread_plan(cfg: ExperimentConfig) -> None:

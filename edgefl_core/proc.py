@@ -30,16 +30,18 @@ def usable_cores() -> int:
 
 
 def thread_plan(cores: int, agents: int, mode: str, runtime_threads: int | None = None,
-                agent_threads: int | None = None) -> tuple[int, int]:
+                agent_threads: int | None = None, overlap_evaluation: bool = True) -> tuple[int, int]:
     """(runtime, agent) intra-op threads for one runtime and ``agents`` agent processes sharing ``cores``,
     never more busy threads than cores by default (a thread pool that shares its cores with other busy
     processes spins at every barrier: a 2-thread server step ran 14.7x slower than 1 thread that way).
 
-    ``sync``: the devices idle while the server trains, and the server idles while they train (its overlapped
-    evaluation uses one thread), so the runtime takes every core and each agent its share. ``async``: all of
-    them compute at once, so each process gets an equal share. A value given explicitly is kept."""
+    ``sync``: the devices idle while the server trains, and the server idles while they train but for its
+    overlapped evaluation (``overlap_evaluation``: one thread, so the agents share the other cores), so the
+    runtime takes every core and each agent its share. ``async``: all of them compute at once, so each process
+    gets an equal share. A value given explicitly is kept."""
     cores, agents = max(1, cores), max(1, agents)
     if mode == "async":
         share = max(1, cores // (agents + 1))
         return runtime_threads or share, agent_threads or share
-    return runtime_threads or cores, agent_threads or max(1, cores // agents)
+    free = cores - 1 if overlap_evaluation and cores > 1 else cores
+    return runtime_threads or cores, agent_threads or max(1, free // agents)

@@ -129,7 +129,13 @@ def test_a_damaged_checkpoint_falls_back_a_generation_and_the_run_finishes(npz_d
     for i, agent in enumerate(agents):
         procs.append(spawn(["edgefl_cli.agent", "--config", str(agent)], tmp_path / f"a{i}.log"))
     state = tmp_path / "runtime"
-    wait_until(lambda: (state / "runtime.2.json").exists(), timeout=180)
+
+    def committed() -> int:  # the generation runtime.json names: runtime.2.json alone is not yet the commit
+        try:
+            return json.loads((state / "runtime.json").read_text()).get("generation", 0)
+        except (OSError, ValueError):
+            return 0
+    wait_until(lambda: committed() >= 2, timeout=180)
     procs[0].send_signal(signal.SIGKILL)
     procs[0].wait()
     newest = state / "server.2.pt"

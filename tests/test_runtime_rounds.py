@@ -97,3 +97,19 @@ def test_an_overlapped_evaluation_finishes_on_stop_and_a_lost_one_is_named_on_re
     assert row["test_accuracy"] is not None and "evaluation" not in row
     strategy.restore({"next_round": 1, "rows": [{"round": 0, "test_accuracy": None, "evaluation": OVERLAPPED}]})
     assert strategy.rows[0]["evaluation"].startswith("lost: ")   # killed before it finished: said so, not pending
+
+
+def test_a_stop_waits_for_a_serial_evaluation_and_a_report_needs_no_checkpoint_first(tmp_path):
+    runtime = make_runtime(tmp_path / "never-checkpointed", "fedgkt.overlap_evaluation=false")
+    strategy = runtime.strategy
+    strategy.train_uploads = {"devA": upload("devA", 0, 1)}
+    strategy.train_and_answer(0, ["devA"])
+    test = upload("devA", 0, 3)
+    test.split = "test"
+    strategy.test_uploads = {"devA": test}
+    runtime.stop.set()                  # Ctrl-C as the trained round evaluates: the round is not thrown away
+    row = {"round": 0}
+    strategy.evaluate(row)
+    assert row["test_accuracy"] is not None
+    runtime.write_report()              # a stop before the first checkpoint: the state dir is made, not an ERROR
+    assert (tmp_path / "never-checkpointed" / "report.json").exists()

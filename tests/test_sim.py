@@ -143,7 +143,8 @@ def test_the_thread_plan_shares_the_cores_and_warns_only_of_real_oversubscriptio
     from cloud_runtime.config import load_config
     import edgefl_cli.simulation as sim
     from edgefl_core.proc import thread_plan
-    assert thread_plan(2, 4, "sync") == (2, 1) and thread_plan(8, 2, "sync") == (8, 4)
+    assert thread_plan(2, 4, "sync") == (2, 1) and thread_plan(8, 2, "sync") == (8, 3)  # a core for the evaluation
+    assert thread_plan(2, 1, "sync") == (2, 1) and thread_plan(8, 2, "sync", overlap_evaluation=False) == (8, 4)
     assert thread_plan(8, 3, "async") == (2, 2) and thread_plan(2, 4, "async", runtime_threads=3) == (3, 1)
     monkeypatch.setattr(sim, "usable_cores", lambda: 2)
     caplog.set_level(logging.INFO, "edgefl.sim")

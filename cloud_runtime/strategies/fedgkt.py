@@ -189,7 +189,8 @@ class FedGKT(Strategy):
             return
         self.use_threads()
         self.phase("evaluating", row.get("round"))
-        result = self.server.evaluate(list(self.test_uploads.values()), round_=row.get("round"), stop=self.ctx.stop)
+        # not cut short by a stop: the round is trained, and a few seconds more save it with its accuracy
+        result = self.server.evaluate(list(self.test_uploads.values()), round_=row.get("round"))
         self.record_evaluation(row, result)
 
     @staticmethod
@@ -214,6 +215,9 @@ class FedGKT(Strategy):
         rows there). One that failed or was stopped leaves the row without accuracy, named in the log."""
         if pending is None:
             return
+        if pending.is_alive() and self.ctx.stop.is_set():
+            logger.info("stopping: waiting for round %d's evaluation (seconds), so the round is saved with its "
+                        "accuracy", pending.row["round"])
         pending.join()
         row = pending.row
         row.pop("evaluation", None)
