@@ -68,8 +68,12 @@ def weighted_mean(tensors: Sequence[np.ndarray], w: np.ndarray) -> np.ndarray:
     dtype = first.dtype
     base = first.astype(np.float64)
     deviation = np.zeros_like(base)
-    for wi, t in zip(w[1:], tensors[1:]):
-        deviation += wi * (np.asarray(t).astype(np.float64) - base)
+    integer = np.issubdtype(dtype, np.integer)
+    for wi, t in zip(w[1:], tensors[1:]):  # integers: the difference taken in int64 (exact), then scaled
+        if integer:
+            deviation += wi * (np.asarray(t).astype(np.int64) - first.astype(np.int64)).astype(np.float64)
+        else:
+            deviation += wi * (np.asarray(t).astype(np.float64) - base)
     if not deviation.any():
         return first.copy()
     if np.issubdtype(dtype, np.integer) and dtype.itemsize == 8:  # int64 / uint64: the step added in integers,
@@ -90,10 +94,15 @@ def fedavg(states: Sequence[State], weights: Sequence[float] | None = None) -> d
 def coordinate_median(states: Sequence[State]) -> dict[str, np.ndarray]:
     """Element-wise median: robust to fewer than half of the clients being arbitrary."""
     validate_states(states)
-    return {name: _cast_like(np.median(np.stack([s[name] for s in states]).astype(np.float64)
-                                       if np.asarray(states[0][name]).dtype.itemsize < 8 else
-                                       np.stack([s[name] for s in states]), axis=0), np.asarray(states[0][name]).dtype)
-            for name in states[0]}
+    n = len(states)
+    out = {}
+    for name in states[0]:
+        ordered = np.sort(np.stack([s[name] for s in states]), axis=0)   # clients x tensor shape
+        # the middle element in its own dtype (exact: np.median would pass int64 through float64 and
+        # turn 2**53 + 1 into 2**53); an even count takes the exact mean of the two middle ones
+        out[name] = ordered[n // 2].copy() if n % 2 else weighted_mean([ordered[n // 2 - 1], ordered[n // 2]],
+                                                                       np.array([0.5, 0.5]))
+    return out
 
 
 def trimmed_mean(states: Sequence[State], trim_fraction: float = 0.1) -> dict[str, np.ndarray]:

@@ -127,6 +127,16 @@ def test_averaging_identical_states_returns_them_unchanged(dtype, data, clients,
         np.testing.assert_array_equal(got["t"], state["t"], err_msg=name)
 
 
+def test_the_median_of_large_integers_is_exact():
+    """np.median passed int64 through float64: hypothesis found 2**53 + 1 coming back as 2**53."""
+    big = np.array([2 ** 53 + 1, -(2 ** 62) + 3], dtype=np.int64)
+    for clients in (1, 2, 3, 4):
+        got = coordinate_median([{"t": big.copy()} for _ in range(clients)])["t"]
+        assert got.dtype == np.int64 and got.tolist() == big.tolist()
+    pair = coordinate_median([{"t": np.array([2 ** 53 + 1])}, {"t": np.array([2 ** 53 + 3])}])["t"]
+    assert pair.tolist() == [2 ** 53 + 2]
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: fedavg([]), "no client models"),
     (lambda: fedavg(states(2), [0, 0]), "sum to 0"),
