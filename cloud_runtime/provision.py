@@ -172,6 +172,9 @@ def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: in
          "and on GPUs", {
             "model": "resnet55_server", "epochs": 1, "batch_size": 64, "lr": 0.05,
             "feature_memory_bytes": 4 << 30, "precision": "fp32"}),
+        ("fedgkt", "average_extractors: FedAvg of the devices' extractors every round (uploads their weights; "
+         "docs/AGGREGATION.md); overlap_evaluation: evaluate a round while devices train the next", {
+             "average_extractors": False, "overlap_evaluation": True}),
         ("privacy", "features clipped to clip_norm (L2 per sample) and noised on the device: set noise_multiplier "
          "or epsilon (clip_norm alone clips without noise); docs/PRIVACY.md", {
              "clip_norm": None, "noise_multiplier": None, "epsilon": None, "delta": 1e-5}),
