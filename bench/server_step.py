@@ -25,23 +25,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cloud_runtime.config import ServerConfig
 from cloud_runtime.features import CompactFeatures, FeatureStore, HeldUpload
+from device_profiles.profiler import measure_peak_gflops
 from model_zoo import create_model
 from model_zoo.losses import gkt_loss
 from model_zoo.optim import make_optimizer
-
-
-def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 7) -> float:
-    """Best fp32 GFLOP per CPU-second of an ``n x n`` sgemm on ``threads`` threads (2 n^3 FLOPs each): CPU time,
-    like the training steps, so load from other processes lowers neither (wall time would count their turns)."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up (allocation, oneDNN / BLAS dispatch)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        torch.mm(a, b)
-        best = min(best, time.process_time() - start)
-    return 2 * n ** 3 / best / 1e9
 
 
 def flops_per_sample(model: torch.nn.Module, shape: tuple, num_classes: int, batch: int = 64) -> float:
@@ -168,7 +155,8 @@ def main() -> int:
     parser.add_argument("--out", default="docs/bench/server_step")
     args = parser.parse_args()
     shape = tuple(args.feature_shape)
-    peak = {t: matmul_peak_gflops(t) for t in args.threads}
+    # GFLOP per CPU-second, like the steps: load from other processes lowers neither
+    peak = {t: measure_peak_gflops(t, repeats=7, clock=time.process_time) for t in args.threads}
     torch.set_num_threads(1)
     model = create_model(args.model, num_classes=args.classes, feature_channels=shape[0]).to(
         memory_format=torch.channels_last)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from edge_sdk.messages import FeatureUpload, MessageError
-from edge_sdk.wire import ProtocolError, check_sample_ids, decode_upload_meta
+from edge_sdk.wire import check_sample_ids, decode_upload_meta
+from edgefl_core.codecs import feature_codec
 
 logger = logging.getLogger("edgefl.runtime")
 
@@ -101,26 +102,12 @@ class CompactFeatures:
 
 
 def features_from_arrays(arrays: dict[str, np.ndarray], codec: str) -> CompactFeatures:
-    """The compact features of a decoded transfer (codec ``int8``, ``fp16`` or ``fp32``); dtypes and the scale
-    and offset shapes checked. Raises ProtocolError (``bad_codec`` / ``bad_payload`` / ``bad_dtype`` /
+    """The compact features of a decoded transfer, as the codec's own checks pass them (dtypes, scale and offset
+    shapes: :meth:`edgefl_core.codecs.FeatureCodec.checked`); fp32 is checked as sent, then held as
+    ``HeldUpload.stored`` says. Raises ProtocolError (``bad_codec`` / ``bad_payload`` / ``bad_dtype`` /
     ``bad_shape``)."""
-    if codec == "int8":
-        keys = ("features_q", "features_scale", "features_low")
-        if any(k not in arrays for k in keys):
-            raise ProtocolError("bad_payload", "int8 features need features_q, features_scale, features_low")
-        q, scale, low = (arrays[k] for k in keys)
-        if q.dtype != np.uint8 or scale.dtype != np.float32 or low.dtype != np.float32:
-            raise ProtocolError("bad_dtype", "features_q must be uint8, features_scale and features_low float32")
-        if q.ndim < 2 or scale.shape != (q.shape[1],) or low.shape != (q.shape[1],):
-            raise ProtocolError("bad_shape", "int8 features need per-channel scale and low of length C")
-        return CompactFeatures(q, scale.copy(), low.copy())
-    if codec in ("fp16", "fp32"):
-        features = arrays.get("features")
-        dtype = np.float16 if codec == "fp16" else np.float32
-        if features is None or features.dtype != dtype:
-            raise ProtocolError("bad_dtype", f"{codec} features must be {np.dtype(dtype)}")
-        return CompactFeatures(features)  # fp32 is checked as sent, then held as storage says (HeldUpload.stored)
-    raise ProtocolError("bad_codec", f"unknown codec {codec!r}; known: fp16, fp32, int8")
+    data, scale, low = feature_codec(codec).checked(arrays)
+    return CompactFeatures(data, None if scale is None else scale.copy(), None if low is None else low.copy())
 
 
 @dataclass
@@ -155,11 +142,12 @@ class HeldUpload:
                    CompactFeatures.from_float(upload.features.detach().float().numpy(), storage),
                    upload.logits.detach().float().numpy(), upload.labels.numpy(), dict(upload.metrics))
 
-    def stored(self, storage: str) -> "HeldUpload":
-        """This upload with fp32 features held as ``storage`` (``server.feature_storage``; call it once the values
-        are checked). int8 and fp16 stay as they are, and so do fp32 values past float16's range."""
+    def stored(self, storage: str, peak: float) -> "HeldUpload":
+        """This upload with fp32 features held as ``storage`` (``server.feature_storage``), given the features'
+        ``max |x|`` that :meth:`validate` returned. int8 and fp16 stay as they are, and so do fp32 values past
+        float16's range."""
         f = self.features
-        if f.data.dtype != np.float32 or storage == "float32" or f.peak_abs() > float(np.finfo(np.float16).max):
+        if f.data.dtype != np.float32 or storage == "float32" or peak > float(np.finfo(np.float16).max):
             return self
         return HeldUpload(self.device_id, self.round, self.split, self.sample_ids,
                           CompactFeatures.from_float(f.data, storage), self.logits, self.labels, self.metrics)

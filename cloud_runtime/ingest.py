@@ -171,7 +171,7 @@ class Ingest:
         self._check_ownership(device, upload)
         extractor = {k[len(P.EXTRACTOR_PREFIX):]: v for k, v in arrays.items() if k.startswith(P.EXTRACTOR_PREFIX)}
         if upload.split == "train":  # training features are held as server.feature_storage says; test ones as sent
-            upload = upload.stored(self.cfg.server.feature_storage)
+            upload = upload.stored(self.cfg.server.feature_storage, peak)
         return upload, extractor
 
     def _check_plausible(self, upload: HeldUpload, feature_peak: float) -> None:

@@ -6,12 +6,12 @@ profile of the machine it runs on from /proc; ``device-profile --measure`` calib
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgefl_core.config import ConfigError, build_dataclass, read_yaml, require
+from edgefl_core.proc import usable_cores
 
 PROFILE_DIR = Path(__file__).resolve().parent
 
@@ -122,7 +122,7 @@ def detect_host() -> DeviceProfile:
     mhz = re.findall(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
     clock = float(mhz[0]) / 1000 if mhz else 2.0
     model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
     total_kb = re.search(r"MemTotal:\s*(\d+)", meminfo)
     per_cycle = _cpu_flops_per_cycle(flags)

@@ -32,6 +32,11 @@ class FeatureCodec:
         """Raises ProtocolError (``bad_payload`` / ``bad_dtype`` / ``bad_shape``) on malformed arrays."""
         raise NotImplementedError
 
+    def checked(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(values, per-channel scale, per-channel offset) as sent, dtypes and shapes checked, nothing decoded
+        (float codecs: no scale or offset). Raises ProtocolError as :meth:`decode` does."""
+        raise NotImplementedError
+
 
 FEATURE_CODECS: Registry[type[FeatureCodec]] = Registry("feature codec")
 
@@ -42,11 +47,14 @@ class _FloatCodec(FeatureCodec):
     def encode(self, features: np.ndarray) -> dict[str, np.ndarray]:
         return {"features": features.astype(self.dtype, copy=False)}
 
-    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    def checked(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, None, None]:
         features = arrays.get("features")
         if features is None or features.dtype != self.dtype:
             raise ProtocolError("bad_dtype", f"{self.name} features must be {np.dtype(self.dtype)}")
-        return features.astype(np.float32, copy=False)
+        return features, None, None
+
+    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        return self.checked(arrays)[0].astype(np.float32, copy=False)
 
 
 @FEATURE_CODECS.register("fp32")
@@ -82,7 +90,7 @@ class Int8Codec(FeatureCodec):
             q[start:start + self.BLOCK] = np.clip(block, 0, 255, out=block)
         return {"features_q": q, "features_scale": scale, "features_low": low.astype(np.float32)}
 
-    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    def checked(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if any(k not in arrays for k in self.keys):
             raise ProtocolError("bad_payload", "int8 features need features_q, features_scale, features_low")
         q, scale, low = (arrays[k] for k in self.keys)
@@ -90,6 +98,10 @@ class Int8Codec(FeatureCodec):
             raise ProtocolError("bad_dtype", "features_q must be uint8, features_scale and features_low float32")
         if q.ndim < 2 or scale.shape != (q.shape[1],) or low.shape != (q.shape[1],):
             raise ProtocolError("bad_shape", "int8 features need per-channel scale and low of length C")
+        return q, scale, low
+
+    def decode(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        q, scale, low = self.checked(arrays)
         shape = (1, q.shape[1]) + (1,) * (q.ndim - 2)
         return q.astype(np.float32) * scale.reshape(shape) + low.reshape(shape)
 

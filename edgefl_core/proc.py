@@ -1,6 +1,7 @@
 """Facts about this process that both daemons report."""
 from __future__ import annotations
 
+import os
 import resource
 
 
@@ -22,7 +23,6 @@ def peak_rss_mb() -> float:
 
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask: a container's or taskset's limit, not the host's)."""
-    import os
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux

@@ -185,6 +185,6 @@ def test_fp32_uploads_are_checked_as_sent_and_kept_fp32_past_float16s_range():
     upload, _ = _held("d", 10, 1, codec="fp32")
     upload.features.data[0, 0, 0, 0] = 7e4
     assert upload.validate() == pytest.approx(7e4)        # a magnitude to judge, not an fp16 overflow to inf
-    assert upload.stored("float16").features.data.dtype == np.float32
+    assert upload.stored("float16", upload.validate()).features.data.dtype == np.float32
     upload.features.data[0, 0, 0, 0] = 1.0
-    assert upload.stored("float16").features.data.dtype == np.float16
+    assert upload.stored("float16", upload.validate()).features.data.dtype == np.float16
