@@ -36,7 +36,7 @@ def run_one(method: str, partition: str, seed: int, args) -> dict:
     name = f"{method}-{partition}-s{seed}"
     overrides = [*METHODS[method], *PARTITIONS[partition], f"run.seed={seed}", f"run.rounds={args.rounds}",
                  f"data.train_subset={args.train_subset}", f"data.test_subset={args.test_subset}",
-                 f"run.name={name.replace('+', '-')}", "console.enabled=false", "run.threads=2"]
+                 f"run.name={name.replace('+', '-')}", "console.enabled=false", f"run.threads={args.threads}"]
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", overrides)
     start = time.perf_counter()
     report = run_in_memory(cfg, Path(args.runs) / name)
@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--test-subset", type=int, default=2000)
     parser.add_argument("--out", default="docs/bench/label_skew")
     parser.add_argument("--runs", default="runs/label_skew", help="each run's report and plots")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads of the one process "
+                        "(1 leaves a core free on a 2-core machine; the figures are a function of it)")
     args = parser.parse_args()
     setup_logging("WARNING")
     out = Path(args.out)
@@ -124,7 +126,7 @@ def main() -> None:
     lines = table(cells)
     print("\n".join(lines))
     command = (f"python -m bench.label_skew --seeds {' '.join(map(str, args.seeds))} --train-subset "
-               f"{args.train_subset} --test-subset {args.test_subset} --rounds {args.rounds}")
+               f"{args.train_subset} --test-subset {args.test_subset} --rounds {args.rounds} --threads {args.threads}")
     (out / "results.md").write_text("\n".join([f"`{command}`", "", *lines, ""]))
     plot(cells, out / "label_skew.png")
 

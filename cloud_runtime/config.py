@@ -90,11 +90,18 @@ class ServerConfig:
     # with native bf16 (avx512_bf16 / AMX) and GPUs; 1.6x samples per CPU-second at 1 thread here
     # (docs/BENCHMARKS.md)
     precision: Literal["fp32", "bf16"] = "fp32"
+    # torchrun launches (cloud_runtime/distributed.py): the collectives' backend (auto: NCCL on CUDA, else Gloo)
+    # and timeout (a rank that does not answer within it fails the round; ranks wait between rounds without it)
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    dist_timeout_s: float = 1800.0
 
     def check(self) -> None:
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         require(self.precision in ("fp32", "bf16"), "precision", f"must be fp32 or bf16, got {self.precision!r}")
         require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        require(self.dist_backend in ("auto", "gloo", "nccl"), "dist_backend",
+                f"must be auto, gloo or nccl, got {self.dist_backend!r}")
+        require(self.dist_timeout_s > 0, "dist_timeout_s", f"must be > 0 seconds, got {self.dist_timeout_s}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.kd_beta >= 0, "kd_beta", "must be >= 0")
         require(self.temperature > 0, "temperature", "must be > 0")
@@ -292,9 +299,18 @@ class DeploymentConfig:
     agent_engine: Literal["torch", "onnxruntime", "mixed"] = "torch"
     device_profiles: list[str] = field(default_factory=list)  # per device, round-robin; empty: "host"
     timeout_s: float = 3600.0     # the whole run
+    # the runtime as a torchrun launch (cloud_runtime/distributed.py): rank 0 coordinates, every rank trains
+    # the server (DDP); 1: one plain process. rank_restarts: torchrun's --max-restarts (elastic restart of the
+    # group from the last checkpoint when a rank dies)
+    server_ranks: int = 1
+    rank_restarts: int = 0
 
     def check(self) -> None:
         require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
+        require(type(self.server_ranks) is int and self.server_ranks >= 1, "server_ranks",
+                f"must be an integer >= 1, got {self.server_ranks!r}")
+        require(type(self.rank_restarts) is int and self.rank_restarts >= 0, "rank_restarts",
+                f"must be an integer >= 0, got {self.rank_restarts!r}")
         require(self.codec in FEATURE_CODECS, "codec", f"unknown codec {self.codec!r}; "
                 f"known: {', '.join(FEATURE_CODECS.names())}")
         require(self.agent_threads is None or (type(self.agent_threads) is int and self.agent_threads >= 1),

@@ -312,3 +312,31 @@ class FeatureStore:
             logits[where] = segment.logits[rows]
             labels[where] = segment.labels[rows]
         return features, logits, labels
+
+    def gather(self, index: np.ndarray, devices: list[str], offsets: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray, np.ndarray]:
+        """The global rows ``index`` in their compact form, for a training rank (``cloud_runtime/distributed.py``):
+        (data ``B x C x H x W``, scale ``B x C`` | None, low ``B x C`` | None, teacher logits float32 ``B x K``,
+        labels int64 ``B``). When every segment is int8, data is uint8 and each row carries its device's scale
+        and offset (dequantized later exactly as :meth:`CompactFeatures.rows` does); otherwise data is float32
+        rows (:meth:`batch`) and scale and low are None."""
+        if not all(self.segments[d].features.scale is not None for d in devices):
+            features, logits, labels = self.batch(index, devices, offsets)
+            return features, None, None, logits, labels
+        part = np.searchsorted(offsets, index, side="right") - 1
+        first = self.segments[devices[0]]
+        data = np.empty((len(index),) + first.features.shape[1:], np.uint8)
+        scale = np.empty((len(index), first.features.shape[1]), np.float32)
+        low = np.empty_like(scale)
+        logits = np.empty((len(index), first.logits.shape[1]), np.float32)
+        labels = np.empty(len(index), np.int64)
+        for p in np.unique(part):
+            where = np.nonzero(part == p)[0]
+            rows = index[where] - offsets[p]
+            segment = self.segments[devices[p]]
+            data[where] = segment.features.data[rows]
+            scale[where] = segment.features.scale
+            low[where] = segment.features.low
+            logits[where] = segment.logits[rows]
+            labels[where] = segment.labels[rows]
+        return data, scale, low, logits, labels

@@ -52,11 +52,16 @@ class EvalResult:
 
 class GKTServer:
     def __init__(self, model: nn.Module, cfg: ServerConfig, num_classes: int, seed: int = 0,
-                 spill_dir: str | None = None):
-        wants_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("server.device is cuda but no CUDA device is available")
-        self.device = torch.device("cuda" if wants_cuda else "cpu")
+                 spill_dir: str | None = None, group=None, model_spec: dict | None = None):
+        """``group`` (a :class:`~cloud_runtime.distributed.TrainingGroup`, this process its coordinator): train
+        with DistributedDataParallel across its ranks; ``model_spec`` ({name, num_classes, feature_channels,
+        kwargs}) is how the ranks build the same model. Raises RuntimeError when ``server.device`` is cuda and
+        no CUDA device is available."""
+        self.group = group
+        if group is not None and model_spec is None:
+            raise ValueError("a training group needs the model's spec (the ranks build the model from it)")
+        self.model_spec = model_spec
+        self.device = server_device(cfg, group.launch.local_rank if group is not None else None)
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.cfg = cfg
         self.num_classes = num_classes
@@ -128,6 +133,8 @@ class GKTServer:
         Interrupted` between batches once it is set (the model is then part-trained: the caller discards it)."""
         if not self.train_store:
             raise RuntimeError("no training uploads to train on")
+        if self.group is not None:
+            return self._train_round_ranks(round_, progress, stop)
         store = self.train_store
         devices, offsets = store.layout()  # sorted devices, not arrival order: the same seed gives the same run
         n = int(offsets[-1])
@@ -143,7 +150,7 @@ class GKTServer:
             order = self._rng.permutation(n)
             label = f"server round {round_} epoch {epoch + 1}/{epochs}"
             meter = ProgressLog(logger, label, n, after=(epochs - epoch - 1) * n)
-            for index in _batches(order, self.cfg.batch_size):
+            for index in batches(order, self.cfg.batch_size):
                 check_stop(stop, f"{label} at {seen:,}/{n:,} samples")
                 features, teacher, labels = store.batch(index, devices, offsets)   # B x C x H x W, B x K, B
                 with self._precision():
@@ -164,6 +171,36 @@ class GKTServer:
                 if progress is not None:
                     progress(b)
             meter.finish(totals[0] / max(seen, 1))
+        return self._finish_round(round_, devices, offsets, server_logits, totals, seen, start, stop)
+
+    def _train_round_ranks(self, round_: int, progress=None, stop=None):
+        """:meth:`train_round` with DistributedDataParallel over the group's ranks (``cloud_runtime/distributed.
+        py``): the same epoch orders and global batches as one process, each cut into one part per rank."""
+        from cloud_runtime.distributed import plan_shards, raise_if_stopped, state_for_ranks, train_shard
+        group, store = self.group, self.train_store
+        devices, offsets = store.layout()
+        n = int(offsets[-1])
+        orders = [self._rng.permutation(n) for _ in range(self.cfg.epochs)]  # the single-process draws
+        start = time.perf_counter()
+        group.post({"op": "train", "round": round_, "model": self.model_spec,
+                    "state": state_for_ranks(self.model, self.optimizer)})
+        model = group.wrap(self.model, self.device)
+        mine = group.scatter(plan_shards(store, orders, self.cfg.batch_size, group.world))
+        result = train_shard(model, self.optimizer, mine, self.cfg, self.device, self.autocast, self.num_classes,
+                             stop, f"server round {round_} ({group.world} ranks)", progress)
+        results = group.gather(result)
+        raise_if_stopped(results, f"server round {round_}")
+        server_logits = torch.zeros(n, self.num_classes)
+        if self.cfg.soft_labels == "last_epoch":
+            for r in results:
+                server_logits[torch.from_numpy(r.positions)] = torch.from_numpy(r.logits)
+        totals = np.sum([r.totals for r in results], axis=0)
+        return self._finish_round(round_, devices, offsets, server_logits, totals, sum(r.samples for r in results),
+                                  start, stop)
+
+    def _finish_round(self, round_, devices, offsets, server_logits, totals, seen, start, stop):
+        """Soft labels (the last epoch's logits, or one eval-mode pass), the LR schedule, stats and replies."""
+        store, n = self.train_store, int(offsets[-1])
         if self.cfg.soft_labels == "eval_pass":
             meter = ProgressLog(logger, f"server round {round_} soft labels", n, quiet=True)
             server_logits = torch.cat([self._infer(store.get(d), meter=meter, stop=stop) for d in devices])
@@ -233,10 +270,21 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """``order`` cut into batches of ``batch_size``; a last batch of one sample joins the one before it
-    (BatchNorm cannot train on a single sample of 1x1 features)."""
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2:] = [np.concatenate(batches[-2:])]
-    return batches
+def server_device(cfg: ServerConfig, local_rank: int | None = None) -> torch.device:
+    """Where the server model trains: ``server.device`` (auto: CUDA when available), on GPU ``local_rank`` when
+    torchrun started this process. Raises RuntimeError when cuda is asked for and there is none."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("server.device is cuda but no CUDA device is available")
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank) if local_rank is not None else torch.device("cuda")
+    return torch.device("cpu")
+
+
+def batches(order: np.ndarray, batch_size: int, min_last: int = 1) -> list[np.ndarray]:
+    """``order`` cut into batches of ``batch_size``; a last batch of fewer than ``max(2, min_last)`` samples
+    joins the one before it (BatchNorm cannot train on a single sample of 1x1 features; ``min_last``: the
+    ranks of a distributed round, each of which needs a row)."""
+    out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(out) > 1 and len(out[-1]) < max(2, min_last):
+        out[-2:] = [np.concatenate(out[-2:])]
+    return out

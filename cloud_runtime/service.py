@@ -43,7 +43,7 @@ LATE_MESSAGES_PER_DEVICE = 2048
 
 
 class CloudRuntime:
-    def __init__(self, cfg: RuntimeConfig, transport: Transport):
+    def __init__(self, cfg: RuntimeConfig, transport: Transport, group=None):
         self.cfg = cfg
         self.transport = transport
         self.topics = P.Topics(cfg.run_id)
@@ -70,7 +70,8 @@ class CloudRuntime:
         self.downlink = Downlink(transport, self.topics, self.session, self.registry, self.ingest, recipe)
         self.strategy: Strategy = STRATEGIES.get(strategy_name(cfg))(RunContext(
             cfg, self.registry, self.ingest, self.downlink, self.store, self.stop, self.pump, self.checkpoint,
-            cfg.threads or torch.get_num_threads()))
+            cfg.threads or torch.get_num_threads(), group))
+        self.group = group  # the coordinator of a torchrun launch: server training on every rank
         self.programs = EdgePrograms(cfg.state_dir, self.recipes, self.downlink, lambda: self.strategy.next_round,
                                      self.session, cfg.seed)  # compiled graphs for devices on onnxruntime
         if cfg.num_classes and cfg.input_shape:  # programs built ahead (program build) are announced at once
@@ -347,6 +348,8 @@ class CloudRuntime:
                "server_model": self.cfg.server.model, "server_params": self.strategy.parameter_count(), "session": self.session,
                "console": self.console_info, "threads": self.strategy.ctx.threads,
                "server_precision": self.cfg.server.precision,
+               "server_ranks": {"world_size": self.group.world, "backend": self.group.backend,
+                                "restart": self.group.launch.restart} if self.group is not None else None,
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
                "checkpoint": {"generation": self.store.generation, "error": self.checkpoint_error,
                               "skipped_on_restore": self.store.skipped}}
@@ -422,9 +425,13 @@ class CloudRuntime:
         self.registry.wait_for_devices(self.pump, self.stop)
 
     def close(self) -> None:
-        """Disconnect, and let the strategy release what it holds (memory-mapped feature files)."""
+        """Disconnect, and let the strategy release what it holds (memory-mapped feature files); the training
+        ranks of a torchrun launch are told the run is over."""
         self.transport.close()
         self.strategy.close()
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
 
 class StateMismatch(CheckpointError):
@@ -438,11 +445,34 @@ def _free_mb(store: DurableStore) -> float | None:
         return None
 
 
-def build_runtime(cfg: RuntimeConfig, transport: Transport | None = None) -> CloudRuntime:
-    """A runtime for ``cfg`` on ``transport`` (default: the one ``cfg.broker.url`` names)."""
-    if cfg.threads:
+def build_runtime(cfg: RuntimeConfig, transport: Transport | None = None, launch=None) -> CloudRuntime:
+    """A runtime for ``cfg`` on ``transport`` (default: the one ``cfg.broker.url`` names). ``launch``: this
+    process is rank 0 of a torchrun launch (:func:`cloud_runtime.distributed.launched`): it coordinates, and
+    server training runs on every rank."""
+    group = None
+    if launch is not None:
+        from cloud_runtime.distributed import TrainingGroup
+        from cloud_runtime.server_trainer import server_device
+        threads_for_rank(cfg, launch)
+        group = TrainingGroup(launch, cfg.server.dist_backend, cfg.server.dist_timeout_s,
+                              server_device(cfg.server, launch.local_rank).type == "cuda")
+    elif cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    if transport is None:
-        transport = create_transport(cfg.broker, f"edgefl-runtime-{cfg.run_id}")
-    return CloudRuntime(cfg, transport)
+    try:
+        if transport is None:
+            transport = create_transport(cfg.broker, f"edgefl-runtime-{cfg.run_id}")
+        return CloudRuntime(cfg, transport, group)
+    except BaseException:
+        if group is not None:
+            group.close()
+        raise
+
+
+def threads_for_rank(cfg: RuntimeConfig, launch) -> int:
+    """A torchrun rank's intra-op threads: ``threads`` when set, else its share of the usable cores among the
+    machine's ranks (torchrun's own default of 1 leaves cores idle; more than a share oversubscribes)."""
+    from edgefl_core.proc import usable_cores
+    threads = cfg.threads or max(1, usable_cores() // max(1, launch.local_world_size))
+    torch.set_num_threads(threads)
+    return threads

@@ -19,7 +19,8 @@ from cloud_runtime import provision
 from cloud_runtime.config import load_runtime_config
 from cloud_runtime.console import start_console
 from cloud_runtime.store import CheckpointError
-from cloud_runtime.service import build_runtime
+from cloud_runtime.distributed import launched, serve_rank
+from cloud_runtime.service import build_runtime, threads_for_rank
 from edgefl_cli.interrupt import EXIT_INTERRUPTED, CtrlC
 from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
 from edgefl_core.files import move_aside
@@ -63,11 +64,18 @@ def serve_command(args) -> int:
     written); Ctrl-C exits 130, a second one at once (KeyboardInterrupt, handled by the caller)."""
     try:
         cfg = load_runtime_config(args.config, args.overrides)
+        launch = launched()
+        if launch is not None and not launch.coordinator:  # a training rank: no broker, no state of its own
+            threads_for_rank(cfg, launch)
+            return serve_rank(launch, cfg)
         keep = (args.config, cfg.eval_data.path if cfg.eval_data else None)
-        if args.reset_state and (aside := move_aside(cfg.state_dir, keep)) is not None:
+        if args.reset_state and launch is not None and launch.restart:
+            logger.warning("--reset-state ignored: this is torchrun's restart %d of the group, which resumes from "
+                           "the state the first attempt wrote", launch.restart)
+        elif args.reset_state and (aside := move_aside(cfg.state_dir, keep)) is not None:
             logger.info("--reset-state: moved the previous state to %s", aside)
-        runtime = build_runtime(cfg)
-    except (ConfigError, ConnectionError) as e:
+        runtime = build_runtime(cfg, launch=launch)
+    except (ConfigError, ConnectionError, ValueError) as e:
         logger.error("%s", e)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop.set())

@@ -60,6 +60,27 @@ def threads_of(cfg: ExperimentConfig) -> tuple[int, int]:
                        cfg.deployment.agent_threads, cfg.fedgkt.overlap_evaluation and cfg.algorithm == "fedgkt")
 
 
+def rank_threads(cfg: ExperimentConfig) -> int:
+    """The runtime's threads per process: with ``deployment.server_ranks`` ranks, each rank's share of the plan's
+    runtime threads (``run.threads``, when set, is per rank)."""
+    runtime = threads_of(cfg)[0]
+    if cfg.run.threads is None and cfg.deployment.server_ranks > 1:
+        return max(1, runtime // cfg.deployment.server_ranks)
+    return runtime
+
+
+def runtime_command(cfg: ExperimentConfig, runtime_path: Path, log_level: str) -> list[str]:
+    """How the simulator starts the cloud runtime: one process, or ``deployment.server_ranks`` ranks under
+    torchrun on this machine (``--standalone``: a free port for the rendezvous; ``--max-restarts``:
+    ``deployment.rank_restarts``)."""
+    serve = ["-m", "edgefl_cli.runtime", "serve", "--config", str(runtime_path), "--log-level", log_level]
+    ranks = cfg.deployment.server_ranks
+    if ranks == 1:
+        return [sys.executable, *serve]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+            "--max-restarts", str(cfg.deployment.rank_restarts), *serve]
+
+
 def log_thread_plan(cfg: ExperimentConfig) -> None:
     """Say how the cores are shared, and warn where explicit settings oversubscribe them."""
     cores, (runtime, agent) = usable_cores(), threads_of(cfg)
@@ -88,7 +109,7 @@ def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval
         broker=BrokerConfig(url=broker_url), server=cfg.server, mode=dep.mode, rounds=cfg.run.rounds,
         min_devices=cfg.run.devices, expected_devices=cfg.run.devices, registration_timeout_s=300.0,
         round_deadline_s=dep.round_deadline_s, quorum=dep.quorum, eval_every=cfg.run.eval_every,
-        max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=threads_of(cfg)[0], seed=cfg.run.seed,
+        max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=rank_threads(cfg), seed=cfg.run.seed,
         num_classes=data.num_classes, input_shape=list(data.image_shape), privacy=cfg.privacy,
         console=replace(cfg.console, token_file=str(Path(cfg.console.token_file).resolve()) if cfg.console.token_file
                         else None))
@@ -323,8 +344,7 @@ def run_over_mqtt(cfg: ExperimentConfig, out_dir: Path, broker_url: str | None =
             return None
         logger.info("deploying over %s: 1 cloud-runtime + %d edge-agent processes (logs in %s)", url,
                     len(deployment.agent_paths), logs)
-        runtime = _spawn([sys.executable, "-m", "edgefl_cli.runtime", "serve", "--config",
-                          str(deployment.runtime_path), "--log-level", log_level], logs / "runtime.log", echo=True)
+        runtime = _spawn(runtime_command(cfg, deployment.runtime_path, log_level), logs / "runtime.log", echo=True)
         procs.append(runtime)
         for path in deployment.agent_paths:
             procs.append(_spawn([sys.executable, "-m", "edgefl_cli.agent", "--config", str(path),

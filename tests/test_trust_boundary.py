@@ -11,7 +11,7 @@ import torch
 
 from cloud_runtime.config import load_runtime_config
 from cloud_runtime.provision import acl_text
-from cloud_runtime.server_trainer import _batches
+from cloud_runtime.server_trainer import batches as _batches
 from cloud_runtime.service import CloudRuntime
 from cloud_runtime.store import CheckpointError, DurableStore
 from edge_sdk import protocol as P

@@ -49,6 +49,7 @@ class RunContext:
     pump: Callable[[], None]           # handle queued messages (waits briefly for the first)
     checkpoint: Callable[[], None]     # commit durable state (after every round)
     threads: int = 1                   # torch intra-op threads for the cloud's own compute
+    group: object = None               # a torchrun launch's TrainingGroup (cloud_runtime/distributed.py), or None
 
 
 class Strategy(ABC):

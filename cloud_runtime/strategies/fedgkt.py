@@ -57,8 +57,11 @@ class FedGKT(Strategy):
                 self.extractor_reference = {k: v.detach().clone() for k, v in stem.state_dict().items()}
         model = create_model(self.cfg.server.model, num_classes=self.num_classes,
                              feature_channels=self.feature_channels, **self.cfg.server.model_kwargs)
+        spec = {"name": self.cfg.server.model, "num_classes": self.num_classes,
+                "feature_channels": self.feature_channels, "kwargs": dict(self.cfg.server.model_kwargs)}
         self.server = GKTServer(model, self.cfg.server, self.num_classes, seed=self.cfg.seed,
-                                spill_dir=str(Path(self.cfg.state_dir) / "features"))
+                                spill_dir=str(Path(self.cfg.state_dir) / "features"), group=self.ctx.group,
+                                model_spec=spec)
         self.server.feature_shape = feature_shape
         state = self.ctx.store.load_model("server")
         if state is not None:

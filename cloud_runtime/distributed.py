@@ -1,0 +1,405 @@
+"""FedGKT's server training over ``torch.distributed``: DistributedDataParallel across ranks that ``torchrun``
+starts (Gloo on CPUs, NCCL on GPUs), with the same global batch and the same BatchNorm statistics as one
+process.
+
+    torchrun --standalone --nproc-per-node 2 -m edgefl_cli.runtime serve --config runtime.yaml
+
+Rank 0 is the coordinator: the whole runtime (broker session, registry, ingest, the feature store, rounds,
+evaluation, checkpoints). Ranks 1..N-1 are training ranks (:func:`serve_rank`): they hold no state between
+rounds and wait for the coordinator's commands. For each round of server training the coordinator
+
+1. posts a ``train`` command carrying the model's and optimizer's state (so a restarted rank needs nothing
+   else: torchrun's elastic restart is the replacement);
+2. draws the epoch's order with its own RNG (the single-process order), cuts every global batch of
+   ``server.batch_size`` into one contiguous part per rank (:func:`split_batches`), and scatters each rank
+   *its shard*: the compact rows of its parts (uint8 with each row's int8 scale and offset, or float), the
+   teacher logits and labels (:meth:`~cloud_runtime.features.FeatureStore.gather`);
+3. trains its own shard in lockstep with the others (:func:`train_shard`), and gathers every rank's
+   last-epoch logits (the soft labels, by global row) and loss sums.
+
+Each rank's loss is its rows' mean scaled by ``b_r * N / B`` (its part's share of the global batch), so DDP's
+average of gradients is the gradient of the global batch's mean loss even when the parts differ by a row.
+
+**BatchNorm rule: global-batch statistics.** Every BatchNorm layer normalizes with the mean and variance of
+the whole global batch across ranks (one all-reduce of per-channel sums per layer, differentiable (its backward all-reduces the gradients):
+:class:`GlobalBatchNorm2d` on CPUs, ``torch.nn.SyncBatchNorm`` on GPUs, which does the same and has no CPU
+kernels), so N ranks compute what one process computes, up to floating-point summation order. Running
+statistics are then identical on every rank. Evaluation and ``eval_pass`` soft labels run on the
+coordinator (eval-mode BatchNorm uses the running statistics: no collective).
+
+A coordinator that stops mid-round tells the ranks at the next step (one 1-element all-reduce per step), so
+no rank is left waiting in a collective. Between rounds the ranks wait on the rendezvous store's key for the
+next command, not in a collective, so waiting for devices for hours never trips a collective timeout.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from cloud_runtime.progress import Interrupted, ProgressLog
+from model_zoo.losses import gkt_loss
+
+logger = logging.getLogger("edgefl.runtime")
+
+COMMAND_KEY = "edgefl/command"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in a ``torchrun`` launch (its environment variables)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    restart: int            # TORCHELASTIC_RESTART_COUNT: 0 on the first attempt
+
+    @property
+    def coordinator(self) -> bool:
+        return self.rank == 0
+
+
+def launched(environ=os.environ) -> Launch | None:
+    """This process's place in a torchrun launch of more than one rank; None for a plain process (or 1 rank).
+    Raises ValueError when the variables are malformed."""
+    world = environ.get("WORLD_SIZE")
+    if world is None or int(world) <= 1:
+        return None
+    try:
+        rank, local_rank = int(environ["RANK"]), int(environ.get("LOCAL_RANK", environ["RANK"]))
+        local_world = int(environ.get("LOCAL_WORLD_SIZE", world))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"torchrun environment incomplete or malformed: {e}") from None
+    if not 0 <= rank < int(world):
+        raise ValueError(f"RANK {rank} outside WORLD_SIZE {world}")
+    return Launch(rank, int(world), local_rank, local_world, int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+
+
+# -- the global-batch BatchNorm --------------------------------------------------------------------------
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are the global batch's across the default process group.
+
+    Per channel, each rank contributes ``sum x``, ``sum x^2`` and its count over N, H, W; one differentiable
+    all-reduce (``torch.distributed._functional_collectives.all_reduce``, whose backward all-reduces the
+    gradients) gives
+    the global mean and biased variance ``E[x^2] - E[x]^2`` (computed in float32), as ``nn.BatchNorm2d``
+    computes them over one batch (Ioffe & Szegedy 2015, Alg. 1). Running statistics take the unbiased
+    variance. Eval mode, or a single process, is plain BatchNorm2d. Input ``B x C x H x W``, any float dtype
+    (returned in it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        from torch.distributed import _functional_collectives as funcol
+        xf = x.float()
+        c = xf.shape[1]
+        count = xf.new_tensor([xf.numel() / c])
+        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
+        stats = funcol.wait_tensor(funcol.all_reduce(local, "sum", dist.group.WORLD))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=m)
+                self.num_batches_tracked.add_(1)
+        shape = (1, c, 1, 1)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
+    """``module`` with its BatchNorm2d layers computing global-batch statistics (in place; the parameters and
+    buffers are the same tensors, so state dicts keep their keys): SyncBatchNorm on CUDA, GlobalBatchNorm2d
+    elsewhere."""
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            replacement = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                            child.track_running_stats)
+            replacement.weight, replacement.bias = child.weight, child.bias
+            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                setattr(replacement, buffer, getattr(child, buffer))
+            replacement.train(child.training)
+            setattr(module, name, replacement)
+        else:
+            convert_batchnorm(child, device_type)
+    return module
+
+
+# -- the shard plan ------------------------------------------------------------------------------------
+
+
+def split_batches(batches: list[np.ndarray], world: int) -> list[list[np.ndarray]]:
+    """Each global batch cut into ``world`` contiguous parts (sizes differ by at most one row); returns, per
+    rank, its part of every batch in order. Raises ValueError when a batch has fewer rows than ranks."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(world)]
+    for batch in batches:
+        if len(batch) < world:
+            raise ValueError(f"a global batch of {len(batch)} rows cannot give each of {world} ranks a row")
+        for r, part in enumerate(np.array_split(batch, world)):
+            parts[r].append(part)
+    return parts
+
+
+@dataclass
+class RankShard:
+    """What one rank trains in one round: its rows of every global batch, in step order.
+
+    ``data``: ``n x C x H x W`` uint8 with per-row ``scale`` and ``low`` (``n x C`` float32; the row's device's
+    int8 codec parameters) or float32 with none; ``teacher`` ``n x K`` float32; ``labels`` ``n`` int64;
+    ``positions`` ``n`` int64 (rows of the coordinator's global order: where soft labels go); ``bounds``: the
+    rank's rows of step ``k`` are ``bounds[k]:bounds[k+1]``; ``global_sizes[k]``: step k's global batch size;
+    ``epochs[k]``: its epoch."""
+
+    data: np.ndarray
+    scale: np.ndarray | None
+    low: np.ndarray | None
+    teacher: np.ndarray
+    labels: np.ndarray
+    positions: np.ndarray
+    bounds: np.ndarray
+    global_sizes: np.ndarray
+    epochs: np.ndarray
+
+    def features(self, lo: int, hi: int) -> np.ndarray:
+        """float32 ``b x C x H x W`` of rows ``lo:hi``, dequantized as :meth:`CompactFeatures.rows` does."""
+        block = self.data[lo:hi]
+        out = block.astype(np.float32)
+        if self.scale is not None:
+            out *= self.scale[lo:hi, :, None, None]
+            out += self.low[lo:hi, :, None, None]
+        return out
+
+
+def plan_shards(store, order_per_epoch: list[np.ndarray], batch_size: int, world: int) -> list[RankShard]:
+    """Every rank's shard for one round: ``order_per_epoch`` (the global row order of each epoch) cut into
+    global batches (:func:`cloud_runtime.server_trainer.batches`) and those into per-rank parts."""
+    from cloud_runtime.server_trainer import batches as cut
+    devices, offsets = store.layout()
+    per_epoch = [cut(order, batch_size, min_last=world) for order in order_per_epoch]
+    flat = [b for epoch in per_epoch for b in epoch]
+    epoch_of = np.concatenate([np.full(len(b), e) for e, b in enumerate(per_epoch)]).astype(np.int64)
+    shards = []
+    for parts in split_batches(flat, world):
+        index = np.concatenate(parts)
+        data, scale, low, teacher, labels = store.gather(index, devices, offsets)
+        bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        shards.append(RankShard(data, scale, low, teacher, labels, index.astype(np.int64), bounds,
+                                np.array([len(b) for b in flat], np.int64), epoch_of))
+    return shards
+
+
+# -- one rank's round ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardResult:
+    """One rank's round: last-epoch logits (``n x K`` float32) by global row, and the last epoch's sums of
+    (loss, CE, KD, correct) and its sample count. ``stopped``: the coordinator stopped the round."""
+
+    positions: np.ndarray
+    logits: np.ndarray
+    totals: np.ndarray
+    samples: int
+    stopped: bool = False
+
+
+def train_shard(model: nn.Module, optimizer, shard: RankShard, cfg, device: torch.device, autocast: bool,
+                num_classes: int, stop=None, meter_label: str = "", progress=None) -> ShardResult:
+    """Train ``model`` (DDP-wrapped) on this rank's shard, in lockstep with the other ranks. ``cfg``: the
+    ServerConfig. ``stop`` (an Event, the coordinator's): checked before every step and shared with the ranks
+    by a 1-element all-reduce, so every rank leaves the round at the same step."""
+    world = dist.get_world_size()
+    keep_logits = cfg.soft_labels == "last_epoch"
+    last_epoch = int(shard.epochs.max()) if len(shard.epochs) else 0
+    logits = np.zeros((len(shard.positions), num_classes if keep_logits else 0), np.float32)
+    totals, seen = np.zeros(4), 0
+    use_kd = cfg.kd_beta > 0
+    flag = torch.zeros(1, device=device)
+    meter = None
+    model.train()
+    for k in range(len(shard.global_sizes)):
+        flag.fill_(1.0 if stop is not None and stop.is_set() else 0.0)
+        dist.all_reduce(flag)
+        if float(flag) > 0:
+            return ShardResult(shard.positions, logits, totals, seen, stopped=True)
+        epoch = int(shard.epochs[k])
+        if meter is None or (k > 0 and shard.epochs[k - 1] != epoch):
+            if meter is not None:
+                meter.finish()
+            if epoch == last_epoch:
+                totals[:], seen = 0, 0
+            n = int(shard.global_sizes[shard.epochs == epoch].sum())
+            meter = ProgressLog(logger, f"{meter_label} epoch {epoch + 1}/{last_epoch + 1}", n,
+                                quiet=dist.get_rank() != 0)
+        lo, hi = int(shard.bounds[k]), int(shard.bounds[k + 1])
+        x = torch.from_numpy(shard.features(lo, hi)).to(device).contiguous(memory_format=torch.channels_last)
+        labels = torch.from_numpy(shard.labels[lo:hi]).to(device)
+        teacher = torch.from_numpy(shard.teacher[lo:hi]).to(device) if use_kd else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(x).float()
+        loss, ce, kd = gkt_loss(out, labels, teacher, None, cfg.kd_beta, cfg.temperature)
+        b, global_b = hi - lo, int(shard.global_sizes[k])
+        optimizer.zero_grad(set_to_none=True)
+        (loss * (b * world / global_b)).backward()   # DDP averages over ranks: the global batch's mean
+        optimizer.step()
+        if epoch == last_epoch:
+            if keep_logits:
+                logits[lo:hi] = out.detach().float().cpu().numpy()
+            totals += (float(loss.detach()) * b, float(ce) * b, float(kd) * b, int((out.argmax(1) == labels).sum()))
+            seen += b
+        meter.update(int(global_b))
+        if progress is not None:
+            progress(int(global_b))
+    if meter is not None:
+        meter.finish()
+    last = np.repeat(shard.epochs, np.diff(shard.bounds)) == last_epoch   # rows of the last epoch's steps
+    return ShardResult(shard.positions[last], logits[last] if keep_logits else logits, totals, seen)
+
+
+# -- the group -----------------------------------------------------------------------------------------
+
+
+class TrainingGroup:
+    """The default process group of a torchrun launch, and the coordinator's command channel to the ranks.
+
+    ``backend``: ``auto`` (NCCL when the server trains on CUDA, else Gloo), ``gloo`` or ``nccl``;
+    ``timeout_s``: the collectives' timeout (a rank that never answers within it fails the round)."""
+
+    def __init__(self, launch: Launch, backend: str = "auto", timeout_s: float = 1800.0, cuda: bool = False):
+        self.launch = launch
+        if backend == "auto":
+            backend = "nccl" if cuda else "gloo"
+        if cuda:
+            torch.cuda.set_device(launch.local_rank)
+        self.backend = backend
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.store = dist.distributed_c10d._get_default_store()
+        self.commands = 0
+        self.ddp: nn.Module | None = None
+        logger.info("server training group: rank %d of %d (%s, restart %d)", self.rank, self.world, backend,
+                    launch.restart)
+
+    def _key(self, n: int) -> str:
+        return f"{COMMAND_KEY}/{self.launch.restart}/{n}"  # a restarted group never reads the last one's
+
+    def post(self, command: dict) -> None:
+        """Coordinator: send ``command`` to every rank (posts a key, then broadcasts the payload)."""
+        self.commands += 1
+        self.store.set(self._key(self.commands), b"1")
+        dist.broadcast_object_list([command], src=0)
+
+    def next_command(self, poll_s: float = 30.0) -> dict:
+        """Rank > 0: wait (as long as it takes) for the coordinator's next command."""
+        self.commands += 1
+        key = self._key(self.commands)
+        while True:
+            try:
+                self.store.wait([key], timedelta(seconds=poll_s))
+                break
+            except (RuntimeError, dist.DistError) as e:  # the store's wait timed out: keep waiting
+                if "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
+                    raise
+        box = [None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The DDP wrapper of ``model`` (made once, on every rank at the same command: it is a collective)."""
+        if self.ddp is None:
+            convert_batchnorm(model, device.type)
+            self.ddp = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                forward_sync_buffers=False)  # BatchNorm's running statistics are global already: equal everywhere
+        return self.ddp
+
+    def scatter(self, shards: list[RankShard] | None) -> RankShard:
+        box = [None]
+        dist.scatter_object_list(box, shards, src=0)
+        return box[0]
+
+    def gather(self, result: ShardResult) -> list[ShardResult] | None:
+        out = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(result, out, dst=0)
+        return out
+
+    def close(self) -> None:
+        """Coordinator: tell the ranks the run is over; every rank: leave the group."""
+        if not dist.is_initialized():
+            return
+        if self.rank == 0:
+            try:
+                self.post({"op": "stop"})
+            except Exception as e:  # a rank already gone: torchrun tears the group down anyway
+                logger.warning("could not tell the training ranks to stop: %s", e)
+        dist.destroy_process_group()
+
+
+def serve_rank(launch: Launch, cfg) -> int:
+    """A training rank (rank > 0) of ``cfg`` (the RuntimeConfig): wait for the coordinator's commands, train
+    each round's shard, until the coordinator says stop. Holds no state between rounds."""
+    from cloud_runtime.server_trainer import server_device
+    from model_zoo import create_model
+    from model_zoo.optim import make_optimizer
+    device = server_device(cfg.server, launch.local_rank)
+    group = TrainingGroup(launch, cfg.server.dist_backend, cfg.server.dist_timeout_s, device.type == "cuda")
+    model = optimizer = None
+    try:
+        while True:
+            command = group.next_command()
+            if command["op"] == "stop":
+                logger.info("rank %d: the coordinator ended the run", group.rank)
+                return 0
+            if model is None:
+                spec = command["model"]
+                model = create_model(spec["name"], num_classes=spec["num_classes"],
+                                     feature_channels=spec["feature_channels"], **spec["kwargs"])
+                model = model.to(device, memory_format=torch.channels_last)
+                optimizer = make_optimizer(model.parameters(), cfg.server, fused=True)
+            model.load_state_dict(command["state"]["model"])
+            optimizer.load_state_dict(command["state"]["optimizer"])
+            ddp = group.wrap(model, device)
+            shard = group.scatter(None)
+            start = time.perf_counter()
+            result = train_shard(ddp, optimizer, shard, cfg.server, device, cfg.server.precision == "bf16",
+                                 command["model"]["num_classes"])
+            group.gather(result)
+            logger.info("rank %d: round %d, %d samples in %.1f s%s", group.rank, command["round"],
+                        len(shard.positions), time.perf_counter() - start, " (stopped)" if result.stopped else "")
+    finally:
+        group.close()
+
+
+def state_for_ranks(model: nn.Module, optimizer) -> dict:
+    """The model and optimizer state the coordinator sends with a command (CPU tensors: picklable anywhere)."""
+    def cpu(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().cpu().clone()
+        if isinstance(x, dict):
+            return {k: cpu(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(cpu(v) for v in x)
+        return x
+    return {"model": cpu(model.state_dict()), "optimizer": cpu(optimizer.state_dict())}
+
+
+def raise_if_stopped(results: list[ShardResult], label: str) -> None:
+    if any(r.stopped for r in results):
+        raise Interrupted(f"{label}: stopped")
