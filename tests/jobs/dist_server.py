@@ -7,7 +7,9 @@ uploads for two rounds, in one process or as the ranks torchrun starts (rank 0 t
     torchrun --standalone --nproc-per-node 2 tests/jobs/dist_server.py OUT.npz
 """
 import argparse
+import logging
 import sys
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 
 from cloud_runtime.config import ServerConfig
 from cloud_runtime.distributed import TrainingGroup, launched, serve_rank
+from cloud_runtime.progress import Interrupted
 from cloud_runtime.features import HeldUpload, features_from_arrays
 from cloud_runtime.server_trainer import GKTServer
 from model_zoo import create_model
@@ -40,7 +43,10 @@ def main() -> int:
     parser.add_argument("out")
     parser.add_argument("--soft-labels", default="last_epoch")
     parser.add_argument("--kd-beta", type=float, default=0.5)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="the coordinator is asked to stop after this many of round 1's global batches")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     classes, channels = 5, 8
     cfg = ServerConfig(model="resnet55_server", optimizer="adam", lr=1e-3, weight_decay=0.0, batch_size=32,
@@ -54,11 +60,21 @@ def main() -> int:
     model = create_model(cfg.model, num_classes=classes, feature_channels=channels)
     server = GKTServer(model, cfg, classes, seed=0, group=group, model_spec=spec)
     saved = {}
+    stop, steps = threading.Event(), [0]
+
+    def progress(_):
+        steps[0] += 1
+        if args.stop_after is not None and steps[0] >= args.stop_after:
+            stop.set()
     try:
         for round_ in range(2):
             for u in uploads(classes, channels, round_):
                 server.ingest(u)
-            replies, stats = server.train_round(round_)
+            try:
+                replies, stats = server.train_round(round_, progress=progress if round_ == 1 else None, stop=stop)
+            except Interrupted:
+                np.savez(args.out, interrupted=np.array([round_, steps[0]]))
+                return 0
             for device, reply in replies.items():
                 saved[f"r{round_}/{device}/ids"] = reply.sample_ids
                 saved[f"r{round_}/{device}/logits"] = reply.logits.numpy()
