@@ -29,7 +29,8 @@ coordinator (eval-mode BatchNorm uses the running statistics: no collective).
 
 A coordinator that stops mid-round tells the ranks at the next step (one 1-element all-reduce per step), so
 no rank is left waiting in a collective. Between rounds the ranks wait on the rendezvous store's key for the
-next command, not in a collective, so waiting for devices for hours never trips a collective timeout.
+next command, not in a collective, so waiting for devices for hours never trips a collective timeout. Each
+elastic restart uses keys of its own in that store (:func:`attempt_store`).
 """
 from __future__ import annotations
 
@@ -289,16 +290,17 @@ class TrainingGroup:
         if cuda:
             torch.cuda.set_device(launch.local_rank)
         self.backend = backend
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        self.store = attempt_store(launch)
+        dist.init_process_group(backend, store=self.store, rank=launch.rank, world_size=launch.world_size,
+                                timeout=timedelta(seconds=timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.store = dist.distributed_c10d._get_default_store()
         self.commands = 0
         self.ddp: nn.Module | None = None
         logger.info("server training group: rank %d of %d (%s, restart %d)", self.rank, self.world, backend,
                     launch.restart)
 
     def _key(self, n: int) -> str:
-        return f"{COMMAND_KEY}/{self.launch.restart}/{n}"  # a restarted group never reads the last one's
+        return f"{COMMAND_KEY}/{n}"
 
     def post(self, command: dict) -> None:
         """Coordinator: send ``command`` to every rank (posts a key, then broadcasts the payload)."""
@@ -350,6 +352,18 @@ class TrainingGroup:
             except Exception as e:  # a rank already gone: torchrun tears the group down anyway
                 logger.warning("could not tell the training ranks to stop: %s", e)
         dist.destroy_process_group()
+
+
+def attempt_store(launch: Launch, environ=os.environ) -> dist.Store:
+    """The rendezvous store of this launch attempt: torchrun's TCPStore (``MASTER_ADDR``/``MASTER_PORT``; hosted
+    by torchrun's agent, or by rank 0 when the ranks were started some other way) under a prefix of its own
+    per elastic restart. torchrun keeps one store across restarts, and a restarted group that read the last
+    attempt's keys (a dead rank's address) would fail to connect."""
+    host, port = environ.get("MASTER_ADDR", "127.0.0.1"), int(environ.get("MASTER_PORT", "29500"))
+    agent_hosted = environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, launch.world_size, is_master=not agent_hosted and launch.rank == 0,
+                          timeout=timedelta(seconds=300), wait_for_workers=False)
+    return dist.PrefixStore(f"edgefl/attempt_{launch.restart}", store)
 
 
 def serve_rank(launch: Launch, cfg) -> int:
