@@ -169,9 +169,9 @@ def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: in
         ("codec", "feature upload codec: int8 | fp16 | fp32 (+ zstd)", "int8"),
         ("server", "the large server CNN trained on the devices' features; feature_memory_bytes: features held in "
          "RAM, the rest memory-mapped under state_dir/features; precision bf16: faster on CPUs with native bf16 "
-         "and on GPUs", {
+         "and on GPUs; dist_*: when served under torchrun (docs/DEPLOYMENT.md, several ranks)", {
             "model": "resnet55_server", "epochs": 1, "batch_size": 64, "lr": 0.05,
-            "feature_memory_bytes": 4 << 30, "precision": "fp32"}),
+            "feature_memory_bytes": 4 << 30, "precision": "fp32", "dist_backend": "auto", "dist_timeout_s": 1800.0}),
         ("fedgkt", "average_extractors: FedAvg of the devices' extractors every round (uploads their weights; "
          "docs/AGGREGATION.md); overlap_evaluation: evaluate a round while devices train the next", {
              "average_extractors": False, "overlap_evaluation": True}),

@@ -473,6 +473,10 @@ def threads_for_rank(cfg: RuntimeConfig, launch) -> int:
     """A torchrun rank's intra-op threads: ``threads`` when set, else its share of the usable cores among the
     machine's ranks (torchrun's own default of 1 leaves cores idle; more than a share oversubscribes)."""
     from edgefl_core.proc import usable_cores
-    threads = cfg.threads or max(1, usable_cores() // max(1, launch.local_world_size))
+    cores, ranks = usable_cores(), max(1, launch.local_world_size)
+    threads = cfg.threads or max(1, cores // ranks)
+    if threads * ranks > cores:
+        logger.warning("threads: %d ranks x %d threads on %d cores: thread pools that share cores slow down many "
+                       "times over; leave threads null to give each rank its share", ranks, threads, cores)
     torch.set_num_threads(threads)
     return threads
