@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cloud_runtime.progress import Interrupted, ProgressLog
+from cloud_runtime.progress import ProgressLog
 from model_zoo.losses import gkt_loss
 
 logger = logging.getLogger("edgefl.runtime")
@@ -93,30 +93,36 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     Per channel, each rank contributes ``sum x``, ``sum x^2`` and its count over N, H, W; one differentiable
     all-reduce (``torch.distributed._functional_collectives.all_reduce``, whose backward all-reduces the
     gradients) gives
-    the global mean and biased variance ``E[x^2] - E[x]^2`` (computed in float32), as ``nn.BatchNorm2d``
+    the global mean and biased variance (float32 sums shifted by the running mean), as ``nn.BatchNorm2d``
     computes them over one batch (Ioffe & Szegedy 2015, Alg. 1). Running statistics take the unbiased
-    variance. Eval mode, or a single process, is plain BatchNorm2d. Input ``B x C x H x W``, any float dtype
+    variance. Eval mode, a single process, or a forward outside a lockstep round (:func:`train_shard`) is
+    plain BatchNorm2d. Input ``B x C x H x W``, any float dtype
     (returned in it)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+        if not self.training or not _Lockstep.active or dist.get_world_size() == 1:
             return super().forward(x)
         from torch.distributed import _functional_collectives as funcol
         xf = x.float()
         c = xf.shape[1]
+        shape = (1, c, 1, 1)
+        # sums of x - shift, shift the running mean (equal on every rank): E[d^2] - E[d]^2 keeps its precision
+        # when |mean| >> std, where the unshifted E[x^2] - E[x]^2 would cancel
+        shift = self.running_mean.detach().clone() if self.track_running_stats else xf.new_zeros(c)
+        d = xf - shift.view(shape)
         count = xf.new_tensor([xf.numel() / c])
-        local = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
+        local = torch.cat([d.sum((0, 2, 3)), (d * d).sum((0, 2, 3)), count])
         stats = funcol.wait_tensor(funcol.all_reduce(local, "sum", dist.group.WORLD))
         n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+        mean_d = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean_d * mean_d).clamp_min(0)
+        mean = shift + mean_d
         if self.track_running_stats:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1).clamp_min(1)), alpha=m)
                 self.num_batches_tracked.add_(1)
-        shape = (1, c, 1, 1)
         y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
@@ -160,13 +166,12 @@ def split_batches(batches: list[np.ndarray], world: int) -> list[list[np.ndarray
 
 @dataclass
 class RankShard:
-    """What one rank trains in one round: its rows of every global batch, in step order.
+    """What one rank trains in one epoch: its rows of every global batch, in step order.
 
     ``data``: ``n x C x H x W`` uint8 with per-row ``scale`` and ``low`` (``n x C`` float32; the row's device's
     int8 codec parameters) or float32 with none; ``teacher`` ``n x K`` float32; ``labels`` ``n`` int64;
     ``positions`` ``n`` int64 (rows of the coordinator's global order: where soft labels go); ``bounds``: the
-    rank's rows of step ``k`` are ``bounds[k]:bounds[k+1]``; ``global_sizes[k]``: step k's global batch size;
-    ``epochs[k]``: its epoch."""
+    rank's rows of step ``k`` are ``bounds[k]:bounds[k+1]``; ``global_sizes[k]``: step k's global batch size."""
 
     data: np.ndarray
     scale: np.ndarray | None
@@ -176,7 +181,6 @@ class RankShard:
     positions: np.ndarray
     bounds: np.ndarray
     global_sizes: np.ndarray
-    epochs: np.ndarray
 
     def features(self, lo: int, hi: int) -> np.ndarray:
         """float32 ``b x C x H x W`` of rows ``lo:hi``, dequantized as :meth:`CompactFeatures.rows` does."""
@@ -188,31 +192,30 @@ class RankShard:
         return out
 
 
-def plan_shards(store, order_per_epoch: list[np.ndarray], batch_size: int, world: int) -> list[RankShard]:
-    """Every rank's shard for one round: ``order_per_epoch`` (the global row order of each epoch) cut into
-    global batches (:func:`cloud_runtime.server_trainer.batches`) and those into per-rank parts."""
+def plan_shards(store, order: np.ndarray, batch_size: int, world: int) -> list[RankShard]:
+    """Every rank's shard for one epoch: ``order`` (the epoch's global row order) cut into global batches
+    (:func:`cloud_runtime.server_trainer.batches`) and those into per-rank parts. Together the shards hold one
+    compact copy of the store's rows (one epoch at a time, so never more)."""
     from cloud_runtime.server_trainer import batches as cut
     devices, offsets = store.layout()
-    per_epoch = [cut(order, batch_size, min_last=world) for order in order_per_epoch]
-    flat = [b for epoch in per_epoch for b in epoch]
-    epoch_of = np.concatenate([np.full(len(b), e) for e, b in enumerate(per_epoch)]).astype(np.int64)
+    flat = cut(order, batch_size, min_last=world)
     shards = []
     for parts in split_batches(flat, world):
         index = np.concatenate(parts)
         data, scale, low, teacher, labels = store.gather(index, devices, offsets)
         bounds = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
         shards.append(RankShard(data, scale, low, teacher, labels, index.astype(np.int64), bounds,
-                                np.array([len(b) for b in flat], np.int64), epoch_of))
+                                np.array([len(b) for b in flat], np.int64)))
     return shards
 
 
-# -- one rank's round ----------------------------------------------------------------------------------
+# -- one rank's epoch ----------------------------------------------------------------------------------
 
 
 @dataclass
 class ShardResult:
-    """One rank's round: last-epoch logits (``n x K`` float32) by global row, and the last epoch's sums of
-    (loss, CE, KD, correct) and its sample count. ``stopped``: the coordinator stopped the round."""
+    """One rank's epoch: its sums of (loss, CE, KD, correct) and sample count; with ``keep_logits``, its logits
+    (``n x K`` float32) by global row ``positions``. ``stopped``: the coordinator stopped the round."""
 
     positions: np.ndarray
     logits: np.ndarray
@@ -221,57 +224,54 @@ class ShardResult:
     stopped: bool = False
 
 
+class _Lockstep:
+    """Whether this process's training forward passes run in lockstep with the other ranks (GlobalBatchNorm2d
+    reduces only then: a round too small for the ranks trains on the coordinator alone)."""
+    active = False
+
+
 def train_shard(model: nn.Module, optimizer, shard: RankShard, cfg, device: torch.device, autocast: bool,
-                num_classes: int, stop=None, meter_label: str = "", progress=None) -> ShardResult:
-    """Train ``model`` (DDP-wrapped) on this rank's shard, in lockstep with the other ranks. ``cfg``: the
-    ServerConfig. ``stop`` (an Event, the coordinator's): checked before every step and shared with the ranks
-    by a 1-element all-reduce, so every rank leaves the round at the same step."""
+                num_classes: int, keep_logits: bool, stop=None, meter_label: str = "",
+                progress=None) -> ShardResult:
+    """Train ``model`` (DDP-wrapped) for one epoch on this rank's shard, in lockstep with the other ranks.
+    ``cfg``: the ServerConfig. ``stop`` (an Event, the coordinator's): checked before every step and shared with
+    the ranks by a 1-element all-reduce, so every rank leaves the round at the same step."""
     world = dist.get_world_size()
-    keep_logits = cfg.soft_labels == "last_epoch"
-    last_epoch = int(shard.epochs.max()) if len(shard.epochs) else 0
     logits = np.zeros((len(shard.positions), num_classes if keep_logits else 0), np.float32)
     totals, seen = np.zeros(4), 0
     use_kd = cfg.kd_beta > 0
     flag = torch.zeros(1, device=device)
-    meter = None
+    meter = ProgressLog(logger, meter_label, int(shard.global_sizes.sum()), quiet=dist.get_rank() != 0)
     model.train()
-    for k in range(len(shard.global_sizes)):
-        flag.fill_(1.0 if stop is not None and stop.is_set() else 0.0)
-        dist.all_reduce(flag)
-        if float(flag) > 0:
-            return ShardResult(shard.positions, logits, totals, seen, stopped=True)
-        epoch = int(shard.epochs[k])
-        if meter is None or (k > 0 and shard.epochs[k - 1] != epoch):
-            if meter is not None:
-                meter.finish()
-            if epoch == last_epoch:
-                totals[:], seen = 0, 0
-            n = int(shard.global_sizes[shard.epochs == epoch].sum())
-            meter = ProgressLog(logger, f"{meter_label} epoch {epoch + 1}/{last_epoch + 1}", n,
-                                quiet=dist.get_rank() != 0)
-        lo, hi = int(shard.bounds[k]), int(shard.bounds[k + 1])
-        x = torch.from_numpy(shard.features(lo, hi)).to(device).contiguous(memory_format=torch.channels_last)
-        labels = torch.from_numpy(shard.labels[lo:hi]).to(device)
-        teacher = torch.from_numpy(shard.teacher[lo:hi]).to(device) if use_kd else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(x).float()
-        loss, ce, kd = gkt_loss(out, labels, teacher, None, cfg.kd_beta, cfg.temperature)
-        b, global_b = hi - lo, int(shard.global_sizes[k])
-        optimizer.zero_grad(set_to_none=True)
-        (loss * (b * world / global_b)).backward()   # DDP averages over ranks: the global batch's mean
-        optimizer.step()
-        if epoch == last_epoch:
+    _Lockstep.active = True
+    try:
+        for k in range(len(shard.global_sizes)):
+            flag.fill_(1.0 if stop is not None and stop.is_set() else 0.0)
+            dist.all_reduce(flag)
+            if float(flag) > 0:
+                return ShardResult(shard.positions, logits, totals, seen, stopped=True)
+            lo, hi = int(shard.bounds[k]), int(shard.bounds[k + 1])
+            x = torch.from_numpy(shard.features(lo, hi)).to(device).contiguous(memory_format=torch.channels_last)
+            labels = torch.from_numpy(shard.labels[lo:hi]).to(device)
+            teacher = torch.from_numpy(shard.teacher[lo:hi]).to(device) if use_kd else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = model(x).float()
+            loss, ce, kd = gkt_loss(out, labels, teacher, None, cfg.kd_beta, cfg.temperature)
+            b, global_b = hi - lo, int(shard.global_sizes[k])
+            optimizer.zero_grad(set_to_none=True)
+            (loss * (b * world / global_b)).backward()   # DDP averages over ranks: the global batch's mean
+            optimizer.step()
             if keep_logits:
                 logits[lo:hi] = out.detach().float().cpu().numpy()
             totals += (float(loss.detach()) * b, float(ce) * b, float(kd) * b, int((out.argmax(1) == labels).sum()))
             seen += b
-        meter.update(int(global_b))
-        if progress is not None:
-            progress(int(global_b))
-    if meter is not None:
-        meter.finish()
-    last = np.repeat(shard.epochs, np.diff(shard.bounds)) == last_epoch   # rows of the last epoch's steps
-    return ShardResult(shard.positions[last], logits[last] if keep_logits else logits, totals, seen)
+            meter.update(global_b)
+            if progress is not None:
+                progress(global_b)
+    finally:
+        _Lockstep.active = False
+    meter.finish()
+    return ShardResult(shard.positions, logits, totals, seen)
 
 
 # -- the group -----------------------------------------------------------------------------------------
@@ -296,6 +296,8 @@ class TrainingGroup:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.commands = 0
         self.ddp: nn.Module | None = None
+        self.broken: str | None = None     # why the ranks can no longer be reached in step (then: no more posts)
+        self.terminating = False            # rank > 0: SIGTERM / SIGINT arrived (it leaves between rounds)
         logger.info("server training group: rank %d of %d (%s, restart %d)", self.rank, self.world, backend,
                     launch.restart)
 
@@ -304,21 +306,22 @@ class TrainingGroup:
 
     def post(self, command: dict) -> None:
         """Coordinator: send ``command`` to every rank (posts a key, then broadcasts the payload)."""
+        if self.broken:
+            raise RuntimeError(f"the training ranks are out of step ({self.broken}): restart the group")
         self.commands += 1
         self.store.set(self._key(self.commands), b"1")
         dist.broadcast_object_list([command], src=0)
 
-    def next_command(self, poll_s: float = 30.0) -> dict:
-        """Rank > 0: wait (as long as it takes) for the coordinator's next command."""
+    def next_command(self, poll_s: float = 0.5) -> dict | None:
+        """Rank > 0: wait (as long as it takes) for the coordinator's next command; None when this rank was
+        asked to terminate meanwhile. Polls the store (``check``: no timeouts, no log lines while waiting);
+        raises when the store is gone (torchrun's agent ended)."""
         self.commands += 1
         key = self._key(self.commands)
-        while True:
-            try:
-                self.store.wait([key], timedelta(seconds=poll_s))
-                break
-            except (RuntimeError, dist.DistError) as e:  # the store's wait timed out: keep waiting
-                if "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
-                    raise
+        while not self.store.check([key]):
+            if self.terminating:
+                return None
+            time.sleep(poll_s)
         box = [None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -343,10 +346,12 @@ class TrainingGroup:
         return out
 
     def close(self) -> None:
-        """Coordinator: tell the ranks the run is over; every rank: leave the group."""
+        """Coordinator: tell the ranks the run is over (not when they are out of step: they would wait in a
+        collective until ``dist_timeout_s``; leaving the group drops their connections and they fail at once);
+        every rank: leave the group."""
         if not dist.is_initialized():
             return
-        if self.rank == 0:
+        if self.rank == 0 and not self.broken:
             try:
                 self.post({"op": "stop"})
             except Exception as e:  # a rank already gone: torchrun tears the group down anyway
@@ -368,18 +373,27 @@ def attempt_store(launch: Launch, environ=os.environ) -> dist.Store:
 
 def serve_rank(launch: Launch, cfg) -> int:
     """A training rank (rank > 0) of ``cfg`` (the RuntimeConfig): wait for the coordinator's commands, train
-    each round's shard, until the coordinator says stop. Holds no state between rounds."""
+    each round's shards, until the coordinator says stop. Holds no state between rounds. SIGTERM and SIGINT
+    (torchrun passes an operator's stop to every rank) end it between rounds; within a round it trains on
+    until the coordinator, which stops too, shares its stop at the next step."""
+    import signal
     from cloud_runtime.server_trainer import server_device
     from model_zoo import create_model
     from model_zoo.optim import make_optimizer
     device = server_device(cfg.server, launch.local_rank)
     group = TrainingGroup(launch, cfg.server.dist_backend, cfg.server.dist_timeout_s, device.type == "cuda")
+
+    def terminate(*_):
+        group.terminating = True
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
     model = optimizer = None
     try:
         while True:
             command = group.next_command()
-            if command["op"] == "stop":
-                logger.info("rank %d: the coordinator ended the run", group.rank)
+            if command is None or command["op"] == "stop":
+                logger.info("rank %d: %s", group.rank, "terminated" if command is None else
+                            "the coordinator ended the run")
                 return 0
             if model is None:
                 spec = command["model"]
@@ -390,13 +404,19 @@ def serve_rank(launch: Launch, cfg) -> int:
             model.load_state_dict(command["state"]["model"])
             optimizer.load_state_dict(command["state"]["optimizer"])
             ddp = group.wrap(model, device)
-            shard = group.scatter(None)
-            start = time.perf_counter()
-            result = train_shard(ddp, optimizer, shard, cfg.server, device, cfg.server.precision == "bf16",
-                                 command["model"]["num_classes"])
-            group.gather(result)
-            logger.info("rank %d: round %d, %d samples in %.1f s%s", group.rank, command["round"],
-                        len(shard.positions), time.perf_counter() - start, " (stopped)" if result.stopped else "")
+            start, samples, stopped = time.perf_counter(), 0, False
+            for epoch in range(command["epochs"]):
+                shard = group.scatter(None)
+                last = epoch == command["epochs"] - 1
+                result = train_shard(ddp, optimizer, shard, cfg.server, device, cfg.server.precision == "bf16",
+                                     command["model"]["num_classes"], keep_logits=last)
+                group.gather(result)
+                samples += result.samples
+                if result.stopped:
+                    stopped = True
+                    break
+            logger.info("rank %d: round %d, %d samples in %.1f s%s", group.rank, command["round"], samples,
+                        time.perf_counter() - start, " (stopped)" if stopped else "")
     finally:
         group.close()
 
@@ -412,8 +432,3 @@ def state_for_ranks(model: nn.Module, optimizer) -> dict:
             return type(x)(cpu(v) for v in x)
         return x
     return {"model": cpu(model.state_dict()), "optimizer": cpu(optimizer.state_dict())}
-
-
-def raise_if_stopped(results: list[ShardResult], label: str) -> None:
-    if any(r.stopped for r in results):
-        raise Interrupted(f"{label}: stopped")

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from cloud_runtime.config import ServerConfig
 from cloud_runtime.features import FeatureStore, HeldUpload
-from cloud_runtime.progress import ProgressLog, check as check_stop
+from cloud_runtime.progress import Interrupted, ProgressLog, check as check_stop
 from model_zoo.losses import gkt_loss
 from model_zoo.optim import make_optimizer
 from edge_sdk.messages import FeatureUpload, SoftLabels
@@ -133,8 +133,11 @@ class GKTServer:
         Interrupted` between batches once it is set (the model is then part-trained: the caller discards it)."""
         if not self.train_store:
             raise RuntimeError("no training uploads to train on")
-        if self.group is not None:
+        if self.group is not None and len(self.train_store) >= self.group.world:
             return self._train_round_ranks(round_, progress, stop)
+        if self.group is not None:  # fewer rows than ranks: no part for each; the coordinator trains them alone
+            logger.warning("server round %d: %d samples for %d ranks: trained on the coordinator alone", round_,
+                           len(self.train_store), self.group.world)
         store = self.train_store
         devices, offsets = store.layout()  # sorted devices, not arrival order: the same seed gives the same run
         n = int(offsets[-1])
@@ -175,28 +178,46 @@ class GKTServer:
 
     def _train_round_ranks(self, round_: int, progress=None, stop=None):
         """:meth:`train_round` with DistributedDataParallel over the group's ranks (``cloud_runtime/distributed.
-        py``): the same epoch orders and global batches as one process, each cut into one part per rank."""
-        from cloud_runtime.distributed import plan_shards, raise_if_stopped, state_for_ranks, train_shard
+        py``): the same epoch orders and global batches as one process, each cut into one part per rank and
+        sent one epoch at a time. A failure here leaves the ranks out of step: the group is marked broken (no
+        more posts; closing it drops their connections) and the error propagates (a stop: Interrupted)."""
+        from cloud_runtime.distributed import plan_shards, state_for_ranks, train_shard
         group, store = self.group, self.train_store
         devices, offsets = store.layout()
         n = int(offsets[-1])
         orders = [self._rng.permutation(n) for _ in range(self.cfg.epochs)]  # the single-process draws
         start = time.perf_counter()
-        group.post({"op": "train", "round": round_, "model": self.model_spec,
-                    "state": state_for_ranks(self.model, self.optimizer)})
-        model = group.wrap(self.model, self.device)
-        mine = group.scatter(plan_shards(store, orders, self.cfg.batch_size, group.world))
-        result = train_shard(model, self.optimizer, mine, self.cfg, self.device, self.autocast, self.num_classes,
-                             stop, f"server round {round_} ({group.world} ranks)", progress)
-        results = group.gather(result)
-        raise_if_stopped(results, f"server round {round_}")
         server_logits = torch.zeros(n, self.num_classes)
-        if self.cfg.soft_labels == "last_epoch":
-            for r in results:
-                server_logits[torch.from_numpy(r.positions)] = torch.from_numpy(r.logits)
-        totals = np.sum([r.totals for r in results], axis=0)
-        return self._finish_round(round_, devices, offsets, server_logits, totals, sum(r.samples for r in results),
-                                  start, stop)
+        totals, seen = np.zeros(4), 0
+        try:
+            group.post({"op": "train", "round": round_, "epochs": self.cfg.epochs, "model": self.model_spec,
+                        "state": state_for_ranks(self.model, self.optimizer)})
+            model = group.wrap(self.model, self.device)
+            for epoch, order in enumerate(orders):
+                last = epoch == len(orders) - 1
+                keep = last and self.cfg.soft_labels == "last_epoch"
+                mine = group.scatter(plan_shards(store, order, self.cfg.batch_size, group.world))
+                result = train_shard(model, self.optimizer, mine, self.cfg, self.device, self.autocast,
+                                     self.num_classes, keep, stop,
+                                     f"server round {round_} epoch {epoch + 1}/{len(orders)} ({group.world} ranks)",
+                                     progress)
+                results = group.gather(result)
+                if any(r.stopped for r in results):
+                    raise Interrupted(f"server round {round_} epoch {epoch + 1}: stopped")
+                if last:
+                    totals = np.sum([r.totals for r in results], axis=0)
+                    seen = sum(r.samples for r in results)
+                    if keep:
+                        for r in results:
+                            server_logits[torch.from_numpy(r.positions)] = torch.from_numpy(r.logits)
+        except Interrupted:
+            raise
+        except Exception as e:
+            group.broken = f"{type(e).__name__}: {e}"
+            if stop is not None and stop.is_set():  # the ranks were stopped with us (torchrun's SIGTERM)
+                raise Interrupted(f"server round {round_}: stopped ({group.broken})") from e
+            raise
+        return self._finish_round(round_, devices, offsets, server_logits, totals, seen, start, stop)
 
     def _finish_round(self, round_, devices, offsets, server_logits, totals, seen, start, stop):
         """Soft labels (the last epoch's logits, or one eval-mode pass), the LR schedule, stats and replies."""

@@ -469,6 +469,19 @@ def build_runtime(cfg: RuntimeConfig, transport: Transport | None = None, launch
         raise
 
 
+def check_launch(cfg: RuntimeConfig, launch) -> None:
+    """What a torchrun launch needs of the config, checked on every rank before any joins the group. Raises
+    ConfigError: ranks train FedGKT's server model (FedAvg has none), and every rank needs a row of each
+    global batch (``server.batch_size`` >= ranks)."""
+    from edgefl_core.config import ConfigError
+    if cfg.algorithm != "fedgkt":
+        raise ConfigError(f"algorithm: {cfg.algorithm} has no server model for {launch.world_size} ranks to train; "
+                          "serve it as one process (without torchrun)")
+    if cfg.server.batch_size < launch.world_size:
+        raise ConfigError(f"server.batch_size: {cfg.server.batch_size} cannot give each of {launch.world_size} ranks "
+                          "a row of every batch; raise it or use fewer ranks")
+
+
 def threads_for_rank(cfg: RuntimeConfig, launch) -> int:
     """A torchrun rank's intra-op threads: ``threads`` when set, else its share of the usable cores among the
     machine's ranks (torchrun's own default of 1 leaves cores idle; more than a share oversubscribes)."""

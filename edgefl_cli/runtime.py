@@ -20,7 +20,7 @@ from cloud_runtime.config import load_runtime_config
 from cloud_runtime.console import start_console
 from cloud_runtime.store import CheckpointError
 from cloud_runtime.distributed import launched, serve_rank
-from cloud_runtime.service import build_runtime, threads_for_rank
+from cloud_runtime.service import build_runtime, check_launch, threads_for_rank
 from edgefl_cli.interrupt import EXIT_INTERRUPTED, CtrlC
 from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
 from edgefl_core.files import move_aside
@@ -65,6 +65,8 @@ def serve_command(args) -> int:
     try:
         cfg = load_runtime_config(args.config, args.overrides)
         launch = launched()
+        if launch is not None:
+            check_launch(cfg, launch)
         if launch is not None and not launch.coordinator:  # a training rank: no broker, no state of its own
             threads_for_rank(cfg, launch)
             return serve_rank(launch, cfg)

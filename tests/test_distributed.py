@@ -3,6 +3,7 @@ BatchNorm, and real torchrun launches of 2 Gloo ranks against one process."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def test_a_rank_gets_its_rows_compact_and_dequantizes_them_as_the_store_does():
     index = rng.permutation(50)[:17]
     data, scale, low, teacher, labels = store.gather(index, devices, offsets)
     assert data.dtype == np.uint8 and scale.shape == low.shape == (17, 4)   # 1 byte a value, not 4
-    shard = RankShard(data, scale, low, teacher, labels, index, np.array([0, 17]), np.array([17]), np.array([0]))
+    shard = RankShard(data, scale, low, teacher, labels, index, np.array([0, 17]), np.array([17]))
     features, want_teacher, want_labels = store.batch(index, devices, offsets)
     assert np.array_equal(shard.features(0, 17), features)                  # bit for bit
     assert np.array_equal(teacher, want_teacher) and np.array_equal(labels, want_labels)
@@ -121,3 +122,31 @@ def test_a_stop_mid_round_reaches_every_rank_and_the_launch_ends(tmp_path):
     got, log = run_job(tmp_path / "stopped.npz", "--stop-after", "5", ranks=2, timeout=180)
     assert list(got["interrupted"]) == [1, 5]       # round 1, after its 5th global batch
     assert "rank 1: round 1" in log and "(stopped)" in log and "the coordinator ended the run" in log
+
+
+@pytest.mark.integration
+def test_a_coordinator_failing_mid_round_ends_the_launch_at_once_not_after_the_collective_timeout(tmp_path):
+    """The ranks wait in a collective for the shards the coordinator failed to make: leaving the group (no
+    stop posted into a collective they are not in) drops their connections, so the launch ends in seconds
+    and torchrun can restart it, instead of every rank waiting out dist_timeout_s (600 s here)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(JOB),
+           str(tmp_path / "failed.npz"), "--fail-at-round", "1"]
+    start = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0 and "planning the shards (injected)" in log, log[-3000:]
+    assert "rank 1: round 0" in log and "could not tell the training ranks" not in log
+    assert time.monotonic() - start < 120
+
+
+def test_a_launch_refuses_what_its_ranks_cannot_train():
+    from types import SimpleNamespace
+    from cloud_runtime.service import check_launch
+    from edgefl_core.config import ConfigError
+    launch = launched({"WORLD_SIZE": "4", "RANK": "0"})
+    with pytest.raises(ConfigError, match="fedavg has no server model for 4 ranks"):
+        check_launch(SimpleNamespace(algorithm="fedavg", server=SimpleNamespace(batch_size=64)), launch)
+    with pytest.raises(ConfigError, match="server.batch_size: 2 cannot give each of 4 ranks a row"):
+        check_launch(SimpleNamespace(algorithm="fedgkt", server=SimpleNamespace(batch_size=2)), launch)
+    check_launch(SimpleNamespace(algorithm="fedgkt", server=SimpleNamespace(batch_size=4)), launch)

@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("out")
     parser.add_argument("--soft-labels", default="last_epoch")
     parser.add_argument("--kd-beta", type=float, default=0.5)
+    parser.add_argument("--fail-at-round", type=int, default=None,
+                        help="the coordinator fails (an error of its own) while planning this round's shards")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="the coordinator is asked to stop after this many of round 1's global batches")
     args = parser.parse_args()
@@ -55,7 +57,17 @@ def main() -> int:
     launch = launched()
     if launch is not None and not launch.coordinator:
         return serve_rank(launch, SimpleNamespace(server=cfg))
-    group = TrainingGroup(launch) if launch is not None else None
+    group = TrainingGroup(launch, timeout_s=600) if launch is not None else None
+    if args.fail_at_round is not None:
+        import cloud_runtime.distributed as distributed
+        plan, calls = distributed.plan_shards, []
+
+        def failing_plan(*a, **kw):
+            calls.append(1)
+            if len(calls) > 2 * args.fail_at_round:  # 2 epochs a round
+                raise MemoryError("planning the shards (injected)")
+            return plan(*a, **kw)
+        distributed.plan_shards = failing_plan
     torch.manual_seed(0)
     model = create_model(cfg.model, num_classes=classes, feature_channels=channels)
     server = GKTServer(model, cfg, classes, seed=0, group=group, model_spec=spec)
