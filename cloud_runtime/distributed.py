@@ -354,8 +354,8 @@ class TrainingGroup:
         if self.rank == 0 and not self.broken:
             try:
                 self.post({"op": "stop"})
-            except Exception as e:  # a rank already gone: torchrun tears the group down anyway
-                logger.warning("could not tell the training ranks to stop: %s", e)
+            except Exception as e:  # ranks gone already (a stop reached them too, or they died): nothing to tell
+                logger.info("the training ranks had left already: %s", str(e).splitlines()[0][:200])
         dist.destroy_process_group()
 
 

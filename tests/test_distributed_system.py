@@ -85,3 +85,25 @@ def test_a_training_rank_killed_mid_round_restarts_the_group_and_loses_nothing(n
     total, per_round = accepted(tmp_path)
     assert total == 3 * TRAIN_SAMPLES and all(sum(r.values()) == TRAIN_SAMPLES for r in per_round)
     assert procs[1].wait(60) == 0 and procs[2].wait(60) == 0
+
+
+def test_sigterm_to_torchrun_mid_round_stops_every_rank_cleanly(npz_dir, tmp_path, broker, procs):  # noqa: F811
+    """An operator's stop reaches every rank: the ranks train on to the next step, rank 0 shares its stop there,
+    saves the rounds done and writes report.json; the ranks leave when it says so."""
+    runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 4, "deployment.server_ranks=2")
+    launcher = ["torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "edgefl_cli.runtime", "serve", "--config", str(runtime_path)]
+    log = tmp_path / "rt.log"
+    procs.append(spawn(launcher, log))
+    for i, agent in enumerate(agents):
+        procs.append(spawn(["edgefl_cli.agent", "--config", str(agent)], tmp_path / f"a{i}.log"))
+    wait_until(lambda: log.read_text().count("train upload of round 1 accepted") == 2, timeout=240)
+    time.sleep(1.0)  # the server is training round 1 on both ranks
+    procs[0].send_signal(signal.SIGTERM)
+    procs[0].wait(120)
+    text = log.read_text()
+    assert "rank 1: round 1" in text and "(stopped)" in text, text[-3000:]
+    assert "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text  # torchrun's own SIGTERM exit aside
+    assert "stopped during server round 1" in text
+    report = json.loads((tmp_path / "runtime" / "report.json").read_text())
+    assert report["run"]["stopped"] and [r["round"] for r in report["rounds"]] == [0]
