@@ -125,6 +125,7 @@ def test_a_stop_mid_round_reaches_every_rank_and_the_launch_ends(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.system
 def test_a_coordinator_failing_mid_round_ends_the_launch_at_once_not_after_the_collective_timeout(tmp_path):
     """The ranks wait in a collective for the shards the coordinator failed to make: leaving the group (no
     stop posted into a collective they are not in) drops their connections, so the launch ends in seconds
