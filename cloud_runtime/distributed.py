@@ -84,6 +84,16 @@ def launched(environ=os.environ) -> Launch | None:
     return Launch(rank, int(world), local_rank, local_world, int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
 
 
+def server_device(cfg, local_rank: int | None = None) -> torch.device:
+    """Where the server model trains (``cfg``: the ServerConfig): ``server.device`` (auto: CUDA when available), on GPU ``local_rank`` when
+    torchrun started this process. Raises RuntimeError when cuda is asked for and there is none."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("server.device is cuda but no CUDA device is available")
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank) if local_rank is not None else torch.device("cuda")
+    return torch.device("cpu")
+
+
 # -- the global-batch BatchNorm --------------------------------------------------------------------------
 
 
@@ -192,13 +202,11 @@ class RankShard:
         return out
 
 
-def plan_shards(store, order: np.ndarray, batch_size: int, world: int) -> list[RankShard]:
-    """Every rank's shard for one epoch: ``order`` (the epoch's global row order) cut into global batches
-    (:func:`cloud_runtime.server_trainer.batches`) and those into per-rank parts. Together the shards hold one
-    compact copy of the store's rows (one epoch at a time, so never more)."""
-    from cloud_runtime.server_trainer import batches as cut
+def plan_shards(store, flat: list[np.ndarray], world: int) -> list[RankShard]:
+    """Every rank's shard for one epoch: the epoch's global batches (rows of the store's global order, cut by
+    :func:`cloud_runtime.server_trainer.batches` with ``min_last=world``) cut into per-rank parts. Together the
+    shards hold one compact copy of the store's rows (one epoch at a time, so never more)."""
     devices, offsets = store.layout()
-    flat = cut(order, batch_size, min_last=world)
     shards = []
     for parts in split_batches(flat, world):
         index = np.concatenate(parts)
@@ -377,7 +385,6 @@ def serve_rank(launch: Launch, cfg) -> int:
     (torchrun passes an operator's stop to every rank) end it between rounds; within a round it trains on
     until the coordinator, which stops too, shares its stop at the next step."""
     import signal
-    from cloud_runtime.server_trainer import server_device
     from model_zoo import create_model
     from model_zoo.optim import make_optimizer
     device = server_device(cfg.server, launch.local_rank)

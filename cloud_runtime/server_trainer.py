@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from cloud_runtime.config import ServerConfig
+from cloud_runtime.distributed import server_device
 from cloud_runtime.features import FeatureStore, HeldUpload
 from cloud_runtime.progress import Interrupted, ProgressLog, check as check_stop
 from model_zoo.losses import gkt_loss
@@ -196,7 +197,8 @@ class GKTServer:
             for epoch, order in enumerate(orders):
                 last = epoch == len(orders) - 1
                 keep = last and self.cfg.soft_labels == "last_epoch"
-                mine = group.scatter(plan_shards(store, order, self.cfg.batch_size, group.world))
+                mine = group.scatter(plan_shards(store, batches(order, self.cfg.batch_size, min_last=group.world),
+                                                 group.world))
                 result = train_shard(model, self.optimizer, mine, self.cfg, self.device, self.autocast,
                                      self.num_classes, keep, stop,
                                      f"server round {round_} epoch {epoch + 1}/{len(orders)} ({group.world} ranks)",
@@ -289,16 +291,6 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def server_device(cfg: ServerConfig, local_rank: int | None = None) -> torch.device:
-    """Where the server model trains: ``server.device`` (auto: CUDA when available), on GPU ``local_rank`` when
-    torchrun started this process. Raises RuntimeError when cuda is asked for and there is none."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("server.device is cuda but no CUDA device is available")
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank) if local_rank is not None else torch.device("cuda")
-    return torch.device("cpu")
 
 
 def batches(order: np.ndarray, batch_size: int, min_last: int = 1) -> list[np.ndarray]:
