@@ -85,8 +85,9 @@ def launched(environ=os.environ) -> Launch | None:
 
 
 def server_device(cfg, local_rank: int | None = None) -> torch.device:
-    """Where the server model trains (``cfg``: the ServerConfig): ``server.device`` (auto: CUDA when available), on GPU ``local_rank`` when
-    torchrun started this process. Raises RuntimeError when cuda is asked for and there is none."""
+    """Where the server model trains (``cfg``: the ServerConfig): ``server.device`` (auto: CUDA when
+    available), on GPU ``local_rank`` when torchrun started this process. Raises RuntimeError when cuda is
+    asked for and there is none."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("server.device is cuda but no CUDA device is available")
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
