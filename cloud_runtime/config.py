@@ -337,6 +337,12 @@ class ExperimentConfig:
         check_console(self.console)
         require(self.algorithm == "fedgkt" or self.privacy.clip_norm is None, "privacy",
                 PRIVACY_NEEDS_FEDGKT)
+        ranks = self.deployment.server_ranks
+        require(ranks == 1 or self.algorithm == "fedgkt", "deployment.server_ranks",
+                f"{ranks} ranks train FedGKT's server model; {self.algorithm} has none: set it to 1")
+        require(self.server.batch_size >= ranks, "deployment.server_ranks",
+                f"{ranks} ranks need server.batch_size >= {ranks} (a row of every batch each), got "
+                f"{self.server.batch_size}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -250,7 +250,7 @@ def train_shard(model: nn.Module, optimizer, shard: RankShard, cfg, device: torc
     totals, seen = np.zeros(4), 0
     use_kd = cfg.kd_beta > 0
     flag = torch.zeros(1, device=device)
-    meter = ProgressLog(logger, meter_label, int(shard.global_sizes.sum()), quiet=dist.get_rank() != 0)
+    meter = ProgressLog(logger, meter_label, int(shard.global_sizes.sum())) if dist.get_rank() == 0 else None
     model.train()
     _Lockstep.active = True
     try:
@@ -274,12 +274,14 @@ def train_shard(model: nn.Module, optimizer, shard: RankShard, cfg, device: torc
                 logits[lo:hi] = out.detach().float().cpu().numpy()
             totals += (float(loss.detach()) * b, float(ce) * b, float(kd) * b, int((out.argmax(1) == labels).sum()))
             seen += b
-            meter.update(global_b)
+            if meter is not None:  # rank 0 speaks for the group
+                meter.update(global_b)
             if progress is not None:
                 progress(global_b)
     finally:
         _Lockstep.active = False
-    meter.finish()
+    if meter is not None:
+        meter.finish()
     return ShardResult(shard.positions, logits, totals, seen)
 
 

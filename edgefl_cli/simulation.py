@@ -85,7 +85,9 @@ def log_thread_plan(cfg: ExperimentConfig) -> None:
     """Say how the cores are shared, and warn where explicit settings oversubscribe them."""
     cores, (runtime, agent) = usable_cores(), threads_of(cfg)
     n = cfg.run.devices
-    logger.info("threads: runtime %d, each of %d agents %d, on %d cores (%s rounds)", runtime, n, agent, cores,
+    ranks = cfg.deployment.server_ranks
+    logger.info("threads: runtime %s, each of %d agents %d, on %d cores (%s rounds)",
+                runtime if ranks == 1 else f"{ranks} ranks of {rank_threads(cfg)}", n, agent, cores,
                 cfg.deployment.mode)
     # a pool of more than one thread collapses when other busy threads share its cores; single-thread processes
     # only take turns. Sync rounds: the runtime computes while the agents wait, and the other way round

@@ -151,3 +151,14 @@ def test_a_launch_refuses_what_its_ranks_cannot_train():
     with pytest.raises(ConfigError, match="server.batch_size: 2 cannot give each of 4 ranks a row"):
         check_launch(SimpleNamespace(algorithm="fedgkt", server=SimpleNamespace(batch_size=2)), launch)
     check_launch(SimpleNamespace(algorithm="fedgkt", server=SimpleNamespace(batch_size=4)), launch)
+
+
+def test_the_simulator_refuses_ranks_it_cannot_use_before_starting_anything():
+    from cloud_runtime.config import load_config
+    from edgefl_core.config import ConfigError
+    with pytest.raises(ConfigError, match="deployment.server_ranks: 2 ranks train FedGKT's server model; fedavg"):
+        load_config("configs/quickstart.yaml", ["algorithm=fedavg", "deployment.server_ranks=2"])
+    with pytest.raises(ConfigError, match="need server.batch_size >= 4"):
+        load_config("configs/quickstart.yaml", ["server.batch_size=2", "deployment.server_ranks=4"])
+    with pytest.raises(ConfigError, match="server_ranks"):
+        load_config("configs/quickstart.yaml", ["deployment.server_ranks=0"])
