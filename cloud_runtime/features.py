@@ -295,19 +295,26 @@ class FeatureStore:
         sizes = [len(self.segments[d].sample_ids) for d in devices]
         return devices, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
 
+    def _by_segment(self, index: np.ndarray, devices: list[str], offsets: np.ndarray):
+        """For each device segment holding some of the global rows ``index``: (positions in ``index``, the
+        segment's own rows, the segment)."""
+        part = np.searchsorted(offsets, index, side="right") - 1   # which device's segment holds each row
+        for p in np.unique(part):
+            where = np.nonzero(part == p)[0]
+            yield where, index[where] - offsets[p], self.segments[devices[p]]
+
+    def _targets(self, index: np.ndarray, devices: list[str]) -> tuple[HeldUpload, np.ndarray, np.ndarray]:
+        """The first segment (for shapes), and empty teacher logits (float32 ``B x K``) and labels (``B``)."""
+        first = self.segments[devices[0]]
+        return first, np.empty((len(index), first.logits.shape[1]), np.float32), np.empty(len(index), np.int64)
+
     def batch(self, index: np.ndarray, devices: list[str], offsets: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(features float32 ``B x C x H x W``, teacher logits float32 ``B x K``, labels int64 ``B``) of the
         global rows ``index``, gathered from the segments without copying anything else."""
-        part = np.searchsorted(offsets, index, side="right") - 1   # which device's segment holds each row
-        first = self.segments[devices[0]]
+        first, logits, labels = self._targets(index, devices)
         features = np.empty((len(index),) + first.features.shape[1:], np.float32)
-        logits = np.empty((len(index), first.logits.shape[1]), np.float32)
-        labels = np.empty(len(index), np.int64)
-        for p in np.unique(part):
-            where = np.nonzero(part == p)[0]
-            rows = index[where] - offsets[p]
-            segment = self.segments[devices[p]]
+        for where, rows, segment in self._by_segment(index, devices, offsets):
             features[where] = segment.features.rows(rows)
             logits[where] = segment.logits[rows]
             labels[where] = segment.labels[rows]
@@ -323,17 +330,11 @@ class FeatureStore:
         if not all(self.segments[d].features.scale is not None for d in devices):
             features, logits, labels = self.batch(index, devices, offsets)
             return features, None, None, logits, labels
-        part = np.searchsorted(offsets, index, side="right") - 1
-        first = self.segments[devices[0]]
+        first, logits, labels = self._targets(index, devices)
         data = np.empty((len(index),) + first.features.shape[1:], np.uint8)
         scale = np.empty((len(index), first.features.shape[1]), np.float32)
         low = np.empty_like(scale)
-        logits = np.empty((len(index), first.logits.shape[1]), np.float32)
-        labels = np.empty(len(index), np.int64)
-        for p in np.unique(part):
-            where = np.nonzero(part == p)[0]
-            rows = index[where] - offsets[p]
-            segment = self.segments[devices[p]]
+        for where, rows, segment in self._by_segment(index, devices, offsets):
             data[where] = segment.features.data[rows]
             scale[where] = segment.features.scale
             low[where] = segment.features.low

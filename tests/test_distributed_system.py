@@ -4,7 +4,6 @@ group from the last checkpoint; every accepted sample is counted)."""
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -62,10 +61,11 @@ def rank_pid(torchrun_pid: int, rank: int) -> int | None:
     return None
 
 
-def test_a_training_rank_killed_mid_round_restarts_the_group_and_loses_nothing(npz_dir, tmp_path, broker,
-                                                                               procs):  # noqa: F811
-    runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 3, "deployment.server_ranks=2")  # 1 thread a rank
-    launcher = ["torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+def launch_until_round_1_trains(tmp_path, broker, npz_dir, procs, rounds, *torchrun_args) -> Path:  # noqa: F811
+    """torchrun (procs[0]) of a 2-rank runtime and 2 agents over ``broker``; returns the runtime's log once the
+    server is training round 1 on both ranks."""
+    runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, rounds, "deployment.server_ranks=2")  # 1 thread
+    launcher = ["torch.distributed.run", "--standalone", "--nproc-per-node", "2", *torchrun_args,
                 "-m", "edgefl_cli.runtime", "serve", "--config", str(runtime_path)]
     log = tmp_path / "rt.log"
     procs.append(spawn(launcher, log))
@@ -73,6 +73,12 @@ def test_a_training_rank_killed_mid_round_restarts_the_group_and_loses_nothing(n
         procs.append(spawn(["edgefl_cli.agent", "--config", str(agent)], tmp_path / f"a{i}.log"))
     wait_until(lambda: log.read_text().count("train upload of round 1 accepted") == 2, timeout=240)
     time.sleep(1.0)  # the server is training round 1 on both ranks
+    return log
+
+
+def test_a_training_rank_killed_mid_round_restarts_the_group_and_loses_nothing(npz_dir, tmp_path, broker,
+                                                                               procs):  # noqa: F811
+    log = launch_until_round_1_trains(tmp_path, broker, npz_dir, procs, 3, "--max-restarts", "1")
     pid = rank_pid(procs[0].pid, 1)
     assert pid is not None, "no rank 1 under torchrun"
     os.kill(pid, signal.SIGKILL)
@@ -90,15 +96,7 @@ def test_a_training_rank_killed_mid_round_restarts_the_group_and_loses_nothing(n
 def test_sigterm_to_torchrun_mid_round_stops_every_rank_cleanly(npz_dir, tmp_path, broker, procs):  # noqa: F811
     """An operator's stop reaches every rank: the ranks train on to the next step, rank 0 shares its stop there,
     saves the rounds done and writes report.json; the ranks leave when it says so."""
-    runtime_path, agents = deploy(tmp_path, broker, npz_dir, 2, 4, "deployment.server_ranks=2")
-    launcher = ["torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "edgefl_cli.runtime", "serve", "--config", str(runtime_path)]
-    log = tmp_path / "rt.log"
-    procs.append(spawn(launcher, log))
-    for i, agent in enumerate(agents):
-        procs.append(spawn(["edgefl_cli.agent", "--config", str(agent)], tmp_path / f"a{i}.log"))
-    wait_until(lambda: log.read_text().count("train upload of round 1 accepted") == 2, timeout=240)
-    time.sleep(1.0)  # the server is training round 1 on both ranks
+    log = launch_until_round_1_trains(tmp_path, broker, npz_dir, procs, 4)
     procs[0].send_signal(signal.SIGTERM)
     procs[0].wait(120)
     text = log.read_text()
