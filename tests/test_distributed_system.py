@@ -35,7 +35,8 @@ def test_two_gloo_ranks_run_the_job_one_process_runs(tmp_path):
     assert one["run"].get("server_ranks") is None
     assert [r["accepted_samples"] for r in two["rounds"]] == [r["accepted_samples"] for r in one["rounds"]]
     assert two["final"]["accepted_samples"] == one["final"]["accepted_samples"] == 2 * 4000  # 2 rounds
-    assert abs(two["final"]["test_accuracy"] - one["final"]["test_accuracy"]) <= 0.003, (one["final"], two["final"])
+    gap = abs(two["final"]["test_accuracy"] - one["final"]["test_accuracy"])
+    assert gap <= 0.003 + 1e-9, (one["final"], two["final"])   # 0.3 points (of 2,000 test images: 6)
 
 
 def children(pid: int) -> list[int]:
