@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -233,10 +234,14 @@ class ShardResult:
     stopped: bool = False
 
 
-class _Lockstep:
-    """Whether this process's training forward passes run in lockstep with the other ranks (GlobalBatchNorm2d
-    reduces only then: a round too small for the ranks trains on the coordinator alone)."""
+class _LockstepFlag(threading.local):
+    """Whether this thread's training forward passes run in lockstep with the other ranks (GlobalBatchNorm2d
+    reduces only then: a round too small for the ranks trains on the coordinator alone, and no other thread
+    of the coordinator, an overlapped evaluation, ever joins a collective)."""
     active = False
+
+
+_Lockstep = _LockstepFlag()
 
 
 def train_shard(model: nn.Module, optimizer, shard: RankShard, cfg, device: torch.device, autocast: bool,
