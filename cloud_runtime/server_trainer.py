@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from cloud_runtime.config import ServerConfig
-from cloud_runtime.distributed import server_device
+from cloud_runtime.distributed import plan_shards, server_device, state_for_ranks, train_shard
 from cloud_runtime.features import FeatureStore, HeldUpload
 from cloud_runtime.progress import Interrupted, ProgressLog, check as check_stop
 from model_zoo.losses import gkt_loss
@@ -182,7 +182,6 @@ class GKTServer:
         py``): the same epoch orders and global batches as one process, each cut into one part per rank and
         sent one epoch at a time. A failure here leaves the ranks out of step: the group is marked broken (no
         more posts; closing it drops their connections) and the error propagates (a stop: Interrupted)."""
-        from cloud_runtime.distributed import plan_shards, state_for_ranks, train_shard
         group, store = self.group, self.train_store
         devices, offsets = store.layout()
         n = int(offsets[-1])

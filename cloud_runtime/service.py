@@ -451,8 +451,7 @@ def build_runtime(cfg: RuntimeConfig, transport: Transport | None = None, launch
     server training runs on every rank."""
     group = None
     if launch is not None:
-        from cloud_runtime.distributed import TrainingGroup
-        from cloud_runtime.distributed import server_device
+        from cloud_runtime.distributed import TrainingGroup, server_device
         threads_for_rank(cfg, launch)
         group = TrainingGroup(launch, cfg.server.dist_backend, cfg.server.dist_timeout_s,
                               server_device(cfg.server, launch.local_rank).type == "cuda")
