@@ -59,15 +59,15 @@ def main() -> int:
         return serve_rank(launch, SimpleNamespace(server=cfg))
     group = TrainingGroup(launch, timeout_s=600) if launch is not None else None
     if args.fail_at_round is not None:
-        import cloud_runtime.distributed as distributed
-        plan, calls = distributed.plan_shards, []
+        import cloud_runtime.server_trainer as trainer   # the name the round looks up
+        plan, calls = trainer.plan_shards, []
 
         def failing_plan(*a, **kw):
             calls.append(1)
             if len(calls) > 2 * args.fail_at_round:  # 2 epochs a round
                 raise MemoryError("planning the shards (injected)")
             return plan(*a, **kw)
-        distributed.plan_shards = failing_plan
+        trainer.plan_shards = failing_plan
     torch.manual_seed(0)
     model = create_model(cfg.model, num_classes=classes, feature_channels=channels)
     server = GKTServer(model, cfg, classes, seed=0, group=group, model_spec=spec)
