@@ -120,6 +120,7 @@ def acl_text(devices: list[str], run_id: str | None = None) -> str:
     for device in devices:
         lines += [f"user {device}",
                   f"topic write {base}/dev/{device}/up",
+                  f"topic write {base}/dev/{device}/up/+",  # its ingest worker's shard (ingest.workers)
                   f"topic write {base}/dev/{device}/status",
                   f"topic write {base}/dev/{device}/hb",
                   f"topic read {base}/dev/{device}/down",

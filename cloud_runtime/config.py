@@ -12,6 +12,7 @@ from edgefl_core.codecs import FEATURE_CODECS, MODEL_CODECS
 from edgefl_core.config import ConfigError, apply_overrides, build_dataclass, load_config_file, read_yaml, require
 from edgefl_core.data.config import AgentDataConfig, DataConfig
 from edgefl_core.transport.config import BrokerConfig
+from edgefl_core.wire import MAX_INGEST_SHARDS
 
 
 def check_model_kwargs(edge: EdgeConfig, key: str) -> None:
@@ -304,8 +305,11 @@ class DeploymentConfig:
     # group from the last checkpoint when a rank dies)
     server_ranks: int = 1
     rank_restarts: int = 0
+    ingest_workers: int = 0       # the runtime's ingest.workers (sharded ingest, spawned by the runtime)
 
     def check(self) -> None:
+        require(type(self.ingest_workers) is int and 0 <= self.ingest_workers <= MAX_INGEST_SHARDS, "ingest_workers",
+                f"must be an integer in [0, {MAX_INGEST_SHARDS}], got {self.ingest_workers!r}")
         require(0 < self.quorum <= 1, "quorum", "must be in (0, 1]")
         require(type(self.server_ranks) is int and self.server_ranks >= 1, "server_ranks",
                 f"must be an integer >= 1, got {self.server_ranks!r}")
@@ -377,6 +381,24 @@ class ValidationConfig:
 
 
 @dataclass
+class IngestConfig:
+    """Sharded ingest (``cloud_runtime/ingest_worker.py``, docs/DEPLOYMENT.md): ``workers`` processes share the
+    uplink, each the devices whose ``crc32(id) % workers`` is its shard; they reassemble, checksum and decompress
+    transfers and forward them to the coordinator (``cloud-runtime serve``), which judges and owns the rounds.
+    0: the coordinator ingests alone."""
+
+    workers: int = 0
+    spawn: bool = True            # serve starts the workers on this machine and restarts one that dies; false:
+    # run 'cloud-runtime ingest --shard K' yourself (other machines, a process manager)
+    restart_delay_s: float = 1.0  # a spawned worker that died is started again after this long
+
+    def check(self) -> None:
+        require(type(self.workers) is int and 0 <= self.workers <= MAX_INGEST_SHARDS, "workers",
+                f"must be an integer in [0, {MAX_INGEST_SHARDS}], got {self.workers!r}")
+        require(0 <= self.restart_delay_s <= 3600, "restart_delay_s", "must be in [0, 3600] seconds")
+
+
+@dataclass
 class RuntimeConfig:
     """``cloud-runtime serve``: one FedGKT run over a broker."""
 
@@ -415,6 +437,7 @@ class RuntimeConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # applied by devices to uploaded features
     console: ConsoleConfig = field(default_factory=ConsoleConfig)  # the operator's page, /metrics, JSON API
+    ingest: IngestConfig = field(default_factory=IngestConfig)     # sharded ingest (ingest workers)
     seed: int = 0
 
     def check(self) -> None:

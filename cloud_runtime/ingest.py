@@ -155,7 +155,8 @@ class Ingest:
         check_upload_meta(done.meta)
         split = done.meta.get("split")
         arrays = P.unpack_arrays(done.blob, self.decoded_limit(device, split if split in ("train", "test") else "train",
-                                                               num_classes, feature_shape, extractor_bytes))
+                                                               num_classes, feature_shape, extractor_bytes),
+                                 done.packed)
         upload = HeldUpload.from_arrays(arrays, done.meta, device, done.round)
         try:
             peak = upload.validate(num_classes, feature_shape, limit=self.cfg.validation.max_abs_feature)

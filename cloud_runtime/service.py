@@ -87,6 +87,12 @@ class CloudRuntime:
         # and the seed of the initial edge model: every device starts from the same one, whichever its engine
         self.downlink.recipe["run_facts"] = {"num_classes": cfg.num_classes, "input_shape": cfg.input_shape,
                                              "seed": cfg.seed}
+        # sharded ingest: devices send their chunks to their worker's shard (ingest_worker.py); judged here
+        self.workers = cfg.ingest.workers
+        if self.workers:
+            self.downlink.recipe["ingest_shards"] = self.workers
+        self.forwarded = 0   # transfers the ingest workers forwarded
+        self._forwards: dict[int, dict] = {}  # shard -> the transfer it is forwarding, parts so far
 
     # -- messages -----------------------------------------------------------------------------------
 
@@ -101,6 +107,8 @@ class CloudRuntime:
         self.transport.subscribe(self.topics.all_up, self.enqueue, retained=False)
         self.transport.subscribe(self.topics.all_heartbeat, self.enqueue, retained=False)
         self.transport.subscribe(self.topics.all_status, self.enqueue)
+        if self.workers:  # what the ingest workers forward (a topic no device credential may publish on)
+            self.transport.subscribe(self.topics.all_ingest, self.enqueue, retained=False)
         if not connect_patiently(self.transport, self.stop, f"runtime of run {self.cfg.run_id!r}"):
             return  # stopped while waiting for the broker
         if self.strategy.next_round < self.cfg.rounds:  # devices that registered before we listened do so again
@@ -121,6 +129,9 @@ class CloudRuntime:
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message; never raises. Rejections are charged to the topic's (authenticated) device."""
+        if self.workers and (shard := self.topics.ingest_shard_of(topic)) is not None:
+            self._on_ingest(shard, payload)
+            return
         self.messages_in += 1
         self.telemetry.counters.messages.inc()
         device = self.topics.device_of(topic)
@@ -236,6 +247,8 @@ class CloudRuntime:
             strategy.setup(run_classes, run_shape, channels)
         if self.ingest.forget(device):  # a new process: its old senders are gone
             logger.info("%s re-registered: its open transfers were dropped", device)
+        if self.workers:  # and so are those its ingest worker holds
+            self._tell_worker(device, forget=True)
         old = self.registry.devices.get(device, {})
         if (old.get("train_samples"), old.get("test_samples")) != (facts["train_samples"], facts["test_samples"]):
             self.ingest.device_ids.pop(device, None)  # its data changed: the ids it uploads are pinned anew
@@ -274,20 +287,117 @@ class CloudRuntime:
         if done is None:
             self._answer(device, header)
             return
+        self._judge(device, done, lambda accepted, reason: self.ingest.reassembler.settle(
+            device, done.transfer, accepted, reason))
+
+    def _judge(self, device: str, done: P.CompletedTransfer, settle) -> None:
+        """A completed transfer, reassembled here or by an ingest worker: the strategy accepts it or raises
+        Rejected; either way the device gets the verdict (ACK) and ``settle(accepted, reason)`` records it where
+        the transfer was reassembled (what a sender asking again is answered)."""
         try:
             what = self.strategy.accept(device, done)  # accepted: the strategy counts it (Ingest.count_accepted)
         except Rejected as e:
             self.ingest.count_rejected(device, done.wire_bytes)
-            self.ingest.reassembler.settle(device, done.transfer, False, e.reason)
+            settle(False, e.reason)
             self.downlink.ack(device, done, accepted=False, reason=e.reason)
             raise
         except Exception:
             self.ingest.count_rejected(device, done.wire_bytes)
             raise
-        self.ingest.reassembler.settle(device, done.transfer, True)
+        settle(True, None)
         self.registry.accepted(device)
         self.downlink.ack(device, done)
         logger.info("%s: %s", device, what)
+
+    # -- sharded ingest (cloud_runtime/ingest_worker.py) ---------------------------------------------
+
+    def _on_ingest(self, shard: int, payload: bytes) -> None:
+        """What ingest worker ``shard`` forwards: a transfer it reassembled and verified (judged here as if
+        reassembled here), or bytes and a rejection to charge to a device. The topic is the runtime's own (no
+        device credential may publish on it); the device named inside is the one whose topic the chunks came on."""
+        try:
+            header, body = P.decode_frame(payload)
+        except P.ProtocolError as e:
+            logger.warning("ingest worker %d: a malformed frame (%s)", shard, e)
+            return
+        device, type_ = header["device"], header["type"]
+        if header["run"] != self.cfg.run_id or shard >= self.workers:
+            logger.warning("ingest worker %d: a frame of run %r (this is %r, with %d workers)", shard,
+                           header["run"][:40], self.cfg.run_id, self.workers)
+            return
+        if type_ == P.INGEST_EVENT:
+            kind, wire, reason = header.get("kind"), header.get("wire"), header.get("reason")
+            if kind in ("rejected", "resent") and type(wire) is int and wire > 0:
+                self.ingest.count(kind, device, wire)
+            if isinstance(reason, str):
+                self.registry.reject(reason[:64], device, str(header.get("detail", ""))[:500])
+            return
+        if type_ != P.INGESTED:
+            logger.warning("ingest worker %d: unexpected frame type %r", shard, type_[:40])
+            return
+        done = self._forwarded_part(shard, header, body)
+        if done is None:
+            return
+        device = done.device
+        self.messages_in += 1
+        self.telemetry.counters.messages.inc()
+        self.forwarded += 1
+        try:
+            if device not in self.registry.devices and self._late(device, "upload"):
+                return
+            if device not in self.registry.devices:
+                raise Rejected("unknown_device", "upload before registration")
+            if self.registry.quarantined(device):
+                until = time.ctime(self.registry.devices[device]["quarantined_until"])
+                raise Rejected("quarantined", f"ignored until {until}")
+            if done.meta.get("kind") == P.KIND_UPLOAD and done.meta.get("split") == "train":
+                self.ingest.note_release(device, done.blob, done.sha256)
+            self._judge(device, done, lambda accepted, reason: self._tell_worker(
+                device, transfer=done.transfer, accepted=accepted, reason=reason))
+        except Rejected as e:
+            self.registry.reject(e.reason, device, e.detail)
+        except P.ProtocolError as e:
+            self.registry.reject(e.reason, device, str(e))
+        except MessageError as e:
+            self.registry.reject("bad_payload", device, str(e))
+        except Exception as e:  # a bug costs one transfer, never the service
+            logger.exception("internal error judging a forwarded transfer of %s", device)
+            self.registry.reject("internal_error", device, f"{type(e).__name__}: {e}")
+
+    def _forwarded_part(self, shard: int, header: dict, body: bytes) -> P.CompletedTransfer | None:
+        """Append one part of worker ``shard``'s forward; the transfer once its last part is in. A worker forwards
+        one transfer at a time and its parts arrive in order, so only the one in progress is held; a gap (the
+        worker restarted mid-forward) drops it, and the device's sender asks again and re-sends."""
+        part, parts, size = header.get("part"), header.get("parts"), header.get("size")
+        held = self._forwards.get(shard)
+        if part == 0:
+            held = self._forwards[shard] = {"header": header, "parts": [], "bytes": 0}
+        if type(part) is not int or type(parts) is not int or type(size) is not int or held is None \
+                or (held["header"].get("transfer"), held["header"]["device"]) != (header.get("transfer"), header["device"]) \
+                or len(held["parts"]) != part \
+                or held["header"].get("parts") != parts or held["bytes"] + len(body) > min(size, self.cfg.max_decoded_bytes):
+            self._forwards.pop(shard, None)
+            logger.warning("ingest worker %d: part %s of %s of %s's transfer %s is out of sequence: the transfer is "
+                           "dropped (its device re-sends it)", shard, str(part)[:12], str(parts)[:12], header["device"],
+                           str(header.get("transfer"))[:8])
+            return None
+        held["parts"].append(body)
+        held["bytes"] += len(body)
+        if part < parts - 1:
+            return None
+        del self._forwards[shard]
+        first = held["header"]
+        meta, wire, chunks = first.get("meta"), first.get("wire_bytes"), first.get("chunks")
+        return P.CompletedTransfer(first["device"], first["round"], str(first.get("transfer", ""))[:64],
+                                   meta if isinstance(meta, dict) else {}, b"".join(held["parts"]),
+                                   wire if type(wire) is int and wire >= 0 else held["bytes"],
+                                   chunks if type(chunks) is int else 1, str(first.get("sha256", "")),
+                                   "raw" if first.get("packed") == "raw" else "zstd")
+
+    def _tell_worker(self, device: str, **data) -> None:
+        """A :data:`~edgefl_core.wire.VERDICT` to ``device``'s ingest worker: a transfer's verdict, or ``forget``."""
+        self.transport.publish(self.topics.verdicts(P.ingest_shard(self.cfg.run_id, device, self.workers)), P.encode_frame(
+            {"type": P.VERDICT, "run": self.cfg.run_id, "device": device, "round": -1, **data}))
 
     def _answer(self, device: str, header: dict) -> None:
         """Reply to a chunk that asks for progress (``ack``: the sender's sequence number)."""

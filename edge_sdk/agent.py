@@ -128,6 +128,7 @@ class EdgeAgent:
             return False
         if recipe is None:
             return False
+        self.uplink.use_shards(data.get("ingest_shards"))  # every frame: a restarted runtime may have another count
         instance = data.get("instance") if isinstance(data.get("instance"), str) else None
         if self.recipe is not None and instance and self.run_instance and instance != self.run_instance:
             logger.warning("%s: the runtime started run %s afresh (instance %s, was %s): this device starts it "

@@ -11,14 +11,15 @@ from typing import Callable
 from edgefl_core.chunking import transfer_chunks
 from edgefl_core.reliable import Progress, TransferSender
 from edgefl_core.transport import Transport
-from edgefl_core.wire import Topics
+from edgefl_core.wire import MAX_INGEST_SHARDS, Topics, ingest_shard
 
 logger = logging.getLogger("edgefl.agent")
 
 
 class Uplink:
-    """Sends one transfer at a time on ``topics.up(device)``; answers from the runtime reach the transfer in
-    flight through :meth:`on_progress`. ``upload`` is the device's :class:`~edge_sdk.config.UploadConfig`."""
+    """Sends one transfer at a time on ``topics.up(device)`` (or on its ingest worker's shard of it, when the run
+    has workers: :meth:`use_shards`); answers from the runtime reach the transfer in flight through
+    :meth:`on_progress`. ``upload`` is the device's :class:`~edge_sdk.config.UploadConfig`."""
 
     def __init__(self, transport: Transport, topics: Topics, device: str, upload):
         self.transport, self.topics, self.device, self.upload = transport, topics, device, upload
@@ -27,6 +28,20 @@ class Uplink:
         self.bytes_resent = 0          # of those, the sends of a chunk after its first
         self.last_transfer_bytes = 0   # the last transfer's chunk bodies, each once
         self.last_transfer_wire = 0    # the last transfer's frames, each chunk's first send (what the runtime counts)
+        self.shards = 0                # the run's ingest workers (0: chunks go to the runtime itself)
+
+    def use_shards(self, shards) -> None:
+        """The run's ``ingest_shards`` (from its HELLO / ROUND frames): chunks go to worker :func:`~edgefl_core.wire.ingest_shard` on
+        ``topics.up(device, shard)``. Anything but an integer in [1, MAX_INGEST_SHARDS] means no workers."""
+        shards = shards if type(shards) is int and 1 <= shards <= MAX_INGEST_SHARDS else 0
+        if shards != self.shards:
+            logger.info("%s: uploads go to ingest shard %s", self.device,
+                        f"{ingest_shard(self.topics.run, self.device, shards)} of {shards}" if shards else "none (the runtime)")
+        self.shards = shards
+
+    @property
+    def topic(self) -> str:
+        return self.topics.up(self.device, ingest_shard(self.topics.run, self.device, self.shards) if self.shards else None)
 
     def on_progress(self, progress: Progress) -> None:
         if self.sender is not None:
@@ -64,7 +79,7 @@ class Uplink:
 
     def _paced_publisher(self) -> Callable[[bytes], None]:
         """``publish(frame)``, at most ``upload.max_bytes_per_s`` on average when a cap is set."""
-        topic, cap, start, sent = self.topics.up(self.device), self.upload.max_bytes_per_s, time.monotonic(), 0
+        topic, cap, start, sent = self.topic, self.upload.max_bytes_per_s, time.monotonic(), 0
 
         def publish(frame: bytes) -> None:
             nonlocal sent

@@ -11,7 +11,7 @@ import numpy as np
 from edgefl_core.chunking import CompletedTransfer, Reassembler, chunk_transfer, new_transfer_id, transfer_chunks  # noqa: F401,E501
 from edgefl_core.codecs import (FEATURE_CODECS, MODEL_CODECS, UploadArrays, decode_features,  # noqa: F401
                                 decode_state, decode_upload, decode_upload_meta, encode_features, encode_state,
-                                encode_upload, pack_arrays, unpack_arrays)
+                                encode_upload, decompress, load_arrays, pack_arrays, unpack_arrays)
 from edgefl_core.wire import *  # noqa: F401,F403  (the wire API, one namespace)
 from edgefl_core.wire import EXTRACTOR_PREFIX, ProtocolError
 

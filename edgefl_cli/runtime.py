@@ -20,6 +20,7 @@ from cloud_runtime.config import load_runtime_config
 from cloud_runtime.console import start_console
 from cloud_runtime.store import CheckpointError
 from cloud_runtime.distributed import launched, serve_rank
+from cloud_runtime.ingest_worker import WorkerPool
 from cloud_runtime.service import build_runtime, check_launch, threads_for_rank
 from edgefl_cli.interrupt import EXIT_INTERRUPTED, CtrlC
 from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
@@ -80,6 +81,10 @@ def serve_command(args) -> int:
     except (ConfigError, ConnectionError, ValueError) as e:
         logger.error("%s", e)
         return 2
+    workers = None
+    if cfg.ingest.workers and cfg.ingest.spawn:  # sharded ingest: this machine's workers, restarted when they die
+        workers = WorkerPool(args.config, args.overrides, cfg.ingest.workers, cfg.ingest.restart_delay_s,
+                             args.log_level)
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop.set())
     console = start_console(runtime)
     with CtrlC(runtime.stop.set, "saving the rounds done, writing report.json, then stopping") as ctrl_c:
@@ -97,6 +102,8 @@ def serve_command(args) -> int:
             if console is not None:
                 console.stop()
             runtime.close()
+            if workers is not None:
+                workers.close()
     if ctrl_c.pressed and not finished:
         logger.info("stopped (Ctrl-C): report of %d rounds in %s", runtime.strategy.next_round,
                     runtime.store.dir / "report.json")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from cloud_runtime.config import ExperimentConfig, RuntimeConfig
+from cloud_runtime.config import ExperimentConfig, IngestConfig, RuntimeConfig
 from cloud_runtime.plots import plot_accuracy, plot_bytes, plot_divergence, write_json
 from edge_sdk.config import AgentConfig, UploadConfig
 from edgefl_cli.interrupt import EXIT_INTERRUPTED
@@ -113,6 +113,7 @@ def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval
         round_deadline_s=dep.round_deadline_s, quorum=dep.quorum, eval_every=cfg.run.eval_every,
         max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=rank_threads(cfg), seed=cfg.run.seed,
         num_classes=data.num_classes, input_shape=list(data.image_shape), privacy=cfg.privacy,
+        ingest=IngestConfig(workers=dep.ingest_workers),
         console=replace(cfg.console, token_file=str(Path(cfg.console.token_file).resolve()) if cfg.console.token_file
                         else None))
 

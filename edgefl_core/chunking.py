@@ -56,7 +56,8 @@ class CompletedTransfer:
     blob: bytes
     wire_bytes: int
     chunks: int
-    sha256: str = ""     # of ``blob``, verified by the reassembler (hex)
+    sha256: str = ""     # of the blob as sent, verified by the reassembler (hex)
+    packed: str = "zstd"  # ``blob`` as sent (zstd over safetensors), or "raw": decompressed by an ingest worker
 
 
 @dataclass

@@ -142,11 +142,11 @@ def pack_arrays(arrays: dict[str, np.ndarray], level: int = 3) -> bytes:
         {k: np.ascontiguousarray(v) for k, v in arrays.items()}))
 
 
-def unpack_arrays(blob: bytes, max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> dict[str, np.ndarray]:
-    """Inverse of :func:`pack_arrays`. The zstd frame must state its decompressed size (RFC 8878
-    Frame_Content_Size, which :func:`pack_arrays` always writes); a size above ``max_bytes`` is refused
-    before anything is allocated, and decompression never allocates more than the stated size (a
-    zip bomb costs nothing). Raises ProtocolError ``bad_compression`` / ``oversized`` / ``bad_payload``."""
+def decompress(blob: bytes, max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> bytes:
+    """The safetensors bytes of a :func:`pack_arrays` blob. The zstd frame must state its decompressed size
+    (RFC 8878 Frame_Content_Size, which :func:`pack_arrays` always writes); a size above ``max_bytes`` is
+    refused before anything is allocated, and decompression never allocates more than the stated size (a
+    zip bomb costs nothing). Raises ProtocolError ``bad_compression`` / ``oversized``."""
     try:
         size = zstandard.frame_content_size(blob)
     except zstandard.ZstdError as e:
@@ -161,10 +161,28 @@ def unpack_arrays(blob: bytes, max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> d
         raise ProtocolError("bad_compression", str(e)) from None
     if len(raw) != size:
         raise ProtocolError("bad_compression", f"decompressed {len(raw)} bytes, the frame states {size}")
+    return raw
+
+
+def load_arrays(raw: bytes, max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> dict[str, np.ndarray]:
+    """Named arrays from safetensors bytes (what :func:`decompress` returns). Raises ProtocolError
+    ``oversized`` / ``bad_payload``."""
+    if len(raw) > max_bytes:
+        raise ProtocolError("oversized", f"transfer of {len(raw)} bytes > limit {max_bytes}")
     try:
         return safetensors.numpy.load(raw)
     except Exception as e:  # safetensors raises its own SafetensorError / ValueError
         raise ProtocolError("bad_payload", f"not a safetensors blob ({e})") from None
+
+
+def unpack_arrays(blob: bytes, max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES, packed: str = "zstd"
+                  ) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_arrays` (``packed="zstd"``: :func:`decompress`, then :func:`load_arrays`), or of
+    safetensors alone (``packed="raw"``: a blob an ingest worker decompressed). Raises ProtocolError
+    ``bad_compression`` / ``oversized`` / ``bad_payload``."""
+    if packed == "raw":
+        return load_arrays(blob, max_bytes)
+    return load_arrays(decompress(blob, max_bytes), max_bytes)
 
 
 @dataclass

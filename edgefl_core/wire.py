@@ -7,6 +7,7 @@ The JSON header always carries ``v`` (protocol version), ``type``, ``run``, ``de
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ SHUTDOWN = "shutdown"          # cloud -> devices: the run is over
 ACK = "ack"                    # cloud -> device: transfer accepted (or rejected, with a reason)
 HELLO = "hello"                # cloud -> devices, retained: a runtime session is up (devices (re-)register)
 CONTROL_TYPES = {REGISTER, STATUS, HEARTBEAT, ROUND, SHUTDOWN, ACK, HELLO}
+# inside the cloud (sharded ingest, docs/DEPLOYMENT.md): an ingest worker -> the coordinator, and back
+INGESTED = "ingested"          # worker -> coordinator: a transfer it reassembled and verified (body: the blob)
+INGEST_EVENT = "ingest_event"  # worker -> coordinator: bytes to charge to a device (re-sent, rejected)
+VERDICT = "verdict"            # coordinator -> worker: its judgement of a forwarded transfer
+MAX_INGEST_SHARDS = 1024
 
 # transfer kinds (what a completed chunk sequence decodes to)
 KIND_UPLOAD = "upload"
@@ -69,8 +75,41 @@ class Topics:
     def base(self) -> str:
         return f"{self.root}/{self.run}"
 
-    def up(self, device: str) -> str:
-        return f"{self.base}/dev/{device}/up"
+    def up(self, device: str, shard: int | None = None) -> str:
+        """A device's uplink; ``shard``: the ingest worker its chunks go to (:func:`ingest_shard`), None for the
+        coordinator (registrations always, and chunks when the run has no ingest workers)."""
+        return f"{self.base}/dev/{device}/up" if shard is None else f"{self.base}/dev/{device}/up/{shard}"
+
+    def shard_up(self, shard: int) -> str:
+        """What ingest worker ``shard`` subscribes to: the chunks of every device in its shard."""
+        return f"{self.base}/dev/+/up/{shard}"
+
+    def ingest(self, shard: int) -> str:
+        """Worker ``shard`` -> the coordinator (:data:`INGESTED`, :data:`INGEST_EVENT`). Outside ``dev/``: no
+        device credential may publish here (``broker_files.py``)."""
+        return f"{self.base}/ingest/{shard}"
+
+    @property
+    def all_ingest(self) -> str:
+        return f"{self.base}/ingest/+"
+
+    def verdicts(self, shard: int) -> str:
+        """The coordinator -> worker ``shard``: :data:`VERDICT` frames."""
+        return f"{self.base}/ingest/{shard}/verdict"
+
+    def ingest_shard_of(self, topic: str) -> int | None:
+        """The shard of a worker -> coordinator topic (:meth:`ingest`), else None."""
+        prefix = f"{self.base}/ingest/"
+        rest = topic[len(prefix):] if topic.startswith(prefix) else ""
+        return int(rest) if rest.isdigit() and len(rest) <= 4 else None
+
+    def sharded_device_of(self, topic: str) -> tuple[str, int] | None:
+        """(device, shard) of a sharded uplink topic (:meth:`up` with a shard), else None."""
+        parts, base = topic.split("/"), self.base.split("/")
+        if len(parts) == len(base) + 4 and parts[:len(base)] == base and parts[len(base)] == "dev" \
+                and parts[-2] == "up" and parts[-1].isdigit() and len(parts[-1]) <= 4:
+            return parts[len(base) + 1], int(parts[-1])
+        return None
 
     def down(self, device: str) -> str:
         return f"{self.base}/dev/{device}/down"
@@ -103,6 +142,16 @@ class Topics:
         if len(parts) == len(base) + 3 and parts[:len(base)] == base and parts[len(base)] == "dev":
             return parts[len(base) + 1]
         return None
+
+
+def ingest_shard(run: str, device: str, shards: int) -> int:
+    """The ingest worker of ``device`` among ``shards`` in run ``run``: the first 8 bytes of
+    sha256("<run>/<device>") (UTF-8), big-endian, mod ``shards``. Stable across processes and machines, so every
+    chunk of a transfer reaches one worker (none is split between two); well mixed, so ids that differ in one
+    character (dev0, dev1) spread (crc32's low bits do not), and the run in the key gives each run its own spread."""
+    if shards <= 1:
+        return 0
+    return int.from_bytes(hashlib.sha256(f"{run}/{device}".encode()).digest()[:8], "big") % shards
 
 
 def check_device_id(device: str) -> str:
@@ -183,4 +232,4 @@ def control_frame(type_: str, *, run: str, device: str, round_: int, **data: Any
     return encode_frame({"type": type_, "run": run, "device": device, "round": round_, "data": data})
 
 
-__all__ = ['PROTOCOL_VERSION', 'MAGIC', 'MAX_HEADER_BYTES', 'MAX_HEADER_DEPTH', 'MAX_ROUND', 'DEFAULT_CHUNK_BYTES', 'DEFAULT_MAX_TRANSFER_BYTES', 'REGISTER', 'STATUS', 'HEARTBEAT', 'CHUNK', 'ROUND', 'SHUTDOWN', 'ACK', 'HELLO', 'CONTROL_TYPES', 'KIND_UPLOAD', 'KIND_SOFT_LABELS', 'KIND_MODEL', 'KIND_MODEL_UPDATE', 'KIND_EXTRACTOR', 'KIND_EDGE_PROGRAM', 'EXTRACTOR_PREFIX', 'ProtocolError', 'Topics', 'check_device_id', 'encode_frame', 'decode_frame', 'control_frame']
+__all__ = ['PROTOCOL_VERSION', 'MAGIC', 'MAX_HEADER_BYTES', 'MAX_HEADER_DEPTH', 'MAX_ROUND', 'DEFAULT_CHUNK_BYTES', 'DEFAULT_MAX_TRANSFER_BYTES', 'REGISTER', 'STATUS', 'HEARTBEAT', 'CHUNK', 'ROUND', 'SHUTDOWN', 'ACK', 'HELLO', 'CONTROL_TYPES', 'INGESTED', 'INGEST_EVENT', 'VERDICT', 'MAX_INGEST_SHARDS', 'ingest_shard', 'KIND_UPLOAD', 'KIND_SOFT_LABELS', 'KIND_MODEL', 'KIND_MODEL_UPDATE', 'KIND_EXTRACTOR', 'KIND_EDGE_PROGRAM', 'EXTRACTOR_PREFIX', 'ProtocolError', 'Topics', 'check_device_id', 'encode_frame', 'decode_frame', 'control_frame']

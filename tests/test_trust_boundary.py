@@ -93,7 +93,10 @@ def test_a_provisioned_runtime_states_the_run_facts_and_pins_the_acl_to_its_run(
     runtime_yaml = yaml.safe_load(result.runtime_config.read_text())
     assert runtime_yaml["num_classes"] == 10 and runtime_yaml["input_shape"] == [1, 28, 28]
     acl = (tmp_path / "d" / "broker" / "acl").read_text()
-    assert "edgefl/v1/default/dev/dev0/up" in acl and "+" not in acl.split("user dev0")[1]  # item 9
+    block = [line.split()[-1] for line in acl.split("user dev0")[1].strip().splitlines()]
+    assert "edgefl/v1/default/dev/dev0/up" in block and all(t.startswith("edgefl/v1/default/") for t in block)  # item 9
+    # the only wildcard: any ingest shard of its own uplink (ingest.workers; a wrong shard is refused there)
+    assert [t for t in block if "+" in t or "#" in t] == ["edgefl/v1/default/dev/dev0/up/+"]
     assert "edgefl/v1/+/dev/dev0/up" in acl_text(["dev0"], None)  # only when asked for (--any-run)
 
 

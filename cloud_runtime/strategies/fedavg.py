@@ -51,7 +51,7 @@ class FedAvg(Strategy):
         assert self.global_model is not None
         reference = self.global_model.state_dict()
         limit = sum(v.numel() * v.element_size() for v in reference.values()) * 2 + 65536  # the model, fp32 at most
-        state = P.arrays_to_state(P.unpack_arrays(done.blob, limit), reference)
+        state = P.arrays_to_state(P.unpack_arrays(done.blob, limit, done.packed), reference)
         samples = done.meta.get("samples")
         registered = self.ctx.registry.devices[device].get("train_samples")
         if type(samples) is not int or samples <= 0 or samples != registered:

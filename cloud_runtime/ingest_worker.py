@@ -1,0 +1,257 @@
+"""Sharded ingest: one shard of the uplink reassembled, checksummed and decompressed off the coordinator.
+
+In a run with ``ingest.workers`` = N the run recipe tells devices N, and each publishes its chunks on
+``.../dev/<id>/up/<k>`` with k = crc32(id) % N (:func:`edgefl_core.wire.ingest_shard`; registrations stay on
+``.../dev/<id>/up``). Worker k subscribes to shard k alone, so a transfer is never split between two workers
+(mosquitto's ``$share`` round-robins single messages, which would split it; brokers with sticky shared
+subscriptions are discussed in docs/DEPLOYMENT.md). Per chunk the worker does what the coordinator does
+without workers: frame checks, crc32, per-device quotas, reassembly, the transfer's sha256, answers to a
+sender's progress requests. A completed transfer is decompressed (at most ``max_decoded_bytes``) and forwarded
+to the coordinator as one :data:`~edgefl_core.wire.INGESTED` frame on ``.../ingest/<k>``. The coordinator
+judges it exactly as it judges a transfer it reassembled itself (the strategy's checks, ids, rounds), ACKs
+the device and sends the worker its :data:`~edgefl_core.wire.VERDICT` (what the worker answers a sender that
+asks again). Bytes a worker refuses or sees twice are charged to their device through
+:data:`~edgefl_core.wire.INGEST_EVENT` frames, with the reason.
+
+A worker holds no run state and imports no torch. Killed, it is started again (by ``cloud-runtime serve`` when
+it spawned it: :class:`WorkerPool`); its persistent MQTT session hands it the chunks queued meanwhile, and the
+chunks it held are asked for again by their senders (:mod:`edgefl_core.reliable`). Nothing accepted lives here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+from cloud_runtime.config import RuntimeConfig
+from edgefl_core import wire as W
+from edgefl_core.chunking import CompletedTransfer, Reassembler
+from edgefl_core.codecs import decompress
+from edgefl_core.config import ConfigError
+from edgefl_core.transport import Transport
+from edgefl_core.transport.inbox import drain
+from edgefl_core.transport.retry import connect_patiently
+
+logger = logging.getLogger("edgefl.ingest")
+
+# a forwarded transfer goes in parts of at most this many bytes, under brokers' message limits (EMQX's
+# default max_packet_size is 1 MB; provision writes 8 MiB for mosquitto); one publisher's messages on one topic
+# arrive in order (MQTT 5.0, 4.6), so the coordinator appends them without checksums of its own
+FORWARD_PART_BYTES = 768 << 10
+
+
+class IngestWorker:
+    """Worker ``shard`` of ``cfg.ingest.workers`` on ``transport`` (which must use a client id of its own and
+    keep its session: chunks queue at the broker while the worker restarts). :meth:`serve` until ``stop``."""
+
+    def __init__(self, cfg: RuntimeConfig, transport: Transport, shard: int):
+        if not 0 <= shard < cfg.ingest.workers:
+            raise ConfigError(f"--shard {shard}: the config's ingest.workers is {cfg.ingest.workers}, so a shard is "
+                              f"in [0, {cfg.ingest.workers - 1}]" if cfg.ingest.workers else
+                              "ingest.workers is 0 in this config: the coordinator ingests alone, no worker is used")
+        self.cfg, self.transport, self.shard = cfg, transport, shard
+        self.topics = W.Topics(cfg.run_id)
+        self.reassembler = Reassembler(cfg.max_transfer_bytes, cfg.transfer_timeout_s,
+                                       max_chunk=cfg.max_chunk_bytes,
+                                       max_pending_bytes_per_device=cfg.max_pending_bytes_per_device)
+        self.inbox: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.messages_in = self.forwarded = self.refused = 0
+
+    def enqueue(self, topic: str, payload: bytes) -> None:
+        """Transport callback: queue only (runs on the network thread)."""
+        self.inbox.put((topic, payload))
+
+    def start(self) -> bool:
+        self.transport.subscribe(self.topics.shard_up(self.shard), self.enqueue, retained=False)
+        self.transport.subscribe(self.topics.verdicts(self.shard), self.enqueue, retained=False)
+        if not connect_patiently(self.transport, self.stop, f"ingest worker {self.shard} of run {self.cfg.run_id!r}"):
+            return False
+        logger.info("ingest worker %d of %d serving run %r (%s)", self.shard, self.cfg.ingest.workers, self.cfg.run_id,
+                    self.topics.shard_up(self.shard))
+        return True
+
+    def serve(self, parent_pid: int | None = None) -> None:
+        """Handle messages until ``stop`` is set, or until process ``parent_pid`` (the coordinator that spawned
+        this worker) is gone: a worker outliving it would hold its shard's client id against its successor's."""
+        if not self.start():
+            return
+        while not self.stop.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                logger.warning("ingest worker %d: the runtime that started it (pid %d) is gone: stopping", self.shard,
+                               parent_pid)
+                return
+            drain(self.inbox, self.handle, 0.2)
+            for device, transfer in self.reassembler.expire():
+                self._charge(device, -1, "rejected", 0, "transfer_timeout",
+                             f"transfer {transfer[:8]} incomplete after {self.cfg.transfer_timeout_s:.0f}s")
+            self._charge_dropped()
+
+    # -- messages -----------------------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One message; never raises. What is refused is charged to the topic's (authenticated) device."""
+        self.messages_in += 1
+        if topic == self.topics.verdicts(self.shard):
+            self._on_verdict(payload)
+            return
+        where = self.topics.sharded_device_of(topic)
+        if where is None or not payload:  # not a chunk topic of this run (we subscribe to nothing else)
+            return
+        device, header = where[0], None
+        try:
+            if where[1] != self.shard or W.ingest_shard(self.cfg.run_id, device, self.cfg.ingest.workers) != self.shard:
+                raise W.ProtocolError("wrong_shard", f"{device} published on shard {where[1]}, its shard is "
+                                                     f"{W.ingest_shard(self.cfg.run_id, device, self.cfg.ingest.workers)}")
+            header, body = W.decode_frame(payload, max_body=self.cfg.max_chunk_bytes)
+            if header["run"] != self.cfg.run_id:
+                raise W.ProtocolError("wrong_run", f"run {header['run'][:40]!r}")
+            if header["device"] != device:
+                raise W.ProtocolError("spoofed_device", f"{header['device'][:40]!r} published on {topic}")
+            if header["type"] != W.CHUNK:
+                raise W.ProtocolError("bad_type", f"{header['type'][:40]!r} on a chunk topic")
+            duplicates = self.reassembler.duplicates
+            done = self.reassembler.add(header, body, len(payload))
+        except W.ProtocolError as e:
+            self.refused += 1
+            dropped = self.reassembler.take_dropped()  # a transfer failing its sha256: its held bytes, this chunk's
+            self._charge(device, header["round"] if header else -1, "rejected",
+                         0 if dropped else len(payload), e.reason, str(e))
+            for owner, held in dropped.items():
+                self._charge(owner, -1, "rejected", held)
+            if header is not None:
+                self._answer(device, header)
+            return
+        except Exception as e:  # a bug costs one message, never the worker
+            logger.exception("internal error handling a chunk from %s", device)
+            self._charge(device, -1, "rejected", len(payload), "internal_error", f"{type(e).__name__}: {e}")
+            return
+        if self.reassembler.duplicates > duplicates:
+            self._charge(device, header["round"], "resent", len(payload))
+        if done is None:
+            self._answer(device, header)
+        else:
+            self._forward(done)
+
+    def _forward(self, done: CompletedTransfer) -> None:
+        """Hand a verified transfer to the coordinator in parts of :data:`FORWARD_PART_BYTES`, decompressed when
+        it decompresses within ``max_decoded_bytes`` (else as sent: the coordinator's own decoding then rejects
+        it, with the reason, like any other). The first part carries the transfer's meta and accounting."""
+        blob, packed = done.blob, "zstd"
+        try:
+            blob, packed = decompress(done.blob, self.cfg.max_decoded_bytes), "raw"
+        except W.ProtocolError:
+            pass
+        view, topic = memoryview(blob), self.topics.ingest(self.shard)
+        parts = max(1, -(-len(blob) // FORWARD_PART_BYTES))
+        for part in range(parts):
+            header = {"type": W.INGESTED, "run": self.cfg.run_id, "device": done.device, "round": done.round,
+                      "transfer": done.transfer, "part": part, "parts": parts, "size": len(blob)}
+            if part == 0:
+                header.update(meta=done.meta, wire_bytes=done.wire_bytes, chunks=done.chunks, sha256=done.sha256,
+                              packed=packed)
+            body = bytes(view[part * FORWARD_PART_BYTES:(part + 1) * FORWARD_PART_BYTES])
+            self.transport.publish(topic, W.encode_frame(header, body))
+        self.forwarded += 1
+        logger.debug("%s: transfer %s of round %d forwarded (%.2f MB, %s)", done.device, done.transfer[:8],
+                     done.round, len(blob) / 1e6, packed)
+
+    def _on_verdict(self, payload: bytes) -> None:
+        """The coordinator's verdict on a forwarded transfer, or ``forget``: the device re-registered, its open
+        transfers are gone with its old process (their bytes are charged as rejected)."""
+        try:
+            header, _ = W.decode_frame(payload, max_body=0)
+            device, transfer = header["device"], header.get("transfer")
+            if header["type"] != W.VERDICT or header["run"] != self.cfg.run_id:
+                return
+            if header.get("forget"):
+                self.reassembler.forget(device)
+                self._charge_dropped()
+            elif isinstance(transfer, str):
+                self.reassembler.settle(device, transfer, header.get("accepted") is True, header.get("reason"))
+        except W.ProtocolError as e:
+            logger.warning("ignored a malformed verdict on %s: %s", self.topics.verdicts(self.shard), e)
+
+    def _answer(self, device: str, header: dict) -> None:
+        """Reply to a chunk that asks for progress (``ack``: the sender's sequence number), as the coordinator
+        does: QoS 0 on the device's downlink."""
+        seq, transfer = header.get("ack"), header.get("transfer")
+        if type(seq) is int and isinstance(transfer, str) and len(transfer) <= 64:
+            data = self.reassembler.progress(device, transfer, seq)
+            if data is not None:
+                self.transport.publish(self.topics.down(device), W.control_frame(
+                    W.ACK, run=self.cfg.run_id, device=device, round_=header["round"], **data), qos=0)
+
+    def _charge(self, device: str, round_: int, kind: str, wire: int, reason: str | None = None,
+                detail: str = "") -> None:
+        """Tell the coordinator to charge ``wire`` bytes of ``kind`` (and a rejection with ``reason``) to ``device``."""
+        if not wire and reason is None:
+            return
+        header = {"type": W.INGEST_EVENT, "run": self.cfg.run_id, "device": device, "round": round_,
+                  "kind": kind, "wire": wire, "reason": reason, "detail": detail[:500]}
+        self.transport.publish(self.topics.ingest(self.shard), W.encode_frame(header))
+
+    def _charge_dropped(self) -> None:
+        for owner, held in self.reassembler.take_dropped().items():
+            self._charge(owner, -1, "rejected", held)
+
+
+class WorkerPool:
+    """The ingest workers of one machine, as child processes (``python -m edgefl_cli.ingest``); one that exits
+    while the pool runs is started again after ``restart_delay_s``. :meth:`close` stops them (SIGTERM, then
+    SIGKILL after ``grace_s``)."""
+
+    def __init__(self, config_path: str, overrides: list[str], workers: int, restart_delay_s: float = 1.0,
+                 log_level: str = "INFO"):
+        self.config_path, self.overrides, self.restart_delay_s = config_path, list(overrides), restart_delay_s
+        self.log_level = log_level
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.restarts = 0
+        self._stop = threading.Event()
+        for shard in range(workers):
+            self._start(shard)
+        self._watch = threading.Thread(target=self._watcher, name="ingest-workers", daemon=True)
+        self._watch.start()
+
+    def command(self, shard: int) -> list[str]:
+        sets = [arg for o in self.overrides for arg in ("--set", o)]
+        return [sys.executable, "-m", "edgefl_cli.ingest", "--config", self.config_path, "--shard", str(shard),
+                "--log-level", self.log_level, "--parent-pid", str(os.getpid()), *sets]
+
+    def _start(self, shard: int) -> None:
+        self.procs[shard] = subprocess.Popen(self.command(shard), stdin=subprocess.DEVNULL)
+        logger.info("ingest worker %d started (pid %d)", shard, self.procs[shard].pid)
+
+    def _watcher(self) -> None:
+        while not self._stop.wait(0.5):
+            for shard, proc in list(self.procs.items()):
+                code = proc.poll()
+                if code is None or self._stop.is_set():
+                    continue
+                logger.warning("ingest worker %d (pid %d) exited with %s: starting it again in %.1f s", shard,
+                               proc.pid, code, self.restart_delay_s)
+                if self._stop.wait(self.restart_delay_s):
+                    return
+                self.restarts += 1
+                self._start(shard)
+
+    def pids(self) -> dict[int, int]:
+        return {shard: proc.pid for shard, proc in self.procs.items()}
+
+    def close(self, grace_s: float = 10.0) -> None:
+        self._stop.set()
+        self._watch.join(5)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
