@@ -1,0 +1,163 @@
+"""Sharded ingest on the in-memory bus (``cloud_runtime/ingest_worker.py``): what two workers forward is judged
+as if the coordinator had reassembled it, what they refuse is charged to the device with the reason, verdicts
+reach the worker that answers the sender, and a forward cut short is dropped, never half-accepted. The real
+processes over mosquitto (and the kill -9 drill) are in ``test_ingest_workers_system.py``."""
+import numpy as np
+import pytest
+
+from cloud_runtime.ingest_worker import FORWARD_PART_BYTES, IngestWorker
+from edge_sdk import protocol as P
+from edge_sdk.uplink import Uplink
+from edge_sdk.config import UploadConfig
+from edgefl_core.config import ConfigError
+from edgefl_core.transport import MemoryBus
+from edgefl_core.transport.inbox import drain
+from test_trust_boundary import RUN, runtime, upload_frames
+
+SHARD = {"devA": 1, "devB": 0, "devC": 1}   # sha256("trust/<id>") mod 2 (test_the_shard_is_stable pins it)
+
+
+def cluster(tmp_path, *overrides, register=("devA", "devB")):
+    bus = MemoryBus()
+    rt = runtime(tmp_path, bus, "ingest.workers=2", *overrides, register=register)
+    workers = [IngestWorker(rt.cfg, bus.client(f"ingest-{k}"), k) for k in range(2)]
+    rt.start()
+    for w in workers:
+        assert w.start()
+    downs = {}
+    for device in ("devA", "devB", "devC"):
+        downs[device] = []
+        bus.client(f"sub-{device}").subscribe(rt.topics.down(device),
+                                              lambda t, p, d=device: downs[d].append(P.decode_frame(p)[0]))
+    return bus, rt, workers, downs
+
+
+def settle(rt, workers, rounds=4):
+    for _ in range(rounds):
+        for w in workers:
+            drain(w.inbox, w.handle, 0.01)
+        rt.pump(0.01)
+
+
+def acks(downs, device):
+    return [h["data"] for h in downs[device] if h["type"] == P.ACK and h["data"].get("final")]
+
+
+def test_the_shard_is_stable_and_spreads_similar_ids():
+    assert {d: P.ingest_shard(RUN, d, 2) for d in SHARD} == SHARD
+    assert P.ingest_shard(RUN, "devA", 1) == 0 and P.ingest_shard(RUN, "devA", 0) == 0
+    assert len({P.ingest_shard("quickstart", f"dev{i}", 4) for i in range(8)}) == 4   # not crc32's low bits
+    topics = P.Topics(RUN)
+    assert topics.sharded_device_of(topics.up("devA", 1)) == ("devA", 1)
+    assert topics.sharded_device_of(topics.up("devA")) is None and topics.device_of(topics.up("devA", 1)) is None
+    assert topics.ingest_shard_of(topics.ingest(3)) == 3 and topics.ingest_shard_of(topics.verdicts(3)) is None
+
+
+def test_a_device_sends_to_the_shard_its_run_recipe_names(tmp_path):
+    uplink = Uplink(MemoryBus().client("devA"), P.Topics(RUN), "devA", UploadConfig())
+    assert uplink.topic == P.Topics(RUN).up("devA")
+    uplink.use_shards(2)
+    assert uplink.topic == P.Topics(RUN).up("devA", SHARD["devA"])
+    for junk in (0, -1, True, "2", 2.0, 10**9, None):  # not a worker count: the runtime's own uplink
+        uplink.use_shards(junk)
+        assert uplink.topic == P.Topics(RUN).up("devA")
+    bus, rt, workers, downs = cluster(tmp_path)
+    assert rt.downlink.recipe["ingest_shards"] == 2  # rides on every HELLO / ROUND
+
+
+def test_uploads_through_two_workers_are_judged_as_if_the_runtime_had_reassembled_them(tmp_path):
+    direct = runtime(tmp_path / "direct")
+    bus, rt, workers, downs = cluster(tmp_path / "sharded")
+    frames = {d: upload_frames(d, range(30), seed=i) for i, d in enumerate(("devA", "devB"))}
+    for device, fs in frames.items():
+        for frame in fs:
+            direct.handle(direct.topics.up(device), frame)
+            bus.client(device).publish(rt.topics.up(device, SHARD[device]), frame)
+    settle(rt, workers)
+    assert [w.forwarded for w in workers] == [1, 1]   # devB on shard 0, devA on shard 1
+    for device in ("devA", "devB"):
+        assert acks(downs, device) == [{"transfer": acks(downs, device)[0]["transfer"], "final": True,
+                                        "accepted": True, "reason": None}]
+        assert rt.ingest.round_bytes["up"][device] == direct.ingest.round_bytes["up"][device] == sum(map(len, frames[device]))
+        held, expected = rt.strategy.train_uploads[device], direct.strategy.train_uploads[device]
+        assert np.array_equal(held.sample_ids, expected.sample_ids) and np.array_equal(held.labels, expected.labels)
+        assert rt.registry.devices[device]["feature_releases"] == direct.registry.devices[device]["feature_releases"]
+        # the worker learned the verdict: a sender that asks again is told it was accepted
+        transfer = P.decode_frame(frames[device][0])[0]["transfer"]
+        assert workers[SHARD[device]].reassembler.progress(device, transfer)["accepted"] is True
+    assert rt.forwarded == 2 and not rt.registry.rejections
+
+
+def test_what_a_worker_refuses_is_charged_to_the_device_with_the_reason(tmp_path):
+    bus, rt, workers, downs = cluster(tmp_path)
+    frames = upload_frames("devA", range(30))
+    header, body = P.decode_frame(frames[0])
+    bad_crc = P.encode_frame({**header, "crc32": (header["crc32"] + 1) % 2**32}, body)
+    devA = bus.client("devA")
+    devA.publish(rt.topics.up("devA", SHARD["devA"]), bad_crc)
+    devA.publish(rt.topics.up("devA", 1 - SHARD["devA"]), frames[0])               # not its shard
+    devA.publish(rt.topics.up("devA", SHARD["devA"]), P.control_frame(P.REGISTER, run=RUN, device="devA", round_=-1))
+    devA.publish(rt.topics.up("devA", SHARD["devA"]), P.encode_frame({**header, "device": "devB"}, body))  # spoofed
+    settle(rt, workers)
+    reasons = rt.registry.devices["devA"]["rejection_reasons"]
+    assert reasons == {"bad_checksum": 1, "wrong_shard": 1, "bad_type": 1, "spoofed_device": 1}, reasons
+    assert rt.ingest.round_bytes["rejected"]["devA"] > 0 and not rt.registry.devices["devB"]["rejected"]
+    assert sum(w.refused for w in workers) == 4 and rt.forwarded == 0
+
+
+def test_a_rejected_transfer_is_acked_as_rejected_and_the_worker_answers_so(tmp_path):
+    bus, rt, workers, downs = cluster(tmp_path)
+    frames = upload_frames("devA", range(29))   # it registered 30 samples
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert acks(downs, "devA")[0]["accepted"] is False and acks(downs, "devA")[0]["reason"] == "sample_ids"
+    transfer = P.decode_frame(frames[0])[0]["transfer"]
+    assert workers[SHARD["devA"]].reassembler.progress("devA", transfer)["accepted"] is False
+    assert rt.ingest.round_bytes["rejected"]["devA"] == sum(map(len, frames)) and "devA" not in rt.strategy.train_uploads
+
+
+def test_a_forward_cut_short_is_dropped_and_the_resend_is_accepted(tmp_path):
+    """A worker killed mid-forward: the parts it sent are dropped when the next forward starts (no half upload
+    is judged), and the device's re-sent transfer, forwarded whole by the new worker, is accepted."""
+    bus, rt, workers, downs = cluster(tmp_path, "validation.max_samples_per_device=100000",
+                                      register=())
+    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 3000})
+    frames = upload_frames("devA", range(3000), shape=(4, 8, 8))   # forwarded in several parts
+    forwarded = []
+    bus.client("spy").subscribe(rt.topics.ingest(SHARD["devA"]), lambda t, p: forwarded.append(p))
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    worker = workers[SHARD["devA"]]
+    drain(worker.inbox, worker.handle, 0.01)
+    parts = [P.decode_frame(p)[0] for p in forwarded if P.decode_frame(p)[0]["type"] == P.INGESTED]
+    assert len(parts) >= 2 and all(len(P.decode_frame(p)[1]) <= FORWARD_PART_BYTES for p in forwarded)
+    rt.inbox.queue.clear()   # the coordinator saw none of it: now replay only the first part, as a dying worker
+    rt.handle(rt.topics.ingest(SHARD["devA"]), forwarded[0])
+    rt.handle(rt.topics.ingest(SHARD["devA"]), forwarded[-1])   # a gap: dropped
+    assert "devA" not in rt.strategy.train_uploads and not acks(downs, "devA")
+    for payload in forwarded:                                    # the new worker's whole forward
+        rt.handle(rt.topics.ingest(SHARD["devA"]), payload)
+    assert len(rt.strategy.train_uploads["devA"].sample_ids) == 3000 and acks(downs, "devA")[0]["accepted"]
+
+
+def test_a_re_registration_makes_the_worker_forget_the_old_process_transfers(tmp_path):
+    bus, rt, workers, downs = cluster(tmp_path)
+    frames = upload_frames("devA", range(3000), shape=(4, 8, 8))
+    assert len(frames) > 1
+    bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frames[0])
+    settle(rt, workers)
+    worker = workers[SHARD["devA"]]
+    assert worker.reassembler.held_bytes("devA") > 0
+    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 3000})
+    settle(rt, workers)
+    assert worker.reassembler.held_bytes("devA") == 0
+    assert rt.ingest.round_bytes["rejected"]["devA"] == len(frames[0])
+
+
+def test_a_worker_refuses_a_shard_its_config_has_not():
+    from cloud_runtime.config import load_runtime_config
+    with pytest.raises(ConfigError, match="shard is in"):
+        IngestWorker(load_runtime_config(None, ["ingest.workers=2"]), MemoryBus().client("w"), 2)
+    with pytest.raises(ConfigError, match="ingest.workers is 0"):
+        IngestWorker(load_runtime_config(None, []), MemoryBus().client("w"), 0)
