@@ -460,6 +460,8 @@ class CloudRuntime:
                "server_precision": self.cfg.server.precision,
                "server_ranks": {"world_size": self.group.world, "backend": self.group.backend,
                                 "restart": self.group.launch.restart} if self.group is not None else None,
+               "ingest_workers": {"workers": self.workers, "forwarded_transfers": self.forwarded} if self.workers
+               else None,
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
                "checkpoint": {"generation": self.store.generation, "error": self.checkpoint_error,
                               "skipped_on_restore": self.store.skipped}}
