@@ -6,9 +6,13 @@ K publisher processes (protocol-only devices) register and then upload one round
 process, real paho transport), which reassembles, checksums, decompresses, checks and holds them. The
 two alternate, trial by trial, so load from elsewhere hits both alike. Reported per receiver: wire MB/s,
 chunk messages/s from the first publish to the last byte (raw) or the last accepted transfer (runtime);
-the median of the trials and the runtime/raw ratio.
+the median of the trials and the runtime/raw ratio. With ``--workers 0 1 2 4`` the runtime is also measured
+with that many ingest workers (processes, ``cloud_runtime/ingest_worker.py``: the publishers send to their
+shards; 0 is the runtime alone), each count in every trial, and the ratios between them are printed.
 
     python -m bench.ingest --devices 4 --samples 4000 --codec int8 --trials 5 --out docs/bench/ingest
+    python -m bench.ingest --devices 4 --samples 4000 --codec int8 --trials 3 --workers 0 1 2 4 \
+        --out docs/bench/ingest_workers
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cloud_runtime.config import load_runtime_config  # noqa: E402
+from cloud_runtime.ingest_worker import WorkerPool  # noqa: E402
 from cloud_runtime.service import build_runtime  # noqa: E402
 from edge_sdk import protocol as P  # noqa: E402
 from edge_sdk.messages import FeatureUpload  # noqa: E402
@@ -36,7 +41,7 @@ from edgefl_core.transport.mqtt import MqttTransport  # noqa: E402
 from edgefl_cli.mosquitto import EmbeddedMosquitto  # noqa: E402
 
 def publisher(url: str, run: str, device: str, samples: int, codec: str, chunk: int, start_at: float, seed: int,
-              counts, release) -> None:
+              counts, release, shards: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     features = torch.relu(torch.randn(samples, 16, 14, 14, generator=g))  # post-ReLU, like the stem's output
     upload = FeatureUpload(device, 0, "train", np.arange(seed * samples, (seed + 1) * samples, dtype=np.int64),
@@ -50,7 +55,7 @@ def publisher(url: str, run: str, device: str, samples: int, codec: str, chunk: 
         P.REGISTER, run=run, device=device, round_=-1, num_classes=10, feature_channels=16, train_samples=samples))
     transport.flush(30)
     time.sleep(max(0.0, start_at - time.time()))
-    topic = P.Topics(run).up(device)
+    topic = P.Topics(run).up(device, P.ingest_shard(run, device, shards) if shards else None)
     for frame in frames:
         transport.publish(topic, frame)
     transport.flush(300)
@@ -61,11 +66,12 @@ def publisher(url: str, run: str, device: str, samples: int, codec: str, chunk: 
 class Publishers:
     """The publisher processes of one trial: they publish at ``start_at`` and exit once released."""
 
-    def __init__(self, url: str, run: str, args, start_at: float):
+    def __init__(self, url: str, run: str, args, start_at: float, shards: int = 0):
         ctx = mp.get_context("spawn")
         counts, self.release = ctx.Queue(), ctx.Event()
         self.procs = [ctx.Process(target=publisher, args=(url, run, f"pub{i}", args.samples, args.codec,
-                                                          args.chunk_bytes, start_at, i, counts, self.release))
+                                                          args.chunk_bytes, start_at, i, counts, self.release,
+                                                          shards))
                       for i in range(args.devices)]
         for p in self.procs:
             p.start()
@@ -114,14 +120,22 @@ def raw_trial(url: str, run: str, args) -> dict:
             "complete": got["messages"] >= messages}
 
 
-def runtime_trial(url: str, run: str, args, state_dir: Path) -> dict:
-    """The cloud runtime receiving the same uploads (reassembly, sha256, zstd, checks, the feature store)."""
-    cfg = load_runtime_config(None, [f"run_id={run}", f"broker.url={url}", f"state_dir={state_dir}",
-                                     f"expected_devices={args.devices}", "num_classes=10"])
+def runtime_trial(url: str, run: str, args, state_dir: Path, workers: int = 0) -> dict:
+    """The cloud runtime receiving the same uploads (reassembly, sha256, zstd, checks, the feature store), alone
+    or with ``workers`` ingest worker processes doing the reassembly, checksums and decompression."""
+    overrides = [f"run_id={run}", f"broker.url={url}", f"state_dir={state_dir}", f"expected_devices={args.devices}",
+                 "num_classes=10", f"ingest.workers={workers}", "console.enabled=false"]
+    cfg = load_runtime_config(None, overrides)
     runtime = build_runtime(cfg)
     runtime.start()
+    pool = None
+    if workers:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "runtime.yaml").write_text("{}\n")
+        pool = WorkerPool(str(state_dir / "runtime.yaml"), overrides, workers, log_level="WARNING")
+        time.sleep(6.0)  # the workers import, connect and subscribe (outside the measured window)
     start_at = time.time() + 8.0
-    publishers = Publishers(url, run, args, start_at)
+    publishers = Publishers(url, run, args, start_at, shards=workers)
     messages = publishers.messages
     deadline = time.time() + 600
     while len(runtime.strategy.train_uploads) < args.devices and time.time() < deadline:
@@ -129,9 +143,11 @@ def runtime_trial(url: str, run: str, args, state_dir: Path) -> dict:
     elapsed = time.time() - start_at
     publishers.finish()
     runtime.close()
+    if pool is not None:
+        pool.close()
     wire = sum(d["bytes_up"] for d in runtime.registry.devices.values())
     raw = sum(d["raw_fp32_bytes"] for d in runtime.registry.devices.values())
-    return {"receiver": "runtime", "seconds": elapsed, "wire_MB": wire / 1e6, "wire_MBps": wire / 1e6 / elapsed,
+    return {"receiver": f"runtime+{workers} workers" if workers else "runtime", "seconds": elapsed, "wire_MB": wire / 1e6, "wire_MBps": wire / 1e6 / elapsed,
             "messages_per_s": messages / elapsed, "decoded_fp32_MBps": raw / 1e6 / elapsed,
             "held_MB": runtime.strategy.server.train_store.nbytes() / 1e6 if runtime.strategy.server else None,
             "complete": len(runtime.strategy.train_uploads) == args.devices,
@@ -145,6 +161,8 @@ def main() -> int:
     parser.add_argument("--codec", default="int8", choices=P.CODECS)
     parser.add_argument("--chunk-bytes", type=int, default=P.DEFAULT_CHUNK_BYTES)
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0],
+                        help="ingest worker counts to measure the runtime with (0: the runtime alone)")
     parser.add_argument("--out", default="docs/bench/ingest")
     args = parser.parse_args()
     out = Path(args.out)
@@ -152,24 +170,29 @@ def main() -> int:
     trials: list[dict] = []
     with EmbeddedMosquitto() as broker:
         for trial in range(args.trials):
-            for kind in ("raw", "runtime"):  # alternating
+            for kind in ("raw", *args.workers):  # alternating
                 run = f"ingest-{kind}-{trial}"
                 result = (raw_trial(broker.url, run, args) if kind == "raw"
-                          else runtime_trial(broker.url, run, args, out / "state" / run))
+                          else runtime_trial(broker.url, run, args, out / "state" / run, kind))
                 trials.append(result)
-                print(f"trial {trial + 1}/{args.trials} {result['receiver']:9s}: {result['wire_MBps']:6.1f} MB/s, "
+                print(f"trial {trial + 1}/{args.trials} {result['receiver']:20s}: {result['wire_MBps']:6.1f} MB/s, "
                       f"{result['messages_per_s']:5.0f} msgs/s{'' if result['complete'] else ' (INCOMPLETE)'}",
                       flush=True)
     if not all(t["complete"] for t in trials):
         print("a trial did not receive every upload", file=sys.stderr)
         return 1
-    median = {kind: statistics.median(t["wire_MBps"] for t in trials if t["receiver"] == kind)
-              for kind in ("raw paho", "runtime")}
-    result = {"args": vars(args), "median_wire_MBps": median, "runtime_over_raw": median["runtime"] / median["raw paho"],
+    kinds = list(dict.fromkeys(t["receiver"] for t in trials))
+    median = {kind: statistics.median(t["wire_MBps"] for t in trials if t["receiver"] == kind) for kind in kinds}
+    first = kinds[1]  # the first runtime measured (the runtime alone, with the default --workers 0)
+    result = {"args": vars(args), "median_wire_MBps": median,
+              "runtime_over_raw": median[first] / median["raw paho"],
+              "over_raw": {k: median[k] / median["raw paho"] for k in kinds[1:]},
+              f"over_{first.replace(' ', '_')}": {k: median[k] / median[first] for k in kinds[1:]},
               "trials": trials}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"median: raw paho {median['raw paho']:.1f} MB/s, runtime {median['runtime']:.1f} MB/s: runtime ingest at "
-          f"{result['runtime_over_raw']:.0%} of the broker's relay rate")
+    for kind in kinds[1:]:
+        print(f"median: {kind:20s} {median[kind]:6.1f} MB/s: {median[kind] / median['raw paho']:4.0%} of raw paho "
+              f"({median['raw paho']:.1f} MB/s), {median[kind] / median[first]:.2f}x {first}")
     return 0
 
 
