@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -71,9 +72,19 @@ class IngestWorker:
         self.transport.subscribe(self.topics.verdicts(self.shard), self.enqueue, retained=False)
         if not connect_patiently(self.transport, self.stop, f"ingest worker {self.shard} of run {self.cfg.run_id!r}"):
             return False
+        self.transport.publish(self.topics.ingest_status(self.shard), presence(self.cfg.run_id, self.shard, "online"),
+                               retain=True)
         logger.info("ingest worker %d of %d serving run %r (%s)", self.shard, self.cfg.ingest.workers, self.cfg.run_id,
                     self.topics.shard_up(self.shard))
         return True
+
+    def close(self) -> None:
+        """Say ``offline`` (retained) and disconnect: a clean stop, which sends no Last Will."""
+        if self.transport.connected:
+            self.transport.publish(self.topics.ingest_status(self.shard),
+                                   presence(self.cfg.run_id, self.shard, "offline"), retain=True)
+            self.transport.flush(5)
+        self.transport.close()
 
     def serve(self, parent_pid: int | None = None) -> None:
         """Handle messages until ``stop`` is set, or until process ``parent_pid`` (the coordinator that spawned
@@ -198,6 +209,12 @@ class IngestWorker:
     def _charge_dropped(self) -> None:
         for owner, held in self.reassembler.take_dropped().items():
             self._charge(owner, -1, "rejected", held)
+
+
+def presence(run: str, shard: int, state: str) -> bytes:
+    """Worker ``shard``'s retained presence frame (``online`` / ``offline``; the latter also as its Last Will)."""
+    return W.control_frame(W.STATUS, run=run, device=f"ingest-{shard}", round_=-1, state=state, pid=os.getpid(),
+                           host=socket.gethostname()[:64])
 
 
 class WorkerPool:

@@ -93,6 +93,7 @@ class CloudRuntime:
             self.downlink.recipe["ingest_shards"] = self.workers
         self.forwarded = 0   # transfers the ingest workers forwarded
         self._forwards: dict[int, dict] = {}  # shard -> the transfer it is forwarding, parts so far
+        self.worker_status: dict[int, dict] = {}  # shard -> its worker's presence (state, since)
 
     # -- messages -----------------------------------------------------------------------------------
 
@@ -109,6 +110,7 @@ class CloudRuntime:
         self.transport.subscribe(self.topics.all_status, self.enqueue)
         if self.workers:  # what the ingest workers forward (a topic no device credential may publish on)
             self.transport.subscribe(self.topics.all_ingest, self.enqueue, retained=False)
+            self.transport.subscribe(self.topics.all_ingest_status, self.enqueue)  # retained presence, Last Will
         if not connect_patiently(self.transport, self.stop, f"runtime of run {self.cfg.run_id!r}"):
             return  # stopped while waiting for the broker
         if self.strategy.next_round < self.cfg.rounds:  # devices that registered before we listened do so again
@@ -131,6 +133,9 @@ class CloudRuntime:
         """One message; never raises. Rejections are charged to the topic's (authenticated) device."""
         if self.workers and (shard := self.topics.ingest_shard_of(topic)) is not None:
             self._on_ingest(shard, payload)
+            return
+        if self.workers and topic.startswith(f"{self.topics.base}/ingest/") and topic.endswith("/status"):
+            self._on_worker_status(topic, payload)
             return
         self.messages_in += 1
         self.telemetry.counters.messages.inc()
@@ -394,6 +399,25 @@ class CloudRuntime:
                                    chunks if type(chunks) is int else 1, str(first.get("sha256", "")),
                                    "raw" if first.get("packed") == "raw" else "zstd")
 
+    def _on_worker_status(self, topic: str, payload: bytes) -> None:
+        """An ingest worker's retained presence (or its Last Will): logged when it changes, in report.json."""
+        shard = topic.split("/")[-2]
+        try:
+            header, _ = P.decode_frame(payload, max_body=0)
+            state = header.get("data", {}).get("state")
+        except (P.ProtocolError, AttributeError):
+            return
+        if not shard.isdigit() or int(shard) >= self.workers or state not in ("online", "offline"):
+            return
+        shard_, data = int(shard), header["data"]
+        if self.worker_status.get(shard_, {}).get("state") != state:
+            if state == "online":
+                logger.info("ingest worker %d is online (pid %s on %s)", shard_, data.get("pid"), str(data.get("host"))[:64])
+            else:
+                logger.warning("ingest worker %d is offline: the devices of its shard cannot upload until a worker "
+                               "serves it again (their chunks queue at the broker)", shard_)
+        self.worker_status[shard_] = {"state": state, "since": time.time()}
+
     def _tell_worker(self, device: str, **data) -> None:
         """A :data:`~edgefl_core.wire.VERDICT` to ``device``'s ingest worker: a transfer's verdict, or ``forget``."""
         self.transport.publish(self.topics.verdicts(P.ingest_shard(self.cfg.run_id, device, self.workers)), P.encode_frame(
@@ -460,8 +484,9 @@ class CloudRuntime:
                "server_precision": self.cfg.server.precision,
                "server_ranks": {"world_size": self.group.world, "backend": self.group.backend,
                                 "restart": self.group.launch.restart} if self.group is not None else None,
-               "ingest_workers": {"workers": self.workers, "forwarded_transfers": self.forwarded} if self.workers
-               else None,
+               "ingest_workers": {"workers": self.workers, "forwarded_transfers": self.forwarded,
+                                  "status": {str(k): v["state"] for k, v in sorted(self.worker_status.items())}}
+               if self.workers else None,
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
                "checkpoint": {"generation": self.store.generation, "error": self.checkpoint_error,
                               "skipped_on_restore": self.store.skipped}}

@@ -14,10 +14,11 @@ import signal
 import sys
 
 from cloud_runtime.config import load_runtime_config
-from cloud_runtime.ingest_worker import IngestWorker
+from cloud_runtime.ingest_worker import IngestWorker, presence
 from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
 from edgefl_core.config import ConfigError
 from edgefl_core.transport import create_transport
+from edgefl_core.wire import Topics
 
 logger = logging.getLogger("edgefl.ingest")
 
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_runtime_config(args.config, args.overrides)
         # a client id of its own per shard, with a persistent session: chunks queue at the broker while it restarts
-        transport = create_transport(cfg.broker, f"edgefl-ingest-{cfg.run_id}-{args.shard}")
+        transport = create_transport(cfg.broker, f"edgefl-ingest-{cfg.run_id}-{args.shard}", will=(
+            Topics(cfg.run_id).ingest_status(args.shard), presence(cfg.run_id, args.shard, "offline")))
         worker = IngestWorker(cfg, transport, args.shard)
     except (ConfigError, ValueError) as e:
         logger.error("%s", e)
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         worker.serve(args.parent_pid)
     finally:
-        transport.close()
+        worker.close()
     logger.info("ingest worker %d stopped: %d messages, %d transfers forwarded, %d chunks refused", args.shard,
                 worker.messages_in, worker.forwarded, worker.refused)
     return 0

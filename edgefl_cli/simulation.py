@@ -219,6 +219,10 @@ def run_in_memory(cfg: ExperimentConfig, out_dir: Path, stop: threading.Event | 
     deployment = write_deployment(cfg, out_dir, f"memory://{uuid.uuid4().hex[:8]}")
     if stop.is_set():
         return None
+    if deployment.runtime.ingest.workers:  # processes on a broker: in memory the runtime ingests alone
+        logger.warning("deployment.ingest_workers=%d is ignored with --transport memory: the runtime ingests alone",
+                       deployment.runtime.ingest.workers)
+        deployment.runtime.ingest = IngestConfig()
     runtime = build_runtime(deployment.runtime)
     console = start_console(runtime)  # logs its address
     agents = [build_agent(a) for a in deployment.agents]  # built in order: seeded initial models

@@ -93,6 +93,14 @@ class Topics:
     def all_ingest(self) -> str:
         return f"{self.base}/ingest/+"
 
+    def ingest_status(self, shard: int) -> str:
+        """Worker ``shard``'s presence (retained ``online``; its Last Will says ``offline``)."""
+        return f"{self.base}/ingest/{shard}/status"
+
+    @property
+    def all_ingest_status(self) -> str:
+        return f"{self.base}/ingest/+/status"
+
     def verdicts(self, shard: int) -> str:
         """The coordinator -> worker ``shard``: :data:`VERDICT` frames."""
         return f"{self.base}/ingest/{shard}/verdict"

@@ -38,7 +38,8 @@ def test_two_gloo_ranks_and_two_ingest_workers_run_the_job_one_process_runs(tmp_
     assert two["run"]["server_ranks"] == {"world_size": 2, "backend": "gloo", "restart": 0}
     assert one["run"].get("server_ranks") is None and one["run"].get("ingest_workers") is None
     assert [P.ingest_shard("quickstart", f"dev{i}", 2) for i in range(2)] == [0, 1]
-    assert two["run"]["ingest_workers"] == {"workers": 2, "forwarded_transfers": 2 * 2 * 2}  # train + test, 2 rounds
+    assert two["run"]["ingest_workers"] == {"workers": 2, "forwarded_transfers": 2 * 2 * 2,  # train + test, 2 rounds
+                                            "status": {"0": "online", "1": "online"}}
     assert [r["accepted_samples"] for r in two["rounds"]] == [r["accepted_samples"] for r in one["rounds"]]
     assert two["final"]["accepted_samples"] == one["final"]["accepted_samples"] == 2 * 4000  # 2 rounds
     gap = abs(two["final"]["test_accuracy"] - one["final"]["test_accuracy"])

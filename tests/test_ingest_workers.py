@@ -65,6 +65,16 @@ def test_a_device_sends_to_the_shard_its_run_recipe_names(tmp_path):
     assert rt.downlink.recipe["ingest_shards"] == 2  # rides on every HELLO / ROUND
 
 
+def test_the_runtime_knows_which_workers_are_online(tmp_path, caplog):
+    bus, rt, workers, downs = cluster(tmp_path)
+    settle(rt, workers)
+    assert {k: v["state"] for k, v in rt.worker_status.items()} == {0: "online", 1: "online"}
+    workers[1].close()
+    settle(rt, workers)
+    assert rt.worker_status[1]["state"] == "offline" and "ingest worker 1 is offline" in caplog.text
+    assert rt.report()["run"]["ingest_workers"]["status"] == {"0": "online", "1": "offline"}
+
+
 def test_uploads_through_two_workers_are_judged_as_if_the_runtime_had_reassembled_them(tmp_path):
     direct = runtime(tmp_path / "direct")
     bus, rt, workers, downs = cluster(tmp_path / "sharded")
