@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -383,19 +383,33 @@ class ValidationConfig:
 @dataclass
 class IngestConfig:
     """Sharded ingest (``cloud_runtime/ingest_worker.py``, docs/DEPLOYMENT.md): ``workers`` processes share the
-    uplink, each the devices whose ``crc32(id) % workers`` is its shard; they reassemble, checksum and decompress
-    transfers and forward them to the coordinator (``cloud-runtime serve``), which judges and owns the rounds.
-    0: the coordinator ingests alone."""
+    uplink, each the devices of its shard (:func:`edgefl_core.wire.ingest_shard`); they reassemble, checksum
+    and decompress transfers and forward them to the coordinator (``cloud-runtime serve``), which judges and
+    owns the rounds. 0: the coordinator ingests alone."""
 
     workers: int = 0
     spawn: bool = True            # serve starts the workers on this machine and restarts one that dies; false:
-    # run 'cloud-runtime ingest --shard K' yourself (other machines, a process manager)
+    # run 'cloud-ingest --shard K' yourself (other machines, a process manager)
     restart_delay_s: float = 1.0  # a spawned worker that died is started again after this long
+    # a broker account per worker, "<broker.username>-ingest-<k>" with passwords[k] (provision --ingest-workers
+    # writes them): brokers that take the user name as client id (provision's mosquitto.conf) would otherwise
+    # let the workers and the runtime take over one another's session. Empty: the workers log in as the runtime
+    passwords: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         require(type(self.workers) is int and 0 <= self.workers <= MAX_INGEST_SHARDS, "workers",
                 f"must be an integer in [0, {MAX_INGEST_SHARDS}], got {self.workers!r}")
         require(0 <= self.restart_delay_s <= 3600, "restart_delay_s", "must be in [0, 3600] seconds")
+        require(not self.passwords or (len(self.passwords) >= self.workers
+                                       and all(isinstance(p, str) and p for p in self.passwords)), "passwords",
+                f"one non-empty password per worker ({self.workers}), or none; got {len(self.passwords)}")
+
+    def broker_for(self, broker: BrokerConfig, shard: int) -> BrokerConfig:
+        """Worker ``shard``'s broker settings: the runtime's, with the worker's own account when ``passwords``
+        names one."""
+        if not self.passwords:
+            return broker
+        return replace(broker, username=f"{broker.username}-ingest-{shard}", password=self.passwords[shard])
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from cloud_runtime.broker_files import (RUNTIME_USER, acl_text, hand_to_broker_user, make_ca, make_server_cert,
+from cloud_runtime.broker_files import (RUNTIME_USER, acl_text, ingest_user, hand_to_broker_user, make_ca, make_server_cert,
                                         mosquitto_conf, mosquitto_password_hash, new_password, pem_cert, pem_key,
                                         write_secret)
 from edge_sdk.protocol import check_device_id
@@ -141,7 +141,8 @@ def agent_yaml(device: str, run_id: str, url: str, password: str, existing: dict
     ], existing)
 
 
-def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: int, existing: dict) -> str:
+def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: int, existing: dict,
+                 ingest_passwords: list[str] = (), ingest_spawn: bool = True) -> str:
     """The runtime's config: every run setting with a comment (see RuntimeConfig for all of them)."""
     num_classes, input_shape = RUN_FACTS[dataset]
     return render_commented([
@@ -185,20 +186,25 @@ def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: in
         ("state_dir", "checkpoints, report.json and plots (serve --reset-state starts the run afresh)", "state"),
         ("threads", "torch threads for server training; null: every core (set it when agents share this machine)",
          None),
+        ("ingest", "sharded ingest (docs/DEPLOYMENT.md): workers reassemble and decompress uploads beside the runtime; "
+         "spawn: serve starts them here; passwords: their broker accounts (provision --ingest-workers)", {
+             "workers": len(ingest_passwords), "spawn": ingest_spawn, "passwords": list(ingest_passwords)}),
     ], existing)
 
 
 def provision(out: str | Path, devices: list[str], *, host: str = "localhost", port: int = 8883,
               bind: str | None = None, run_id: str | None = None, days: int = 825,
               max_message_bytes: int = 8 << 20, force: bool = False,
-              broker_user: str = "mosquitto", any_run: bool = False, dataset: str = "fashion_mnist") -> Provisioned:
+              broker_user: str = "mosquitto", any_run: bool = False, dataset: str = "fashion_mnist",
+              ingest_workers: int = 0) -> Provisioned:
     """A TLS broker, credentials, an ACL and configs for ``devices``. The deployment is for one named run id
     (``run_id``, else the one provisioned before, else ``default``) and the ACL pins every device to it unless
     ``any_run``; the runtime config states the run's classes and image shape (from ``dataset``).
 
     Each device gets a portable bundle ``devices/<id>/`` (``agent.yaml`` with relative paths, ``ca.crt``,
     ``data/`` for its own data), 0700 with its config 0600; the runtime gets ``runtime/`` likewise. The broker
-    listens on ``bind`` (default: :func:`default_bind` of ``host``). Raises ValueError on a bad argument."""
+    listens on ``bind`` (default: :func:`default_bind` of ``host``). ``ingest_workers``: broker accounts for that
+    many ingest workers (``ingest.passwords`` in the runtime config). Raises ValueError on a bad argument."""
     out = Path(out)
     host = host.strip("[]")  # [::1] and ::1 alike
     bind = bind or default_bind(host)
@@ -211,8 +217,9 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
         if not _PROVISIONED_ID.fullmatch(device):
             raise ValueError(f"device id {device!r}: provisioned ids are 1-128 of A-Z a-z 0-9 _ . - starting with a "
                              "letter or digit (they name folders, broker accounts and ACL lines)")
-        if device == RUNTIME_USER:
-            raise ValueError(f"device id {device!r} is reserved for the runtime's broker account")
+        if device == RUNTIME_USER or device.startswith(ingest_user("")):
+            raise ValueError(f"device id {device!r} is reserved for the runtime's (and its ingest workers') broker "
+                             "accounts")
     if len(set(devices)) != len(devices):
         raise ValueError("device ids must be unique")
     if not 1 <= port <= 65535:
@@ -223,6 +230,8 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
         raise ValueError(f"bind {bind!r}: an IP address to listen on (0.0.0.0 for every interface)") from None
     if days < 1:
         raise ValueError(f"days {days}: must be >= 1")
+    if not 0 <= ingest_workers <= 1024:
+        raise ValueError(f"ingest_workers {ingest_workers}: must be in [0, 1024]")
     ca_dir, broker_dir = out / "ca", out / "broker"
     ca_crt, ca_key_path = ca_dir / "ca.crt", ca_dir / "ca.key"
     from cryptography import x509
@@ -248,6 +257,11 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     existing_runtime = _read_yaml(runtime_path) if not force else {}
     run_id = run_id or existing_runtime.get("run_id") or "default"
     accounts[RUNTIME_USER] = _password_of(existing_runtime) or new_password()
+    old_ingest = existing_runtime.pop("ingest", None) or {}
+    kept = [p for p in old_ingest.get("passwords") or [] if isinstance(p, str) and p]
+    ingest_passwords = [kept[k] if k < len(kept) else new_password() for k in range(ingest_workers)]
+    for k, password in enumerate(ingest_passwords):
+        accounts[ingest_user(k)] = password
     agent_paths = {}
     before = {p.parent.name for p in (out / "devices").glob("*/agent.yaml")}
     if existing_runtime.get("expected_devices") == len(before):  # provision's own count: follows the fleet
@@ -272,7 +286,8 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     (runtime_path.parent / "ca.crt").write_bytes(ca_crt.read_bytes())
     n_devices = len(set(devices) | {p.parent.name for p in (out / "devices").glob("*/agent.yaml")})
     write_secret(runtime_path, runtime_yaml(run_id, scheme_url, accounts[RUNTIME_USER], dataset, n_devices,
-                                             existing_runtime).encode())
+                                             existing_runtime, ingest_passwords,
+                                             old_ingest.get("spawn", True) is not False).encode())
     # Devices provisioned earlier but not named now keep their accounts: removing a device is explicit.
     for path in sorted((out / "devices").glob("*/agent.yaml")):
         device = path.parent.name
@@ -283,7 +298,9 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
             accounts[device] = password
     write_secret(broker_dir / "passwd",
                   "".join(f"{user}:{mosquitto_password_hash(pw)}\n" for user, pw in accounts.items()).encode())
-    (broker_dir / "acl").write_text(acl_text([u for u in accounts if u != RUNTIME_USER], None if any_run else run_id))
+    workers = {ingest_user(k) for k in range(ingest_workers)}
+    (broker_dir / "acl").write_text(acl_text([u for u in accounts if u != RUNTIME_USER and u not in workers],
+                                             None if any_run else run_id, ingest_workers))
     conf = broker_dir / "mosquitto.conf"
     conf.write_text(mosquitto_conf(broker_dir, ca_crt, port, bind, max_message_bytes, broker_user))
     hand_to_broker_user(broker_dir, broker_user)
@@ -296,7 +313,8 @@ def main(args) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     result = provision(args.out, devices, host=args.host, port=args.port, bind=args.bind, run_id=args.run_id,
                        days=args.days, max_message_bytes=args.max_message_bytes, force=args.force,
-                       broker_user=args.broker_user, any_run=args.any_run, dataset=args.dataset)
+                       broker_user=args.broker_user, any_run=args.any_run, dataset=args.dataset,
+                       ingest_workers=args.ingest_workers)
     print(f"broker:   mosquitto -c {result.broker_conf}   (listens on {result.bind}:{args.port})")
     print(f"runtime:  cloud-runtime serve --config {result.runtime_config}   (run settings: edit that file)")
     for device, path in result.agent_configs.items():
@@ -338,4 +356,6 @@ def add_parser(sub) -> None:
     p.add_argument("--days", type=int, default=825, help="certificate validity in days")
     p.add_argument("--max-message-bytes", type=int, default=8 << 20, help="the broker's max_packet_size")
     p.add_argument("--force", action="store_true", help="new CA and new credentials for everyone")
+    p.add_argument("--ingest-workers", type=int, default=0,
+                   help="broker accounts (and runtime.yaml's ingest.workers) for this many ingest workers")
     p.add_argument("--broker-user", default="mosquitto", help="the account mosquitto drops to when started as root")

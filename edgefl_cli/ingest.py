@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_runtime_config(args.config, args.overrides)
         # a client id of its own per shard, with a persistent session: chunks queue at the broker while it restarts
-        transport = create_transport(cfg.broker, f"edgefl-ingest-{cfg.run_id}-{args.shard}", will=(
+        transport = create_transport(cfg.ingest.broker_for(cfg.broker, args.shard),
+                                     f"edgefl-ingest-{cfg.run_id}-{args.shard}", will=(
             Topics(cfg.run_id).ingest_status(args.shard), presence(cfg.run_id, args.shard, "offline")))
         worker = IngestWorker(cfg, transport, args.shard)
     except (ConfigError, ValueError) as e:

@@ -25,7 +25,7 @@ def deployment(tmp_path_factory):
     port = free_port()
     # The broker runs as this test's user (pytest's tmp dirs are private to it).
     result = provision(out, ["dev0", "dev1"], host="127.0.0.1", port=port, bind="127.0.0.1", run_id=RUN,
-                       broker_user=getpass.getuser())
+                       broker_user=getpass.getuser(), ingest_workers=2)
     with EmbeddedMosquitto(port=port, workdir=out / "broker", config_file=result.broker_conf):
         yield result, port
 
@@ -169,6 +169,50 @@ def test_a_device_cannot_take_over_another_devices_session(deployment):
     finally:
         dev0.close()
         dev1.close()
+
+
+def test_ingest_workers_have_accounts_of_their_own_and_only_their_shard(deployment):
+    """The provisioned broker takes the user name as client id: workers logging in as the runtime would take
+    over its session (and one another's). Each worker has its own account, reads only its shard and verdicts,
+    writes only its forwards, presence and device downlinks; no device may write where workers forward."""
+    from cloud_runtime.config import load_runtime_config
+    result, port = deployment
+    cfg = load_runtime_config(result.runtime_config)
+    assert cfg.ingest.workers == 2 and len(cfg.ingest.passwords) == 2
+    runtime = MqttTransport.from_config(cfg.broker, "edgefl-runtime")
+    workers = [MqttTransport.from_config(cfg.ingest.broker_for(cfg.broker, k), f"edgefl-ingest-{RUN}-{k}")
+               for k in range(2)]
+    probes = []
+    try:
+        for t in (runtime, *workers):
+            t.connect(timeout=10)
+        time.sleep(1.0)
+        assert runtime.connected and all(w.connected for w in workers)   # no session takeover among them
+        for t in (runtime, *workers):
+            t.close()
+        w0 = Probe(port, result.ca_file, "cloud-runtime-ingest-0", cfg.ingest.passwords[0])
+        dev0 = Probe(port, result.ca_file, "dev0", _password(result, "dev0"))
+        probes += [w0, dev0]
+        assert not w0.connected().is_failure and not dev0.connected().is_failure
+        w0.subscribe(f"edgefl/v1/{RUN}/dev/+/up/+")      # granted; the broker delivers only what the ACL lets it read
+        assert not dev0.publish(f"edgefl/v1/{RUN}/dev/dev0/up/1", b"shard 1").is_failure
+        assert not dev0.publish(f"edgefl/v1/{RUN}/dev/dev0/up/0", b"shard 0").is_failure
+        deadline = time.monotonic() + 5
+        while not w0.messages and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert w0.messages == [(f"edgefl/v1/{RUN}/dev/dev0/up/0", b"shard 0")]     # not another worker's shard
+        assert not w0.publish(f"edgefl/v1/{RUN}/ingest/0", b"forward").is_failure
+        assert not w0.publish(f"edgefl/v1/{RUN}/dev/dev1/down", b"progress").is_failure
+        assert w0.publish(f"edgefl/v1/{RUN}/ingest/1", b"forged").value == 135
+        assert w0.publish(f"edgefl/v1/{RUN}/ingest/0/verdict", b"forged").value == 135
+        assert dev0.publish(f"edgefl/v1/{RUN}/ingest/0", b"forged").value == 135
+        assert dev0.publish(f"edgefl/v1/{RUN}/dev/dev1/up/1", b"another's").value == 135
+    finally:
+        for p in probes:
+            p.close()
+        for t in (runtime, *workers):
+            t.close()
 
 
 def test_generated_agent_config_connects_with_the_sdk_transport(deployment):
