@@ -1,7 +1,7 @@
 """Sharded ingest: one shard of the uplink reassembled, checksummed and decompressed off the coordinator.
 
 In a run with ``ingest.workers`` = N the run recipe tells devices N, and each publishes its chunks on
-``.../dev/<id>/up/<k>`` with k = crc32(id) % N (:func:`edgefl_core.wire.ingest_shard`; registrations stay on
+``.../dev/<id>/up/<k>`` with k = sha256("<run>/<id>") mod N (:func:`edgefl_core.wire.ingest_shard`; registrations stay on
 ``.../dev/<id>/up``). Worker k subscribes to shard k alone, so a transfer is never split between two workers
 (mosquitto's ``$share`` round-robins single messages, which would split it; brokers with sticky shared
 subscriptions are discussed in docs/DEPLOYMENT.md). Per chunk the worker does what the coordinator does
@@ -13,7 +13,11 @@ the device and sends the worker its :data:`~edgefl_core.wire.VERDICT` (what the 
 asks again). Bytes a worker refuses or sees twice are charged to their device through
 :data:`~edgefl_core.wire.INGEST_EVENT` frames, with the reason.
 
-A worker holds no run state and imports no torch. Killed, it is started again (by ``cloud-runtime serve`` when
+A worker holds no run state and imports no torch. It forwards decompressed only what inflates at most
+:data:`MAX_FORWARD_INFLATION` times (a zstd bomb goes on as sent and is refused by the coordinator before
+anything is allocated), and every forwarded transfer gets a verdict back: final from the judge, or ``retry``
+when the coordinator did not judge it (it never arrived whole, the device was quarantined or unknown), so the
+device's resend is reassembled afresh. Killed, it is started again (by ``cloud-runtime serve`` when
 it spawned it: :class:`WorkerPool`); its persistent MQTT session hands it the chunks queued meanwhile, and the
 chunks it held are asked for again by their senders (:mod:`edgefl_core.reliable`). Nothing accepted lives here.
 """
@@ -27,6 +31,8 @@ import subprocess
 import sys
 import threading
 import time
+
+import zstandard
 
 from cloud_runtime.config import RuntimeConfig
 from edgefl_core import wire as W
@@ -43,6 +49,9 @@ logger = logging.getLogger("edgefl.ingest")
 # default max_packet_size is 1 MB; provision writes 8 MiB for mosquitto); one publisher's messages on one topic
 # arrive in order (MQTT 5.0, 4.6), so the coordinator appends them without checksums of its own
 FORWARD_PART_BYTES = 768 << 10
+# a worker decompresses before forwarding only what inflates at most this much (int8 features: ~1.6x): a zstd
+# bomb is forwarded as sent, and the coordinator refuses it from its stated size before allocating anything
+MAX_FORWARD_INFLATION = 16
 
 
 class IngestWorker:
@@ -141,12 +150,18 @@ class IngestWorker:
             logger.exception("internal error handling a chunk from %s", device)
             self._charge(device, -1, "rejected", len(payload), "internal_error", f"{type(e).__name__}: {e}")
             return
-        if self.reassembler.duplicates > duplicates:
-            self._charge(device, header["round"], "resent", len(payload))
-        if done is None:
-            self._answer(device, header)
-        else:
-            self._forward(done)
+        try:
+            if self.reassembler.duplicates > duplicates:
+                self._charge(device, header["round"], "resent", len(payload))
+            if done is None:
+                self._answer(device, header)
+            else:
+                self._forward(done)
+        except W.ProtocolError as e:  # the transfer cannot be forwarded as it is (a header that would not fit)
+            self._refuse(done, e.reason, str(e))
+        except Exception as e:  # a bug costs one transfer, never the worker
+            logger.exception("internal error forwarding a transfer of %s", device)
+            self._refuse(done, "internal_error", f"{type(e).__name__}: {e}")
 
     def _forward(self, done: CompletedTransfer) -> None:
         """Hand a verified transfer to the coordinator in parts of :data:`FORWARD_PART_BYTES`, decompressed when
@@ -154,14 +169,20 @@ class IngestWorker:
         it, with the reason, like any other). The first part carries the transfer's meta and accounting."""
         blob, packed = done.blob, "zstd"
         try:
-            blob, packed = decompress(done.blob, self.cfg.max_decoded_bytes), "raw"
-        except W.ProtocolError:
-            pass
+            stated = zstandard.frame_content_size(done.blob)
+        except zstandard.ZstdError:
+            stated = -1
+        if 0 <= stated <= min(self.cfg.max_decoded_bytes, MAX_FORWARD_INFLATION * len(done.blob) + (1 << 20)):
+            try:
+                blob, packed = decompress(done.blob, self.cfg.max_decoded_bytes), "raw"
+            except W.ProtocolError:
+                pass
         view, topic = memoryview(blob), self.topics.ingest(self.shard)
         parts = max(1, -(-len(blob) // FORWARD_PART_BYTES))
         for part in range(parts):
             header = {"type": W.INGESTED, "run": self.cfg.run_id, "device": done.device, "round": done.round,
-                      "transfer": done.transfer, "part": part, "parts": parts, "size": len(blob)}
+                      "transfer": done.transfer, "part": part, "parts": parts, "size": len(blob),
+                      "workers": self.cfg.ingest.workers}
             if part == 0:
                 header.update(meta=done.meta, wire_bytes=done.wire_bytes, chunks=done.chunks, sha256=done.sha256,
                               packed=packed)
@@ -170,6 +191,18 @@ class IngestWorker:
         self.forwarded += 1
         logger.debug("%s: transfer %s of round %d forwarded (%.2f MB, %s)", done.device, done.transfer[:8],
                      done.round, len(blob) / 1e6, packed)
+
+    def _refuse(self, done: CompletedTransfer | None, reason: str, detail: str) -> None:
+        """A completed transfer this worker cannot forward: its verdict is the worker's (ACK to the device, what
+        a sender asking again is told), its bytes and the reason charged to the device."""
+        if done is None:
+            return
+        self.refused += 1
+        self.reassembler.settle(done.device, done.transfer, False, reason)
+        self.transport.publish(self.topics.down(done.device), W.control_frame(
+            W.ACK, run=self.cfg.run_id, device=done.device, round_=done.round, transfer=done.transfer, final=True,
+            accepted=False, reason=reason))
+        self._charge(done.device, done.round, "rejected", done.wire_bytes, reason, detail)
 
     def _on_verdict(self, payload: bytes) -> None:
         """The coordinator's verdict on a forwarded transfer, or ``forget``: the device re-registered, its open
@@ -182,6 +215,8 @@ class IngestWorker:
             if header.get("forget"):
                 self.reassembler.forget(device)
                 self._charge_dropped()
+            elif header.get("retry") and isinstance(transfer, str):  # not judged: a resend is reassembled anew
+                self.reassembler.reopen(device, transfer)
             elif isinstance(transfer, str):
                 self.reassembler.settle(device, transfer, header.get("accepted") is True, header.get("reason"))
         except W.ProtocolError as e:
@@ -203,7 +238,8 @@ class IngestWorker:
         if not wire and reason is None:
             return
         header = {"type": W.INGEST_EVENT, "run": self.cfg.run_id, "device": device, "round": round_,
-                  "kind": kind, "wire": wire, "reason": reason, "detail": detail[:500]}
+                  "kind": kind, "wire": wire, "reason": reason, "detail": detail[:500],
+                  "workers": self.cfg.ingest.workers}
         self.transport.publish(self.topics.ingest(self.shard), W.encode_frame(header))
 
     def _charge_dropped(self) -> None:

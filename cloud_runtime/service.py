@@ -40,6 +40,7 @@ logger = logging.getLogger("edgefl.runtime")
 
 # what one device's earlier runtime session can have left in flight (a whole upload's chunks and heartbeats)
 LATE_MESSAGES_PER_DEVICE = 2048
+WORKER_CHECK_S = 30.0   # how often shards without a live ingest worker are looked for (and logged)
 
 
 class CloudRuntime:
@@ -94,6 +95,8 @@ class CloudRuntime:
         self.forwarded = 0   # transfers the ingest workers forwarded
         self._forwards: dict[int, dict] = {}  # shard -> the transfer it is forwarding, parts so far
         self.worker_status: dict[int, dict] = {}  # shard -> its worker's presence (state, since)
+        self._misconfigured: set[int] = set()     # shards whose worker runs another config (logged once)
+        self._workers_checked = time.monotonic()  # when shards without a live worker were last looked for
 
     # -- messages -----------------------------------------------------------------------------------
 
@@ -123,6 +126,12 @@ class CloudRuntime:
     def pump(self, timeout: float = 0.2) -> None:
         """Handle everything queued (waiting up to ``timeout`` s for the first message); expire transfers."""
         drain(self.inbox, self.handle, timeout)
+        if self.workers and time.monotonic() - self._workers_checked > WORKER_CHECK_S:
+            self._workers_checked = time.monotonic()
+            missing = [k for k in range(self.workers) if self.worker_status.get(k, {}).get("state") != "online"]
+            if missing:
+                logger.warning("ingest shards %s have no worker online: their devices cannot upload (start "
+                               "'cloud-ingest --shard K' for each, or set ingest.spawn: true)", missing)
         self.programs.poll()
         self.board.refresh(self)  # the console's views, when due and someone is watching
         for device, transfer in self.ingest.expired():
@@ -301,13 +310,12 @@ class CloudRuntime:
         the transfer was reassembled (what a sender asking again is answered)."""
         try:
             what = self.strategy.accept(device, done)  # accepted: the strategy counts it (Ingest.count_accepted)
-        except Rejected as e:
+        except Exception as e:  # every outcome is a verdict: a sender left without one would ask for ever
+            reason = e.reason if isinstance(e, (Rejected, P.ProtocolError)) else \
+                "bad_payload" if isinstance(e, MessageError) else "internal_error"
             self.ingest.count_rejected(device, done.wire_bytes)
-            settle(False, e.reason)
-            self.downlink.ack(device, done, accepted=False, reason=e.reason)
-            raise
-        except Exception:
-            self.ingest.count_rejected(device, done.wire_bytes)
+            settle(False, reason)
+            self.downlink.ack(device, done, accepted=False, reason=reason)
             raise
         settle(True, None)
         self.registry.accepted(device)
@@ -326,16 +334,22 @@ class CloudRuntime:
             logger.warning("ingest worker %d: a malformed frame (%s)", shard, e)
             return
         device, type_ = header["device"], header["type"]
-        if header["run"] != self.cfg.run_id or shard >= self.workers:
-            logger.warning("ingest worker %d: a frame of run %r (this is %r, with %d workers)", shard,
-                           header["run"][:40], self.cfg.run_id, self.workers)
+        if header["run"] != self.cfg.run_id or shard >= self.workers or header.get("workers") != self.workers:
+            # a worker of another run, or one whose config says another count: its shards are not the devices'
+            if shard not in self._misconfigured:
+                self._misconfigured.add(shard)
+                logger.error("ingest worker %d runs run %r with %s workers, this runtime %r with %d: its frames are "
+                             "ignored; start it with this runtime's config", shard, header["run"][:40],
+                             str(header.get("workers"))[:8], self.cfg.run_id, self.workers)
             return
         if type_ == P.INGEST_EVENT:
             kind, wire, reason = header.get("kind"), header.get("wire"), header.get("reason")
             if kind in ("rejected", "resent") and type(wire) is int and wire > 0:
                 self.ingest.count(kind, device, wire)
-            if isinstance(reason, str):
-                self.registry.reject(reason[:64], device, str(header.get("detail", ""))[:500])
+            if isinstance(reason, str):  # as the runtime judges chunks itself: a quarantined device's are
+                # "quarantined" (not a new offence that would extend its quarantine)
+                reason = "quarantined" if self.registry.quarantined(device) else reason[:64]
+                self.registry.reject(reason, device, str(header.get("detail", ""))[:500])
             return
         if type_ != P.INGESTED:
             logger.warning("ingest worker %d: unexpected frame type %r", shard, type_[:40])
@@ -347,18 +361,23 @@ class CloudRuntime:
         self.messages_in += 1
         self.telemetry.counters.messages.inc()
         self.forwarded += 1
+        judged = []   # the judge settles it (final verdict); otherwise the worker is told to reassemble a resend
+
+        def settle(accepted: bool, reason: str | None) -> None:
+            judged.append(True)
+            self._tell_worker(device, transfer=done.transfer, accepted=accepted, reason=reason)
         try:
             if device not in self.registry.devices and self._late(device, "upload"):
                 return
             if device not in self.registry.devices:
                 raise Rejected("unknown_device", "upload before registration")
-            if self.registry.quarantined(device):
+            if self.registry.quarantined(device):  # as its chunks would be without workers: charged, not judged
+                self.ingest.count_rejected(device, done.wire_bytes)
                 until = time.ctime(self.registry.devices[device]["quarantined_until"])
                 raise Rejected("quarantined", f"ignored until {until}")
             if done.meta.get("kind") == P.KIND_UPLOAD and done.meta.get("split") == "train":
                 self.ingest.note_release(device, done.blob, done.sha256)
-            self._judge(device, done, lambda accepted, reason: self._tell_worker(
-                device, transfer=done.transfer, accepted=accepted, reason=reason))
+            self._judge(device, done, settle)
         except Rejected as e:
             self.registry.reject(e.reason, device, e.detail)
         except P.ProtocolError as e:
@@ -368,6 +387,9 @@ class CloudRuntime:
         except Exception as e:  # a bug costs one transfer, never the service
             logger.exception("internal error judging a forwarded transfer of %s", device)
             self.registry.reject("internal_error", device, f"{type(e).__name__}: {e}")
+        finally:
+            if not judged:
+                self._tell_worker(device, transfer=done.transfer, retry=True)
 
     def _forwarded_part(self, shard: int, header: dict, body: bytes) -> P.CompletedTransfer | None:
         """Append one part of worker ``shard``'s forward; the transfer once its last part is in. A worker forwards
@@ -376,6 +398,9 @@ class CloudRuntime:
         part, parts, size = header.get("part"), header.get("parts"), header.get("size")
         held = self._forwards.get(shard)
         if part == 0:
+            if held is not None:  # a forward cut short (its worker restarted): that transfer is reassembled afresh
+                self._tell_worker(held["header"]["device"], transfer=str(held["header"].get("transfer"))[:64],
+                                  retry=True)
             held = self._forwards[shard] = {"header": header, "parts": [], "bytes": 0}
         if type(part) is not int or type(parts) is not int or type(size) is not int or held is None \
                 or (held["header"].get("transfer"), held["header"]["device"]) != (header.get("transfer"), header["device"]) \
@@ -385,6 +410,9 @@ class CloudRuntime:
             logger.warning("ingest worker %d: part %s of %s of %s's transfer %s is out of sequence: the transfer is "
                            "dropped (its device re-sends it)", shard, str(part)[:12], str(parts)[:12], header["device"],
                            str(header.get("transfer"))[:8])
+            for lost in {(h["device"], h.get("transfer")) for h in (header, held["header"] if held else header)}:
+                if isinstance(lost[1], str):   # the worker reassembles their resends afresh
+                    self._tell_worker(lost[0], transfer=lost[1][:64], retry=True)
             return None
         held["parts"].append(body)
         held["bytes"] += len(body)

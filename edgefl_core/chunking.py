@@ -233,6 +233,11 @@ class Reassembler:
         while len(self._done) > self._remember:
             self._done.popitem(last=False)
 
+    def reopen(self, device: str, transfer: str) -> None:
+        """Forget a completed transfer that was not judged after all (its judge never saw it whole): a resend of
+        it is reassembled afresh instead of being counted as a copy of a finished one."""
+        self._done.pop((device, transfer), None)
+
     def settle(self, device: str, transfer: str, accepted: bool, reason: str | None = None) -> None:
         """Record the verdict on a completed transfer (what :meth:`progress` answers a sender asking again)."""
         if (device, transfer) in self._done:

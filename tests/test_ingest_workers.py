@@ -171,3 +171,114 @@ def test_a_worker_refuses_a_shard_its_config_has_not():
         IngestWorker(load_runtime_config(None, ["ingest.workers=2"]), MemoryBus().client("w"), 2)
     with pytest.raises(ConfigError, match="ingest.workers is 0"):
         IngestWorker(load_runtime_config(None, []), MemoryBus().client("w"), 0)
+
+
+# -- what an attacker with one device credential, or an unlucky operator, found (review of the first version) --
+
+
+def test_a_meta_too_large_to_forward_is_refused_by_the_worker_which_keeps_running(tmp_path):
+    """Chunk 0's meta in raw UTF-8 fits the 64 KiB header; re-encoded (\\u escapes) it would not: the worker
+    refuses that transfer (ACK, charged, reason) instead of dying on it at every restart."""
+    import json
+    import struct
+    bus, rt, workers, downs = cluster(tmp_path)
+    header, body = P.decode_frame(upload_frames("devA", range(30))[0])
+    header["meta"]["note"] = "\u00e9" * 20000
+    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    frame = P.MAGIC + struct.pack(">I", len(raw)) + raw + body
+    bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert acks(downs, "devA")[0]["accepted"] is False and acks(downs, "devA")[0]["reason"] == "header_too_large"
+    assert rt.registry.devices["devA"]["rejection_reasons"] == {"header_too_large": 1}
+    assert rt.ingest.round_bytes["rejected"]["devA"] == len(frame)
+    test_uploads_through_two_workers_are_judged_as_if_the_runtime_had_reassembled_them(tmp_path / "after")
+
+
+def test_a_zstd_bomb_is_forwarded_as_sent_and_refused_before_anything_is_allocated(tmp_path):
+    import zstandard
+    bus, rt, workers, downs = cluster(tmp_path, register=())
+    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 1})
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (160 << 20))  # past 1 sample's decoded bound
+    frames = P.chunk_transfer(bomb, run=RUN, device="devA", round_=0,
+                              meta={"kind": "upload", "split": "train", "codec": "fp16"})
+    forwarded = []
+    bus.client("spy").subscribe(rt.topics.ingest(SHARD["devA"]), lambda t, p: forwarded.append(len(p)))
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert len(forwarded) == 1 and forwarded[0] < 64 << 10           # as sent: a few KiB, not 160 MiB
+    assert rt.registry.devices["devA"]["rejection_reasons"] == {"oversized": 1}
+    assert acks(downs, "devA")[0]["reason"] == "oversized"
+    direct = runtime(tmp_path / "direct", register=())
+    direct.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 1})
+    for frame in frames:
+        direct.handle(direct.topics.up("devA"), frame)
+    assert direct.registry.devices["devA"]["rejection_reasons"] == {"oversized": 1}
+    transfer = P.decode_frame(frames[0])[0]["transfer"]   # a verdict (it once had none: the sender asked for ever)
+    assert direct.ingest.reassembler.progress("devA", transfer)["accepted"] is False
+    assert direct.ingest.round_bytes["rejected"]["devA"] == rt.ingest.round_bytes["rejected"]["devA"]
+
+
+def test_a_part_lost_on_the_way_makes_the_worker_reassemble_the_resend(tmp_path):
+    """A broker that drops one forward part: the coordinator drops the transfer and tells the worker to retry,
+    so the device's resend (after asking) is reassembled afresh and accepted, not counted as a copy."""
+    bus, rt, workers, downs = cluster(tmp_path, "validation.max_samples_per_device=100000", register=())
+    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 3000})
+    frames = upload_frames("devA", range(3000), shape=(4, 8, 8))
+    worker = workers[SHARD["devA"]]
+    real_publish, dropped = worker.transport.publish, []
+
+    def lossy(topic, payload, **kw):
+        if topic == rt.topics.ingest(SHARD["devA"]) and P.decode_frame(payload)[0].get("part") == 1 and not dropped:
+            dropped.append(1)
+            return
+        real_publish(topic, payload, **kw)
+    worker.transport.publish = lossy
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert dropped and "devA" not in rt.strategy.train_uploads and not acks(downs, "devA")
+    header, body = P.decode_frame(frames[-1])
+    bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), P.encode_frame({**header, "ack": 1}, body))
+    settle(rt, workers)
+    answer = [h["data"] for h in downs["devA"] if h["type"] == P.ACK][-1]
+    assert answer["final"] is False and answer["missing"]    # reassembled afresh: the sender sends what is missing
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert len(rt.strategy.train_uploads["devA"].sample_ids) == 3000 and acks(downs, "devA")[0]["accepted"]
+
+
+def test_a_device_quarantined_while_uploading_gets_in_once_released_charged_as_without_workers(tmp_path):
+    import time
+    bus, rt, workers, downs = cluster(tmp_path)
+    for _ in range(5):
+        rt.registry.reject("bad_header", "devA", "test")
+    assert rt.registry.quarantined("devA")
+    frames = upload_frames("devA", range(30))
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert rt.ingest.round_bytes["rejected"]["devA"] == sum(map(len, frames)) and not acks(downs, "devA")
+    bad = P.encode_frame({**P.decode_frame(frames[0])[0], "crc32": 0}, P.decode_frame(frames[0])[1])
+    bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), bad)
+    settle(rt, workers)
+    assert rt.registry.devices["devA"]["rejection_reasons"].get("bad_checksum") is None   # "quarantined" instead
+    rt.registry.devices["devA"]["quarantined_until"] = time.time() - 1
+    for frame in frames:   # the sender sends again
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert "devA" in rt.strategy.train_uploads and acks(downs, "devA")[0]["accepted"]
+
+
+def test_frames_of_a_worker_with_another_config_are_ignored_not_charged_to_devices(tmp_path, caplog):
+    from cloud_runtime.config import load_runtime_config
+    bus, rt, workers, downs = cluster(tmp_path)
+    stray = IngestWorker(load_runtime_config(None, [f"run_id={RUN}", "ingest.workers=3"]), bus.client("stray"), 0)
+    stray.start()
+    frames = upload_frames("devB", range(30))
+    for frame in frames:   # devB's shard of 3 is not 0: the stray refuses it as wrong_shard
+        bus.client("devB").publish(rt.topics.up("devB", 0), frame)
+    settle(rt, workers + [stray])
+    assert not rt.registry.devices["devB"]["rejected"] and "with 3 workers" in caplog.text
+    assert "devB" in rt.strategy.train_uploads   # the right worker (shard 0 of 2) took it
