@@ -71,6 +71,9 @@ class IngestWorker:
         self.inbox: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.messages_in = self.forwarded = self.refused = 0
+        # forwarded transfers without a verdict yet: one still without after transfer_timeout_s was lost on the
+        # way (a dropped last part) and is reopened, so the device's resend is reassembled afresh
+        self.awaiting: dict[tuple[str, str], float] = {}
 
     def enqueue(self, topic: str, payload: bytes) -> None:
         """Transport callback: queue only (runs on the network thread)."""
@@ -81,8 +84,8 @@ class IngestWorker:
         self.transport.subscribe(self.topics.verdicts(self.shard), self.enqueue, retained=False)
         if not connect_patiently(self.transport, self.stop, f"ingest worker {self.shard} of run {self.cfg.run_id!r}"):
             return False
-        self.transport.publish(self.topics.ingest_status(self.shard), presence(self.cfg.run_id, self.shard, "online"),
-                               retain=True)
+        self.transport.publish(self.topics.ingest_status(self.shard),
+                               presence(self.cfg.run_id, self.shard, "online", self.cfg.ingest.workers), retain=True)
         logger.info("ingest worker %d of %d serving run %r (%s)", self.shard, self.cfg.ingest.workers, self.cfg.run_id,
                     self.topics.shard_up(self.shard))
         return True
@@ -91,7 +94,8 @@ class IngestWorker:
         """Say ``offline`` (retained) and disconnect: a clean stop, which sends no Last Will."""
         if self.transport.connected:
             self.transport.publish(self.topics.ingest_status(self.shard),
-                                   presence(self.cfg.run_id, self.shard, "offline"), retain=True)
+                                   presence(self.cfg.run_id, self.shard, "offline", self.cfg.ingest.workers),
+                                   retain=True)
             self.transport.flush(5)
         self.transport.close()
 
@@ -110,6 +114,19 @@ class IngestWorker:
                 self._charge(device, -1, "rejected", 0, "transfer_timeout",
                              f"transfer {transfer[:8]} incomplete after {self.cfg.transfer_timeout_s:.0f}s")
             self._charge_dropped()
+            self.reopen_unjudged()
+
+    def reopen_unjudged(self, now: float | None = None) -> int:
+        """Reopen forwarded transfers that got no verdict within ``transfer_timeout_s`` (the coordinator never saw
+        them whole); returns how many."""
+        now = time.monotonic() if now is None else now
+        stale = [key for key, at in self.awaiting.items() if now - at > self.cfg.transfer_timeout_s]
+        for device, transfer in stale:
+            del self.awaiting[(device, transfer)]
+            self.reassembler.reopen(device, transfer)
+            logger.warning("%s: transfer %s forwarded %.0f s ago has no verdict: reassembling its resend afresh",
+                           device, transfer[:8], self.cfg.transfer_timeout_s)
+        return len(stale)
 
     # -- messages -----------------------------------------------------------------------------------
 
@@ -172,7 +189,7 @@ class IngestWorker:
             stated = zstandard.frame_content_size(done.blob)
         except zstandard.ZstdError:
             stated = -1
-        if 0 <= stated <= min(self.cfg.max_decoded_bytes, MAX_FORWARD_INFLATION * len(done.blob) + (1 << 20)):
+        if 0 <= stated <= min(self.cfg.max_decoded_bytes, MAX_FORWARD_INFLATION * len(done.blob)):
             try:
                 blob, packed = decompress(done.blob, self.cfg.max_decoded_bytes), "raw"
             except W.ProtocolError:
@@ -189,6 +206,7 @@ class IngestWorker:
             body = bytes(view[part * FORWARD_PART_BYTES:(part + 1) * FORWARD_PART_BYTES])
             self.transport.publish(topic, W.encode_frame(header, body))
         self.forwarded += 1
+        self.awaiting[(done.device, done.transfer)] = time.monotonic()
         logger.debug("%s: transfer %s of round %d forwarded (%.2f MB, %s)", done.device, done.transfer[:8],
                      done.round, len(blob) / 1e6, packed)
 
@@ -212,6 +230,8 @@ class IngestWorker:
             device, transfer = header["device"], header.get("transfer")
             if header["type"] != W.VERDICT or header["run"] != self.cfg.run_id:
                 return
+            if isinstance(transfer, str):
+                self.awaiting.pop((device, transfer), None)
             if header.get("forget"):
                 self.reassembler.forget(device)
                 self._charge_dropped()
@@ -247,10 +267,10 @@ class IngestWorker:
             self._charge(owner, -1, "rejected", held)
 
 
-def presence(run: str, shard: int, state: str) -> bytes:
+def presence(run: str, shard: int, state: str, workers: int) -> bytes:
     """Worker ``shard``'s retained presence frame (``online`` / ``offline``; the latter also as its Last Will)."""
     return W.control_frame(W.STATUS, run=run, device=f"ingest-{shard}", round_=-1, state=state, pid=os.getpid(),
-                           host=socket.gethostname()[:64])
+                           host=socket.gethostname()[:64], workers=workers)
 
 
 class WorkerPool:

@@ -142,7 +142,7 @@ def agent_yaml(device: str, run_id: str, url: str, password: str, existing: dict
 
 
 def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: int, existing: dict,
-                 ingest_passwords: list[str] = (), ingest_spawn: bool = True) -> str:
+                 ingest_passwords: list[str] = (), ingest_kept: dict | None = None) -> str:
     """The runtime's config: every run setting with a comment (see RuntimeConfig for all of them)."""
     num_classes, input_shape = RUN_FACTS[dataset]
     return render_commented([
@@ -188,7 +188,8 @@ def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: in
          None),
         ("ingest", "sharded ingest (docs/DEPLOYMENT.md): workers reassemble and decompress uploads beside the runtime; "
          "spawn: serve starts them here; passwords: their broker accounts (provision --ingest-workers)", {
-             "workers": len(ingest_passwords), "spawn": ingest_spawn, "passwords": list(ingest_passwords)}),
+             **(ingest_kept or {}), "workers": len(ingest_passwords), "spawn": (ingest_kept or {}).get("spawn", True)
+             is not False, "passwords": list(ingest_passwords)}),
     ], existing)
 
 
@@ -196,7 +197,7 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
               bind: str | None = None, run_id: str | None = None, days: int = 825,
               max_message_bytes: int = 8 << 20, force: bool = False,
               broker_user: str = "mosquitto", any_run: bool = False, dataset: str = "fashion_mnist",
-              ingest_workers: int = 0) -> Provisioned:
+              ingest_workers: int | None = None) -> Provisioned:
     """A TLS broker, credentials, an ACL and configs for ``devices``. The deployment is for one named run id
     (``run_id``, else the one provisioned before, else ``default``) and the ACL pins every device to it unless
     ``any_run``; the runtime config states the run's classes and image shape (from ``dataset``).
@@ -204,7 +205,8 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     Each device gets a portable bundle ``devices/<id>/`` (``agent.yaml`` with relative paths, ``ca.crt``,
     ``data/`` for its own data), 0700 with its config 0600; the runtime gets ``runtime/`` likewise. The broker
     listens on ``bind`` (default: :func:`default_bind` of ``host``). ``ingest_workers``: broker accounts for that
-    many ingest workers (``ingest.passwords`` in the runtime config). Raises ValueError on a bad argument."""
+    many ingest workers (``ingest.passwords`` in the runtime config; None: as many as provisioned before, their
+    passwords kept). Raises ValueError on a bad argument."""
     out = Path(out)
     host = host.strip("[]")  # [::1] and ::1 alike
     bind = bind or default_bind(host)
@@ -230,7 +232,7 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
         raise ValueError(f"bind {bind!r}: an IP address to listen on (0.0.0.0 for every interface)") from None
     if days < 1:
         raise ValueError(f"days {days}: must be >= 1")
-    if not 0 <= ingest_workers <= 1024:
+    if ingest_workers is not None and not 0 <= ingest_workers <= 1024:
         raise ValueError(f"ingest_workers {ingest_workers}: must be in [0, 1024]")
     ca_dir, broker_dir = out / "ca", out / "broker"
     ca_crt, ca_key_path = ca_dir / "ca.crt", ca_dir / "ca.key"
@@ -257,8 +259,11 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     existing_runtime = _read_yaml(runtime_path) if not force else {}
     run_id = run_id or existing_runtime.get("run_id") or "default"
     accounts[RUNTIME_USER] = _password_of(existing_runtime) or new_password()
-    old_ingest = existing_runtime.pop("ingest", None) or {}
+    old_ingest = existing_runtime.pop("ingest", None)
+    old_ingest = old_ingest if isinstance(old_ingest, dict) else {}
     kept = [p for p in old_ingest.get("passwords") or [] if isinstance(p, str) and p]
+    if ingest_workers is None:  # as provisioned before
+        ingest_workers = len(kept)
     ingest_passwords = [kept[k] if k < len(kept) else new_password() for k in range(ingest_workers)]
     for k, password in enumerate(ingest_passwords):
         accounts[ingest_user(k)] = password
@@ -286,8 +291,7 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     (runtime_path.parent / "ca.crt").write_bytes(ca_crt.read_bytes())
     n_devices = len(set(devices) | {p.parent.name for p in (out / "devices").glob("*/agent.yaml")})
     write_secret(runtime_path, runtime_yaml(run_id, scheme_url, accounts[RUNTIME_USER], dataset, n_devices,
-                                             existing_runtime, ingest_passwords,
-                                             old_ingest.get("spawn", True) is not False).encode())
+                                             existing_runtime, ingest_passwords, old_ingest).encode())
     # Devices provisioned earlier but not named now keep their accounts: removing a device is explicit.
     for path in sorted((out / "devices").glob("*/agent.yaml")):
         device = path.parent.name
@@ -356,6 +360,7 @@ def add_parser(sub) -> None:
     p.add_argument("--days", type=int, default=825, help="certificate validity in days")
     p.add_argument("--max-message-bytes", type=int, default=8 << 20, help="the broker's max_packet_size")
     p.add_argument("--force", action="store_true", help="new CA and new credentials for everyone")
-    p.add_argument("--ingest-workers", type=int, default=0,
-                   help="broker accounts (and runtime.yaml's ingest.workers) for this many ingest workers")
+    p.add_argument("--ingest-workers", type=int, default=None,
+                   help="broker accounts (and runtime.yaml's ingest.workers) for this many ingest workers "
+                        "(default: as many as provisioned before, none the first time)")
     p.add_argument("--broker-user", default="mosquitto", help="the account mosquitto drops to when started as root")

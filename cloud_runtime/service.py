@@ -398,7 +398,8 @@ class CloudRuntime:
         part, parts, size = header.get("part"), header.get("parts"), header.get("size")
         held = self._forwards.get(shard)
         if part == 0:
-            if held is not None:  # a forward cut short (its worker restarted): that transfer is reassembled afresh
+            if held is not None and (held["header"]["device"], held["header"].get("transfer")) != \
+                    (header["device"], header.get("transfer")):  # a forward cut short: reassembled afresh
                 self._tell_worker(held["header"]["device"], transfer=str(held["header"].get("transfer"))[:64],
                                   retry=True)
             held = self._forwards[shard] = {"header": header, "parts": [], "bytes": 0}
@@ -437,10 +438,16 @@ class CloudRuntime:
             return
         if not shard.isdigit() or int(shard) >= self.workers or state not in ("online", "offline"):
             return
+        if header["data"].get("workers") != self.workers:  # a worker of another config serves no shard of ours
+            state = "misconfigured"
         shard_, data = int(shard), header["data"]
         if self.worker_status.get(shard_, {}).get("state") != state:
             if state == "online":
                 logger.info("ingest worker %d is online (pid %s on %s)", shard_, data.get("pid"), str(data.get("host"))[:64])
+            elif state == "misconfigured":
+                logger.error("ingest worker %d (pid %s on %s) runs with %s workers, this runtime with %d: its shard has "
+                             "no worker; start it with this runtime's config", shard_, data.get("pid"),
+                             str(data.get("host"))[:64], str(data.get("workers"))[:8], self.workers)
             else:
                 logger.warning("ingest worker %d is offline: the devices of its shard cannot upload until a worker "
                                "serves it again (their chunks queue at the broker)", shard_)

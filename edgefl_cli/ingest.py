@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         # a client id of its own per shard, with a persistent session: chunks queue at the broker while it restarts
         transport = create_transport(cfg.ingest.broker_for(cfg.broker, args.shard),
                                      f"edgefl-ingest-{cfg.run_id}-{args.shard}", will=(
-            Topics(cfg.run_id).ingest_status(args.shard), presence(cfg.run_id, args.shard, "offline")))
+            Topics(cfg.run_id).ingest_status(args.shard), presence(cfg.run_id, args.shard, "offline", cfg.ingest.workers)))
         worker = IngestWorker(cfg, transport, args.shard)
     except (ConfigError, ValueError) as e:
         logger.error("%s", e)

@@ -281,4 +281,45 @@ def test_frames_of_a_worker_with_another_config_are_ignored_not_charged_to_devic
         bus.client("devB").publish(rt.topics.up("devB", 0), frame)
     settle(rt, workers + [stray])
     assert not rt.registry.devices["devB"]["rejected"] and "with 3 workers" in caplog.text
+    assert rt.worker_status[0]["state"] == "misconfigured"   # the stray said so last: not counted as serving shard 0
     assert "devB" in rt.strategy.train_uploads   # the right worker (shard 0 of 2) took it
+
+
+def test_a_forward_whose_last_part_is_lost_is_reopened_after_the_transfer_timeout(tmp_path):
+    bus, rt, workers, downs = cluster(tmp_path)
+    worker = workers[SHARD["devA"]]
+    worker.transport.publish, real = (lambda topic, payload, **kw: None
+                                      if topic == rt.topics.ingest(SHARD["devA"]) else real(topic, payload, **kw)), \
+        worker.transport.publish
+    frames = upload_frames("devA", range(30))
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    transfer = P.decode_frame(frames[0])[0]["transfer"]
+    assert worker.reassembler.progress("devA", transfer) is None       # being judged: the sender gets no answer
+    assert worker.reopen_unjudged() == 0
+    import time
+    assert worker.reopen_unjudged(time.monotonic() + rt.cfg.transfer_timeout_s + 1) == 1
+    assert worker.reassembler.progress("devA", transfer)["final"] is False   # the sender is told to send it again
+    worker.transport.publish = real
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert "devA" in rt.strategy.train_uploads and acks(downs, "devA")[0]["accepted"] and not worker.awaiting
+
+
+def test_provision_gives_each_worker_an_account_and_keeps_them_on_a_rerun(tmp_path):
+    import yaml
+    from cloud_runtime.provision import provision
+    first = provision(tmp_path / "d", ["dev0"], host="127.0.0.1", broker_user="root", ingest_workers=2)
+    ingest = yaml.safe_load(first.runtime_config.read_text())["ingest"]
+    assert ingest["workers"] == 2 and len(set(ingest["passwords"])) == 2
+    again = provision(tmp_path / "d", ["dev0"], host="127.0.0.1", broker_user="root")   # no flag: as before
+    assert yaml.safe_load(again.runtime_config.read_text())["ingest"]["passwords"] == ingest["passwords"]
+    more = provision(tmp_path / "d", ["dev0"], host="127.0.0.1", broker_user="root", ingest_workers=3)
+    assert yaml.safe_load(more.runtime_config.read_text())["ingest"]["passwords"][:2] == ingest["passwords"]
+    users = [line.split(":")[0] for line in (tmp_path / "d" / "broker" / "passwd").read_text().splitlines()]
+    assert users == ["cloud-runtime", "cloud-runtime-ingest-0", "cloud-runtime-ingest-1", "cloud-runtime-ingest-2",
+                     "dev0"]
+    with pytest.raises(ValueError, match="reserved"):
+        provision(tmp_path / "d", ["cloud-runtime-ingest-7"], host="127.0.0.1", broker_user="root")
