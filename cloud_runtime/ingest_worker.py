@@ -52,6 +52,9 @@ FORWARD_PART_BYTES = 768 << 10
 # a worker decompresses before forwarding only what inflates at most this much (int8 features: ~1.6x): a zstd
 # bomb is forwarded as sent, and the coordinator refuses it from its stated size before allocating anything
 MAX_FORWARD_INFLATION = 16
+# a device that re-registered: its open transfers idle this long are its old process's, dropped at once (others
+# expire after transfer_timeout_s if they are)
+FORGET_IDLE_S = 2.0
 
 
 class IngestWorker:
@@ -232,8 +235,9 @@ class IngestWorker:
                 return
             if isinstance(transfer, str):
                 self.awaiting.pop((device, transfer), None)
-            if header.get("forget"):
-                self.reassembler.forget(device)
+            if header.get("forget"):  # only transfers idle for a while: the new process may already be
+                # sending (this verdict races its first chunks), the old one stopped when it died
+                self.reassembler.forget(device, idle_s=FORGET_IDLE_S)
                 self._charge_dropped()
             elif header.get("retry") and isinstance(transfer, str):  # not judged: a resend is reassembled anew
                 self.reassembler.reopen(device, transfer)

@@ -261,8 +261,8 @@ class CloudRuntime:
             strategy.setup(run_classes, run_shape, channels)
         if self.ingest.forget(device):  # a new process: its old senders are gone
             logger.info("%s re-registered: its open transfers were dropped", device)
-        if self.workers:  # and so are those its ingest worker holds
-            self._tell_worker(device, forget=True)
+        if self.workers and device in self.registry.devices:  # and so are those its ingest worker holds (a
+            self._tell_worker(device, forget=True)             # first registration has none to forget)
         old = self.registry.devices.get(device, {})
         if (old.get("train_samples"), old.get("test_samples")) != (facts["train_samples"], facts["test_samples"]):
             self.ingest.device_ids.pop(device, None)  # its data changed: the ids it uploads are pinned anew

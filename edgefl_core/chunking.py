@@ -260,9 +260,11 @@ class Reassembler:
         return {"transfer": transfer, "final": False, "high": pending.spans[-1][1], "missing": gaps, "more": more,
                 "seq": seq}
 
-    def forget(self, device: str) -> int:
-        """Drop ``device``'s open transfers (it restarted: their senders are gone); returns how many."""
-        keys = [k for k in self._pending if k[0] == device]
+    def forget(self, device: str, idle_s: float = 0.0, now: float | None = None) -> int:
+        """Drop ``device``'s open transfers (it restarted: their senders are gone) that have been idle at least
+        ``idle_s`` seconds (0: all); returns how many."""
+        now = time.monotonic() if now is None else now
+        keys = [k for k, p in self._pending.items() if k[0] == device and now - p.started >= idle_s]
         for k in keys:
             self._dropped(device, self._pending.pop(k))
         return len(keys)

@@ -5,7 +5,7 @@ processes over mosquitto (and the kill -9 drill) are in ``test_ingest_workers_sy
 import numpy as np
 import pytest
 
-from cloud_runtime.ingest_worker import FORWARD_PART_BYTES, IngestWorker
+from cloud_runtime.ingest_worker import FORGET_IDLE_S, FORWARD_PART_BYTES, IngestWorker
 from edge_sdk import protocol as P
 from edge_sdk.uplink import Uplink
 from edge_sdk.config import UploadConfig
@@ -152,14 +152,25 @@ def test_a_forward_cut_short_is_dropped_and_the_resend_is_accepted(tmp_path):
 
 
 def test_a_re_registration_makes_the_worker_forget_the_old_process_transfers(tmp_path):
-    bus, rt, workers, downs = cluster(tmp_path)
+    """Only the old process's: transfers idle for FORGET_IDLE_S (the new process may already be sending when
+    the forget arrives), and none on a first registration (it once dropped the chunks of devices that began
+    uploading before the runtime had handled their registration)."""
+    bus, rt, workers, downs = cluster(tmp_path, register=())
     frames = upload_frames("devA", range(3000), shape=(4, 8, 8))
     assert len(frames) > 1
+    registration = {"num_classes": 10, "feature_channels": 4, "train_samples": 3000}
     bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frames[0])
     settle(rt, workers)
     worker = workers[SHARD["devA"]]
+    rt.register("devA", registration)                  # first registration, handled after the first chunk
+    settle(rt, workers)
+    assert worker.reassembler.held_bytes("devA") > 0   # kept
+    rt.register("devA", registration)                  # re-registered, the transfer still moving: kept
+    settle(rt, workers)
     assert worker.reassembler.held_bytes("devA") > 0
-    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 3000})
+    for pending in worker.reassembler._pending.values():
+        pending.started -= FORGET_IDLE_S + 1            # idle: the old process's
+    rt.register("devA", registration)
     settle(rt, workers)
     assert worker.reassembler.held_bytes("devA") == 0
     assert rt.ingest.round_bytes["rejected"]["devA"] == len(frames[0])
