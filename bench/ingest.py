@@ -139,10 +139,13 @@ def runtime_trial(url: str, run: str, args, state_dir: Path, workers: int = 0) -
     start_at = time.time() + 8.0
     publishers = Publishers(url, run, args, start_at, shards=workers)
     messages = publishers.messages
-    deadline = time.time() + 600
+    deadline, cpu_start = time.time() + 600, None
     while len(runtime.strategy.train_uploads) < args.devices and time.time() < deadline:
+        if cpu_start is None and time.time() >= start_at:
+            cpu_start = time.process_time()  # this process is the coordinator (publishers, workers: others)
         runtime.pump(0.05)
     elapsed = time.time() - start_at
+    cpu = time.process_time() - (cpu_start if cpu_start is not None else time.process_time())
     publishers.finish()
     runtime.close()
     if pool is not None:
@@ -151,6 +154,7 @@ def runtime_trial(url: str, run: str, args, state_dir: Path, workers: int = 0) -
     raw = sum(d["raw_fp32_bytes"] for d in runtime.registry.devices.values())
     return {"receiver": f"runtime+{workers} workers" if workers else "runtime", "seconds": elapsed, "wire_MB": wire / 1e6, "wire_MBps": wire / 1e6 / elapsed,
             "messages_per_s": messages / elapsed, "decoded_fp32_MBps": raw / 1e6 / elapsed,
+            "coordinator_cpu_s": cpu, "coordinator_MB_per_cpu_s": wire / 1e6 / cpu if cpu > 0 else None,
             "held_MB": runtime.strategy.server.train_store.nbytes() / 1e6 if runtime.strategy.server else None,
             "complete": len(runtime.strategy.train_uploads) == args.devices,
             "rejections": dict(runtime.registry.rejections)}
@@ -166,8 +170,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0],
                         help="ingest worker counts to measure the runtime with (0: the runtime alone)")
     parser.add_argument("--out", default="docs/bench/ingest")
+    parser.add_argument("--summarize", action="store_true",
+                        help="recompute the summary of --out's results.json from its trials (no new trials)")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.summarize:
+        saved = json.loads((out / "results.json").read_text())
+        return summarize(saved["trials"], saved["args"], out)
     out.mkdir(parents=True, exist_ok=True)
     trials: list[dict] = []
     with EmbeddedMosquitto() as broker:
@@ -180,21 +189,33 @@ def main() -> int:
                 print(f"trial {trial + 1}/{args.trials} {result['receiver']:20s}: {result['wire_MBps']:6.1f} MB/s, "
                       f"{result['messages_per_s']:5.0f} msgs/s{'' if result['complete'] else ' (INCOMPLETE)'}",
                       flush=True)
+    return summarize(trials, vars(args), out)
+
+
+def summarize(trials: list[dict], args: dict, out: Path) -> int:
+    """Medians and ratios of ``trials`` into ``out/results.json``, printed; 1 when a trial was incomplete."""
     if not all(t["complete"] for t in trials):
         print("a trial did not receive every upload", file=sys.stderr)
         return 1
     kinds = list(dict.fromkeys(t["receiver"] for t in trials))
     median = {kind: statistics.median(t["wire_MBps"] for t in trials if t["receiver"] == kind) for kind in kinds}
     first = kinds[1]  # the first runtime measured (the runtime alone, with the default --workers 0)
-    result = {"args": vars(args), "median_wire_MBps": median,
+    # what the coordinator's own process spends per MB: the ceiling of one coordinator once workers have cores
+    # (a trial whose uploads were all in before the timed loop began has no reading)
+    per_cpu = {k: statistics.median(v) if (v := [t["coordinator_MB_per_cpu_s"] for t in trials if t["receiver"] == k
+                                                 and t.get("coordinator_MB_per_cpu_s")]) else None
+               for k in kinds[1:]}
+    result = {"args": args, "median_wire_MBps": median,
               "runtime_over_raw": median[first] / median["raw paho"],
               "over_raw": {k: median[k] / median["raw paho"] for k in kinds[1:]},
               f"over_{first.replace(' ', '_')}": {k: median[k] / median[first] for k in kinds[1:]},
-              "trials": trials}
+              "coordinator_MB_per_cpu_s": per_cpu, "trials": trials}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     for kind in kinds[1:]:
+        cpu = (f"; the coordinator {per_cpu[kind]:.0f} MB per CPU-second ({per_cpu[kind] / per_cpu[first]:.2f}x "
+               f"{first})" if per_cpu[kind] and per_cpu[first] else "")
         print(f"median: {kind:20s} {median[kind]:6.1f} MB/s: {median[kind] / median['raw paho']:4.0%} of raw paho "
-              f"({median['raw paho']:.1f} MB/s), {median[kind] / median[first]:.2f}x {first}")
+              f"({median['raw paho']:.1f} MB/s), {median[kind] / median[first]:.2f}x {first}{cpu}")
     return 0
 
 
