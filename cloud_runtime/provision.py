@@ -188,8 +188,8 @@ def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: in
          None),
         ("ingest", "sharded ingest (docs/DEPLOYMENT.md): workers reassemble and decompress uploads beside the runtime; "
          "spawn: serve starts them here; passwords: their broker accounts (provision --ingest-workers)", {
-             **(ingest_kept or {}), "workers": len(ingest_passwords), "spawn": (ingest_kept or {}).get("spawn", True)
-             is not False, "passwords": list(ingest_passwords)}),
+             **(ingest_kept or {}), "workers": (ingest_kept or {}).get("workers", len(ingest_passwords)),
+             "spawn": (ingest_kept or {}).get("spawn", True) is not False, "passwords": list(ingest_passwords)}),
     ], existing)
 
 
@@ -262,9 +262,13 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     old_ingest = existing_runtime.pop("ingest", None)
     old_ingest = old_ingest if isinstance(old_ingest, dict) else {}
     kept = [p for p in old_ingest.get("passwords") or [] if isinstance(p, str) and p]
-    if ingest_workers is None:  # as provisioned before
-        ingest_workers = len(kept)
-    ingest_passwords = [kept[k] if k < len(kept) else new_password() for k in range(ingest_workers)]
+    if ingest_workers is None:  # as before: the accounts provisioned, and the count as the operator left it
+        ingest_passwords = kept
+        old_workers = old_ingest.get("workers")
+        ingest_count = old_workers if type(old_workers) is int and old_workers >= 0 else len(kept)
+    else:
+        ingest_passwords = [kept[k] if k < len(kept) else new_password() for k in range(ingest_workers)]
+        ingest_count = ingest_workers
     for k, password in enumerate(ingest_passwords):
         accounts[ingest_user(k)] = password
     agent_paths = {}
@@ -291,7 +295,8 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     (runtime_path.parent / "ca.crt").write_bytes(ca_crt.read_bytes())
     n_devices = len(set(devices) | {p.parent.name for p in (out / "devices").glob("*/agent.yaml")})
     write_secret(runtime_path, runtime_yaml(run_id, scheme_url, accounts[RUNTIME_USER], dataset, n_devices,
-                                             existing_runtime, ingest_passwords, old_ingest).encode())
+                                             existing_runtime, ingest_passwords,
+                                             {**old_ingest, "workers": ingest_count}).encode())
     # Devices provisioned earlier but not named now keep their accounts: removing a device is explicit.
     for path in sorted((out / "devices").glob("*/agent.yaml")):
         device = path.parent.name
@@ -302,9 +307,9 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
             accounts[device] = password
     write_secret(broker_dir / "passwd",
                   "".join(f"{user}:{mosquitto_password_hash(pw)}\n" for user, pw in accounts.items()).encode())
-    workers = {ingest_user(k) for k in range(ingest_workers)}
+    workers = {ingest_user(k) for k in range(len(ingest_passwords))}   # accounts, as many as passwords
     (broker_dir / "acl").write_text(acl_text([u for u in accounts if u != RUNTIME_USER and u not in workers],
-                                             None if any_run else run_id, ingest_workers))
+                                             None if any_run else run_id, len(ingest_passwords)))
     conf = broker_dir / "mosquitto.conf"
     conf.write_text(mosquitto_conf(broker_dir, ca_crt, port, bind, max_message_bytes, broker_user))
     hand_to_broker_user(broker_dir, broker_user)

@@ -334,3 +334,14 @@ def test_provision_gives_each_worker_an_account_and_keeps_them_on_a_rerun(tmp_pa
                      "dev0"]
     with pytest.raises(ValueError, match="reserved"):
         provision(tmp_path / "d", ["cloud-runtime-ingest-7"], host="127.0.0.1", broker_user="root")
+
+
+def test_provision_keeps_a_worker_count_the_operator_set_by_hand(tmp_path):
+    import yaml
+    from cloud_runtime.provision import provision
+    first = provision(tmp_path / "d", ["dev0"], host="127.0.0.1", broker_user="root")
+    edited = yaml.safe_load(first.runtime_config.read_text())
+    edited["ingest"]["workers"] = 3
+    first.runtime_config.write_text(yaml.safe_dump(edited))
+    again = provision(tmp_path / "d", ["dev0", "dev1"], host="127.0.0.1", broker_user="root")
+    assert yaml.safe_load(again.runtime_config.read_text())["ingest"]["workers"] == 3
