@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import zstandard
 
@@ -206,7 +207,7 @@ class IngestWorker:
             if part == 0:
                 header.update(meta=done.meta, wire_bytes=done.wire_bytes, chunks=done.chunks, sha256=done.sha256,
                               packed=packed)
-            body = bytes(view[part * FORWARD_PART_BYTES:(part + 1) * FORWARD_PART_BYTES])
+            body = view[part * FORWARD_PART_BYTES:(part + 1) * FORWARD_PART_BYTES]  # framed without a copy of its own
             self.transport.publish(topic, W.encode_frame(header, body))
         self.forwarded += 1
         self.awaiting[(done.device, done.transfer)] = time.monotonic()
@@ -249,12 +250,10 @@ class IngestWorker:
     def _answer(self, device: str, header: dict) -> None:
         """Reply to a chunk that asks for progress (``ack``: the sender's sequence number), as the coordinator
         does: QoS 0 on the device's downlink."""
-        seq, transfer = header.get("ack"), header.get("transfer")
-        if type(seq) is int and isinstance(transfer, str) and len(transfer) <= 64:
-            data = self.reassembler.progress(device, transfer, seq)
-            if data is not None:
-                self.transport.publish(self.topics.down(device), W.control_frame(
-                    W.ACK, run=self.cfg.run_id, device=device, round_=header["round"], **data), qos=0)
+        data = self.reassembler.answer(device, header)
+        if data is not None:
+            self.transport.publish(self.topics.down(device), W.control_frame(
+                W.ACK, run=self.cfg.run_id, device=device, round_=header["round"], **data), qos=0)
 
     def _charge(self, device: str, round_: int, kind: str, wire: int, reason: str | None = None,
                 detail: str = "") -> None:
@@ -269,6 +268,52 @@ class IngestWorker:
     def _charge_dropped(self) -> None:
         for owner, held in self.reassembler.take_dropped().items():
             self._charge(owner, -1, "rejected", held)
+
+
+class ForwardAssembler:
+    """The coordinator's side of the forwards: each worker's transfer in progress, by shard, put together from
+    its INGESTED parts (at most ``max_bytes``). ``retry(device, transfer)`` tells a worker to reassemble a
+    transfer afresh when its forward was cut short."""
+
+    def __init__(self, max_bytes: int, retry: Callable[[str, str], None]):
+        self.max_bytes, self.retry = max_bytes, retry
+        self._held: dict[int, dict] = {}  # shard -> {"header": part 0's, "parts": [...], "bytes": n}
+
+    def add(self, shard: int, header: dict, body: bytes) -> CompletedTransfer | None:
+        """Append one part of worker ``shard``'s forward; the transfer once its last part is in. A worker forwards
+        one transfer at a time and its parts arrive in order, so only the one in progress is held; a gap (the
+        worker restarted mid-forward) drops it, and the device's sender asks again and re-sends."""
+        part, parts, size = header.get("part"), header.get("parts"), header.get("size")
+        held = self._held.get(shard)
+        if part == 0:
+            if held is not None and (held["header"]["device"], held["header"].get("transfer")) != \
+                    (header["device"], header.get("transfer")):  # a forward cut short: reassembled afresh
+                self.retry(held["header"]["device"], str(held["header"].get("transfer"))[:64])
+            held = self._held[shard] = {"header": header, "parts": [], "bytes": 0}
+        if type(part) is not int or type(parts) is not int or type(size) is not int or held is None \
+                or (held["header"].get("transfer"), held["header"]["device"]) != (header.get("transfer"), header["device"]) \
+                or len(held["parts"]) != part \
+                or held["header"].get("parts") != parts or held["bytes"] + len(body) > min(size, self.max_bytes):
+            self._held.pop(shard, None)
+            logger.warning("ingest worker %d: part %s of %s of %s's transfer %s is out of sequence: the transfer is "
+                           "dropped (its device re-sends it)", shard, str(part)[:12], str(parts)[:12], header["device"],
+                           str(header.get("transfer"))[:8])
+            for lost in {(h["device"], h.get("transfer")) for h in (header, held["header"] if held else header)}:
+                if isinstance(lost[1], str):   # the worker reassembles their resends afresh
+                    self.retry(lost[0], lost[1][:64])
+            return None
+        held["parts"].append(body)
+        held["bytes"] += len(body)
+        if part < parts - 1:
+            return None
+        del self._held[shard]
+        first = held["header"]
+        meta, wire, chunks = first.get("meta"), first.get("wire_bytes"), first.get("chunks")
+        return CompletedTransfer(first["device"], first["round"], str(first.get("transfer", ""))[:64],
+                                   meta if isinstance(meta, dict) else {}, b"".join(held["parts"]),
+                                   wire if type(wire) is int and wire >= 0 else held["bytes"],
+                                   chunks if type(chunks) is int else 1, str(first.get("sha256", "")),
+                                   "raw" if first.get("packed") == "raw" else "zstd")
 
 
 def presence(run: str, shard: int, state: str, workers: int) -> bytes:

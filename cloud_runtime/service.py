@@ -21,6 +21,7 @@ from cloud_runtime.console.views import StatusBoard
 from cloud_runtime.downlink import Downlink
 from cloud_runtime.edge_programs import EdgePrograms
 from cloud_runtime.ingest import Ingest
+from cloud_runtime.ingest_worker import ForwardAssembler
 from cloud_runtime.plots import plot_accuracy, write_json
 from cloud_runtime.privacy import run_privacy
 from cloud_runtime.progress import Interrupted
@@ -93,7 +94,8 @@ class CloudRuntime:
         if self.workers:
             self.downlink.recipe["ingest_shards"] = self.workers
         self.forwarded = 0   # transfers the ingest workers forwarded
-        self._forwards: dict[int, dict] = {}  # shard -> the transfer it is forwarding, parts so far
+        self.forwards = ForwardAssembler(cfg.max_decoded_bytes, lambda device, transfer: self._tell_worker(
+            device, transfer=transfer, retry=True))  # each worker's forward in progress, by shard
         self.worker_status: dict[int, dict] = {}  # shard -> its worker's presence (state, since)
         self._misconfigured: set[int] = set()     # shards whose worker runs another config (logged once)
         self._workers_checked = time.monotonic()  # when shards without a live worker were last looked for
@@ -354,7 +356,7 @@ class CloudRuntime:
         if type_ != P.INGESTED:
             logger.warning("ingest worker %d: unexpected frame type %r", shard, type_[:40])
             return
-        done = self._forwarded_part(shard, header, body)
+        done = self.forwards.add(shard, header, body)
         if done is None:
             return
         device = done.device
@@ -391,43 +393,6 @@ class CloudRuntime:
             if not judged:
                 self._tell_worker(device, transfer=done.transfer, retry=True)
 
-    def _forwarded_part(self, shard: int, header: dict, body: bytes) -> P.CompletedTransfer | None:
-        """Append one part of worker ``shard``'s forward; the transfer once its last part is in. A worker forwards
-        one transfer at a time and its parts arrive in order, so only the one in progress is held; a gap (the
-        worker restarted mid-forward) drops it, and the device's sender asks again and re-sends."""
-        part, parts, size = header.get("part"), header.get("parts"), header.get("size")
-        held = self._forwards.get(shard)
-        if part == 0:
-            if held is not None and (held["header"]["device"], held["header"].get("transfer")) != \
-                    (header["device"], header.get("transfer")):  # a forward cut short: reassembled afresh
-                self._tell_worker(held["header"]["device"], transfer=str(held["header"].get("transfer"))[:64],
-                                  retry=True)
-            held = self._forwards[shard] = {"header": header, "parts": [], "bytes": 0}
-        if type(part) is not int or type(parts) is not int or type(size) is not int or held is None \
-                or (held["header"].get("transfer"), held["header"]["device"]) != (header.get("transfer"), header["device"]) \
-                or len(held["parts"]) != part \
-                or held["header"].get("parts") != parts or held["bytes"] + len(body) > min(size, self.cfg.max_decoded_bytes):
-            self._forwards.pop(shard, None)
-            logger.warning("ingest worker %d: part %s of %s of %s's transfer %s is out of sequence: the transfer is "
-                           "dropped (its device re-sends it)", shard, str(part)[:12], str(parts)[:12], header["device"],
-                           str(header.get("transfer"))[:8])
-            for lost in {(h["device"], h.get("transfer")) for h in (header, held["header"] if held else header)}:
-                if isinstance(lost[1], str):   # the worker reassembles their resends afresh
-                    self._tell_worker(lost[0], transfer=lost[1][:64], retry=True)
-            return None
-        held["parts"].append(body)
-        held["bytes"] += len(body)
-        if part < parts - 1:
-            return None
-        del self._forwards[shard]
-        first = held["header"]
-        meta, wire, chunks = first.get("meta"), first.get("wire_bytes"), first.get("chunks")
-        return P.CompletedTransfer(first["device"], first["round"], str(first.get("transfer", ""))[:64],
-                                   meta if isinstance(meta, dict) else {}, b"".join(held["parts"]),
-                                   wire if type(wire) is int and wire >= 0 else held["bytes"],
-                                   chunks if type(chunks) is int else 1, str(first.get("sha256", "")),
-                                   "raw" if first.get("packed") == "raw" else "zstd")
-
     def _on_worker_status(self, topic: str, payload: bytes) -> None:
         """An ingest worker's retained presence (or its Last Will): logged when it changes, in report.json."""
         shard = topic.split("/")[-2]
@@ -460,11 +425,9 @@ class CloudRuntime:
 
     def _answer(self, device: str, header: dict) -> None:
         """Reply to a chunk that asks for progress (``ack``: the sender's sequence number)."""
-        seq, transfer = header.get("ack"), header.get("transfer")
-        if type(seq) is int and isinstance(transfer, str) and device in self.registry.devices and len(transfer) <= 64:
-            data = self.ingest.reassembler.progress(device, transfer, seq)
-            if data is not None:
-                self.downlink.progress(device, header["round"], data)
+        data = self.ingest.reassembler.answer(device, header) if device in self.registry.devices else None
+        if data is not None:
+            self.downlink.progress(device, header["round"], data)
 
     # -- state and report ---------------------------------------------------------------------------
 

@@ -260,6 +260,14 @@ class Reassembler:
         return {"transfer": transfer, "final": False, "high": pending.spans[-1][1], "missing": gaps, "more": more,
                 "seq": seq}
 
+    def answer(self, device: str, header: dict) -> dict | None:
+        """The ACK ``data`` for a chunk whose header asks for progress (``ack``: the sender's sequence number),
+        else None (no request, a malformed one, or a transfer still being judged)."""
+        seq, transfer = header.get("ack"), header.get("transfer")
+        if type(seq) is int and isinstance(transfer, str) and len(transfer) <= 64:
+            return self.progress(device, transfer, seq)
+        return None
+
     def forget(self, device: str, idle_s: float = 0.0, now: float | None = None) -> int:
         """Drop ``device``'s open transfers (it restarted: their senders are gone) that have been idle at least
         ``idle_s`` seconds (0: all); returns how many."""
