@@ -129,7 +129,7 @@ def acl_text(devices: list[str], run_id: str | None = None, ingest_workers: int 
                   f"topic read {base}/dev/+/up/{k}",
                   f"topic read {base}/ingest/{k}/verdict",
                   f"topic write {base}/ingest/{k}",
-                  f"topic write {base}/ingest/{k}/status",
+                  f"topic readwrite {base}/ingest/{k}/status",  # its presence: was it taken over?
                   f"topic write {base}/dev/+/down", ""]
     for device in devices:
         lines += [f"user {device}",

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from typing import Callable
 
 import zstandard
@@ -56,13 +57,16 @@ MAX_FORWARD_INFLATION = 16
 # a device that re-registered: its open transfers idle this long are its old process's, dropped at once (others
 # expire after transfer_timeout_s if they are)
 FORGET_IDLE_S = 2.0
+# after a reconnect, how long a worker waits for its shard's retained presence before it says online again
+RECLAIM_WAIT_S = 2.0
 
 
 class IngestWorker:
     """Worker ``shard`` of ``cfg.ingest.workers`` on ``transport`` (which must use a client id of its own and
-    keep its session: chunks queue at the broker while the worker restarts). :meth:`serve` until ``stop``."""
+    keep its session: chunks queue at the broker while the worker restarts). :meth:`serve` until ``stop``.
+    ``instance``: this process's id in its presence (the one its Last Will names; default: a new random one)."""
 
-    def __init__(self, cfg: RuntimeConfig, transport: Transport, shard: int):
+    def __init__(self, cfg: RuntimeConfig, transport: Transport, shard: int, instance: str | None = None):
         if not 0 <= shard < cfg.ingest.workers:
             raise ConfigError(f"--shard {shard}: the config's ingest.workers is {cfg.ingest.workers}, so a shard is "
                               f"in [0, {cfg.ingest.workers - 1}]" if cfg.ingest.workers else
@@ -78,6 +82,13 @@ class IngestWorker:
         # forwarded transfers without a verdict yet: one still without after transfer_timeout_s was lost on the
         # way (a dropped last part) and is reopened, so the device's resend is reassembled afresh
         self.awaiting: dict[tuple[str, str], float] = {}
+        # this process's claim on the shard (in its presence): another worker's claim arriving after ours means a
+        # newer worker serves the shard (brokers that do not say "session taken over", mosquitto 2.0 among them)
+        self.instance = instance or new_instance()
+        self.claim_seen = False        # our own "online" came back on the presence topic
+        self.superseded_by: str | None = None
+        self._was_connected = False
+        self._reclaim_at: float | None = None   # after a reconnect: say online again then, unless told otherwise
 
     def enqueue(self, topic: str, payload: bytes) -> None:
         """Transport callback: queue only (runs on the network thread)."""
@@ -86,20 +97,49 @@ class IngestWorker:
     def start(self) -> bool:
         self.transport.subscribe(self.topics.shard_up(self.shard), self.enqueue, retained=False)
         self.transport.subscribe(self.topics.verdicts(self.shard), self.enqueue, retained=False)
+        self.transport.subscribe(self.topics.ingest_status(self.shard), self.enqueue)
         if not connect_patiently(self.transport, self.stop, f"ingest worker {self.shard} of run {self.cfg.run_id!r}"):
             return False
-        self.transport.publish(self.topics.ingest_status(self.shard),
-                               presence(self.cfg.run_id, self.shard, "online", self.cfg.ingest.workers), retain=True)
+        self._say_online()
         logger.info("ingest worker %d of %d serving run %r (%s)", self.shard, self.cfg.ingest.workers, self.cfg.run_id,
                     self.topics.shard_up(self.shard))
         return True
 
+    def _say_online(self) -> None:
+        """Publish this worker's retained ``online`` presence (again after every reconnect: a link that dropped
+        made the broker publish the Last Will, ``offline``, in its place)."""
+        self._was_connected = True
+        self.transport.publish(self.topics.ingest_status(self.shard),
+                               presence(self.cfg.run_id, self.shard, "online", self.cfg.ingest.workers, self.instance),
+                               retain=True)
+
+    def _keep_claim(self, now: float | None = None) -> None:
+        """After a reconnect the presence topic's retained message comes again: our own ``online`` (nothing to
+        do), our own ``offline`` (the Last Will of the link that dropped: say online again), another worker's
+        (a newer one: :meth:`_on_presence` stops this one), or none within :data:`RECLAIM_WAIT_S` (say online).
+        Saying online before that message is read could overwrite a newer worker's claim."""
+        now = time.monotonic() if now is None else now
+        connected = self.transport.connected
+        if connected and not self._was_connected:
+            self._reclaim_at = now + RECLAIM_WAIT_S
+        self._was_connected = connected
+        if self._reclaim_at is not None and now >= self._reclaim_at and connected and not self.taken_over:
+            self._reclaim_at = None
+            self._say_online()
+
+    @property
+    def taken_over(self) -> bool:
+        """Another worker of this shard logged in after this one (its presence claim came later, or the broker
+        said "session taken over"): this one stops rather than take the session back."""
+        return self.superseded_by is not None or self.transport.taken_over
+
     def close(self) -> None:
-        """Say ``offline`` (retained) and disconnect: a clean stop, which sends no Last Will."""
-        if self.transport.connected:
+        """Say ``offline`` (retained) and disconnect: a clean stop, which sends no Last Will. A worker another one
+        took over says nothing: the presence is the newer worker's."""
+        if self.transport.connected and not self.taken_over:
             self.transport.publish(self.topics.ingest_status(self.shard),
-                                   presence(self.cfg.run_id, self.shard, "offline", self.cfg.ingest.workers),
-                                   retain=True)
+                                   presence(self.cfg.run_id, self.shard, "offline", self.cfg.ingest.workers,
+                                            self.instance), retain=True)
             self.transport.flush(5)
         self.transport.close()
 
@@ -109,6 +149,12 @@ class IngestWorker:
         if not self.start():
             return
         while not self.stop.is_set():
+            if self.taken_over:  # a second worker for this shard: the newer one serves it
+                logger.error("ingest worker %d: another worker of this shard (%s) logged in after this one and took "
+                             "over its session: stopping (run exactly one worker per shard)", self.shard,
+                             self.superseded_by or "the broker said so")
+                return
+            self._keep_claim()
             if parent_pid is not None and os.getppid() != parent_pid:
                 logger.warning("ingest worker %d: the runtime that started it (pid %d) is gone: stopping", self.shard,
                                parent_pid)
@@ -139,6 +185,9 @@ class IngestWorker:
         self.messages_in += 1
         if topic == self.topics.verdicts(self.shard):
             self._on_verdict(payload)
+            return
+        if topic == self.topics.ingest_status(self.shard):
+            self._on_presence(payload)
             return
         where = self.topics.sharded_device_of(topic)
         if where is None or not payload:  # not a chunk topic of this run (we subscribe to nothing else)
@@ -225,6 +274,28 @@ class IngestWorker:
             W.ACK, run=self.cfg.run_id, device=done.device, round_=done.round, transfer=done.transfer, final=True,
             accepted=False, reason=reason))
         self._charge(done.device, done.round, "rejected", done.wire_bytes, reason, detail)
+
+    def _on_presence(self, payload: bytes) -> None:
+        """This shard's presence: our own claim coming back, or another worker's. One published after ours (it
+        arrives after our own: one topic's messages reach a subscriber in order) means a newer worker of this
+        shard; one from before ours (a retained claim or Last Will of a worker that died) means nothing."""
+        try:
+            data = W.decode_frame(payload, max_body=0)[0].get("data", {})
+        except W.ProtocolError:
+            return
+        if not isinstance(data, dict):
+            return
+        if data.get("instance") == self.instance:
+            if data.get("state") == "online":
+                self.claim_seen = True
+                self._reclaim_at = None
+            elif self._reclaim_at is not None:  # our own Last Will, from a link that dropped: we are back
+                self._reclaim_at = time.monotonic()
+        elif self.claim_seen and self.superseded_by is None:
+            # another worker's presence after our claim, online or its Last Will (a worker whose link dropped when
+            # we took its session back): it logged in as this shard after us
+            self._reclaim_at = None
+            self.superseded_by = f"pid {str(data.get('pid'))[:12]} on {str(data.get('host'))[:64]}"
 
     def _on_verdict(self, payload: bytes) -> None:
         """The coordinator's verdict on a forwarded transfer, or ``forget``: the device re-registered, its open
@@ -316,15 +387,25 @@ class ForwardAssembler:
                                    "raw" if first.get("packed") == "raw" else "zstd")
 
 
-def presence(run: str, shard: int, state: str, workers: int) -> bytes:
-    """Worker ``shard``'s retained presence frame (``online`` / ``offline``; the latter also as its Last Will)."""
+def new_instance() -> str:
+    """A worker process's random id, named in its presence frames."""
+    return uuid.uuid4().hex[:12]
+
+
+TAKEN_OVER_EXIT = 3  # cloud-ingest's exit status when another worker of its shard took over its broker session
+
+
+def presence(run: str, shard: int, state: str, workers: int, instance: str = "") -> bytes:
+    """Worker ``shard``'s retained presence frame (``online`` / ``offline``; the latter also as its Last Will).
+    ``instance``: the worker process's random id (how a worker tells its own claim from a newer worker's)."""
     return W.control_frame(W.STATUS, run=run, device=f"ingest-{shard}", round_=-1, state=state, pid=os.getpid(),
-                           host=socket.gethostname()[:64], workers=workers)
+                           host=socket.gethostname()[:64], workers=workers, instance=instance)
 
 
 class WorkerPool:
     """The ingest workers of one machine, as child processes (``python -m edgefl_cli.ingest``); one that exits
-    while the pool runs is started again after ``restart_delay_s``. :meth:`close` stops them (SIGTERM, then
+    while the pool runs is started again after ``restart_delay_s``, unless another worker of its shard took over
+    its broker session (exit status :data:`TAKEN_OVER_EXIT`). :meth:`close` stops them (SIGTERM, then
     SIGKILL after ``grace_s``)."""
 
     def __init__(self, config_path: str, overrides: list[str], workers: int, restart_delay_s: float = 1.0,
@@ -353,6 +434,13 @@ class WorkerPool:
             for shard, proc in list(self.procs.items()):
                 code = proc.poll()
                 if code is None or self._stop.is_set():
+                    continue
+                if code == TAKEN_OVER_EXIT:  # a worker started elsewhere serves the shard now: fighting it helps no one
+                    logger.error("ingest worker %d (pid %d) stopped: another worker of shard %d, started outside this "
+                                 "runtime, took over its session. Not starting it again: that one serves the shard "
+                                 "(stop it and restart the runtime to serve the shard from here)", shard, proc.pid,
+                                 shard)
+                    del self.procs[shard]
                     continue
                 logger.warning("ingest worker %d (pid %d) exited with %s: starting it again in %.1f s", shard,
                                proc.pid, code, self.restart_delay_s)

@@ -128,6 +128,11 @@ class CloudRuntime:
     def pump(self, timeout: float = 0.2) -> None:
         """Handle everything queued (waiting up to ``timeout`` s for the first message); expire transfers."""
         drain(self.inbox, self.handle, timeout)
+        if self.transport.taken_over and not self.stop.is_set():
+            logger.error("another process logged in with this runtime's client id and took over its broker session "
+                         "(a second runtime of run %r?): stopping without writing state, which is that process's "
+                         "now (run one runtime per run)", self.cfg.run_id)
+            self.stop.set()
         if self.workers and time.monotonic() - self._workers_checked > WORKER_CHECK_S:
             self._workers_checked = time.monotonic()
             missing = [k for k in range(self.workers) if self.worker_status.get(k, {}).get("state") != "online"]
@@ -536,7 +541,10 @@ class CloudRuntime:
     def stopped(self, interrupted: str | None = None) -> dict:
         """Asked to stop (SIGTERM, Ctrl-C): save the rounds done, write ``report.json`` and the accuracy plot of
         those rounds. ``interrupted``: the compute that was cut short (its round's models are part-updated, so
-        nothing is committed: the last round's checkpoint stands and a restart redoes the round)."""
+        nothing is committed: the last round's checkpoint stands and a restart redoes the round). A runtime whose
+        broker session another one took over writes nothing: the state directory is the other's now."""
+        if self.transport.taken_over:
+            return self.report()
         done = self.strategy.next_round
         self.telemetry.set_phase("stopped", done)
         if interrupted:

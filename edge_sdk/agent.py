@@ -383,6 +383,12 @@ class EdgeAgent:
         """Handle every queued message (waiting up to ``timeout`` s for the first); True if any came."""
         handled = drain(self.inbox, self.handle, timeout)
         self.downlink.expire()
+        if self.transport.taken_over and not self.stop.is_set():
+            logger.error("%s: another process connected as this device (same client id) and took over its broker "
+                         "session: stopping without saving state (it belongs to that process now; run one agent "
+                         "per device)", self.device)
+            self.exit_code = 2
+            self.stop.set()
         return handled > 0
 
     def serve(self) -> int:
@@ -407,7 +413,8 @@ class EdgeAgent:
                                                                  f"{str(e)[:300]}")
                         self.pending_round = self.pending_round or header
                     self.heartbeat(force=True)
-        self.save_state()
+        if not self.transport.taken_over:
+            self.save_state()
         return self.exit_code
 
     def shutdown(self) -> None:

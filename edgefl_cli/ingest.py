@@ -5,6 +5,9 @@
 ``cloud-runtime serve`` starts its workers itself unless ``ingest.spawn`` is false; run this on other machines
 (or under a process manager) otherwise, one process per shard in [0, ingest.workers). Torch-free. SIGTERM and
 Ctrl-C stop it; what it held is asked for again by the devices, from the worker that replaces it.
+
+Exit status: 0 stopped; 2 a configuration error; 3 another worker of the same shard logged in and took over this
+one's broker session (MQTT 5 reason code 0x8E): one worker per shard, the newer one serves it.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import signal
 import sys
 
 from cloud_runtime.config import load_runtime_config
-from cloud_runtime.ingest_worker import IngestWorker, presence
+from cloud_runtime.ingest_worker import TAKEN_OVER_EXIT, IngestWorker, new_instance, presence
 from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
 from edgefl_core.config import ConfigError
 from edgefl_core.transport import create_transport
@@ -38,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_runtime_config(args.config, args.overrides)
         # a client id of its own per shard, with a persistent session: chunks queue at the broker while it restarts
+        instance = new_instance()
         transport = create_transport(cfg.ingest.broker_for(cfg.broker, args.shard),
                                      f"edgefl-ingest-{cfg.run_id}-{args.shard}", will=(
-            Topics(cfg.run_id).ingest_status(args.shard), presence(cfg.run_id, args.shard, "offline", cfg.ingest.workers)))
-        worker = IngestWorker(cfg, transport, args.shard)
+            Topics(cfg.run_id).ingest_status(args.shard),
+            presence(cfg.run_id, args.shard, "offline", cfg.ingest.workers, instance)))
+        worker = IngestWorker(cfg, transport, args.shard, instance)
     except (ConfigError, ValueError) as e:
         logger.error("%s", e)
         return 2
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.close()
     logger.info("ingest worker %d stopped: %d messages, %d transfers forwarded, %d chunks refused", args.shard,
                 worker.messages_in, worker.forwarded, worker.refused)
-    return 0
+    return TAKEN_OVER_EXIT if worker.taken_over else 0
 
 
 if __name__ == "__main__":

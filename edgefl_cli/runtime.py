@@ -104,6 +104,8 @@ def serve_command(args) -> int:
             runtime.close()
             if workers is not None:
                 workers.close()
+    if runtime.transport.taken_over:
+        return 2  # another runtime holds this identity: a restart cannot fix that
     if ctrl_c.pressed and not finished:
         logger.info("stopped (Ctrl-C): report of %d rounds in %s", runtime.strategy.next_round,
                     runtime.store.dir / "report.json")

@@ -1,7 +1,8 @@
 """Sharded ingest on the in-memory bus (``cloud_runtime/ingest_worker.py``): what two workers forward is judged
 as if the coordinator had reassembled it, what they refuse is charged to the device with the reason, verdicts
 reach the worker that answers the sender, and a forward cut short is dropped, never half-accepted. The real
-processes over mosquitto (and the kill -9 drill) are in ``test_ingest_workers_system.py``."""
+processes over mosquitto (and the kill -9 drill) are in ``test_distributed_system.py``; two workers of one shard
+in ``test_session_takeover.py``."""
 import numpy as np
 import pytest
 

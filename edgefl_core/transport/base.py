@@ -44,6 +44,13 @@ class Transport(ABC):
         """Whether the broker is reachable now (senders wait instead of queueing while it is not)."""
         return True
 
+    @property
+    def taken_over(self) -> bool:
+        """Whether another client connected with this client id and took this session over (MQTT 5 reason code
+        0x8E). The transport then stops reconnecting, so two processes with one identity never fight for it
+        (each reconnect would take the session back); its owner should stop and say why."""
+        return False
+
     @abstractmethod
     def close(self) -> None: ...
 

@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -25,6 +26,7 @@ from edgefl_core.transport.base import Handler, Transport, topic_matches
 logger = logging.getLogger(__name__)
 
 # CONNACK reason codes that no retry can fix: the client's credentials or identity are wrong
+SESSION_TAKEN_OVER = 0x8E  # DISCONNECT reason code (MQTT 5, 3.14.2.1): another client connected with this id
 _AUTH_FAILURES = ("Bad user name or password", "Not authorized", "Client identifier not valid", "Banned",
                   "Bad authentication method")
 
@@ -121,7 +123,8 @@ class MqttTransport(Transport):
         self._refused = threading.Event()  # the broker answered the CONNECT with a failure reason code
         self._ca_file = ca_file
         self._username = username
-        self._inflight: list[mqtt.MQTTMessageInfo] = []
+        self._inflight: deque[mqtt.MQTTMessageInfo] = deque()  # QoS 1 publishes not yet acknowledged, in order
+        self._taken_over = threading.Event()
         protocol = mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
                                    clean_session=None if mqtt5 else False)
@@ -172,6 +175,14 @@ class MqttTransport(Transport):
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self._connected.clear()
+        if reason_code.value == SESSION_TAKEN_OVER:
+            # Another process logged in with this client id. Reconnecting would take the session back and start
+            # a fight that only ends when one of them stops: this one stops reconnecting instead.
+            self._taken_over.set()
+            logger.error("%s: another client connected with this client id and took over the session; not "
+                         "reconnecting (run one process per identity)", self.client_id)
+            client.disconnect()  # the socket is closed already: this only ends paho's reconnect loop
+            return
         if reason_code.is_failure:
             logger.warning("%s disconnected (%s); reconnecting", self.client_id, reason_code)
 
@@ -251,7 +262,9 @@ class MqttTransport(Transport):
                 # the reconnect, but its info would report NO_CONN forever; track the delivery instead.
                 info.rc = mqtt.MQTT_ERR_SUCCESS
             with self._lock:
-                self._inflight = [i for i in self._inflight if not _delivered(i)]
+                # acknowledgements arrive roughly in order: dropping the delivered head keeps this O(1) amortized
+                while self._inflight and _delivered(self._inflight[0]):
+                    self._inflight.popleft()
                 self._inflight.append(info)
 
     def subscribe(self, topic_filter: str, handler: Handler, *, qos: int = 1, retained: bool = True) -> None:
@@ -279,6 +292,10 @@ class MqttTransport(Transport):
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def taken_over(self) -> bool:
+        return self._taken_over.is_set()
 
     def close(self) -> None:
         self._client.disconnect()

@@ -1,0 +1,103 @@
+"""Two processes with one broker identity (client id) on a real mosquitto: the newer takes the session over
+(MQTT 5 DISCONNECT reason 0x8E) and the older stops instead of reconnecting, which would take it back and start
+a fight that lasts as long as both run (each reconnect kicking the other off: lost deliveries, flapping
+presence). Before this, two ingest workers of one shard (or two agents of one device) flapped forever."""
+import subprocess
+import sys
+import time
+
+from cloud_runtime.config import load_runtime_config
+from cloud_runtime.ingest_worker import RECLAIM_WAIT_S, TAKEN_OVER_EXIT, IngestWorker, presence
+from edgefl_core.transport import MemoryBus
+from edgefl_core.transport.inbox import drain
+from edgefl_core.transport.mqtt import MqttTransport
+from edgefl_core.wire import Topics, decode_frame
+from conftest import wait_until
+
+
+def cfg_topics(cfg):
+    return Topics(cfg.run_id)
+
+
+def test_a_broker_that_says_session_taken_over_stops_the_transport_reconnecting():
+    # mosquitto 2.0 closes the older connection without a DISCONNECT; EMQX and HiveMQ send reason 0x8E
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+    t = MqttTransport("mqtt://127.0.0.1:1", "same-id")
+    calls = []
+    t._client.disconnect = lambda *a, **k: calls.append("disconnect")  # what ends paho's reconnect loop
+    t._on_disconnect(t._client, None, None, ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E), None)
+    assert t.taken_over and calls == ["disconnect"] and not t.connected
+    other = MqttTransport("mqtt://127.0.0.1:1", "other-id")
+    other._on_disconnect(other._client, None, None, ReasonCode(PacketTypes.DISCONNECT, identifier=0x80), None)
+    assert not other.taken_over  # any other failure: reconnect as before
+
+
+def test_two_workers_of_a_shard_in_memory_the_later_claim_wins_and_a_dropped_link_is_reclaimed(tmp_path):
+    bus = MemoryBus()
+    cfg = load_runtime_config(None, ["run_id=takeover", "ingest.workers=2", f"state_dir={tmp_path}"])
+    first = IngestWorker(cfg, bus.client("w1"), 1)
+    assert first.start()
+    drain(first.inbox, first.handle, 0.01)
+    assert first.claim_seen and not first.taken_over
+    second = IngestWorker(cfg, bus.client("w2"), 1)
+    assert second.start()
+    for w in (first, second):
+        drain(w.inbox, w.handle, 0.01)
+    assert first.taken_over and "pid" in first.superseded_by
+    assert not second.taken_over  # the first's claim came before its own: an older worker's, meaning nothing
+    # the second's link drops: the broker publishes its Last Will; back, it says online again at once
+    bus._publish(cfg_topics(cfg).ingest_status(1), presence("takeover", 1, "offline", 2, second.instance), True)
+    second._was_connected = False
+    second._keep_claim(now=0.0)
+    assert second._reclaim_at == RECLAIM_WAIT_S
+    drain(second.inbox, second.handle, 0.01)
+    second._keep_claim()
+    retained = []
+    bus.client("probe").subscribe(cfg_topics(cfg).ingest_status(1), lambda t, p: retained.append(p))
+    assert decode_frame(retained[-1])[0]["data"]["state"] == "online"
+    assert decode_frame(retained[-1])[0]["data"]["instance"] == second.instance and not second.taken_over
+
+
+def test_a_second_ingest_worker_of_a_shard_takes_over_and_the_first_exits_with_status_3(broker, tmp_path):
+    config = tmp_path / "runtime.yaml"
+    config.write_text(f"run_id: takeover\nbroker: {{url: 'mqtt://127.0.0.1:{broker.port}'}}\n"
+                      f"ingest: {{workers: 2, spawn: false}}\nstate_dir: {tmp_path / 'state'}\n")
+    cmd = [sys.executable, "-m", "edgefl_cli.ingest", "--config", str(config), "--shard", "1"]
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logs[0].open("w"))
+    second = None
+    try:
+        wait_until(lambda: "serving run" in logs[0].read_text(), timeout=30)
+        second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logs[1].open("w"))
+        assert first.wait(timeout=30) == TAKEN_OVER_EXIT
+        assert "took over its session" in logs[0].read_text()
+        time.sleep(4.0)  # the first's one reconnect (before it read the newer claim) kicked the second off once
+        assert second.poll() is None  # the newer one serves the shard
+        assert "took over" not in logs[1].read_text() and logs[1].read_text().count("disconnected") <= 1
+        assert logs[1].read_text().count("serving run") == 1
+        probe, retained = MqttTransport(f"mqtt://127.0.0.1:{broker.port}", "probe"), []
+        probe.subscribe(Topics("takeover").ingest_status(1), lambda t, p: retained.append(decode_frame(p)[0]["data"]))
+        probe.connect(timeout=10)
+        wait_until(lambda: retained, timeout=10)
+        probe.close()
+        assert retained[-1]["state"] == "online" and retained[-1]["pid"] == second.pid
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=15)
+
+
+def test_the_pool_does_not_restart_a_worker_another_took_over_but_restarts_one_that_died():
+    from cloud_runtime.ingest_worker import WorkerPool
+
+    class Pool(WorkerPool):
+        def command(self, shard):
+            return [sys.executable, "-c", f"import sys; sys.exit({TAKEN_OVER_EXIT if shard == 0 else 1})"]
+    pool = Pool("unused.yaml", [], 2, restart_delay_s=0.1)
+    try:
+        wait_until(lambda: 0 not in pool.procs and pool.restarts >= 2, timeout=20)
+        assert 1 in pool.procs  # a crashed worker is started again; the taken-over one is not
+    finally:
+        pool.close(grace_s=2)
