@@ -74,6 +74,17 @@ def test_the_runtime_knows_which_workers_are_online(tmp_path, caplog):
     settle(rt, workers)
     assert rt.worker_status[1]["state"] == "offline" and "ingest worker 1 is offline" in caplog.text
     assert rt.report()["run"]["ingest_workers"]["status"] == {"0": "online", "1": "offline"}
+    # the operator's console and /metrics say the same
+    from prometheus_client import generate_latest
+    from cloud_runtime.console.metrics import metrics_registry
+    from cloud_runtime.console.views import StatusBoard
+    board = StatusBoard()
+    board.refresh(rt, force=True)
+    assert board.read()["status"]["ingest_workers"] == {"workers": 2, "forwarded_transfers": 0,
+                                                         "shards": {"0": "online", "1": "offline"}}
+    text = generate_latest(metrics_registry(board, rt.telemetry, 10)).decode()
+    assert 'edgefl_ingest_workers{state="online"} 1.0' in text and 'edgefl_ingest_workers{state="offline"} 1.0' in text
+    assert "edgefl_ingest_forwarded_transfers_total 0.0" in text
 
 
 def test_uploads_through_two_workers_are_judged_as_if_the_runtime_had_reassembled_them(tmp_path):

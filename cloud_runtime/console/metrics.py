@@ -24,6 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from cloud_runtime.console.views import StatusBoard
 from cloud_runtime.telemetry import Telemetry, multiprocess_dir
 
+WORKER_STATES = ("online", "offline", "misconfigured", "unknown")
 OTHER = ""   # the device label of the aggregate of the devices past max_device_series (no device id is empty)
 
 
@@ -61,6 +62,16 @@ class FleetCollector:
         for state in ("online", "offline", "quarantined"):
             by_state.add_metric([state], status["devices"][state])
         yield by_state
+        workers = status.get("ingest_workers") or {}
+        if workers.get("workers"):
+            shards = GaugeMetricFamily("edgefl_ingest_workers", "Ingest workers (shards) by the state of their "
+                                       "presence", labels=["state"])
+            states = list(workers["shards"].values())
+            for state in WORKER_STATES:
+                shards.add_metric([state], states.count(state))
+            yield shards
+            yield CounterMetricFamily("edgefl_ingest_forwarded_transfers", "Transfers the ingest workers forwarded "
+                                      "to this runtime", value=workers["forwarded_transfers"])
         yield from self.per_device(devices)
 
     def per_device(self, devices: list[dict]):

@@ -92,6 +92,7 @@ class StatusBoard:
             "ingest_bytes_per_s": (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0,
             "checkpoint": {"generation": runtime.store.generation, "error": runtime.checkpoint_error},
             "events_suppressed": runtime.telemetry.events_suppressed,
+            "ingest_workers": ingest_workers(runtime),
         }
 
     def device_rows(self, runtime) -> list[dict]:
@@ -149,6 +150,15 @@ class StatusBoard:
         if len(self._predicted) < PREDICTIONS_KEPT:  # beyond it (many odd profile names): computed each time
             self._predicted[key] = predicted
         return predicted
+
+
+def ingest_workers(runtime) -> dict:
+    """The ingest workers (``ingest.workers`` > 0): ``{"workers": N, "forwarded_transfers": n, "shards": {k:
+    state}}``, state ``online`` | ``offline`` | ``misconfigured`` | ``unknown`` (no presence seen yet)."""
+    workers = int(getattr(runtime, "workers", 0) or 0)
+    seen = getattr(runtime, "worker_status", {})
+    return {"workers": workers, "forwarded_transfers": int(getattr(runtime, "forwarded", 0)),
+            "shards": {str(k): seen.get(k, {}).get("state", "unknown") for k in range(workers)}}
 
 
 def round_rows(rows: list[dict]) -> list[dict]:

@@ -61,7 +61,11 @@ function renderStatus(s) {
   text($("device-states"), `${d.offline ?? 0} offline · ${d.quarantined ?? 0} quarantined`);
   text($("ingest"), `${fmtBytes(s.ingest_bytes_per_s)}/s`);
   const b = s.bytes || {};
-  text($("bytes"), `up ${fmtBytes(b.up)} · down ${fmtBytes(b.down)} · resent ${fmtBytes(b.resent)} · rejected ${fmtBytes(b.rejected)}`);
+  const w = s.ingest_workers || {};
+  const shards = Object.entries(w.shards || {});
+  const down = shards.filter(([, state]) => state !== "online").map(([k, state]) => `${k} ${state}`);
+  const workers = w.workers ? ` · workers ${shards.length - down.length}/${w.workers} online${down.length ? ` (${down.join(", ")})` : ""}` : "";
+  text($("bytes"), `up ${fmtBytes(b.up)} · down ${fmtBytes(b.down)} · resent ${fmtBytes(b.resent)} · rejected ${fmtBytes(b.rejected)}${workers}`);
   const reasons = Object.entries(s.rejections || {}).sort((a, b) => b[1] - a[1]);
   text($("rejections"), reasons.reduce((n, r) => n + r[1], 0));
   text($("rejection-reasons"), reasons.map(([k, v]) => `${k} ${v}`).join(" · "));
