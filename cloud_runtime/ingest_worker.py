@@ -57,6 +57,12 @@ MAX_FORWARD_INFLATION = 16
 # a device that re-registered: its open transfers idle this long are its old process's, dropped at once (others
 # expire after transfer_timeout_s if they are)
 FORGET_IDLE_S = 2.0
+# quarantined devices: their dropped chunks are charged in one event per device this often; a quarantine longer
+# than MAX_QUARANTINE_S in a verdict is ignored (a bad frame must not silence a device for good); at most
+# MAX_QUARANTINED devices are remembered per worker
+QUARANTINE_REPORT_S = 1.0
+MAX_QUARANTINE_S = 7 * 24 * 3600.0
+MAX_QUARANTINED = 100_000
 # after a reconnect, how long a worker waits for its shard's retained presence before it says online again
 RECLAIM_WAIT_S = 2.0
 
@@ -89,6 +95,11 @@ class IngestWorker:
         self.superseded_by: str | None = None
         self._was_connected = False
         self._reclaim_at: float | None = None   # after a reconnect: say online again then, unless told otherwise
+        # devices the coordinator quarantined (monotonic deadline): their chunks are dropped unread and charged
+        # in bulk (messages, bytes) every QUARANTINE_REPORT_S, not one event per chunk
+        self.quarantined: dict[str, float] = {}
+        self.quarantine_dropped: dict[str, list[int]] = {}
+        self._quarantine_reported = time.monotonic()
 
     def enqueue(self, topic: str, payload: bytes) -> None:
         """Transport callback: queue only (runs on the network thread)."""
@@ -164,6 +175,7 @@ class IngestWorker:
                 self._charge(device, -1, "rejected", 0, "transfer_timeout",
                              f"transfer {transfer[:8]} incomplete after {self.cfg.transfer_timeout_s:.0f}s")
             self._charge_dropped()
+            self._charge_quarantined()
             self.reopen_unjudged()
 
     def reopen_unjudged(self, now: float | None = None) -> int:
@@ -193,6 +205,11 @@ class IngestWorker:
         if where is None or not payload:  # not a chunk topic of this run (we subscribe to nothing else)
             return
         device, header = where[0], None
+        if device in self.quarantined and self._still_quarantined(device):
+            dropped = self.quarantine_dropped.setdefault(device, [0, 0])
+            dropped[0] += 1
+            dropped[1] += len(payload)
+            return
         try:
             if where[1] != self.shard or W.ingest_shard(self.cfg.run_id, device, self.cfg.ingest.workers) != self.shard:
                 raise W.ProtocolError("wrong_shard", f"{device} published on shard {where[1]}, its shard is "
@@ -307,6 +324,9 @@ class IngestWorker:
                 return
             if isinstance(transfer, str):
                 self.awaiting.pop((device, transfer), None)
+            left = header.get("quarantined_for_s")
+            if type(left) in (int, float) and 0 < left <= MAX_QUARANTINE_S and isinstance(device, str):
+                self._quarantine(device, float(left))
             if header.get("forget"):  # only transfers idle for a while: the new process may already be
                 # sending (this verdict races its first chunks), the old one stopped when it died
                 self.reassembler.forget(device, idle_s=FORGET_IDLE_S)
@@ -317,6 +337,34 @@ class IngestWorker:
                 self.reassembler.settle(device, transfer, header.get("accepted") is True, header.get("reason"))
         except W.ProtocolError as e:
             logger.warning("ignored a malformed verdict on %s: %s", self.topics.verdicts(self.shard), e)
+
+    def _quarantine(self, device: str, seconds: float) -> None:
+        """The coordinator quarantined ``device`` for ``seconds`` more: drop its chunks unread until then, and what
+        it had open here (charged as rejected, as the coordinator would)."""
+        if len(self.quarantined) >= MAX_QUARANTINED and device not in self.quarantined:
+            self.quarantined = {d: t for d, t in self.quarantined.items() if t > time.monotonic()}
+            if len(self.quarantined) >= MAX_QUARANTINED:
+                return  # more quarantined devices than one shard should ever have: judge their chunks as usual
+        self.quarantined[device] = time.monotonic() + seconds
+        self.reassembler.forget(device, idle_s=0.0)
+        self._charge_dropped()
+        logger.info("%s is quarantined for %.0f s: its chunks are dropped unread until then", device, seconds)
+
+    def _still_quarantined(self, device: str) -> bool:
+        if time.monotonic() < self.quarantined[device]:
+            return True
+        del self.quarantined[device]
+        return False
+
+    def _charge_quarantined(self, force: bool = False) -> None:
+        """Charge the chunks dropped for quarantined devices since the last report: one event per device."""
+        if not self.quarantine_dropped or not force and time.monotonic() - self._quarantine_reported < QUARANTINE_REPORT_S:
+            return
+        self._quarantine_reported = time.monotonic()
+        dropped, self.quarantine_dropped = self.quarantine_dropped, {}
+        for device, (messages, wire) in dropped.items():
+            self._charge(device, -1, "rejected", wire, "quarantined",
+                         f"{messages} chunks dropped unread by ingest worker {self.shard} while quarantined")
 
     def _answer(self, device: str, header: dict) -> None:
         """Reply to a chunk that asks for progress (``ack``: the sender's sequence number), as the coordinator

@@ -355,8 +355,11 @@ class CloudRuntime:
                 self.ingest.count(kind, device, wire)
             if isinstance(reason, str):  # as the runtime judges chunks itself: a quarantined device's are
                 # "quarantined" (not a new offence that would extend its quarantine)
-                reason = "quarantined" if self.registry.quarantined(device) else reason[:64]
+                was_quarantined = self.registry.quarantined(device)
+                reason = "quarantined" if was_quarantined else reason[:64]
                 self.registry.reject(reason, device, str(header.get("detail", ""))[:500])
+                if not was_quarantined and self.registry.quarantined(device):
+                    self._tell_quarantine(device)  # its worker drops its chunks from now on, unread
             return
         if type_ != P.INGESTED:
             logger.warning("ingest worker %d: unexpected frame type %r", shard, type_[:40])
@@ -369,6 +372,7 @@ class CloudRuntime:
         self.telemetry.counters.messages.inc()
         self.forwarded += 1
         judged = []   # the judge settles it (final verdict); otherwise the worker is told to reassemble a resend
+        quarantined_before = self.registry.quarantined(device)
 
         def settle(accepted: bool, reason: str | None) -> None:
             judged.append(True)
@@ -380,6 +384,7 @@ class CloudRuntime:
                 raise Rejected("unknown_device", "upload before registration")
             if self.registry.quarantined(device):  # as its chunks would be without workers: charged, not judged
                 self.ingest.count_rejected(device, done.wire_bytes)
+                self._tell_quarantine(device)  # the worker did not know yet (it learns at the first forward)
                 until = time.ctime(self.registry.devices[device]["quarantined_until"])
                 raise Rejected("quarantined", f"ignored until {until}")
             if done.meta.get("kind") == P.KIND_UPLOAD and done.meta.get("split") == "train":
@@ -397,6 +402,8 @@ class CloudRuntime:
         finally:
             if not judged:
                 self._tell_worker(device, transfer=done.transfer, retry=True)
+            if not quarantined_before and self.registry.quarantined(device):  # this forward's rejection did it
+                self._tell_quarantine(device)
 
     def _on_worker_status(self, topic: str, payload: bytes) -> None:
         """An ingest worker's retained presence (or its Last Will): logged when it changes, in report.json."""
@@ -427,6 +434,14 @@ class CloudRuntime:
         """A :data:`~edgefl_core.wire.VERDICT` to ``device``'s ingest worker: a transfer's verdict, or ``forget``."""
         self.transport.publish(self.topics.verdicts(P.ingest_shard(self.cfg.run_id, device, self.workers)), P.encode_frame(
             {"type": P.VERDICT, "run": self.cfg.run_id, "device": device, "round": -1, **data}))
+
+    def _tell_quarantine(self, device: str) -> None:
+        """Tell ``device``'s ingest worker that the device is quarantined, for how many seconds more (relative:
+        the worker's clock may differ): it drops the device's chunks unread meanwhile and charges them in bulk,
+        instead of reassembling and forwarding what the coordinator would refuse."""
+        left = self.registry.devices[device]["quarantined_until"] - time.time()
+        if left > 0:
+            self._tell_worker(device, quarantined_for_s=round(left, 1))
 
     def _answer(self, device: str, header: dict) -> None:
         """Reply to a chunk that asks for progress (``ack``: the sender's sequence number)."""

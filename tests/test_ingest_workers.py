@@ -285,9 +285,15 @@ def test_a_device_quarantined_while_uploading_gets_in_once_released_charged_as_w
     assert rt.ingest.round_bytes["rejected"]["devA"] == sum(map(len, frames)) and not acks(downs, "devA")
     bad = P.encode_frame({**P.decode_frame(frames[0])[0], "crc32": 0}, P.decode_frame(frames[0])[1])
     bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), bad)
+    worker = workers[SHARD["devA"]]
+    assert "devA" in worker.quarantined  # told at the refused forward: from now on its chunks are not read
+    settle(rt, workers)
+    worker._charge_quarantined(force=True)
     settle(rt, workers)
     assert rt.registry.devices["devA"]["rejection_reasons"].get("bad_checksum") is None   # "quarantined" instead
-    rt.registry.devices["devA"]["quarantined_until"] = time.time() - 1
+    assert rt.ingest.round_bytes["rejected"]["devA"] == sum(map(len, frames)) + len(bad)
+    rt.registry.devices["devA"]["quarantined_until"] = time.time() - 1   # the quarantine ends, here and there
+    worker.quarantined["devA"] = time.monotonic() - 1
     for frame in frames:   # the sender sends again
         bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
     settle(rt, workers)
@@ -357,3 +363,33 @@ def test_provision_keeps_a_worker_count_the_operator_set_by_hand(tmp_path):
     first.runtime_config.write_text(yaml.safe_dump(edited))
     again = provision(tmp_path / "d", ["dev0", "dev1"], host="127.0.0.1", broker_user="root")
     assert yaml.safe_load(again.runtime_config.read_text())["ingest"]["workers"] == 3
+
+
+def test_a_quarantined_flood_costs_the_worker_no_decoding_and_the_coordinator_one_event_a_second(tmp_path):
+    bus, rt, workers, downs = cluster(tmp_path)
+    worker = workers[SHARD["devA"]]
+    events = []
+    bus.client("probe").subscribe(rt.topics.ingest(SHARD["devA"]), lambda t, p: events.append(P.decode_frame(p)[0]))
+    frame = upload_frames("devA", range(30))[0]
+    header, body = P.decode_frame(frame)
+    bad = P.encode_frame({**header, "crc32": 0}, body)
+    for _ in range(rt.cfg.validation.quarantine_after):  # each refused by the worker, charged by the coordinator
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), bad)
+        settle(rt, workers)
+    assert rt.registry.quarantined("devA") and "devA" in worker.quarantined
+    before, rejections = len(events), rt.registry.devices["devA"]["rejected"]
+    for _ in range(500):
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), bad)
+    settle(rt, workers)
+    worker._charge_quarantined(force=True)
+    settle(rt, workers)
+    assert len(events) - before == 1     # one bulk charge, not 500 events
+    assert events[-1]["reason"] == "quarantined" and events[-1]["wire"] == 500 * len(bad)
+    assert rt.registry.devices["devA"]["rejected"] == rejections + 1
+    assert rt.ingest.round_bytes["rejected"]["devA"] == (rt.cfg.validation.quarantine_after + 500) * len(bad)
+    # a verdict cannot silence a device for good: quarantines over a week (or not a number) are ignored
+    worker.quarantined.clear()
+    for left in (10 ** 9, "300", -5, float("nan")):
+        worker._on_verdict(P.encode_frame({"type": P.VERDICT, "run": RUN, "device": "devB", "round": -1,
+                                           "quarantined_for_s": left}))
+    assert not worker.quarantined
