@@ -240,13 +240,16 @@ class GKTServer:
 
     @torch.inference_mode()
     def _infer(self, upload: HeldUpload, batch_size: int = 256, meter: ProgressLog | None = None,
-               stop=None) -> torch.Tensor:
-        """The server's logits (float32 N x K) for every row of ``upload``, in eval mode, a batch at a time."""
+               stop=None, before_batch=None) -> torch.Tensor:
+        """The server's logits (float32 N x K) for every row of ``upload``, in eval mode, a batch at a time
+        (``before_batch()``, when given, is called before each: e.g. to change the thread count)."""
         self.model.eval()
         out, n = [], len(upload.sample_ids)
         try:
             for i in range(0, n, batch_size):
                 check_stop(stop, f"{meter.label if meter else 'inference'} at {i:,}/{n:,} samples")
+                if before_batch is not None:
+                    before_batch()
                 rows = slice(i, min(i + batch_size, n))
                 with self._precision():
                     out.append(self.model(self._to_device(upload.features.rows(rows))).float().cpu())
@@ -259,16 +262,18 @@ class GKTServer:
     # -- evaluate --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def evaluate(self, uploads: list[HeldUpload | FeatureUpload], round_: int | None = None, stop=None) -> EvalResult:
+    def evaluate(self, uploads: list[HeldUpload | FeatureUpload], round_: int | None = None, stop=None,
+                 before_batch=None) -> EvalResult:
         """Accuracy of (device extractor -> server model) on each device's test features. Logs progress when
-        it takes longer than :data:`~cloud_runtime.progress.QUIET_S`; ``stop``: as in :meth:`train_round`."""
+        it takes longer than :data:`~cloud_runtime.progress.QUIET_S`; ``stop``: as in :meth:`train_round`;
+        ``before_batch``: as in :meth:`_infer`."""
         uploads = [self.held(u) for u in uploads]
         per_device, correct_total, loss_total, n_total = {}, 0, 0.0, 0
         label = "server evaluation" if round_ is None else f"server round {round_} evaluation"
         meter = ProgressLog(logger, label, sum(len(u.labels) for u in uploads), quiet=True)
         for upload in uploads:
             upload.validate(self.num_classes, self.feature_shape)
-            logits = self._infer(upload, meter=meter, stop=stop)
+            logits = self._infer(upload, meter=meter, stop=stop, before_batch=before_batch)
             labels = torch.from_numpy(upload.labels)
             correct = int((logits.argmax(1) == labels).sum())
             loss_total += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))

@@ -5,6 +5,7 @@ import threading
 import pytest
 
 from edgefl_cli.sim import main
+from conftest import wait_until
 
 
 def sim_args(npz_dir, out, *extra):
@@ -43,6 +44,28 @@ def test_an_overlapped_evaluation_gives_the_figures_of_a_serial_one(npz_dir, tmp
     for key in ("test_accuracy", "test_loss", "per_device"):  # every round evaluated on the model after that round
         assert [r[key] for r in rows[True]] == [r[key] for r in rows[False]], key
     assert all(r["test_accuracy"] is not None and "evaluation" not in r for r in rows[True])
+
+
+def test_an_overlapped_evaluation_takes_more_threads_once_the_serve_thread_waits_for_it():
+    import threading
+    import torch
+    from cloud_runtime.strategies.fedgkt import Evaluation
+    go, seen = threading.Event(), []
+
+    class Server:
+        def evaluate(self, uploads, round_, before_batch):
+            for _ in range(2):
+                before_batch()
+                seen.append(torch.get_num_threads())
+                go.wait(10)
+            return "result"
+    evaluation = Evaluation(Server(), [], {"round": 0})
+    evaluation.start()
+    wait_until(lambda: seen)
+    evaluation.threads = 2   # what finish_evaluation sets (the runtime's threads) before it joins
+    go.set()
+    evaluation.join(10)
+    assert seen == [1, 2] and evaluation.result == "result"
 
 
 def test_full_test_split_evaluates_every_device_on_everything(npz_dir, tmp_path):
@@ -96,7 +119,7 @@ def test_memory_mode_validates_uploads_like_mqtt(npz_dir, tmp_path):
     from edgefl_cli.simulation import write_deployment
     from cloud_runtime.service import build_runtime
     from edge_sdk.agent import build_agent
-    from conftest import wait_until
+    from conftest import wait_until, wait_until
 
     cfg = load_config("configs/quickstart.yaml", ["data.dataset=npz", f"data.path={npz_dir}", "data.train_subset=null",
                                                   "run.devices=2", "run.rounds=1", "edge.model_kwargs={}"])

@@ -221,7 +221,8 @@ class FedGKT(Strategy):
         if pending.is_alive() and self.ctx.stop.is_set():
             logger.info("stopping: waiting for round %d's evaluation (seconds), so the round is saved with its "
                         "accuracy", pending.row["round"])
-        pending.join()
+        pending.threads = self.ctx.threads  # the devices are done and the server waits: its remaining batches
+        pending.join()                      # get every core the runtime has
         row = pending.row
         row.pop("evaluation", None)
         if pending.result is None:
@@ -247,19 +248,25 @@ class FedGKT(Strategy):
 
 
 class Evaluation(threading.Thread):
-    """:meth:`GKTServer.evaluate` on its own thread with one torch thread; ``result`` (None if it failed: then
-    ``error`` says why). It is not cut short by a stop: the runtime joins it and commits the round with its
-    accuracy (a few seconds), as a serial run would have."""
+    """:meth:`GKTServer.evaluate` on its own thread with one torch thread while the devices train, and with
+    ``threads`` (set by the serve thread when it comes to join it: the devices are done) for the batches left;
+    ``result`` (None if it failed: then ``error`` says why). It is not cut short by a stop: the runtime joins it
+    and commits the round with its accuracy (a few seconds), as a serial run would have."""
 
     def __init__(self, server: GKTServer, uploads: list, row: dict):
         super().__init__(name=f"evaluation-{row['round']}", daemon=True)
         self.server, self.uploads, self.row = server, uploads, row
         self.result, self.error = None, None
+        self.threads = 1
+
+    def _set_threads(self) -> None:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
 
     def run(self) -> None:
-        torch.set_num_threads(1)  # the serve thread sets its own count again before the server trains
+        # the serve thread sets its own count again before the server trains
         try:
-            self.result = self.server.evaluate(self.uploads, round_=self.row["round"])
+            self.result = self.server.evaluate(self.uploads, round_=self.row["round"], before_batch=self._set_threads)
         except Exception as e:  # a failed evaluation costs its accuracy, never the run
             logger.exception("round %d evaluation failed", self.row["round"])
             self.error = f"{type(e).__name__}: {e}"
