@@ -19,10 +19,13 @@ again), while different features always get fresh noise. Without a key, the oper
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 KEY_FILE = "privacy.key"
 _BLOCK = 256  # samples per block: the noise is drawn block by block (a small device's peak holds one block)
@@ -36,6 +39,10 @@ def device_key(state_dir: str | Path) -> bytes:
         key = path.read_bytes()
         if len(key) == 32:
             return key
+        # a damaged key cannot be repaired: the new one draws fresh noise for features already released, and the
+        # runtime's accountant counts each such copy as one more release (a larger epsilon)
+        logger.warning("%s holds %d bytes, not 32: replaced by a new key. Features this device releases again "
+                       "now carry fresh noise, which the runtime counts as further releases", path, len(key))
     except FileNotFoundError:
         pass
     key = os.urandom(32)

@@ -157,3 +157,11 @@ def test_the_runtime_counts_distinct_payloads_as_releases(tmp_path):
     for blob in (b"round0", b"round0", b"round1"):  # a re-send of round 0 is no new release
         ingest.note_release("dev0", blob)
     assert len(registry.devices["dev0"]["feature_releases"]) == 2
+
+
+def test_a_damaged_privacy_key_is_replaced_loudly(tmp_path, caplog):
+    from edge_sdk.privacy import device_key
+    (tmp_path / "privacy.key").write_bytes(b"short")
+    key = device_key(tmp_path)
+    assert len(key) == 32 and device_key(tmp_path) == key
+    assert "holds 5 bytes, not 32" in caplog.text
