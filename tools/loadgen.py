@@ -1,6 +1,7 @@
 """Fleet load generator: many protocol-only agents (no training) against a real broker and the real runtime.
 
     python -m tools.loadgen --agents 1000 --workers 8 --out docs/bench/load
+    python -m tools.loadgen --agents 1000 --workers 8 --ingest-workers 0 1 2 4 --trials 3 --out docs/bench/load_ingest
 
 Each simulated agent is a real paho MQTT 5 client with a Last Will: it connects, registers, heartbeats,
 uploads one small chunked feature transfer and waits for the runtime's ACK. The runtime is the real
@@ -8,6 +9,12 @@ uploads one small chunked feature transfer and waits for the runtime's ACK. The 
 connection; only its training rounds are not started. Reports the agents held connected at once,
 messages/s through the runtime, upload -> ACK latency percentiles, and losses (uploads never
 acknowledged, heartbeats never seen, rejections).
+
+``--ingest-workers N ...`` runs the same load against a runtime with N ingest workers (real
+``python -m edgefl_cli.ingest`` processes; the agents send their chunks on their shard's topic, as an agent
+told ``ingest_shards`` does), each count in turn, ``--trials`` times alternately, and prints each count's
+fleet messages per second (every message the agents sent, whoever handled it) and ACK latency as ratios to
+the first count's, medians over trials.
 """
 from __future__ import annotations
 
@@ -41,8 +48,9 @@ def _device_frames(run: str, device: str, index: int) -> list[bytes]:
     return P.chunk_transfer(P.pack_arrays(arrays), run=run, device=device, round_=0, meta=meta, max_chunk=512)
 
 
-def _worker(url: str, run: str, first: int, count: int, heartbeats: int, ready, go, results) -> None:
-    """One process driving ``count`` agents, each its own paho client and network thread."""
+def _worker(url: str, run: str, first: int, count: int, heartbeats: int, ready, go, results, shards: int = 0) -> None:
+    """One process driving ``count`` agents, each its own paho client and network thread. ``shards``: the run's
+    ingest workers (chunks go on ``.../up/<k>``, the device's shard), 0 for none."""
     import paho.mqtt.client as mqtt
 
     from edgefl_core.transport.mqtt import BrokerAddress
@@ -85,6 +93,7 @@ def _worker(url: str, run: str, first: int, count: int, heartbeats: int, ready, 
     ready.put(held)
     go.wait()
     sent: dict[str, float] = {}
+    messages = 0
     for index, device, client in agents:  # register everyone, then heartbeat, then upload
         client.publish(topics.up(device), P.control_frame(
             P.REGISTER, run=run, device=device, round_=-1, num_classes=CLASSES, feature_channels=FEATURES[0],
@@ -94,11 +103,14 @@ def _worker(url: str, run: str, first: int, count: int, heartbeats: int, ready, 
         for index, device, client in agents:
             client.publish(topics.heartbeat(device), P.control_frame(P.HEARTBEAT, run=run, device=device, round_=-1,
                                                                    beat=beat), qos=1)
+    messages += count * (1 + heartbeats)
     for index, device, client in agents:
         frames = _device_frames(run, device, index)
+        topic = topics.up(device, P.ingest_shard(run, device, shards)) if shards else topics.up(device)
         sent[device] = time.time()
         for frame in frames:
-            client.publish(topics.up(device), frame, qos=1)
+            client.publish(topic, frame, qos=1)
+        messages += len(frames)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         with lock:
@@ -110,7 +122,7 @@ def _worker(url: str, run: str, first: int, count: int, heartbeats: int, ready, 
         client.loop_stop()
     with lock:
         latencies = [acks[d] - sent[d] for d in acks if d in sent]
-    results.put({"held": held, "agents": count, "acked": len(acks), "latencies": latencies})
+    results.put({"held": held, "agents": count, "acked": len(acks), "latencies": latencies, "messages": messages})
 
 
 def _watch_console(url: str, stop, results, every_s: float = 1.0) -> None:
@@ -138,27 +150,43 @@ def _watch_console(url: str, stop, results, every_s: float = 1.0) -> None:
 
 
 def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | None = None,
-             state_dir: str | Path = "/tmp/edgefl-load", timeout_s: float = 300.0, console: bool = False) -> dict:
+             state_dir: str | Path = "/tmp/edgefl-load", timeout_s: float = 300.0, console: bool = False,
+             ingest_workers: int = 0) -> dict:
     """``console``: serve the runtime's console (``cloud_runtime/console``) and keep it open in another process
-    for the whole load, like an operator's browser tab; the result then has ``console`` (answer latencies)."""
+    for the whole load, like an operator's browser tab; the result then has ``console`` (answer latencies).
+    ``ingest_workers``: the runtime's ``ingest.workers``, run as real worker processes (:class:`WorkerPool`)."""
     from cloud_runtime.config import load_runtime_config
     from cloud_runtime.console import start_console
+    from cloud_runtime.ingest_worker import WorkerPool
     from cloud_runtime.service import build_runtime
     from edgefl_cli.mosquitto import EmbeddedMosquitto
 
     broker = None if broker_url else EmbeddedMosquitto().start()
     url = broker_url or broker.url  # type: ignore[union-attr]
     run = "load"
+    pool = None
     try:
-        cfg = load_runtime_config(None, [f"run_id={run}", f"broker.url={url}", f"state_dir={state_dir}",
-                                         f"expected_devices={agents}", "validation.quarantine_after=1000000",
-                                         "console.address=127.0.0.1:0", f"console.enabled={str(console).lower()}"])
+        overrides = [f"run_id={run}", f"broker.url={url}", f"state_dir={state_dir}", f"expected_devices={agents}",
+                     "validation.quarantine_after=1000000", "console.address=127.0.0.1:0",
+                     f"console.enabled={str(console).lower()}", f"ingest.workers={ingest_workers}",
+                     "ingest.spawn=false"]
+        cfg = load_runtime_config(None, overrides)
         runtime = build_runtime(cfg)
         server = start_console(runtime) if console else None
         runtime.start()
         stop = threading.Event()
         pump = threading.Thread(target=lambda: [runtime.pump(0.05) for _ in iter(stop.is_set, True)], daemon=True)
         pump.start()
+        if ingest_workers:
+            config = Path(state_dir) / "loadgen-runtime.yaml"
+            config.parent.mkdir(parents=True, exist_ok=True)
+            config.write_text("{}\n")  # everything is in the overrides
+            pool = WorkerPool(str(config), overrides, ingest_workers, log_level="WARNING")
+            deadline = time.monotonic() + 60
+            while sum(s.get("state") == "online" for s in runtime.worker_status.values()) < ingest_workers:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ingest workers not online within 60 s: {runtime.worker_status}")
+                time.sleep(0.1)
         # The first registration builds the server model (seconds); do it before the clock starts.
         runtime.enqueue(runtime.topics.up("warmup"), P.control_frame(
             P.REGISTER, run=run, device="warmup", round_=-1, num_classes=CLASSES, feature_channels=FEATURES[0],
@@ -174,7 +202,8 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
         per = [agents // workers + (1 if w < agents % workers else 0) for w in range(workers)]
         procs, first = [], 0
         for n in per:
-            procs.append(ctx.Process(target=_worker, args=(url, run, first, n, heartbeats, ready, go, results)))
+            procs.append(ctx.Process(target=_worker, args=(url, run, first, n, heartbeats, ready, go, results,
+                                                            ingest_workers)))
             first += n
         t0 = time.perf_counter()
         for p in procs:
@@ -205,6 +234,9 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
             "devices_with_heartbeat": heartbeats_seen, "lost_heartbeat_devices": agents - heartbeats_seen,
             "messages_handled": runtime.messages_in - messages_before, "seconds": elapsed,
             "messages_per_s": (runtime.messages_in - messages_before) / elapsed,
+            "ingest_workers": ingest_workers, "forwarded_transfers": runtime.forwarded,
+            "fleet_messages": sum(r["messages"] for r in reports),
+            "fleet_messages_per_s": sum(r["messages"] for r in reports) / elapsed,
             "rejections": dict(runtime.registry.rejections),
             "ack_latency_s": {"p50": _pct(latencies, 50), "p90": _pct(latencies, 90), "p99": _pct(latencies, 99),
                               "max": latencies[-1] if latencies else None,
@@ -218,6 +250,8 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
         runtime.close()
         return result
     finally:
+        if pool is not None:
+            pool.close()
         if broker is not None:
             broker.stop()
 
@@ -236,14 +270,51 @@ def main() -> None:
     parser.add_argument("--heartbeats", type=int, default=3)
     parser.add_argument("--broker", default=None, help="use this broker instead of a private mosquitto")
     parser.add_argument("--out", default=None, help="write load.json here")
+    parser.add_argument("--ingest-workers", type=int, nargs="+", default=[0],
+                        help="the runtime's ingest workers; several counts run in turn, --trials times alternately")
+    parser.add_argument("--trials", type=int, default=1)
     args = parser.parse_args()
     setup_logging("WARNING")
     logger.setLevel(logging.INFO)
-    result = run_load(args.agents, args.workers, args.heartbeats, args.broker)
-    print(json.dumps(result, indent=2))
+    if args.ingest_workers == [0] and args.trials == 1:
+        result = run_load(args.agents, args.workers, args.heartbeats, args.broker)
+        print(json.dumps(result, indent=2))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "load.json").write_text(json.dumps(result, indent=2))
+        return
+    runs: dict[int, list[dict]] = {n: [] for n in args.ingest_workers}
+    for trial in range(args.trials):
+        for n in args.ingest_workers:
+            r = run_load(args.agents, args.workers, args.heartbeats, args.broker, ingest_workers=n,
+                         state_dir=f"/tmp/edgefl-load-{n}-{trial}")
+            runs[n].append(r)
+            logger.info("trial %d, %d ingest workers: %.0f fleet messages/s, ACK p50 %.2f s p99 %.2f s, %d/%d "
+                        "accepted", trial, n, r["fleet_messages_per_s"], r["ack_latency_s"]["p50"] or -1,
+                        r["ack_latency_s"]["p99"] or -1, r["uploads_accepted"], args.agents)
+    summary = compare_ingest_workers(runs)
+    print("\n".join(summary["table"]))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "load.json").write_text(json.dumps(result, indent=2))
+        (Path(args.out) / "load_ingest.json").write_text(json.dumps({"args": vars(args), "summary": summary,
+                                                                       "runs": runs}, indent=2))
+
+
+def compare_ingest_workers(runs: dict[int, list[dict]]) -> dict:
+    """Medians over trials per ingest-worker count, and ratios to the first count's (the baseline)."""
+    med = {n: {"fleet_messages_per_s": statistics.median(r["fleet_messages_per_s"] for r in rs),
+               "ack_p50_s": statistics.median(r["ack_latency_s"]["p50"] for r in rs),
+               "ack_p99_s": statistics.median(r["ack_latency_s"]["p99"] for r in rs),
+               "lost_uploads": max(r["lost_uploads"] for r in rs)} for n, rs in runs.items()}
+    base = med[next(iter(med))]
+    table = ["| ingest workers | fleet messages/s | ratio | ACK p50 s | ACK p99 s | p99 ratio | lost uploads |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, m in med.items():
+        m["ratio"] = m["fleet_messages_per_s"] / base["fleet_messages_per_s"]
+        m["p99_ratio"] = m["ack_p99_s"] / base["ack_p99_s"]
+        table.append(f"| {n} | {m['fleet_messages_per_s']:.0f} | {m['ratio']:.2f}x | {m['ack_p50_s']:.2f} | "
+                     f"{m['ack_p99_s']:.2f} | {m['p99_ratio']:.2f}x | {m['lost_uploads']} |")
+    return {"medians": {str(n): m for n, m in med.items()}, "table": table}
 
 
 if __name__ == "__main__":
