@@ -53,7 +53,7 @@ logger = logging.getLogger("edgefl.ingest")
 FORWARD_PART_BYTES = 768 << 10
 # a worker decompresses before forwarding only what inflates at most this much (int8 features: ~1.6x): a zstd
 # bomb is forwarded as sent, and the coordinator refuses it from its stated size before allocating anything
-MAX_FORWARD_INFLATION = 16
+MAX_FORWARD_INFLATION = 4
 # a device that re-registered: its open transfers idle this long are its old process's, dropped at once (others
 # expire after transfer_timeout_s if they are)
 FORGET_IDLE_S = 2.0
@@ -65,6 +65,8 @@ MAX_QUARANTINE_S = 7 * 24 * 3600.0
 MAX_QUARANTINED = 100_000
 # after a reconnect, how long a worker waits for its shard's retained presence before it says online again
 RECLAIM_WAIT_S = 2.0
+# a worker publishes its presence again this often; the coordinator calls one silent for 3x as long stale
+PRESENCE_EVERY_S = 30.0
 
 
 class IngestWorker:
@@ -92,7 +94,9 @@ class IngestWorker:
         # newer worker serves the shard (brokers that do not say "session taken over", mosquitto 2.0 among them)
         self.instance = instance or new_instance()
         self.claim_seen = False        # our own "online" came back on the presence topic
+        self.older: set[str] = set()   # instances whose presence came before our claim: workers before this one
         self.superseded_by: str | None = None
+        self._presence_said = 0.0      # when this worker last published its presence (monotonic)
         self._was_connected = False
         self._reclaim_at: float | None = None   # after a reconnect: say online again then, unless told otherwise
         # devices the coordinator quarantined (monotonic deadline): their chunks are dropped unread and charged
@@ -120,6 +124,7 @@ class IngestWorker:
         """Publish this worker's retained ``online`` presence (again after every reconnect: a link that dropped
         made the broker publish the Last Will, ``offline``, in its place)."""
         self._was_connected = True
+        self._presence_said = time.monotonic()
         self.transport.publish(self.topics.ingest_status(self.shard),
                                presence(self.cfg.run_id, self.shard, "online", self.cfg.ingest.workers, self.instance),
                                retain=True)
@@ -137,6 +142,8 @@ class IngestWorker:
         if self._reclaim_at is not None and now >= self._reclaim_at and connected and not self.taken_over:
             self._reclaim_at = None
             self._say_online()
+        elif connected and self.claim_seen and now - self._presence_said >= PRESENCE_EVERY_S:
+            self._say_online()   # a fresh presence now and then: a retained one alone may be a dead worker's
 
     @property
     def taken_over(self) -> bool:
@@ -293,24 +300,31 @@ class IngestWorker:
         self._charge(done.device, done.round, "rejected", done.wire_bytes, reason, detail)
 
     def _on_presence(self, payload: bytes) -> None:
-        """This shard's presence: our own claim coming back, or another worker's. One published after ours (it
-        arrives after our own: one topic's messages reach a subscriber in order) means a newer worker of this
-        shard; one from before ours (a retained claim or Last Will of a worker that died) means nothing."""
+        """This shard's presence: our own claim coming back, or another worker's. Another worker's ``online``
+        arriving after ours (one topic's messages reach a subscriber in order), from a worker we had not heard of
+        before our claim, means a newer worker of this shard: this one stops. Presence of workers heard of before
+        our claim (a retained claim or Last Will of a worker that was here first, also as a broker restarted from
+        its saved state hands it out again) and any ``offline`` (a newer worker that died) mean nothing."""
         try:
             data = W.decode_frame(payload, max_body=0)[0].get("data", {})
         except W.ProtocolError:
             return
         if not isinstance(data, dict):
             return
-        if data.get("instance") == self.instance:
+        instance = str(data.get("instance"))[:64]
+        if instance == self.instance:
             if data.get("state") == "online":
                 self.claim_seen = True
                 self._reclaim_at = None
             elif self._reclaim_at is not None:  # our own Last Will, from a link that dropped: we are back
                 self._reclaim_at = time.monotonic()
-        elif self.claim_seen and self.superseded_by is None:
-            # another worker's presence after our claim, online or its Last Will (a worker whose link dropped when
-            # we took its session back): it logged in as this shard after us
+        elif not self.claim_seen:
+            if len(self.older) < 1024:
+                self.older.add(instance)
+        elif instance in self.older:  # an older worker's claim handed out again (a broker back from its saved state)
+            if self._reclaim_at is None and self.transport.connected:
+                self._reclaim_at = time.monotonic()   # say online again: the retained presence must be ours
+        elif data.get("state") == "online" and self.superseded_by is None:
             self._reclaim_at = None
             self.superseded_by = f"pid {str(data.get('pid'))[:12]} on {str(data.get('host'))[:64]}"
 

@@ -21,7 +21,7 @@ from cloud_runtime.console.views import StatusBoard
 from cloud_runtime.downlink import Downlink
 from cloud_runtime.edge_programs import EdgePrograms
 from cloud_runtime.ingest import Ingest
-from cloud_runtime.ingest_worker import ForwardAssembler
+from cloud_runtime.ingest_worker import PRESENCE_EVERY_S, ForwardAssembler
 from cloud_runtime.plots import plot_accuracy, write_json
 from cloud_runtime.privacy import run_privacy
 from cloud_runtime.progress import Interrupted
@@ -42,6 +42,7 @@ logger = logging.getLogger("edgefl.runtime")
 # what one device's earlier runtime session can have left in flight (a whole upload's chunks and heartbeats)
 LATE_MESSAGES_PER_DEVICE = 2048
 WORKER_CHECK_S = 30.0   # how often shards without a live ingest worker are looked for (and logged)
+STALE_PRESENCE_S = 3 * PRESENCE_EVERY_S   # an "online" presence not renewed this long is stale
 
 
 class CloudRuntime:
@@ -135,10 +136,18 @@ class CloudRuntime:
             self.stop.set()
         if self.workers and time.monotonic() - self._workers_checked > WORKER_CHECK_S:
             self._workers_checked = time.monotonic()
-            missing = [k for k in range(self.workers) if self.worker_status.get(k, {}).get("state") != "online"]
+            now = time.monotonic()
+            for status in self.worker_status.values():  # a presence not renewed: the worker may be gone (a
+                if status["state"] == "online" and now - status["seen"] > STALE_PRESENCE_S:  # broker restored
+                    status.update(state="stale", since=time.time())                          # it from saved state)
+            missing = {k: self.worker_status.get(k, {}).get("state", "unknown") for k in range(self.workers)
+                       if self.worker_status.get(k, {}).get("state") != "online"}
             if missing:
-                logger.warning("ingest shards %s have no worker online: their devices cannot upload (start "
-                               "'cloud-ingest --shard K' for each, or set ingest.spawn: true)", missing)
+                logger.warning("ingest shards without a live worker: %s (state per shard; stale: no presence for "
+                               "%.0f s). Their devices cannot upload. %s", missing, STALE_PRESENCE_S,
+                               "This runtime spawns its workers: its log says why one is not running (one started "
+                               "elsewhere took over? stop that one and restart the runtime)" if self.cfg.ingest.spawn
+                               else "Start 'cloud-ingest --config <runtime.yaml> --shard K' for each")
         self.programs.poll()
         self.board.refresh(self)  # the console's views, when due and someone is watching
         for device, transfer in self.ingest.expired():
@@ -428,7 +437,9 @@ class CloudRuntime:
             else:
                 logger.warning("ingest worker %d is offline: the devices of its shard cannot upload until a worker "
                                "serves it again (their chunks queue at the broker)", shard_)
-        self.worker_status[shard_] = {"state": state, "since": time.time()}
+        if self.worker_status.get(shard_, {}).get("state") == "stale" and state == "online":
+            logger.info("ingest worker %d is online again", shard_)
+        self.worker_status[shard_] = {"state": state, "since": time.time(), "seen": time.monotonic()}
 
     def _tell_worker(self, device: str, **data) -> None:
         """A :data:`~edgefl_core.wire.VERDICT` to ``device``'s ingest worker: a transfer's verdict, or ``forget``."""

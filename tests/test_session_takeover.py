@@ -101,3 +101,42 @@ def test_the_pool_does_not_restart_a_worker_another_took_over_but_restarts_one_t
         assert 1 in pool.procs  # a crashed worker is started again; the taken-over one is not
     finally:
         pool.close(grace_s=2)
+
+
+def test_an_older_workers_claim_handed_out_again_by_a_restarted_broker_does_not_stop_the_newer(tmp_path):
+    # a broker killed and restarted from its saved state hands out the presence it saved: maybe a dead older
+    # worker's "online". The newer worker must say online again, not stop (no worker would serve the shard)
+    bus = MemoryBus()
+    cfg = load_runtime_config(None, ["run_id=takeover", "ingest.workers=2", f"state_dir={tmp_path}"])
+    topic = Topics("takeover").ingest_status(1)
+    bus._publish(topic, presence("takeover", 1, "online", 2, "oldworker"), True)   # from before this worker
+    worker = IngestWorker(cfg, bus.client("w"), 1)
+    assert worker.start()
+    drain(worker.inbox, worker.handle, 0.01)
+    assert worker.older == {"oldworker"} and worker.claim_seen
+    bus._publish(topic, presence("takeover", 1, "online", 2, "oldworker"), True)   # the broker's saved copy
+    bus._publish(topic, presence("takeover", 1, "offline", 2, "died-newer"), True)  # a newer one's Last Will
+    drain(worker.inbox, worker.handle, 0.01)
+    assert not worker.taken_over and worker._reclaim_at is not None
+    worker._keep_claim(now=worker._reclaim_at + 1)
+    drain(worker.inbox, worker.handle, 0.01)
+    seen = []
+    bus.client("probe").subscribe(topic, lambda t, p: seen.append(decode_frame(p)[0]["data"]))
+    assert seen[-1]["instance"] == worker.instance and seen[-1]["state"] == "online"
+
+
+def test_the_runtime_calls_a_presence_not_renewed_stale(tmp_path, caplog):
+    import time as _time
+    from test_ingest_workers import cluster, settle
+    from cloud_runtime import service
+    bus, rt, workers, downs = cluster(tmp_path)
+    settle(rt, workers)
+    assert rt.worker_status[0]["state"] == "online"
+    rt.worker_status[0]["seen"] -= service.STALE_PRESENCE_S + 1   # as if worker 0 went silent
+    rt._workers_checked = 0
+    rt.pump(0.01)
+    assert rt.worker_status[0]["state"] == "stale" and rt.worker_status[1]["state"] == "online"
+    assert "ingest shards without a live worker: {0: 'stale'}" in caplog.text
+    workers[0]._say_online()   # its renewal brings it back
+    settle(rt, workers)
+    assert rt.worker_status[0]["state"] == "online"

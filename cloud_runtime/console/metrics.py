@@ -24,7 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from cloud_runtime.console.views import StatusBoard
 from cloud_runtime.telemetry import Telemetry, multiprocess_dir
 
-WORKER_STATES = ("online", "offline", "misconfigured", "unknown")
+WORKER_STATES = ("online", "offline", "stale", "misconfigured", "unknown")
 OTHER = ""   # the device label of the aggregate of the devices past max_device_series (no device id is empty)
 
 

@@ -154,7 +154,8 @@ class StatusBoard:
 
 def ingest_workers(runtime) -> dict:
     """The ingest workers (``ingest.workers`` > 0): ``{"workers": N, "forwarded_transfers": n, "shards": {k:
-    state}}``, state ``online`` | ``offline`` | ``misconfigured`` | ``unknown`` (no presence seen yet)."""
+    state}}``, state ``online`` | ``offline`` | ``stale`` (an online presence not renewed for 90 s) | ``misconfigured``
+    | ``unknown`` (no presence seen yet)."""
     workers = int(getattr(runtime, "workers", 0) or 0)
     seen = getattr(runtime, "worker_status", {})
     return {"workers": workers, "forwarded_transfers": int(getattr(runtime, "forwarded", 0)),
