@@ -14,9 +14,12 @@ import os
 import secrets
 from pathlib import Path
 
+from cloud_runtime.config import PROVISIONED_USER
+from edgefl_core.wire import ingest_shard
+
 logger = logging.getLogger("cloud_runtime.provision")
 
-RUNTIME_USER = "cloud-runtime"
+RUNTIME_USER = PROVISIONED_USER  # the runtime's account: the config knows it (a check on ingest workers)
 TOPIC_ROOT = "edgefl/v1"
 
 
@@ -115,9 +118,11 @@ def ingest_user(shard: int | str) -> str:
 
 
 def acl_text(devices: list[str], run_id: str | None = None, ingest_workers: int = 0) -> str:
-    """mosquitto ACL: the runtime may do anything under the root; each device only its own topics; ingest
-    worker k reads its shard of the uplinks and its verdicts, writes its forwards, presence and progress
-    answers on device downlinks.
+    """mosquitto ACL: the runtime may do anything under the root; each device only its own topics (with
+    ``ingest_workers`` N > 0 also the uplink of its shard, ``.../up/<k>``: only that one when the run is named, as
+    a topic per shard would let one credential leave any number of retained messages on the broker; ``up/+``
+    for any run, whose shards differ); ingest worker k reads (and clears retained messages on) its shard of the
+    uplinks, reads its verdicts, writes its forwards, presence and progress answers on device downlinks.
 
     One explicit block per device (no %u patterns) so an auditor reads exactly who may do what.
     """
@@ -126,15 +131,17 @@ def acl_text(devices: list[str], run_id: str | None = None, ingest_workers: int 
              f"user {RUNTIME_USER}", f"topic readwrite {TOPIC_ROOT}/#", ""]
     for k in range(ingest_workers):
         lines += [f"user {ingest_user(k)}",
-                  f"topic read {base}/dev/+/up/{k}",
+                  f"topic readwrite {base}/dev/+/up/{k}",  # readwrite: it clears retained chunks there
                   f"topic read {base}/ingest/{k}/verdict",
                   f"topic write {base}/ingest/{k}",
                   f"topic readwrite {base}/ingest/{k}/status",  # its presence: was it taken over?
                   f"topic write {base}/dev/+/down", ""]
     for device in devices:
+        shard = [] if not ingest_workers else [f"topic write {base}/dev/{device}/up/" + (
+            str(ingest_shard(run_id, device, ingest_workers)) if run_id else "+")]  # its ingest worker's shard
         lines += [f"user {device}",
                   f"topic write {base}/dev/{device}/up",
-                  f"topic write {base}/dev/{device}/up/+",  # its ingest worker's shard (ingest.workers)
+                  *shard,
                   f"topic write {base}/dev/{device}/status",
                   f"topic write {base}/dev/{device}/hb",
                   f"topic read {base}/dev/{device}/down",

@@ -14,6 +14,10 @@ from edgefl_core.data.config import AgentDataConfig, DataConfig
 from edgefl_core.transport.config import BrokerConfig
 from edgefl_core.wire import MAX_INGEST_SHARDS
 
+# the runtime's broker account in a deployment `cloud-runtime provision` wrote (cloud_runtime/broker_files.py:
+# RUNTIME_USER), whose mosquitto.conf takes each user name as the client id
+PROVISIONED_USER = "cloud-runtime"
+
 
 def check_model_kwargs(edge: EdgeConfig, key: str) -> None:
     """Build ``edge.model`` with its ``model_kwargs`` and run one 3x32x32 image through it: a bad keyword or
@@ -402,7 +406,9 @@ class IngestConfig:
         require(0 <= self.restart_delay_s <= 3600, "restart_delay_s", "must be in [0, 3600] seconds")
         require(not self.passwords or (len(self.passwords) >= self.workers
                                        and all(isinstance(p, str) and p for p in self.passwords)), "passwords",
-                f"one non-empty password per worker ({self.workers}), or none; got {len(self.passwords)}")
+                f"one non-empty password per worker ({self.workers}); got {len(self.passwords)}. Run "
+                f"'cloud-runtime provision --ingest-workers {self.workers}' (it creates the missing broker accounts "
+                "and keeps the others), then restart mosquitto")
 
     def broker_for(self, broker: BrokerConfig, shard: int) -> BrokerConfig:
         """Worker ``shard``'s broker settings: the runtime's, with the worker's own account when ``passwords``
@@ -481,6 +487,11 @@ class RuntimeConfig:
         require(self.input_shape is None or (len(self.input_shape) == 3 and 1 <= self.input_shape[0] <= 4
                                              and all(1 <= v <= 256 for v in self.input_shape[1:])),
                 "input_shape", "must be [C<=4, H<=256, W<=256]")
+        require(not (self.ingest.workers and not self.ingest.passwords and self.broker.username == PROVISIONED_USER),
+                "ingest.passwords", f"this config logs in as provision's runtime account ({PROVISIONED_USER}), whose "
+                f"broker takes the user name as client id: {self.ingest.workers} ingest workers without accounts of "
+                f"their own would log in as it and take over one another's (and the runtime's) session. Run "
+                f"'cloud-runtime provision --ingest-workers {self.ingest.workers}', then restart mosquitto")
         require(self.max_transfer_bytes >= 1 << 20, "max_transfer_bytes", "must be >= 1 MiB")
         require(self.max_pending_bytes_per_device >= self.max_chunk_bytes, "max_pending_bytes_per_device",
                 "must be >= max_chunk_bytes")

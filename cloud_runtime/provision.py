@@ -262,13 +262,15 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
     old_ingest = existing_runtime.pop("ingest", None)
     old_ingest = old_ingest if isinstance(old_ingest, dict) else {}
     kept = [p for p in old_ingest.get("passwords") or [] if isinstance(p, str) and p]
-    if ingest_workers is None:  # as before: the accounts provisioned, and the count as the operator left it
-        ingest_passwords = kept
+    if ingest_workers is None:  # as before: the count as the operator left it (set by hand, too)
         old_workers = old_ingest.get("workers")
-        ingest_count = old_workers if type(old_workers) is int and old_workers >= 0 else len(kept)
+        ingest_count = old_workers if type(old_workers) is int and 0 <= old_workers <= 1024 else len(kept)
     else:
-        ingest_passwords = [kept[k] if k < len(kept) else new_password() for k in range(ingest_workers)]
         ingest_count = ingest_workers
+    # one account per worker, the passwords kept: a count set by hand gets the accounts it lacks (without them its
+    # workers would log in as the runtime, and a broker that takes the user name as client id would let them
+    # take over one another's session)
+    ingest_passwords = [kept[k] if k < len(kept) else new_password() for k in range(ingest_count)]
     for k, password in enumerate(ingest_passwords):
         accounts[ingest_user(k)] = password
     agent_paths = {}
@@ -309,7 +311,7 @@ def provision(out: str | Path, devices: list[str], *, host: str = "localhost", p
                   "".join(f"{user}:{mosquitto_password_hash(pw)}\n" for user, pw in accounts.items()).encode())
     workers = {ingest_user(k) for k in range(len(ingest_passwords))}   # accounts, as many as passwords
     (broker_dir / "acl").write_text(acl_text([u for u in accounts if u != RUNTIME_USER and u not in workers],
-                                             None if any_run else run_id, len(ingest_passwords)))
+                                             None if any_run else run_id, ingest_count))
     conf = broker_dir / "mosquitto.conf"
     conf.write_text(mosquitto_conf(broker_dir, ca_crt, port, bind, max_message_bytes, broker_user))
     hand_to_broker_user(broker_dir, broker_user)

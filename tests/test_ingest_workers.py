@@ -362,7 +362,19 @@ def test_provision_keeps_a_worker_count_the_operator_set_by_hand(tmp_path):
     edited["ingest"]["workers"] = 3
     first.runtime_config.write_text(yaml.safe_dump(edited))
     again = provision(tmp_path / "d", ["dev0", "dev1"], host="127.0.0.1", broker_user="root")
-    assert yaml.safe_load(again.runtime_config.read_text())["ingest"]["workers"] == 3
+    ingest = yaml.safe_load(again.runtime_config.read_text())["ingest"]
+    assert ingest["workers"] == 3 and len(set(ingest["passwords"])) == 3   # with the accounts the count needs
+    users = [line.split(":")[0] for line in (tmp_path / "d" / "broker" / "passwd").read_text().splitlines()]
+    assert [u for u in users if "ingest" in u] == [f"cloud-runtime-ingest-{k}" for k in range(3)]
+
+
+def test_workers_without_accounts_on_a_provisioned_broker_are_refused_with_the_remedy(tmp_path):
+    from cloud_runtime.config import load_runtime_config
+    with pytest.raises(ConfigError, match="provision --ingest-workers 2"):
+        load_runtime_config(None, ["broker.username=cloud-runtime", "ingest.workers=2"])
+    with pytest.raises(ConfigError, match="provision --ingest-workers 3"):
+        load_runtime_config(None, ["broker.username=cloud-runtime", "ingest.workers=3", "ingest.passwords=[a, b]"])
+    load_runtime_config(None, ["broker.username=ops", "ingest.workers=2"])  # a broker that keeps client ids
 
 
 def test_a_quarantined_flood_costs_the_worker_no_decoding_and_the_coordinator_one_event_a_second(tmp_path):

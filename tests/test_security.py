@@ -12,6 +12,7 @@ import yaml
 
 from cloud_runtime.provision import mosquitto_password_hash, provision
 from edge_sdk.config import ConfigError, load_agent_config
+from edgefl_core.wire import ingest_shard
 from edgefl_core.transport.mqtt import MqttTransport
 from edgefl_cli.mosquitto import EmbeddedMosquitto, free_port
 
@@ -63,8 +64,8 @@ class Probe:
         except queue.Empty:
             return None
 
-    def publish(self, topic: str, payload: bytes, timeout: float = 5.0):
-        info = self.client.publish(topic, payload, qos=1)
+    def publish(self, topic: str, payload: bytes, timeout: float = 5.0, retain: bool = False):
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         deadline = time.monotonic() + timeout
         while info.mid not in self.pubacks and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -192,16 +193,22 @@ def test_ingest_workers_have_accounts_of_their_own_and_only_their_shard(deployme
             t.close()
         w0 = Probe(port, result.ca_file, "cloud-runtime-ingest-0", cfg.ingest.passwords[0])
         dev0 = Probe(port, result.ca_file, "dev0", _password(result, "dev0"))
-        probes += [w0, dev0]
-        assert not w0.connected().is_failure and not dev0.connected().is_failure
+        dev1 = Probe(port, result.ca_file, "dev1", _password(result, "dev1"))
+        probes += [w0, dev0, dev1]
+        assert not w0.connected().is_failure and not dev0.connected().is_failure and not dev1.connected().is_failure
         w0.subscribe(f"edgefl/v1/{RUN}/dev/+/up/+")      # granted; the broker delivers only what the ACL lets it read
+        # each device may publish on its own shard's topic only (dev0: shard 1 of 2, dev1: shard 0): a topic per
+        # shard it chose would let one credential leave any number of retained messages on the broker
+        assert [ingest_shard(RUN, d, 2) for d in ("dev0", "dev1")] == [1, 0]
         assert not dev0.publish(f"edgefl/v1/{RUN}/dev/dev0/up/1", b"shard 1").is_failure
-        assert not dev0.publish(f"edgefl/v1/{RUN}/dev/dev0/up/0", b"shard 0").is_failure
+        assert dev0.publish(f"edgefl/v1/{RUN}/dev/dev0/up/0", b"not its shard").value == 135
+        assert dev0.publish(f"edgefl/v1/{RUN}/dev/dev0/up/junk", b"junk", retain=True).value == 135
+        assert not dev1.publish(f"edgefl/v1/{RUN}/dev/dev1/up/0", b"shard 0").is_failure
         deadline = time.monotonic() + 5
         while not w0.messages and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.3)
-        assert w0.messages == [(f"edgefl/v1/{RUN}/dev/dev0/up/0", b"shard 0")]     # not another worker's shard
+        assert w0.messages == [(f"edgefl/v1/{RUN}/dev/dev1/up/0", b"shard 0")]     # not another worker's shard
         assert not w0.publish(f"edgefl/v1/{RUN}/ingest/0", b"forward").is_failure
         assert not w0.publish(f"edgefl/v1/{RUN}/dev/dev1/down", b"progress").is_failure
         assert w0.publish(f"edgefl/v1/{RUN}/ingest/1", b"forged").value == 135
