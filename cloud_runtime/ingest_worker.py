@@ -57,10 +57,10 @@ MAX_FORWARD_INFLATION = 4
 # a device that re-registered: its open transfers idle this long are its old process's, dropped at once (others
 # expire after transfer_timeout_s if they are)
 FORGET_IDLE_S = 2.0
-# quarantined devices: their dropped chunks are charged in one event per device this often; a quarantine longer
-# than MAX_QUARANTINE_S in a verdict is ignored (a bad frame must not silence a device for good); at most
-# MAX_QUARANTINED devices are remembered per worker
-QUARANTINE_REPORT_S = 1.0
+# chunks dropped unread (quarantined devices, wrong shards) are charged in one event per device and reason this
+# often; a quarantine longer than MAX_QUARANTINE_S in a verdict is ignored (a bad frame must not silence a device
+# for good); at most MAX_QUARANTINED devices are remembered per worker
+BULK_REPORT_S = 1.0
 MAX_QUARANTINE_S = 7 * 24 * 3600.0
 MAX_QUARANTINED = 100_000
 # after a reconnect, how long a worker waits for its shard's retained presence before it says online again
@@ -99,11 +99,12 @@ class IngestWorker:
         self._presence_said = 0.0      # when this worker last published its presence (monotonic)
         self._was_connected = False
         self._reclaim_at: float | None = None   # after a reconnect: say online again then, unless told otherwise
-        # devices the coordinator quarantined (monotonic deadline): their chunks are dropped unread and charged
-        # in bulk (messages, bytes) every QUARANTINE_REPORT_S, not one event per chunk
+        # devices the coordinator quarantined (monotonic deadline): their chunks are dropped unread; they and
+        # chunks on a shard not their device's are charged in bulk, (device, reason) -> [messages, bytes], every
+        # BULK_REPORT_S, not one event per chunk
         self.quarantined: dict[str, float] = {}
-        self.quarantine_dropped: dict[str, list[int]] = {}
-        self._quarantine_reported = time.monotonic()
+        self.bulk: dict[tuple[str, str], list[int]] = {}
+        self._bulk_reported = time.monotonic()
 
     def enqueue(self, topic: str, payload: bytes) -> None:
         """Transport callback: queue only (runs on the network thread)."""
@@ -182,7 +183,7 @@ class IngestWorker:
                 self._charge(device, -1, "rejected", 0, "transfer_timeout",
                              f"transfer {transfer[:8]} incomplete after {self.cfg.transfer_timeout_s:.0f}s")
             self._charge_dropped()
-            self._charge_quarantined()
+            self._charge_bulk()
             self.reopen_unjudged()
 
     def reopen_unjudged(self, now: float | None = None) -> int:
@@ -213,14 +214,14 @@ class IngestWorker:
             return
         device, header = where[0], None
         if device in self.quarantined and self._still_quarantined(device):
-            dropped = self.quarantine_dropped.setdefault(device, [0, 0])
-            dropped[0] += 1
-            dropped[1] += len(payload)
+            self._add_bulk(device, "quarantined", len(payload))
+            return
+        if where[1] != self.shard or W.ingest_shard(self.cfg.run_id, device, self.cfg.ingest.workers) != self.shard:
+            # chunks sent before the device learnt a new worker count (queued for the old shard while the workers
+            # restarted): charged, in bulk, and not an offence; its sender re-sends them on its shard
+            self._add_bulk(device, "wrong_shard", len(payload))
             return
         try:
-            if where[1] != self.shard or W.ingest_shard(self.cfg.run_id, device, self.cfg.ingest.workers) != self.shard:
-                raise W.ProtocolError("wrong_shard", f"{device} published on shard {where[1]}, its shard is "
-                                                     f"{W.ingest_shard(self.cfg.run_id, device, self.cfg.ingest.workers)}")
             header, body = W.decode_frame(payload, max_body=self.cfg.max_chunk_bytes)
             if header["run"] != self.cfg.run_id:
                 raise W.ProtocolError("wrong_run", f"run {header['run'][:40]!r}")
@@ -370,15 +371,26 @@ class IngestWorker:
         del self.quarantined[device]
         return False
 
-    def _charge_quarantined(self, force: bool = False) -> None:
-        """Charge the chunks dropped for quarantined devices since the last report: one event per device."""
-        if not self.quarantine_dropped or not force and time.monotonic() - self._quarantine_reported < QUARANTINE_REPORT_S:
+    def _add_bulk(self, device: str, reason: str, wire: int) -> None:
+        self.refused += 1
+        if len(self.bulk) >= MAX_QUARANTINED:
+            self._charge_bulk(force=True)
+        counts = self.bulk.setdefault((device, reason), [0, 0])
+        counts[0] += 1
+        counts[1] += wire
+
+    def _charge_bulk(self, force: bool = False) -> None:
+        """Charge the chunks dropped unread since the last report (a quarantined device's, chunks on a shard not
+        their device's): one event per device and reason."""
+        if not self.bulk or not force and time.monotonic() - self._bulk_reported < BULK_REPORT_S:
             return
-        self._quarantine_reported = time.monotonic()
-        dropped, self.quarantine_dropped = self.quarantine_dropped, {}
-        for device, (messages, wire) in dropped.items():
-            self._charge(device, -1, "rejected", wire, "quarantined",
-                         f"{messages} chunks dropped unread by ingest worker {self.shard} while quarantined")
+        self._bulk_reported = time.monotonic()
+        dropped, self.bulk = self.bulk, {}
+        for (device, reason), (messages, wire) in dropped.items():
+            what = "while quarantined" if reason == "quarantined" else f"on shard topics not its own (its shard of " \
+                f"{self.cfg.ingest.workers} is {W.ingest_shard(self.cfg.run_id, device, self.cfg.ingest.workers)})"
+            self._charge(device, -1, "rejected", wire, reason,
+                         f"{messages} chunks dropped unread by ingest worker {self.shard} {what}")
 
     def _answer(self, device: str, header: dict) -> None:
         """Reply to a chunk that asks for progress (``ack``: the sender's sequence number), as the coordinator
@@ -454,6 +466,7 @@ def new_instance() -> str:
     return uuid.uuid4().hex[:12]
 
 
+CONFIG_EXIT = 2       # cloud-ingest's exit status on a configuration error (config, broker account, certificate)
 TAKEN_OVER_EXIT = 3  # cloud-ingest's exit status when another worker of its shard took over its broker session
 
 
@@ -466,8 +479,8 @@ def presence(run: str, shard: int, state: str, workers: int, instance: str = "")
 
 class WorkerPool:
     """The ingest workers of one machine, as child processes (``python -m edgefl_cli.ingest``); one that exits
-    while the pool runs is started again after ``restart_delay_s``, unless another worker of its shard took over
-    its broker session (exit status :data:`TAKEN_OVER_EXIT`). :meth:`close` stops them (SIGTERM, then
+    while the pool runs is started again after ``restart_delay_s``, unless it stopped on a configuration error
+    (:data:`CONFIG_EXIT`) or another worker of its shard took over its broker session (:data:`TAKEN_OVER_EXIT`). :meth:`close` stops them (SIGTERM, then
     SIGKILL after ``grace_s``)."""
 
     def __init__(self, config_path: str, overrides: list[str], workers: int, restart_delay_s: float = 1.0,
@@ -496,6 +509,11 @@ class WorkerPool:
             for shard, proc in list(self.procs.items()):
                 code = proc.poll()
                 if code is None or self._stop.is_set():
+                    continue
+                if code == CONFIG_EXIT:  # its log names what: starting it again would fail the same way
+                    logger.error("ingest worker %d (pid %d) stopped on a configuration error (its log above says "
+                                 "which): not starting it again. Fix it and restart the runtime", shard, proc.pid)
+                    del self.procs[shard]
                     continue
                 if code == TAKEN_OVER_EXIT:  # a worker started elsewhere serves the shard now: fighting it helps no one
                     logger.error("ingest worker %d (pid %d) stopped: another worker of shard %d, started outside this "

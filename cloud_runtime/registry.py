@@ -17,6 +17,9 @@ logger = logging.getLogger("edgefl.runtime")
 
 MAX_SAMPLES = 10**9
 REJECTION_EVENT_EVERY_S = 5.0   # a device's rejections become at most one console event per this many seconds
+# rejections that do not count toward quarantine: chunks of a device already quarantined, and chunks sent on an
+# ingest shard that is no longer the device's (sent before it learnt a new worker count)
+NOT_OFFENCES = frozenset({"quarantined", "wrong_shard"})
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -112,7 +115,7 @@ class DeviceRegistry:
         reasons = info.setdefault("rejection_reasons", {})
         reasons[reason] = reasons.get(reason, 0) + 1
         info["last_rejection"] = {"reason": reason, "detail": detail[:300], "time": time.time()}
-        if reason == "quarantined":
+        if reason in NOT_OFFENCES:
             return
         self.reject_streak[device] += 1
         v = self.cfg.validation

@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: worker.stop.set())
     try:
         worker.serve(args.parent_pid)
+    except ConfigError as e:  # the broker refused this worker's account, or its certificate: no retry fixes that
+        account = cfg.ingest.broker_for(cfg.broker, args.shard).username
+        logger.error("ingest worker %d: %s. This worker logs in as %r%s (cloud-runtime provision --ingest-workers "
+                     "N creates the accounts; restart mosquitto after provisioning)", args.shard, e, account,
+                     f" with ingest.passwords[{args.shard}]" if cfg.ingest.passwords else " with broker.password")
+        return 2
     finally:
         worker.close()
     logger.info("ingest worker %d stopped: %d messages, %d transfers forwarded, %d chunks refused", args.shard,

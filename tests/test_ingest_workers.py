@@ -121,6 +121,9 @@ def test_what_a_worker_refuses_is_charged_to_the_device_with_the_reason(tmp_path
     devA.publish(rt.topics.up("devA", SHARD["devA"]), P.control_frame(P.REGISTER, run=RUN, device="devA", round_=-1))
     devA.publish(rt.topics.up("devA", SHARD["devA"]), P.encode_frame({**header, "device": "devB"}, body))  # spoofed
     settle(rt, workers)
+    for w in workers:
+        w._charge_bulk(force=True)
+    settle(rt, workers)
     reasons = rt.registry.devices["devA"]["rejection_reasons"]
     assert reasons == {"bad_checksum": 1, "wrong_shard": 1, "bad_type": 1, "spoofed_device": 1}, reasons
     assert rt.ingest.round_bytes["rejected"]["devA"] > 0 and not rt.registry.devices["devB"]["rejected"]
@@ -288,7 +291,7 @@ def test_a_device_quarantined_while_uploading_gets_in_once_released_charged_as_w
     worker = workers[SHARD["devA"]]
     assert "devA" in worker.quarantined  # told at the refused forward: from now on its chunks are not read
     settle(rt, workers)
-    worker._charge_quarantined(force=True)
+    worker._charge_bulk(force=True)
     settle(rt, workers)
     assert rt.registry.devices["devA"]["rejection_reasons"].get("bad_checksum") is None   # "quarantined" instead
     assert rt.ingest.round_bytes["rejected"]["devA"] == sum(map(len, frames)) + len(bad)
@@ -393,7 +396,7 @@ def test_a_quarantined_flood_costs_the_worker_no_decoding_and_the_coordinator_on
     for _ in range(500):
         bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), bad)
     settle(rt, workers)
-    worker._charge_quarantined(force=True)
+    worker._charge_bulk(force=True)
     settle(rt, workers)
     assert len(events) - before == 1     # one bulk charge, not 500 events
     assert events[-1]["reason"] == "quarantined" and events[-1]["wire"] == 500 * len(bad)
@@ -405,3 +408,24 @@ def test_a_quarantined_flood_costs_the_worker_no_decoding_and_the_coordinator_on
         worker._on_verdict(P.encode_frame({"type": P.VERDICT, "run": RUN, "device": "devB", "round": -1,
                                            "quarantined_for_s": left}))
     assert not worker.quarantined
+
+
+def test_chunks_left_on_an_old_shard_after_the_worker_count_changed_never_quarantine_an_honest_device(tmp_path):
+    # the operator went from 2 workers to 3: devB's chunks queued for its old shard reach a worker whose shard it
+    # no longer is. They are charged in bulk, and are no offence (before: 5 in a row quarantined it for 300 s)
+    bus, rt, workers, downs = cluster(tmp_path)
+    frames = upload_frames("devB", range(30))
+    for _ in range(4):
+        for frame in frames:
+            bus.client("devB").publish(rt.topics.up("devB", 1 - SHARD["devB"]), frame)
+        settle(rt, workers)
+        for w in workers:
+            w._charge_bulk(force=True)
+        settle(rt, workers)
+    assert not rt.registry.quarantined("devB")
+    assert rt.registry.devices["devB"]["rejection_reasons"] == {"wrong_shard": 4}
+    assert rt.ingest.round_bytes["rejected"]["devB"] == 4 * sum(map(len, frames))
+    for frame in frames:   # the sender re-sends on its shard: accepted
+        bus.client("devB").publish(rt.topics.up("devB", SHARD["devB"]), frame)
+    settle(rt, workers)
+    assert "devB" in rt.strategy.train_uploads and acks(downs, "devB")[0]["accepted"]

@@ -94,11 +94,11 @@ def test_the_pool_does_not_restart_a_worker_another_took_over_but_restarts_one_t
 
     class Pool(WorkerPool):
         def command(self, shard):
-            return [sys.executable, "-c", f"import sys; sys.exit({TAKEN_OVER_EXIT if shard == 0 else 1})"]
-    pool = Pool("unused.yaml", [], 2, restart_delay_s=0.1)
+            return [sys.executable, "-c", f"import sys; sys.exit({[TAKEN_OVER_EXIT, 1, 2][shard]})"]
+    pool = Pool("unused.yaml", [], 3, restart_delay_s=0.1)
     try:
-        wait_until(lambda: 0 not in pool.procs and pool.restarts >= 2, timeout=20)
-        assert 1 in pool.procs  # a crashed worker is started again; the taken-over one is not
+        wait_until(lambda: 0 not in pool.procs and 2 not in pool.procs and pool.restarts >= 2, timeout=20)
+        assert 1 in pool.procs  # a crashed worker is started again; a taken-over or misconfigured one is not
     finally:
         pool.close(grace_s=2)
 
@@ -140,3 +140,17 @@ def test_the_runtime_calls_a_presence_not_renewed_stale(tmp_path, caplog):
     workers[0]._say_online()   # its renewal brings it back
     settle(rt, workers)
     assert rt.worker_status[0]["state"] == "online"
+
+
+def test_a_worker_the_broker_refuses_exits_2_naming_its_own_account(tmp_path, monkeypatch, caplog):
+    from edgefl_cli import ingest
+    from edgefl_core.config import ConfigError
+    config = tmp_path / "runtime.yaml"
+    config.write_text("run_id: refused\nbroker: {url: 'memory://refused', username: ops}\n"
+                      "ingest: {workers: 2, passwords: [a, b]}\n")
+
+    def refused(self, parent_pid=None):
+        raise ConfigError("the broker refused user 'ops-ingest-1': Not authorized")
+    monkeypatch.setattr(ingest.IngestWorker, "serve", refused)
+    assert ingest.main(["--config", str(config), "--shard", "1"]) == 2
+    assert "logs in as 'ops-ingest-1' with ingest.passwords[1]" in caplog.text
