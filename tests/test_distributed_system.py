@@ -29,6 +29,7 @@ def sim_report(out, *extra):
 
 
 @requires_fashion_mnist
+@pytest.mark.timeout(2400)  # two whole runs back to back: ~5 min on an idle 2-core machine, far more on a busy one
 def test_two_gloo_ranks_and_two_ingest_workers_run_the_job_one_process_runs(tmp_path):
     """The same accepted samples and accuracy within 0.3 points: the same global batch (64, cut 32/32), global-
     batch BatchNorm statistics across ranks, so only floating-point summation order differs; every upload
