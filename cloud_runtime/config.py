@@ -404,9 +404,11 @@ class IngestConfig:
         require(type(self.workers) is int and 0 <= self.workers <= MAX_INGEST_SHARDS, "workers",
                 f"must be an integer in [0, {MAX_INGEST_SHARDS}], got {self.workers!r}")
         require(0 <= self.restart_delay_s <= 3600, "restart_delay_s", "must be in [0, 3600] seconds")
-        require(not self.passwords or (len(self.passwords) >= self.workers
+        require(not self.passwords or (len(self.passwords) == self.workers
                                        and all(isinstance(p, str) and p for p in self.passwords)), "passwords",
-                f"one non-empty password per worker ({self.workers}); got {len(self.passwords)}. Run "
+                f"one non-empty password per worker ({self.workers}); got {len(self.passwords)} (provision's ACL gives "
+                f"each device the uplink of its shard of the worker count it wrote, so the count changes only "
+                f"through provision). Run "
                 f"'cloud-runtime provision --ingest-workers {self.workers}' (it creates the missing broker accounts "
                 "and keeps the others), then restart mosquitto")
 

@@ -90,15 +90,19 @@ class IngestWorker:
         # forwarded transfers without a verdict yet: one still without after transfer_timeout_s was lost on the
         # way (a dropped last part) and is reopened, so the device's resend is reassembled afresh
         self.awaiting: dict[tuple[str, str], float] = {}
-        # this process's claim on the shard (in its presence): another worker's claim arriving after ours means a
-        # newer worker serves the shard (brokers that do not say "session taken over", mosquitto 2.0 among them)
+        # this process's claim on the shard, in its presence: (generation, instance), ranked. A worker claims one
+        # generation above the highest it has seen, so a worker started later outranks the ones before it; a
+        # worker that sees an "online" claim ranked above its own stops (brokers that do not say "session taken
+        # over", mosquitto 2.0 among them), and one that sees a claim ranked below its own (a broker restored from
+        # its saved state) says its own again
         self.instance = instance or new_instance()
+        self.generation = 0            # this worker's claim (0: not made yet)
+        self.highest_seen = 0          # the highest generation on the presence topic so far
         self.claim_seen = False        # our own "online" came back on the presence topic
-        self.older: set[str] = set()   # instances whose presence came before our claim: workers before this one
         self.superseded_by: str | None = None
         self._presence_said = 0.0      # when this worker last published its presence (monotonic)
         self._was_connected = False
-        self._reclaim_at: float | None = None   # after a reconnect: say online again then, unless told otherwise
+        self._reclaim_at: float | None = None   # say online then, unless the presence topic says otherwise first
         # devices the coordinator quarantined (monotonic deadline): their chunks are dropped unread; they and
         # chunks on a shard not their device's are charged in bulk, (device, reason) -> [messages, bytes], every
         # BULK_REPORT_S, not one event per chunk
@@ -116,34 +120,39 @@ class IngestWorker:
         self.transport.subscribe(self.topics.ingest_status(self.shard), self.enqueue)
         if not connect_patiently(self.transport, self.stop, f"ingest worker {self.shard} of run {self.cfg.run_id!r}"):
             return False
-        self._say_online()
+        self._was_connected = True
+        self._reclaim_at = time.monotonic() + RECLAIM_WAIT_S   # the claim comes once the retained presence is read
         logger.info("ingest worker %d of %d serving run %r (%s)", self.shard, self.cfg.ingest.workers, self.cfg.run_id,
                     self.topics.shard_up(self.shard))
         return True
 
     def _say_online(self) -> None:
-        """Publish this worker's retained ``online`` presence (again after every reconnect: a link that dropped
-        made the broker publish the Last Will, ``offline``, in its place)."""
+        """Publish this worker's retained ``online`` claim (the first one a generation above the highest seen;
+        again after a reconnect: a link that dropped made the broker publish the Last Will in its place)."""
+        if not self.generation:
+            self.generation = self.highest_seen + 1
         self._was_connected = True
+        self._reclaim_at = None
         self._presence_said = time.monotonic()
         self.transport.publish(self.topics.ingest_status(self.shard),
-                               presence(self.cfg.run_id, self.shard, "online", self.cfg.ingest.workers, self.instance),
-                               retain=True)
+                               presence(self.cfg.run_id, self.shard, "online", self.cfg.ingest.workers, self.instance,
+                                        self.generation), retain=True)
 
     def _keep_claim(self, now: float | None = None) -> None:
-        """After a reconnect the presence topic's retained message comes again: our own ``online`` (nothing to
-        do), our own ``offline`` (the Last Will of the link that dropped: say online again), another worker's
-        (a newer one: :meth:`_on_presence` stops this one), or none within :data:`RECLAIM_WAIT_S` (say online).
-        Saying online before that message is read could overwrite a newer worker's claim."""
+        """At start and after a reconnect the presence topic's retained message comes (first): :meth:`_on_presence`
+        acts on it at once; with none within :data:`RECLAIM_WAIT_S`, this worker claims. Claiming before that
+        message is read could overwrite a higher claim. Also renews the claim every :data:`PRESENCE_EVERY_S`."""
         now = time.monotonic() if now is None else now
         connected = self.transport.connected
         if connected and not self._was_connected:
             self._reclaim_at = now + RECLAIM_WAIT_S
         self._was_connected = connected
-        if self._reclaim_at is not None and now >= self._reclaim_at and connected and not self.taken_over:
-            self._reclaim_at = None
-            self._say_online()
-        elif connected and self.claim_seen and now - self._presence_said >= PRESENCE_EVERY_S:
+        if not connected or self.taken_over:
+            return
+        if self._reclaim_at is not None:
+            if now >= self._reclaim_at:
+                self._say_online()
+        elif self.claim_seen and now - self._presence_said >= PRESENCE_EVERY_S:
             self._say_online()   # a fresh presence now and then: a retained one alone may be a dead worker's
 
     @property
@@ -301,33 +310,40 @@ class IngestWorker:
         self._charge(done.device, done.round, "rejected", done.wire_bytes, reason, detail)
 
     def _on_presence(self, payload: bytes) -> None:
-        """This shard's presence: our own claim coming back, or another worker's. Another worker's ``online``
-        arriving after ours (one topic's messages reach a subscriber in order), from a worker we had not heard of
-        before our claim, means a newer worker of this shard: this one stops. Presence of workers heard of before
-        our claim (a retained claim or Last Will of a worker that was here first, also as a broker restarted from
-        its saved state hands it out again) and any ``offline`` (a newer worker that died) mean nothing."""
+        """This shard's presence (the retained one at start and after each reconnect, and live ones): our own
+        claim coming back; our own Last Will (a link that dropped: claim again now); another worker's ``online``
+        claim ranked above ours, or any before we claimed: a newer worker (stop) or an older one (claim above it
+        now); another's claim ranked below ours, or a claim-less frame: an older worker's, perhaps handed out again
+        by a broker restored from its saved state (claim again now, if we are waiting to); another's ``offline``
+        (a worker that died): nothing."""
         try:
             data = W.decode_frame(payload, max_body=0)[0].get("data", {})
         except W.ProtocolError:
             return
         if not isinstance(data, dict):
             return
-        instance = str(data.get("instance"))[:64]
+        instance, generation = str(data.get("instance"))[:64], data.get("generation")
+        generation = generation if type(generation) is int and 0 < generation < 2**31 else 0
+        self.highest_seen = max(self.highest_seen, generation)
+        online = data.get("state") == "online"
         if instance == self.instance:
-            if data.get("state") == "online":
+            if online:
                 self.claim_seen = True
-                self._reclaim_at = None
-            elif self._reclaim_at is not None:  # our own Last Will, from a link that dropped: we are back
+            elif self._reclaim_at is not None:  # our own Last Will: we are back
                 self._reclaim_at = time.monotonic()
-        elif not self.claim_seen:
-            if len(self.older) < 1024:
-                self.older.add(instance)
-        elif instance in self.older:  # an older worker's claim handed out again (a broker back from its saved state)
-            if self._reclaim_at is None and self.transport.connected:
-                self._reclaim_at = time.monotonic()   # say online again: the retained presence must be ours
-        elif data.get("state") == "online" and self.superseded_by is None:
-            self._reclaim_at = None
-            self.superseded_by = f"pid {str(data.get('pid'))[:12]} on {str(data.get('host'))[:64]}"
+            return
+        if not online:
+            return
+        if not self.generation:  # not claimed yet: whoever this is came before us, so we claim above it
+            if self._reclaim_at is not None:
+                self._reclaim_at = time.monotonic()
+        elif (generation, instance) > (self.generation, self.instance):
+            if self.superseded_by is None:
+                self._reclaim_at = None
+                self.superseded_by = f"pid {str(data.get('pid'))[:12]} on {str(data.get('host'))[:64]} (claim " \
+                                     f"{generation} above this one's {self.generation})"
+        elif self.transport.connected:  # a claim below ours is the retained one: ours must be
+            self._reclaim_at = time.monotonic()
 
     def _on_verdict(self, payload: bytes) -> None:
         """The coordinator's verdict on a forwarded transfer, or ``forget``: the device re-registered, its open
@@ -342,6 +358,8 @@ class IngestWorker:
             left = header.get("quarantined_for_s")
             if type(left) in (int, float) and 0 < left <= MAX_QUARANTINE_S and isinstance(device, str):
                 self._quarantine(device, float(left))
+            elif left == 0 and type(left) is int and self.quarantined.pop(device, None) is not None:
+                logger.info("%s is no longer quarantined: its chunks are read again", device)
             if header.get("forget"):  # only transfers idle for a while: the new process may already be
                 # sending (this verdict races its first chunks), the old one stopped when it died
                 self.reassembler.forget(device, idle_s=FORGET_IDLE_S)
@@ -470,11 +488,11 @@ CONFIG_EXIT = 2       # cloud-ingest's exit status on a configuration error (con
 TAKEN_OVER_EXIT = 3  # cloud-ingest's exit status when another worker of its shard took over its broker session
 
 
-def presence(run: str, shard: int, state: str, workers: int, instance: str = "") -> bytes:
+def presence(run: str, shard: int, state: str, workers: int, instance: str = "", generation: int = 0) -> bytes:
     """Worker ``shard``'s retained presence frame (``online`` / ``offline``; the latter also as its Last Will).
-    ``instance``: the worker process's random id (how a worker tells its own claim from a newer worker's)."""
+    ``instance``: the worker process's random id; ``generation``: its claim's rank (``IngestWorker``)."""
     return W.control_frame(W.STATUS, run=run, device=f"ingest-{shard}", round_=-1, state=state, pid=os.getpid(),
-                           host=socket.gethostname()[:64], workers=workers, instance=instance)
+                           host=socket.gethostname()[:64], workers=workers, instance=instance, generation=generation)
 
 
 class WorkerPool:

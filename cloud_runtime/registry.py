@@ -94,6 +94,7 @@ class DeviceRegistry:
         self.rejections: Counter = Counter()
         self.reject_streak: Counter = Counter()   # consecutive rejections per device
         self._last_rejection_event: dict[str | None, float] = {}
+        self._unlogged: dict[str | None, int] = {}   # rejections per device not logged since its last line
 
     # -- rejections and quarantine ------------------------------------------------------------------
 
@@ -101,13 +102,20 @@ class DeviceRegistry:
         """Count and log a rejection; quarantine a device after ``validation.quarantine_after`` in a row."""
         self.rejections[reason] += 1
         self.telemetry.counters.rejections.labels(reason=label_value(reason)).inc()
-        logger.warning("rejected message from %s: %s: %s", device or "?", reason, detail)
         now = time.time()
         if now - self._last_rejection_event.get(device, 0.0) >= REJECTION_EVENT_EVERY_S:  # a flood is one line
             if len(self._last_rejection_event) > 10_000:
                 self._last_rejection_event.clear()
             self._last_rejection_event[device] = now
             self.telemetry.event("rejected", device, f"{reason}: {detail}")
+            logger.warning("rejected message from %s: %s: %s%s", device or "?", reason, detail,
+                           f" ({self._unlogged.pop(device)} more since the last line)" if device in self._unlogged
+                           else "")
+        else:  # one device's flood must not flood the log: counted, and said with its next line
+            if len(self._unlogged) > 10_000:
+                self._unlogged.clear()
+            self._unlogged[device] = self._unlogged.get(device, 0) + 1
+            logger.debug("rejected message from %s: %s: %s", device or "?", reason, detail)
         info = self.devices.get(device) if device else None
         if info is None:
             return

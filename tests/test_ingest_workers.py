@@ -24,13 +24,21 @@ def cluster(tmp_path, *overrides, register=("devA", "devB")):
     workers = [IngestWorker(rt.cfg, bus.client(f"ingest-{k}"), k) for k in range(2)]
     rt.start()
     for w in workers:
-        assert w.start()
+        start(w)
     downs = {}
     for device in ("devA", "devB", "devC"):
         downs[device] = []
         bus.client(f"sub-{device}").subscribe(rt.topics.down(device),
                                               lambda t, p, d=device: downs[d].append(P.decode_frame(p)[0]))
     return bus, rt, workers, downs
+
+
+def start(worker):
+    """Start a worker and let it claim its shard (the serve loop does so once the presence topic's retained
+    message is read, or after RECLAIM_WAIT_S without one)."""
+    assert worker.start()
+    drain(worker.inbox, worker.handle, 0.01)
+    worker._keep_claim(now=float("inf"))
 
 
 def settle(rt, workers, rounds=4):
@@ -307,7 +315,7 @@ def test_frames_of_a_worker_with_another_config_are_ignored_not_charged_to_devic
     from cloud_runtime.config import load_runtime_config
     bus, rt, workers, downs = cluster(tmp_path)
     stray = IngestWorker(load_runtime_config(None, [f"run_id={RUN}", "ingest.workers=3"]), bus.client("stray"), 0)
-    stray.start()
+    start(stray)
     frames = upload_frames("devB", range(30))
     for frame in frames:   # devB's shard of 3 is not 0: the stray refuses it as wrong_shard
         bus.client("devB").publish(rt.topics.up("devB", 0), frame)
@@ -377,6 +385,9 @@ def test_workers_without_accounts_on_a_provisioned_broker_are_refused_with_the_r
         load_runtime_config(None, ["broker.username=cloud-runtime", "ingest.workers=2"])
     with pytest.raises(ConfigError, match="provision --ingest-workers 3"):
         load_runtime_config(None, ["broker.username=cloud-runtime", "ingest.workers=3", "ingest.passwords=[a, b]"])
+    with pytest.raises(ConfigError, match="provision --ingest-workers 2"):   # lowered by hand: the ACL's shards
+        load_runtime_config(None, ["broker.username=cloud-runtime", "ingest.workers=2",  # are those of 4
+                                   "ingest.passwords=[a, b, c, d]"])
     load_runtime_config(None, ["broker.username=ops", "ingest.workers=2"])  # a broker that keeps client ids
 
 
@@ -429,3 +440,25 @@ def test_chunks_left_on_an_old_shard_after_the_worker_count_changed_never_quaran
         bus.client("devB").publish(rt.topics.up("devB", SHARD["devB"]), frame)
     settle(rt, workers)
     assert "devB" in rt.strategy.train_uploads and acks(downs, "devB")[0]["accepted"]
+
+
+def test_a_worker_that_counted_a_quarantine_from_a_late_verdict_is_told_the_device_is_free(tmp_path):
+    # a quarantine verdict read late (queued while the worker restarted) would silence a released device for the
+    # whole quarantine again: the coordinator answers its bulk "quarantined" charge with a release
+    bus, rt, workers, downs = cluster(tmp_path)
+    worker = workers[SHARD["devA"]]
+    worker._on_verdict(P.encode_frame({"type": P.VERDICT, "run": RUN, "device": "devA", "round": -1,
+                                       "quarantined_for_s": 300}))
+    assert "devA" in worker.quarantined and not rt.registry.quarantined("devA")
+    frames = upload_frames("devA", range(30))
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    worker._charge_bulk(force=True)
+    settle(rt, workers)
+    assert "devA" not in worker.quarantined   # released
+    for frame in frames:   # the sender re-sends: accepted
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert "devA" in rt.strategy.train_uploads and acks(downs, "devA")[0]["accepted"]
+    assert not rt.registry.quarantined("devA")

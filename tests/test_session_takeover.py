@@ -19,6 +19,12 @@ def cfg_topics(cfg):
     return Topics(cfg.run_id)
 
 
+def start(worker):
+    assert worker.start()
+    drain(worker.inbox, worker.handle, 0.01)
+    worker._keep_claim(now=float("inf"))
+
+
 def test_a_broker_that_says_session_taken_over_stops_the_transport_reconnecting():
     # mosquitto 2.0 closes the older connection without a DISCONNECT; EMQX and HiveMQ send reason 0x8E
     from paho.mqtt.packettypes import PacketTypes
@@ -37,17 +43,20 @@ def test_two_workers_of_a_shard_in_memory_the_later_claim_wins_and_a_dropped_lin
     bus = MemoryBus()
     cfg = load_runtime_config(None, ["run_id=takeover", "ingest.workers=2", f"state_dir={tmp_path}"])
     first = IngestWorker(cfg, bus.client("w1"), 1)
-    assert first.start()
+    start(first)
     drain(first.inbox, first.handle, 0.01)
-    assert first.claim_seen and not first.taken_over
+    assert first.claim_seen and first.generation == 1 and not first.taken_over
     second = IngestWorker(cfg, bus.client("w2"), 1)
     assert second.start()
+    drain(second.inbox, second.handle, 0.01)   # the retained claim of the first: it claims above it at once
+    second._keep_claim()
+    assert second.generation == 2
     for w in (first, second):
         drain(w.inbox, w.handle, 0.01)
-    assert first.taken_over and "pid" in first.superseded_by
-    assert not second.taken_over  # the first's claim came before its own: an older worker's, meaning nothing
+    assert first.taken_over and "claim 2 above this one's 1" in first.superseded_by
+    assert not second.taken_over
     # the second's link drops: the broker publishes its Last Will; back, it says online again at once
-    bus._publish(cfg_topics(cfg).ingest_status(1), presence("takeover", 1, "offline", 2, second.instance), True)
+    bus._publish(cfg_topics(cfg).ingest_status(1), presence("takeover", 1, "offline", 2, second.instance, 2), True)
     second._was_connected = False
     second._keep_claim(now=0.0)
     assert second._reclaim_at == RECLAIM_WAIT_S
@@ -57,6 +66,25 @@ def test_two_workers_of_a_shard_in_memory_the_later_claim_wins_and_a_dropped_lin
     bus.client("probe").subscribe(cfg_topics(cfg).ingest_status(1), lambda t, p: retained.append(p))
     assert decode_frame(retained[-1])[0]["data"]["state"] == "online"
     assert decode_frame(retained[-1])[0]["data"]["instance"] == second.instance and not second.taken_over
+
+
+def test_two_workers_claiming_at_once_end_with_exactly_one(tmp_path):
+    bus = MemoryBus()
+    cfg = load_runtime_config(None, ["run_id=takeover", "ingest.workers=2", f"state_dir={tmp_path}"])
+    a, b = IngestWorker(cfg, bus.client("a"), 0), IngestWorker(cfg, bus.client("b"), 0)
+    for w in (a, b):   # no retained presence: both claim generation 1 after the wait
+        assert w.start()
+    for w in (a, b):
+        w._keep_claim(now=float("inf"))
+    for _ in range(3):
+        for w in (a, b):
+            drain(w.inbox, w.handle, 0.01)
+            w._keep_claim(now=float("inf"))
+    assert sorted([a.taken_over, b.taken_over]) == [False, True]   # the tie goes by instance id
+    survivor = a if b.taken_over else b
+    retained = []
+    bus.client("probe").subscribe(cfg_topics(cfg).ingest_status(0), lambda t, p: retained.append(p))
+    assert decode_frame(retained[-1])[0]["data"]["instance"] == survivor.instance
 
 
 def test_a_second_ingest_worker_of_a_shard_takes_over_and_the_first_exits_with_status_3(broker, tmp_path):
@@ -104,22 +132,21 @@ def test_the_pool_does_not_restart_a_worker_another_took_over_but_restarts_one_t
 
 
 def test_an_older_workers_claim_handed_out_again_by_a_restarted_broker_does_not_stop_the_newer(tmp_path):
-    # a broker killed and restarted from its saved state hands out the presence it saved: maybe a dead older
-    # worker's "online". The newer worker must say online again, not stop (no worker would serve the shard)
+    # a broker killed and restarted from its saved state hands out the presence it saved: maybe the claim of a
+    # worker two generations back, dead since. The newer worker must say online again, not stop
     bus = MemoryBus()
     cfg = load_runtime_config(None, ["run_id=takeover", "ingest.workers=2", f"state_dir={tmp_path}"])
     topic = Topics("takeover").ingest_status(1)
-    bus._publish(topic, presence("takeover", 1, "online", 2, "oldworker"), True)   # from before this worker
+    bus._publish(topic, presence("takeover", 1, "online", 2, "worker-two-back", 2), True)
     worker = IngestWorker(cfg, bus.client("w"), 1)
-    assert worker.start()
+    start(worker)
     drain(worker.inbox, worker.handle, 0.01)
-    assert worker.older == {"oldworker"} and worker.claim_seen
-    bus._publish(topic, presence("takeover", 1, "online", 2, "oldworker"), True)   # the broker's saved copy
-    bus._publish(topic, presence("takeover", 1, "offline", 2, "died-newer"), True)  # a newer one's Last Will
+    assert worker.generation == 3 and worker.claim_seen
+    bus._publish(topic, presence("takeover", 1, "online", 2, "worker-three-back", 1), True)  # the saved copy
+    bus._publish(topic, presence("takeover", 1, "offline", 2, "died-newer", 4), True)        # a dead one's Will
     drain(worker.inbox, worker.handle, 0.01)
     assert not worker.taken_over and worker._reclaim_at is not None
-    worker._keep_claim(now=worker._reclaim_at + 1)
-    drain(worker.inbox, worker.handle, 0.01)
+    worker._keep_claim()
     seen = []
     bus.client("probe").subscribe(topic, lambda t, p: seen.append(decode_frame(p)[0]["data"]))
     assert seen[-1]["instance"] == worker.instance and seen[-1]["state"] == "online"
