@@ -144,7 +144,9 @@ class IngestWorker:
         message is read could overwrite a higher claim. Also renews the claim every :data:`PRESENCE_EVERY_S`."""
         now = time.monotonic() if now is None else now
         connected = self.transport.connected
-        if connected and not self._was_connected:
+        if connected and not self._was_connected and self._reclaim_at is None:
+            # (a wait already running is not pushed back: two workers of one shard that knock each other off
+            # every second would otherwise never stay connected long enough to claim, and never settle it)
             self._reclaim_at = now + RECLAIM_WAIT_S
         self._was_connected = connected
         if not connected or self.taken_over:
@@ -329,6 +331,7 @@ class IngestWorker:
         if instance == self.instance:
             if online:
                 self.claim_seen = True
+                self._reclaim_at = None   # the retained claim is ours: nothing to say again
             elif self._reclaim_at is not None:  # our own Last Will: we are back
                 self._reclaim_at = time.monotonic()
             return
