@@ -75,10 +75,7 @@ class IngestWorker:
     ``instance``: this process's id in its presence (the one its Last Will names; default: a new random one)."""
 
     def __init__(self, cfg: RuntimeConfig, transport: Transport, shard: int, instance: str | None = None):
-        if not 0 <= shard < cfg.ingest.workers:
-            raise ConfigError(f"--shard {shard}: the config's ingest.workers is {cfg.ingest.workers}, so a shard is "
-                              f"in [0, {cfg.ingest.workers - 1}]" if cfg.ingest.workers else
-                              "ingest.workers is 0 in this config: the coordinator ingests alone, no worker is used")
+        check_shard(cfg, shard)
         self.cfg, self.transport, self.shard = cfg, transport, shard
         self.topics = W.Topics(cfg.run_id)
         self.reassembler = Reassembler(cfg.max_transfer_bytes, cfg.transfer_timeout_s,
@@ -480,6 +477,14 @@ class ForwardAssembler:
                                    wire if type(wire) is int and wire >= 0 else held["bytes"],
                                    chunks if type(chunks) is int else 1, str(first.get("sha256", "")),
                                    "raw" if first.get("packed") == "raw" else "zstd")
+
+
+def check_shard(cfg: RuntimeConfig, shard: int) -> None:
+    """Raises ConfigError unless ``shard`` is one of ``cfg``'s ingest shards."""
+    if not 0 <= shard < cfg.ingest.workers:
+        raise ConfigError(f"--shard {shard}: the config's ingest.workers is {cfg.ingest.workers}, so a shard is "
+                          f"in [0, {cfg.ingest.workers - 1}]" if cfg.ingest.workers else
+                          "ingest.workers is 0 in this config: the coordinator ingests alone, no worker is used")
 
 
 def new_instance() -> str:

@@ -145,8 +145,9 @@ class CloudRuntime:
             if missing:
                 logger.warning("ingest shards without a live worker: %s (state per shard; stale: no presence for "
                                "%.0f s). Their devices cannot upload. %s", missing, STALE_PRESENCE_S,
-                               "This runtime spawns its workers: its log says why one is not running (one started "
-                               "elsewhere took over? stop that one and restart the runtime)" if self.cfg.ingest.spawn
+                               "This runtime spawns its workers: the log above says why one is not running (a "
+                               "configuration error such as a broker account mosquitto does not know yet, or one "
+                               "started elsewhere took over); fix that and restart the runtime" if self.cfg.ingest.spawn
                                else "Start 'cloud-ingest --config <runtime.yaml> --shard K' for each")
         self.programs.poll()
         self.board.refresh(self)  # the console's views, when due and someone is watching
@@ -426,8 +427,8 @@ class CloudRuntime:
             return
         if not shard.isdigit() or int(shard) >= self.workers or state not in ("online", "offline"):
             return
-        if header["data"].get("workers") != self.workers:  # a worker of another config serves no shard of ours
-            state = "misconfigured"
+        if header["data"].get("workers") != self.workers and state == "online":  # a worker of another config
+            state = "misconfigured"                                            # serves no shard of ours
         shard_, data = int(shard), header["data"]
         if self.worker_status.get(shard_, {}).get("state") != state:
             if state == "online":
@@ -436,6 +437,8 @@ class CloudRuntime:
                 logger.error("ingest worker %d (pid %s on %s) runs with %s workers, this runtime with %d: its shard has "
                              "no worker; start it with this runtime's config", shard_, data.get("pid"),
                              str(data.get("host"))[:64], str(data.get("workers"))[:8], self.workers)
+            elif shard_ not in self.worker_status:  # the last presence an earlier run left: its worker comes up next
+                logger.info("ingest worker %d: offline so far (its last presence)", shard_)
             else:
                 logger.warning("ingest worker %d is offline: the devices of its shard cannot upload until a worker "
                                "serves it again (their chunks queue at the broker)", shard_)

@@ -17,7 +17,7 @@ import signal
 import sys
 
 from cloud_runtime.config import load_runtime_config
-from cloud_runtime.ingest_worker import TAKEN_OVER_EXIT, IngestWorker, new_instance, presence
+from cloud_runtime.ingest_worker import TAKEN_OVER_EXIT, IngestWorker, check_shard, new_instance, presence
 from edgefl_cli.logs import HelpFormatter, add_config_options, setup_logging
 from edgefl_core.config import ConfigError
 from edgefl_core.transport import create_transport
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         cfg = load_runtime_config(args.config, args.overrides)
+        check_shard(cfg, args.shard)   # before its account is looked up
         # a client id of its own per shard, with a persistent session: chunks queue at the broker while it restarts
         instance = new_instance()
         transport = create_transport(cfg.ingest.broker_for(cfg.broker, args.shard),

@@ -97,6 +97,12 @@ def test_a_second_ingest_worker_of_a_shard_takes_over_and_the_first_exits_with_s
     second = None
     try:
         wait_until(lambda: "serving run" in logs[0].read_text(), timeout=30)
+        claims = []   # the first has claimed the shard (2 s after start without a presence): the second comes later
+        watcher = MqttTransport(f"mqtt://127.0.0.1:{broker.port}", "watcher")
+        watcher.subscribe(Topics("takeover").ingest_status(1), lambda t, p: claims.append(decode_frame(p)[0]["data"]))
+        watcher.connect(timeout=10)
+        wait_until(lambda: any(c["pid"] == first.pid and c["state"] == "online" for c in claims), timeout=30)
+        watcher.close()
         second = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logs[1].open("w"))
         assert first.wait(timeout=30) == TAKEN_OVER_EXIT
         assert "took over its session" in logs[0].read_text()
@@ -184,3 +190,11 @@ def test_a_worker_the_broker_refuses_exits_2_naming_its_own_account(tmp_path, mo
     monkeypatch.setattr(ingest.IngestWorker, "serve", refused)
     assert ingest.main(["--config", str(config), "--shard", "1"]) == 2
     assert "logs in as 'ops-ingest-1' with ingest.passwords[1]" in caplog.text
+
+
+def test_a_shard_past_the_last_is_a_named_error_not_a_traceback(tmp_path, caplog):
+    from edgefl_cli import ingest
+    config = tmp_path / "runtime.yaml"
+    config.write_text("run_id: r\nbroker: {url: 'memory://r', username: ops}\ningest: {workers: 3, passwords: [a, b, c]}\n")
+    assert ingest.main(["--config", str(config), "--shard", "3"]) == 2
+    assert "a shard is in [0, 2]" in caplog.text
