@@ -128,7 +128,6 @@ class IngestWorker:
         again after a reconnect: a link that dropped made the broker publish the Last Will in its place)."""
         if not self.generation:
             self.generation = self.highest_seen + 1
-        self._was_connected = True
         self._reclaim_at = None
         self._presence_said = time.monotonic()
         self.transport.publish(self.topics.ingest_status(self.shard),

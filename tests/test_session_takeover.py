@@ -13,16 +13,11 @@ from edgefl_core.transport.inbox import drain
 from edgefl_core.transport.mqtt import MqttTransport
 from edgefl_core.wire import Topics, decode_frame
 from conftest import wait_until
+from test_ingest_workers import start
 
 
 def cfg_topics(cfg):
     return Topics(cfg.run_id)
-
-
-def start(worker):
-    assert worker.start()
-    drain(worker.inbox, worker.handle, 0.01)
-    worker._keep_claim(now=float("inf"))
 
 
 def test_a_broker_that_says_session_taken_over_stops_the_transport_reconnecting():
