@@ -369,6 +369,7 @@ class CloudRuntime:
                 if reason == "quarantined" and not was_quarantined and device in self.registry.devices:
                     self._tell_worker(device, quarantined_for_s=0)  # released here: the worker heard late, or
                     # counted from a verdict it read late (it queued while the worker restarted)
+                reason = "quarantined" if was_quarantined else reason[:64]
                 self.registry.reject(reason, device, str(header.get("detail", ""))[:500])
                 if not was_quarantined and self.registry.quarantined(device):
                     self._tell_quarantine(device)  # its worker drops its chunks from now on, unread

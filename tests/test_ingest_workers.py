@@ -462,3 +462,14 @@ def test_a_worker_that_counted_a_quarantine_from_a_late_verdict_is_told_the_devi
     settle(rt, workers)
     assert "devA" in rt.strategy.train_uploads and acks(downs, "devA")[0]["accepted"]
     assert not rt.registry.quarantined("devA")
+
+
+def test_a_refusal_charged_by_a_worker_that_does_not_know_of_a_quarantine_is_charged_as_quarantined(tmp_path):
+    bus, rt, workers, downs = cluster(tmp_path)
+    for _ in range(rt.cfg.validation.quarantine_after):
+        rt.registry.reject("bad_header", "devA", "test")   # quarantined here; its worker not told yet
+    header, body = P.decode_frame(upload_frames("devA", range(30))[0])
+    bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), P.encode_frame({**header, "crc32": 0}, body))
+    settle(rt, workers)
+    reasons = rt.registry.devices["devA"]["rejection_reasons"]
+    assert reasons.get("bad_checksum") is None and reasons["quarantined"] == 1   # as without workers
