@@ -37,6 +37,7 @@ from typing import Callable
 import zstandard
 
 from cloud_runtime.config import RuntimeConfig
+from cloud_runtime.registry import Rejected
 from edgefl_core import wire as W
 from edgefl_core.chunking import CompletedTransfer, Reassembler
 from edgefl_core.codecs import decompress
@@ -435,23 +436,42 @@ class IngestWorker:
 class ForwardAssembler:
     """The coordinator's side of the forwards: each worker's transfer in progress, by shard, put together from
     its INGESTED parts (at most ``max_bytes``). ``retry(device, transfer)`` tells a worker to reassemble a
-    transfer afresh when its forward was cut short."""
+    transfer afresh when its forward was cut short. ``check(header)`` judges part 0 before anything is held: it
+    raises Rejected when the transfer states more bytes than its device may send (a worker decompresses up to
+    :data:`MAX_FORWARD_INFLATION` times what the device sent, so without it one device could make the
+    coordinator hold that much of what its registration would refuse)."""
 
-    def __init__(self, max_bytes: int, retry: Callable[[str, str], None]):
-        self.max_bytes, self.retry = max_bytes, retry
-        self._held: dict[int, dict] = {}  # shard -> {"header": part 0's, "parts": [...], "bytes": n}
+    def __init__(self, max_bytes: int, retry: Callable[[str, str], None],
+                 check: Callable[[dict], None] = lambda header: None):
+        self.max_bytes, self.retry, self.check = max_bytes, retry, check
+        self._held: dict[int, dict] = {}  # shard -> {"header": part 0's, "parts": [...], "bytes": n, "refused"}
 
     def add(self, shard: int, header: dict, body: bytes) -> CompletedTransfer | None:
         """Append one part of worker ``shard``'s forward; the transfer once its last part is in. A worker forwards
         one transfer at a time and its parts arrive in order, so only the one in progress is held; a gap (the
-        worker restarted mid-forward) drops it, and the device's sender asks again and re-sends."""
+        worker restarted mid-forward) drops it, and the device's sender asks again and re-sends. Part 0 that
+        ``check`` refuses raises ForwardRefused (the transfer as stated, no bytes held); the rest of its parts
+        are dropped unread."""
         part, parts, size = header.get("part"), header.get("parts"), header.get("size")
         held = self._held.get(shard)
+        same = held is not None and (held["header"]["device"], held["header"].get("transfer")) == \
+            (header["device"], header.get("transfer"))
+        if held is not None and held["refused"] and same and part != 0:
+            if type(part) is not int or type(parts) is not int or part >= parts - 1:
+                del self._held[shard]  # its last part (or a malformed one): nothing more to drop
+            return None
         if part == 0:
-            if held is not None and (held["header"]["device"], held["header"].get("transfer")) != \
-                    (header["device"], header.get("transfer")):  # a forward cut short: reassembled afresh
+            if held is not None and not held["refused"] and not same:  # a forward cut short: reassembled afresh
                 self.retry(held["header"]["device"], str(held["header"].get("transfer"))[:64])
-            held = self._held[shard] = {"header": header, "parts": [], "bytes": 0}
+            held = self._held[shard] = {"header": header, "parts": [], "bytes": 0, "refused": False}
+            try:
+                self.check(header)
+            except Rejected as e:
+                if type(parts) is int and parts > 1:
+                    held["refused"] = True
+                else:
+                    del self._held[shard]
+                raise ForwardRefused(_transfer(header, b"", 0), e) from None
         if type(part) is not int or type(parts) is not int or type(size) is not int or held is None \
                 or (held["header"].get("transfer"), held["header"]["device"]) != (header.get("transfer"), header["device"]) \
                 or len(held["parts"]) != part \
@@ -469,13 +489,26 @@ class ForwardAssembler:
         if part < parts - 1:
             return None
         del self._held[shard]
-        first = held["header"]
-        meta, wire, chunks = first.get("meta"), first.get("wire_bytes"), first.get("chunks")
-        return CompletedTransfer(first["device"], first["round"], str(first.get("transfer", ""))[:64],
-                                   meta if isinstance(meta, dict) else {}, b"".join(held["parts"]),
-                                   wire if type(wire) is int and wire >= 0 else held["bytes"],
-                                   chunks if type(chunks) is int else 1, str(first.get("sha256", "")),
-                                   "raw" if first.get("packed") == "raw" else "zstd")
+        return _transfer(held["header"], b"".join(held["parts"]), held["bytes"])
+
+
+class ForwardRefused(Exception):
+    """Part 0 of a forward was refused (:meth:`ForwardAssembler.add`): ``transfer`` as its header states it
+    (no blob), ``rejected`` why."""
+
+    def __init__(self, transfer: CompletedTransfer, rejected: Rejected):
+        super().__init__(str(rejected))
+        self.transfer, self.rejected = transfer, rejected
+
+
+def _transfer(first: dict, blob: bytes, held_bytes: int) -> CompletedTransfer:
+    """A forwarded transfer from its part 0 header (what the worker states of it) and the blob put together."""
+    meta, wire, chunks = first.get("meta"), first.get("wire_bytes"), first.get("chunks")
+    return CompletedTransfer(first["device"], first["round"], str(first.get("transfer", ""))[:64],
+                             meta if isinstance(meta, dict) else {}, blob,
+                             wire if type(wire) is int and wire >= 0 else held_bytes,
+                             chunks if type(chunks) is int else 1, str(first.get("sha256", "")),
+                             "raw" if first.get("packed") == "raw" else "zstd")
 
 
 def check_shard(cfg: RuntimeConfig, shard: int) -> None:

@@ -21,7 +21,7 @@ from cloud_runtime.console.views import StatusBoard
 from cloud_runtime.downlink import Downlink
 from cloud_runtime.edge_programs import EdgePrograms
 from cloud_runtime.ingest import Ingest
-from cloud_runtime.ingest_worker import PRESENCE_EVERY_S, ForwardAssembler
+from cloud_runtime.ingest_worker import PRESENCE_EVERY_S, ForwardAssembler, ForwardRefused
 from cloud_runtime.plots import plot_accuracy, write_json
 from cloud_runtime.privacy import run_privacy
 from cloud_runtime.progress import Interrupted
@@ -96,7 +96,7 @@ class CloudRuntime:
             self.downlink.recipe["ingest_shards"] = self.workers
         self.forwarded = 0   # transfers the ingest workers forwarded
         self.forwards = ForwardAssembler(cfg.max_decoded_bytes, lambda device, transfer: self._tell_worker(
-            device, transfer=transfer, retry=True))  # each worker's forward in progress, by shard
+            device, transfer=transfer, retry=True), self._check_forward)  # each worker's forward in progress
         self.worker_status: dict[int, dict] = {}  # shard -> its worker's presence (state, since)
         self._misconfigured: set[int] = set()     # shards whose worker runs another config (logged once)
         self._workers_checked = time.monotonic()  # when shards without a live worker were last looked for
@@ -321,11 +321,14 @@ class CloudRuntime:
         self._judge(device, done, lambda accepted, reason: self.ingest.reassembler.settle(
             device, done.transfer, accepted, reason))
 
-    def _judge(self, device: str, done: P.CompletedTransfer, settle) -> None:
+    def _judge(self, device: str, done: P.CompletedTransfer, settle, refused: Rejected | None = None) -> None:
         """A completed transfer, reassembled here or by an ingest worker: the strategy accepts it or raises
         Rejected; either way the device gets the verdict (ACK) and ``settle(accepted, reason)`` records it where
-        the transfer was reassembled (what a sender asking again is answered)."""
+        the transfer was reassembled (what a sender asking again is answered). ``refused``: the verdict is
+        already known (a forward refused from its first part)."""
         try:
+            if refused is not None:
+                raise refused
             what = self.strategy.accept(device, done)  # accepted: the strategy counts it (Ingest.count_accepted)
         except Exception as e:  # every outcome is a verdict: a sender left without one would ask for ever
             reason = e.reason if isinstance(e, (Rejected, P.ProtocolError)) else \
@@ -377,7 +380,11 @@ class CloudRuntime:
         if type_ != P.INGESTED:
             logger.warning("ingest worker %d: unexpected frame type %r", shard, type_[:40])
             return
-        done = self.forwards.add(shard, header, body)
+        refused = None  # part 0 stated more than the device may send: judged now, its parts never held
+        try:
+            done = self.forwards.add(shard, header, body)
+        except ForwardRefused as e:
+            done, refused = e.transfer, e.rejected
         if done is None:
             return
         device = done.device
@@ -400,9 +407,9 @@ class CloudRuntime:
                 self._tell_quarantine(device)  # the worker did not know yet (it learns at the first forward)
                 until = time.ctime(self.registry.devices[device]["quarantined_until"])
                 raise Rejected("quarantined", f"ignored until {until}")
-            if done.meta.get("kind") == P.KIND_UPLOAD and done.meta.get("split") == "train":
+            if refused is None and done.meta.get("kind") == P.KIND_UPLOAD and done.meta.get("split") == "train":
                 self.ingest.note_release(device, done.blob, done.sha256)
-            self._judge(device, done, settle)
+            self._judge(device, done, settle, refused)
         except Rejected as e:
             self.registry.reject(e.reason, device, e.detail)
         except P.ProtocolError as e:
@@ -417,6 +424,21 @@ class CloudRuntime:
                 self._tell_worker(device, transfer=done.transfer, retry=True)
             if not quarantined_before and self.registry.quarantined(device):  # this forward's rejection did it
                 self._tell_quarantine(device)
+
+    def _check_forward(self, header: dict) -> None:
+        """Part 0 of a worker's forward, before any of it is held: Rejected when it states more bytes than this
+        coordinator would take of that transfer: what the strategy lets it decompress to when the worker
+        decompressed it, else ``max_transfer_bytes`` (as the coordinator's own reassembler). A device that has
+        not registered may send nothing."""
+        device, size = header["device"], header.get("size")
+        if device not in self.registry.devices:
+            raise Rejected("unknown_device", "upload before registration")
+        meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
+        raw = header.get("packed") == "raw"
+        limit = self.strategy.decoded_limit(device, meta) if raw else self.cfg.max_transfer_bytes
+        if type(size) is int and size > limit:
+            raise Rejected("oversized", f"transfer {str(header.get('transfer'))[:8]} "
+                                        f"{'decompresses to' if raw else 'is'} {size} bytes > limit {limit}")
 
     def _on_worker_status(self, topic: str, payload: bytes) -> None:
         """An ingest worker's retained presence (or its Last Will): logged when it changes, in report.json."""

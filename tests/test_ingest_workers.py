@@ -253,6 +253,47 @@ def test_a_zstd_bomb_is_forwarded_as_sent_and_refused_before_anything_is_allocat
     assert direct.ingest.round_bytes["rejected"]["devA"] == rt.ingest.round_bytes["rejected"]["devA"]
 
 
+def test_a_forward_stating_more_than_the_device_may_send_is_refused_from_its_first_part(tmp_path):
+    """A worker decompresses what inflates at most MAX_FORWARD_INFLATION times; the coordinator must not then
+    hold what the device's registration would refuse (1 sample registered, 8 MiB decompressed): part 0 is
+    judged 'oversized', none of the parts is held, the verdict reaches the device and the worker, and the
+    bytes are charged as without workers."""
+    bus, rt, workers, downs = cluster(tmp_path, "num_classes=10", "input_shape=[1,28,28]", register=())
+    rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 1})
+    limit = rt.strategy.decoded_limit("devA", {"split": "train"})
+    raw = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8)
+    raw[::2] = 0   # compresses about 2x: within the worker's inflation cap, far past the device's limit
+    blob = P.pack_arrays({"features": raw})
+    assert len(blob) * 4 > raw.nbytes > 4 * limit
+    frames = P.chunk_transfer(blob, run=RUN, device="devA", round_=0,
+                              meta={"kind": "upload", "split": "train", "codec": "fp16"})
+    parts, held = [], []
+    bus.client("spy").subscribe(rt.topics.ingest(SHARD["devA"]), lambda t, p: parts.append(P.decode_frame(p)[0]))
+    add = rt.forwards.add
+
+    def add_and_measure(shard, header, body):
+        try:
+            return add(shard, header, body)
+        finally:
+            held.append(sum(h["bytes"] for h in rt.forwards._held.values()))
+    rt.forwards.add = add_and_measure
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert parts[0]["packed"] == "raw" and len(parts) > 1          # the worker did decompress it
+    assert len(held) == len(parts) and max(held) == 0 and not rt.forwards._held
+    assert rt.registry.devices["devA"]["rejection_reasons"] == {"oversized": 1}
+    assert [a["reason"] for a in acks(downs, "devA")] == ["oversized"]
+    transfer = P.decode_frame(frames[0])[0]["transfer"]
+    assert workers[SHARD["devA"]].reassembler.progress("devA", transfer)["accepted"] is False
+    assert rt.ingest.round_bytes["rejected"]["devA"] == sum(map(len, frames)) and rt.forwarded == 1
+    ok = upload_frames("devA", [0], shape=rt.strategy.server.feature_shape)   # the next transfer of that worker is judged as usual
+    for frame in ok:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert [(a["accepted"], a["reason"]) for a in acks(downs, "devA")] == [(False, "oversized"), (True, None)]
+
+
 def test_a_part_lost_on_the_way_makes_the_worker_reassemble_the_resend(tmp_path):
     """A broker that drops one forward part: the coordinator drops the transfer and tells the worker to retry,
     so the device's resend (after asking) is reassembled afresh and accepted, not counted as a copy."""

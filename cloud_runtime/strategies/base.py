@@ -105,6 +105,12 @@ class Strategy(ABC):
     @abstractmethod
     def take(self, device: str, done: P.CompletedTransfer) -> str: ...
 
+    def decoded_limit(self, device: str, meta: dict) -> int:
+        """Bytes a transfer of ``device`` whose first chunk states ``meta`` may decompress to: checked before it
+        is decompressed, and before a forward of it decompressed by an ingest worker is held. The runtime's
+        ``max_decoded_bytes`` unless the strategy knows what the transfer holds."""
+        return self.cfg.max_decoded_bytes
+
     @abstractmethod
     def run(self) -> None:
         """Run rounds from ``next_round`` to ``cfg.rounds`` (returns early when ``ctx.stop`` is set)."""

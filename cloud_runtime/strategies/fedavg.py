@@ -47,11 +47,17 @@ class FedAvg(Strategy):
     def models(self) -> dict[str, torch.nn.Module]:
         return {"global_model": self.global_model} if self.global_model is not None else {}
 
+    def decoded_limit(self, device: str, meta: dict) -> int:
+        """A model update: the global model's size, twice over at most (fp32 of what may be fp16 now)."""
+        if self.global_model is None:
+            return super().decoded_limit(device, meta)
+        return sum(v.numel() * v.element_size() for v in self.global_model.state_dict().values()) * 2 + 65536
+
     def take(self, device: str, done: P.CompletedTransfer) -> str:
         assert self.global_model is not None
         reference = self.global_model.state_dict()
-        limit = sum(v.numel() * v.element_size() for v in reference.values()) * 2 + 65536  # the model, fp32 at most
-        state = P.arrays_to_state(P.unpack_arrays(done.blob, limit, done.packed), reference)
+        state = P.arrays_to_state(P.unpack_arrays(done.blob, self.decoded_limit(device, done.meta), done.packed),
+                                  reference)
         samples = done.meta.get("samples")
         registered = self.ctx.registry.devices[device].get("train_samples")
         if type(samples) is not int or samples <= 0 or samples != registered:

@@ -96,12 +96,21 @@ class FedGKT(Strategy):
 
     # -- accepting uploads --------------------------------------------------------------------------
 
+    def _extractor_bytes(self) -> int | None:
+        """What the extractor an upload carries (extractor averaging) may take, fp32; None: not known yet."""
+        reference = self.extractor_reference
+        return sum(v.numel() * 4 for v in reference.values()) + 65536 if reference else None
+
+    def decoded_limit(self, device: str, meta: dict) -> int:
+        split = meta.get("split")
+        return self.ctx.ingest.decoded_limit(device, split if split in ("train", "test") else "train", self.num_classes,
+                                             self.server.feature_shape if self.server else None, self._extractor_bytes())
+
     def take(self, device: str, done: P.CompletedTransfer) -> str:
         server = self.server
         reference = self.extractor_reference
         upload, extractor = self.ctx.ingest.decode_upload(
-            device, done, self.num_classes, server.feature_shape if server else None,
-            sum(v.numel() * 4 for v in reference.values()) + 65536 if reference else None)
+            device, done, self.num_classes, server.feature_shape if server else None, self._extractor_bytes())
         if upload.features.shape[1] != self.feature_channels:
             raise Rejected("bad_shape", f"{upload.split} features have {upload.features.shape[1]} channels, the run "
                                         f"has {self.feature_channels}")
