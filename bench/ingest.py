@@ -17,12 +17,14 @@ shards; 0 is the runtime alone), each count in every trial, and the ratios betwe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import statistics
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -37,6 +39,7 @@ from cloud_runtime.ingest_worker import WorkerPool  # noqa: E402
 from cloud_runtime.service import build_runtime  # noqa: E402
 from edge_sdk import protocol as P  # noqa: E402
 from edge_sdk.messages import FeatureUpload  # noqa: E402
+from edgefl_core.codecs import decompress  # noqa: E402
 from edgefl_core.transport.mqtt import MqttTransport  # noqa: E402
 from edgefl_cli.mosquitto import EmbeddedMosquitto  # noqa: E402
 
@@ -84,15 +87,31 @@ class Publishers:
             p.join(60)
 
 
-def raw_trial(url: str, run: str, args) -> dict:
-    """A bare paho subscriber (MQTT 5, QoS 1) counting the uploads' bytes: what the broker relays."""
+def raw_trial(url: str, run: str, args, floor: bool = False) -> dict:
+    """A bare paho subscriber (MQTT 5, QoS 1) counting the uploads' bytes: what the broker relays. ``floor``:
+    it also does the least any ingest must do, on its network thread: parse each frame, crc32 its body, and
+    per completed transfer join the chunks, check the sha256 and zstd-decompress (no shape or value checks, no
+    store): the runtime cannot be faster than this on the same cores."""
     got = {"messages": 0, "bytes": 0, "last": 0.0}
     done = threading.Event()
     expected = {"messages": None}
     topics = P.Topics(run)
+    transfers: dict[str, list] = {}
+
+    def verify(payload: bytes) -> None:
+        header, body = P.decode_frame(payload)
+        assert zlib.crc32(body) == header["crc32"]
+        parts = transfers.setdefault(header["transfer"], [None] * header["count"])
+        parts[header["index"]] = body
+        if all(p is not None for p in parts):
+            blob = b"".join(transfers.pop(header["transfer"]))
+            assert hashlib.sha256(blob).hexdigest() == header["sha256"]
+            decompress(blob, 1 << 30)
 
     def on_message(client, userdata, message):
         if message.topic.endswith("/up") and len(message.payload) > 1024:  # chunks, not registrations
+            if floor:
+                verify(message.payload)
             got["messages"] += 1
             got["bytes"] += len(message.payload)
             got["last"] = time.time()
@@ -115,7 +134,7 @@ def raw_trial(url: str, run: str, args) -> dict:
     client.loop_stop()
     client.disconnect()
     elapsed = got["last"] - start_at
-    return {"receiver": "raw paho", "seconds": elapsed, "wire_MB": got["bytes"] / 1e6,
+    return {"receiver": "raw paho + checks floor" if floor else "raw paho", "seconds": elapsed, "wire_MB": got["bytes"] / 1e6,
             "wire_MBps": got["bytes"] / 1e6 / elapsed, "messages_per_s": got["messages"] / elapsed,
             "complete": got["messages"] >= messages}
 
@@ -169,6 +188,9 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--workers", type=int, nargs="+", default=[0],
                         help="ingest worker counts to measure the runtime with (0: the runtime alone)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure the raw subscriber doing the least any ingest must do (crc32, sha256, "
+                             "zstd): the runtime's ceiling on these cores")
     parser.add_argument("--out", default="docs/bench/ingest")
     parser.add_argument("--summarize", action="store_true",
                         help="recompute the summary of --out's results.json from its trials (no new trials)")
@@ -181,9 +203,9 @@ def main() -> int:
     trials: list[dict] = []
     with EmbeddedMosquitto() as broker:
         for trial in range(args.trials):
-            for kind in ("raw", *args.workers):  # alternating
+            for kind in ("raw", *(["floor"] if args.floor else []), *args.workers):  # alternating
                 run = f"ingest-{kind}-{trial}"
-                result = (raw_trial(broker.url, run, args) if kind == "raw"
+                result = (raw_trial(broker.url, run, args, floor=kind == "floor") if kind in ("raw", "floor")
                           else runtime_trial(broker.url, run, args, out / "state" / run, kind))
                 trials.append(result)
                 print(f"trial {trial + 1}/{args.trials} {result['receiver']:20s}: {result['wire_MBps']:6.1f} MB/s, "
@@ -199,12 +221,13 @@ def summarize(trials: list[dict], args: dict, out: Path) -> int:
         return 1
     kinds = list(dict.fromkeys(t["receiver"] for t in trials))
     median = {kind: statistics.median(t["wire_MBps"] for t in trials if t["receiver"] == kind) for kind in kinds}
-    first = kinds[1]  # the first runtime measured (the runtime alone, with the default --workers 0)
+    runtimes = [k for k in kinds if k.startswith("runtime")]
+    first = runtimes[0]  # the first runtime measured (the runtime alone, with the default --workers 0)
     # what the coordinator's own process spends per MB: the ceiling of one coordinator once workers have cores
     # (a trial whose uploads were all in before the timed loop began has no reading)
     per_cpu = {k: statistics.median(v) if (v := [t["coordinator_MB_per_cpu_s"] for t in trials if t["receiver"] == k
                                                  and t.get("coordinator_MB_per_cpu_s")]) else None
-               for k in kinds[1:]}
+               for k in runtimes}
     result = {"args": args, "median_wire_MBps": median,
               "runtime_over_raw": median[first] / median["raw paho"],
               "over_raw": {k: median[k] / median["raw paho"] for k in kinds[1:]},
@@ -213,8 +236,8 @@ def summarize(trials: list[dict], args: dict, out: Path) -> int:
     (out / "results.json").write_text(json.dumps(result, indent=2))
     for kind in kinds[1:]:
         cpu = (f"; the coordinator {per_cpu[kind]:.0f} MB per CPU-second ({per_cpu[kind] / per_cpu[first]:.2f}x "
-               f"{first})" if per_cpu[kind] and per_cpu[first] else "")
-        print(f"median: {kind:20s} {median[kind]:6.1f} MB/s: {median[kind] / median['raw paho']:4.0%} of raw paho "
+               f"{first})" if per_cpu.get(kind) and per_cpu[first] else "")
+        print(f"median: {kind:24s} {median[kind]:6.1f} MB/s: {median[kind] / median['raw paho']:4.0%} of raw paho "
               f"({median['raw paho']:.1f} MB/s), {median[kind] / median[first]:.2f}x {first}{cpu}")
     return 0
 
