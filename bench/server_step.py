@@ -93,8 +93,14 @@ def train_steps(variant: str, store: FeatureStore, model_name: str, num_classes:
     return steps * batch / (time.process_time() - cpu)
 
 
-def breakdown(store: FeatureStore, model_name: str, num_classes: int, channels: int, batch: int, steps: int = 5) -> str:
-    """torch.profiler's table (self CPU time by operator) of ``steps`` fused-Adam fp32 steps on 1 thread."""
+CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward")
+
+
+def breakdown(store: FeatureStore, model_name: str, num_classes: int, channels: int, batch: int, steps: int = 5,
+              bf16: bool = False) -> tuple[str, float]:
+    """torch.profiler's table (self CPU time by operator) of ``steps`` fused-Adam steps on 1 thread, and the
+    samples per CPU-second of the convolutions alone (forward and backward, their self time): the rate if
+    every other operator (batch norm, ReLU, residual adds, the optimizer) cost nothing."""
     from torch.profiler import ProfilerActivity, profile
     torch.set_num_threads(1)
     model = create_model(model_name, num_classes=num_classes, feature_channels=channels).to(
@@ -106,7 +112,9 @@ def breakdown(store: FeatureStore, model_name: str, num_classes: int, channels: 
     x, y = torch.from_numpy(features).contiguous(memory_format=torch.channels_last), torch.from_numpy(labels)
 
     def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x).float()
+        loss = torch.nn.functional.cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -115,7 +123,9 @@ def breakdown(store: FeatureStore, model_name: str, num_classes: int, channels: 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    events = prof.key_averages()
+    conv_us = sum(e.self_cpu_time_total for e in events if e.key in CONV_OPS)
+    return events.table(sort_by="self_cpu_time_total", row_limit=12), steps * batch / (conv_us / 1e6)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -167,8 +177,12 @@ def main() -> int:
           + ", ".join(f"{peak[t]:.1f} GFLOP per CPU-second on {t} thread(s)" for t in args.threads)
           + f"; roofline {roofline:.0f} samples per CPU-second", flush=True)
     store = synthetic_store(max(4 * args.batch * (args.steps + 3), 4096), shape, args.classes)
-    if args.breakdown:
-        print(breakdown(store, args.model, args.classes, shape[0], args.batch), flush=True)
+    conv_only = {}
+    if args.breakdown:  # the convolutions alone: what no change to the other operators can beat
+        for name, bf16 in (("fp32", False), ("bf16", True)):
+            table, conv_only[name] = breakdown(store, args.model, args.classes, shape[0], args.batch, bf16=bf16)
+            print(f"{name}, 1 thread:\n{table}\nconvolutions alone ({name}): {conv_only[name]:.0f} samples per "
+                  f"CPU-second ({conv_only[name] / roofline:.0%} of roofline)", flush=True)
     results: dict[str, dict[int, list[float]]] = {v: {t: [] for t in args.threads} for v in VARIANTS}
     for trial in range(args.trials):
         for threads in args.threads:
@@ -193,7 +207,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"args": vars(args), "model_mflops_per_sample": flops / 1e6, "matmul_peak_gflops": peak,
-              "roofline_samples_per_cpu_s": roofline, "torch": torch.__version__, "results": table}
+              "roofline_samples_per_cpu_s": roofline, "convolutions_alone_samples_per_cpu_s": conv_only,
+              "torch": torch.__version__, "results": table}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "server_step.png")
     return 0
