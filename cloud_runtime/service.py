@@ -127,7 +127,9 @@ class CloudRuntime:
                            "the run's classes and shapes; set both in the runtime config (provision writes them)")
 
     def pump(self, timeout: float = 0.2) -> None:
-        """Handle everything queued (waiting up to ``timeout`` s for the first message); expire transfers."""
+        """Handle what is queued (waiting up to ``timeout`` s for the first message; at most
+        :data:`~edgefl_core.transport.inbox.DRAIN_BUDGET_S` s of it, so a backlog never starves what follows);
+        check the ingest workers' presence; expire transfers."""
         drain(self.inbox, self.handle, timeout)
         if self.transport.taken_over and not self.stop.is_set():
             logger.error("another process logged in with this runtime's client id and took over its broker session "

@@ -380,7 +380,8 @@ class EdgeAgent:
             bytes_up=self.uplink.bytes_up, bytes_resent=self.uplink.bytes_resent, rejected=self.rejected), qos=0)
 
     def pump(self, timeout: float = 0.2) -> bool:
-        """Handle every queued message (waiting up to ``timeout`` s for the first); True if any came."""
+        """Handle queued messages (waiting up to ``timeout`` s for the first, handling for at most
+        :data:`~edgefl_core.transport.inbox.DRAIN_BUDGET_S` s); True if any came."""
         handled = drain(self.inbox, self.handle, timeout)
         self.downlink.expire()
         if self.transport.taken_over and not self.stop.is_set():

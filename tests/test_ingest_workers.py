@@ -514,3 +514,50 @@ def test_a_refusal_charged_by_a_worker_that_does_not_know_of_a_quarantine_is_cha
     settle(rt, workers)
     reasons = rt.registry.devices["devA"]["rejection_reasons"]
     assert reasons.get("bad_checksum") is None and reasons["quarantined"] == 1   # as without workers
+
+
+def test_a_backlog_that_refills_as_fast_as_it_is_handled_ends_a_drain_within_its_budget():
+    """drain returns once its budget is spent even while messages keep coming, so what its caller does between
+    drains (deadlines, transfer expiry, a worker's presence renewal) is never starved by a flood."""
+    import queue
+    inbox, now = queue.Queue(), [0.0]
+
+    def handle(topic, payload):   # each message takes 0.1 s and another arrives meanwhile: never empty
+        now[0] += 0.1
+        inbox.put((topic, payload))
+    inbox.put(("t", b""))
+    assert drain(inbox, handle, 0, budget_s=0.5, clock=lambda: now[0]) == 5 and inbox.qsize() == 1
+    calm = queue.Queue()
+    for _ in range(3):
+        calm.put(("t", b""))
+    assert drain(calm, lambda t, p: None, 0) == 3 and calm.empty()   # a backlog that ends: handled whole
+
+
+def test_a_worker_flooded_without_pause_still_renews_its_presence(tmp_path, monkeypatch):
+    """The runtime marks a worker stale when its presence is not renewed: a worker whose inbox never empties
+    (a fleet uploading at once, one device flooding its shard) must renew it all the same."""
+    import threading
+    import time
+    import cloud_runtime.ingest_worker as W
+    monkeypatch.setattr(W, "PRESENCE_EVERY_S", 0.2)
+    bus, rt, workers, downs = cluster(tmp_path)
+    worker = workers[0]
+    renewals, handle, flood_until = [], worker.handle, time.monotonic() + 2.5
+    say_online = worker._say_online
+
+    def counted_say_online():
+        renewals.append(time.monotonic())
+        say_online()
+
+    def handle_and_refill(topic, payload):   # a junk frame on a device's topic: refused, and another queued
+        handle(topic, payload)
+        if time.monotonic() < flood_until:
+            worker.inbox.put((topic, payload))
+    worker._say_online, worker.handle = counted_say_online, handle_and_refill
+    worker.inbox.put((rt.topics.up("devB", 0), b"junk"))
+    serving = threading.Thread(target=worker.serve, daemon=True)
+    serving.start()
+    time.sleep(3.0)
+    worker.stop.set()
+    serving.join(5)
+    assert len([t for t in renewals if t < flood_until]) >= 2, renewals
