@@ -153,7 +153,7 @@ def runtime_trial(url: str, run: str, args, state_dir: Path, workers: int = 0) -
         (state_dir / "runtime.yaml").write_text("{}\n")
         pool = WorkerPool(str(state_dir / "runtime.yaml"), overrides, workers, log_level="WARNING")
         ready = time.time() + 120   # the workers import, connect and subscribe (outside the measured window): a
-        while time.time() < ready and sum(s["state"] == "online" for s in runtime.worker_status.values()) < workers:
+        while time.time() < ready and sum(s["state"] == "online" for s in runtime.shards.worker_status.values()) < workers:
             runtime.pump(0.1)      # chunk published before its worker subscribed is lost (no resends here)
     start_at = time.time() + 8.0
     publishers = Publishers(url, run, args, start_at, shards=workers)

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
     "fedgkt": ["fedgkt.average_extractors=false"],
     "fedgkt+avg": ["fedgkt.average_extractors=true"],
+    # plain FedGKT with the server's forward under bf16 autocast (server.precision: bf16): its accuracy cost
+    "fedgkt-bf16": ["fedgkt.average_extractors=false", "server.precision=bf16"],
     # FedAvg trains the whole ResNet-56 on the devices: with the quickstart's stride-2 stem, the model centralized
     # training and FedGKT's ResNet-8 stem + ResNet-55 make up (bench/fedgkt_vs_centralized.py --stem-stride 2)
     "fedavg": ["algorithm=fedavg", "edge.model=resnet56"],

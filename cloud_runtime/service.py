@@ -21,12 +21,12 @@ from cloud_runtime.console.views import StatusBoard
 from cloud_runtime.downlink import Downlink
 from cloud_runtime.edge_programs import EdgePrograms
 from cloud_runtime.ingest import Ingest
-from cloud_runtime.ingest_worker import PRESENCE_EVERY_S, ForwardAssembler, ForwardRefused
 from cloud_runtime.plots import plot_accuracy, write_json
 from cloud_runtime.privacy import run_privacy
 from cloud_runtime.progress import Interrupted
 from cloud_runtime.registry import DeviceRegistry, Rejected, device_facts
 from cloud_runtime.report import CostEstimator, build_report
+from cloud_runtime.shards import Shards
 from cloud_runtime.store import CheckpointError, DurableStore, identity_problem, run_definition  # noqa: F401
 from cloud_runtime.strategies import STRATEGIES, RunContext, Strategy, strategy_name
 from cloud_runtime.telemetry import Telemetry
@@ -41,8 +41,6 @@ logger = logging.getLogger("edgefl.runtime")
 
 # what one device's earlier runtime session can have left in flight (a whole upload's chunks and heartbeats)
 LATE_MESSAGES_PER_DEVICE = 2048
-WORKER_CHECK_S = 30.0   # how often shards without a live ingest worker are looked for (and logged)
-STALE_PRESENCE_S = 3 * PRESENCE_EVERY_S   # an "online" presence not renewed this long is stale
 
 
 class CloudRuntime:
@@ -92,14 +90,11 @@ class CloudRuntime:
                                              "seed": cfg.seed}
         # sharded ingest: devices send their chunks to their worker's shard (ingest_worker.py); judged here
         self.workers = cfg.ingest.workers
+        self.shards = Shards(cfg, transport, self.topics, self.registry, self.ingest, self._judge, self._late,
+                             lambda device, meta: self.strategy.decoded_limit(device, meta),
+                             self._count_message) if self.workers else None
         if self.workers:
             self.downlink.recipe["ingest_shards"] = self.workers
-        self.forwarded = 0   # transfers the ingest workers forwarded
-        self.forwards = ForwardAssembler(cfg.max_decoded_bytes, lambda device, transfer: self._tell_worker(
-            device, transfer=transfer, retry=True), self._check_forward)  # each worker's forward in progress
-        self.worker_status: dict[int, dict] = {}  # shard -> its worker's presence (state, since)
-        self._misconfigured: set[int] = set()     # shards whose worker runs another config (logged once)
-        self._workers_checked = time.monotonic()  # when shards without a live worker were last looked for
 
     # -- messages -----------------------------------------------------------------------------------
 
@@ -114,9 +109,8 @@ class CloudRuntime:
         self.transport.subscribe(self.topics.all_up, self.enqueue, retained=False)
         self.transport.subscribe(self.topics.all_heartbeat, self.enqueue, retained=False)
         self.transport.subscribe(self.topics.all_status, self.enqueue)
-        if self.workers:  # what the ingest workers forward (a topic no device credential may publish on)
-            self.transport.subscribe(self.topics.all_ingest, self.enqueue, retained=False)
-            self.transport.subscribe(self.topics.all_ingest_status, self.enqueue)  # retained presence, Last Will
+        if self.shards:
+            self.shards.subscribe(self.enqueue)
         if not connect_patiently(self.transport, self.stop, f"runtime of run {self.cfg.run_id!r}"):
             return  # stopped while waiting for the broker
         if self.strategy.next_round < self.cfg.rounds:  # devices that registered before we listened do so again
@@ -136,21 +130,8 @@ class CloudRuntime:
                          "(a second runtime of run %r?): stopping without writing state, which is that process's "
                          "now (run one runtime per run)", self.cfg.run_id)
             self.stop.set()
-        if self.workers and time.monotonic() - self._workers_checked > WORKER_CHECK_S:
-            self._workers_checked = time.monotonic()
-            now = time.monotonic()
-            for status in self.worker_status.values():  # a presence not renewed: the worker may be gone (a
-                if status["state"] == "online" and now - status["seen"] > STALE_PRESENCE_S:  # broker restored
-                    status.update(state="stale", since=time.time())                          # it from saved state)
-            missing = {k: self.worker_status.get(k, {}).get("state", "unknown") for k in range(self.workers)
-                       if self.worker_status.get(k, {}).get("state") != "online"}
-            if missing:
-                logger.warning("ingest shards without a live worker: %s (state per shard; stale: no presence for "
-                               "%.0f s). Their devices cannot upload. %s", missing, STALE_PRESENCE_S,
-                               "This runtime spawns its workers: the log above says why one is not running (a "
-                               "configuration error such as a broker account mosquitto does not know yet, or one "
-                               "started elsewhere took over); fix that and restart the runtime" if self.cfg.ingest.spawn
-                               else "Start 'cloud-ingest --config <runtime.yaml> --shard K' for each")
+        if self.shards:
+            self.shards.check_presence(spawned=self.cfg.ingest.spawn)
         self.programs.poll()
         self.board.refresh(self)  # the console's views, when due and someone is watching
         for device, transfer in self.ingest.expired():
@@ -159,14 +140,9 @@ class CloudRuntime:
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message; never raises. Rejections are charged to the topic's (authenticated) device."""
-        if self.workers and (shard := self.topics.ingest_shard_of(topic)) is not None:
-            self._on_ingest(shard, payload)
+        if self.shards and self.shards.handle(topic, payload):
             return
-        if self.workers and topic.startswith(f"{self.topics.base}/ingest/") and topic.endswith("/status"):
-            self._on_worker_status(topic, payload)
-            return
-        self.messages_in += 1
-        self.telemetry.counters.messages.inc()
+        self._count_message()
         device = self.topics.device_of(topic)
         if not payload:  # a zero-length publish deletes a retained message (MQTT 3.3.1.3): nothing to handle and
             # nothing to charge (the runtime's own clearing of a retained uplink frame comes back as one)
@@ -280,8 +256,8 @@ class CloudRuntime:
             strategy.setup(run_classes, run_shape, channels)
         if self.ingest.forget(device):  # a new process: its old senders are gone
             logger.info("%s re-registered: its open transfers were dropped", device)
-        if self.workers and device in self.registry.devices:  # and so are those its ingest worker holds (a
-            self._tell_worker(device, forget=True)             # first registration has none to forget)
+        if self.shards and device in self.registry.devices:  # and so are those its ingest worker holds (a
+            self.shards.tell_worker(device, forget=True)      # first registration has none to forget)
         old = self.registry.devices.get(device, {})
         if (old.get("train_samples"), old.get("test_samples")) != (facts["train_samples"], facts["test_samples"]):
             self.ingest.device_ids.pop(device, None)  # its data changed: the ids it uploads are pinned anew
@@ -323,6 +299,10 @@ class CloudRuntime:
         self._judge(device, done, lambda accepted, reason: self.ingest.reassembler.settle(
             device, done.transfer, accepted, reason))
 
+    def _count_message(self) -> None:
+        self.messages_in += 1
+        self.telemetry.counters.messages.inc()
+
     def _judge(self, device: str, done: P.CompletedTransfer, settle, refused: Rejected | None = None) -> None:
         """A completed transfer, reassembled here or by an ingest worker: the strategy accepts it or raises
         Rejected; either way the device gets the verdict (ACK) and ``settle(accepted, reason)`` records it where
@@ -343,146 +323,6 @@ class CloudRuntime:
         self.registry.accepted(device)
         self.downlink.ack(device, done)
         logger.info("%s: %s", device, what)
-
-    # -- sharded ingest (cloud_runtime/ingest_worker.py) ---------------------------------------------
-
-    def _on_ingest(self, shard: int, payload: bytes) -> None:
-        """What ingest worker ``shard`` forwards: a transfer it reassembled and verified (judged here as if
-        reassembled here), or bytes and a rejection to charge to a device. The topic is the runtime's own (no
-        device credential may publish on it); the device named inside is the one whose topic the chunks came on."""
-        try:
-            header, body = P.decode_frame(payload)
-        except P.ProtocolError as e:
-            logger.warning("ingest worker %d: a malformed frame (%s)", shard, e)
-            return
-        device, type_ = header["device"], header["type"]
-        if header["run"] != self.cfg.run_id or shard >= self.workers or header.get("workers") != self.workers:
-            # a worker of another run, or one whose config says another count: its shards are not the devices'
-            if shard not in self._misconfigured:
-                self._misconfigured.add(shard)
-                logger.error("ingest worker %d runs run %r with %s workers, this runtime %r with %d: its frames are "
-                             "ignored; start it with this runtime's config", shard, header["run"][:40],
-                             str(header.get("workers"))[:8], self.cfg.run_id, self.workers)
-            return
-        if type_ == P.INGEST_EVENT:
-            kind, wire, reason = header.get("kind"), header.get("wire"), header.get("reason")
-            if kind in ("rejected", "resent") and type(wire) is int and wire > 0:
-                self.ingest.count(kind, device, wire)
-            if isinstance(reason, str):  # as the runtime judges chunks itself: a quarantined device's are
-                # "quarantined" (not a new offence that would extend its quarantine)
-                was_quarantined = self.registry.quarantined(device)
-                if reason == "quarantined" and not was_quarantined and device in self.registry.devices:
-                    self._tell_worker(device, quarantined_for_s=0)  # released here: the worker heard late, or
-                    # counted from a verdict it read late (it queued while the worker restarted)
-                reason = "quarantined" if was_quarantined else reason[:64]
-                self.registry.reject(reason, device, str(header.get("detail", ""))[:500])
-                if not was_quarantined and self.registry.quarantined(device):
-                    self._tell_quarantine(device)  # its worker drops its chunks from now on, unread
-            return
-        if type_ != P.INGESTED:
-            logger.warning("ingest worker %d: unexpected frame type %r", shard, type_[:40])
-            return
-        refused = None  # part 0 stated more than the device may send: judged now, its parts never held
-        try:
-            done = self.forwards.add(shard, header, body)
-        except ForwardRefused as e:
-            done, refused = e.transfer, e.rejected
-        if done is None:
-            return
-        device = done.device
-        self.messages_in += 1
-        self.telemetry.counters.messages.inc()
-        self.forwarded += 1
-        judged = []   # the judge settles it (final verdict); otherwise the worker is told to reassemble a resend
-        quarantined_before = self.registry.quarantined(device)
-
-        def settle(accepted: bool, reason: str | None) -> None:
-            judged.append(True)
-            self._tell_worker(device, transfer=done.transfer, accepted=accepted, reason=reason)
-        try:
-            if device not in self.registry.devices and self._late(device, "upload"):
-                return
-            if device not in self.registry.devices:
-                raise Rejected("unknown_device", "upload before registration")
-            if self.registry.quarantined(device):  # as its chunks would be without workers: charged, not judged
-                self.ingest.count_rejected(device, done.wire_bytes)
-                self._tell_quarantine(device)  # the worker did not know yet (it learns at the first forward)
-                until = time.ctime(self.registry.devices[device]["quarantined_until"])
-                raise Rejected("quarantined", f"ignored until {until}")
-            if refused is None and done.meta.get("kind") == P.KIND_UPLOAD and done.meta.get("split") == "train":
-                self.ingest.note_release(device, done.blob, done.sha256)
-            self._judge(device, done, settle, refused)
-        except Rejected as e:
-            self.registry.reject(e.reason, device, e.detail)
-        except P.ProtocolError as e:
-            self.registry.reject(e.reason, device, str(e))
-        except MessageError as e:
-            self.registry.reject("bad_payload", device, str(e))
-        except Exception as e:  # a bug costs one transfer, never the service
-            logger.exception("internal error judging a forwarded transfer of %s", device)
-            self.registry.reject("internal_error", device, f"{type(e).__name__}: {e}")
-        finally:
-            if not judged:
-                self._tell_worker(device, transfer=done.transfer, retry=True)
-            if not quarantined_before and self.registry.quarantined(device):  # this forward's rejection did it
-                self._tell_quarantine(device)
-
-    def _check_forward(self, header: dict) -> None:
-        """Part 0 of a worker's forward, before any of it is held: Rejected when it states more bytes than this
-        coordinator would take of that transfer: what the strategy lets it decompress to when the worker
-        decompressed it, else ``max_transfer_bytes`` (as the coordinator's own reassembler). A device that has
-        not registered may send nothing."""
-        device, size = header["device"], header.get("size")
-        if device not in self.registry.devices:
-            raise Rejected("unknown_device", "upload before registration")
-        meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
-        raw = header.get("packed") == "raw"
-        limit = self.strategy.decoded_limit(device, meta) if raw else self.cfg.max_transfer_bytes
-        if type(size) is int and size > limit:
-            raise Rejected("oversized", f"transfer {str(header.get('transfer'))[:8]} "
-                                        f"{'decompresses to' if raw else 'is'} {size} bytes > limit {limit}")
-
-    def _on_worker_status(self, topic: str, payload: bytes) -> None:
-        """An ingest worker's retained presence (or its Last Will): logged when it changes, in report.json."""
-        shard = topic.split("/")[-2]
-        try:
-            header, _ = P.decode_frame(payload, max_body=0)
-            state = header.get("data", {}).get("state")
-        except (P.ProtocolError, AttributeError):
-            return
-        if not shard.isdigit() or int(shard) >= self.workers or state not in ("online", "offline"):
-            return
-        if header["data"].get("workers") != self.workers and state == "online":  # a worker of another config
-            state = "misconfigured"                                            # serves no shard of ours
-        shard_, data = int(shard), header["data"]
-        if self.worker_status.get(shard_, {}).get("state") != state:
-            if state == "online":
-                logger.info("ingest worker %d is online (pid %s on %s)", shard_, data.get("pid"), str(data.get("host"))[:64])
-            elif state == "misconfigured":
-                logger.error("ingest worker %d (pid %s on %s) runs with %s workers, this runtime with %d: its shard has "
-                             "no worker; start it with this runtime's config", shard_, data.get("pid"),
-                             str(data.get("host"))[:64], str(data.get("workers"))[:8], self.workers)
-            elif shard_ not in self.worker_status:  # the last presence an earlier run left: its worker comes up next
-                logger.info("ingest worker %d: offline so far (its last presence)", shard_)
-            else:
-                logger.warning("ingest worker %d is offline: the devices of its shard cannot upload until a worker "
-                               "serves it again (their chunks queue at the broker)", shard_)
-        if self.worker_status.get(shard_, {}).get("state") == "stale" and state == "online":
-            logger.info("ingest worker %d is online again", shard_)
-        self.worker_status[shard_] = {"state": state, "since": time.time(), "seen": time.monotonic()}
-
-    def _tell_worker(self, device: str, **data) -> None:
-        """A :data:`~edgefl_core.wire.VERDICT` to ``device``'s ingest worker: a transfer's verdict, or ``forget``."""
-        self.transport.publish(self.topics.verdicts(P.ingest_shard(self.cfg.run_id, device, self.workers)), P.encode_frame(
-            {"type": P.VERDICT, "run": self.cfg.run_id, "device": device, "round": -1, **data}))
-
-    def _tell_quarantine(self, device: str) -> None:
-        """Tell ``device``'s ingest worker that the device is quarantined, for how many seconds more (relative:
-        the worker's clock may differ): it drops the device's chunks unread meanwhile and charges them in bulk,
-        instead of reassembling and forwarding what the coordinator would refuse."""
-        left = self.registry.devices[device]["quarantined_until"] - time.time()
-        if left > 0:
-            self._tell_worker(device, quarantined_for_s=round(left, 1))
 
     def _answer(self, device: str, header: dict) -> None:
         """Reply to a chunk that asks for progress (``ack``: the sender's sequence number)."""
@@ -543,9 +383,7 @@ class CloudRuntime:
                "server_precision": self.cfg.server.precision,
                "server_ranks": {"world_size": self.group.world, "backend": self.group.backend,
                                 "restart": self.group.launch.restart} if self.group is not None else None,
-               "ingest_workers": {"workers": self.workers, "forwarded_transfers": self.forwarded,
-                                  "status": {str(k): v["state"] for k, v in sorted(self.worker_status.items())}}
-               if self.workers else None,
+               "ingest_workers": self.shards.report() if self.shards else None,
                "edge_params": next((d.get("edge_params") for d in self.registry.devices.values()), None),
                "checkpoint": {"generation": self.store.generation, "error": self.checkpoint_error,
                               "skipped_on_restore": self.store.skipped}}

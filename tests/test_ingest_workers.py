@@ -77,10 +77,10 @@ def test_a_device_sends_to_the_shard_its_run_recipe_names(tmp_path):
 def test_the_runtime_knows_which_workers_are_online(tmp_path, caplog):
     bus, rt, workers, downs = cluster(tmp_path)
     settle(rt, workers)
-    assert {k: v["state"] for k, v in rt.worker_status.items()} == {0: "online", 1: "online"}
+    assert {k: v["state"] for k, v in rt.shards.worker_status.items()} == {0: "online", 1: "online"}
     workers[1].close()
     settle(rt, workers)
-    assert rt.worker_status[1]["state"] == "offline" and "ingest worker 1 is offline" in caplog.text
+    assert rt.shards.worker_status[1]["state"] == "offline" and "ingest worker 1 is offline" in caplog.text
     assert rt.report()["run"]["ingest_workers"]["status"] == {"0": "online", "1": "offline"}
     # the operator's console and /metrics say the same
     from prometheus_client import generate_latest
@@ -115,7 +115,7 @@ def test_uploads_through_two_workers_are_judged_as_if_the_runtime_had_reassemble
         # the worker learned the verdict: a sender that asks again is told it was accepted
         transfer = P.decode_frame(frames[device][0])[0]["transfer"]
         assert workers[SHARD[device]].reassembler.progress(device, transfer)["accepted"] is True
-    assert rt.forwarded == 2 and not rt.registry.rejections
+    assert rt.shards.forwarded == 2 and not rt.registry.rejections
 
 
 def test_what_a_worker_refuses_is_charged_to_the_device_with_the_reason(tmp_path):
@@ -135,7 +135,7 @@ def test_what_a_worker_refuses_is_charged_to_the_device_with_the_reason(tmp_path
     reasons = rt.registry.devices["devA"]["rejection_reasons"]
     assert reasons == {"bad_checksum": 1, "wrong_shard": 1, "bad_type": 1, "spoofed_device": 1}, reasons
     assert rt.ingest.round_bytes["rejected"]["devA"] > 0 and not rt.registry.devices["devB"]["rejected"]
-    assert sum(w.refused for w in workers) == 4 and rt.forwarded == 0
+    assert sum(w.refused for w in workers) == 4 and rt.shards.forwarded == 0
 
 
 def test_a_rejected_transfer_is_acked_as_rejected_and_the_worker_answers_so(tmp_path):
@@ -269,24 +269,24 @@ def test_a_forward_stating_more_than_the_device_may_send_is_refused_from_its_fir
                               meta={"kind": "upload", "split": "train", "codec": "fp16"})
     parts, held = [], []
     bus.client("spy").subscribe(rt.topics.ingest(SHARD["devA"]), lambda t, p: parts.append(P.decode_frame(p)[0]))
-    add = rt.forwards.add
+    add = rt.shards.forwards.add
 
     def add_and_measure(shard, header, body):
         try:
             return add(shard, header, body)
         finally:
-            held.append(sum(h["bytes"] for h in rt.forwards._held.values()))
-    rt.forwards.add = add_and_measure
+            held.append(sum(h["bytes"] for h in rt.shards.forwards._held.values()))
+    rt.shards.forwards.add = add_and_measure
     for frame in frames:
         bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
     settle(rt, workers)
     assert parts[0]["packed"] == "raw" and len(parts) > 1          # the worker did decompress it
-    assert len(held) == len(parts) and max(held) == 0 and not rt.forwards._held
+    assert len(held) == len(parts) and max(held) == 0 and not rt.shards.forwards._held
     assert rt.registry.devices["devA"]["rejection_reasons"] == {"oversized": 1}
     assert [a["reason"] for a in acks(downs, "devA")] == ["oversized"]
     transfer = P.decode_frame(frames[0])[0]["transfer"]
     assert workers[SHARD["devA"]].reassembler.progress("devA", transfer)["accepted"] is False
-    assert rt.ingest.round_bytes["rejected"]["devA"] == sum(map(len, frames)) and rt.forwarded == 1
+    assert rt.ingest.round_bytes["rejected"]["devA"] == sum(map(len, frames)) and rt.shards.forwarded == 1
     ok = upload_frames("devA", [0], shape=rt.strategy.server.feature_shape)   # the next transfer of that worker is judged as usual
     for frame in ok:
         bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
@@ -362,7 +362,7 @@ def test_frames_of_a_worker_with_another_config_are_ignored_not_charged_to_devic
         bus.client("devB").publish(rt.topics.up("devB", 0), frame)
     settle(rt, workers + [stray])
     assert not rt.registry.devices["devB"]["rejected"] and "with 3 workers" in caplog.text
-    assert rt.worker_status[0]["state"] == "misconfigured"   # the stray said so last: not counted as serving shard 0
+    assert rt.shards.worker_status[0]["state"] == "misconfigured"   # the stray said so last: not counted as serving shard 0
     assert "devB" in rt.strategy.train_uploads   # the right worker (shard 0 of 2) took it
 
 

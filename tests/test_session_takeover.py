@@ -159,18 +159,18 @@ def test_an_older_workers_claim_handed_out_again_by_a_restarted_broker_does_not_
 def test_the_runtime_calls_a_presence_not_renewed_stale(tmp_path, caplog):
     import time as _time
     from test_ingest_workers import cluster, settle
-    from cloud_runtime import service
+    from cloud_runtime import shards
     bus, rt, workers, downs = cluster(tmp_path)
     settle(rt, workers)
-    assert rt.worker_status[0]["state"] == "online"
-    rt.worker_status[0]["seen"] -= service.STALE_PRESENCE_S + 1   # as if worker 0 went silent
-    rt._workers_checked = 0
+    assert rt.shards.worker_status[0]["state"] == "online"
+    rt.shards.worker_status[0]["seen"] -= shards.STALE_PRESENCE_S + 1   # as if worker 0 went silent
+    rt.shards._checked = 0
     rt.pump(0.01)
-    assert rt.worker_status[0]["state"] == "stale" and rt.worker_status[1]["state"] == "online"
+    assert rt.shards.worker_status[0]["state"] == "stale" and rt.shards.worker_status[1]["state"] == "online"
     assert "ingest shards without a live worker: {0: 'stale'}" in caplog.text
     workers[0]._say_online()   # its renewal brings it back
     settle(rt, workers)
-    assert rt.worker_status[0]["state"] == "online"
+    assert rt.shards.worker_status[0]["state"] == "online"
 
 
 def test_a_worker_the_broker_refuses_exits_2_naming_its_own_account(tmp_path, monkeypatch, caplog):

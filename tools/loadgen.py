@@ -183,9 +183,9 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
             config.write_text("{}\n")  # everything is in the overrides
             pool = WorkerPool(str(config), overrides, ingest_workers, log_level="WARNING")
             deadline = time.monotonic() + 60
-            while sum(s.get("state") == "online" for s in runtime.worker_status.values()) < ingest_workers:
+            while sum(s.get("state") == "online" for s in runtime.shards.worker_status.values()) < ingest_workers:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"ingest workers not online within 60 s: {runtime.worker_status}")
+                    raise RuntimeError(f"ingest workers not online within 60 s: {runtime.shards.worker_status}")
                 time.sleep(0.1)
         # The first registration builds the server model (seconds); do it before the clock starts.
         runtime.enqueue(runtime.topics.up("warmup"), P.control_frame(
@@ -234,7 +234,7 @@ def run_load(agents: int, workers: int, heartbeats: int = 3, broker_url: str | N
             "devices_with_heartbeat": heartbeats_seen, "lost_heartbeat_devices": agents - heartbeats_seen,
             "messages_handled": runtime.messages_in - messages_before, "seconds": elapsed,
             "messages_per_s": (runtime.messages_in - messages_before) / elapsed,
-            "ingest_workers": ingest_workers, "forwarded_transfers": runtime.forwarded,
+            "ingest_workers": ingest_workers, "forwarded_transfers": (runtime.shards.forwarded if runtime.shards else 0),
             "fleet_messages": sum(r["messages"] for r in reports),
             "fleet_messages_per_s": sum(r["messages"] for r in reports) / elapsed,
             "rejections": dict(runtime.registry.rejections),

@@ -156,10 +156,12 @@ def ingest_workers(runtime) -> dict:
     """The ingest workers (``ingest.workers`` > 0): ``{"workers": N, "forwarded_transfers": n, "shards": {k:
     state}}``, state ``online`` | ``offline`` | ``stale`` (an online presence not renewed for 90 s) | ``misconfigured``
     | ``unknown`` (no presence seen yet)."""
-    workers = int(getattr(runtime, "workers", 0) or 0)
-    seen = getattr(runtime, "worker_status", {})
-    return {"workers": workers, "forwarded_transfers": int(getattr(runtime, "forwarded", 0)),
-            "shards": {str(k): seen.get(k, {}).get("state", "unknown") for k in range(workers)}}
+    shards = getattr(runtime, "shards", None)
+    if shards is None:
+        return {"workers": 0, "forwarded_transfers": 0, "shards": {}}
+    seen = shards.worker_status
+    return {"workers": shards.workers, "forwarded_transfers": shards.forwarded,
+            "shards": {str(k): seen.get(k, {}).get("state", "unknown") for k in range(shards.workers)}}
 
 
 def round_rows(rows: list[dict]) -> list[dict]:

@@ -1,0 +1,224 @@
+"""The coordinator's side of sharded ingest (``ingest_worker.py`` is the workers'): what the ingest workers
+forward is put together (:class:`~cloud_runtime.ingest_worker.ForwardAssembler`) and judged as if it had been
+reassembled here; what they refuse is charged to the device with the reason; verdicts, forgets and
+quarantines go to the worker of the device's shard; their presence is tracked, and shards without a live
+worker are logged. The runtime routes the ingest topics here (:meth:`Shards.handle`); the judging of a
+transfer (:meth:`CloudRuntime._judge`) and a device's registration stay the runtime's.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from cloud_runtime.config import RuntimeConfig
+from cloud_runtime.ingest import Ingest
+from cloud_runtime.ingest_worker import PRESENCE_EVERY_S, ForwardAssembler, ForwardRefused
+from cloud_runtime.registry import DeviceRegistry, Rejected
+from edge_sdk import protocol as P
+from edge_sdk.messages import MessageError
+from edgefl_core.transport import Transport
+
+logger = logging.getLogger("edgefl.runtime")
+
+WORKER_CHECK_S = 30.0   # how often shards without a live ingest worker are looked for (and logged)
+STALE_PRESENCE_S = 3 * PRESENCE_EVERY_S   # an "online" presence not renewed this long is stale
+
+
+class Shards:
+    """The ingest workers of one runtime (``cfg.ingest.workers`` > 0). ``judge(device, done, settle, refused)``
+    is the runtime's verdict on a completed transfer, ``late(device, what)`` whether a message belongs to an
+    earlier runtime session (ignored), ``decoded_limit(device, meta)`` the strategy's bound on what a transfer
+    may decompress to, ``count_message()`` counts a forwarded transfer as one message in."""
+
+    def __init__(self, cfg: RuntimeConfig, transport: Transport, topics: P.Topics, registry: DeviceRegistry,
+                 ingest: Ingest, judge: Callable, late: Callable[[str, str], bool],
+                 decoded_limit: Callable[[str, dict], int], count_message: Callable[[], None]):
+        self.cfg, self.transport, self.topics, self.registry, self.ingest = cfg, transport, topics, registry, ingest
+        self.judge, self.late, self.decoded_limit, self.count_message = judge, late, decoded_limit, count_message
+        self.workers = cfg.ingest.workers
+        self.forwarded = 0   # transfers the ingest workers forwarded
+        self.forwards = ForwardAssembler(cfg.max_decoded_bytes, lambda device, transfer: self.tell_worker(
+            device, transfer=transfer, retry=True), self.check_forward)  # each worker's forward in progress
+        self.worker_status: dict[int, dict] = {}  # shard -> its worker's presence (state, since, seen)
+        self._misconfigured: set[int] = set()     # shards whose worker runs another config (logged once)
+        self._checked = time.monotonic()          # when shards without a live worker were last looked for
+
+    def subscribe(self, enqueue: Callable[[str, bytes], None]) -> None:
+        """What the workers forward (a topic no device credential may publish on) and their retained presence."""
+        self.transport.subscribe(self.topics.all_ingest, enqueue, retained=False)
+        self.transport.subscribe(self.topics.all_ingest_status, enqueue)  # retained presence, Last Will
+
+    def handle(self, topic: str, payload: bytes) -> bool:
+        """A message on an ingest topic, handled; False: the topic is not one (the runtime handles it)."""
+        if (shard := self.topics.ingest_shard_of(topic)) is not None:
+            self.on_forward(shard, payload)
+            return True
+        if topic.startswith(f"{self.topics.base}/ingest/") and topic.endswith("/status"):
+            self.on_presence(topic, payload)
+            return True
+        return False
+
+    def check_presence(self, spawned: bool) -> None:
+        """Every :data:`WORKER_CHECK_S`: an ``online`` presence not renewed for :data:`STALE_PRESENCE_S` is
+        ``stale``; shards without a live worker are logged, with the remedy (``spawned``: this runtime starts
+        its workers itself)."""
+        now = time.monotonic()
+        if now - self._checked <= WORKER_CHECK_S:
+            return
+        self._checked = now
+        for status in self.worker_status.values():  # a presence not renewed: the worker may be gone (a
+            if status["state"] == "online" and now - status["seen"] > STALE_PRESENCE_S:  # broker restored
+                status.update(state="stale", since=time.time())                          # it from saved state)
+        missing = {k: self.worker_status.get(k, {}).get("state", "unknown") for k in range(self.workers)
+                   if self.worker_status.get(k, {}).get("state") != "online"}
+        if missing:
+            logger.warning("ingest shards without a live worker: %s (state per shard; stale: no presence for "
+                           "%.0f s). Their devices cannot upload. %s", missing, STALE_PRESENCE_S,
+                           "This runtime spawns its workers: the log above says why one is not running (a "
+                           "configuration error such as a broker account mosquitto does not know yet, or one "
+                           "started elsewhere took over); fix that and restart the runtime" if spawned
+                           else "Start 'cloud-ingest --config <runtime.yaml> --shard K' for each")
+
+    def report(self) -> dict:
+        """``run.ingest_workers`` of report.json."""
+        return {"workers": self.workers, "forwarded_transfers": self.forwarded,
+                "status": {str(k): v["state"] for k, v in sorted(self.worker_status.items())}}
+
+    def on_forward(self, shard: int, payload: bytes) -> None:
+        """What ingest worker ``shard`` forwards: a transfer it reassembled and verified (judged here as if
+        reassembled here), or bytes and a rejection to charge to a device. The topic is the runtime's own (no
+        device credential may publish on it); the device named inside is the one whose topic the chunks came on."""
+        try:
+            header, body = P.decode_frame(payload)
+        except P.ProtocolError as e:
+            logger.warning("ingest worker %d: a malformed frame (%s)", shard, e)
+            return
+        device, type_ = header["device"], header["type"]
+        if header["run"] != self.cfg.run_id or shard >= self.workers or header.get("workers") != self.workers:
+            # a worker of another run, or one whose config says another count: its shards are not the devices'
+            if shard not in self._misconfigured:
+                self._misconfigured.add(shard)
+                logger.error("ingest worker %d runs run %r with %s workers, this runtime %r with %d: its frames are "
+                             "ignored; start it with this runtime's config", shard, header["run"][:40],
+                             str(header.get("workers"))[:8], self.cfg.run_id, self.workers)
+            return
+        if type_ == P.INGEST_EVENT:
+            kind, wire, reason = header.get("kind"), header.get("wire"), header.get("reason")
+            if kind in ("rejected", "resent") and type(wire) is int and wire > 0:
+                self.ingest.count(kind, device, wire)
+            if isinstance(reason, str):  # as the runtime judges chunks itself: a quarantined device's are
+                # "quarantined" (not a new offence that would extend its quarantine)
+                was_quarantined = self.registry.quarantined(device)
+                if reason == "quarantined" and not was_quarantined and device in self.registry.devices:
+                    self.tell_worker(device, quarantined_for_s=0)  # released here: the worker heard late, or
+                    # counted from a verdict it read late (it queued while the worker restarted)
+                reason = "quarantined" if was_quarantined else reason[:64]
+                self.registry.reject(reason, device, str(header.get("detail", ""))[:500])
+                if not was_quarantined and self.registry.quarantined(device):
+                    self.tell_quarantine(device)  # its worker drops its chunks from now on, unread
+            return
+        if type_ != P.INGESTED:
+            logger.warning("ingest worker %d: unexpected frame type %r", shard, type_[:40])
+            return
+        refused = None  # part 0 stated more than the device may send: judged now, its parts never held
+        try:
+            done = self.forwards.add(shard, header, body)
+        except ForwardRefused as e:
+            done, refused = e.transfer, e.rejected
+        if done is None:
+            return
+        device = done.device
+        self.count_message()
+        self.forwarded += 1
+        judged = []   # the judge settles it (final verdict); otherwise the worker is told to reassemble a resend
+        quarantined_before = self.registry.quarantined(device)
+
+        def settle(accepted: bool, reason: str | None) -> None:
+            judged.append(True)
+            self.tell_worker(device, transfer=done.transfer, accepted=accepted, reason=reason)
+        try:
+            if device not in self.registry.devices and self.late(device, "upload"):
+                return
+            if device not in self.registry.devices:
+                raise Rejected("unknown_device", "upload before registration")
+            if self.registry.quarantined(device):  # as its chunks would be without workers: charged, not judged
+                self.ingest.count_rejected(device, done.wire_bytes)
+                self.tell_quarantine(device)  # the worker did not know yet (it learns at the first forward)
+                until = time.ctime(self.registry.devices[device]["quarantined_until"])
+                raise Rejected("quarantined", f"ignored until {until}")
+            if refused is None and done.meta.get("kind") == P.KIND_UPLOAD and done.meta.get("split") == "train":
+                self.ingest.note_release(device, done.blob, done.sha256)
+            self.judge(device, done, settle, refused)
+        except Rejected as e:
+            self.registry.reject(e.reason, device, e.detail)
+        except P.ProtocolError as e:
+            self.registry.reject(e.reason, device, str(e))
+        except MessageError as e:
+            self.registry.reject("bad_payload", device, str(e))
+        except Exception as e:  # a bug costs one transfer, never the service
+            logger.exception("internal error judging a forwarded transfer of %s", device)
+            self.registry.reject("internal_error", device, f"{type(e).__name__}: {e}")
+        finally:
+            if not judged:
+                self.tell_worker(device, transfer=done.transfer, retry=True)
+            if not quarantined_before and self.registry.quarantined(device):  # this forward's rejection did it
+                self.tell_quarantine(device)
+
+    def check_forward(self, header: dict) -> None:
+        """Part 0 of a worker's forward, before any of it is held: Rejected when it states more bytes than this
+        coordinator would take of that transfer: what the strategy lets it decompress to when the worker
+        decompressed it, else ``max_transfer_bytes`` (as the coordinator's own reassembler). A device that has
+        not registered may send nothing."""
+        device, size = header["device"], header.get("size")
+        if device not in self.registry.devices:
+            raise Rejected("unknown_device", "upload before registration")
+        meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
+        raw = header.get("packed") == "raw"
+        limit = self.decoded_limit(device, meta) if raw else self.cfg.max_transfer_bytes
+        if type(size) is int and size > limit:
+            raise Rejected("oversized", f"transfer {str(header.get('transfer'))[:8]} "
+                                        f"{'decompresses to' if raw else 'is'} {size} bytes > limit {limit}")
+
+    def on_presence(self, topic: str, payload: bytes) -> None:
+        """An ingest worker's retained presence (or its Last Will): logged when it changes, in report.json."""
+        shard = topic.split("/")[-2]
+        try:
+            header, _ = P.decode_frame(payload, max_body=0)
+            state = header.get("data", {}).get("state")
+        except (P.ProtocolError, AttributeError):
+            return
+        if not shard.isdigit() or int(shard) >= self.workers or state not in ("online", "offline"):
+            return
+        if header["data"].get("workers") != self.workers and state == "online":  # a worker of another config
+            state = "misconfigured"                                            # serves no shard of ours
+        shard_, data = int(shard), header["data"]
+        if self.worker_status.get(shard_, {}).get("state") != state:
+            if state == "online":
+                logger.info("ingest worker %d is online (pid %s on %s)", shard_, data.get("pid"), str(data.get("host"))[:64])
+            elif state == "misconfigured":
+                logger.error("ingest worker %d (pid %s on %s) runs with %s workers, this runtime with %d: its shard has "
+                             "no worker; start it with this runtime's config", shard_, data.get("pid"),
+                             str(data.get("host"))[:64], str(data.get("workers"))[:8], self.workers)
+            elif shard_ not in self.worker_status:  # the last presence an earlier run left: its worker comes up next
+                logger.info("ingest worker %d: offline so far (its last presence)", shard_)
+            else:
+                logger.warning("ingest worker %d is offline: the devices of its shard cannot upload until a worker "
+                               "serves it again (their chunks queue at the broker)", shard_)
+        if self.worker_status.get(shard_, {}).get("state") == "stale" and state == "online":
+            logger.info("ingest worker %d is online again", shard_)
+        self.worker_status[shard_] = {"state": state, "since": time.time(), "seen": time.monotonic()}
+
+    def tell_worker(self, device: str, **data) -> None:
+        """A :data:`~edgefl_core.wire.VERDICT` to ``device``'s ingest worker: a transfer's verdict, or ``forget``."""
+        self.transport.publish(self.topics.verdicts(P.ingest_shard(self.cfg.run_id, device, self.workers)), P.encode_frame(
+            {"type": P.VERDICT, "run": self.cfg.run_id, "device": device, "round": -1, **data}))
+
+    def tell_quarantine(self, device: str) -> None:
+        """Tell ``device``'s ingest worker that the device is quarantined, for how many seconds more (relative:
+        the worker's clock may differ): it drops the device's chunks unread meanwhile and charges them in bulk,
+        instead of reassembling and forwarding what the coordinator would refuse."""
+        left = self.registry.devices[device]["quarantined_until"] - time.time()
+        if left > 0:
+            self.tell_worker(device, quarantined_for_s=round(left, 1))
+
