@@ -538,8 +538,10 @@ def presence(run: str, shard: int, state: str, workers: int, instance: str = "",
 class WorkerPool:
     """The ingest workers of one machine, as child processes (``python -m edgefl_cli.ingest``); one that exits
     while the pool runs is started again after ``restart_delay_s``, unless it stopped on a configuration error
-    (:data:`CONFIG_EXIT`) or another worker of its shard took over its broker session (:data:`TAKEN_OVER_EXIT`). :meth:`close` stops them (SIGTERM, then
-    SIGKILL after ``grace_s``)."""
+    (:data:`CONFIG_EXIT`) or another worker of its shard took over its broker session (:data:`TAKEN_OVER_EXIT`):
+    that one is started again only when asked to (:meth:`resume`: the coordinator saw its shard without a live
+    worker for a while, so the one that took over has gone too). :meth:`close` stops them (SIGTERM, then SIGKILL
+    after ``grace_s``)."""
 
     def __init__(self, config_path: str, overrides: list[str], workers: int, restart_delay_s: float = 1.0,
                  log_level: str = "INFO"):
@@ -547,6 +549,9 @@ class WorkerPool:
         self.log_level = log_level
         self.procs: dict[int, subprocess.Popen] = {}
         self.restarts = 0
+        self.taken_over: set[int] = set()   # shards whose worker another one took over (not restarted on exit)
+        self._resume: set[int] = set()      # of those, the ones to start again (asked from another thread)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         for shard in range(workers):
             self._start(shard)
@@ -562,8 +567,23 @@ class WorkerPool:
         self.procs[shard] = subprocess.Popen(self.command(shard), stdin=subprocess.DEVNULL)
         logger.info("ingest worker %d started (pid %d)", shard, self.procs[shard].pid)
 
+    def resume(self, shard: int) -> None:
+        """Start worker ``shard`` again if another worker of its shard took it over (else nothing): the caller
+        saw the shard without a live worker, so that one has gone. Thread-safe; done within a second."""
+        with self._lock:
+            if shard in self.taken_over:
+                self._resume.add(shard)
+
     def _watcher(self) -> None:
         while not self._stop.wait(0.5):
+            with self._lock:
+                resumed, self._resume = self._resume, set()
+                self.taken_over -= resumed
+            for shard in sorted(resumed):
+                logger.warning("ingest worker %d: its shard has had no live worker for a while (the one that took "
+                               "it over has gone): starting it again", shard)
+                self.restarts += 1
+                self._start(shard)
             for shard, proc in list(self.procs.items()):
                 code = proc.poll()
                 if code is None or self._stop.is_set():
@@ -575,10 +595,12 @@ class WorkerPool:
                     continue
                 if code == TAKEN_OVER_EXIT:  # a worker started elsewhere serves the shard now: fighting it helps no one
                     logger.error("ingest worker %d (pid %d) stopped: another worker of shard %d, started outside this "
-                                 "runtime, took over its session. Not starting it again: that one serves the shard "
-                                 "(stop it and restart the runtime to serve the shard from here)", shard, proc.pid,
+                                 "runtime, took over its session. Not starting it again while that one serves the "
+                                 "shard (it is, once the shard has had no live worker for a while)", shard, proc.pid,
                                  shard)
                     del self.procs[shard]
+                    with self._lock:
+                        self.taken_over.add(shard)
                     continue
                 logger.warning("ingest worker %d (pid %d) exited with %s: starting it again in %.1f s", shard,
                                proc.pid, code, self.restart_delay_s)

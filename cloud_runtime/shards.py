@@ -43,6 +43,9 @@ class Shards:
         self.worker_status: dict[int, dict] = {}  # shard -> its worker's presence (state, since, seen)
         self._misconfigured: set[int] = set()     # shards whose worker runs another config (logged once)
         self._checked = time.monotonic()          # when shards without a live worker were last looked for
+        # told the shards that have had no live worker for STALE_PRESENCE_S (the runtime's WorkerPool.resume: a
+        # worker it spawned that another took over is started again once that one has gone too)
+        self.on_unserved: Callable[[int], None] | None = None
 
     def subscribe(self, enqueue: Callable[[str, bytes], None]) -> None:
         """What the workers forward (a topic no device credential may publish on) and their retained presence."""
@@ -72,6 +75,10 @@ class Shards:
                 status.update(state="stale", since=time.time())                          # it from saved state)
         missing = {k: self.worker_status.get(k, {}).get("state", "unknown") for k in range(self.workers)
                    if self.worker_status.get(k, {}).get("state") != "online"}
+        for shard in missing:
+            if self.on_unserved is not None and \
+                    time.time() - self.worker_status.get(shard, {}).get("since", time.time()) > STALE_PRESENCE_S:
+                self.on_unserved(shard)
         if missing:
             logger.warning("ingest shards without a live worker: %s (state per shard; stale: no presence for "
                            "%.0f s). Their devices cannot upload. %s", missing, STALE_PRESENCE_S,

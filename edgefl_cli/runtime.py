@@ -85,6 +85,7 @@ def serve_command(args) -> int:
     if cfg.ingest.workers and cfg.ingest.spawn:  # sharded ingest: this machine's workers, restarted when they die
         workers = WorkerPool(args.config, args.overrides, cfg.ingest.workers, cfg.ingest.restart_delay_s,
                              args.log_level)
+        runtime.shards.on_unserved = workers.resume  # a worker taken over comes back once the other has gone
     signal.signal(signal.SIGTERM, lambda *_: runtime.stop.set())
     console = start_console(runtime)
     with CtrlC(runtime.stop.set, "saving the rounds done, writing report.json, then stopping") as ctrl_c:

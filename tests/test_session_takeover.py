@@ -193,3 +193,38 @@ def test_a_shard_past_the_last_is_a_named_error_not_a_traceback(tmp_path, caplog
     config.write_text("run_id: r\nbroker: {url: 'memory://r', username: ops}\ningest: {workers: 3, passwords: [a, b, c]}\n")
     assert ingest.main(["--config", str(config), "--shard", "3"]) == 2
     assert "a shard is in [0, 2]" in caplog.text
+
+
+def test_a_spawned_worker_that_was_taken_over_is_started_again_once_its_shard_has_no_live_worker(tmp_path):
+    """The runtime's pool does not restart a worker another one took over (they would fight), but once the
+    shard has had no live worker for STALE_PRESENCE_S the one that took over has gone: the shard is told to the
+    pool (Shards.on_unserved), which starts its worker again; shards with a live worker, or whose worker stopped
+    on a configuration error, are left alone."""
+    from test_ingest_workers import cluster, settle
+    from cloud_runtime import shards
+    from cloud_runtime.ingest_worker import WorkerPool
+    bus, rt, workers, downs = cluster(tmp_path)
+    settle(rt, workers)
+    pool = WorkerPool("unused.yaml", [], 0)   # no processes: _start is recorded instead
+    started = []
+    pool._start = started.append
+    pool.taken_over.add(1)                    # as the watcher records a TAKEN_OVER_EXIT of shard 1's worker
+    rt.shards.on_unserved = pool.resume
+    workers[1].close()                        # the worker serving shard 1 stops: "offline"
+    settle(rt, workers)
+    assert rt.shards.worker_status[1]["state"] == "offline"
+    rt.shards._checked = 0
+    rt.pump(0.01)                             # offline for less than STALE_PRESENCE_S: not yet
+    time.sleep(1.0)
+    assert started == []
+    rt.shards.worker_status[1]["since"] -= shards.STALE_PRESENCE_S + 1
+    rt.shards.worker_status[0]["since"] -= shards.STALE_PRESENCE_S + 1   # online: never resumed
+    rt.shards._checked = 0
+    rt.pump(0.01)
+    wait_until(lambda: started == [1], 5)
+    assert pool.taken_over == set()
+    pool.resume(1)                            # only what was taken over, and only once
+    pool.resume(0)
+    time.sleep(1.0)
+    pool.close()
+    assert started == [1] and pool.restarts == 1
