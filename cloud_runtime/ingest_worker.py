@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Callable
 
 import zstandard
@@ -55,6 +56,8 @@ FORWARD_PART_BYTES = 768 << 10
 # a worker decompresses before forwarding only what inflates at most this much (int8 features: ~1.6x): a zstd
 # bomb is forwarded as sent, and the coordinator refuses it from its stated size before allocating anything
 MAX_FORWARD_INFLATION = 4
+MAX_KNOWN_DEVICES = 1_000_000  # devices whose decoded bound a worker keeps (a registered fleet, per shard)
+REFUSED_REMEMBERED = 1024  # forwards the coordinator refused from their first part, whose later parts it drops
 # a device that re-registered: its open transfers idle this long are its old process's, dropped at once (others
 # expire after transfer_timeout_s if they are)
 FORGET_IDLE_S = 2.0
@@ -85,6 +88,10 @@ class IngestWorker:
         self.inbox: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.messages_in = self.forwarded = self.refused = 0
+        # device -> what its transfers may decompress to (the coordinator's per-device bound, sent at its
+        # registration and with each verdict): only a transfer within it is decompressed here; one of a device
+        # whose bound this worker has not heard (yet) goes on as sent, and the coordinator decodes it
+        self.decoded_limits: dict[str, int] = {}
         # forwarded transfers without a verdict yet: one still without after transfer_timeout_s was lost on the
         # way (a dropped last part) and is reopened, so the device's resend is reassembled afresh
         self.awaiting: dict[tuple[str, str], float] = {}
@@ -187,12 +194,14 @@ class IngestWorker:
                                parent_pid)
                 return
             drain(self.inbox, self.handle, 0.2)
-            for device, transfer in self.reassembler.expire():
+            caught_up = self.inbox.empty()  # behind: a transfer's chunks or its verdict may still be queued,
+            for device, transfer in self.reassembler.expire() if caught_up else ():  # so none expires yet
                 self._charge(device, -1, "rejected", 0, "transfer_timeout",
                              f"transfer {transfer[:8]} incomplete after {self.cfg.transfer_timeout_s:.0f}s")
             self._charge_dropped()
             self._charge_bulk()
-            self.reopen_unjudged()
+            if caught_up:
+                self.reopen_unjudged()
 
     def reopen_unjudged(self, now: float | None = None) -> int:
         """Reopen forwarded transfers that got no verdict within ``transfer_timeout_s`` (the coordinator never saw
@@ -268,14 +277,18 @@ class IngestWorker:
 
     def _forward(self, done: CompletedTransfer) -> None:
         """Hand a verified transfer to the coordinator in parts of :data:`FORWARD_PART_BYTES`, decompressed when
-        it decompresses within ``max_decoded_bytes`` (else as sent: the coordinator's own decoding then rejects
-        it, with the reason, like any other). The first part carries the transfer's meta and accounting."""
+        it decompresses within its device's bound (:attr:`decoded_limits`) and at most
+        :data:`MAX_FORWARD_INFLATION` times its size; else as sent: the coordinator's own decoding then judges it,
+        with the reason, like any other, and holds no more than the device sent. The first part carries the
+        transfer's meta and accounting."""
         blob, packed = done.blob, "zstd"
         try:
             stated = zstandard.frame_content_size(done.blob)
         except zstandard.ZstdError:
             stated = -1
-        if 0 <= stated <= min(self.cfg.max_decoded_bytes, MAX_FORWARD_INFLATION * len(done.blob)):
+        limit = min(self.cfg.max_decoded_bytes, MAX_FORWARD_INFLATION * len(done.blob),
+                    self.decoded_limits.get(done.device, -1))
+        if 0 <= stated <= limit:
             try:
                 blob, packed = decompress(done.blob, self.cfg.max_decoded_bytes), "raw"
             except W.ProtocolError:
@@ -360,6 +373,10 @@ class IngestWorker:
                 self._quarantine(device, float(left))
             elif left == 0 and type(left) is int and self.quarantined.pop(device, None) is not None:
                 logger.info("%s is no longer quarantined: its chunks are read again", device)
+            limit = header.get("decoded_limit")
+            if type(limit) is int and 0 <= limit <= self.cfg.max_decoded_bytes and isinstance(device, str) \
+                    and (device in self.decoded_limits or len(self.decoded_limits) < MAX_KNOWN_DEVICES):
+                self.decoded_limits[device] = limit
             if header.get("forget"):  # only transfers idle for a while: the new process may already be
                 # sending (this verdict races its first chunks), the old one stopped when it died
                 self.reassembler.forget(device, idle_s=FORGET_IDLE_S)
@@ -444,7 +461,9 @@ class ForwardAssembler:
     def __init__(self, max_bytes: int, retry: Callable[[str, str], None],
                  check: Callable[[dict], None] = lambda header: None):
         self.max_bytes, self.retry, self.check = max_bytes, retry, check
-        self._held: dict[int, dict] = {}  # shard -> {"header": part 0's, "parts": [...], "bytes": n, "refused"}
+        self._held: dict[int, dict] = {}  # shard -> {"header": part 0's, "parts": [...], "bytes": n}
+        self._refused: OrderedDict[tuple, None] = OrderedDict()  # (device, transfer) judged from part 0: the
+        # rest of their parts are dropped unread, wherever they come (a stray one must not reopen the verdict)
 
     def add(self, shard: int, header: dict, body: bytes) -> CompletedTransfer | None:
         """Append one part of worker ``shard``'s forward; the transfer once its last part is in. A worker forwards
@@ -453,24 +472,22 @@ class ForwardAssembler:
         ``check`` refuses raises ForwardRefused (the transfer as stated, no bytes held); the rest of its parts
         are dropped unread."""
         part, parts, size = header.get("part"), header.get("parts"), header.get("size")
-        held = self._held.get(shard)
-        same = held is not None and (held["header"]["device"], held["header"].get("transfer")) == \
-            (header["device"], header.get("transfer"))
-        if held is not None and held["refused"] and same and part != 0:
-            if type(part) is not int or type(parts) is not int or part >= parts - 1:
-                del self._held[shard]  # its last part (or a malformed one): nothing more to drop
+        key = (header["device"], str(header.get("transfer"))[:64])
+        if key in self._refused and part != 0:
             return None
+        held = self._held.get(shard)
         if part == 0:
-            if held is not None and not held["refused"] and not same:  # a forward cut short: reassembled afresh
-                self.retry(held["header"]["device"], str(held["header"].get("transfer"))[:64])
-            held = self._held[shard] = {"header": header, "parts": [], "bytes": 0, "refused": False}
+            if held is not None and (held["header"]["device"], held["header"].get("transfer")) != \
+                    (header["device"], header.get("transfer")):
+                self.retry(held["header"]["device"], str(held["header"].get("transfer"))[:64])  # a forward cut
+            held = self._held[shard] = {"header": header, "parts": [], "bytes": 0}   # short: reassembled afresh
             try:
                 self.check(header)
             except Rejected as e:
-                if type(parts) is int and parts > 1:
-                    held["refused"] = True
-                else:
-                    del self._held[shard]
+                del self._held[shard]
+                self._refused[key] = None
+                while len(self._refused) > REFUSED_REMEMBERED:
+                    self._refused.popitem(last=False)
                 raise ForwardRefused(_transfer(header, b"", 0), e) from None
         if type(part) is not int or type(parts) is not int or type(size) is not int or held is None \
                 or (held["header"].get("transfer"), held["header"]["device"]) != (header.get("transfer"), header["device"]) \

@@ -120,23 +120,26 @@ class CloudRuntime:
             logger.warning("num_classes / input_shape are not configured: the first registration (and upload) fixes "
                            "the run's classes and shapes; set both in the runtime config (provision writes them)")
 
-    def pump(self, timeout: float = 0.2) -> None:
+    def pump(self, timeout: float = 0.2) -> bool:
         """Handle what is queued (waiting up to ``timeout`` s for the first message; at most
         :data:`~edgefl_core.transport.inbox.DRAIN_BUDGET_S` s of it, so a backlog never starves what follows);
-        check the ingest workers' presence; expire transfers."""
+        check the ingest workers' presence; expire transfers. Returns whether it caught up (nothing left queued):
+        a deadline or a presence's age is judged only then, not on messages still waiting behind a backlog."""
         drain(self.inbox, self.handle, timeout)
+        caught_up = self.inbox.empty()
         if self.transport.taken_over and not self.stop.is_set():
             logger.error("another process logged in with this runtime's client id and took over its broker session "
                          "(a second runtime of run %r?): stopping without writing state, which is that process's "
                          "now (run one runtime per run)", self.cfg.run_id)
             self.stop.set()
-        if self.shards:
+        if self.shards and caught_up:  # a renewal still queued is not a worker gone
             self.shards.check_presence(spawned=self.cfg.ingest.spawn)
         self.programs.poll()
         self.board.refresh(self)  # the console's views, when due and someone is watching
-        for device, transfer in self.ingest.expired():
+        for device, transfer in self.ingest.expired() if caught_up else ():  # (its chunks may be queued)
             self.registry.reject("transfer_timeout", device, f"transfer {transfer[:8]} incomplete after "
                                                              f"{self.cfg.transfer_timeout_s:.0f}s")
+        return caught_up
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message; never raises. Rejections are charged to the topic's (authenticated) device."""
@@ -256,8 +259,7 @@ class CloudRuntime:
             strategy.setup(run_classes, run_shape, channels)
         if self.ingest.forget(device):  # a new process: its old senders are gone
             logger.info("%s re-registered: its open transfers were dropped", device)
-        if self.shards and device in self.registry.devices:  # and so are those its ingest worker holds (a
-            self.shards.tell_worker(device, forget=True)      # first registration has none to forget)
+        again = device in self.registry.devices  # (its ingest worker drops what the old process left open too)
         old = self.registry.devices.get(device, {})
         if (old.get("train_samples"), old.get("test_samples")) != (facts["train_samples"], facts["test_samples"]):
             self.ingest.device_ids.pop(device, None)  # its data changed: the ids it uploads are pinned anew
@@ -267,6 +269,8 @@ class CloudRuntime:
             "model": edge.model, "trainer": edge.trainer, "batch_size": edge.batch_size, "epochs": edge.epochs,
             "model_kwargs": edge.model_kwargs, "optimizer": edge.optimizer, "codec": self.cfg.codec})
         strategy.on_register(device)
+        if self.shards:
+            self.shards.registered(device, again)
         self.programs.on_register(device, data, run_classes, run_shape)
 
     def _late(self, device: str, what: str) -> bool:

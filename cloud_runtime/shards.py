@@ -53,12 +53,17 @@ class Shards:
         self.transport.subscribe(self.topics.all_ingest_status, enqueue)  # retained presence, Last Will
 
     def handle(self, topic: str, payload: bytes) -> bool:
-        """A message on an ingest topic, handled; False: the topic is not one (the runtime handles it)."""
-        if (shard := self.topics.ingest_shard_of(topic)) is not None:
-            self.on_forward(shard, payload)
-            return True
-        if topic.startswith(f"{self.topics.base}/ingest/") and topic.endswith("/status"):
-            self.on_presence(topic, payload)
+        """A message on an ingest topic, handled (never raises); False: the topic is not one (the runtime
+        handles it)."""
+        try:
+            if (shard := self.topics.ingest_shard_of(topic)) is not None:
+                self.on_forward(shard, payload)
+                return True
+            if topic.startswith(f"{self.topics.base}/ingest/") and topic.endswith("/status"):
+                self.on_presence(topic, payload)
+                return True
+        except Exception:  # a bug costs one forward part, never the service
+            logger.exception("internal error handling %s", topic[:200])
             return True
         return False
 
@@ -143,7 +148,8 @@ class Shards:
 
         def settle(accepted: bool, reason: str | None) -> None:
             judged.append(True)
-            self.tell_worker(device, transfer=done.transfer, accepted=accepted, reason=reason)
+            self.tell_worker(device, transfer=done.transfer, accepted=accepted, reason=reason,
+                             decoded_limit=self.device_limit(device))
         try:
             if device not in self.registry.devices and self.late(device, "upload"):
                 return
@@ -171,6 +177,15 @@ class Shards:
                 self.tell_worker(device, transfer=done.transfer, retry=True)
             if not quarantined_before and self.registry.quarantined(device):  # this forward's rejection did it
                 self.tell_quarantine(device)
+
+    def device_limit(self, device: str) -> int:
+        """The most any transfer of registered ``device`` may decompress to (its worker decompresses no more)."""
+        return max(self.decoded_limit(device, {"split": split}) for split in ("train", "test"))
+
+    def registered(self, device: str, again: bool) -> None:
+        """``device`` registered (``again``: it had before, so its worker drops what its old process left open):
+        its worker learns its decoded bound."""
+        self.tell_worker(device, forget=again, decoded_limit=self.device_limit(device))
 
     def check_forward(self, header: dict) -> None:
         """Part 0 of a worker's forward, before any of it is held: Rejected when it states more bytes than this

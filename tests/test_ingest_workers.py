@@ -253,22 +253,22 @@ def test_a_zstd_bomb_is_forwarded_as_sent_and_refused_before_anything_is_allocat
     assert direct.ingest.round_bytes["rejected"]["devA"] == rt.ingest.round_bytes["rejected"]["devA"]
 
 
-def test_a_forward_stating_more_than_the_device_may_send_is_refused_from_its_first_part(tmp_path):
-    """A worker decompresses what inflates at most MAX_FORWARD_INFLATION times; the coordinator must not then
-    hold what the device's registration would refuse (1 sample registered, 8 MiB decompressed): part 0 is
-    judged 'oversized', none of the parts is held, the verdict reaches the device and the worker, and the
-    bytes are charged as without workers."""
-    bus, rt, workers, downs = cluster(tmp_path, "num_classes=10", "input_shape=[1,28,28]", register=())
-    rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 1})
-    limit = rt.strategy.decoded_limit("devA", {"split": "train"})
+def oversized_upload(rt, device):
+    """A transfer that compresses about 2x (within a worker's inflation cap) and decompresses to 8 MiB, far
+    past what ``device`` (1 sample registered) may send."""
     raw = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8)
-    raw[::2] = 0   # compresses about 2x: within the worker's inflation cap, far past the device's limit
+    raw[::2] = 0
     blob = P.pack_arrays({"features": raw})
-    assert len(blob) * 4 > raw.nbytes > 4 * limit
-    frames = P.chunk_transfer(blob, run=RUN, device="devA", round_=0,
-                              meta={"kind": "upload", "split": "train", "codec": "fp16"})
-    parts, held = [], []
-    bus.client("spy").subscribe(rt.topics.ingest(SHARD["devA"]), lambda t, p: parts.append(P.decode_frame(p)[0]))
+    assert len(blob) * 4 > raw.nbytes > 4 * rt.shards.device_limit(device)
+    return P.chunk_transfer(blob, run=RUN, device=device, round_=0,
+                            meta={"kind": "upload", "split": "train", "codec": "fp16"})
+
+
+def spy_on_forwards(bus, rt, shard):
+    """(headers, raw frames) the worker of ``shard`` forwards, and the bytes the coordinator holds after each."""
+    headers, frames, held = [], [], []
+    bus.client("spy").subscribe(rt.topics.ingest(shard), lambda t, p: (headers.append(P.decode_frame(p)[0]),
+                                                                        frames.append(p)))
     add = rt.shards.forwards.add
 
     def add_and_measure(shard, header, body):
@@ -277,6 +277,50 @@ def test_a_forward_stating_more_than_the_device_may_send_is_refused_from_its_fir
         finally:
             held.append(sum(h["bytes"] for h in rt.shards.forwards._held.values()))
     rt.shards.forwards.add = add_and_measure
+    return headers, frames, held
+
+
+def test_a_worker_decompresses_no_more_than_the_device_may_send(tmp_path):
+    """The coordinator tells a device's worker its decoded bound at registration (and with each verdict): a
+    transfer past it goes on as sent (the coordinator then holds what the device sent, as without workers, and
+    refuses it from its stated size); so does one of a device whose bound the worker has not heard. An honest
+    upload is still decompressed by the worker."""
+    bus, rt, workers, downs = cluster(tmp_path, "num_classes=10", "input_shape=[1,28,28]", register=())
+    rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 1})
+    settle(rt, workers)
+    worker = workers[SHARD["devA"]]
+    assert worker.decoded_limits == {"devA": rt.shards.device_limit("devA")}
+    frames = oversized_upload(rt, "devA")
+    headers, _, held = spy_on_forwards(bus, rt, SHARD["devA"])
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert headers[0]["packed"] == "zstd" and max(held) <= sum(map(len, frames))
+    assert [a["reason"] for a in acks(downs, "devA")] == ["oversized"]
+    ok = upload_frames("devA", [0], shape=rt.strategy.server.feature_shape)
+    for frame in ok:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert headers[-1]["packed"] == "raw" and [a["accepted"] for a in acks(downs, "devA")] == [False, True]
+    worker.decoded_limits.clear()   # a restarted worker: nothing decompressed until the next verdict says
+    for frame in upload_frames("devA", [0], shape=rt.strategy.server.feature_shape, seed=1):
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert headers[-1]["packed"] == "zstd" and [a["accepted"] for a in acks(downs, "devA")] == [False, True, True]
+    assert worker.decoded_limits == {"devA": rt.shards.device_limit("devA")}
+
+
+def test_a_forward_stating_more_than_the_device_may_send_is_refused_from_its_first_part(tmp_path):
+    """A worker whose bound for the device is out of date (or one that ignores it) decompresses what inflates
+    at most MAX_FORWARD_INFLATION times; the coordinator must not then hold what the device's registration
+    would refuse: part 0 is judged 'oversized', none of the parts is held, the verdict reaches the device and
+    the worker, and the bytes are charged as without workers. A stray late part of it does not reopen it."""
+    bus, rt, workers, downs = cluster(tmp_path, "num_classes=10", "input_shape=[1,28,28]", register=())
+    rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 1})
+    settle(rt, workers)
+    workers[SHARD["devA"]].decoded_limits["devA"] = 1 << 30
+    frames = oversized_upload(rt, "devA")
+    parts, raw_parts, held = spy_on_forwards(bus, rt, SHARD["devA"])
     for frame in frames:
         bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
     settle(rt, workers)
@@ -287,11 +331,15 @@ def test_a_forward_stating_more_than_the_device_may_send_is_refused_from_its_fir
     transfer = P.decode_frame(frames[0])[0]["transfer"]
     assert workers[SHARD["devA"]].reassembler.progress("devA", transfer)["accepted"] is False
     assert rt.ingest.round_bytes["rejected"]["devA"] == sum(map(len, frames)) and rt.shards.forwarded == 1
-    ok = upload_frames("devA", [0], shape=rt.strategy.server.feature_shape)   # the next transfer of that worker is judged as usual
+    ok = upload_frames("devA", [0], shape=rt.strategy.server.feature_shape)   # the worker's next transfer
     for frame in ok:
         bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
     settle(rt, workers)
     assert [(a["accepted"], a["reason"]) for a in acks(downs, "devA")] == [(False, "oversized"), (True, None)]
+    rt.handle(rt.topics.ingest(SHARD["devA"]), raw_parts[1])   # a stray late part of the refused forward
+    settle(rt, workers)
+    progress = workers[SHARD["devA"]].reassembler.progress("devA", transfer)
+    assert progress["final"] and progress["accepted"] is False and progress["reason"] == "oversized"
 
 
 def test_a_part_lost_on_the_way_makes_the_worker_reassemble_the_resend(tmp_path):

@@ -113,3 +113,29 @@ def test_a_stop_waits_for_a_serial_evaluation_and_a_report_needs_no_checkpoint_f
     assert row["test_accuracy"] is not None
     runtime.write_report()              # a stop before the first checkpoint: the state dir is made, not an ERROR
     assert (tmp_path / "never-checkpointed" / "report.json").exists()
+
+
+def test_a_round_closing_at_its_deadline_judges_the_uploads_already_queued_first(tmp_path):
+    """A drain stops after its time budget (a backlog must not starve deadlines), but a round that reaches its
+    deadline with a quorum closes only once what was queued is judged: uploads that arrived on time are in the
+    round, never rejected as stale_round in the next one (which would count toward quarantine)."""
+    import time
+    from test_trust_boundary import runtime, upload_frames
+    devices = ["devA", "devB", "devC", "devD", "devE", "devF"]
+    bus = MemoryBus()
+    rt = runtime(tmp_path, bus, "round_deadline_s=0.001", register=devices)
+    rt.start()
+    rt.pump(0.01)
+    handle = rt.handle
+
+    def slow(topic, payload):   # each upload takes 0.2 s to judge: 6 of them are more than one drain's budget
+        time.sleep(0.2)
+        handle(topic, payload)
+    rt.handle = slow
+    for i, device in enumerate(devices):  # all queued before the round's deadline is looked at
+        for frame in upload_frames(device, range(30 * i, 30 * i + 30)):
+            bus.client(device).publish(rt.topics.up(device), frame)
+    strategy = rt.strategy
+    assert strategy.collect(0, lambda: set(strategy.train_uploads))
+    assert sorted(strategy.train_uploads) == devices and rt.inbox.empty()
+    assert not any(rt.registry.devices[d].get("rejection_reasons") for d in devices)

@@ -228,3 +228,31 @@ def test_a_spawned_worker_that_was_taken_over_is_started_again_once_its_shard_ha
     time.sleep(1.0)
     pool.close()
     assert started == [1] and pool.restarts == 1
+
+
+def test_a_renewal_queued_behind_a_backlog_does_not_make_a_live_worker_stale(tmp_path):
+    """After a long server phase without handling messages, every presence looks old; the renewals are in the
+    inbox, behind other messages. Staleness is judged only once the runtime has caught up, so a live worker is
+    never called stale (nor logged as gone) for a renewal it had sent."""
+    from test_ingest_workers import cluster, settle
+    from cloud_runtime import shards
+    bus, rt, workers, downs = cluster(tmp_path)
+    settle(rt, workers)
+    for status in rt.shards.worker_status.values():   # what a server phase longer than STALE_PRESENCE_S leaves
+        status["seen"] -= shards.STALE_PRESENCE_S + 1
+    rt.shards._checked = 0
+    handle = rt.handle
+
+    def slow(topic, payload):
+        if topic == "slow":
+            time.sleep(0.025)
+            return
+        handle(topic, payload)
+    rt.handle = slow
+    for _ in range(40):          # 1 s of other work queued first, then the workers' renewals
+        rt.inbox.put(("slow", b""))
+    for w in workers:
+        w._say_online()
+    while not rt.pump(0.01):
+        assert {k: v["state"] for k, v in rt.shards.worker_status.items()} == {0: "online", 1: "online"}
+    assert {k: v["state"] for k, v in rt.shards.worker_status.items()} == {0: "online", 1: "online"}

@@ -46,7 +46,7 @@ class RunContext:
     downlink: Downlink
     store: DurableStore
     stop: threading.Event
-    pump: Callable[[], None]           # handle queued messages (waits briefly for the first)
+    pump: Callable[[], bool]           # handle queued messages (waits briefly for the first); True: caught up
     checkpoint: Callable[[], None]     # commit durable state (after every round)
     threads: int = 1                   # torch intra-op threads for the cloud's own compute
     group: object = None               # a torchrun launch's TrainingGroup (cloud_runtime/distributed.py), or None
@@ -159,13 +159,14 @@ class Strategy(ABC):
         start, warned = time.monotonic(), False
         registry = self.ctx.registry
         while not self.ctx.stop.is_set():
-            self.ctx.pump()
+            caught_up = self.ctx.pump()
             finished = done()
             waiting_for = registry.reachable()
             if waiting_for and all(d in finished for d in waiting_for):
                 return True
             need = max(1, math.ceil(self.cfg.quorum * len(registry.in_good_standing())))
-            if time.monotonic() - start >= self.cfg.round_deadline_s:
+            # past the deadline, what came before it is judged first: uploads still queued behind a backlog
+            if caught_up and time.monotonic() - start >= self.cfg.round_deadline_s:
                 if len(finished) >= need:
                     missing = sorted(set(registry.names()) - finished)
                     logger.warning("round %d deadline: closing with %d/%d devices (missing %s)", round_,
