@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from edgefl_core.chunking import CompletedTransfer, Reassembler
 from edgefl_core.codecs import decompress
 from edgefl_core.config import ConfigError
 from edgefl_core.transport import Transport
-from edgefl_core.transport.inbox import drain
+from edgefl_core.transport.inbox import Inbox, drain
 from edgefl_core.transport.retry import connect_patiently
 
 logger = logging.getLogger("edgefl.ingest")
@@ -85,7 +84,7 @@ class IngestWorker:
         self.reassembler = Reassembler(cfg.max_transfer_bytes, cfg.transfer_timeout_s,
                                        max_chunk=cfg.max_chunk_bytes,
                                        max_pending_bytes_per_device=cfg.max_pending_bytes_per_device)
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox = Inbox()
         self.stop = threading.Event()
         self.messages_in = self.forwarded = self.refused = 0
         # device -> what its transfers may decompress to (the coordinator's per-device bound, sent at its
@@ -117,7 +116,7 @@ class IngestWorker:
 
     def enqueue(self, topic: str, payload: bytes) -> None:
         """Transport callback: queue only (runs on the network thread)."""
-        self.inbox.put((topic, payload))
+        self.inbox.put(topic, payload)
 
     def start(self) -> bool:
         self.transport.subscribe(self.topics.shard_up(self.shard), self.enqueue, retained=False)
@@ -194,14 +193,13 @@ class IngestWorker:
                                parent_pid)
                 return
             drain(self.inbox, self.handle, 0.2)
-            caught_up = self.inbox.empty()  # behind: a transfer's chunks or its verdict may still be queued,
-            for device, transfer in self.reassembler.expire() if caught_up else ():  # so none expires yet
+            handled_to = self.inbox.handled_up_to()  # behind a backlog, a transfer's chunks or its verdict may
+            for device, transfer in self.reassembler.expire(handled_to):  # be queued: judged as of then
                 self._charge(device, -1, "rejected", 0, "transfer_timeout",
                              f"transfer {transfer[:8]} incomplete after {self.cfg.transfer_timeout_s:.0f}s")
             self._charge_dropped()
             self._charge_bulk()
-            if caught_up:
-                self.reopen_unjudged()
+            self.reopen_unjudged(handled_to)
 
     def reopen_unjudged(self, now: float | None = None) -> int:
         """Reopen forwarded transfers that got no verdict within ``transfer_timeout_s`` (the coordinator never saw
@@ -489,6 +487,7 @@ class ForwardAssembler:
                 while len(self._refused) > REFUSED_REMEMBERED:
                     self._refused.popitem(last=False)
                 raise ForwardRefused(_transfer(header, b"", 0), e) from None
+            self._refused.pop(key, None)   # forwarded again in a form that passes: its parts are held now
         if type(part) is not int or type(parts) is not int or type(size) is not int or held is None \
                 or (held["header"].get("transfer"), held["header"]["device"]) != (header.get("transfer"), header["device"]) \
                 or len(held["parts"]) != part \

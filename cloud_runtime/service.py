@@ -8,7 +8,6 @@ On restart the runtime resumes from its last committed checkpoint (``store.py``)
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -33,7 +32,7 @@ from cloud_runtime.telemetry import Telemetry
 from edge_sdk import protocol as P
 from edge_sdk.messages import MessageError
 from edgefl_core.transport import Transport, create_transport
-from edgefl_core.transport.inbox import drain
+from edgefl_core.transport.inbox import Inbox, drain
 from edgefl_core.transport.retry import connect_patiently
 
 logger = logging.getLogger("edgefl.runtime")
@@ -49,7 +48,7 @@ class CloudRuntime:
         self.transport = transport
         self.topics = P.Topics(cfg.run_id)
         self.session = uuid.uuid4().hex[:12]  # changes on every (re)start: devices re-send lost uploads
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox = Inbox()
         self.stop = threading.Event()
         self.messages_in = 0
         self.empty_messages = 0   # zero-length messages (retained deletions): ignored
@@ -100,7 +99,7 @@ class CloudRuntime:
 
     def enqueue(self, topic: str, payload: bytes) -> None:
         """Transport callback: queue only (runs on the network thread)."""
-        self.inbox.put((topic, payload))
+        self.inbox.put(topic, payload)
 
     def start(self) -> None:
         # uplinks and heartbeats mean something only live: a retained frame there (a device may publish one
@@ -120,26 +119,27 @@ class CloudRuntime:
             logger.warning("num_classes / input_shape are not configured: the first registration (and upload) fixes "
                            "the run's classes and shapes; set both in the runtime config (provision writes them)")
 
-    def pump(self, timeout: float = 0.2) -> bool:
+    def pump(self, timeout: float = 0.2) -> float:
         """Handle what is queued (waiting up to ``timeout`` s for the first message; at most
         :data:`~edgefl_core.transport.inbox.DRAIN_BUDGET_S` s of it, so a backlog never starves what follows);
-        check the ingest workers' presence; expire transfers. Returns whether it caught up (nothing left queued):
-        a deadline or a presence's age is judged only then, not on messages still waiting behind a backlog."""
+        check the ingest workers' presence; expire transfers. Returns the ``time.monotonic()`` up to which every
+        message that arrived has been handled (:meth:`Inbox.handled_up_to`): deadlines, silences and expiries
+        are judged at that time, so a message still queued behind a backlog counts as come."""
         drain(self.inbox, self.handle, timeout)
-        caught_up = self.inbox.empty()
+        handled_to = self.inbox.handled_up_to()
         if self.transport.taken_over and not self.stop.is_set():
             logger.error("another process logged in with this runtime's client id and took over its broker session "
                          "(a second runtime of run %r?): stopping without writing state, which is that process's "
                          "now (run one runtime per run)", self.cfg.run_id)
             self.stop.set()
-        if self.shards and caught_up:  # a renewal still queued is not a worker gone
-            self.shards.check_presence(spawned=self.cfg.ingest.spawn)
+        if self.shards:
+            self.shards.check_presence(handled_to, spawned=self.cfg.ingest.spawn)
         self.programs.poll()
         self.board.refresh(self)  # the console's views, when due and someone is watching
-        for device, transfer in self.ingest.expired() if caught_up else ():  # (its chunks may be queued)
+        for device, transfer in self.ingest.expired(handled_to):
             self.registry.reject("transfer_timeout", device, f"transfer {transfer[:8]} incomplete after "
                                                              f"{self.cfg.transfer_timeout_s:.0f}s")
-        return caught_up
+        return handled_to
 
     def handle(self, topic: str, payload: bytes) -> None:
         """One message; never raises. Rejections are charged to the topic's (authenticated) device."""

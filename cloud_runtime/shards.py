@@ -67,16 +67,17 @@ class Shards:
             return True
         return False
 
-    def check_presence(self, spawned: bool) -> None:
-        """Every :data:`WORKER_CHECK_S`: an ``online`` presence not renewed for :data:`STALE_PRESENCE_S` is
-        ``stale``; shards without a live worker are logged, with the remedy (``spawned``: this runtime starts
-        its workers itself)."""
+    def check_presence(self, handled_to: float, spawned: bool) -> None:
+        """Every :data:`WORKER_CHECK_S`: an ``online`` presence not renewed for :data:`STALE_PRESENCE_S` by
+        ``handled_to`` (the ``time.monotonic()`` up to which the runtime has handled what arrived: a renewal
+        still queued is not a silence) is ``stale``; shards without a live worker are logged, with the remedy
+        (``spawned``: this runtime starts its workers itself)."""
         now = time.monotonic()
         if now - self._checked <= WORKER_CHECK_S:
             return
         self._checked = now
         for status in self.worker_status.values():  # a presence not renewed: the worker may be gone (a
-            if status["state"] == "online" and now - status["seen"] > STALE_PRESENCE_S:  # broker restored
+            if status["state"] == "online" and handled_to - status["seen"] > STALE_PRESENCE_S:  # broker restored
                 status.update(state="stale", since=time.time())                          # it from saved state)
         missing = {k: self.worker_status.get(k, {}).get("state", "unknown") for k in range(self.workers)
                    if self.worker_status.get(k, {}).get("state") != "online"}
@@ -178,14 +179,18 @@ class Shards:
             if not quarantined_before and self.registry.quarantined(device):  # this forward's rejection did it
                 self.tell_quarantine(device)
 
-    def device_limit(self, device: str) -> int:
-        """The most any transfer of registered ``device`` may decompress to (its worker decompresses no more)."""
-        return max(self.decoded_limit(device, {"split": split}) for split in ("train", "test"))
+    def device_limit(self, device: str) -> int | None:
+        """The most any transfer of registered ``device`` may decompress to (its worker decompresses no more);
+        None while the strategy cannot tell (its worker then forwards what the device sent as it is)."""
+        limits = [self.decoded_limit(device, {"split": split}) for split in ("train", "test")]
+        return None if None in limits else max(limits)
 
     def registered(self, device: str, again: bool) -> None:
         """``device`` registered (``again``: it had before, so its worker drops what its old process left open):
         its worker learns its decoded bound."""
-        self.tell_worker(device, forget=again, decoded_limit=self.device_limit(device))
+        limit = self.device_limit(device)
+        if again or limit is not None:
+            self.tell_worker(device, forget=again, decoded_limit=limit)
 
     def check_forward(self, header: dict) -> None:
         """Part 0 of a worker's forward, before any of it is held: Rejected when it states more bytes than this
@@ -197,7 +202,7 @@ class Shards:
             raise Rejected("unknown_device", "upload before registration")
         meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
         raw = header.get("packed") == "raw"
-        limit = self.decoded_limit(device, meta) if raw else self.cfg.max_transfer_bytes
+        limit = (self.decoded_limit(device, meta) or self.cfg.max_decoded_bytes) if raw else self.cfg.max_transfer_bytes
         if type(size) is int and size > limit:
             raise Rejected("oversized", f"transfer {str(header.get('transfer'))[:8]} "
                                         f"{'decompresses to' if raw else 'is'} {size} bytes > limit {limit}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from dataclasses import asdict
@@ -41,7 +40,7 @@ from edgefl_core.proc import peak_rss_mb
 from edgefl_core.reliable import parse_progress
 from edgefl_core.transport import Transport, create_transport
 from edgefl_core.transport.retry import connect_patiently
-from edgefl_core.transport.inbox import drain
+from edgefl_core.transport.inbox import Inbox, drain
 
 logger = logging.getLogger("edgefl.agent")
 
@@ -60,7 +59,7 @@ class EdgeAgent:
         self.recipe: RunRecipe | None = None
         self.device = cfg.device_id
         self.topics = P.Topics(cfg.run_id)
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox = Inbox()
         self.downlink = Downlink(cfg.run_id, cfg.device_id)  # frames checked, transfers reassembled
         self.state = AgentStateFile(Path(cfg.state_dir) / STATE_FILE, device=self.device, run=cfg.run_id,
                                     data=fingerprint or data_fingerprint(train, test))  # build_agent has it already
@@ -104,7 +103,7 @@ class EdgeAgent:
     # -- network (callbacks run on the network thread: enqueue only) --------------------------------
 
     def enqueue(self, topic: str, payload: bytes) -> None:
-        self.inbox.put((topic, payload))
+        self.inbox.put(topic, payload)
 
     def start(self) -> None:
         self.transport.subscribe(self.topics.down(self.device), self.enqueue)

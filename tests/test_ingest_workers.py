@@ -155,8 +155,8 @@ def test_a_forward_cut_short_is_dropped_and_the_resend_is_accepted(tmp_path):
     is judged), and the device's re-sent transfer, forwarded whole by the new worker, is accepted."""
     bus, rt, workers, downs = cluster(tmp_path, "validation.max_samples_per_device=100000",
                                       register=())
-    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 3000})
-    frames = upload_frames("devA", range(3000), shape=(4, 8, 8))   # forwarded in several parts
+    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 6000})
+    frames = upload_frames("devA", range(6000), shape=(4, 8, 8))   # forwarded in several parts
     forwarded = []
     bus.client("spy").subscribe(rt.topics.ingest(SHARD["devA"]), lambda t, p: forwarded.append(p))
     for frame in frames:
@@ -164,14 +164,14 @@ def test_a_forward_cut_short_is_dropped_and_the_resend_is_accepted(tmp_path):
     worker = workers[SHARD["devA"]]
     drain(worker.inbox, worker.handle, 0.01)
     parts = [P.decode_frame(p)[0] for p in forwarded if P.decode_frame(p)[0]["type"] == P.INGESTED]
-    assert len(parts) >= 2 and all(len(P.decode_frame(p)[1]) <= FORWARD_PART_BYTES for p in forwarded)
-    rt.inbox.queue.clear()   # the coordinator saw none of it: now replay only the first part, as a dying worker
+    assert len(parts) >= 3 and all(len(P.decode_frame(p)[1]) <= FORWARD_PART_BYTES for p in forwarded)
+    rt.inbox.clear()   # the coordinator saw none of it: now replay only the first part, as a dying worker
     rt.handle(rt.topics.ingest(SHARD["devA"]), forwarded[0])
     rt.handle(rt.topics.ingest(SHARD["devA"]), forwarded[-1])   # a gap: dropped
     assert "devA" not in rt.strategy.train_uploads and not acks(downs, "devA")
     for payload in forwarded:                                    # the new worker's whole forward
         rt.handle(rt.topics.ingest(SHARD["devA"]), payload)
-    assert len(rt.strategy.train_uploads["devA"].sample_ids) == 3000 and acks(downs, "devA")[0]["accepted"]
+    assert len(rt.strategy.train_uploads["devA"].sample_ids) == 6000 and acks(downs, "devA")[0]["accepted"]
 
 
 def test_a_re_registration_makes_the_worker_forget_the_old_process_transfers(tmp_path):
@@ -340,14 +340,35 @@ def test_a_forward_stating_more_than_the_device_may_send_is_refused_from_its_fir
     settle(rt, workers)
     progress = workers[SHARD["devA"]].reassembler.progress("devA", transfer)
     assert progress["final"] and progress["accepted"] is False and progress["reason"] == "oversized"
+    worker = workers[SHARD["devA"]]       # the worker restarts (it knows no bound now) and the device re-sends:
+    worker.decoded_limits.clear()         # forwarded as sent, the refused transfer is judged again, not lost
+    worker.reassembler.reopen("devA", transfer)
+    for frame in frames:
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert [a["reason"] for a in acks(downs, "devA")] == ["oversized", None, "oversized"]
+    assert not rt.shards.forwards._held and not worker.awaiting
+
+
+def test_a_worker_is_told_no_bound_before_the_run_has_its_feature_shape(tmp_path):
+    """Without the run's input shape configured, the first upload fixes the feature shape: until then a
+    device's bound would allow any shape, so its worker is told none and forwards what it sends as it is."""
+    bus, rt, workers, downs = cluster(tmp_path, register=("devA",))
+    settle(rt, workers)
+    assert rt.shards.device_limit("devA") is None and not any(w.decoded_limits for w in workers)
+    for frame in upload_frames("devA", range(30)):
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+    settle(rt, workers)
+    assert acks(downs, "devA")[0]["accepted"]   # the verdict carries the bound, now that the shape is known
+    assert workers[SHARD["devA"]].decoded_limits == {"devA": rt.shards.device_limit("devA")} != {"devA": None}
 
 
 def test_a_part_lost_on_the_way_makes_the_worker_reassemble_the_resend(tmp_path):
     """A broker that drops one forward part: the coordinator drops the transfer and tells the worker to retry,
     so the device's resend (after asking) is reassembled afresh and accepted, not counted as a copy."""
     bus, rt, workers, downs = cluster(tmp_path, "validation.max_samples_per_device=100000", register=())
-    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 3000})
-    frames = upload_frames("devA", range(3000), shape=(4, 8, 8))
+    rt.register("devA", {"num_classes": 10, "feature_channels": 4, "train_samples": 6000})
+    frames = upload_frames("devA", range(6000), shape=(4, 8, 8))
     worker = workers[SHARD["devA"]]
     real_publish, dropped = worker.transport.publish, []
 
@@ -369,7 +390,7 @@ def test_a_part_lost_on_the_way_makes_the_worker_reassemble_the_resend(tmp_path)
     for frame in frames:
         bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
     settle(rt, workers)
-    assert len(rt.strategy.train_uploads["devA"].sample_ids) == 3000 and acks(downs, "devA")[0]["accepted"]
+    assert len(rt.strategy.train_uploads["devA"].sample_ids) == 6000 and acks(downs, "devA")[0]["accepted"]
 
 
 def test_a_device_quarantined_while_uploading_gets_in_once_released_charged_as_without_workers(tmp_path):
@@ -567,17 +588,17 @@ def test_a_refusal_charged_by_a_worker_that_does_not_know_of_a_quarantine_is_cha
 def test_a_backlog_that_refills_as_fast_as_it_is_handled_ends_a_drain_within_its_budget():
     """drain returns once its budget is spent even while messages keep coming, so what its caller does between
     drains (deadlines, transfer expiry, a worker's presence renewal) is never starved by a flood."""
-    import queue
-    inbox, now = queue.Queue(), [0.0]
+    from edgefl_core.transport.inbox import Inbox
+    inbox, now = Inbox(), [0.0]
 
     def handle(topic, payload):   # each message takes 0.1 s and another arrives meanwhile: never empty
         now[0] += 0.1
-        inbox.put((topic, payload))
-    inbox.put(("t", b""))
+        inbox.put(topic, payload)
+    inbox.put("t", b"")
     assert drain(inbox, handle, 0, budget_s=0.5, clock=lambda: now[0]) == 5 and inbox.qsize() == 1
-    calm = queue.Queue()
+    calm = Inbox()
     for _ in range(3):
-        calm.put(("t", b""))
+        calm.put("t", b"")
     assert drain(calm, lambda t, p: None, 0) == 3 and calm.empty()   # a backlog that ends: handled whole
 
 
@@ -600,9 +621,9 @@ def test_a_worker_flooded_without_pause_still_renews_its_presence(tmp_path, monk
     def handle_and_refill(topic, payload):   # a junk frame on a device's topic: refused, and another queued
         handle(topic, payload)
         if time.monotonic() < flood_until:
-            worker.inbox.put((topic, payload))
+            worker.inbox.put(topic, payload)
     worker._say_online, worker.handle = counted_say_online, handle_and_refill
-    worker.inbox.put((rt.topics.up("devB", 0), b"junk"))
+    worker.inbox.put(rt.topics.up("devB", 0), b"junk")
     serving = threading.Thread(target=worker.serve, daemon=True)
     serving.start()
     time.sleep(3.0)

@@ -139,3 +139,30 @@ def test_a_round_closing_at_its_deadline_judges_the_uploads_already_queued_first
     assert strategy.collect(0, lambda: set(strategy.train_uploads))
     assert sorted(strategy.train_uploads) == devices and rt.inbox.empty()
     assert not any(rt.registry.devices[d].get("rejection_reasons") for d in devices)
+
+
+def test_a_device_flooding_heartbeats_cannot_hold_a_round_past_its_deadline(tmp_path):
+    """Heartbeats are no offence, so a flood of valid ones is never quarantined: a round with a quorum still
+    closes at its deadline once what arrived before the deadline is handled, though the inbox never empties."""
+    import time
+    from test_trust_boundary import runtime, upload_frames
+    bus = MemoryBus()
+    rt = runtime(tmp_path, bus, "round_deadline_s=1", "quorum=0.5", register=("devA", "devB"))
+    rt.start()
+    rt.pump(0.01)
+    for frame in upload_frames("devB", range(30)):
+        bus.client("devB").publish(rt.topics.up("devB"), frame)
+    beat = P.control_frame(P.HEARTBEAT, run=rt.cfg.run_id, device="devA", round_=0)
+    handle, flood_until = rt.handle, time.monotonic() + 8
+
+    def flooded(topic, payload):   # every message handled brings two more heartbeats: the inbox never empties
+        handle(topic, payload)
+        if time.monotonic() < flood_until:
+            for _ in range(2):
+                rt.enqueue(rt.topics.heartbeat("devA"), beat)
+    rt.handle = flooded
+    rt.enqueue(rt.topics.heartbeat("devA"), beat)
+    strategy, start = rt.strategy, time.monotonic()
+    assert strategy.collect(0, lambda: set(strategy.train_uploads))
+    assert time.monotonic() - start < 6 and not rt.inbox.empty() and sorted(strategy.train_uploads) == ["devB"]
+    assert not rt.registry.devices["devA"].get("rejection_reasons")

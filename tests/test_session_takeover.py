@@ -231,15 +231,16 @@ def test_a_spawned_worker_that_was_taken_over_is_started_again_once_its_shard_ha
 
 
 def test_a_renewal_queued_behind_a_backlog_does_not_make_a_live_worker_stale(tmp_path):
-    """After a long server phase without handling messages, every presence looks old; the renewals are in the
-    inbox, behind other messages. Staleness is judged only once the runtime has caught up, so a live worker is
-    never called stale (nor logged as gone) for a renewal it had sent."""
+    """A server phase of 100 s without handling messages: the workers renewed their presence during it, but
+    the renewals wait in the inbox behind what came before them. Staleness is judged as of when the runtime
+    has handled messages up to (not the wall clock), so a live worker is never called stale (nor logged as
+    gone) for a renewal it had sent."""
     from test_ingest_workers import cluster, settle
-    from cloud_runtime import shards
     bus, rt, workers, downs = cluster(tmp_path)
     settle(rt, workers)
-    for status in rt.shards.worker_status.values():   # what a server phase longer than STALE_PRESENCE_S leaves
-        status["seen"] -= shards.STALE_PRESENCE_S + 1
+    now = time.monotonic()
+    for status in rt.shards.worker_status.values():   # their last presence handled 100 s ago
+        status["seen"] = now - 100
     rt.shards._checked = 0
     handle = rt.handle
 
@@ -249,10 +250,15 @@ def test_a_renewal_queued_behind_a_backlog_does_not_make_a_live_worker_stale(tmp
             return
         handle(topic, payload)
     rt.handle = slow
-    for _ in range(40):          # 1 s of other work queued first, then the workers' renewals
-        rt.inbox.put(("slow", b""))
+    for k in range(40):          # 1 s of work that came early in the phase, then the renewals, 30 s in
+        rt.inbox.put("slow", b"", arrived=now - 99 + k * 0.01)
+    renewals = []
     for w in workers:
+        w.transport.publish = lambda topic, payload, **kw: renewals.append((topic, payload))
         w._say_online()
-    while not rt.pump(0.01):
+    for topic, payload in renewals:
+        rt.inbox.put(topic, payload, arrived=now - 70)
+    while not rt.inbox.empty():
+        rt.pump(0.01)
         assert {k: v["state"] for k, v in rt.shards.worker_status.items()} == {0: "online", 1: "online"}
     assert {k: v["state"] for k, v in rt.shards.worker_status.items()} == {0: "online", 1: "online"}

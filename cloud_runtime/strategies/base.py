@@ -46,7 +46,8 @@ class RunContext:
     downlink: Downlink
     store: DurableStore
     stop: threading.Event
-    pump: Callable[[], bool]           # handle queued messages (waits briefly for the first); True: caught up
+    pump: Callable[[], float]          # handle queued messages (waits briefly for the first); returns the
+    #                                    time.monotonic() up to which every message that arrived is handled
     checkpoint: Callable[[], None]     # commit durable state (after every round)
     threads: int = 1                   # torch intra-op threads for the cloud's own compute
     group: object = None               # a torchrun launch's TrainingGroup (cloud_runtime/distributed.py), or None
@@ -105,11 +106,12 @@ class Strategy(ABC):
     @abstractmethod
     def take(self, device: str, done: P.CompletedTransfer) -> str: ...
 
-    def decoded_limit(self, device: str, meta: dict) -> int:
-        """Bytes a transfer of ``device`` whose first chunk states ``meta`` may decompress to: checked before it
-        is decompressed, and before a forward of it decompressed by an ingest worker is held. The runtime's
-        ``max_decoded_bytes`` unless the strategy knows what the transfer holds."""
-        return self.cfg.max_decoded_bytes
+    def decoded_limit(self, device: str, meta: dict) -> int | None:
+        """Bytes a transfer of ``device`` whose first chunk states ``meta`` may decompress to: checked before a
+        forward of it decompressed by an ingest worker is held, and told to that worker (it decompresses no
+        more). None: not known yet (the run's shapes are not), and the runtime's ``max_decoded_bytes`` bounds
+        it."""
+        return None
 
     @abstractmethod
     def run(self) -> None:
@@ -159,14 +161,15 @@ class Strategy(ABC):
         start, warned = time.monotonic(), False
         registry = self.ctx.registry
         while not self.ctx.stop.is_set():
-            caught_up = self.ctx.pump()
+            handled_to = self.ctx.pump()
             finished = done()
             waiting_for = registry.reachable()
             if waiting_for and all(d in finished for d in waiting_for):
                 return True
             need = max(1, math.ceil(self.cfg.quorum * len(registry.in_good_standing())))
-            # past the deadline, what came before it is judged first: uploads still queued behind a backlog
-            if caught_up and time.monotonic() - start >= self.cfg.round_deadline_s:
+            # the deadline passes once everything that arrived before it is judged: an upload still queued
+            # behind a backlog came in time
+            if handled_to - start >= self.cfg.round_deadline_s:
                 if len(finished) >= need:
                     missing = sorted(set(registry.names()) - finished)
                     logger.warning("round %d deadline: closing with %d/%d devices (missing %s)", round_,

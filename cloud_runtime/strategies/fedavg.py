@@ -47,7 +47,7 @@ class FedAvg(Strategy):
     def models(self) -> dict[str, torch.nn.Module]:
         return {"global_model": self.global_model} if self.global_model is not None else {}
 
-    def decoded_limit(self, device: str, meta: dict) -> int:
+    def decoded_limit(self, device: str, meta: dict) -> int | None:
         """A model update: the global model's size, twice over at most (fp32 of what may be fp16 now)."""
         if self.global_model is None:
             return super().decoded_limit(device, meta)
@@ -56,8 +56,8 @@ class FedAvg(Strategy):
     def take(self, device: str, done: P.CompletedTransfer) -> str:
         assert self.global_model is not None
         reference = self.global_model.state_dict()
-        state = P.arrays_to_state(P.unpack_arrays(done.blob, self.decoded_limit(device, done.meta), done.packed),
-                                  reference)
+        limit = self.decoded_limit(device, done.meta) or self.cfg.max_decoded_bytes
+        state = P.arrays_to_state(P.unpack_arrays(done.blob, limit, done.packed), reference)
         samples = done.meta.get("samples")
         registered = self.ctx.registry.devices[device].get("train_samples")
         if type(samples) is not int or samples <= 0 or samples != registered:

@@ -101,7 +101,11 @@ class FedGKT(Strategy):
         reference = self.extractor_reference
         return sum(v.numel() * 4 for v in reference.values()) + 65536 if reference else None
 
-    def decoded_limit(self, device: str, meta: dict) -> int:
+    def decoded_limit(self, device: str, meta: dict) -> int | None:
+        """An upload's bound (``Ingest.decoded_limit``), once the run's feature shape is known (before it, the
+        bound would allow any shape: None)."""
+        if self.server is None or self.server.feature_shape is None:
+            return None
         split = meta.get("split")
         return self.ctx.ingest.decoded_limit(device, split if split in ("train", "test") else "train", self.num_classes,
                                              self.server.feature_shape if self.server else None, self._extractor_bytes())
