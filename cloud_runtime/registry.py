@@ -17,9 +17,10 @@ logger = logging.getLogger("edgefl.runtime")
 
 MAX_SAMPLES = 10**9
 REJECTION_EVENT_EVERY_S = 5.0   # a device's rejections become at most one console event per this many seconds
-# rejections that do not count toward quarantine: chunks of a device already quarantined, and chunks sent on an
-# ingest shard that is no longer the device's (sent before it learnt a new worker count)
-NOT_OFFENCES = frozenset({"quarantined", "wrong_shard"})
+# rejections that do not count toward quarantine: chunks of a device already quarantined, chunks sent on an
+# ingest shard that is no longer the device's (sent before it learnt a new worker count), and messages dropped
+# because the runtime (or a worker) held a device's bound of them unhandled (it may have been busy training)
+NOT_OFFENCES = frozenset({"quarantined", "wrong_shard", "inbox_full"})
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 

@@ -48,7 +48,8 @@ class CloudRuntime:
         self.transport = transport
         self.topics = P.Topics(cfg.run_id)
         self.session = uuid.uuid4().hex[:12]  # changes on every (re)start: devices re-send lost uploads
-        self.inbox = Inbox()
+        # each device's queued messages are bounded: the serve thread may train for minutes meanwhile
+        self.inbox = Inbox(self.topics.sender_of, cfg.max_pending_bytes_per_device)
         self.stop = threading.Event()
         self.messages_in = 0
         self.empty_messages = 0   # zero-length messages (retained deletions): ignored
@@ -127,6 +128,10 @@ class CloudRuntime:
         are judged at that time, so a message still queued behind a backlog counts as come."""
         drain(self.inbox, self.handle, timeout)
         handled_to = self.inbox.handled_up_to()
+        for device, (messages, wire) in self.inbox.take_dropped().items():  # (not an offence: see Inbox)
+            self.ingest.count("rejected", device, wire)
+            self.registry.reject("inbox_full", device, f"{messages} messages ({wire} bytes) dropped unread: the "
+                                 f"runtime held max_pending_bytes_per_device of this device's messages unhandled")
         if self.transport.taken_over and not self.stop.is_set():
             logger.error("another process logged in with this runtime's client id and took over its broker session "
                          "(a second runtime of run %r?): stopping without writing state, which is that process's "

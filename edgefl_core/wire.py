@@ -151,6 +151,14 @@ class Topics:
             return parts[len(base) + 1]
         return None
 
+    def sender_of(self, topic: str) -> str | None:
+        """The device whose topic ``topic`` is (any of them, a sharded uplink too); None for the runtime's own."""
+        parts = topic.split("/")
+        base = self.base.split("/")
+        if len(parts) >= len(base) + 3 and parts[:len(base)] == base and parts[len(base)] == "dev":
+            return parts[len(base) + 1]
+        return None
+
 
 def ingest_shard(run: str, device: str, shards: int) -> int:
     """The ingest worker of ``device`` among ``shards`` in run ``run``: the first 8 bytes of

@@ -166,3 +166,28 @@ def test_a_device_flooding_heartbeats_cannot_hold_a_round_past_its_deadline(tmp_
     assert strategy.collect(0, lambda: set(strategy.train_uploads))
     assert time.monotonic() - start < 6 and not rt.inbox.empty() and sorted(strategy.train_uploads) == ["devB"]
     assert not rt.registry.devices["devA"].get("rejection_reasons")
+
+
+def test_a_device_publishing_while_the_runtime_is_busy_cannot_fill_its_memory(tmp_path):
+    """While the serve thread trains it handles nothing: each device's queued messages are bounded by
+    max_pending_bytes_per_device, what is over is dropped unread and charged to that device (inbox_full, not an
+    offence: an honest device re-sends what it is missing), and other devices' uploads are untouched."""
+    from test_trust_boundary import runtime, upload_frames
+    bus = MemoryBus()
+    rt = runtime(tmp_path, bus, "max_chunk_bytes=262144", "max_pending_bytes_per_device=1048576",
+                 register=("devA", "devB"))
+    rt.start()
+    rt.pump(0.01)
+    junk = b"x" * 100_000
+    for _ in range(200):                       # 20 MB while the runtime handles nothing
+        bus.client("devA").publish(rt.topics.up("devA"), junk)
+    for frame in upload_frames("devB", range(30)):
+        bus.client("devB").publish(rt.topics.up("devB"), frame)
+    assert rt.inbox.qsize() <= 10 + len(upload_frames("devB", range(30)))
+    while not rt.inbox.empty():
+        rt.pump(0.01)
+    rt.pump(0.01)
+    reasons = rt.registry.devices["devA"]["rejection_reasons"]
+    assert reasons["inbox_full"] >= 1 and reasons["bad_magic"] == 10   # the 10 that fitted were read
+    assert rt.ingest.round_bytes["rejected"]["devA"] == 190 * len(junk)   # the dropped ones' bytes, charged
+    assert "devB" in rt.strategy.train_uploads and not rt.registry.devices["devB"].get("rejection_reasons")

@@ -5,6 +5,7 @@ message still queued is never taken for one that did not come."""
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from typing import Callable
 
@@ -12,14 +13,50 @@ DRAIN_BUDGET_S = 0.5  # the longest one drain handles messages before its caller
 
 
 class Inbox:
-    """``put(topic, payload)`` from any thread; :meth:`drain` on the handling one."""
+    """``put(topic, payload)`` from any thread; :meth:`drain` on the handling one. ``sender(topic)`` names who
+    sent a message (None: no bound); each sender's queued bytes are bounded by ``max_bytes_per_sender``, and
+    what would exceed it is dropped and counted (:meth:`take_dropped`): the handling thread may be busy for
+    minutes (server training), and a sender that publishes meanwhile must not fill the memory. A sender whose
+    chunks were dropped re-sends them when it asks what arrived (``edgefl_core/reliable.py``)."""
 
-    def __init__(self):
+    def __init__(self, sender: Callable[[str], str | None] = lambda topic: None,
+                 max_bytes_per_sender: int | None = None):
         self._queue: queue.Queue = queue.Queue()
+        self._sender, self._max = sender, max_bytes_per_sender
+        self._lock = threading.Lock()
+        self._queued: dict[str, int] = {}                 # sender -> bytes queued
+        self._dropped: dict[str, list[int]] = {}          # sender -> [messages, bytes] dropped since taken
 
-    def put(self, topic: str, payload: bytes, arrived: float | None = None) -> None:
-        """Queue a message; ``arrived``: its ``time.monotonic()`` (now, unless a test replays a past)."""
-        self._queue.put((topic, payload, time.monotonic() if arrived is None else arrived))
+    def put(self, topic: str, payload: bytes, arrived: float | None = None) -> bool:
+        """Queue a message (False: dropped, its sender's bound reached); ``arrived``: its ``time.monotonic()``
+        (now, unless a test replays a past)."""
+        sender = self._sender(topic) if self._max is not None else None
+        if sender is not None:
+            with self._lock:
+                queued = self._queued.get(sender, 0)
+                if queued + len(payload) > self._max:
+                    counts = self._dropped.setdefault(sender, [0, 0])
+                    counts[0] += 1
+                    counts[1] += len(payload)
+                    return False
+                self._queued[sender] = queued + len(payload)
+        self._queue.put((topic, payload, time.monotonic() if arrived is None else arrived, sender))
+        return True
+
+    def _taken(self, sender: str | None, payload: bytes) -> None:
+        if sender is not None:
+            with self._lock:
+                left = self._queued.get(sender, 0) - len(payload)
+                if left > 0:
+                    self._queued[sender] = left
+                else:
+                    self._queued.pop(sender, None)
+
+    def take_dropped(self) -> dict[str, tuple[int, int]]:
+        """``{sender: (messages, bytes)}`` dropped since the last call."""
+        with self._lock:
+            dropped, self._dropped = self._dropped, {}
+        return {k: (v[0], v[1]) for k, v in dropped.items()}
 
     def drain(self, handle: Callable[[str, bytes], None], timeout: float, budget_s: float = DRAIN_BUDGET_S,
               clock: Callable[[], float] = time.monotonic) -> int:
@@ -28,17 +65,18 @@ class Inbox:
         that refills as fast as it is handled (a fleet uploading at once, one device flooding) must not starve
         the caller's periodic work (deadlines, expiries, presence renewals), which runs between drains."""
         try:
-            topic, payload, _ = self._queue.get(timeout=timeout)
+            topic, payload, _, sender = self._queue.get(timeout=timeout)
         except queue.Empty:
             return 0
         handled, start = 0, clock()
         while True:
+            self._taken(sender, payload)
             handle(topic, payload)
             handled += 1
             if clock() - start >= budget_s:
                 return handled
             try:
-                topic, payload, _ = self._queue.get_nowait()
+                topic, payload, _, sender = self._queue.get_nowait()
             except queue.Empty:
                 return handled
 
@@ -58,6 +96,8 @@ class Inbox:
         """Drop what is queued (tests: as if it never came)."""
         with self._queue.mutex:
             self._queue.queue.clear()
+        with self._lock:
+            self._queued.clear()
 
 
 def drain(inbox: Inbox, handle: Callable[[str, bytes], None], timeout: float, budget_s: float = DRAIN_BUDGET_S,
