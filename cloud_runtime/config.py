@@ -450,7 +450,8 @@ class RuntimeConfig:
     state_dir: str = "runtime-state"     # relative to the config file's folder
     threads: int | None = None
     # one transfer as sent (compressed; what it decodes to is bounded by the device's registered sample count),
-    # and what one device's unfinished transfers may hold in the runtime's memory
+    # and what one device's unfinished transfers may hold in the runtime's memory (and, apart, its messages
+    # queued unhandled, e.g. while the server trains)
     max_transfer_bytes: int = 256 << 20
     max_pending_bytes_per_device: int = 256 << 20
     max_decoded_bytes: int = 1 << 30   # what any one transfer may decompress to, whatever the device registered
