@@ -89,8 +89,9 @@ class Shards:
             logger.warning("ingest shards without a live worker: %s (state per shard; stale: no presence for "
                            "%.0f s). Their devices cannot upload. %s", missing, STALE_PRESENCE_S,
                            "This runtime spawns its workers: the log above says why one is not running (a "
-                           "configuration error such as a broker account mosquitto does not know yet, or one "
-                           "started elsewhere took over); fix that and restart the runtime" if spawned
+                           "configuration error such as a broker account mosquitto does not know yet: fix it and "
+                           "restart the runtime; or one started elsewhere took over: this runtime's is started "
+                           "again once the shard has had no live worker for %.0f s)" % STALE_PRESENCE_S if spawned
                            else "Start 'cloud-ingest --config <runtime.yaml> --shard K' for each")
 
     def report(self) -> dict:
