@@ -84,7 +84,8 @@ class IngestWorker:
         self.reassembler = Reassembler(cfg.max_transfer_bytes, cfg.transfer_timeout_s,
                                        max_chunk=cfg.max_chunk_bytes,
                                        max_pending_bytes_per_device=cfg.max_pending_bytes_per_device)
-        self.inbox = Inbox(self.topics.sender_of, cfg.max_pending_bytes_per_device)  # per device, as the runtime
+        self.inbox = Inbox(lambda topic, payload: self.topics.sender_of(topic),  # per device, as the runtime
+                           cfg.max_pending_bytes_per_device)
         self.stop = threading.Event()
         self.messages_in = self.forwarded = self.refused = 0
         # device -> what its transfers may decompress to (the coordinator's per-device bound, sent at its
@@ -193,17 +194,23 @@ class IngestWorker:
                                parent_pid)
                 return
             drain(self.inbox, self.handle, 0.2)
-            handled_to = self.inbox.handled_up_to()  # behind a backlog, a transfer's chunks or its verdict may
-            for device, transfer in self.reassembler.expire(handled_to):  # be queued: judged as of then
-                self._charge(device, -1, "rejected", 0, "transfer_timeout",
-                             f"transfer {transfer[:8]} incomplete after {self.cfg.transfer_timeout_s:.0f}s")
-            for device, (messages, wire) in self.inbox.take_dropped().items():
-                self._charge(device, -1, "rejected", wire, "inbox_full",
-                             f"{messages} messages dropped unread by ingest worker {self.shard}: it held "
-                             f"max_pending_bytes_per_device of this device's messages unhandled")
-            self._charge_dropped()
-            self._charge_bulk()
-            self.reopen_unjudged(handled_to)
+            self.between_drains()
+
+    def between_drains(self) -> None:
+        """What the serve loop does after each drain: expire transfers and reopen unjudged forwards as of when
+        what was handled arrived (behind a backlog, a transfer's chunks or its verdict may still be queued),
+        charge what was dropped."""
+        handled_to = self.inbox.handled_up_to()
+        for device, transfer in self.reassembler.expire(handled_to):
+            self._charge(device, -1, "rejected", 0, "transfer_timeout",
+                         f"transfer {transfer[:8]} incomplete after {self.cfg.transfer_timeout_s:.0f}s")
+        for device, (messages, wire) in self.inbox.take_dropped().items():
+            self._charge(device, -1, "rejected", wire, "inbox_full",
+                         f"{messages} messages dropped unread by ingest worker {self.shard}: it held "
+                         f"max_pending_bytes_per_device of this device's messages unhandled")
+        self._charge_dropped()
+        self._charge_bulk()
+        self.reopen_unjudged(handled_to)
 
     def reopen_unjudged(self, now: float | None = None) -> int:
         """Reopen forwarded transfers that got no verdict within ``transfer_timeout_s`` (the coordinator never saw

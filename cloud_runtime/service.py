@@ -49,7 +49,7 @@ class CloudRuntime:
         self.topics = P.Topics(cfg.run_id)
         self.session = uuid.uuid4().hex[:12]  # changes on every (re)start: devices re-send lost uploads
         # each device's queued messages are bounded: the serve thread may train for minutes meanwhile
-        self.inbox = Inbox(self.topics.sender_of, cfg.max_pending_bytes_per_device)
+        self.inbox = Inbox(self._sender, cfg.max_pending_bytes_per_device)
         self.stop = threading.Event()
         self.messages_in = 0
         self.empty_messages = 0   # zero-length messages (retained deletions): ignored
@@ -97,6 +97,15 @@ class CloudRuntime:
             self.downlink.recipe["ingest_shards"] = self.workers
 
     # -- messages -----------------------------------------------------------------------------------
+
+    def _sender(self, topic: str, payload: bytes) -> str | None:
+        """Whose bound a queued message counts toward: the device of a device topic, or the device an ingest
+        worker's forward or charge is about (a device's data reaches the runtime that way too, inflated up to
+        its decoded limit); None for a worker's presence."""
+        device = self.topics.sender_of(topic)
+        if device is None and self.topics.ingest_shard_of(topic) is not None:
+            device = P.frame_device(payload)
+        return device
 
     def enqueue(self, topic: str, payload: bytes) -> None:
         """Transport callback: queue only (runs on the network thread)."""

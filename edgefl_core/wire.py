@@ -212,6 +212,22 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def frame_device(payload: bytes) -> str | None:
+    """The ``device`` a frame's header names, read without checking the rest (None: no such header). For
+    deciding whose bound a queued message counts toward before it is handled; :func:`decode_frame` judges it."""
+    if len(payload) < 8 or payload[:4] != MAGIC:
+        return None
+    (header_len,) = struct.unpack(">I", payload[4:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(payload):
+        return None
+    try:
+        header = json.loads(payload[8:8 + header_len])
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    device = header.get("device") if isinstance(header, dict) else None
+    return device if isinstance(device, str) else None
+
+
 def decode_frame(payload: bytes, max_body: int | None = None) -> tuple[dict, bytes]:
     """Parse and sanity-check a frame; every failure is a :class:`ProtocolError` with a reason."""
     if len(payload) < 8 or payload[:4] != MAGIC:
@@ -248,4 +264,4 @@ def control_frame(type_: str, *, run: str, device: str, round_: int, **data: Any
     return encode_frame({"type": type_, "run": run, "device": device, "round": round_, "data": data})
 
 
-__all__ = ['PROTOCOL_VERSION', 'MAGIC', 'MAX_HEADER_BYTES', 'MAX_HEADER_DEPTH', 'MAX_ROUND', 'DEFAULT_CHUNK_BYTES', 'DEFAULT_MAX_TRANSFER_BYTES', 'REGISTER', 'STATUS', 'HEARTBEAT', 'CHUNK', 'ROUND', 'SHUTDOWN', 'ACK', 'HELLO', 'CONTROL_TYPES', 'INGESTED', 'INGEST_EVENT', 'VERDICT', 'MAX_INGEST_SHARDS', 'ingest_shard', 'KIND_UPLOAD', 'KIND_SOFT_LABELS', 'KIND_MODEL', 'KIND_MODEL_UPDATE', 'KIND_EXTRACTOR', 'KIND_EDGE_PROGRAM', 'EXTRACTOR_PREFIX', 'ProtocolError', 'Topics', 'check_device_id', 'encode_frame', 'decode_frame', 'control_frame']
+__all__ = ['PROTOCOL_VERSION', 'MAGIC', 'MAX_HEADER_BYTES', 'MAX_HEADER_DEPTH', 'MAX_ROUND', 'DEFAULT_CHUNK_BYTES', 'DEFAULT_MAX_TRANSFER_BYTES', 'REGISTER', 'STATUS', 'HEARTBEAT', 'CHUNK', 'ROUND', 'SHUTDOWN', 'ACK', 'HELLO', 'CONTROL_TYPES', 'INGESTED', 'INGEST_EVENT', 'VERDICT', 'MAX_INGEST_SHARDS', 'ingest_shard', 'KIND_UPLOAD', 'KIND_SOFT_LABELS', 'KIND_MODEL', 'KIND_MODEL_UPDATE', 'KIND_EXTRACTOR', 'KIND_EDGE_PROGRAM', 'EXTRACTOR_PREFIX', 'ProtocolError', 'Topics', 'check_device_id', 'encode_frame', 'frame_device', 'decode_frame', 'control_frame']

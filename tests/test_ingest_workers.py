@@ -630,3 +630,32 @@ def test_a_worker_flooded_without_pause_still_renews_its_presence(tmp_path, monk
     worker.stop.set()
     serving.join(5)
     assert len([t for t in renewals if t < flood_until]) >= 2, renewals
+
+
+def test_forwards_count_toward_their_device_s_bound_at_a_busy_coordinator(tmp_path):
+    """What a worker forwards (decompressed, up to the device's decoded limit) reaches the coordinator on its own
+    topic: it counts toward the device's bound there as its chunks would without workers, so a device sending
+    transfer after transfer while the coordinator trains cannot fill its memory through its worker. And a
+    worker bounds what it queues per device too, charging what it drops to the device."""
+    bus, rt, workers, downs = cluster(tmp_path, "max_chunk_bytes=262144", "max_pending_bytes_per_device=1048576",
+                                      "validation.quarantine_after=100000", register=("devA", "devB"))
+    settle(rt, workers)
+    worker = workers[SHARD["devA"]]
+    for k in range(40):                     # 40 transfers of ~100 kB while the coordinator handles nothing
+        for frame in P.chunk_transfer(np.random.default_rng(k).bytes(100_000), run=RUN, device="devA", round_=0,
+                                      meta={"kind": "upload", "split": "train", "codec": "fp16"}):
+            bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), frame)
+        drain(worker.inbox, worker.handle, 0.01)
+    assert worker.forwarded == 40 and rt.inbox.qsize() <= 11
+    settle(rt, workers)
+    worker._charge_bulk(force=True)
+    settle(rt, workers)
+    assert rt.registry.devices["devA"]["rejection_reasons"]["inbox_full"] >= 1
+    for _ in range(3000):                   # the worker's own inbox: bounded per device the same way
+        bus.client("devA").publish(rt.topics.up("devA", SHARD["devA"]), b"junk")
+    assert worker.inbox.qsize() == 1048576 // (4 + 512)
+    drain(worker.inbox, worker.handle, 0.01)
+    worker.between_drains()
+    worker._charge_bulk(force=True)
+    settle(rt, workers)
+    assert rt.registry.devices["devA"]["rejection_reasons"]["inbox_full"] >= 2, rt.registry.devices["devA"]["rejection_reasons"]

@@ -170,24 +170,34 @@ def test_a_device_flooding_heartbeats_cannot_hold_a_round_past_its_deadline(tmp_
 
 def test_a_device_publishing_while_the_runtime_is_busy_cannot_fill_its_memory(tmp_path):
     """While the serve thread trains it handles nothing: each device's queued messages are bounded by
-    max_pending_bytes_per_device, what is over is dropped unread and charged to that device (inbox_full, not an
-    offence: an honest device re-sends what it is missing), and other devices' uploads are untouched."""
+    max_pending_bytes_per_device (an empty message costs its overhead too), what is over is dropped unread and
+    charged to that device (inbox_full: not an offence, an honest device re-sends what is missing), the bound
+    is given back as messages are handled, and other devices' uploads are untouched."""
+    from edgefl_core.transport.inbox import MESSAGE_OVERHEAD
     from test_trust_boundary import runtime, upload_frames
     bus = MemoryBus()
     rt = runtime(tmp_path, bus, "max_chunk_bytes=262144", "max_pending_bytes_per_device=1048576",
                  register=("devA", "devB"))
     rt.start()
     rt.pump(0.01)
-    junk = b"x" * 100_000
-    for _ in range(200):                       # 20 MB while the runtime handles nothing
-        bus.client("devA").publish(rt.topics.up("devA"), junk)
+    beat = P.control_frame(P.HEARTBEAT, run=rt.cfg.run_id, device="devA", round_=0)
+    for _ in range(3000):                   # valid heartbeats (no offence), then empty messages: none is free
+        bus.client("devA").publish(rt.topics.heartbeat("devA"), beat)
+    for _ in range(3000):
+        bus.client("devA").publish(rt.topics.up("devA"), b"")
     for frame in upload_frames("devB", range(30)):
         bus.client("devB").publish(rt.topics.up("devB"), frame)
-    assert rt.inbox.qsize() <= 10 + len(upload_frames("devB", range(30)))
+    fit = 1048576 // (len(beat) + MESSAGE_OVERHEAD)
+    assert rt.inbox.qsize() == fit + len(upload_frames("devB", range(30)))
     while not rt.inbox.empty():
         rt.pump(0.01)
     rt.pump(0.01)
-    reasons = rt.registry.devices["devA"]["rejection_reasons"]
-    assert reasons["inbox_full"] >= 1 and reasons["bad_magic"] == 10   # the 10 that fitted were read
-    assert rt.ingest.round_bytes["rejected"]["devA"] == 190 * len(junk)   # the dropped ones' bytes, charged
+    info = rt.registry.devices["devA"]
+    assert info["rejection_reasons"] == {"inbox_full": 1} and rt.registry.reject_streak["devA"] == 0
+    assert not rt.registry.quarantined("devA")
+    assert rt.ingest.round_bytes["rejected"]["devA"] == (3000 - fit) * len(beat)
     assert "devB" in rt.strategy.train_uploads and not rt.registry.devices["devB"].get("rejection_reasons")
+    for frame in upload_frames("devA", range(30)):   # handled, its messages gave their bound back
+        bus.client("devA").publish(rt.topics.up("devA"), frame)
+    rt.pump(0.01)
+    assert "devA" in rt.strategy.train_uploads

@@ -10,16 +10,19 @@ import time
 from typing import Callable
 
 DRAIN_BUDGET_S = 0.5  # the longest one drain handles messages before its caller's periodic work runs again
+MESSAGE_OVERHEAD = 512  # bytes a queued message costs besides its payload (topic, tuple, objects): an empty
+#                         message is not free
 
 
 class Inbox:
-    """``put(topic, payload)`` from any thread; :meth:`drain` on the handling one. ``sender(topic)`` names who
-    sent a message (None: no bound); each sender's queued bytes are bounded by ``max_bytes_per_sender``, and
-    what would exceed it is dropped and counted (:meth:`take_dropped`): the handling thread may be busy for
-    minutes (server training), and a sender that publishes meanwhile must not fill the memory. A sender whose
-    chunks were dropped re-sends them when it asks what arrived (``edgefl_core/reliable.py``)."""
+    """``put(topic, payload)`` from any thread; :meth:`drain` on the handling one. ``sender(topic, payload)``
+    names whose bound a message counts toward (None: no bound); each sender's queued bytes (payload plus
+    :data:`MESSAGE_OVERHEAD` each) are bounded by ``max_bytes_per_sender``, and what would exceed it is
+    dropped and counted (:meth:`take_dropped`): the handling thread may be busy for minutes (server training),
+    and a sender that publishes meanwhile must not fill the memory. A sender whose chunks were dropped re-sends
+    them when it asks what arrived (``edgefl_core/reliable.py``)."""
 
-    def __init__(self, sender: Callable[[str], str | None] = lambda topic: None,
+    def __init__(self, sender: Callable[[str, bytes], str | None] = lambda topic, payload: None,
                  max_bytes_per_sender: int | None = None):
         self._queue: queue.Queue = queue.Queue()
         self._sender, self._max = sender, max_bytes_per_sender
@@ -30,23 +33,23 @@ class Inbox:
     def put(self, topic: str, payload: bytes, arrived: float | None = None) -> bool:
         """Queue a message (False: dropped, its sender's bound reached); ``arrived``: its ``time.monotonic()``
         (now, unless a test replays a past)."""
-        sender = self._sender(topic) if self._max is not None else None
+        sender = self._sender(topic, payload) if self._max is not None else None
         if sender is not None:
             with self._lock:
                 queued = self._queued.get(sender, 0)
-                if queued + len(payload) > self._max:
+                if queued + len(payload) + MESSAGE_OVERHEAD > self._max:
                     counts = self._dropped.setdefault(sender, [0, 0])
                     counts[0] += 1
                     counts[1] += len(payload)
                     return False
-                self._queued[sender] = queued + len(payload)
+                self._queued[sender] = queued + len(payload) + MESSAGE_OVERHEAD
         self._queue.put((topic, payload, time.monotonic() if arrived is None else arrived, sender))
         return True
 
     def _taken(self, sender: str | None, payload: bytes) -> None:
         if sender is not None:
             with self._lock:
-                left = self._queued.get(sender, 0) - len(payload)
+                left = self._queued.get(sender, 0) - len(payload) - MESSAGE_OVERHEAD
                 if left > 0:
                     self._queued[sender] = left
                 else:
