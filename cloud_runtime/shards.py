@@ -95,9 +95,14 @@ class Shards:
                            else "Start 'cloud-ingest --config <runtime.yaml> --shard K' for each")
 
     def report(self) -> dict:
-        """``run.ingest_workers`` of report.json."""
+        """``run.ingest_workers`` of report.json: the shards whose worker was heard from, by state."""
         return {"workers": self.workers, "forwarded_transfers": self.forwarded,
                 "status": {str(k): v["state"] for k, v in sorted(self.worker_status.items())}}
+
+    def view(self) -> dict:
+        """The console's (``/api/status`` ``ingest_workers``): every shard, ``unknown`` for one never heard from."""
+        return {"workers": self.workers, "forwarded_transfers": self.forwarded,
+                "shards": {str(k): self.worker_status.get(k, {}).get("state", "unknown") for k in range(self.workers)}}
 
     def on_forward(self, shard: int, payload: bytes) -> None:
         """What ingest worker ``shard`` forwards: a transfer it reassembled and verified (judged here as if

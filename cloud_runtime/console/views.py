@@ -157,11 +157,7 @@ def ingest_workers(runtime) -> dict:
     state}}``, state ``online`` | ``offline`` | ``stale`` (an online presence not renewed for 90 s) | ``misconfigured``
     | ``unknown`` (no presence seen yet)."""
     shards = getattr(runtime, "shards", None)
-    if shards is None:
-        return {"workers": 0, "forwarded_transfers": 0, "shards": {}}
-    seen = shards.worker_status
-    return {"workers": shards.workers, "forwarded_transfers": shards.forwarded,
-            "shards": {str(k): seen.get(k, {}).get("state", "unknown") for k in range(shards.workers)}}
+    return shards.view() if shards is not None else {"workers": 0, "forwarded_transfers": 0, "shards": {}}
 
 
 def round_rows(rows: list[dict]) -> list[dict]:
