@@ -134,11 +134,13 @@ class Ingest:
 
     # -- feature uploads ----------------------------------------------------------------------------
 
-    def decoded_limit(self, device: str, split: str, num_classes: int | None, feature_shape: tuple | None,
+    def decoded_limit(self, device: str, split, num_classes: int | None, feature_shape: tuple | None,
                       extractor_bytes: int | None) -> int:
-        """Bytes an upload of ``split`` from ``device`` may decompress to: its registered sample count times
-        an fp32 sample (features, logits, id, label), plus the extractor when averaging, plus 1 MiB of headers.
-        A transfer stating a larger size is refused before anything is allocated."""
+        """Bytes an upload of ``split`` ("train" or "test"; anything else is judged as "train") from ``device``
+        may decompress to: its registered sample count times an fp32 sample (features, logits, id, label), plus
+        the extractor when averaging, plus 1 MiB of headers. A transfer stating a larger size is refused before
+        anything is allocated."""
+        split = split if split in ("train", "test") else "train"
         samples = self.registry.devices[device].get(f"{split}_samples") or 0
         feature = int(np.prod(feature_shape)) if feature_shape else 4 * 256 * 256 * 16
         per_sample = 4 * feature + 4 * (num_classes or 100_000) + 16
@@ -153,10 +155,8 @@ class Ingest:
         extractor averaging is on). Nothing is recorded: the caller claims the ids (:meth:`claim`) once it has
         accepted the upload. Raises ProtocolError or Rejected naming what is wrong."""
         check_upload_meta(done.meta)
-        split = done.meta.get("split")
-        arrays = P.unpack_arrays(done.blob, self.decoded_limit(device, split if split in ("train", "test") else "train",
-                                                               num_classes, feature_shape, extractor_bytes),
-                                 done.packed)
+        arrays = P.unpack_arrays(done.blob, self.decoded_limit(device, done.meta.get("split"), num_classes,
+                                                               feature_shape, extractor_bytes), done.packed)
         upload = HeldUpload.from_arrays(arrays, done.meta, device, done.round)
         try:
             peak = upload.validate(num_classes, feature_shape, limit=self.cfg.validation.max_abs_feature)

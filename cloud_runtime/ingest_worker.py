@@ -31,13 +31,10 @@ import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
-from typing import Callable
 
 import zstandard
 
 from cloud_runtime.config import RuntimeConfig
-from cloud_runtime.registry import Rejected
 from edgefl_core import wire as W
 from edgefl_core.chunking import CompletedTransfer, Reassembler
 from edgefl_core.codecs import decompress
@@ -56,7 +53,6 @@ FORWARD_PART_BYTES = 768 << 10
 # bomb is forwarded as sent, and the coordinator refuses it from its stated size before allocating anything
 MAX_FORWARD_INFLATION = 4
 MAX_KNOWN_DEVICES = 1_000_000  # devices whose decoded bound a worker keeps (a registered fleet, per shard)
-REFUSED_REMEMBERED = 1024  # forwards the coordinator refused from their first part, whose later parts it drops
 # a device that re-registered: its open transfers idle this long are its old process's, dropped at once (others
 # expire after transfer_timeout_s if they are)
 FORGET_IDLE_S = 2.0
@@ -84,8 +80,8 @@ class IngestWorker:
         self.reassembler = Reassembler(cfg.max_transfer_bytes, cfg.transfer_timeout_s,
                                        max_chunk=cfg.max_chunk_bytes,
                                        max_pending_bytes_per_device=cfg.max_pending_bytes_per_device)
-        self.inbox = Inbox(lambda topic, payload: self.topics.sender_of(topic),  # per device, as the runtime
-                           cfg.max_pending_bytes_per_device)
+        self.inbox = Inbox(lambda topic, payload: (self.topics.sharded_device_of(topic) or (None,))[0],
+                           cfg.max_pending_bytes_per_device)  # per device, as the runtime's
         self.stop = threading.Event()
         self.messages_in = self.forwarded = self.refused = 0
         # device -> what its transfers may decompress to (the coordinator's per-device bound, sent at its
@@ -457,85 +453,6 @@ class IngestWorker:
     def _charge_dropped(self) -> None:
         for owner, held in self.reassembler.take_dropped().items():
             self._charge(owner, -1, "rejected", held)
-
-
-class ForwardAssembler:
-    """The coordinator's side of the forwards: each worker's transfer in progress, by shard, put together from
-    its INGESTED parts (at most ``max_bytes``). ``retry(device, transfer)`` tells a worker to reassemble a
-    transfer afresh when its forward was cut short. ``check(header)`` judges part 0 before anything is held: it
-    raises Rejected when the transfer states more bytes than its device may send (a worker decompresses up to
-    :data:`MAX_FORWARD_INFLATION` times what the device sent, so without it one device could make the
-    coordinator hold that much of what its registration would refuse)."""
-
-    def __init__(self, max_bytes: int, retry: Callable[[str, str], None],
-                 check: Callable[[dict], None] = lambda header: None):
-        self.max_bytes, self.retry, self.check = max_bytes, retry, check
-        self._held: dict[int, dict] = {}  # shard -> {"header": part 0's, "parts": [...], "bytes": n}
-        self._refused: OrderedDict[tuple, None] = OrderedDict()  # (device, transfer) judged from part 0: the
-        # rest of their parts are dropped unread, wherever they come (a stray one must not reopen the verdict)
-
-    def add(self, shard: int, header: dict, body: bytes) -> CompletedTransfer | None:
-        """Append one part of worker ``shard``'s forward; the transfer once its last part is in. A worker forwards
-        one transfer at a time and its parts arrive in order, so only the one in progress is held; a gap (the
-        worker restarted mid-forward) drops it, and the device's sender asks again and re-sends. Part 0 that
-        ``check`` refuses raises ForwardRefused (the transfer as stated, no bytes held); the rest of its parts
-        are dropped unread."""
-        part, parts, size = header.get("part"), header.get("parts"), header.get("size")
-        key = (header["device"], str(header.get("transfer"))[:64])
-        if key in self._refused and part != 0:
-            return None
-        held = self._held.get(shard)
-        if part == 0:
-            if held is not None and (held["header"]["device"], held["header"].get("transfer")) != \
-                    (header["device"], header.get("transfer")):
-                self.retry(held["header"]["device"], str(held["header"].get("transfer"))[:64])  # a forward cut
-            held = self._held[shard] = {"header": header, "parts": [], "bytes": 0}   # short: reassembled afresh
-            try:
-                self.check(header)
-            except Rejected as e:
-                del self._held[shard]
-                self._refused[key] = None
-                while len(self._refused) > REFUSED_REMEMBERED:
-                    self._refused.popitem(last=False)
-                raise ForwardRefused(_transfer(header, b"", 0), e) from None
-            self._refused.pop(key, None)   # forwarded again in a form that passes: its parts are held now
-        if type(part) is not int or type(parts) is not int or type(size) is not int or held is None \
-                or (held["header"].get("transfer"), held["header"]["device"]) != (header.get("transfer"), header["device"]) \
-                or len(held["parts"]) != part \
-                or held["header"].get("parts") != parts or held["bytes"] + len(body) > min(size, self.max_bytes):
-            self._held.pop(shard, None)
-            logger.warning("ingest worker %d: part %s of %s of %s's transfer %s is out of sequence: the transfer is "
-                           "dropped (its device re-sends it)", shard, str(part)[:12], str(parts)[:12], header["device"],
-                           str(header.get("transfer"))[:8])
-            for lost in {(h["device"], h.get("transfer")) for h in (header, held["header"] if held else header)}:
-                if isinstance(lost[1], str):   # the worker reassembles their resends afresh
-                    self.retry(lost[0], lost[1][:64])
-            return None
-        held["parts"].append(body)
-        held["bytes"] += len(body)
-        if part < parts - 1:
-            return None
-        del self._held[shard]
-        return _transfer(held["header"], b"".join(held["parts"]), held["bytes"])
-
-
-class ForwardRefused(Exception):
-    """Part 0 of a forward was refused (:meth:`ForwardAssembler.add`): ``transfer`` as its header states it
-    (no blob), ``rejected`` why."""
-
-    def __init__(self, transfer: CompletedTransfer, rejected: Rejected):
-        super().__init__(str(rejected))
-        self.transfer, self.rejected = transfer, rejected
-
-
-def _transfer(first: dict, blob: bytes, held_bytes: int) -> CompletedTransfer:
-    """A forwarded transfer from its part 0 header (what the worker states of it) and the blob put together."""
-    meta, wire, chunks = first.get("meta"), first.get("wire_bytes"), first.get("chunks")
-    return CompletedTransfer(first["device"], first["round"], str(first.get("transfer", ""))[:64],
-                             meta if isinstance(meta, dict) else {}, blob,
-                             wire if type(wire) is int and wire >= 0 else held_bytes,
-                             chunks if type(chunks) is int else 1, str(first.get("sha256", "")),
-                             "raw" if first.get("packed") == "raw" else "zstd")
 
 
 def check_shard(cfg: RuntimeConfig, shard: int) -> None:

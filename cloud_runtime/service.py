@@ -102,7 +102,7 @@ class CloudRuntime:
         """Whose bound a queued message counts toward: the device of a device topic, or the device an ingest
         worker's forward or charge is about (a device's data reaches the runtime that way too, inflated up to
         its decoded limit); None for a worker's presence."""
-        device = self.topics.sender_of(topic)
+        device = self.topics.device_of(topic)
         if device is None and self.topics.ingest_shard_of(topic) is not None:
             device = P.frame_device(payload)
         return device
@@ -147,7 +147,7 @@ class CloudRuntime:
                          "now (run one runtime per run)", self.cfg.run_id)
             self.stop.set()
         if self.shards:
-            self.shards.check_presence(handled_to, spawned=self.cfg.ingest.spawn)
+            self.shards.check_presence(handled_to)
         self.programs.poll()
         self.board.refresh(self)  # the console's views, when due and someone is watching
         for device, transfer in self.ingest.expired(handled_to):

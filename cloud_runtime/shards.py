@@ -1,5 +1,5 @@
 """The coordinator's side of sharded ingest (``ingest_worker.py`` is the workers'): what the ingest workers
-forward is put together (:class:`~cloud_runtime.ingest_worker.ForwardAssembler`) and judged as if it had been
+forward is put together (:class:`ForwardAssembler`) and judged as if it had been
 reassembled here; what they refuse is charged to the device with the reason; verdicts, forgets and
 quarantines go to the worker of the device's shard; their presence is tracked, and shards without a live
 worker are logged. The runtime routes the ingest topics here (:meth:`Shards.handle`); the judging of a
@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import Callable
 
 from cloud_runtime.config import RuntimeConfig
 from cloud_runtime.ingest import Ingest
-from cloud_runtime.ingest_worker import PRESENCE_EVERY_S, ForwardAssembler, ForwardRefused
+from cloud_runtime.ingest_worker import PRESENCE_EVERY_S
 from cloud_runtime.registry import DeviceRegistry, Rejected
 from edge_sdk import protocol as P
 from edge_sdk.messages import MessageError
+from edgefl_core.chunking import CompletedTransfer
 from edgefl_core.transport import Transport
 
 logger = logging.getLogger("edgefl.runtime")
 
 WORKER_CHECK_S = 30.0   # how often shards without a live ingest worker are looked for (and logged)
 STALE_PRESENCE_S = 3 * PRESENCE_EVERY_S   # an "online" presence not renewed this long is stale
+REFUSED_REMEMBERED = 1024  # forwards refused from their first part, whose later parts are dropped
 
 
 class Shards:
@@ -67,11 +70,11 @@ class Shards:
             return True
         return False
 
-    def check_presence(self, handled_to: float, spawned: bool) -> None:
+    def check_presence(self, handled_to: float) -> None:
         """Every :data:`WORKER_CHECK_S`: an ``online`` presence not renewed for :data:`STALE_PRESENCE_S` by
         ``handled_to`` (the ``time.monotonic()`` up to which the runtime has handled what arrived: a renewal
         still queued is not a silence) is ``stale``; shards without a live worker are logged, with the remedy
-        (``spawned``: this runtime starts its workers itself)."""
+        (``ingest.spawn``: this runtime starts its workers itself)."""
         now = time.monotonic()
         if now - self._checked <= WORKER_CHECK_S:
             return
@@ -91,7 +94,7 @@ class Shards:
                            "This runtime spawns its workers: the log above says why one is not running (a "
                            "configuration error such as a broker account mosquitto does not know yet: fix it and "
                            "restart the runtime; or one started elsewhere took over: this runtime's is started "
-                           "again once the shard has had no live worker for %.0f s)" % STALE_PRESENCE_S if spawned
+                           "again once the shard has had no live worker for %.0f s)" % STALE_PRESENCE_S if self.cfg.ingest.spawn
                            else "Start 'cloud-ingest --config <runtime.yaml> --shard K' for each")
 
     def report(self) -> dict:
@@ -255,3 +258,81 @@ class Shards:
         if left > 0:
             self.tell_worker(device, quarantined_for_s=round(left, 1))
 
+
+class ForwardAssembler:
+    """The coordinator's side of the forwards: each worker's transfer in progress, by shard, put together from
+    its INGESTED parts (at most ``max_bytes``). ``retry(device, transfer)`` tells a worker to reassemble a
+    transfer afresh when its forward was cut short. ``check(header)`` judges part 0 before anything is held: it
+    raises Rejected when the transfer states more bytes than its device may send (a worker whose bound for the
+    device is out of date decompresses up to :data:`~cloud_runtime.ingest_worker.MAX_FORWARD_INFLATION` times
+    what the device sent)."""
+
+    def __init__(self, max_bytes: int, retry: Callable[[str, str], None],
+                 check: Callable[[dict], None] = lambda header: None):
+        self.max_bytes, self.retry, self.check = max_bytes, retry, check
+        self._held: dict[int, dict] = {}  # shard -> {"header": part 0's, "parts": [...], "bytes": n}
+        self._refused: OrderedDict[tuple, None] = OrderedDict()  # (device, transfer) judged from part 0: the
+        # rest of their parts are dropped unread, wherever they come (a stray one must not reopen the verdict)
+
+    def add(self, shard: int, header: dict, body: bytes) -> CompletedTransfer | None:
+        """Append one part of worker ``shard``'s forward; the transfer once its last part is in. A worker forwards
+        one transfer at a time and its parts arrive in order, so only the one in progress is held; a gap (the
+        worker restarted mid-forward) drops it, and the device's sender asks again and re-sends. Part 0 that
+        ``check`` refuses raises ForwardRefused (the transfer as stated, no bytes held); the rest of its parts
+        are dropped unread."""
+        part, parts, size = header.get("part"), header.get("parts"), header.get("size")
+        key = (header["device"], str(header.get("transfer"))[:64])
+        if key in self._refused and part != 0:
+            return None
+        held = self._held.get(shard)
+        if part == 0:
+            if held is not None and (held["header"]["device"], held["header"].get("transfer")) != \
+                    (header["device"], header.get("transfer")):
+                self.retry(held["header"]["device"], str(held["header"].get("transfer"))[:64])  # a forward cut
+            try:                                                                      # short: reassembled afresh
+                self.check(header)
+            except Rejected as e:
+                self._held.pop(shard, None)
+                self._refused[key] = None
+                while len(self._refused) > REFUSED_REMEMBERED:
+                    self._refused.popitem(last=False)
+                raise ForwardRefused(_transfer(header, b"", 0), e) from None
+            self._refused.pop(key, None)   # forwarded again in a form that passes: its parts are held now
+            held = self._held[shard] = {"header": header, "parts": [], "bytes": 0}
+        if type(part) is not int or type(parts) is not int or type(size) is not int or held is None \
+                or (held["header"].get("transfer"), held["header"]["device"]) != (header.get("transfer"), header["device"]) \
+                or len(held["parts"]) != part \
+                or held["header"].get("parts") != parts or held["bytes"] + len(body) > min(size, self.max_bytes):
+            self._held.pop(shard, None)
+            logger.warning("ingest worker %d: part %s of %s of %s's transfer %s is out of sequence: the transfer is "
+                           "dropped (its device re-sends it)", shard, str(part)[:12], str(parts)[:12], header["device"],
+                           str(header.get("transfer"))[:8])
+            for lost in {(h["device"], h.get("transfer")) for h in (header, held["header"] if held else header)}:
+                if isinstance(lost[1], str):   # the worker reassembles their resends afresh
+                    self.retry(lost[0], lost[1][:64])
+            return None
+        held["parts"].append(body)
+        held["bytes"] += len(body)
+        if part < parts - 1:
+            return None
+        del self._held[shard]
+        return _transfer(held["header"], b"".join(held["parts"]), held["bytes"])
+
+
+class ForwardRefused(Exception):
+    """Part 0 of a forward was refused (:meth:`ForwardAssembler.add`): ``transfer`` as its header states it
+    (no blob), ``rejected`` why."""
+
+    def __init__(self, transfer: CompletedTransfer, rejected: Rejected):
+        super().__init__(str(rejected))
+        self.transfer, self.rejected = transfer, rejected
+
+
+def _transfer(first: dict, blob: bytes, held_bytes: int) -> CompletedTransfer:
+    """A forwarded transfer from its part 0 header (what the worker states of it) and the blob put together."""
+    meta, wire, chunks = first.get("meta"), first.get("wire_bytes"), first.get("chunks")
+    return CompletedTransfer(first["device"], first["round"], str(first.get("transfer", ""))[:64],
+                             meta if isinstance(meta, dict) else {}, blob,
+                             wire if type(wire) is int and wire >= 0 else held_bytes,
+                             chunks if type(chunks) is int else 1, str(first.get("sha256", "")),
+                             "raw" if first.get("packed") == "raw" else "zstd")

@@ -151,14 +151,6 @@ class Topics:
             return parts[len(base) + 1]
         return None
 
-    def sender_of(self, topic: str) -> str | None:
-        """The device whose topic ``topic`` is (any of them, a sharded uplink too); None for the runtime's own."""
-        parts = topic.split("/")
-        base = self.base.split("/")
-        if len(parts) >= len(base) + 3 and parts[:len(base)] == base and parts[len(base)] == "dev":
-            return parts[len(base) + 1]
-        return None
-
 
 def ingest_shard(run: str, device: str, shards: int) -> int:
     """The ingest worker of ``device`` among ``shards`` in run ``run``: the first 8 bytes of
@@ -212,24 +204,8 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def frame_device(payload: bytes) -> str | None:
-    """The ``device`` a frame's header names, read without checking the rest (None: no such header). For
-    deciding whose bound a queued message counts toward before it is handled; :func:`decode_frame` judges it."""
-    if len(payload) < 8 or payload[:4] != MAGIC:
-        return None
-    (header_len,) = struct.unpack(">I", payload[4:8])
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(payload):
-        return None
-    try:
-        header = json.loads(payload[8:8 + header_len])
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None
-    device = header.get("device") if isinstance(header, dict) else None
-    return device if isinstance(device, str) else None
-
-
-def decode_frame(payload: bytes, max_body: int | None = None) -> tuple[dict, bytes]:
-    """Parse and sanity-check a frame; every failure is a :class:`ProtocolError` with a reason."""
+def _read_header(payload: bytes) -> tuple[object, int]:
+    """A frame's header, JSON-decoded (strict RFC 8259), and its length; raises ProtocolError."""
     if len(payload) < 8 or payload[:4] != MAGIC:
         raise ProtocolError("bad_magic", f"frame starts with {payload[:4]!r}")
     (header_len,) = struct.unpack(">I", payload[4:8])
@@ -239,6 +215,23 @@ def decode_frame(payload: bytes, max_body: int | None = None) -> tuple[dict, byt
         header = json.loads(payload[8:8 + header_len], parse_constant=_no_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError, > 4300-digit ints, nesting
         raise ProtocolError("bad_header", f"{type(e).__name__}: {str(e)[:200]}") from None
+    return header, header_len
+
+
+def frame_device(payload: bytes) -> str | None:
+    """The ``device`` a frame's header names, read without checking the rest (None: no such header). For
+    deciding whose bound a queued message counts toward before it is handled; :func:`decode_frame` judges it."""
+    try:
+        header, _ = _read_header(payload)
+    except ProtocolError:
+        return None
+    device = header.get("device") if isinstance(header, dict) else None
+    return device if isinstance(device, str) else None
+
+
+def decode_frame(payload: bytes, max_body: int | None = None) -> tuple[dict, bytes]:
+    """Parse and sanity-check a frame; every failure is a :class:`ProtocolError` with a reason."""
+    header, header_len = _read_header(payload)
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header is not an object")
     depth = _depth(header)

@@ -28,6 +28,7 @@ class FedAvg(Strategy):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.global_model: torch.nn.Module | None = None
+        self._update_limit: int | None = None   # what a model update may decompress to, once the model exists
         self.model_updates: dict[str, tuple[dict, int, dict]] = {}  # device -> (state, samples, metrics)
         self._eval_set = None
 
@@ -43,21 +44,21 @@ class FedAvg(Strategy):
             logger.info("global model restored from %s", self.ctx.store.files["global_model"])
         logger.info("global model %s: %d parameters", edge.model,
                     sum(p.numel() for p in self.global_model.parameters()))
+        # the model's size, twice over at most (fp32 of what may be fp16 now)
+        self._update_limit = sum(v.numel() * v.element_size() for v in self.global_model.state_dict().values()) * 2 \
+            + 65536
 
     def models(self) -> dict[str, torch.nn.Module]:
         return {"global_model": self.global_model} if self.global_model is not None else {}
 
     def decoded_limit(self, device: str, meta: dict) -> int | None:
         """A model update: the global model's size, twice over at most (fp32 of what may be fp16 now)."""
-        if self.global_model is None:
-            return super().decoded_limit(device, meta)
-        return sum(v.numel() * v.element_size() for v in self.global_model.state_dict().values()) * 2 + 65536
+        return self._update_limit
 
     def take(self, device: str, done: P.CompletedTransfer) -> str:
         assert self.global_model is not None
         reference = self.global_model.state_dict()
-        limit = self.decoded_limit(device, done.meta) or self.cfg.max_decoded_bytes
-        state = P.arrays_to_state(P.unpack_arrays(done.blob, limit, done.packed), reference)
+        state = P.arrays_to_state(P.unpack_arrays(done.blob, self._update_limit, done.packed), reference)
         samples = done.meta.get("samples")
         registered = self.ctx.registry.devices[device].get("train_samples")
         if type(samples) is not int or samples <= 0 or samples != registered:

@@ -106,9 +106,8 @@ class FedGKT(Strategy):
         bound would allow any shape: None)."""
         if self.server is None or self.server.feature_shape is None:
             return None
-        split = meta.get("split")
-        return self.ctx.ingest.decoded_limit(device, split if split in ("train", "test") else "train", self.num_classes,
-                                             self.server.feature_shape if self.server else None, self._extractor_bytes())
+        return self.ctx.ingest.decoded_limit(device, meta.get("split"), self.num_classes, self.server.feature_shape,
+                                             self._extractor_bytes())
 
     def take(self, device: str, done: P.CompletedTransfer) -> str:
         server = self.server
