@@ -89,12 +89,11 @@ class CloudRuntime:
         self.downlink.recipe["run_facts"] = {"num_classes": cfg.num_classes, "input_shape": cfg.input_shape,
                                              "seed": cfg.seed}
         # sharded ingest: devices send their chunks to their worker's shard (ingest_worker.py); judged here
-        self.workers = cfg.ingest.workers
         self.shards = Shards(cfg, transport, self.topics, self.registry, self.ingest, self._judge, self._late,
                              lambda device, meta: self.strategy.decoded_limit(device, meta),
-                             self._count_message) if self.workers else None
-        if self.workers:
-            self.downlink.recipe["ingest_shards"] = self.workers
+                             self._count_message) if cfg.ingest.workers else None
+        if self.shards:
+            self.downlink.recipe["ingest_shards"] = self.shards.workers
 
     # -- messages -----------------------------------------------------------------------------------
 

@@ -395,9 +395,10 @@ class EdgeAgent:
         """Main loop until SHUTDOWN or SIGTERM."""
         waiting_since = None
         while not self.stop.is_set():
-            if self.pump():
+            busy = self.pump()
+            self.heartbeat()  # even while messages keep coming: a steady stream must not silence the device
+            if busy:
                 continue  # drain the inbox before starting work
-            self.heartbeat()
             self.request_program()
             if self.pending_round is not None and self.client is not None:
                 waiting_since = waiting_since or time.monotonic()

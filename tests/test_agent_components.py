@@ -1,6 +1,8 @@
 """Regressions found when the agent was split into components (issue 12): what the old agent dropped with a
 warning must still be dropped (never an internal error), and a damaged state file never stops a start."""
 import json
+import threading
+import time
 
 import numpy as np
 
@@ -49,3 +51,32 @@ def test_a_state_file_with_odd_metadata_does_not_stop_the_agent(npz_dir, tmp_pat
         assert read_state_meta(state) is None
         agent = _agent(npz_dir, tmp_path)
         assert agent.progress.done_session is None and agent.internal_errors == 0
+
+
+def test_an_agent_kept_busy_by_a_stream_of_messages_still_heartbeats(npz_dir, tmp_path):
+    """The serve loop went back to its inbox whenever a drain had handled something, before its heartbeat: a
+    steady stream of messages (here malformed frames, each dropped) held every heartbeat back, and the runtime
+    would have taken the device for gone."""
+    bus = MemoryBus()
+    agent = build_agent(AgentConfig(device_id="devA", run_id=RUN, data=AgentDataConfig("npz", str(npz_dir)),
+                                    state_dir=str(tmp_path / "s"), heartbeat_s=0.2), transport=bus.client("devA"))
+    agent.handle(P.Topics(RUN).control, P.control_frame(P.HELLO, run=RUN, device="*", round_=0, session="s1",
+                                                        recipe=RECIPE))
+    beats = []
+    bus.client("watch").subscribe(P.Topics(RUN).heartbeat("devA"), lambda topic, payload: beats.append(payload))
+    feeding = threading.Event()
+
+    def feed():
+        while not feeding.is_set():
+            agent.inbox.put(P.Topics(RUN).down("devA"), b"not a frame")
+            time.sleep(0.001)
+    feeder, server = threading.Thread(target=feed), threading.Thread(target=agent.serve)
+    feeder.start()
+    server.start()
+    time.sleep(2.0)
+    feeding.set()
+    feeder.join()
+    agent.stop.set()
+    server.join(10)
+    assert agent.rejected > 100 and agent.internal_errors == 0  # the stream was handled all along
+    assert len(beats) >= 4, f"{len(beats)} heartbeats in 2 s at a 0.2 s period"
