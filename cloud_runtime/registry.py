@@ -94,8 +94,8 @@ class DeviceRegistry:
         self.devices: dict[str, dict] = {}
         self.rejections: Counter = Counter()
         self.reject_streak: Counter = Counter()   # consecutive rejections per device
-        self._last_rejection_event: dict[str | None, float] = {}
-        self._unlogged: dict[str | None, int] = {}   # rejections per device not logged since its last line
+        # device -> [when its last rejection line was logged, its rejections since, not logged]
+        self._rejection_lines: dict[str | None, list] = {}
 
     # -- rejections and quarantine ------------------------------------------------------------------
 
@@ -104,18 +104,16 @@ class DeviceRegistry:
         self.rejections[reason] += 1
         self.telemetry.counters.rejections.labels(reason=label_value(reason)).inc()
         now = time.time()
-        if now - self._last_rejection_event.get(device, 0.0) >= REJECTION_EVENT_EVERY_S:  # a flood is one line
-            if len(self._last_rejection_event) > 10_000:
-                self._last_rejection_event.clear()
-            self._last_rejection_event[device] = now
+        lines = self._rejection_lines.get(device)
+        if lines is None or now - lines[0] >= REJECTION_EVENT_EVERY_S:  # a flood is one line
+            if lines is None and len(self._rejection_lines) > 10_000:
+                self._rejection_lines.clear()
+            self._rejection_lines[device] = [now, 0]
             self.telemetry.event("rejected", device, f"{reason}: {detail}")
             logger.warning("rejected message from %s: %s: %s%s", device or "?", reason, detail,
-                           f" ({self._unlogged.pop(device)} more since the last line)" if device in self._unlogged
-                           else "")
+                           f" ({lines[1]} more since the last line)" if lines and lines[1] else "")
         else:  # one device's flood must not flood the log: counted, and said with its next line
-            if len(self._unlogged) > 10_000:
-                self._unlogged.clear()
-            self._unlogged[device] = self._unlogged.get(device, 0) + 1
+            lines[1] += 1
             logger.debug("rejected message from %s: %s: %s", device or "?", reason, detail)
         info = self.devices.get(device) if device else None
         if info is None:

@@ -244,3 +244,24 @@ def test_the_agent_frees_half_sent_downlink_transfers_and_survives_old_state(npz
     assert again.downlink.reassembler.open_transfers == 64
     expired = again.downlink.reassembler.expire(now=1e12)
     assert len(expired) == 64 and again.downlink.reassembler.open_transfers == 0
+
+
+def test_a_device_s_rejection_flood_is_one_log_line_that_counts_the_rest(caplog, monkeypatch):
+    """A flood of rejections from one device is one warning per REJECTION_EVENT_EVERY_S, the next saying how
+    many were not logged; another device's rejection is logged at once."""
+    import logging
+    from cloud_runtime import registry as R
+    clock = [1000.0]
+    monkeypatch.setattr(R.time, "time", lambda: clock[0])
+    registry = R.DeviceRegistry(R.RuntimeConfig())
+    caplog.set_level(logging.WARNING, logger="edgefl.runtime")
+    for _ in range(50):
+        registry.reject("bad_payload", "mallory", "junk")
+    registry.reject("bad_payload", "alice", "junk")
+    clock[0] += R.REJECTION_EVENT_EVERY_S
+    registry.reject("bad_payload", "mallory", "junk")
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(":")[0] for line in lines] == ["rejected message from mallory", "rejected message from alice",
+                                                     "rejected message from mallory"]
+    assert lines[2].endswith("(49 more since the last line)") and "more since" not in lines[0] + lines[1]
+    assert registry.rejections["bad_payload"] == 52
