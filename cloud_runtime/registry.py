@@ -16,6 +16,7 @@ from cloud_runtime.telemetry import Telemetry, label_value
 logger = logging.getLogger("edgefl.runtime")
 
 MAX_SAMPLES = 10**9
+MAX_DETAIL_CHARS = 500      # a rejection's detail as logged and shown
 REJECTION_EVENT_EVERY_S = 5.0   # a device's rejections become at most one console event per this many seconds
 # rejections that do not count toward quarantine: chunks of a device already quarantined, chunks sent on an
 # ingest shard that is no longer the device's (sent before it learnt a new worker count), and messages dropped
@@ -100,7 +101,11 @@ class DeviceRegistry:
     # -- rejections and quarantine ------------------------------------------------------------------
 
     def reject(self, reason: str, device: str | None, detail: str) -> None:
-        """Count and log a rejection; quarantine a device after ``validation.quarantine_after`` in a row."""
+        """Count and log a rejection; quarantine a device after ``validation.quarantine_after`` in a row.
+        ``detail`` may quote what the device sent: it is cut to :data:`MAX_DETAIL_CHARS` for the log and the
+        console (the CLIs' log format escapes its control characters)."""
+        if len(detail) > MAX_DETAIL_CHARS:
+            detail = f"{detail[:MAX_DETAIL_CHARS]}... ({len(detail) - MAX_DETAIL_CHARS} more characters)"
         self.rejections[reason] += 1
         self.telemetry.counters.rejections.labels(reason=label_value(reason)).inc()
         now = time.time()

@@ -1,14 +1,40 @@
 """Logging set-up and the options every long-running command shares (library modules only get loggers)."""
 import argparse
 import logging
+import re
 import sys
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+MAX_MESSAGE_CHARS = 2000  # a log line's message is cut here (the rest counted): a device's 145 KB field is no line
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match) -> str:
+    c = match.group()
+    return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or f"\\x{ord(c):02x}"
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record on one line of bounded length: control characters in the message (newlines, the ESC of
+    terminal sequences) are escaped and a message past :data:`MAX_MESSAGE_CHARS` is cut, so text a device sent
+    (a rejected field's value, a name) can neither forge log lines nor rewrite the terminal. Tracebacks keep
+    their lines (they are the process's own)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+        record.message = _CONTROL.sub(_escape, message)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """stderr, one line per record (:class:`OneLineFormatter`), at ``level``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

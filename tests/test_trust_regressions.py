@@ -265,3 +265,25 @@ def test_a_device_s_rejection_flood_is_one_log_line_that_counts_the_rest(caplog,
                                                      "rejected message from mallory"]
     assert lines[2].endswith("(49 more since the last line)") and "more since" not in lines[0] + lines[1]
     assert registry.rejections["bad_payload"] == 52
+
+
+def test_text_a_device_sent_cannot_forge_log_lines_or_rewrite_the_terminal():
+    """A registration's field with a newline and a forged timestamped line, terminal escapes and a 145 KB value
+    reached the runtime's log as written (found by a review with a valid device credential): the CLIs' log
+    format escapes control characters and cuts long messages; tracebacks keep their lines."""
+    import logging
+    from edgefl_cli.logs import MAX_MESSAGE_CHARS, OneLineFormatter
+    formatter = OneLineFormatter("%(levelname)s %(message)s")
+    forged = "3\n09:00:00 ERROR edgefl.runtime: dev0 quarantined\x1b[2K\x1b[31m\u2028"
+    record = logging.LogRecord("edgefl.runtime", logging.WARNING, __file__, 1, "rejected: %s", (forged,), None)
+    line = formatter.format(record)
+    assert "\n" not in line and "\x1b" not in line and "\u2028" not in line
+    assert line == "WARNING rejected: 3\\n09:00:00 ERROR edgefl.runtime: dev0 quarantined\\x1b[2K\\x1b[31m\\x2028"
+    huge = logging.LogRecord("edgefl.runtime", logging.WARNING, __file__, 1, "%s", ("A" * 145_000,), None)
+    assert len(formatter.format(huge)) < MAX_MESSAGE_CHARS + 100
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+        failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "it failed", (), sys.exc_info())
+    assert formatter.format(failed).count("\n") >= 2  # the traceback's own lines
