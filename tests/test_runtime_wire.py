@@ -213,3 +213,19 @@ def test_fedavg_rejects_nan_models_and_clips_scaled_updates(fedavg_runtime, devi
     drift = max(float((rt.strategy.global_model.state_dict()[k] - global_state[k]).abs().max())
                 for k, v in global_state.items() if v.is_floating_point())
     assert drift < 1.0  # a 1000x model averaged in unclipped would move weights by hundreds
+
+
+def test_fedavg_rejects_an_update_with_a_negative_batch_norm_variance(fedavg_runtime, device):
+    """A small update (norm 5, far under max_update_norm) whose running_var is negative made the average's
+    variance negative, and the global model's eval-mode outputs NaN for every device (found by a review with a
+    valid device credential)."""
+    rt = fedavg_runtime
+    register(device, rt, name="devA", model="resnet8", feature_channels=16, input_shape=[1, 8, 8])
+    wait_until(lambda: "devA" in rt.registry.devices and rt.strategy.global_model is not None, step=rt.pump)
+    state = {k: v.clone() for k, v in rt.strategy.global_model.state_dict().items()}
+    name = next(k for k in state if k.endswith("running_var"))
+    state[name] -= 2.0
+    send(device, rt.topics.up("devA"), model_frames(state, "devA"))
+    wait_until(lambda: rt.registry.rejections["implausible_values"] == 1, step=rt.pump)
+    assert "devA" not in rt.strategy.model_updates
+    assert "negative variance" in rt.registry.devices["devA"]["last_rejection"]["detail"]

@@ -372,6 +372,15 @@ def test_an_extractor_with_huge_weights_is_rejected_before_anyone_loads_the_aver
     assert rt.registry.rejections["implausible_values"] == 1 and "devA" not in rt.strategy.extractors
 
 
+def test_an_extractor_with_a_negative_batch_norm_variance_is_rejected(tmp_path):
+    """Within max_abs_weight, but averaged into every device's stem it made their features NaN: their uploads
+    were then rejected as non_finite and the round stalled (found by a review with a valid device credential)."""
+    rt = runtime(tmp_path, None, "fedgkt.average_extractors=true")
+    send(rt, "devA", upload_frames("devA", range(30), extractor={"1.running_var": np.full(4, -9999.0, np.float32)}))
+    assert rt.registry.rejections["implausible_values"] == 1 and "devA" not in rt.strategy.extractors
+    assert "negative variance" in rt.registry.devices["devA"]["last_rejection"]["detail"]
+
+
 def test_zero_dimensional_ids_and_empty_feature_maps_are_named_rejections(tmp_path):
     import safetensors.numpy
     import zstandard

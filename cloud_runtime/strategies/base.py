@@ -36,6 +36,17 @@ def strategy_name(cfg: RuntimeConfig) -> str:
     return cfg.algorithm if cfg.algorithm == "fedavg" else f"{cfg.algorithm}_{cfg.mode}"
 
 
+def check_batch_norm(state: dict[str, torch.Tensor], what: str) -> None:
+    """A device's model state may be averaged into what every device loads: its BatchNorm running variances
+    (``*running_var``) must be >= 0, or the average can be negative and every device that loads it computes
+    the square root of a negative number in eval mode (NaN features, each honest upload then rejected as
+    ``non_finite``, the round stalled). Raises Rejected("implausible_values") naming the tensor."""
+    for name, value in state.items():
+        if name.endswith("running_var") and value.numel() and float(value.min()) < 0:
+            raise Rejected("implausible_values", f"{what}: {name[:80]} holds a negative variance "
+                                                 f"({float(value.min()):.3g})")
+
+
 @dataclass
 class RunContext:
     """What a strategy may use: the run's config and the runtime's components."""

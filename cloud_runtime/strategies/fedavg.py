@@ -13,7 +13,7 @@ import torch
 from cloud_runtime import aggregation as A
 from cloud_runtime.progress import ProgressLog, check as check_stop
 from cloud_runtime.registry import Rejected
-from cloud_runtime.strategies.base import STRATEGIES, Strategy
+from cloud_runtime.strategies.base import STRATEGIES, Strategy, check_batch_norm
 from edge_sdk import protocol as P
 from edgefl_core.data.datasets import dataset_stats
 from model_zoo import create_model
@@ -68,6 +68,7 @@ class FedAvg(Strategy):
         norm = A.update_norm({k: state[k].numpy() for k in floats}, {k: reference[k].numpy() for k in floats})
         if norm > self.cfg.validation.max_update_norm:
             raise Rejected("implausible_values", f"model update norm {norm:.3g} > {self.cfg.validation.max_update_norm:g}")
+        check_batch_norm(state, "model update")
         metrics = done.meta.get("metrics") or {}
         replaced = device in self.model_updates
         self.model_updates[device] = (state, samples, dict(metrics) if isinstance(metrics, dict) else {})

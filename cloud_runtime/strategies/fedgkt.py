@@ -18,7 +18,7 @@ import torch
 from cloud_runtime.aggregation import average_torch_states, layer_divergence, staleness_weights
 from cloud_runtime.server_trainer import GKTServer
 from cloud_runtime.registry import Rejected
-from cloud_runtime.strategies.base import STRATEGIES, Strategy
+from cloud_runtime.strategies.base import STRATEGIES, Strategy, check_batch_norm
 from edge_sdk import protocol as P
 from cloud_runtime.features import HeldUpload
 from model_zoo import create_model, seeded
@@ -126,6 +126,7 @@ class FedGKT(Strategy):
                        default=0.0)
             if peak > bound:  # every device loads the average: one device's huge weights would break them all
                 raise Rejected("implausible_values", f"extractor: max |weight| {peak:.3g} > {bound:g}")
+            check_batch_norm(state, "extractor")
         store = self.train_uploads if upload.split == "train" else self.test_uploads
         replaced = device in store and store[device].round == upload.round
         if upload.split == "train" and server is not None:  # held once: the server's store is the upload
