@@ -142,11 +142,16 @@ def pack_arrays(arrays: dict[str, np.ndarray], level: int = 3) -> bytes:
         {k: np.ascontiguousarray(v) for k, v in arrays.items()}))
 
 
+MAX_COMPRESSION_RATIO = 64  # what a blob past 1 MiB may decompress to, times its size: features, logits and
+#                             weights compress 1-3x (int8 features about 2x); a zstd bomb compresses 30,000x
+
+
 def decompress(blob: bytes, max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> bytes:
     """The safetensors bytes of a :func:`pack_arrays` blob. The zstd frame must state its decompressed size
-    (RFC 8878 Frame_Content_Size, which :func:`pack_arrays` always writes); a size above ``max_bytes`` is
-    refused before anything is allocated, and decompression never allocates more than the stated size (a
-    zip bomb costs nothing). Raises ProtocolError ``bad_compression`` / ``oversized``."""
+    (RFC 8878 Frame_Content_Size, which :func:`pack_arrays` always writes); a size above ``max_bytes``, or above
+    1 MiB and :data:`MAX_COMPRESSION_RATIO` times the blob's, is refused before anything is allocated, and
+    decompression never allocates more than the stated size: a 32 KB bomb cannot cost a GiB and a second of
+    CPU. Raises ProtocolError ``bad_compression`` / ``oversized``."""
     try:
         size = zstandard.frame_content_size(blob)
     except zstandard.ZstdError as e:
@@ -155,6 +160,9 @@ def decompress(blob: bytes, max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> byte
         raise ProtocolError("bad_compression", "zstd frame does not state its decompressed size")
     if size > max_bytes:
         raise ProtocolError("oversized", f"transfer decompresses to {size} bytes > limit {max_bytes}")
+    if size > max(1 << 20, MAX_COMPRESSION_RATIO * len(blob)):
+        raise ProtocolError("bad_compression", f"{len(blob)} bytes state {size} bytes decompressed: more than "
+                                               f"{MAX_COMPRESSION_RATIO}x is no upload of features or weights")
     try:
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
     except zstandard.ZstdError as e:

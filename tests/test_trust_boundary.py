@@ -146,6 +146,25 @@ def test_a_zstd_bomb_in_an_upload_is_refused_by_the_registered_sample_count(tmp_
     assert rt.registry.devices["devA"]["rejection_reasons"] == {"oversized": 1}
 
 
+def test_a_zstd_bomb_within_a_claimed_test_split_is_refused_before_it_is_decompressed(tmp_path, monkeypatch):
+    """A device that registers a million test samples may send test uploads of up to max_decoded_bytes: 32 KB of
+    zstd stating 1 GiB of zeros cost 0.7 s of the serve thread and 1 GiB of memory each, until safetensors
+    refused it (found by a review with a valid device credential). The compression ratio is checked first."""
+    import zstandard
+    from edgefl_core import codecs
+    rt = runtime(tmp_path, None, "num_classes=10", "input_shape=[1, 10, 10]", register=())
+    rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 30,
+                         "test_samples": 1_000_000, "input_shape": [1, 10, 10]})
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 << 20))
+    assert len(bomb) * codecs.MAX_COMPRESSION_RATIO < 64 << 20
+    decompressed = []
+    real = zstandard.ZstdDecompressor
+    monkeypatch.setattr(codecs.zstandard, "ZstdDecompressor", lambda: decompressed.append(1) or real())
+    send(rt, "devA", P.chunk_transfer(bomb, run=RUN, device="devA", round_=0,
+                                      meta={"kind": "upload", "split": "test", "codec": "int8"}))
+    assert rt.registry.devices["devA"]["rejection_reasons"] == {"bad_compression": 1} and not decompressed
+
+
 # -- item 8: a rejected message has no side effect -------------------------------------------------------------
 
 
