@@ -26,6 +26,9 @@ from edge_sdk.program.spec import onnx_trainer_problem, program_spec, spec_key
 
 logger = logging.getLogger("edgefl.runtime")
 RESEND_AFTER_S = 120.0       # a device's program again only after this (or from a new process: another pid)
+PROGRAMS_PER_WINDOW = 3       # at most this many deliveries to one device per PROGRAM_WINDOW_S, whatever the
+PROGRAM_WINDOW_S = 600.0      # pid its registrations state (the pid is the device's claim: a new one each time
+#                               made 200 registrations of 212 bytes cost 156 MB down)
 RETRY_COMPILE_AFTER_S = 300.0
 
 
@@ -56,6 +59,7 @@ class EdgePrograms:
         self.recipes, self.downlink, self.round_now, self.session, self.seed = recipes, downlink, round_now, session, seed
         self.builds: dict[str, Build] = {}
         self.delivered: dict[str, tuple[str, float, object]] = {}  # device -> (digest, when, its pid)
+        self.recent: dict[str, list[float]] = {}  # device -> when its program was sent, within PROGRAM_WINDOW_S
         self.announced: list[str] = downlink.recipe.setdefault("edge_programs", [])
 
     def on_register(self, device: str, data: dict, num_classes: int, input_shape) -> None:
@@ -79,10 +83,14 @@ class EdgePrograms:
         if build.blob is None:
             build.waiting[device] = data.get("pid")
         elif data.get("program") != build.digest:
-            last = self.delivered.get(device)
-            if last is None or last[0] != build.digest or last[2] != data.get("pid") or \
-                    time.monotonic() - last[1] > RESEND_AFTER_S:
+            last, now = self.delivered.get(device), time.monotonic()
+            recent = self.recent[device] = [t for t in self.recent.get(device, []) if now - t < PROGRAM_WINDOW_S]
+            if last is None or last[0] != build.digest or (len(recent) < PROGRAMS_PER_WINDOW and (
+                    last[2] != data.get("pid") or now - last[1] > RESEND_AFTER_S)):
                 self._deliver(device, build, data.get("pid"))
+            elif last[2] != data.get("pid") or now - last[1] > RESEND_AFTER_S:
+                logger.warning("%s: edge program not sent again: %d copies in the last %.0f s (a device without its "
+                               "program registers again later)", device, len(recent), PROGRAM_WINDOW_S)
             # else: sent moments ago to this same process (registrations repeat; each copy is ~1 MB down)
 
     @staticmethod
@@ -158,6 +166,7 @@ class EdgePrograms:
 
     def _deliver(self, device: str, build: Build, pid) -> None:
         self.delivered[device] = (build.digest, time.monotonic(), pid)
+        self.recent.setdefault(device, []).append(time.monotonic())
         round_ = self.round_now()
         self.downlink.send(device, P.HELLO, round_, session=self.session)  # carries the digest (recipe)
         self.downlink.send_transfer(device, build.blob, round_, {"kind": P.KIND_EDGE_PROGRAM, "digest": build.digest})

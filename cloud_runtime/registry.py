@@ -86,6 +86,31 @@ class Rejected(Exception):
         self.detail = detail
 
 
+class DeviceLines:
+    """At most ``burst`` log lines (and console events) per device and kind every
+    :data:`REJECTION_EVENT_EVERY_S`: a device repeating itself (thousands of registrations, status flaps or
+    rejections a second) is a line or two, and its next line says how many were left out."""
+
+    def __init__(self, every_s: float = REJECTION_EVENT_EVERY_S, keep: int = 10_000):
+        self.every_s, self.keep = every_s, keep
+        self._lines: dict[tuple, list] = {}  # (device, kind) -> [its window's start, lines in it, left out since]
+
+    def take(self, device: str | None, kind: str, burst: int = 1) -> str | None:
+        """None: do not log this one (counted); else the suffix for the line (empty, or how many were left out)."""
+        now, key = time.time(), (device, kind)
+        lines = self._lines.get(key)
+        if lines is None or now - lines[0] >= self.every_s:
+            if lines is None and len(self._lines) > self.keep:
+                self._lines.clear()
+            self._lines[key] = [now, 1, 0]
+            return f" ({lines[2]} more since the last line)" if lines and lines[2] else ""
+        if lines[1] < burst:
+            lines[1] += 1
+            return ""
+        lines[2] += 1
+        return None
+
+
 class DeviceRegistry:
     """``devices[name]`` is a JSON-able dict: registration fields, online state, byte counters, rejections."""
 
@@ -95,8 +120,7 @@ class DeviceRegistry:
         self.devices: dict[str, dict] = {}
         self.rejections: Counter = Counter()
         self.reject_streak: Counter = Counter()   # consecutive rejections per device
-        # device -> [when its last rejection line was logged, its rejections since, not logged]
-        self._rejection_lines: dict[str | None, list] = {}
+        self.lines = DeviceLines()   # what one device repeats is logged once every few seconds
 
     # -- rejections and quarantine ------------------------------------------------------------------
 
@@ -108,17 +132,11 @@ class DeviceRegistry:
             detail = f"{detail[:MAX_DETAIL_CHARS]}... ({len(detail) - MAX_DETAIL_CHARS} more characters)"
         self.rejections[reason] += 1
         self.telemetry.counters.rejections.labels(reason=label_value(reason)).inc()
-        now = time.time()
-        lines = self._rejection_lines.get(device)
-        if lines is None or now - lines[0] >= REJECTION_EVENT_EVERY_S:  # a flood is one line
-            if lines is None and len(self._rejection_lines) > 10_000:
-                self._rejection_lines.clear()
-            self._rejection_lines[device] = [now, 0]
+        suffix = self.lines.take(device, "rejected")
+        if suffix is not None:
             self.telemetry.event("rejected", device, f"{reason}: {detail}")
-            logger.warning("rejected message from %s: %s: %s%s", device or "?", reason, detail,
-                           f" ({lines[1]} more since the last line)" if lines and lines[1] else "")
+            logger.warning("rejected message from %s: %s: %s%s", device or "?", reason, detail, suffix)
         else:  # one device's flood must not flood the log: counted, and said with its next line
-            lines[1] += 1
             logger.debug("rejected message from %s: %s: %s", device or "?", reason, detail)
         info = self.devices.get(device) if device else None
         if info is None:
@@ -172,11 +190,13 @@ class DeviceRegistry:
                                                 "raw_fp32_bytes": 0, "rounds": [], "rejected": 0})
         info.pop("offline_since", None)
         info.update(online=True, registered_at=time.time(), **facts, **recipe)
-        logger.info("%s %sregistered: %s samples, model %s, trainer %s, profile %s", device, "re-" if known else "",
-                    facts["train_samples"], recipe.get("model"), recipe.get("trainer"), facts.get("profile"))
-        self.telemetry.event("re-registered" if known else "registered", device,
-                             f"{facts['train_samples']} train samples, engine {facts.get('engine')}, "
-                             f"profile {facts.get('profile')}")
+        if (suffix := self.lines.take(device, "registered", burst=3)) is not None:
+            logger.info("%s %sregistered: %s samples, model %s, trainer %s, profile %s%s", device,
+                        "re-" if known else "", facts["train_samples"], recipe.get("model"), recipe.get("trainer"),
+                        facts.get("profile"), suffix)
+            self.telemetry.event("re-registered" if known else "registered", device,
+                                 f"{facts['train_samples']} train samples, engine {facts.get('engine')}, "
+                                 f"profile {facts.get('profile')}")
         return known
 
     def on_status(self, device: str, data: dict) -> None:
@@ -189,9 +209,10 @@ class DeviceRegistry:
             info.pop("offline_since", None)
         else:
             info["offline_since"] = time.time()
-        logger.info("%s is %s", device, "online" if info["online"] else "offline")
-        if was != info["online"]:
-            self.telemetry.event("online" if info["online"] else "offline", device)
+        if (suffix := self.lines.take(device, "status", burst=3)) is not None:
+            logger.info("%s is %s%s", device, "online" if info["online"] else "offline", suffix)
+            if was != info["online"]:
+                self.telemetry.event("online" if info["online"] else "offline", device)
 
     def on_heartbeat(self, device: str, data: dict) -> None:
         if device not in self.devices:

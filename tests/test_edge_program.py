@@ -431,6 +431,7 @@ def test_a_manifest_whose_trainer_or_outputs_do_not_fit_is_refused():
 def test_repeated_registrations_do_not_make_the_runtime_resend_its_program(tmp_path):
     """200 registrations of one device process: one program transfer (was 200: ~3000x amplification)."""
     from cloud_runtime.config import load_runtime_config
+    from cloud_runtime.edge_programs import PROGRAMS_PER_WINDOW
     from cloud_runtime.program_build import cached_program_path, run_program_spec
     from cloud_runtime.service import CloudRuntime
     from edge_sdk import protocol as P
@@ -454,6 +455,14 @@ def test_repeated_registrations_do_not_make_the_runtime_resend_its_program(tmp_p
     chunks = [f for f in frames if P.decode_frame(f)[0]["type"] == P.CHUNK]
     assert 0 < len(chunks) <= 8  # one transfer of a ~0.7 MB program (256 KiB chunks)
     assert runtime.registry.rejections.get("internal_error", 0) == 0
+    # the pid is the device's claim: a new one in each of 200 registrations got the program 200 times (156 MB)
+    frames.clear()
+    for pid in range(200):
+        runtime.handle(P.Topics("r").up("mal"), P.control_frame(
+            P.REGISTER, run="r", device="mal", round_=-1, session=runtime.session, num_classes=4, train_samples=100,
+            input_shape=[1, 12, 12], engine="onnxruntime", program=None, pid=10_000 + pid))
+    sent = {P.decode_frame(f)[0]["transfer"] for f in frames if P.decode_frame(f)[0]["type"] == P.CHUNK}
+    assert len(sent) == PROGRAMS_PER_WINDOW - 1  # the burst a device's restarts may use, then nothing for a while
 
 
 def test_a_program_that_breaks_a_round_is_refused_and_the_agent_keeps_serving(tmp_path):

@@ -73,6 +73,20 @@ def test_accountant_epsilon_matches_the_exact_gaussian_curve(sigma, releases):
     assert _exact_delta(got, mu) <= delta * (1 + 1e-6)
 
 
+def test_epsilon_costs_one_event_whatever_the_number_of_releases(monkeypatch):
+    """One device re-sending changed bytes raised its release count at will, and composing R events cost the serve
+    thread 3.6 s at 1,000 releases and 253 s at 100,000 at every report (found by a review with a valid device
+    credential): R releases are composed as one event of the Gaussian-DP equivalent multiplier."""
+    from dp_accounting.pld import pld_privacy_accountant as pld
+    composed = []
+    real = pld.PLDAccountant.compose
+    monkeypatch.setattr(pld.PLDAccountant, "compose", lambda self, event, count=1: composed.append(count) or
+                        real(self, event, count))
+    epsilon.cache_clear()
+    assert epsilon(2.0, 100_000, 1e-5) > epsilon(2.0, 1_000, 1e-5) > epsilon(2.0, 6, 1e-5)
+    assert composed == [1, 1, 1]
+
+
 def test_calibrated_noise_meets_the_target_epsilon_tightly():
     for target in (2.0, 8.0):
         sigma = calibrate_noise(target, 1e-5, 6)
