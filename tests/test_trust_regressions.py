@@ -287,3 +287,27 @@ def test_text_a_device_sent_cannot_forge_log_lines_or_rewrite_the_terminal():
         import sys
         failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "it failed", (), sys.exc_info())
     assert formatter.format(failed).count("\n") >= 2  # the traceback's own lines
+
+
+def test_a_device_repeating_registrations_or_status_is_a_few_log_lines(caplog, monkeypatch):
+    """5,000 registrations were 5,000 log lines, and 5,000 status messages of a quarantined device 5,000 more
+    (found by a review with a valid device credential): at most 3 lines per device and kind every few seconds,
+    the next counting the rest; another device is logged as ever."""
+    import logging
+    from cloud_runtime import registry as R
+    clock = [1000.0]
+    monkeypatch.setattr(R.time, "time", lambda: clock[0])
+    registry = R.DeviceRegistry(R.RuntimeConfig())
+    caplog.set_level(logging.INFO, logger="edgefl.runtime")
+    facts = {"train_samples": 10, "test_samples": 0, "profile": None, "engine": "torch"}
+    for i in range(100):
+        registry.register("mallory", {**facts, "pid": i}, {})
+        registry.on_status("mallory", {"online": i % 2 == 0})
+    registry.register("alice", facts, {})
+    clock[0] += R.REJECTION_EVENT_EVERY_S
+    registry.register("mallory", facts, {})
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("mallory" in line and "registered" in line for line in lines) == 4
+    assert sum(line.startswith("mallory is") for line in lines) == 3
+    assert any(line.startswith("alice registered") for line in lines)
+    assert lines[-1].startswith("mallory re-registered") and lines[-1].endswith("(97 more since the last line)")
