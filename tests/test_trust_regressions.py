@@ -311,3 +311,22 @@ def test_a_device_repeating_registrations_or_status_is_a_few_log_lines(caplog, m
     assert sum(line.startswith("mallory is") for line in lines) == 3
     assert any(line.startswith("alice registered") for line in lines)
     assert lines[-1].startswith("mallory re-registered") and lines[-1].endswith("(97 more since the last line)")
+
+
+def test_one_device_s_extractor_cannot_drag_the_average_the_others_load():
+    """Within every bound (weights at 1e4, variances of 0) and claiming a large share, one extractor made the
+    average one that made every honest device's features implausible: they were rejected and quarantined, and
+    the attacker trained alone (found by a review with a valid device credential). Each extractor is pulled to
+    within 3x the median distance from the coordinate median before the weighted average."""
+    import torch
+    from cloud_runtime.aggregation import average_torch_states
+    from cloud_runtime.strategies.fedgkt import clipped_extractors
+    torch.manual_seed(0)
+    honest = [{"0.weight": 1.0 + 0.01 * torch.randn(4, 4), "1.running_var": 1.0 + 0.01 * torch.rand(4),
+               "1.num_batches_tracked": torch.tensor(5)} for _ in range(3)]
+    evil = {"0.weight": torch.full((4, 4), 1e4), "1.running_var": torch.zeros(4),
+            "1.num_batches_tracked": torch.tensor(5)}
+    average = average_torch_states(clipped_extractors(honest + [evil]), [100, 100, 100, 1_000_000])
+    assert float((average["0.weight"] - 1.0).abs().max()) < 0.2 and float(average["1.running_var"].min()) > 0.9
+    plain = average_torch_states(honest, [1, 2, 3])  # honest devices alone: the plain weighted average
+    assert all(torch.equal(plain[k], v) for k, v in average_torch_states(clipped_extractors(honest), [1, 2, 3]).items())

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from cloud_runtime.aggregation import average_torch_states, layer_divergence, staleness_weights
+from cloud_runtime.aggregation import (average_torch_states, clip_to_median, coordinate_median, layer_divergence,
+                                       staleness_weights)
 from cloud_runtime.server_trainer import GKTServer
 from cloud_runtime.registry import Rejected
 from cloud_runtime.strategies.base import STRATEGIES, Strategy, check_batch_norm
@@ -26,6 +27,23 @@ from model_zoo import create_model, seeded
 logger = logging.getLogger("edgefl.runtime")
 
 OVERLAPPED = "overlapped with the next round"  # a row's evaluation while it runs (committed with the next round)
+
+
+EXTRACTOR_CLIP_MULTIPLIER = 3.0  # a device's extractor may lie this many times the median distance from the centre
+
+
+def clipped_extractors(states: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The devices' extractors, each pulled toward their coordinate median to at most
+    :data:`EXTRACTOR_CLIP_MULTIPLIER` x the median distance from it (3 or more devices; fewer have no robust
+    centre), before they are averaged: every device loads the average, so one device's extractor, within every
+    bound but far from the others' (weights at +-1e4, variances of 0), must not move it far enough to make the
+    honest devices' features implausible (found by a review with a valid device credential). Integer buffers
+    are left as sent. Clipping as FedAvg's (``aggregation.clip_to_median``, Sun et al. 2019's norm bound)."""
+    if len(states) < 3:
+        return states
+    floats = [{k: v.detach().cpu().numpy() for k, v in s.items() if v.is_floating_point()} for s in states]
+    clipped, _, _ = clip_to_median(floats, coordinate_median(floats), EXTRACTOR_CLIP_MULTIPLIER)
+    return [{**s, **{k: torch.from_numpy(v) for k, v in c.items()}} for s, c in zip(states, clipped)]
 
 
 class FedGKT(Strategy):
@@ -189,7 +207,7 @@ class FedGKT(Strategy):
         if self.cfg.mode == "async":
             stale = [self.server_version - self.arrival_version.get(d, self.server_version) for d in names]
             weights = [w * s for w, s in zip(weights, staleness_weights(stale))]
-        average = average_torch_states([self.extractors[d][0] for d in names], weights)
+        average = average_torch_states(clipped_extractors([self.extractors[d][0] for d in names]), weights)
         self.round_divergence = layer_divergence(  # eq. 1 of the deeper-models study, per extractor tensor
             [{k: v.detach().cpu().numpy() for k, v in self.extractors[d][0].items()} for d in names],
             {k: v.numpy() for k, v in average.items()})
