@@ -369,7 +369,7 @@ class ValidationConfig:
     max_abs_feature: float = 1e4     # |feature| above this is implausible for a BN+ReLU stem (fp16 tops at 65504)
     max_abs_logit: float = 1e4
     max_update_norm: float = 1e6     # FedAvg: ||w_device - w_global|| above this is rejected outright
-    quarantine_after: int = 5        # consecutive rejected messages from one device -> quarantine
+    quarantine_after: int = 5        # offences outstanding (each accepted upload takes one off) -> quarantine
     quarantine_s: float = 300.0      # how long a quarantined device is ignored
     max_samples_per_device: int = 1_000_000  # a registration's sample counts (FedAvg weights, decode bounds)
     max_abs_weight: float = 1e4      # extractor averaging: |weight| above this in a device's extractor is rejected

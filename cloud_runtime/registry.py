@@ -119,13 +119,13 @@ class DeviceRegistry:
         self.telemetry = telemetry or Telemetry()
         self.devices: dict[str, dict] = {}
         self.rejections: Counter = Counter()
-        self.reject_streak: Counter = Counter()   # consecutive rejections per device
+        self.reject_streak: Counter = Counter()   # offences outstanding per device (an acceptance takes one off)
         self.lines = DeviceLines()   # what one device repeats is logged once every few seconds
 
     # -- rejections and quarantine ------------------------------------------------------------------
 
     def reject(self, reason: str, device: str | None, detail: str) -> None:
-        """Count and log a rejection; quarantine a device after ``validation.quarantine_after`` in a row.
+        """Count and log a rejection; quarantine a device with ``validation.quarantine_after`` offences outstanding.
         ``detail`` may quote what the device sent: it is cut to :data:`MAX_DETAIL_CHARS` for the log and the
         console (the CLIs' log format escapes its control characters)."""
         if len(detail) > MAX_DETAIL_CHARS:
@@ -162,8 +162,10 @@ class DeviceRegistry:
                          v.quarantine_s, v.quarantine_after, reason)
 
     def accepted(self, device: str) -> None:
-        """A message from ``device`` was accepted: its run of rejections is over."""
-        self.reject_streak[device] = 0
+        """A transfer from ``device`` was accepted: one offence fewer outstanding (not all of them: four bad
+        messages and one good one, over and over, would never reach quarantine)."""
+        if self.reject_streak[device] > 0:
+            self.reject_streak[device] -= 1
 
     def quarantined(self, device: str) -> bool:
         until = self.devices.get(device, {}).get("quarantined_until")

@@ -55,6 +55,21 @@ def send(rt, device, frames):
         rt.handle(rt.topics.up(device), frame)
 
 
+def test_good_uploads_between_bad_messages_do_not_keep_a_device_out_of_quarantine(tmp_path):
+    """Four bad messages then one accepted upload, over and over: the accepted upload reset the count, so the
+    device was never quarantined while each bad message cost what it cost (found by a review with a valid device
+    credential, with zstd bombs). An acceptance now takes one offence off, not all."""
+    rt = runtime(tmp_path)
+    for cycle in range(3):
+        for _ in range(4):
+            rt.handle(rt.topics.up("devA"), b"not a frame")
+        if rt.registry.quarantined("devA"):
+            break
+        send(rt, "devA", upload_frames("devA", range(30), seed=cycle))
+    assert rt.registry.quarantined("devA") and cycle == 1
+    assert rt.registry.rejections["quarantined"] == 0
+
+
 # -- item 3: rejections are charged to the authenticated (topic) identity ----------------------------------
 
 
