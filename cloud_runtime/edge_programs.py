@@ -60,6 +60,7 @@ class EdgePrograms:
         self.builds: dict[str, Build] = {}
         self.delivered: dict[str, tuple[str, float, object]] = {}  # device -> (digest, when, its pid)
         self.recent: dict[str, list[float]] = {}  # device -> when its program was sent, within PROGRAM_WINDOW_S
+        self.refused_at: dict[str, float] = {}    # device -> when a copy was last refused it (logged once a window)
         self.announced: list[str] = downlink.recipe.setdefault("edge_programs", [])
 
     def on_register(self, device: str, data: dict, num_classes: int, input_shape) -> None:
@@ -88,7 +89,9 @@ class EdgePrograms:
             if last is None or last[0] != build.digest or (len(recent) < PROGRAMS_PER_WINDOW and (
                     last[2] != data.get("pid") or now - last[1] > RESEND_AFTER_S)):
                 self._deliver(device, build, data.get("pid"))
-            elif last[2] != data.get("pid") or now - last[1] > RESEND_AFTER_S:
+            elif (last[2] != data.get("pid") or now - last[1] > RESEND_AFTER_S) and \
+                    now - self.refused_at.get(device, -PROGRAM_WINDOW_S) >= PROGRAM_WINDOW_S:  # once a window
+                self.refused_at[device] = now
                 logger.warning("%s: edge program not sent again: %d copies in the last %.0f s (a device without its "
                                "program registers again later)", device, len(recent), PROGRAM_WINDOW_S)
             # else: sent moments ago to this same process (registrations repeat; each copy is ~1 MB down)

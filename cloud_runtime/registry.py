@@ -119,7 +119,7 @@ class DeviceRegistry:
         self.telemetry = telemetry or Telemetry()
         self.devices: dict[str, dict] = {}
         self.rejections: Counter = Counter()
-        self.reject_streak: Counter = Counter()   # offences outstanding per device (an acceptance takes one off)
+        self.offences: Counter = Counter()   # offences outstanding per device (an acceptance takes one off)
         self.lines = DeviceLines()   # what one device repeats is logged once every few seconds
 
     # -- rejections and quarantine ------------------------------------------------------------------
@@ -147,14 +147,14 @@ class DeviceRegistry:
         info["last_rejection"] = {"reason": reason, "detail": detail[:300], "time": time.time()}
         if reason in NOT_OFFENCES:
             return
-        self.reject_streak[device] += 1
+        self.offences[device] += 1
         v = self.cfg.validation
-        if self.reject_streak[device] >= v.quarantine_after and not self.quarantined(device):
+        if self.offences[device] >= v.quarantine_after and not self.quarantined(device):
             info["quarantined_until"] = time.time() + v.quarantine_s
             info["quarantines"] = info.get("quarantines", 0) + 1
             info["quarantine_cause"] = {"reason": reason, "detail": detail[:300], "time": time.time(),
                                         "after": v.quarantine_after}
-            self.reject_streak[device] = 0
+            self.offences[device] = 0
             self.telemetry.counters.quarantines.inc()
             self.telemetry.event("quarantined", device, f"for {v.quarantine_s:.0f} s after {v.quarantine_after} "
                                                         f"rejected messages in a row (last: {reason}: {detail})")
@@ -164,8 +164,8 @@ class DeviceRegistry:
     def accepted(self, device: str) -> None:
         """A transfer from ``device`` was accepted: one offence fewer outstanding (not all of them: four bad
         messages and one good one, over and over, would never reach quarantine)."""
-        if self.reject_streak[device] > 0:
-            self.reject_streak[device] -= 1
+        if self.offences[device] > 0:
+            self.offences[device] -= 1
 
     def quarantined(self, device: str) -> bool:
         until = self.devices.get(device, {}).get("quarantined_until")

@@ -193,7 +193,7 @@ def test_a_device_publishing_while_the_runtime_is_busy_cannot_fill_its_memory(tm
         rt.pump(0.01)
     rt.pump(0.01)
     info = rt.registry.devices["devA"]
-    assert info["rejection_reasons"] == {"inbox_full": 1} and rt.registry.reject_streak["devA"] == 0
+    assert info["rejection_reasons"] == {"inbox_full": 1} and rt.registry.offences["devA"] == 0
     assert not rt.registry.quarantined("devA")
     assert rt.ingest.round_bytes["rejected"]["devA"] == (3000 - fit) * len(beat)
     assert "devB" in rt.strategy.train_uploads and not rt.registry.devices["devB"].get("rejection_reasons")
