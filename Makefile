@@ -3,6 +3,7 @@
 VENV ?= .venv
 STAMP := $(VENV)/.bootstrapped
 OUT ?= runs/quickstart
+ARGS ?=
 
 .PHONY: quickstart test test-system test-slow bench clean
 
@@ -11,7 +12,7 @@ $(STAMP): pyproject.toml tools/bootstrap.sh
 	@touch $@
 
 quickstart: $(STAMP)
-	$(VENV)/bin/edgefl-sim --config configs/quickstart.yaml --out $(OUT)
+	$(VENV)/bin/edgefl-sim --config configs/quickstart.yaml --out $(OUT) $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -m "not slow and not system" -q

@@ -133,7 +133,7 @@ def agent_yaml(device: str, run_id: str, url: str, password: str, existing: dict
          "torch"),
         ("state_dir", "progress kept across restarts (model, soft labels, rounds done)", "state"),
         ("threads", "engine threads for local training (a shared machine trains faster with few)", 1),
-        ("profile", "a device profile name (device-profile --list) reported at registration; null: host", None),
+        ("profile", "a device profile name (device-profile --help lists them under --device) reported at registration; null: host", None),
         ("after_run", "exit: the agent exits 0 when the run ends | wait: it stays up for the next run (a service)",
          "exit"),
         ("upload", "chunk size and an optional uplink cap in bytes/s for metered links",

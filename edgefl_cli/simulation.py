@@ -30,7 +30,7 @@ from edgefl_cli.interrupt import EXIT_INTERRUPTED
 from edgefl_cli.mosquitto import EmbeddedMosquitto
 from edgefl_core.data import federated
 from edgefl_core.data.config import AgentDataConfig
-from edgefl_core.proc import thread_plan, usable_cores
+from edgefl_core.proc import busy_cores, thread_plan, usable_cores
 from edgefl_core.transport.config import BrokerConfig
 
 logger = logging.getLogger("edgefl.sim")
@@ -53,17 +53,26 @@ def run_id_of(cfg: ExperimentConfig) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.run.name) or "run"
 
 
-def threads_of(cfg: ExperimentConfig) -> tuple[int, int]:
-    """(runtime, per agent) torch threads: ``run.threads`` / ``deployment.agent_threads`` where set, else from the
-    cores this process may use and the processes sharing them (:func:`edgefl_core.proc.thread_plan`)."""
-    return thread_plan(usable_cores(), cfg.run.devices, cfg.deployment.mode, cfg.run.threads,
+def free_cores() -> tuple[int, float]:
+    """(cores the run may use, cores other processes kept busy as it started): this process's cores less the
+    whole ones other processes are using (:func:`edgefl_core.proc.busy_cores`), at least 1. A pool of 2 threads
+    beside a process that keeps one of 2 cores busy trained at 7 samples/s where 1 thread trains at ~200."""
+    cores, busy = usable_cores(), busy_cores()
+    return max(1, cores - int(busy + 0.5)), busy
+
+
+def threads_of(cfg: ExperimentConfig, cores: int | None = None) -> tuple[int, int]:
+    """(runtime, per agent) torch threads: ``run.threads`` / ``deployment.agent_threads`` where set, else from
+    ``cores`` (default: the cores this process may use) and the processes sharing them
+    (:func:`edgefl_core.proc.thread_plan`)."""
+    return thread_plan(cores or usable_cores(), cfg.run.devices, cfg.deployment.mode, cfg.run.threads,
                        cfg.deployment.agent_threads, cfg.fedgkt.overlap_evaluation and cfg.algorithm == "fedgkt")
 
 
-def rank_threads(cfg: ExperimentConfig) -> int:
+def rank_threads(cfg: ExperimentConfig, cores: int | None = None) -> int:
     """The runtime's threads per process: with ``deployment.server_ranks`` ranks, each rank's share of the plan's
     runtime threads (``run.threads``, when set, is per rank)."""
-    runtime = threads_of(cfg)[0]
+    runtime = threads_of(cfg, cores)[0]
     if cfg.run.threads is None and cfg.deployment.server_ranks > 1:
         return max(1, runtime // cfg.deployment.server_ranks)
     return runtime
@@ -81,14 +90,16 @@ def runtime_command(cfg: ExperimentConfig, runtime_path: Path, log_level: str) -
             "--max-restarts", str(cfg.deployment.rank_restarts), *serve]
 
 
-def log_thread_plan(cfg: ExperimentConfig) -> None:
+def log_thread_plan(cfg: ExperimentConfig, cores: int | None = None, busy: float = 0.0) -> None:
     """Say how the cores are shared, and warn where explicit settings oversubscribe them."""
-    cores, (runtime, agent) = usable_cores(), threads_of(cfg)
+    cores = cores or usable_cores()
+    runtime, agent = threads_of(cfg, cores)
     n = cfg.run.devices
     ranks = cfg.deployment.server_ranks
-    logger.info("threads: runtime %s, each of %d agents %d, on %d cores (%s rounds)",
-                runtime if ranks == 1 else f"{ranks} ranks of {rank_threads(cfg)}", n, agent, cores,
-                cfg.deployment.mode)
+    logger.info("threads: runtime %s, each of %d agents %d, on %d cores (%s rounds)%s",
+                runtime if ranks == 1 else f"{ranks} ranks of {rank_threads(cfg, cores)}", n, agent, cores,
+                cfg.deployment.mode, f"; {usable_cores() - cores} more kept busy by other processes ({busy:.1f} "
+                "cores) as the run started" if cores < usable_cores() else "")
     # a pool of more than one thread collapses when other busy threads share its cores; single-thread processes
     # only take turns. Sync rounds: the runtime computes while the agents wait, and the other way round
     if cfg.deployment.mode == "async":
@@ -102,7 +113,7 @@ def log_thread_plan(cfg: ExperimentConfig) -> None:
 
 
 def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval_ids: Path,
-                   data: federated.FederatedData) -> RuntimeConfig:
+                   data: federated.FederatedData, cores: int | None = None) -> RuntimeConfig:
     """The runtime's side of an experiment (the run's algorithm, rounds, server and deployment settings)."""
     dep = cfg.deployment
     return RuntimeConfig(
@@ -111,14 +122,15 @@ def runtime_config(cfg: ExperimentConfig, broker_url: str, state_dir: Path, eval
         broker=BrokerConfig(url=broker_url), server=cfg.server, mode=dep.mode, rounds=cfg.run.rounds,
         min_devices=cfg.run.devices, expected_devices=cfg.run.devices, registration_timeout_s=300.0,
         round_deadline_s=dep.round_deadline_s, quorum=dep.quorum, eval_every=cfg.run.eval_every,
-        max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=rank_threads(cfg), seed=cfg.run.seed,
+        max_staleness=dep.max_staleness, state_dir=str(state_dir), threads=rank_threads(cfg, cores), seed=cfg.run.seed,
         num_classes=data.num_classes, input_shape=list(data.image_shape), privacy=cfg.privacy,
         ingest=IngestConfig(workers=dep.ingest_workers),
         console=replace(cfg.console, token_file=str(Path(cfg.console.token_file).resolve()) if cfg.console.token_file
                         else None))
 
 
-def agent_config(cfg: ExperimentConfig, index: int, broker_url: str, ids_file: Path, state_dir: Path) -> AgentConfig:
+def agent_config(cfg: ExperimentConfig, index: int, broker_url: str, ids_file: Path, state_dir: Path,
+                 cores: int | None = None) -> AgentConfig:
     """Device ``dev<index>``: identity, broker, its data, link and engine (how it trains comes from the runtime)."""
     dep = cfg.deployment
     profiles = dep.device_profiles
@@ -126,7 +138,7 @@ def agent_config(cfg: ExperimentConfig, index: int, broker_url: str, ids_file: P
         device_id=f"dev{index}", run_id=run_id_of(cfg), broker=BrokerConfig(url=broker_url),
         data=AgentDataConfig(cfg.data.dataset, cfg.data.path, str(ids_file)),
         upload=UploadConfig(chunk_bytes=dep.chunk_bytes),
-        state_dir=str(state_dir), threads=threads_of(cfg)[1], seed=cfg.run.seed + index,
+        state_dir=str(state_dir), threads=threads_of(cfg, cores)[1], seed=cfg.run.seed + index,
         engine=dep.agent_engine if dep.agent_engine != "mixed" else ("torch", "onnxruntime")[index % 2],
         profile=profiles[index % len(profiles)] if profiles else "host")
 
@@ -143,10 +155,11 @@ def write_deployment(cfg: ExperimentConfig, out_dir: Path, broker_url: str) -> D
     if cfg.data.path:
         cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
     data = federated.prepare(cfg.data, cfg.run.devices, cfg.run.seed, out_dir)
-    log_thread_plan(cfg)
+    cores, busy = free_cores()  # measured once: every process of the run gets the same plan
+    log_thread_plan(cfg, cores, busy)
     eval_ids = out_dir / "eval_sample_ids.json"
     eval_ids.write_text(json.dumps({"train": [], "test": data.test_all.sample_ids.tolist()}))
-    runtime = runtime_config(cfg, broker_url, out_dir / "runtime", eval_ids, data)
+    runtime = runtime_config(cfg, broker_url, out_dir / "runtime", eval_ids, data, cores)
     agents, agent_paths = [], []
     for d in range(cfg.run.devices):
         device_dir = out_dir / "agents" / f"dev{d}"
@@ -154,7 +167,7 @@ def write_deployment(cfg: ExperimentConfig, out_dir: Path, broker_url: str) -> D
         ids_file = device_dir / "sample_ids.json"
         ids_file.write_text(json.dumps({"train": data.train[d].sample_ids.tolist(),
                                         "test": data.test[d].sample_ids.tolist()}))
-        agents.append(agent_config(cfg, d, broker_url, ids_file, device_dir / "state"))
+        agents.append(agent_config(cfg, d, broker_url, ids_file, device_dir / "state", cores))
         agent_paths.append(_dump(device_dir / "agent.yaml", agents[-1]))
     counts = {f"dev{d}": data.train_class_counts[d].tolist() for d in range(cfg.run.devices)}
     return Deployment(runtime, _dump(out_dir / "runtime.yaml", runtime), agents, agent_paths, counts)

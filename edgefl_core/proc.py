@@ -29,6 +29,36 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def busy_cores(interval_s: float = 0.5) -> float:
+    """Cores of this process's affinity mask that other processes kept busy over the next ``interval_s`` seconds
+    (/proc/stat's per-CPU busy time, less this process's own CPU time): a job started beside another sizes its
+    thread pools to what is left. 0.0 where /proc/stat is not there (not Linux)."""
+    import time
+
+    def sample() -> dict[str, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                lines = [line.split() for line in f if line.startswith("cpu") and not line.startswith("cpu ")]
+        except OSError:
+            return None
+        # busy = all jiffies but idle and iowait (fields 4 and 5 after the name)
+        return {f[0]: sum(map(int, f[1:])) - int(f[4]) - int(f[5]) for f in lines}
+
+    try:
+        mine = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+    except AttributeError:
+        return 0.0
+    before, own_before = sample(), os.times()
+    time.sleep(interval_s)
+    after, own_after = sample(), os.times()
+    if before is None or after is None:
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    busy = sum(after[c] - before.get(c, after[c]) for c in mine if c in after) / ticks
+    own = (own_after.user - own_before.user) + (own_after.system - own_before.system)
+    return max(0.0, (busy - own) / interval_s)
+
+
 def thread_plan(cores: int, agents: int, mode: str, runtime_threads: int | None = None,
                 agent_threads: int | None = None, overlap_evaluation: bool = True) -> tuple[int, int]:
     """(runtime, agent) intra-op threads for one runtime and ``agents`` agent processes sharing ``cores``,
