@@ -87,7 +87,7 @@ class Rejected(Exception):
 
 
 class DeviceLines:
-    """At most ``burst`` log lines (and console events) per device and kind every
+    """At most ``burst`` log lines per device and kind every
     :data:`REJECTION_EVENT_EVERY_S`: a device repeating itself (thousands of registrations, status flaps or
     rejections a second) is a line or two, and its next line says how many were left out."""
 
@@ -196,9 +196,9 @@ class DeviceRegistry:
             logger.info("%s %sregistered: %s samples, model %s, trainer %s, profile %s%s", device,
                         "re-" if known else "", facts["train_samples"], recipe.get("model"), recipe.get("trainer"),
                         facts.get("profile"), suffix)
-            self.telemetry.event("re-registered" if known else "registered", device,
-                                 f"{facts['train_samples']} train samples, engine {facts.get('engine')}, "
-                                 f"profile {facts.get('profile')}")
+        self.telemetry.event("re-registered" if known else "registered", device,  # the feed bounds its own
+                             f"{facts['train_samples']} train samples, engine {facts.get('engine')}, "
+                             f"profile {facts.get('profile')}")
         return known
 
     def on_status(self, device: str, data: dict) -> None:
@@ -213,8 +213,8 @@ class DeviceRegistry:
             info["offline_since"] = time.time()
         if (suffix := self.lines.take(device, "status", burst=3)) is not None:
             logger.info("%s is %s%s", device, "online" if info["online"] else "offline", suffix)
-            if was != info["online"]:
-                self.telemetry.event("online" if info["online"] else "offline", device)
+        if was != info["online"]:  # the feed bounds (and counts) a device's events itself
+            self.telemetry.event("online" if info["online"] else "offline", device)
 
     def on_heartbeat(self, device: str, data: dict) -> None:
         if device not in self.devices:
