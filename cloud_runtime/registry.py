@@ -186,7 +186,9 @@ class DeviceRegistry:
         known = device in self.devices
         if known and facts.get("program") and not self.devices[device].get("program"):
             self.devices[device].update(facts)  # the same process, now running the edge program it was sent
-            logger.info("%s runs edge program %s (engine onnxruntime)", device, facts["program"][:12])
+            if (suffix := self.lines.take(device, "program", burst=3)) is not None:
+                logger.info("%s runs edge program %s (engine %s)%s", device, facts["program"][:12],
+                            facts.get("engine"), suffix)
             return True
         info = self.devices.setdefault(device, {"bytes_up": 0, "bytes_resent": 0, "bytes_rejected": 0, "bytes_down": 0,
                                                 "raw_fp32_bytes": 0, "rounds": [], "rejected": 0})

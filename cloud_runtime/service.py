@@ -270,8 +270,8 @@ class CloudRuntime:
             return
         if strategy.num_classes is None:  # every check passed: this registration may fix the run's facts
             strategy.setup(run_classes, run_shape, channels)
-        if self.ingest.forget(device):  # a new process: its old senders are gone
-            logger.info("%s re-registered: its open transfers were dropped", device)
+        if self.ingest.forget(device) and (suffix := self.registry.lines.take(device, "forgot", burst=3)) is not None:
+            logger.info("%s re-registered: its open transfers were dropped%s", device, suffix)  # a new process
         again = device in self.registry.devices  # (its ingest worker drops what the old process left open too)
         old = self.registry.devices.get(device, {})
         if (old.get("train_samples"), old.get("test_samples")) != (facts["train_samples"], facts["test_samples"]):
@@ -339,7 +339,8 @@ class CloudRuntime:
         settle(True, None)
         self.registry.accepted(device)
         self.downlink.ack(device, done)
-        logger.info("%s: %s", device, what)
+        if (suffix := self.registry.lines.take(device, "accepted", burst=3)) is not None:
+            logger.info("%s: %s%s", device, what, suffix)
 
     def _answer(self, device: str, header: dict) -> None:
         """Reply to a chunk that asks for progress (``ack``: the sender's sequence number)."""

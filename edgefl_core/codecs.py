@@ -9,6 +9,8 @@ nothing is ever unpickled. Adding a codec: one ``@FEATURE_CODECS.register("name"
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,12 +166,42 @@ def decompress(blob: bytes, max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> byte
         raise ProtocolError("bad_compression", f"{len(blob)} bytes state {size} bytes decompressed: more than "
                                                f"{MAX_COMPRESSION_RATIO}x is no upload of features or weights")
     try:
+        with zstandard.ZstdDecompressor().stream_reader(blob) as reader:
+            _check_safetensors_head(reader, size)
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=size)
     except zstandard.ZstdError as e:
         raise ProtocolError("bad_compression", str(e)) from None
     if len(raw) != size:
         raise ProtocolError("bad_compression", f"decompressed {len(raw)} bytes, the frame states {size}")
     return raw
+
+
+MAX_SAFETENSORS_HEADER = 1 << 20  # the JSON header of a transfer's safetensors (names, dtypes, shapes, offsets)
+
+
+def _read_exact(reader, n: int) -> bytes:
+    out = b""
+    while len(out) < n and (piece := reader.read(n - len(out))):
+        out += piece
+    return out
+
+
+def _check_safetensors_head(reader, size: int) -> None:
+    """Before a blob is decompressed whole: its first bytes must be a safetensors header (8-byte length, JSON of
+    at most :data:`MAX_SAFETENSORS_HEADER`) whose tensors end exactly where the stated size does. A bomb of zeros
+    fails here, after a few bytes of decompression instead of a GiB. Raises ProtocolError ``bad_payload``."""
+    head = _read_exact(reader, 8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 2 <= length <= min(MAX_SAFETENSORS_HEADER, size - 8):
+        raise ProtocolError("bad_payload", f"not a safetensors blob (a header of {length} bytes in {size})")
+    try:
+        header = json.loads(_read_exact(reader, length))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
+        raise ProtocolError("bad_payload", f"not a safetensors blob (its header: {type(e).__name__})") from None
+    if max(ends, default=0) != size - 8 - length:
+        raise ProtocolError("bad_payload", f"not a safetensors blob (its tensors end at {max(ends, default=0)}, "
+                                           f"the data is {size - 8 - length} bytes)")
 
 
 def load_arrays(raw: bytes, max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES) -> dict[str, np.ndarray]:

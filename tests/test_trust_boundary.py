@@ -180,6 +180,36 @@ def test_a_zstd_bomb_within_a_claimed_test_split_is_refused_before_it_is_decompr
     assert rt.registry.devices["devA"]["rejection_reasons"] == {"bad_compression": 1} and not decompressed
 
 
+def test_a_bomb_within_the_ratio_is_refused_from_its_first_bytes(tmp_path):
+    """A bomb with enough random bytes to pass the ratio check (one bomb, one good upload, over and over, each
+    bomb a GiB and 0.7 s: found by a re-check with a valid device credential) is refused from its first
+    decompressed bytes: they are no safetensors header whose tensors end where the stated size does."""
+    import os
+    import zstandard
+    from edgefl_core import codecs
+    rt = runtime(tmp_path, None, "num_classes=10", "input_shape=[1, 10, 10]", register=())
+    rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 30,
+                         "test_samples": 1_000_000, "input_shape": [1, 10, 10]})
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (32 << 20) + os.urandom(1 << 20))
+    assert len(bomb) * codecs.MAX_COMPRESSION_RATIO > 33 << 20  # within the ratio
+    send(rt, "devA", P.chunk_transfer(bomb, run=RUN, device="devA", round_=0,
+                                      meta={"kind": "upload", "split": "test", "codec": "int8"}))
+    assert rt.registry.devices["devA"]["rejection_reasons"] == {"bad_payload": 1}
+    assert "a header of 0 bytes" in rt.registry.devices["devA"]["last_rejection"]["detail"]  # not decompressed whole
+
+
+def test_a_device_repeating_accepted_uploads_is_a_few_log_lines(tmp_path, caplog):
+    """2,000 accepted 1-sample uploads were 2,000 log lines (found by a re-check with a valid device credential):
+    like registrations, status and rejections, at most 3 per device every few seconds."""
+    import logging
+    caplog.set_level(logging.INFO, logger="edgefl.runtime")
+    rt = runtime(tmp_path)
+    for seed in range(10):
+        send(rt, "devA", upload_frames("devA", range(30), seed=seed))
+    assert rt.registry.devices["devA"]["rejected"] == 0
+    assert sum(r.getMessage().startswith("devA: ") and "accepted" in r.getMessage() for r in caplog.records) == 3
+
+
 # -- item 8: a rejected message has no side effect -------------------------------------------------------------
 
 
