@@ -86,11 +86,10 @@ class EdgePrograms:
         elif data.get("program") != build.digest:
             last, now = self.delivered.get(device), time.monotonic()
             recent = self.recent[device] = [t for t in self.recent.get(device, []) if now - t < PROGRAM_WINDOW_S]
-            if last is None or last[0] != build.digest or (len(recent) < PROGRAMS_PER_WINDOW and (
-                    last[2] != data.get("pid") or now - last[1] > RESEND_AFTER_S)):
+            asks_again = last is not None and (last[2] != data.get("pid") or now - last[1] > RESEND_AFTER_S)
+            if last is None or last[0] != build.digest or (asks_again and len(recent) < PROGRAMS_PER_WINDOW):
                 self._deliver(device, build, data.get("pid"))
-            elif (last[2] != data.get("pid") or now - last[1] > RESEND_AFTER_S) and \
-                    now - self.refused_at.get(device, -PROGRAM_WINDOW_S) >= PROGRAM_WINDOW_S:  # once a window
+            elif asks_again and now - self.refused_at.get(device, -PROGRAM_WINDOW_S) >= PROGRAM_WINDOW_S:  # logged
                 self.refused_at[device] = now
                 logger.warning("%s: edge program not sent again: %d copies in the last %.0f s (a device without its "
                                "program registers again later)", device, len(recent), PROGRAM_WINDOW_S)

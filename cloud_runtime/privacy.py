@@ -18,7 +18,7 @@ import functools
 import math
 
 
-def _accountant():
+def _gaussian_mechanism():
     try:
         from dp_accounting import gaussian_mechanism
     except ImportError as e:  # the cloud extra installs it
@@ -42,7 +42,7 @@ def epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
     # exactly (the analytic Gaussian mechanism: Balle & Wang, ICML 2018) at the same cost for any R; its
     # privacy-loss-distribution accountant grew with R in time and memory (23 s at 10,000 releases, a
     # MemoryError at 20,000, which one device can make)
-    exact = float(_accountant().get_epsilon_gaussian(noise_multiplier / 2 / math.sqrt(releases), delta))
+    exact = float(_gaussian_mechanism().get_epsilon_gaussian(noise_multiplier / 2 / math.sqrt(releases), delta))
     return exact * (1 + 1e-9) + 1e-12  # rounded up past the root finder's tolerance: never below the truth
 
 
