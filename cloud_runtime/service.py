@@ -339,7 +339,10 @@ class CloudRuntime:
         settle(True, None)
         self.registry.accepted(device)
         self.downlink.ack(device, done)
-        if (suffix := self.registry.lines.take(device, "accepted", burst=3)) is not None:
+        # an honest device's uploads (one per split a round) are each a line however quick the rounds; re-sends of
+        # one upload, which a device can repeat at will, are at most 3 lines every few seconds
+        kind = f"accepted {done.meta.get('split')} of round {done.round}"
+        if (suffix := self.registry.lines.take(device, kind, burst=3)) is not None:
             logger.info("%s: %s%s", device, what, suffix)
 
     def _answer(self, device: str, header: dict) -> None:
