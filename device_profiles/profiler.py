@@ -47,7 +47,7 @@ class ModelCost:
     param_bytes: int
     grad_bytes: int
     optimizer_bytes: int
-    activation_bytes: int
+    activation_bytes: int              # backprop: saved for backward; inference: peak alive at once (bytes)
     activation_traffic_bytes: int      # sum of every leaf module's output bytes in one forward
     feature_shape: tuple | None
     upload_bytes_per_sample: dict      # codec -> bytes (before zstd), FedGKT feature uploads
@@ -113,6 +113,18 @@ def _activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int
     return sum(seen.values())
 
 
+def _peak_live_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes of activations alive at once in one no-grad eval forward (parameters and buffers excluded),
+    tracked per storage by torch's ``MemTracker`` (a ``TorchDispatchMode``; it works on CPU tensors too)."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker, torch.no_grad():
+        model.eval()(x)
+    return int(tracker.get_tracker_snapshot("peak")[x.device][_MemRefType.ACT])
+
+
 def _traffic_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes of all leaf-module outputs in one forward pass (convolutions, norms, activations, ...)."""
     total = 0
@@ -168,7 +180,7 @@ def model_cost(model_name: str, method: str = "backprop", batch: int = 64, input
         forward_flops=forward, backward_flops=backward, total_flops=forward + backward, param_bytes=params * 4,
         grad_bytes=trainable * 4 if training else 0,
         optimizer_bytes=trainable * 4 * OPTIMIZER_STATE_FACTOR[optimizer] if training else 0,
-        activation_bytes=_activation_bytes(model, x, y) if training else 0,
+        activation_bytes=_activation_bytes(model, x, y) if training else _peak_live_bytes(model, x),
         activation_traffic_bytes=_traffic_bytes(model, x), feature_shape=feature_shape,
         upload_bytes_per_sample=upload, fedavg_model_bytes=params * 4)
 

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="edge-agent", formatter_class=HelpFormatter,
         description="edgefl edge agent (FedGKT device daemon). 'edge-agent data check --config agent.yaml' "
                     "checks the device's data; 'edge-agent data export' writes demo shards; 'edge-agent program "
-                    "install FILE --config agent.yaml' installs an edge program offline (engine onnxruntime).")
+                    "install FILE --config agent.yaml' installs an edge program offline (engine onnxruntime); "
+                    "'edge-agent program list --config agent.yaml' lists the cached ones.")
     parser.add_argument("--config", required=True, help="agent YAML (paths in it are relative to its folder)")
     add_config_options(parser, "upload.max_bytes_per_s=500000")
     parser.add_argument("--reset-state", action="store_true",

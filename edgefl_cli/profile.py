@@ -397,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--batch", type=positive_int, default=64)
+    common.add_argument("--batch", type=positive_int, default=64, help="samples per step (default 64)")
     common.add_argument("--input", type=parse_shape, default=(3, 32, 32), help="CxHxW (default 3x32x32)")
-    common.add_argument("--json", action="store_true")
+    common.add_argument("--json", action="store_true", help="print the results as JSON")
     common.add_argument("--model-kwargs", type=parse_model_kwargs, default={},
                         help="model options as a YAML mapping, as in a run's model_kwargs, e.g. '{stem_stride: 2}'")
     common.add_argument("--log-level", default="WARNING")
@@ -411,12 +411,17 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv[1:])
             setup_logging(args.log_level)
             return cmd_compare(args.models, args.batch, args.input, args.json, args.model_kwargs)
-        parser = argparse.ArgumentParser(prog="device-profile", parents=[common], description=__doc__.splitlines()[0])
+        usage_lines = "\n".join(line for line in __doc__.splitlines() if line.startswith("    device-profile"))
+        parser = argparse.ArgumentParser(prog="device-profile", parents=[common], description=__doc__.splitlines()[0],
+                                         epilog=f"forms (compare: FLOPs and memory of several models side by side):"
+                                                f"\n{usage_lines}",
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("model", nargs="?", help=f"one of: {', '.join(list_models())}")
         parser.add_argument("--device", action="append", default=[], help=f"profile name or YAML path; known: "
                                                                          f"{', '.join(list_profiles())}")
-        parser.add_argument("--all-devices", action="store_true")
-        parser.add_argument("--method", action="append", choices=METHODS, default=None)
+        parser.add_argument("--all-devices", action="store_true", help="every known profile")
+        parser.add_argument("--method", action="append", choices=METHODS, default=None,
+                            help="inference or backprop step; repeatable (default: both)")
         parser.add_argument("--plot", default=None, help="write a PNG of per-device latency estimates")
         parser.add_argument("--measure", action="store_true",
                             help="with MODEL: also measure step time and peak memory here; alone: measure every "

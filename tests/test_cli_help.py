@@ -40,3 +40,14 @@ def test_log_level_takes_either_case_and_refuses_others(capsys):
     with pytest.raises(SystemExit) as exit_:
         sim_main(["--config", "x.yaml", "--log-level", "verbose"])
     assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_help_names_every_subcommand(capsys):
+    """A README walk-through found ``device-profile compare`` and ``edge-agent program list`` missing from
+    ``--help``: a user reading the help alone could not find them."""
+    from edgefl_cli.profile import main as profile_main
+    for main, wanted in ((profile_main, "device-profile compare"), (agent_main, "edge-agent program list")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--help"])
+        assert exit_.value.code == 0
+        assert wanted in " ".join(capsys.readouterr().out.split())

@@ -22,7 +22,20 @@ def test_flop_counts_match_hand_computed_convolutions():
     # backward: grad-input and grad-weight kernels (2x forward), except the stem, whose input needs no gradient
     assert cost.backward_flops == 3 * (stem + 2 * (block1 + block2 + fc))
     inference = model_cost("resnet8_gkt", "inference", batch=3, input_shape=(1, 8, 8))
-    assert inference.backward_flops == 0 and inference.activation_bytes == 0 and inference.grad_bytes == 0
+    assert inference.backward_flops == 0 and inference.grad_bytes == 0 and inference.optimizer_bytes == 0
+
+
+def test_inference_memory_counts_the_activations_alive_at_once():
+    """Inference memory was the weights alone (``device-profile resnet8_gkt --batch 1 --method inference``
+    printed 0.0 MiB): the activations alive at once count too, at least a block's 64-channel output and its
+    input, fewer than backprop keeps for backward, linear in the batch."""
+    one = model_cost("resnet8_gkt", "inference", batch=2, input_shape=(1, 8, 8))
+    two = model_cost("resnet8_gkt", "inference", batch=4, input_shape=(1, 8, 8))
+    train = model_cost("resnet8_gkt", "backprop", batch=2, input_shape=(1, 8, 8))
+    block_output = 2 * 64 * 8 * 8 * 4
+    assert 2 * block_output <= one.activation_bytes < train.activation_bytes
+    assert two.activation_bytes == 2 * one.activation_bytes
+    assert one.memory_bytes() == one.param_bytes + one.activation_bytes
 
 
 def test_memory_accounting():
