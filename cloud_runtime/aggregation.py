@@ -119,6 +119,18 @@ def trimmed_mean(states: Sequence[State], trim_fraction: float = 0.1) -> dict[st
     return out
 
 
+def tolerated_outliers(aggregator: str, n: int, trim_fraction: float = 0.1) -> int:
+    """How many of ``n`` updates may be arbitrary before they can move the aggregate anywhere (its breakdown
+    point in updates): ``fedavg`` 0; ``median`` (n-1)//2; ``trimmed_mean`` floor(trim_fraction x n), the
+    updates it drops at each end (Yin et al. 2018, "Byzantine-robust distributed learning"). 0 for a robust
+    rule means that with this many updates it is no more robust than the mean."""
+    if aggregator == "median":
+        return max(0, (n - 1) // 2)
+    if aggregator == "trimmed_mean":
+        return int(np.floor(trim_fraction * n))
+    return 0
+
+
 def update_norm(state: State, reference: State) -> float:
     return float(np.sqrt(sum(np.sum((np.asarray(state[n], np.float64) - reference[n]) ** 2) for n in reference)))
 

@@ -7,7 +7,7 @@ from hypothesis.extra import numpy as hnp
 
 from cloud_runtime.aggregation import (AGGREGATORS, AggregationError, clip_update, clipped_fedavg, coordinate_median,
                                        fedavg, layer_divergence, relative_layer_divergence, staleness_weights,
-                                       trimmed_mean, update_norm)
+                                       tolerated_outliers, trimmed_mean, update_norm)
 
 
 def states(n=5, seed=0):
@@ -40,6 +40,24 @@ def test_robust_aggregators_resist_an_outlier():
     mean_err = np.abs(fedavg(s)["fc.bias"]).max()
     assert np.abs(coordinate_median(s)["fc.bias"]).max() < 10 < mean_err
     assert np.abs(trimmed_mean(s, 0.2)["fc.bias"]).max() < 10
+
+
+@pytest.mark.parametrize("aggregator, fraction", [("median", 0.1), ("trimmed_mean", 0.2), ("trimmed_mean", 0.3),
+                                                  ("fedavg", 0.1)])
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 7, 10])
+def test_tolerated_outliers_is_the_breakdown_point(aggregator, fraction, n):
+    """With as many updates at 1e9 as the rule tolerates the aggregate stays among the honest values; one more
+    moves it past them (what the runtime's warning that a rule is the mean over too few updates rests on)."""
+    k = tolerated_outliers(aggregator, n, fraction)
+    aggregate = AGGREGATORS.get(aggregator)
+    for bad in (k, k + 1):
+        if bad >= n:
+            continue
+        s = states(n)
+        for i in range(bad):
+            s[i] = {name: np.full_like(v, 1e9) for name, v in s[i].items()}
+        got = np.abs(aggregate(s, None, {"trim_fraction": fraction})["fc.bias"]).max()
+        assert (got < 10) == (bad == k), (bad, got)
 
 
 def test_norm_clipping():

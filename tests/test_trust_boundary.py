@@ -547,3 +547,44 @@ def test_an_agent_that_boots_before_its_broker_waits_and_says_why(npz_dir, caplo
         starter.join()
         transport.close()
         broker.stop()
+
+
+# -- robust rules over too few updates say so ---------------------------------------------------------------------
+
+
+def test_extractor_averaging_over_fewer_than_3_devices_warns_once(tmp_path, caplog):
+    """Two devices' extractors have no robust centre: one device can move what every device loads (a review
+    with a valid device credential reproduced it with 1 honest device): the operator is told, once a run."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="edgefl.runtime")
+    rt = runtime(tmp_path, None, "fedgkt.average_extractors=true")
+    for i, device in enumerate(("devA", "devB")):
+        send(rt, device, upload_frames(device, range(30 * i, 30 * i + 30),
+                                       extractor={"weight": np.full((2, 2), float(i), np.float32)}))
+    for round_ in (0, 1):
+        rt.strategy.average_extractors(round_, ["devA", "devB"])
+    warned = [r.getMessage() for r in caplog.records if "averaged unclipped" in r.getMessage()]
+    assert len(warned) == 1 and "fewer than 3 have no robust centre" in warned[0]
+
+
+@pytest.mark.parametrize("aggregator, count, warned", [("median", 2, True), ("median", 3, False),
+                                                       ("trimmed_mean", 4, True), ("trimmed_mean", 5, False),
+                                                       ("fedavg", 2, False)])
+def test_a_robust_aggregator_over_too_few_updates_says_it_is_the_mean(tmp_path, caplog, aggregator, count, warned):
+    """``trimmed_mean`` at 0.2 over 4 updates trims none, and the median of 2 is their mean: the run said
+    nothing, so an operator who chose a robust rule believed one outlier was tolerated."""
+    import logging
+    caplog.set_level(logging.WARNING, logger="edgefl.runtime")
+    rt = runtime(tmp_path, None, "algorithm=fedavg", "edge.model=resnet8", f"fedavg.aggregator={aggregator}",
+                 register=())
+    rt.strategy.setup(10, [1, 8, 8], 1)
+    state = rt.strategy.global_model.state_dict()
+    for round_ in (0, 1):
+        rt.strategy.model_updates = {f"dev{i}": ({k: v.clone() for k, v in state.items()}, 30, {})
+                                     for i in range(count)}
+        row = rt.strategy.aggregate()
+    lines = [r.getMessage() for r in caplog.records if "tolerates no outlier" in r.getMessage()]
+    assert len(lines) == (1 if warned else 0)
+    assert row["tolerated_outliers"] == (0 if warned or aggregator == "fedavg" else 1)
+    if aggregator == "trimmed_mean" and warned:
+        assert "it needs 5 or more" in lines[0]

@@ -31,6 +31,7 @@ class FedAvg(Strategy):
         self._update_limit: int | None = None   # what a model update may decompress to, once the model exists
         self.model_updates: dict[str, tuple[dict, int, dict]] = {}  # device -> (state, samples, metrics)
         self._eval_set = None
+        self._said_not_robust: set[tuple[str, int]] = set()  # (aggregator, updates) already warned of
 
     def build(self) -> None:
         """The global model is the run's ``edge.model`` (the runtime's recipe) for the run's input channels."""
@@ -92,12 +93,19 @@ class FedAvg(Strategy):
             states = [{**s, **c} for s, c in zip(states, clipped)]
         else:
             bound = None
+        tolerated = A.tolerated_outliers(fa.aggregator, len(states), fa.trim_fraction)
+        if fa.aggregator != "fedavg" and not tolerated and (fa.aggregator, len(states)) not in self._said_not_robust:
+            self._said_not_robust.add((fa.aggregator, len(states)))  # said once per count, not every round
+            need = next((n for n in range(len(states) + 1, 10_001)
+                         if A.tolerated_outliers(fa.aggregator, n, fa.trim_fraction)), None)
+            logger.warning("fedavg.aggregator %s over %d updates tolerates no outlier: it is their mean (%s)",
+                           fa.aggregator, len(states), f"it needs {need} or more" if need else "trim_fraction is 0")
         new = A.AGGREGATORS.get(fa.aggregator)(states, weights, {"trim_fraction": fa.trim_fraction})
         divergence = A.layer_divergence([{k: s[k] for k in floats} for s in states], {k: new[k] for k in floats})
         self.global_model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in new.items()})
         return {"update_norms": dict(zip(devices, norms)), "clip_bound": bound,
                 "clipped": [d for d, n in zip(devices, norms) if bound is not None and n > bound],
-                "divergence": divergence, "weights": dict(zip(devices, weights))}
+                "divergence": divergence, "weights": dict(zip(devices, weights)), "tolerated_outliers": tolerated}
 
     @torch.inference_mode()
     def evaluate(self, row: dict) -> None:
