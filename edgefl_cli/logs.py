@@ -9,6 +9,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 MAX_MESSAGE_CHARS = 2000  # a log line's message is cut here (the rest counted): a device's 145 KB field is no line
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_TRACEBACK_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")  # a traceback keeps \n and \t
 
 
 def _escape(match: re.Match) -> str:
@@ -19,8 +20,9 @@ def _escape(match: re.Match) -> str:
 class OneLineFormatter(logging.Formatter):
     """Each record on one line of bounded length: control characters in the message (newlines, the ESC of
     terminal sequences) are escaped and a message past :data:`MAX_MESSAGE_CHARS` is cut, so text a device sent
-    (a rejected field's value, a name) can neither forge log lines nor rewrite the terminal. Tracebacks keep
-    their lines (they are the process's own)."""
+    (a rejected field's value, a name) can neither forge log lines nor rewrite the terminal. A traceback keeps
+    its lines, each indented by two spaces with its control characters escaped: its exception's message may
+    quote a device's text, and no line of it can pass for a record (records start at the first column)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         message = record.message
@@ -28,6 +30,17 @@ class OneLineFormatter(logging.Formatter):
             message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
         record.message = _CONTROL.sub(_escape, message)
         return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(stack_info)
+
+
+def _indented(text: str) -> str:
+    """A traceback's lines, two spaces in, control characters other than newline and tab escaped."""
+    return "\n".join("  " + _TRACEBACK_CONTROL.sub(_escape, line) for line in text.split("\n"))
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -281,12 +281,15 @@ def test_text_a_device_sent_cannot_forge_log_lines_or_rewrite_the_terminal():
     assert line == "WARNING rejected: 3\\n09:00:00 ERROR edgefl.runtime: dev0 quarantined\\x1b[2K\\x1b[31m\\x2028"
     huge = logging.LogRecord("edgefl.runtime", logging.WARNING, __file__, 1, "%s", ("A" * 145_000,), None)
     assert len(formatter.format(huge)) < MAX_MESSAGE_CHARS + 100
-    try:
-        raise ValueError("boom")
+    try:  # an internal error whose message quotes a device's text: its traceback keeps its lines, indented
+        raise ValueError(f"bad field {forged!r} or {forged}")
     except ValueError:
         import sys
         failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "it failed", (), sys.exc_info())
-    assert formatter.format(failed).count("\n") >= 2  # the traceback's own lines
+    text = formatter.format(failed)
+    assert text.count("\n") >= 3 and "\x1b" not in text and "\u2028" not in text
+    assert all(line.startswith("  ") for line in text.split("\n")[1:])  # no line passes for a record
+    assert "Traceback (most recent call last):" in text and "  ValueError: bad field" in text
 
 
 def test_a_device_repeating_registrations_or_status_is_a_few_log_lines(caplog, monkeypatch):
