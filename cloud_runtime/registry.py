@@ -184,7 +184,8 @@ class DeviceRegistry:
         """Record a (re-)registration: checked device ``facts`` and the ``recipe`` fields the runtime sent it
         (model, trainer, batch_size, epochs, model_kwargs, optimizer, codec). Returns whether it was known."""
         known = device in self.devices
-        if known and facts.get("program") and not self.devices[device].get("program"):
+        if (known and facts.get("program") and facts.get("engine") == "onnxruntime"  # (a torch device runs none,
+                and not self.devices[device].get("program")):                       # whatever digest it states)
             self.devices[device].update(facts)  # the same process, now running the edge program it was sent
             if (suffix := self.lines.take(device, "program", burst=3)) is not None:
                 logger.info("%s runs edge program %s (engine %s)%s", device, facts["program"][:12],

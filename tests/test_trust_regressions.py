@@ -333,3 +333,20 @@ def test_one_device_s_extractor_cannot_drag_the_average_the_others_load():
     assert float((average["0.weight"] - 1.0).abs().max()) < 0.2 and float(average["1.running_var"].min()) > 0.9
     plain = average_torch_states(honest, [1, 2, 3])  # honest devices alone: the plain weighted average
     assert all(torch.equal(plain[k], v) for k, v in average_torch_states(clipped_extractors(honest), [1, 2, 3]).items())
+
+
+def test_a_torch_device_stating_a_program_digest_is_not_logged_as_running_one(caplog):
+    """A device on engine torch that states an edge program's digest was logged as running it (a review with a
+    valid device credential): only an onnxruntime device runs edge programs."""
+    import logging
+    from cloud_runtime import registry as R
+    caplog.set_level(logging.INFO, logger="edgefl.runtime")
+    registry = R.DeviceRegistry(R.RuntimeConfig())
+    facts = {"train_samples": 30, "engine": "torch"}
+    registry.register("dev0", facts, {})
+    registry.register("dev0", {**facts, "program": "ab" * 32}, {})
+    registry.register("dev1", {**facts, "engine": "onnxruntime"}, {})
+    registry.register("dev1", {**facts, "engine": "onnxruntime", "program": "cd" * 32}, {})
+    said = [r.getMessage() for r in caplog.records]
+    assert not any(line.startswith("dev0 runs edge program") for line in said), said
+    assert "dev1 runs edge program cdcdcdcdcdcd (engine onnxruntime)" in said
