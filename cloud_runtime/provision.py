@@ -153,7 +153,8 @@ def runtime_yaml(run_id: str, url: str, password: str, dataset: str, devices: in
         ("algorithm", "fedgkt (devices upload features, the server trains a large CNN) | fedavg", "fedgkt"),
         ("mode", "sync: rounds wait for the quorum | async: the server trains on whatever has arrived", "sync"),
         ("rounds", "sync: rounds; async: server updates", 5),
-        ("num_classes", "the run's data facts; no registration can change them", num_classes),
+        ("num_classes", "the run's data facts; no registration can change them (npz / image_folder data of "
+                        "another kind: edit both; edge-agent data check prints them)", num_classes),
         ("input_shape", "[C, H, W] of every device's images", input_shape),
         ("# when rounds start and close", "", None),
         ("expected_devices", "round 0 opens as soon as this many devices have registered ...", devices),
