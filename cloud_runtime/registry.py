@@ -122,6 +122,12 @@ class DeviceRegistry:
         self.offences: Counter = Counter()   # offences outstanding per device (an acceptance takes one off)
         self.lines = DeviceLines()   # what one device repeats is logged once every few seconds
 
+    def log(self, device: str, kind: str, message: str, *args, level: int = logging.INFO) -> None:
+        """Log ``message % args`` unless ``device`` said the like (``kind``) 3 times in the last few seconds
+        (:class:`DeviceLines`); the next line it logs counts the ones left out."""
+        if (suffix := self.lines.take(device, kind, burst=3)) is not None:
+            logger.log(level, message + "%s", *args, suffix)
+
     # -- rejections and quarantine ------------------------------------------------------------------
 
     def reject(self, reason: str, device: str | None, detail: str) -> None:
@@ -187,18 +193,16 @@ class DeviceRegistry:
         if (known and facts.get("program") and facts.get("engine") == "onnxruntime"  # (a torch device runs none,
                 and not self.devices[device].get("program")):                       # whatever digest it states)
             self.devices[device].update(facts)  # the same process, now running the edge program it was sent
-            if (suffix := self.lines.take(device, "program", burst=3)) is not None:
-                logger.info("%s runs edge program %s (engine %s)%s", device, facts["program"][:12],
-                            facts.get("engine"), suffix)
+            self.log(device, "program", "%s runs edge program %s (engine %s)", device, facts["program"][:12],
+                     facts.get("engine"))
             return True
         info = self.devices.setdefault(device, {"bytes_up": 0, "bytes_resent": 0, "bytes_rejected": 0, "bytes_down": 0,
                                                 "raw_fp32_bytes": 0, "rounds": [], "rejected": 0})
         info.pop("offline_since", None)
         info.update(online=True, registered_at=time.time(), **facts, **recipe)
-        if (suffix := self.lines.take(device, "registered", burst=3)) is not None:
-            logger.info("%s %sregistered: %s samples, model %s, trainer %s, profile %s%s", device,
-                        "re-" if known else "", facts["train_samples"], recipe.get("model"), recipe.get("trainer"),
-                        facts.get("profile"), suffix)
+        self.log(device, "registered", "%s %sregistered: %s samples, model %s, trainer %s, profile %s", device,
+                 "re-" if known else "", facts["train_samples"], recipe.get("model"), recipe.get("trainer"),
+                 facts.get("profile"))
         self.telemetry.event("re-registered" if known else "registered", device,  # the feed bounds its own
                              f"{facts['train_samples']} train samples, engine {facts.get('engine')}, "
                              f"profile {facts.get('profile')}")
@@ -214,8 +218,7 @@ class DeviceRegistry:
             info.pop("offline_since", None)
         else:
             info["offline_since"] = time.time()
-        if (suffix := self.lines.take(device, "status", burst=3)) is not None:
-            logger.info("%s is %s%s", device, "online" if info["online"] else "offline", suffix)
+        self.log(device, "status", "%s is %s", device, "online" if info["online"] else "offline")
         if was != info["online"]:  # the feed bounds (and counts) a device's events itself
             self.telemetry.event("online" if info["online"] else "offline", device)
 

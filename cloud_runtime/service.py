@@ -270,8 +270,8 @@ class CloudRuntime:
             return
         if strategy.num_classes is None:  # every check passed: this registration may fix the run's facts
             strategy.setup(run_classes, run_shape, channels)
-        if self.ingest.forget(device) and (suffix := self.registry.lines.take(device, "forgot", burst=3)) is not None:
-            logger.info("%s re-registered: its open transfers were dropped%s", device, suffix)  # a new process
+        if self.ingest.forget(device):  # a new process
+            self.registry.log(device, "forgot", "%s re-registered: its open transfers were dropped", device)
         again = device in self.registry.devices  # (its ingest worker drops what the old process left open too)
         old = self.registry.devices.get(device, {})
         if (old.get("train_samples"), old.get("test_samples")) != (facts["train_samples"], facts["test_samples"]):
@@ -341,9 +341,7 @@ class CloudRuntime:
         self.downlink.ack(device, done)
         # an honest device's uploads (one per split a round) are each a line however quick the rounds; re-sends of
         # one upload, which a device can repeat at will, are at most 3 lines every few seconds
-        kind = f"accepted {done.meta.get('split')} of round {done.round}"
-        if (suffix := self.registry.lines.take(device, kind, burst=3)) is not None:
-            logger.info("%s: %s%s", device, what, suffix)
+        self.registry.log(device, f"accepted {done.meta.get('split')} of round {done.round}", "%s: %s", device, what)
 
     def _answer(self, device: str, header: dict) -> None:
         """Reply to a chunk that asks for progress (``ack``: the sender's sequence number)."""
