@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from bench.plots import save_figure
 
 
 def summarize(trials: list[dict]) -> dict:
@@ -56,8 +57,7 @@ def plot(trials: list[dict], summary: dict, path: Path) -> None:
     b.axhline(1.0, color="#c53030", ls="--", lw=1, label="1 s")
     b.set(ylabel="slowest answer over all open trials (s)", title="console answers under load")
     b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -41,6 +41,7 @@ from edgefl_core.codecs import decode_features, encode_features  # noqa: E402
 from edgefl_core.data.datasets import dataset_stats, load_dataset  # noqa: E402
 from model_zoo import create_model, seeded  # noqa: E402
 from model_zoo.resnet_gkt import Stem  # noqa: E402
+from bench.plots import save_figure
 
 
 # -- the device's side: an extractor and what it releases --------------------------------------------------------
@@ -284,9 +285,7 @@ def plot(pictures: dict[str, np.ndarray], path: Path) -> None:
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
     fig.suptitle("What the server can rebuild from uploaded features (Fashion-MNIST, quickstart extractor)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from bench.plots import save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -95,8 +96,7 @@ def plot(cells: dict, path: Path) -> None:
     ax.set_xticks([j + width for j in range(len(parts))], ["IID" if p == "iid" else f"α={p[1:]}" for p in parts])
     ax.set(ylabel="final test accuracy (mean ± sd over seeds)", title="label skew: FedGKT vs FedAvg", ylim=(0, 1))
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:

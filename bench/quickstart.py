@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from bench.plots import save_figure
 
 VARIANTS = {
     "fp32": [],  # the quickstart as shipped
@@ -68,9 +69,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("seconds (gray: CPU-seconds / cores)")
     ax.set_title(f"quickstart, {result['cores']} cores")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> int:

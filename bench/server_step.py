@@ -29,6 +29,7 @@ from device_profiles.profiler import measure_peak_gflops
 from model_zoo import create_model
 from model_zoo.losses import gkt_loss
 from model_zoo.optim import make_optimizer
+from bench.plots import save_figure
 
 
 def flops_per_sample(model: torch.nn.Module, shape: tuple, num_classes: int, batch: int = 64) -> float:
@@ -147,9 +148,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("samples per CPU-second")
     ax.set_title(f"{result['args']['model']} server step, batch {result['args']['batch']}")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> int:
