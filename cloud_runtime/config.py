@@ -345,12 +345,18 @@ class ExperimentConfig:
         check_console(self.console)
         require(self.algorithm == "fedgkt" or self.privacy.clip_norm is None, "privacy",
                 PRIVACY_NEEDS_FEDGKT)
-        ranks = self.deployment.server_ranks
-        require(ranks == 1 or self.algorithm == "fedgkt", "deployment.server_ranks",
-                f"{ranks} ranks train FedGKT's server model; {self.algorithm} has none: set it to 1")
-        require(self.server.batch_size >= ranks, "deployment.server_ranks",
-                f"{ranks} ranks need server.batch_size >= {ranks} (a row of every batch each), got "
-                f"{self.server.batch_size}")
+        check_server_ranks(self.algorithm, self.server.batch_size, self.deployment.server_ranks,
+                           "deployment.server_ranks")
+
+
+def check_server_ranks(algorithm: str, batch_size: int, ranks: int, key: str) -> None:
+    """What ``ranks`` ranks of server training need (the simulator's ``deployment.server_ranks`` and a torchrun
+    launch's WORLD_SIZE alike): a server model to train (FedGKT's; FedAvg has none) and a row of every global
+    batch each (``server.batch_size`` >= ranks). Raises ConfigError naming ``key``."""
+    require(ranks == 1 or algorithm == "fedgkt", key,
+            f"{ranks} ranks train FedGKT's server model; {algorithm} has none: use 1 (one process)")
+    require(batch_size >= ranks, key,
+            f"{ranks} ranks need server.batch_size >= {ranks} (a row of every batch each), got {batch_size}")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 
-from cloud_runtime.config import RuntimeConfig
+from cloud_runtime.config import RuntimeConfig, check_server_ranks
 from cloud_runtime.console.views import StatusBoard
 from cloud_runtime.downlink import Downlink
 from cloud_runtime.edge_programs import EdgePrograms
@@ -525,16 +525,9 @@ def build_runtime(cfg: RuntimeConfig, transport: Transport | None = None, launch
 
 
 def check_launch(cfg: RuntimeConfig, launch) -> None:
-    """What a torchrun launch needs of the config, checked on every rank before any joins the group. Raises
-    ConfigError: ranks train FedGKT's server model (FedAvg has none), and every rank needs a row of each
-    global batch (``server.batch_size`` >= ranks)."""
-    from edgefl_core.config import ConfigError
-    if cfg.algorithm != "fedgkt":
-        raise ConfigError(f"algorithm: {cfg.algorithm} has no server model for {launch.world_size} ranks to train; "
-                          "serve it as one process (without torchrun)")
-    if cfg.server.batch_size < launch.world_size:
-        raise ConfigError(f"server.batch_size: {cfg.server.batch_size} cannot give each of {launch.world_size} ranks "
-                          "a row of every batch; raise it or use fewer ranks")
+    """What a torchrun launch needs of the config (:func:`~cloud_runtime.config.check_server_ranks`), checked
+    on every rank before any joins the group. Raises ConfigError."""
+    check_server_ranks(cfg.algorithm, cfg.server.batch_size, launch.world_size, "torchrun's WORLD_SIZE")
 
 
 def threads_for_rank(cfg: RuntimeConfig, launch) -> int:

@@ -146,9 +146,9 @@ def test_a_launch_refuses_what_its_ranks_cannot_train():
     from cloud_runtime.service import check_launch
     from edgefl_core.config import ConfigError
     launch = launched({"WORLD_SIZE": "4", "RANK": "0"})
-    with pytest.raises(ConfigError, match="fedavg has no server model for 4 ranks"):
+    with pytest.raises(ConfigError, match="WORLD_SIZE: 4 ranks train FedGKT's server model; fedavg has none"):
         check_launch(SimpleNamespace(algorithm="fedavg", server=SimpleNamespace(batch_size=64)), launch)
-    with pytest.raises(ConfigError, match="server.batch_size: 2 cannot give each of 4 ranks a row"):
+    with pytest.raises(ConfigError, match=r"4 ranks need server.batch_size >= 4 \(a row of every batch each\), got 2"):
         check_launch(SimpleNamespace(algorithm="fedgkt", server=SimpleNamespace(batch_size=2)), launch)
     check_launch(SimpleNamespace(algorithm="fedgkt", server=SimpleNamespace(batch_size=4)), launch)
 
