@@ -10,6 +10,7 @@ values are errors that say which client and which tensor.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -129,6 +130,19 @@ def tolerated_outliers(aggregator: str, n: int, trim_fraction: float = 0.1) -> i
     if aggregator == "trimmed_mean":
         return int(np.floor(trim_fraction * n))
     return 0
+
+
+def updates_to_tolerate_one(aggregator: str, trim_fraction: float = 0.1) -> int | None:
+    """The fewest updates over which ``aggregator`` tolerates one outlier (:func:`tolerated_outliers` >= 1);
+    None where no count does (``fedavg``, ``trim_fraction`` 0)."""
+    if aggregator == "median":
+        return 3
+    if aggregator != "trimmed_mean" or trim_fraction <= 0:
+        return None
+    n = max(1, math.floor(1 / trim_fraction))  # floor(fraction x n) >= 1 from about 1 / fraction on
+    while tolerated_outliers(aggregator, n, trim_fraction) < 1:
+        n += 1
+    return n
 
 
 def update_norm(state: State, reference: State) -> float:

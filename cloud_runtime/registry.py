@@ -56,6 +56,8 @@ def device_facts(data: dict) -> dict:
     program = data.get("program")
     if program is not None and (not isinstance(program, str) or not re.fullmatch(r"[0-9a-f]{64}", program)):
         raise Rejected("bad_registration", f"program must be a SHA-256 hex digest, got {str(program)[:40]!r}")
+    if engine != "onnxruntime":  # only an onnxruntime device runs an edge program, whatever digest it states
+        program = None
     return {**facts, "profile": profile, "input_shape": shape, "engine": engine, "program": program}
 
 
@@ -101,7 +103,7 @@ class DeviceLines:
         lines = self._lines.get(key)
         if lines is None or now - lines[0] >= self.every_s:
             if lines is None and len(self._lines) > self.keep:
-                self._lines.clear()
+                self._forget_expired(now)
             self._lines[key] = [now, 1, 0]
             return f" ({lines[2]} more since the last line)" if lines and lines[2] else ""
         if lines[1] < burst:
@@ -109,6 +111,13 @@ class DeviceLines:
             return ""
         lines[2] += 1
         return None
+
+    def _forget_expired(self, now: float) -> None:
+        """Drop the windows that are over (their left-out count, if any, is not said); all of them only if
+        more than ``keep`` are still open (more devices and kinds at once than it is sized for)."""
+        self._lines = {key: lines for key, lines in self._lines.items() if now - lines[0] < self.every_s}
+        if len(self._lines) > self.keep:
+            self._lines.clear()
 
 
 class DeviceRegistry:
@@ -126,7 +135,7 @@ class DeviceRegistry:
         """Log ``message % args`` unless ``device`` said the like (``kind``) 3 times in the last few seconds
         (:class:`DeviceLines`); the next line it logs counts the ones left out."""
         if (suffix := self.lines.take(device, kind, burst=3)) is not None:
-            logger.log(level, message + "%s", *args, suffix)
+            logger.log(level, message + "%s", *args, suffix, stacklevel=2)
 
     # -- rejections and quarantine ------------------------------------------------------------------
 
@@ -190,8 +199,7 @@ class DeviceRegistry:
         """Record a (re-)registration: checked device ``facts`` and the ``recipe`` fields the runtime sent it
         (model, trainer, batch_size, epochs, model_kwargs, optimizer, codec). Returns whether it was known."""
         known = device in self.devices
-        if (known and facts.get("program") and facts.get("engine") == "onnxruntime"  # (a torch device runs none,
-                and not self.devices[device].get("program")):                       # whatever digest it states)
+        if known and facts.get("program") and not self.devices[device].get("program"):
             self.devices[device].update(facts)  # the same process, now running the edge program it was sent
             self.log(device, "program", "%s runs edge program %s (engine %s)", device, facts["program"][:12],
                      facts.get("engine"))

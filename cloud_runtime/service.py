@@ -341,7 +341,9 @@ class CloudRuntime:
         self.downlink.ack(device, done)
         # an honest device's uploads (one per split a round) are each a line however quick the rounds; re-sends of
         # one upload, which a device can repeat at will, are at most 3 lines every few seconds
-        self.registry.log(device, f"accepted {done.meta.get('split')} of round {done.round}", "%s: %s", device, what)
+        split = done.meta.get("split")  # only FedGKT checks it: a FedAvg update's is whatever the device sent
+        upload = f"{split if split in ('train', 'test') else 'update'} of round {done.round}"
+        self.registry.log(device, f"accepted {upload}", "%s: %s", device, what)
 
     def _answer(self, device: str, header: dict) -> None:
         """Reply to a chunk that asks for progress (``ack``: the sender's sequence number)."""

@@ -114,15 +114,17 @@ def _activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int
 
 
 def _peak_live_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Peak bytes of activations alive at once in one no-grad eval forward (parameters and buffers excluded),
-    tracked per storage by torch's ``MemTracker`` (a ``TorchDispatchMode``; it works on CPU tensors too)."""
+    """Peak bytes of activations alive at once in one no-grad eval forward, the input batch included
+    (parameters and buffers excluded), tracked per storage by torch's ``MemTracker`` (a ``TorchDispatchMode``
+    that works on CPU tensors too; a private module of torch, pinned at 2.13 by this project)."""
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
     tracker = MemTracker()
     tracker.track_external(model)
     with tracker, torch.no_grad():
         model.eval()(x)
-    return int(tracker.get_tracker_snapshot("peak")[x.device][_MemRefType.ACT])
+    # x was made before the tracker started, so it is not among what it saw allocated
+    return int(tracker.get_tracker_snapshot("peak")[x.device][_MemRefType.ACT]) + x.untyped_storage().nbytes()
 
 
 def _traffic_bytes(model: nn.Module, x: torch.Tensor) -> int:

@@ -7,7 +7,8 @@ from hypothesis.extra import numpy as hnp
 
 from cloud_runtime.aggregation import (AGGREGATORS, AggregationError, clip_update, clipped_fedavg, coordinate_median,
                                        fedavg, layer_divergence, relative_layer_divergence, staleness_weights,
-                                       tolerated_outliers, trimmed_mean, update_norm)
+                                       tolerated_outliers, trimmed_mean, update_norm,
+                                       updates_to_tolerate_one)
 
 
 def states(n=5, seed=0):
@@ -58,6 +59,17 @@ def test_tolerated_outliers_is_the_breakdown_point(aggregator, fraction, n):
             s[i] = {name: np.full_like(v, 1e9) for name, v in s[i].items()}
         got = np.abs(aggregate(s, None, {"trim_fraction": fraction})["fc.bias"]).max()
         assert (got < 10) == (bad == k), (bad, got)
+
+
+@pytest.mark.parametrize("aggregator, fraction", [("median", 0.1), ("trimmed_mean", 0.2), ("trimmed_mean", 0.3),
+                                                  ("trimmed_mean", 0.1), ("trimmed_mean", 1e-5), ("trimmed_mean", 0.0),
+                                                  ("fedavg", 0.1)])
+def test_updates_to_tolerate_one_is_the_first_count_that_does(aggregator, fraction):
+    need = updates_to_tolerate_one(aggregator, fraction)
+    if need is None:
+        assert aggregator == "fedavg" or fraction == 0
+        return
+    assert tolerated_outliers(aggregator, need, fraction) == 1 and tolerated_outliers(aggregator, need - 1, fraction) == 0
 
 
 def test_norm_clipping():

@@ -588,3 +588,44 @@ def test_a_robust_aggregator_over_too_few_updates_says_it_is_the_mean(tmp_path, 
     assert row["tolerated_outliers"] == (0 if warned or aggregator == "fedavg" else 1)
     if aggregator == "trimmed_mean" and warned:
         assert "it needs 5 or more" in lines[0]
+
+
+def test_a_fedavg_device_cannot_dodge_the_log_throttle_with_made_up_splits(tmp_path, caplog):
+    """The accepted-upload throttle was keyed by the upload's split, which only FedGKT checks: a FedAvg device
+    re-sending its update with a new ``split`` each time got a line (and a throttle entry of up to 64 KB) per
+    re-send (found by a review with a valid device credential)."""
+    import logging
+    caplog.set_level(logging.INFO, logger="edgefl.runtime")
+    rt = runtime(tmp_path, None, "algorithm=fedavg", "edge.model=resnet8", register=())
+    rt.register("devA", {"num_classes": 10, "feature_channels": 16, "train_samples": 30, "input_shape": [1, 8, 8]})
+    state = rt.strategy.global_model.state_dict()
+    for i in range(20):
+        arrays, meta = P.state_to_arrays(state, "fp32")
+        meta.update(kind=P.KIND_MODEL_UPDATE, samples=30, split=f"x{i}" * 100)
+        send(rt, "devA", P.chunk_transfer(P.pack_arrays(arrays), run=RUN, device="devA", round_=0, meta=meta))
+    assert rt.registry.devices["devA"]["rejected"] == 0 and "devA" in rt.strategy.model_updates
+    accepted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("devA: model update")]
+    assert len(accepted) == 3
+    assert len(rt.registry.lines._lines) <= 3  # registered, accepted (and nothing per made-up split)
+
+
+def test_device_lines_forget_windows_that_are_over_not_the_open_ones(monkeypatch):
+    """Past ``keep`` windows the throttle cleared them all, so honest runs (two keys a device a round) now and
+    then reset every open window, and a flood in one was said again in full: only the windows over go."""
+    from cloud_runtime import registry as R
+    clock = [1000.0]
+    monkeypatch.setattr(R.time, "time", lambda: clock[0])
+    lines = R.DeviceLines(every_s=5.0, keep=10)
+    for i in range(8):
+        lines.take(f"dev{i}", "accepted train of round 0")
+    clock[0] = 1004.0
+    for _ in range(4):
+        lines.take("mallory", "rejected")                     # 1 said, 3 left out: its window is open
+    clock[0] = 1007.0                                         # the train windows are over, mallory's is not
+    for i in range(3):
+        lines.take(f"dev{i}", "accepted test of round 0")     # past keep: the windows that are over go
+    assert len(lines._lines) == 4
+    clock[0] = 1008.0
+    assert lines.take("mallory", "rejected") is None          # still throttled: its open window survived
+    clock[0] = 1010.0
+    assert lines.take("mallory", "rejected") == " (4 more since the last line)"

@@ -343,10 +343,10 @@ def test_a_torch_device_stating_a_program_digest_is_not_logged_as_running_one(ca
     caplog.set_level(logging.INFO, logger="edgefl.runtime")
     registry = R.DeviceRegistry(R.RuntimeConfig())
     facts = {"train_samples": 30, "engine": "torch"}
-    registry.register("dev0", facts, {})
-    registry.register("dev0", {**facts, "program": "ab" * 32}, {})
-    registry.register("dev1", {**facts, "engine": "onnxruntime"}, {})
-    registry.register("dev1", {**facts, "engine": "onnxruntime", "program": "cd" * 32}, {})
+    for device, engine in (("dev0", "torch"), ("dev1", "onnxruntime")):
+        registry.register(device, R.device_facts({**facts, "engine": engine}), {})
+        registry.register(device, R.device_facts({**facts, "engine": engine, "program": device[-1] * 64}), {})
     said = [r.getMessage() for r in caplog.records]
     assert not any(line.startswith("dev0 runs edge program") for line in said), said
-    assert "dev1 runs edge program cdcdcdcdcdcd (engine onnxruntime)" in said
+    assert "dev1 runs edge program 111111111111 (engine onnxruntime)" in said
+    assert registry.devices["dev0"]["program"] is None and registry.devices["dev1"]["program"] == "1" * 64

@@ -96,8 +96,7 @@ class FedAvg(Strategy):
         tolerated = A.tolerated_outliers(fa.aggregator, len(states), fa.trim_fraction)
         if fa.aggregator != "fedavg" and not tolerated and (fa.aggregator, len(states)) not in self._said_not_robust:
             self._said_not_robust.add((fa.aggregator, len(states)))  # said once per count, not every round
-            need = next((n for n in range(len(states) + 1, 10_001)
-                         if A.tolerated_outliers(fa.aggregator, n, fa.trim_fraction)), None)
+            need = A.updates_to_tolerate_one(fa.aggregator, fa.trim_fraction)
             logger.warning("fedavg.aggregator %s over %d updates tolerates no outlier: it is their mean (%s)",
                            fa.aggregator, len(states), f"it needs {need} or more" if need else "trim_fraction is 0")
         new = A.AGGREGATORS.get(fa.aggregator)(states, weights, {"trim_fraction": fa.trim_fraction})
