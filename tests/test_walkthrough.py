@@ -94,7 +94,7 @@ def test_the_deployment_walkthrough_runs_as_written(workdir):
         assert "fingerprint sha256:" in texts[name]  # the device said what data it trains on
     report = json.loads((tmp_path / "deploy/runtime/state/report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [0, 1]
-    assert report["final"]["test_accuracy"] > 0.3  # 10 classes; two short rounds on 2,000 images
+    assert report["final"]["test_accuracy"] >= 0.38  # the doc's 0.435 (of 400 test images) less 22 images
     assert report["devices"]["pi-01"]["train_samples"] == report["devices"]["pi-02"]["train_samples"] == 1000
     for row in report["rounds"]:
         assert set(row["bytes_up"]) == {"pi-01", "pi-02"} and min(row["bytes_up"].values()) > 0
