@@ -19,10 +19,13 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from device_profiles import DeviceProfile
@@ -113,18 +116,42 @@ def _activation_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int
     return sum(seen.values())
 
 
-def _peak_live_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Peak bytes of activations alive at once in one no-grad eval forward, the input batch included
-    (parameters and buffers excluded), tracked per storage by torch's ``MemTracker`` (a ``TorchDispatchMode``
-    that works on CPU tensors too; a private module of torch, pinned at 2.13 by this project)."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages the ops under it create that are still alive, and their peak. A dispatch mode
+    sees only its own thread's ops (torch's ``MemTracker`` hooks every module of the process, and another
+    thread's forward under it failed: the in-memory simulation profiles devices while agents train)."""
 
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with tracker, torch.no_grad():
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.live = self.peak = 0
+        self._counted = set(exclude)  # data pointers: parameters, buffers and the input are counted apart
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, size = storage.data_ptr(), storage.nbytes()
+                if size and key not in self._counted:  # views and in-place results share a counted storage
+                    self._counted.add(key)
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key, size)
+        return out
+
+    def _freed(self, key: int, size: int) -> None:
+        self.live -= size
+        self._counted.discard(key)
+
+
+def _peak_live_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes alive at once in one no-grad eval forward: the input batch plus the activations, parameters
+    and buffers excluded (:class:`_LiveBytes`)."""
+    exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), x)}
+    tracker = _LiveBytes(exclude)
+    with torch.no_grad(), tracker:
         model.eval()(x)
-    # x was made before the tracker started, so it is not among what it saw allocated
-    return int(tracker.get_tracker_snapshot("peak")[x.device][_MemRefType.ACT]) + x.untyped_storage().nbytes()
+    return tracker.peak + x.untyped_storage().nbytes()
 
 
 def _traffic_bytes(model: nn.Module, x: torch.Tensor) -> int:
