@@ -99,7 +99,7 @@ class DeviceLines:
 
     def take(self, device: str | None, kind: str, burst: int = 1) -> str | None:
         """None: do not log this one (counted); else the suffix for the line (empty, or how many were left out)."""
-        now, key = time.time(), (device, kind)
+        now, key = time.monotonic(), (device, kind)  # (a wall clock stepped back would silence a window)
         lines = self._lines.get(key)
         if lines is None or now - lines[0] >= self.every_s:
             if lines is None and len(self._lines) > self.keep:

@@ -8,8 +8,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 MAX_MESSAGE_CHARS = 2000  # a log line's message is cut here (the rest counted): a device's 145 KB field is no line
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-_TRACEBACK_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")  # a traceback keeps \n and \t
+# control characters, line and paragraph separators, and the invisible format characters that reorder or hide
+# text on a terminal (bidi overrides and isolates, zero-width characters, the BOM)
+_FORMAT = "\u2028\u2029\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff"
+_CONTROL = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f{_FORMAT}]")
+_TRACEBACK_CONTROL = re.compile(f"[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f{_FORMAT}]")  # a traceback keeps newline and tab
 
 
 def _escape(match: re.Match) -> str:
@@ -25,10 +28,7 @@ class OneLineFormatter(logging.Formatter):
     quote a device's text, and no line of it can pass for a record (records start at the first column)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        message = record.message
-        if len(message) > MAX_MESSAGE_CHARS:
-            message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
-        record.message = _CONTROL.sub(_escape, message)
+        record.message = _CONTROL.sub(_escape, _cut(record.message))
         return super().formatMessage(record)
 
     def formatException(self, ei) -> str:
@@ -39,8 +39,15 @@ class OneLineFormatter(logging.Formatter):
 
 
 def _indented(text: str) -> str:
-    """A traceback's lines, two spaces in, control characters other than newline and tab escaped."""
-    return "\n".join("  " + _TRACEBACK_CONTROL.sub(_escape, line) for line in text.split("\n"))
+    """A traceback's lines, two spaces in, control characters other than newline and tab escaped, each cut at
+    :data:`MAX_MESSAGE_CHARS` (an exception's message may quote a device's 100 KB field)."""
+    return "\n".join("  " + _TRACEBACK_CONTROL.sub(_escape, _cut(line)) for line in text.split("\n"))
+
+
+def _cut(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}... ({len(text) - MAX_MESSAGE_CHARS} more characters)"
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -253,6 +253,7 @@ def test_a_device_s_rejection_flood_is_one_log_line_that_counts_the_rest(caplog,
     from cloud_runtime import registry as R
     clock = [1000.0]
     monkeypatch.setattr(R.time, "time", lambda: clock[0])
+    monkeypatch.setattr(R.time, "monotonic", lambda: clock[0])
     registry = R.DeviceRegistry(R.RuntimeConfig())
     caplog.set_level(logging.WARNING, logger="edgefl.runtime")
     for _ in range(50):
@@ -288,6 +289,13 @@ def test_text_a_device_sent_cannot_forge_log_lines_or_rewrite_the_terminal():
         failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "it failed", (), sys.exc_info())
     text = formatter.format(failed)
     assert text.count("\n") >= 3 and "\x1b" not in text and "\u2028" not in text
+    hidden = logging.LogRecord("x", logging.WARNING, __file__, 1, "%s", ("a\u202eb\u200bc\u2066",), None)
+    assert formatter.format(hidden) == "WARNING a\\x202eb\\x200bc\\x2066"  # bidi and zero-width made visible
+    try:
+        raise ValueError("B" * 100_000)
+    except ValueError:
+        long = logging.LogRecord("x", logging.ERROR, __file__, 1, "it failed", (), sys.exc_info())
+    assert max(len(line) for line in formatter.format(long).split("\n")) < MAX_MESSAGE_CHARS + 100
     assert all(line.startswith("  ") for line in text.split("\n")[1:])  # no line passes for a record
     assert "Traceback (most recent call last):" in text and "  ValueError: bad field" in text
 
@@ -300,6 +308,7 @@ def test_a_device_repeating_registrations_or_status_is_a_few_log_lines(caplog, m
     from cloud_runtime import registry as R
     clock = [1000.0]
     monkeypatch.setattr(R.time, "time", lambda: clock[0])
+    monkeypatch.setattr(R.time, "monotonic", lambda: clock[0])
     registry = R.DeviceRegistry(R.RuntimeConfig())
     caplog.set_level(logging.INFO, logger="edgefl.runtime")
     facts = {"train_samples": 10, "test_samples": 0, "profile": None, "engine": "torch"}

@@ -208,11 +208,11 @@ class FedGKT(Strategy):
         if self.cfg.mode == "async":
             stale = [self.server_version - self.arrival_version.get(d, self.server_version) for d in names]
             weights = [w * s for w, s in zip(weights, staleness_weights(stale))]
-        if len(names) < 3 and not self._said_unclipped:  # once a run: a 2-device run would say it every round
-            self._said_unclipped = True
-            logger.warning("round %d: extractors of %d devices averaged unclipped: fewer than 3 have no robust "
-                           "centre, so one device's extractor can move what every device loads (fedgkt."
-                           "average_extractors: false keeps each device's own)", round_, len(names))
+        if len(names) == 2 and not self._said_unclipped:  # once a run: a 2-device run would say it every round
+            self._said_unclipped = True                       # (1 extractor "averaged" is that device's own)
+            logger.warning("round %d: extractors of 2 devices averaged unclipped: 2 have no robust centre, so "
+                           "one device's extractor can move what both load (fedgkt.average_extractors: false "
+                           "keeps each device's own)", round_)
         average = average_torch_states(clipped_extractors([self.extractors[d][0] for d in names]), weights)
         self.round_divergence = layer_divergence(  # eq. 1 of the deeper-models study, per extractor tensor
             [{k: v.detach().cpu().numpy() for k, v in self.extractors[d][0].items()} for d in names],
