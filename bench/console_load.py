@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+
 from bench.plots import save_figure
 
 

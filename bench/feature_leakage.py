@@ -41,7 +41,7 @@ from edgefl_core.codecs import decode_features, encode_features  # noqa: E402
 from edgefl_core.data.datasets import dataset_stats, load_dataset  # noqa: E402
 from model_zoo import create_model, seeded  # noqa: E402
 from model_zoo.resnet_gkt import Stem  # noqa: E402
-from bench.plots import save_figure
+from bench.plots import save_figure  # noqa: E402
 
 
 # -- the device's side: an extractor and what it releases --------------------------------------------------------

@@ -21,6 +21,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+
 from bench.plots import save_figure
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 from bench.plots import save_figure
 
 VARIANTS = {

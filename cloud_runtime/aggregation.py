@@ -135,11 +135,10 @@ def tolerated_outliers(aggregator: str, n: int, trim_fraction: float = 0.1) -> i
 def updates_to_tolerate_one(aggregator: str, trim_fraction: float = 0.1) -> int | None:
     """The fewest updates over which ``aggregator`` tolerates one outlier (:func:`tolerated_outliers` >= 1);
     None where no count does (``fedavg``, ``trim_fraction`` 0)."""
-    if aggregator == "median":
-        return 3
-    if aggregator != "trimmed_mean" or trim_fraction <= 0:
+    if aggregator not in ("median", "trimmed_mean") or (aggregator == "trimmed_mean" and trim_fraction <= 0):
         return None
-    n = max(1, math.floor(1 / trim_fraction))  # floor(fraction x n) >= 1 from about 1 / fraction on
+    # trimmed_mean: floor(fraction x n) >= 1 from about 1 / fraction on, so start there
+    n = max(1, math.floor(1 / trim_fraction)) if aggregator == "trimmed_mean" else 1
     while tolerated_outliers(aggregator, n, trim_fraction) < 1:
         n += 1
     return n

@@ -60,7 +60,7 @@ class FedGKT(Strategy):
         self.extractor_reference: dict | None = None         # the run's extractor (names, shapes, dtypes)
         self._channels: dict[tuple, int] = {}                # (classes, C x H x W) -> the edge model's channels
         self.round_divergence: dict | None = None            # extractor averaging: this round's layer divergence
-        self._said_unclipped = False                         # warned once that < 3 extractors were averaged
+        self._said_unclipped = False                         # warned once that 2 extractors were averaged
 
     def build(self) -> None:
         feature_shape = None
